@@ -1,0 +1,417 @@
+//! Marsad's typed configuration: embedded defaults, then `marsad.toml`, then
+//! `MARSAD_SECTION__KEY` environment variables, validated once at start.
+//!
+//! This crate owns the shape and the checks of the configuration. It must not
+//! read secrets into the config tree: keys come from the environment
+//! (`MARSAD_SECRET_*`) or files named here, and are loaded by their owners.
+
+#![deny(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with this prefix never enter the config tree: they hold secrets.
+pub const SECRET_ENV_PREFIX: &str = "MARSAD_SECRET_";
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file or variable does not parse, or names an unknown key.
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    /// A value parses but makes no sense.
+    #[error("configuration key `{key}`: {reason}")]
+    Invalid {
+        /// The dotted key, as in the TOML file.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// Result with [`ConfigError`].
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the local event log, the tables and the keys live.
+    pub data_dir: PathBuf,
+    /// The collection endpoint.
+    pub ingest: IngestConfig,
+    /// The event log.
+    pub eventlog: EventLogConfig,
+    /// The stream processor.
+    pub process: ProcessConfig,
+    /// The query service.
+    pub query: QueryConfig,
+    /// Anonymization settings.
+    pub privacy: PrivacyConfig,
+    /// The GeoIP database.
+    pub geoip: GeoIpConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./marsad-data"),
+            ingest: IngestConfig::default(),
+            eventlog: EventLogConfig::default(),
+            process: ProcessConfig::default(),
+            query: QueryConfig::default(),
+            privacy: PrivacyConfig::default(),
+            geoip: GeoIpConfig::default(),
+        }
+    }
+}
+
+/// The collection endpoint (`marsad ingest`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// Proxies whose `X-Forwarded-For` is believed (CIDR list); everyone else's is ignored.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Largest request body accepted, after decompression; larger gets 413.
+    pub body_limit_bytes: usize,
+    /// Most events in one batch request.
+    pub max_batch_events: usize,
+    /// How long a request waits for the log to make its events durable before answering 503.
+    pub append_timeout_ms: u64,
+    /// Seconds sent in `Retry-After` with a 503.
+    pub retry_after_secs: u64,
+    /// Whether events without a stated analytics consent are collected.
+    pub default_analytics_consent: bool,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            trusted_proxies: Vec::new(),
+            body_limit_bytes: 1024 * 1024,
+            max_batch_events: 10_000,
+            append_timeout_ms: 5_000,
+            retry_after_secs: 1,
+            default_analytics_consent: true,
+        }
+    }
+}
+
+/// Which event log implementation to use.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLogKind {
+    /// Segment files under `<data_dir>/log`: the embedded default.
+    Local,
+}
+
+/// The event log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventLogConfig {
+    /// Which implementation.
+    pub kind: EventLogKind,
+    /// Local log: roll to a new segment file past this size.
+    pub segment_bytes: u64,
+    /// Local log: appends waiting for the writer before ingest answers 503.
+    pub max_pending_appends: usize,
+    /// Local log: delete processed segments older than this (the raw log holds IPs: keep it short).
+    pub retention_hours: u64,
+    /// Local log: delete the oldest processed segments while the log is larger than this.
+    pub retention_bytes: u64,
+}
+
+impl Default for EventLogConfig {
+    fn default() -> Self {
+        EventLogConfig {
+            kind: EventLogKind::Local,
+            segment_bytes: 64 * 1024 * 1024,
+            max_pending_appends: 4096,
+            retention_hours: 72,
+            retention_bytes: 20 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// The stream processor (`marsad process`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Commit to the tables when this many events are buffered.
+    pub batch_max_events: usize,
+    /// Commit at least this often while events arrive.
+    pub batch_max_interval_ms: u64,
+    /// Address of the processor's `/metrics`, `/healthz` and `/readyz` when run alone.
+    pub metrics_addr: SocketAddr,
+    /// How many recent event ids are remembered to drop retried duplicates.
+    pub dedup_capacity: usize,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            batch_max_events: 50_000,
+            batch_max_interval_ms: 1_000,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            dedup_capacity: 5_000_000,
+        }
+    }
+}
+
+/// A role an API key can hold.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Marketing staff: dashboards, reports, rollup SQL.
+    Analyst,
+    /// The ad system: audience lookups and segment exports.
+    Adserver,
+    /// Data engineers: SQL over every table.
+    Engineer,
+    /// Operators: erasure, user-id opt-outs.
+    Admin,
+}
+
+impl Role {
+    /// Every role, for the generated admin key.
+    pub const ALL: [Role; 4] = [Role::Analyst, Role::Adserver, Role::Engineer, Role::Admin];
+}
+
+/// An API key: its name, roles and where its secret is. Only a hash is ever kept in config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key (shown in logs, never the key).
+    pub name: String,
+    /// What it may do.
+    pub roles: Vec<Role>,
+    /// SHA-256 of the key, hex; lets the key be checked without storing it.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// A file holding the key itself.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// The query service (`marsad query`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// API keys besides the generated admin key.
+    pub keys: Vec<ApiKeyConfig>,
+    /// Most rows one SQL answer returns.
+    pub max_result_rows: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            keys: Vec::new(),
+            max_result_rows: 100_000,
+        }
+    }
+}
+
+/// Anonymization settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Query parameters kept in stored page paths (`*` at the end matches a prefix).
+    pub query_allowlist: Vec<String>,
+    /// A file holding the long-lived targeting key (hex, 32 bytes); else `MARSAD_SECRET_TARGETING_KEY`, else one generated in the data dir.
+    pub targeting_key_file: Option<PathBuf>,
+    /// Hours after its day ends that a daily visitor key is kept, then destroyed.
+    pub daily_key_grace_hours: u64,
+    /// Personalisation consent assumed when an event states none.
+    pub default_personalisation_consent: bool,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            query_allowlist: vec!["utm_*".into(), "category".into(), "page".into()],
+            targeting_key_file: None,
+            daily_key_grace_hours: 48,
+            default_personalisation_consent: false,
+        }
+    }
+}
+
+/// The GeoIP database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoIpConfig {
+    /// An MMDB file (GeoIP2/GeoLite2 City or Country, or ip-location-db layout); the bundled country database when unset.
+    pub database: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads defaults < `file` (if given) < `MARSAD_*` environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Config> {
+        Self::from_figment(Self::figment(file))
+    }
+
+    /// The layered sources, exposed so tests can layer their own.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig.merge(
+            Env::prefixed("MARSAD_")
+                .filter(|key| !key.as_str().to_ascii_uppercase().starts_with("SECRET_"))
+                .split("__"),
+        )
+    }
+
+    /// Extracts and validates.
+    pub fn from_figment(fig: Figment) -> Result<Config> {
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values serde cannot.
+    pub fn validate(&self) -> Result<()> {
+        fn positive(key: &'static str, v: u64) -> Result<()> {
+            if v == 0 {
+                return Err(ConfigError::Invalid { key, reason: "must be greater than 0".into() });
+            }
+            Ok(())
+        }
+        positive("ingest.body_limit_bytes", self.ingest.body_limit_bytes as u64)?;
+        positive("ingest.max_batch_events", self.ingest.max_batch_events as u64)?;
+        positive("ingest.append_timeout_ms", self.ingest.append_timeout_ms)?;
+        positive("eventlog.max_pending_appends", self.eventlog.max_pending_appends as u64)?;
+        positive("process.batch_max_events", self.process.batch_max_events as u64)?;
+        positive("process.batch_max_interval_ms", self.process.batch_max_interval_ms)?;
+        positive("query.max_result_rows", self.query.max_result_rows as u64)?;
+        if self.eventlog.segment_bytes < 4096 {
+            return Err(ConfigError::Invalid {
+                key: "eventlog.segment_bytes",
+                reason: format!("{} is too small; use at least 4096", self.eventlog.segment_bytes),
+            });
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid { key: "data_dir", reason: "must not be empty".into() });
+        }
+        for (i, key) in self.query.keys.iter().enumerate() {
+            if key.name.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.name",
+                    reason: format!("key #{i} has an empty name"),
+                });
+            }
+            if key.sha256.is_none() == key.file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys",
+                    reason: format!("key `{}` needs exactly one of `sha256` or `file`", key.name),
+                });
+            }
+            if let Some(h) = &key.sha256 {
+                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(ConfigError::Invalid {
+                        key: "query.keys.sha256",
+                        reason: format!("key `{}`: expected 64 hex characters", key.name),
+                    });
+                }
+            }
+        }
+        for p in &self.privacy.query_allowlist {
+            if p.is_empty() || p[..p.len() - 1].contains('*') {
+                return Err(ConfigError::Invalid {
+                    key: "privacy.query_allowlist",
+                    reason: format!("`{p}`: a parameter name, optionally ending in `*`"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the tables live.
+    pub fn tables_dir(&self) -> PathBuf {
+        self.data_dir.join("tables")
+    }
+
+    /// Where the local event log lives.
+    pub fn log_dir(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+
+    /// Where keys (daily visitor keys, the generated targeting key) live.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.data_dir.join("keys")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::default();
+        assert_eq!(c.validate().ok(), Some(()));
+        assert_eq!(c.ingest.addr.port(), 8080);
+        assert_eq!(c.query.addr.port(), 8081);
+    }
+
+    #[test]
+    fn layers_file_then_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "marsad.toml",
+                r#"
+                data_dir = "/srv/marsad"
+                [ingest]
+                body_limit_bytes = 2048
+                trusted_proxies = ["10.0.0.0/8"]
+                [process]
+                batch_max_events = 10
+                "#,
+            )?;
+            jail.set_env("MARSAD_PROCESS__BATCH_MAX_EVENTS", "20");
+            jail.set_env("MARSAD_SECRET_TARGETING_KEY", "00");
+            let c = Config::load(Some(Path::new("marsad.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.data_dir, PathBuf::from("/srv/marsad"));
+            assert_eq!(c.ingest.body_limit_bytes, 2048);
+            assert_eq!(c.ingest.trusted_proxies.len(), 1);
+            assert_eq!(c.process.batch_max_events, 20);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MARSAD_INGEST__BODY_LIMIT_BYTES", "lots");
+            let err = Config::load(None).expect_err("bad type").to_string().to_lowercase();
+            assert!(err.contains("body_limit_bytes"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("MARSAD_INGEST__COLOUR", "red");
+            let err = Config::load(None).expect_err("unknown key").to_string().to_lowercase();
+            assert!(err.contains("colour"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("MARSAD_PROCESS__BATCH_MAX_EVENTS", "0");
+            let err = Config::load(None).expect_err("zero").to_string();
+            assert!(err.contains("process.batch_max_events"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,109 @@
+//! Table and topic names, and the Arrow schema of the `events` table.
+
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// The raw event topic (Kafka) or local log directory.
+pub const TOPIC_RAW: &str = "marsad.events.raw";
+/// Events the processor could not handle, with the reason.
+pub const TOPIC_DEAD: &str = "marsad.events.dead";
+/// Opt-out records (compacted on Kafka).
+pub const TOPIC_OPTOUTS: &str = "marsad.optouts";
+
+/// The tables under `<data_dir>/tables/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TableName {
+    /// One row per anonymized event.
+    Events,
+    /// Hourly traffic rollup.
+    TrafficHourly,
+    /// Hourly ad performance rollup.
+    AdPerformanceHourly,
+    /// Daily declared-demographics rollup.
+    DemographicsDaily,
+    /// Materialized audience segments.
+    SegmentMembers,
+}
+
+impl TableName {
+    /// Every table, in the order the docs list them.
+    pub const ALL: [TableName; 5] = [
+        TableName::Events,
+        TableName::TrafficHourly,
+        TableName::AdPerformanceHourly,
+        TableName::DemographicsDaily,
+        TableName::SegmentMembers,
+    ];
+
+    /// The name used as directory and SQL table name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableName::Events => "events",
+            TableName::TrafficHourly => "traffic_hourly",
+            TableName::AdPerformanceHourly => "ad_performance_hourly",
+            TableName::DemographicsDaily => "demographics_daily",
+            TableName::SegmentMembers => "segment_members",
+        }
+    }
+}
+
+/// The partition column of every table.
+pub const DATE_COLUMN: &str = "date";
+
+fn utf8(name: &str, nullable: bool) -> Field {
+    Field::new(name, DataType::Utf8, nullable)
+}
+
+/// The Arrow schema of the `events` table: anonymous by construction, no column can hold an IP or a raw id.
+pub fn events_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("event_id", false),
+        utf8("event_type", false),
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("visitor_key", true),
+        utf8("audience_id", true),
+        utf8("session_id", true),
+        utf8("country", true),
+        utf8("region", true),
+        utf8("city", true),
+        utf8("device_type", true),
+        utf8("os", true),
+        utf8("browser", true),
+        utf8("browser_version", true),
+        utf8("language", true),
+        utf8("page_path", true),
+        utf8("page_category", true),
+        utf8("referrer_domain", true),
+        utf8("utm_source", true),
+        utf8("utm_medium", true),
+        utf8("utm_campaign", true),
+        utf8("ad_id", true),
+        utf8("campaign_id", true),
+        utf8("placement", true),
+        utf8("age_band", true),
+        utf8("gender", true),
+        Field::new("is_bot", DataType::Boolean, false),
+        Field::new("consent_marketing", DataType::Boolean, false),
+    ]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_has_the_design_columns() {
+        let schema = events_schema();
+        for name in [
+            "event_id", "event_type", "ts", "date", "visitor_key", "audience_id", "session_id",
+            "country", "region", "city", "device_type", "os", "browser", "browser_version",
+            "language", "page_path", "page_category", "referrer_domain", "utm_source",
+            "utm_medium", "utm_campaign", "ad_id", "campaign_id", "placement", "age_band",
+            "gender", "is_bot",
+        ] {
+            assert!(schema.field_with_name(name).is_ok(), "missing column {name}");
+        }
+    }
+}
