@@ -1,1 +1,67 @@
-//! placeholder
+//! Marsad's privacy mechanisms: everything that turns what a visitor sent
+//! into what may be stored.
+//!
+//! - [`keys`]: the random daily visitor keys (destroyed after a grace period)
+//!   and the long-lived targeting key;
+//! - [`pseudonym`]: keyed hashes that replace cookie and user ids;
+//! - [`geoip`]: location from the full IP, after which the IP is dropped;
+//! - [`client_ip`]: which address is the visitor's, behind trusted proxies;
+//! - [`scrub`]: page paths and referrers without personal data;
+//! - [`user_agent`]: device, OS and browser, with a cache;
+//! - [`consent`]: what each purpose is allowed.
+//!
+//! This crate owns the mechanisms, not the pipeline: it must not read the log,
+//! write tables, or log an IP address or identifier.
+
+#![deny(missing_docs)]
+
+pub mod client_ip;
+pub mod consent;
+pub mod geoip;
+pub mod keys;
+pub mod mmdb_writer;
+pub mod pseudonym;
+pub mod scrub;
+pub mod user_agent;
+
+use std::path::PathBuf;
+
+/// Why a privacy mechanism could not do its work.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A key file or the GeoIP database could not be read or written.
+    #[error("{what} at {path}: {source}")]
+    Io {
+        /// What was being read or written.
+        what: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A key is malformed.
+    #[error("{what}: {reason}")]
+    BadKey {
+        /// Which key.
+        what: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The daily key of a day past its grace period was asked for: it is destroyed for good.
+    #[error("the visitor key of {day} has been destroyed")]
+    KeyDestroyed {
+        /// The day.
+        day: chrono::NaiveDate,
+    },
+    /// The GeoIP database does not open.
+    #[error("GeoIP database {path}: {reason}")]
+    GeoIp {
+        /// Which database.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
