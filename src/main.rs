@@ -1,1 +1,25 @@
-fn main() {}
+//! `marsad`: the command line of the Marsad pipeline. It parses flags, sets
+//! up logging and dispatches to the stages' libraries.
+
+mod cli;
+mod simulate;
+mod stages;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    cli::init_tracing(cli.log_format, cli.verbose);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up(args) => stages::up(args).await,
+            Command::Ingest(args) => stages::ingest(args).await,
+            Command::Process(args) => stages::process(args).await,
+            Command::Query(args) => stages::query(args).await,
+            Command::Simulate(args) => simulate::run(args).await.map(|_| ()),
+        }
+    })
+}

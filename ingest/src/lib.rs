@@ -1,1 +1,98 @@
-//! placeholder
+//! Marsad's collection endpoint: takes page views, ad impressions and clicks
+//! over HTTP, validates them, adds what only the server knows (receive time,
+//! client IP behind trusted proxies, headers) and answers 2xx only once the
+//! event log holds them durably.
+//!
+//! It must not anonymize or aggregate (the processor does), and never
+//! acknowledges an event the log has not made durable: when the log cannot
+//! take more it answers 503 with `Retry-After`.
+//!
+//! ```no_run
+//! # async fn demo(config: marsad_config::Config, log: std::sync::Arc<dyn marsad_eventlog::EventLog>) -> Result<(), marsad_ingest::Error> {
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let listener = tokio::net::TcpListener::bind(config.ingest.addr).await.map_err(marsad_ingest::Error::Bind)?;
+//! marsad_ingest::serve(listener, marsad_ingest::IngestState::new(&config, log), shutdown).await
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+mod api;
+mod body;
+mod handlers;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use marsad_config::Config;
+use marsad_eventlog::EventLog;
+use marsad_privacy::client_ip::TrustedProxies;
+use tokio_util::sync::CancellationToken;
+
+pub use api::ApiError;
+pub use metrics::IngestMetrics;
+
+/// Why the ingest service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The listen address could not be bound.
+    #[error("cannot listen: {0}")]
+    Bind(std::io::Error),
+    /// The server failed while running.
+    #[error("ingest server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct IngestState {
+    pub(crate) log: Arc<dyn EventLog>,
+    pub(crate) proxies: Arc<TrustedProxies>,
+    pub(crate) body_limit: usize,
+    pub(crate) max_batch_events: usize,
+    pub(crate) retry_after: Duration,
+    pub(crate) default_analytics: bool,
+    pub(crate) metrics: Arc<IngestMetrics>,
+}
+
+impl IngestState {
+    /// Builds the state from configuration and the log to append to.
+    pub fn new(config: &Config, log: Arc<dyn EventLog>) -> Self {
+        IngestState {
+            log,
+            proxies: Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone())),
+            body_limit: config.ingest.body_limit_bytes,
+            max_batch_events: config.ingest.max_batch_events,
+            retry_after: Duration::from_secs(config.ingest.retry_after_secs),
+            default_analytics: config.ingest.default_analytics_consent,
+            metrics: Arc::new(IngestMetrics::new()),
+        }
+    }
+}
+
+/// The ingest routes, testable without a socket.
+pub fn app(state: IngestState) -> Router {
+    Router::new()
+        .route("/v1/events", post(handlers::post_event))
+        .route("/v1/batch", post(handlers::post_batch))
+        .route("/v1/p.gif", get(handlers::pixel))
+        .route("/healthz", get(handlers::healthz))
+        .route("/readyz", get(handlers::readyz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(handlers::not_found)
+        .with_state(state)
+}
+
+/// Serves until `shutdown` is cancelled, finishing requests in flight.
+pub async fn serve(listener: tokio::net::TcpListener, state: IngestState, shutdown: CancellationToken) -> Result<(), Error> {
+    let addr = listener.local_addr().map_err(Error::Bind)?;
+    tracing::info!(%addr, "ingest listening");
+    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(Error::Serve)
+}

@@ -1,1 +1,68 @@
-//! placeholder
+//! Marsad's stream processor: reads the raw event log, anonymizes each event
+//! (GeoIP on the full address, then the address is gone; keyed pseudonyms
+//! instead of cookie and user ids; scrubbed page paths), and writes Arrow
+//! batches into the Delta table `events`, exactly once: each commit records
+//! the log position it covers in the same Delta transaction, and a restart
+//! resumes from there.
+//!
+//! It must not keep an IP address, cookie id or user id in anything it
+//! writes, and never drops an event silently: what it cannot handle goes to
+//! the dead-letter topic with the reason.
+
+#![deny(missing_docs)]
+
+pub mod anonymize;
+pub mod batch;
+pub mod category;
+pub mod dead_letters;
+pub mod dedup;
+pub mod metrics;
+pub mod offsets;
+pub mod sessions;
+pub mod table;
+
+mod pipeline;
+
+pub use metrics::ProcessMetrics;
+pub use pipeline::{run, Processor};
+
+/// Why the processor stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The event log failed.
+    #[error("event log: {0}")]
+    Log(#[from] marsad_eventlog::Error),
+    /// A Delta table could not be opened, read or committed.
+    #[error("delta table {table}: {source}")]
+    Delta {
+        /// Which table.
+        table: &'static str,
+        /// What failed.
+        source: deltalake::DeltaTableError,
+    },
+    /// A query over a table failed.
+    #[error("query over {table}: {source}")]
+    Query {
+        /// Which table.
+        table: &'static str,
+        /// What failed.
+        source: datafusion::error::DataFusionError,
+    },
+    /// Building an Arrow batch failed.
+    #[error("arrow batch: {0}")]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// A privacy mechanism (keys, GeoIP) failed.
+    #[error("privacy: {0}")]
+    Privacy(#[from] marsad_privacy::Error),
+    /// A directory could not be created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,52 @@
+//! Reading request bodies within the limit, gzip included, so neither a large
+//! body nor a small zip bomb can exhaust memory.
+
+use std::io::Read;
+
+use axum::body::Body;
+use axum::http::HeaderMap;
+use axum::http::header;
+use http_body_util::BodyExt;
+
+use crate::api::ApiError;
+
+/// Reads the whole body, inflating `Content-Encoding: gzip`, refusing more than `limit` bytes.
+pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+        if len > limit {
+            return Err(ApiError::TooLarge { limit });
+        }
+    }
+    let raw = http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::TooLarge { limit }
+            } else {
+                ApiError::BadRequest(format!("could not read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(raw.to_vec()),
+        Some("gzip") | Some("x-gzip") => {
+            let mut out = Vec::new();
+            flate2::read::MultiGzDecoder::new(&raw[..])
+                .take(limit as u64 + 1)
+                .read_to_end(&mut out)
+                .map_err(|e| ApiError::BadRequest(format!("body is not valid gzip: {e}")))?;
+            if out.len() > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            Ok(out)
+        }
+        Some(other) => Err(ApiError::Unsupported(format!("Content-Encoding `{other}` is not supported; send gzip or nothing"))),
+    }
+}
+
+/// Checks the body is UTF-8, naming where it is not.
+pub fn utf8(bytes: &[u8]) -> Result<&str, ApiError> {
+    std::str::from_utf8(bytes).map_err(|e| ApiError::BadRequest(format!("body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to())))
+}

@@ -1,0 +1,310 @@
+//! The ingest routes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::Utc;
+use marsad_eventlog::{Error as LogError, Record};
+use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
+use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_RAW};
+use serde_json::{Value, json};
+
+use crate::IngestState;
+use crate::api::ApiError;
+use crate::body::{read_limited, utf8};
+
+/// The transparent 1×1 GIF the pixel answers with.
+const PIXEL_GIF: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0x21,
+    0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44,
+    0x01, 0x00, 0x3b,
+];
+
+/// The first-party cookie the tracker and the pixel use.
+pub const COOKIE_NAME: &str = "_mid";
+
+/// What the server adds to every event of one request.
+struct RequestContext {
+    client_ip: std::net::IpAddr,
+    user_agent: Option<String>,
+    accept_language: Option<String>,
+    dnt: bool,
+    gpc: bool,
+}
+
+fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    if v.is_empty() {
+        return None;
+    }
+    Some(v.chars().take(max).collect())
+}
+
+fn context(state: &IngestState, peer: SocketAddr, headers: &HeaderMap) -> RequestContext {
+    let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    RequestContext {
+        client_ip: state.proxies.client_ip(peer.ip(), forwarded),
+        user_agent: header_text(headers, "user-agent", 512),
+        accept_language: header_text(headers, "accept-language", 128),
+        dnt: headers.get("dnt").is_some_and(|v| v.as_bytes() == b"1"),
+        gpc: headers.get("sec-gpc").is_some_and(|v| v.as_bytes() == b"1"),
+    }
+}
+
+impl RequestContext {
+    /// Wraps a valid event, or `None` when the visitor refused analytics (not collected at all).
+    fn envelope(&self, state: &IngestState, mut event: Event) -> Option<Envelope> {
+        let c = event.consent.unwrap_or_default();
+        let stated = StatedConsent { analytics: c.analytics, personalisation: c.personalisation, marketing: c.marketing };
+        let defaults = ConsentDefaults { analytics: state.default_analytics, ..ConsentDefaults::default() };
+        if !decide(stated, self.dnt, self.gpc, defaults).analytics {
+            return None;
+        }
+        if event.event_id.is_none() {
+            event.event_id = Some(uuid::Uuid::now_v7().to_string());
+        }
+        Some(Envelope {
+            v: ENVELOPE_VERSION,
+            event,
+            received_at: Utc::now(),
+            client_ip: Some(self.client_ip),
+            user_agent: self.user_agent.clone(),
+            accept_language: self.accept_language.clone(),
+            dnt: self.dnt,
+            gpc: self.gpc,
+        })
+    }
+}
+
+/// Parses and validates one event; the error is the client's message.
+fn parse_event(value: Value) -> Result<Event, String> {
+    let event: Event = serde_json::from_value(value).map_err(|e| format!("invalid event: {e}"))?;
+    event.validate().map_err(|e| format!("invalid event: {e}"))?;
+    Ok(event)
+}
+
+/// Appends to the raw log; only `Ok` may be answered 2xx.
+async fn append(state: &IngestState, envelopes: Vec<Envelope>) -> Result<usize, ApiError> {
+    let n = envelopes.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let records = envelopes.iter().map(|e| Record { key: None, payload: e.to_bytes() }).collect();
+    match state.log.append(TOPIC_RAW, records).await {
+        Ok(_) => {
+            state.metrics.accepted.inc_by(n as u64);
+            Ok(n)
+        }
+        Err(LogError::TooLarge { len, max }) => Err(ApiError::BadRequest(format!("an event encodes to {len} bytes; at most {max} are accepted"))),
+        Err(e) => {
+            state.metrics.unavailable.inc();
+            tracing::warn!(error = %e, events = n, "event log refused an append; answering 503");
+            Err(ApiError::Unavailable { reason: e.to_string(), retry_after: state.retry_after })
+        }
+    }
+}
+
+/// `POST /v1/events`: one event.
+pub async fn post_event(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_limited(&headers, body, state.body_limit).await?;
+    let text = utf8(&bytes)?;
+    if text.trim().is_empty() {
+        state.metrics.reject("empty");
+        return Err(ApiError::BadRequest("empty body: send one event as a JSON object".into()));
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        state.metrics.reject("malformed");
+        ApiError::BadRequest(format!("malformed JSON: {e}"))
+    })?;
+    if !value.is_object() {
+        state.metrics.reject("malformed");
+        return Err(ApiError::BadRequest("an event is a JSON object; send arrays to /v1/batch".into()));
+    }
+    let event = parse_event(value).map_err(|e| {
+        state.metrics.reject("invalid");
+        ApiError::BadRequest(e)
+    })?;
+    let ctx = context(&state, peer, &headers);
+    let Some(envelope) = ctx.envelope(&state, event) else {
+        state.metrics.not_collected.inc();
+        return Ok((StatusCode::ACCEPTED, Json(json!({"accepted": 0, "not_collected": 1}))).into_response());
+    };
+    let accepted = append(&state, vec![envelope]).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response())
+}
+
+/// Splits a batch body into its events, keeping each one's index for error reports.
+fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, String>>, ApiError> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    if content_type.contains("ndjson") || content_type.contains("jsonlines") {
+        return Ok(text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| serde_json::from_str::<Value>(line).map_err(|e| format!("malformed JSON line: {e}")))
+            .collect());
+    }
+    let value: Value = serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+    let items = match value {
+        Value::Array(items) => items,
+        Value::Object(mut map) => {
+            if let Some(other) = map.keys().find(|k| *k != "events") {
+                return Err(ApiError::BadRequest(format!("unknown field `{other}` in batch; expected `events`")));
+            }
+            match map.remove("events") {
+                Some(Value::Array(items)) => items,
+                Some(_) => return Err(ApiError::BadRequest("`events` must be an array of events".into())),
+                None => return Err(ApiError::BadRequest("missing field `events`".into())),
+            }
+        }
+        _ => return Err(ApiError::BadRequest("a batch is {\"events\":[…]}, a JSON array, or NDJSON".into())),
+    };
+    Ok(items.into_iter().map(Ok).collect())
+}
+
+/// `POST /v1/batch`: many events; each refused one is reported by index.
+pub async fn post_batch(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_limited(&headers, body, state.body_limit).await?;
+    let text = utf8(&bytes)?;
+    let items = batch_items(&headers, text).inspect_err(|_| state.metrics.reject("malformed"))?;
+    if items.is_empty() {
+        state.metrics.reject("empty");
+        return Err(ApiError::BadRequest("the batch has no events".into()));
+    }
+    if items.len() > state.max_batch_events {
+        state.metrics.reject("batch_too_large");
+        return Err(ApiError::BadRequest(format!(
+            "the batch has {} events; at most {} are accepted per request",
+            items.len(),
+            state.max_batch_events
+        )));
+    }
+    let ctx = context(&state, peer, &headers);
+    let mut envelopes = Vec::with_capacity(items.len());
+    let mut rejected = Vec::new();
+    let mut not_collected = 0usize;
+    for (index, item) in items.into_iter().enumerate() {
+        match item.and_then(parse_event) {
+            Ok(event) => match ctx.envelope(&state, event) {
+                Some(env) => envelopes.push(env),
+                None => not_collected += 1,
+            },
+            Err(error) => {
+                state.metrics.reject("invalid");
+                rejected.push(json!({"index": index, "error": error}));
+            }
+        }
+    }
+    state.metrics.not_collected.inc_by(not_collected as u64);
+    if envelopes.is_empty() && not_collected == 0 {
+        return Err(ApiError::AllRejected(rejected));
+    }
+    let accepted = append(&state, envelopes).await?;
+    let mut answer = json!({"accepted": accepted, "rejected": rejected});
+    if not_collected > 0 {
+        answer["not_collected"] = not_collected.into();
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+}
+
+/// `GET /v1/p.gif`: a page view (or other type) for pages without JavaScript.
+pub async fn pixel(
+    State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let type_name = params.get("t").map(String::as_str).unwrap_or("page_view");
+    let event_type = EventType::parse(type_name).ok_or_else(|| {
+        state.metrics.reject("invalid");
+        ApiError::BadRequest(format!("unknown event type `{type_name}` in `t`"))
+    })?;
+    let (cookie_id, new_cookie) = match cookie(&headers, COOKIE_NAME) {
+        Some(c) => (c, false),
+        None => (format!("c-{}", uuid::Uuid::new_v4().simple()), true),
+    };
+    let event = Event {
+        event_type,
+        url: params.get("u").cloned().or_else(|| header_text(&headers, "referer", 8192)),
+        referrer: params.get("r").cloned().filter(|r| !r.is_empty()),
+        cookie_id: Some(cookie_id.clone()),
+        user_id: None,
+        event_id: params.get("e").cloned(),
+        ts: None,
+        ad: None,
+        consent: None,
+        demographics: None,
+        props: None,
+    };
+    event.validate().map_err(|e| {
+        state.metrics.reject("invalid");
+        ApiError::BadRequest(format!("invalid event: {e}"))
+    })?;
+    let ctx = context(&state, peer, &headers);
+    match ctx.envelope(&state, event) {
+        Some(env) => {
+            append(&state, vec![env]).await?;
+        }
+        None => {
+            state.metrics.not_collected.inc();
+        }
+    }
+    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "image/gif"), (header::CACHE_CONTROL, "no-store")], PIXEL_GIF).into_response();
+    if new_cookie {
+        let value = format!("{COOKIE_NAME}={cookie_id}; Path=/; Max-Age=31536000; SameSite=Lax; HttpOnly");
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// `GET /healthz`: the process is alive.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: the log can take appends.
+pub async fn readyz(State(state): State<IngestState>) -> Response {
+    if state.log.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "event log not ready").into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(state): State<IngestState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+/// Unknown routes get JSON too.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

@@ -1,0 +1,284 @@
+//! From an envelope (IP, cookie, user id, raw URL) to an anonymous event row.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
+use marsad_privacy::geoip::GeoIp;
+use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
+use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
+use marsad_privacy::user_agent::UserAgentCache;
+use marsad_schemas::Envelope;
+
+use crate::category::page_category;
+use crate::sessions::SessionTracker;
+
+/// Client clocks further than this from the receive time are not believed.
+const MAX_CLOCK_SKEW_PAST: i64 = 24 * 60;
+const MAX_CLOCK_SKEW_FUTURE: i64 = 5;
+
+/// Age bands stored as declared; anything else is dropped (free text could identify).
+const AGE_BANDS: &[&str] = &["13-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"];
+/// Genders stored as declared.
+const GENDERS: &[&str] = &["female", "male", "other"];
+
+/// One row of the `events` table: nothing in it is an IP or a raw identifier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnonymousEvent {
+    /// Client-made or ingest-made id.
+    pub event_id: String,
+    /// The contract's event type.
+    pub event_type: &'static str,
+    /// When it happened (client time if believable, else receive time).
+    pub ts: DateTime<Utc>,
+    /// The partition.
+    pub date: NaiveDate,
+    /// Keyed hash of the cookie under the day's key.
+    pub visitor_key: Option<String>,
+    /// Keyed hash under the targeting key, only with personalisation consent.
+    pub audience_id: Option<String>,
+    /// 30-minute inactivity session.
+    pub session_id: Option<String>,
+    /// ISO country.
+    pub country: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// City.
+    pub city: Option<String>,
+    /// desktop / mobile / tablet / bot / other.
+    pub device_type: &'static str,
+    /// OS.
+    pub os: Option<String>,
+    /// Browser.
+    pub browser: Option<String>,
+    /// Browser major version.
+    pub browser_version: Option<String>,
+    /// Primary language of `Accept-Language`.
+    pub language: Option<String>,
+    /// Scrubbed path.
+    pub page_path: Option<String>,
+    /// Category of the path.
+    pub page_category: Option<&'static str>,
+    /// Referrer host.
+    pub referrer_domain: Option<String>,
+    /// utm_source.
+    pub utm_source: Option<String>,
+    /// utm_medium.
+    pub utm_medium: Option<String>,
+    /// utm_campaign.
+    pub utm_campaign: Option<String>,
+    /// Ad.
+    pub ad_id: Option<String>,
+    /// Campaign.
+    pub campaign_id: Option<String>,
+    /// Placement.
+    pub placement: Option<String>,
+    /// Declared age band (with personalisation consent).
+    pub age_band: Option<String>,
+    /// Declared gender (with personalisation consent).
+    pub gender: Option<String>,
+    /// Crawler, bot or headless browser.
+    pub is_bot: bool,
+    /// Marketing consent.
+    pub consent_marketing: bool,
+}
+
+/// Turns envelopes into anonymous rows; one per processor worker (it caches).
+pub struct Anonymizer {
+    geoip: Arc<GeoIp>,
+    daily_keys: Arc<dyn DailyKeyStore>,
+    targeting_key: SecretKey,
+    allow: QueryAllowList,
+    consent_defaults: ConsentDefaults,
+    user_agents: UserAgentCache,
+    sessions: SessionTracker,
+}
+
+/// Why an envelope cannot become a row; the reason goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unprocessable(pub String);
+
+fn primary_language(header: &str) -> Option<String> {
+    let first = header.split(',').next()?.split(';').next()?.trim();
+    let primary = first.split(['-', '_']).next()?.to_ascii_lowercase();
+    (primary.len() >= 2 && primary.len() <= 3 && primary.bytes().all(|b| b.is_ascii_alphabetic())).then_some(primary)
+}
+
+fn canonical_ip(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl Anonymizer {
+    /// Builds one from the shared mechanisms.
+    pub fn new(
+        geoip: Arc<GeoIp>,
+        daily_keys: Arc<dyn DailyKeyStore>,
+        targeting_key: SecretKey,
+        allow: QueryAllowList,
+        consent_defaults: ConsentDefaults,
+    ) -> Self {
+        Anonymizer {
+            geoip,
+            daily_keys,
+            targeting_key,
+            allow,
+            consent_defaults,
+            user_agents: UserAgentCache::default(),
+            sessions: SessionTracker::default(),
+        }
+    }
+
+    /// Forgets idle sessions; call now and then.
+    pub fn expire_sessions(&mut self, now: DateTime<Utc>) {
+        self.sessions.expire(now);
+    }
+
+    /// Anonymizes one envelope. The envelope's IP and ids are read here and nowhere after.
+    pub fn anonymize(&mut self, env: &Envelope) -> Result<AnonymousEvent, Unprocessable> {
+        let ev = &env.event;
+        let event_id = ev.event_id.clone().ok_or_else(|| Unprocessable("envelope without event_id".into()))?;
+        let received = env.received_at;
+        let ts = ev
+            .ts
+            .filter(|t| *t >= received - Duration::minutes(MAX_CLOCK_SKEW_PAST) && *t <= received + Duration::minutes(MAX_CLOCK_SKEW_FUTURE))
+            .unwrap_or(received);
+        let date = ts.date_naive();
+        let c = ev.consent.unwrap_or_default();
+        let stated = StatedConsent { analytics: c.analytics, personalisation: c.personalisation, marketing: c.marketing };
+        let decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
+        if !decision.analytics {
+            return Err(Unprocessable("analytics consent refused: not to be stored".into()));
+        }
+
+        let location = env.client_ip.map(|ip| self.geoip.lookup(canonical_ip(ip))).unwrap_or_default();
+        let visitor_key = match ev.cookie_id.as_deref() {
+            Some(cookie) => match self.daily_keys.key_for(date) {
+                Ok(key) => Some(visitor_key(&key, cookie)),
+                Err(marsad_privacy::Error::KeyDestroyed { .. }) => None,
+                Err(e) => return Err(Unprocessable(format!("daily key: {e}"))),
+            },
+            None => None,
+        };
+        let audience_id = if decision.personalisation {
+            let subject = ev.user_id.as_deref().map(Subject::User).or(ev.cookie_id.as_deref().map(Subject::Cookie));
+            subject.map(|s| audience_id(&self.targeting_key, s))
+        } else {
+            None
+        };
+        let session_id = visitor_key.as_deref().map(|v| self.sessions.session_id(v, ts));
+        let device = self.user_agents.parse(env.user_agent.as_deref().unwrap_or(""));
+        let page = ev.url.as_deref().map(|u| scrub_url(u, &self.allow));
+        let category = page.as_ref().map(|p| page_category(&p.page_path));
+        let ad = ev.ad.clone().unwrap_or_default();
+        let demo = if decision.personalisation { ev.demographics.clone().unwrap_or_default() } else { Default::default() };
+        let (page_path, utm_source, utm_medium, utm_campaign) = match page {
+            Some(p) => (Some(p.page_path), p.utm_source, p.utm_medium, p.utm_campaign),
+            None => (None, None, None, None),
+        };
+        Ok(AnonymousEvent {
+            event_id,
+            event_type: ev.event_type.as_str(),
+            ts,
+            date,
+            visitor_key,
+            audience_id,
+            session_id,
+            country: location.country,
+            region: location.region,
+            city: location.city,
+            device_type: device.device_type,
+            os: device.os.clone(),
+            browser: device.browser.clone(),
+            browser_version: device.browser_version.clone(),
+            language: env.accept_language.as_deref().and_then(primary_language),
+            page_path,
+            page_category: category,
+            referrer_domain: ev.referrer.as_deref().and_then(referrer_domain),
+            utm_source,
+            utm_medium,
+            utm_campaign,
+            ad_id: ad.ad_id,
+            campaign_id: ad.campaign_id,
+            placement: ad.placement,
+            age_band: demo.age_band.filter(|a| AGE_BANDS.contains(&a.as_str())),
+            gender: demo.gender.map(|g| g.to_ascii_lowercase()).filter(|g| GENDERS.contains(&g.as_str())),
+            is_bot: device.is_bot,
+            consent_marketing: decision.marketing,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use marsad_privacy::keys::LocalDailyKeyStore;
+    use marsad_schemas::ENVELOPE_VERSION;
+
+    fn anonymizer(dir: &std::path::Path) -> Anonymizer {
+        let keys = LocalDailyKeyStore::open(dir, Duration::hours(48)).expect("key store");
+        Anonymizer::new(
+            Arc::new(GeoIp::bundled().expect("geoip")),
+            Arc::new(keys),
+            SecretKey::from_bytes([7; 32]),
+            QueryAllowList::new(&["utm_*".into()]),
+            ConsentDefaults::default(),
+        )
+    }
+
+    fn envelope(json: &str, gpc: bool) -> Envelope {
+        Envelope {
+            v: ENVELOPE_VERSION,
+            event: serde_json::from_str(json).expect("event"),
+            received_at: Utc::now(),
+            client_ip: Some("176.29.10.1".parse().expect("ip")),
+            user_agent: Some("Mozilla/5.0 (Linux; Android 13; SM-A536B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36".into()),
+            accept_language: Some("ar-JO,ar;q=0.9,en;q=0.8".into()),
+            dnt: false,
+            gpc,
+        }
+    }
+
+    #[test]
+    fn rows_carry_no_identifiers() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut a = anonymizer(dir.path());
+        let env = envelope(
+            r#"{"type":"page_view","event_id":"e1","url":"https://kulshi.example/ar/cars/toyota?id=7&utm_source=fb","cookie_id":"c-secret","user_id":"u-secret",
+               "referrer":"https://www.google.com/search?q=x","consent":{"personalisation":true},"demographics":{"age_band":"25-34","gender":"Female"}}"#,
+            false,
+        );
+        let row = a.anonymize(&env).expect("row");
+        assert_eq!(row.country.as_deref(), Some("JO"));
+        assert_eq!(row.page_path.as_deref(), Some("/ar/cars/toyota"));
+        assert_eq!(row.page_category, Some("cars"));
+        assert_eq!(row.utm_source.as_deref(), Some("fb"));
+        assert_eq!(row.referrer_domain.as_deref(), Some("google.com"));
+        assert_eq!(row.language.as_deref(), Some("ar"));
+        assert_eq!(row.device_type, "mobile");
+        assert_eq!(row.gender.as_deref(), Some("female"));
+        let text = format!("{row:?}");
+        for secret in ["c-secret", "u-secret", "176.29.10.1"] {
+            assert!(!text.contains(secret), "{secret} leaked into {text}");
+        }
+        assert!(row.audience_id.is_some() && row.visitor_key.is_some());
+    }
+
+    #[test]
+    fn gpc_means_no_audience_id_and_no_demographics() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut a = anonymizer(dir.path());
+        let env = envelope(
+            r#"{"type":"page_view","event_id":"e1","url":"https://kulshi.example/","cookie_id":"c1","consent":{"personalisation":true},"demographics":{"age_band":"25-34"}}"#,
+            true,
+        );
+        let row = a.anonymize(&env).expect("row");
+        assert_eq!(row.audience_id, None);
+        assert_eq!(row.age_band, None);
+        assert!(row.visitor_key.is_some());
+    }
+}

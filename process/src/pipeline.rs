@@ -1,0 +1,257 @@
+//! The processor loop: a reader task fills a bounded channel from the log;
+//! the main task anonymizes, batches and commits. A slow commit stops the
+//! reader once the channel is full (backpressure), never buffers without bound.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use marsad_config::Config;
+use marsad_eventlog::{Delivered, EventLog, Subscription};
+use marsad_privacy::consent::ConsentDefaults;
+use marsad_privacy::geoip::GeoIp;
+use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, load_targeting_key};
+use marsad_privacy::scrub::QueryAllowList;
+use marsad_schemas::{Envelope, TOPIC_RAW};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::anonymize::Anonymizer;
+use crate::batch::EventsBatchBuilder;
+use crate::dead_letters::{self, DeadLetter};
+use crate::dedup::RecentEventIds;
+use crate::metrics::ProcessMetrics;
+use crate::offsets::{app_id, resume_from};
+use crate::table::EventsTable;
+use crate::Result;
+
+/// The consumer group of the processors.
+pub const CONSUMER_GROUP: &str = "marsad-process";
+/// Records asked of the log per poll.
+const POLL_MAX: usize = 5_000;
+/// Chunks of records buffered between reader and writer.
+const CHANNEL_CHUNKS: usize = 8;
+
+/// Retried duplicates are recognised this many days back after a restart.
+const DEDUP_DAYS: i64 = 2;
+
+/// A configured processor, ready to [`run`](Processor::run).
+pub struct Processor {
+    log: Arc<dyn EventLog>,
+    table: EventsTable,
+    anonymizer: Anonymizer,
+    daily_keys: Arc<dyn DailyKeyStore>,
+    key_grace: chrono::Duration,
+    dedup: RecentEventIds,
+    metrics: Arc<ProcessMetrics>,
+    batch_max_events: usize,
+    batch_interval: Duration,
+}
+
+impl Processor {
+    /// Opens the table and the privacy mechanisms, and loads recent event ids.
+    pub async fn new(config: &Config, log: Arc<dyn EventLog>, metrics: Arc<ProcessMetrics>) -> Result<Self> {
+        let geoip = Arc::new(GeoIp::from_config(config.geoip.database.as_deref())?);
+        tracing::info!(database = geoip.source(), "GeoIP database loaded");
+        let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
+        let daily_keys: Arc<dyn DailyKeyStore> = Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
+        let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
+        let anonymizer = Anonymizer::new(
+            geoip,
+            daily_keys.clone(),
+            targeting,
+            QueryAllowList::new(&config.privacy.query_allowlist),
+            ConsentDefaults {
+                analytics: config.ingest.default_analytics_consent,
+                personalisation: config.privacy.default_personalisation_consent,
+            },
+        );
+        let table = EventsTable::open_or_create(&config.tables_dir()).await?;
+        let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
+        let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
+        for id in table.event_ids_since(since).await? {
+            dedup.insert(&id);
+        }
+        tracing::info!(table_version = ?table.version(), remembered_event_ids = dedup.len(), "processor ready");
+        Ok(Processor {
+            log,
+            table,
+            anonymizer,
+            daily_keys,
+            key_grace,
+            dedup,
+            metrics,
+            batch_max_events: config.process.batch_max_events,
+            batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
+        })
+    }
+
+    /// Processes until `shutdown`, committing what is buffered before returning.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        let mut sub = self.log.subscribe(TOPIC_RAW, CONSUMER_GROUP).await?;
+        for partition in sub.assignment() {
+            let committed = self.table.committed_offset(&app_id(TOPIC_RAW, partition)).await?;
+            let from = resume_from(committed);
+            tracing::info!(partition, from, "resuming from the offset recorded in the events table");
+            sub.seek(partition, from).await?;
+            self.metrics.position.set(from as i64);
+        }
+        let (chunks_tx, mut chunks) = mpsc::channel(CHANNEL_CHUNKS);
+        let (commits_tx, commits_rx) = mpsc::unbounded_channel();
+        let reader_stop = shutdown.child_token();
+        let reader = tokio::spawn(read_log(sub, chunks_tx, commits_rx, reader_stop.clone()));
+
+        let mut builder = EventsBatchBuilder::new();
+        let mut pending: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut flush_at: Option<Instant> = None;
+        let mut maintenance_at = Instant::now();
+        let result = loop {
+            let deadline = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
+                    if let Err(e) = self.flush(&mut builder, &mut pending, &commits_tx).await { break Err(e) }
+                    flush_at = None;
+                }
+                chunk = chunks.recv() => match chunk {
+                    None => break Ok(()),
+                    Some(Err(e)) => break Err(e.into()),
+                    Some(Ok(records)) => {
+                        if let Err(e) = self.handle(records, &mut builder, &mut pending).await { break Err(e) }
+                        flush_at.get_or_insert_with(|| Instant::now() + self.batch_interval);
+                        if builder.len() >= self.batch_max_events {
+                            if let Err(e) = self.flush(&mut builder, &mut pending, &commits_tx).await { break Err(e) }
+                            flush_at = None;
+                        }
+                    }
+                },
+            }
+            if maintenance_at.elapsed() > Duration::from_secs(60) {
+                self.maintain();
+                maintenance_at = Instant::now();
+            }
+        };
+        // commit what is buffered: it is all read from the log and decided
+        let flushed = self.flush(&mut builder, &mut pending, &commits_tx).await;
+        reader_stop.cancel();
+        let _ = reader.await;
+        result.and(flushed)
+    }
+
+    fn maintain(&mut self) {
+        let now = Utc::now();
+        self.anonymizer.expire_sessions(now);
+        match self.daily_keys.destroy_expired(now, self.key_grace) {
+            Ok(days) if !days.is_empty() => tracing::info!(?days, "destroyed daily visitor keys past their grace period"),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "could not destroy expired daily keys"),
+        }
+    }
+
+    async fn handle(&mut self, records: Vec<Delivered>, builder: &mut EventsBatchBuilder, pending: &mut BTreeMap<u32, u64>) -> Result<()> {
+        let mut dead = Vec::new();
+        tokio::task::block_in_place(|| {
+            for rec in records {
+                pending.insert(rec.position.partition, rec.position.offset);
+                let row = Envelope::from_bytes(&rec.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|env| self.anonymizer.anonymize(&env).map_err(|e| e.0));
+                match row {
+                    Ok(row) => {
+                        if self.dedup.insert(&row.event_id) {
+                            builder.push(&row);
+                        } else {
+                            self.metrics.duplicates_dropped.inc();
+                        }
+                    }
+                    Err(reason) => dead.push(DeadLetter { position: rec.position, reason, payload: rec.payload }),
+                }
+            }
+        });
+        if !dead.is_empty() {
+            tracing::warn!(count = dead.len(), first_reason = %dead[0].reason, "sending unprocessable events to the dead-letter topic");
+            dead_letters::send(self.log.as_ref(), &dead).await?;
+            self.metrics.dead_letters.inc_by(dead.len() as u64);
+        }
+        Ok(())
+    }
+
+    async fn flush(
+        &mut self,
+        builder: &mut EventsBatchBuilder,
+        pending: &mut BTreeMap<u32, u64>,
+        commits: &mpsc::UnboundedSender<(u32, u64)>,
+    ) -> Result<()> {
+        if builder.is_empty() {
+            // offsets of duplicates and dead letters ride along with the next real commit
+            return Ok(());
+        }
+        let rows = builder.len();
+        let batch = builder.finish()?;
+        let positions: Vec<(String, u64)> = pending.iter().map(|(p, o)| (app_id(TOPIC_RAW, *p), *o)).collect();
+        let mut attempt = 0;
+        loop {
+            match self.table.append(batch.clone(), &positions).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "delta commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.metrics.events_written.inc_by(rows as u64);
+        self.metrics.commits.inc();
+        for (p, o) in std::mem::take(pending) {
+            self.metrics.position.set(o as i64 + 1);
+            let _ = commits.send((p, o + 1));
+        }
+        tracing::debug!(rows, "committed a batch to events");
+        Ok(())
+    }
+}
+
+/// The reader stage: polls the log into the bounded channel and records commits for retention.
+async fn read_log(
+    mut sub: Box<dyn Subscription>,
+    chunks: mpsc::Sender<marsad_eventlog::Result<Vec<Delivered>>>,
+    mut commits: mpsc::UnboundedReceiver<(u32, u64)>,
+    stop: CancellationToken,
+) {
+    loop {
+        while let Ok((p, next)) = commits.try_recv() {
+            if let Err(e) = sub.commit(p, next).await {
+                tracing::warn!(error = %e, "could not record the consumer position (retention waits)");
+            }
+        }
+        let polled = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = sub.poll(POLL_MAX, Duration::from_millis(200)) => r,
+        };
+        match polled {
+            Ok(records) if records.is_empty() => {}
+            Ok(records) => {
+                let sent = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    s = chunks.send(Ok(records)) => s,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = chunks.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Runs a processor until `shutdown`.
+pub async fn run(config: &Config, log: Arc<dyn EventLog>, metrics: Arc<ProcessMetrics>, shutdown: CancellationToken) -> Result<()> {
+    Processor::new(config, log, metrics).await?.run(shutdown).await
+}
+

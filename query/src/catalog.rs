@@ -1,0 +1,67 @@
+//! The tables a query can see: every Delta table under the tables dir, each
+//! brought up to its latest version when a query starts, so one query reads
+//! one consistent snapshot per table.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use datafusion::prelude::{SessionConfig, SessionContext};
+use deltalake::DeltaTable;
+use marsad_schemas::TableName;
+use tokio::sync::Mutex;
+
+/// Why a table could not be made queryable.
+#[derive(Debug, thiserror::Error)]
+#[error("table {table}: {reason}")]
+pub struct CatalogError {
+    /// Which table.
+    pub table: &'static str,
+    /// What failed.
+    pub reason: String,
+}
+
+/// Cached Delta tables, refreshed per query.
+pub struct TableCatalog {
+    dir: PathBuf,
+    tables: Mutex<HashMap<&'static str, DeltaTable>>,
+}
+
+impl TableCatalog {
+    /// Tables under `dir`.
+    pub fn new(dir: PathBuf) -> Self {
+        TableCatalog { dir, tables: Mutex::new(HashMap::new()) }
+    }
+
+    /// The names of the tables that exist now.
+    pub async fn existing(&self) -> Vec<&'static str> {
+        TableName::ALL
+            .iter()
+            .map(|t| t.as_str())
+            .filter(|name| self.dir.join(name).join("_delta_log").is_dir())
+            .collect()
+    }
+
+    /// A DataFusion session with every existing table registered at its latest version.
+    pub async fn session(&self) -> Result<SessionContext, CatalogError> {
+        let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("marsad", "public");
+        let ctx = SessionContext::new_with_config(config);
+        let mut tables = self.tables.lock().await;
+        for name in self.existing().await {
+            let err = |reason: String| CatalogError { table: name, reason };
+            if !tables.contains_key(name) {
+                let abs = std::path::absolute(self.dir.join(name)).map_err(|e| err(e.to_string()))?;
+                let url = url::Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?;
+                let table = DeltaTable::try_from_url(url).await.map_err(|e| err(e.to_string()))?;
+                tables.insert(name, table);
+            }
+            let Some(table) = tables.get_mut(name) else { continue };
+            table.update_incremental(None).await.map_err(|e| err(e.to_string()))?;
+            if table.version().is_none() {
+                continue;
+            }
+            let provider = table.table_provider().await.map_err(|e| err(e.to_string()))?;
+            ctx.register_table(name, provider).map_err(|e| err(e.to_string()))?;
+        }
+        Ok(ctx)
+    }
+}

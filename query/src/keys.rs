@@ -1,0 +1,168 @@
+//! API keys and their roles. Keys are kept only as SHA-256 hashes; the
+//! generated admin key is written once to `<data_dir>/admin.key` (0600).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use axum::http::HeaderMap;
+use marsad_config::{ApiKeyConfig, Role};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use crate::Error;
+use crate::api::ApiError;
+
+/// A known key: who holds it and what it may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyHolder {
+    /// The key's name.
+    pub name: String,
+    /// Its roles.
+    pub roles: Vec<Role>,
+}
+
+/// Every key the service accepts, by hash.
+#[derive(Debug, Default)]
+pub struct ApiKeys {
+    by_hash: HashMap<[u8; 32], KeyHolder>,
+}
+
+fn hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Analyst => "analyst",
+        Role::Adserver => "adserver",
+        Role::Engineer => "engineer",
+        Role::Admin => "admin",
+    }
+}
+
+impl ApiKeys {
+    /// Loads the configured keys (hashes, or files holding keys).
+    pub fn from_config(keys: &[ApiKeyConfig]) -> Result<Self, Error> {
+        let mut out = ApiKeys::default();
+        for k in keys {
+            let digest = match (&k.sha256, &k.file) {
+                (Some(h), _) => {
+                    let bytes = hex::decode(h).map_err(|e| Error::BadKey { name: k.name.clone(), reason: e.to_string() })?;
+                    bytes.try_into().map_err(|_| Error::BadKey { name: k.name.clone(), reason: "sha256 must be 32 bytes".into() })?
+                }
+                (None, Some(path)) => {
+                    let text = std::fs::read_to_string(path).map_err(|e| Error::KeyFile { path: path.clone(), source: e })?;
+                    hash(text.trim())
+                }
+                (None, None) => return Err(Error::BadKey { name: k.name.clone(), reason: "needs `sha256` or `file`".into() }),
+            };
+            out.by_hash.insert(digest, KeyHolder { name: k.name.clone(), roles: k.roles.clone() });
+        }
+        Ok(out)
+    }
+
+    /// Adds a key by its plain text.
+    pub fn insert(&mut self, key: &str, holder: KeyHolder) {
+        self.by_hash.insert(hash(key), holder);
+    }
+
+    /// Checks the bearer key of a request has `role`.
+    pub fn authorize(&self, headers: &HeaderMap, role: Role) -> Result<&KeyHolder, ApiError> {
+        let key = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .ok_or(ApiError::Unauthorized)?;
+        let holder = self.by_hash.get(&hash(key)).ok_or(ApiError::Unauthorized)?;
+        if holder.roles.contains(&role) {
+            Ok(holder)
+        } else {
+            Err(ApiError::Forbidden { key: holder.name.clone(), role: role_name(role) })
+        }
+    }
+}
+
+/// The generated admin key and where it is.
+#[derive(Debug, Clone)]
+pub struct AdminKey {
+    /// The key.
+    pub key: String,
+    /// `<data_dir>/admin.key`.
+    pub path: PathBuf,
+    /// Whether it was made just now (print it once).
+    pub created: bool,
+}
+
+/// Reads `<data_dir>/admin.key`, creating it (mode 0600) with a fresh key on first start.
+pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
+    let path = data_dir.join("admin.key");
+    std::fs::create_dir_all(data_dir).map_err(|e| Error::KeyFile { path: data_dir.into(), source: e })?;
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return Ok(AdminKey { key: text.trim().to_owned(), path, created: false }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::KeyFile { path, source: e }),
+        Err(_) => {}
+    }
+    let mut bytes = [0u8; 24];
+    rand::rng().fill_bytes(&mut bytes);
+    let key = format!("mk_{}", hex::encode(bytes));
+    use std::os::unix::fs::OpenOptionsExt;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all()));
+    written.map_err(|e| Error::KeyFile { path: path.clone(), source: e })?;
+    Ok(AdminKey { key, path, created: true })
+}
+
+impl AdminKey {
+    /// The key holder with every role.
+    pub fn holder() -> KeyHolder {
+        KeyHolder { name: "admin".into(), roles: Role::ALL.to_vec() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn bearer(key: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(axum::http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {key}")).expect("header"));
+        h
+    }
+
+    #[test]
+    fn roles_are_checked() {
+        let mut keys = ApiKeys::from_config(&[ApiKeyConfig {
+            name: "ana".into(),
+            roles: vec![Role::Analyst],
+            sha256: Some(hex::encode(hash("analyst-secret"))),
+            file: None,
+        }])
+        .expect("keys");
+        keys.insert("root", AdminKey::holder());
+        assert!(keys.authorize(&bearer("analyst-secret"), Role::Analyst).is_ok());
+        assert!(matches!(keys.authorize(&bearer("analyst-secret"), Role::Engineer), Err(ApiError::Forbidden { .. })));
+        assert!(matches!(keys.authorize(&bearer("nope"), Role::Analyst), Err(ApiError::Unauthorized)));
+        assert!(matches!(keys.authorize(&HeaderMap::new(), Role::Analyst), Err(ApiError::Unauthorized)));
+        assert!(keys.authorize(&bearer("root"), Role::Admin).is_ok());
+    }
+
+    #[test]
+    fn admin_key_is_created_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tmp");
+        let first = ensure_admin_key(dir.path()).expect("created");
+        assert!(first.created && first.key.starts_with("mk_"));
+        let mode = std::fs::metadata(&first.path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = ensure_admin_key(dir.path()).expect("read");
+        assert!(!again.created);
+        assert_eq!(again.key, first.key);
+    }
+}

@@ -1,0 +1,96 @@
+//! The query routes.
+
+use std::collections::HashMap;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use marsad_config::Role;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::QueryState;
+use crate::api::ApiError;
+use crate::sql::{self, Format};
+
+/// The body of `POST /v1/sql`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRequest {
+    /// One read-only statement.
+    pub sql: String,
+}
+
+/// `POST /v1/sql`: read-only SQL over every table (engineer role).
+pub async fn post_sql(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let holder = state.keys.authorize(&headers, Role::Engineer)?;
+    let format = Format::parse(params.get("format").map(String::as_str))?;
+    let req: SqlRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"sql\": \"…\"}}: {e}")))?;
+    tracing::info!(key = %holder.name, "sql query");
+    let ctx = state.catalog.session().await.map_err(|e| {
+        tracing::error!(error = %e, "could not open the tables");
+        ApiError::Internal
+    })?;
+    let run = sql::run(&ctx, &req.sql, state.max_rows);
+    let result = match tokio::time::timeout(state.timeout, run).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            state.metrics.count(if matches!(e, ApiError::BadRequest(_)) { "refused" } else { "error" });
+            return Err(e);
+        }
+        Err(_) => {
+            state.metrics.count("timeout");
+            return Err(ApiError::Timeout(state.timeout.as_secs()));
+        }
+    };
+    state.metrics.count("ok");
+    let bytes = sql::render(&result, format)?;
+    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
+}
+
+/// `GET /v1/tables`: the tables that exist (engineer role).
+pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    state.keys.authorize(&headers, Role::Engineer)?;
+    Ok(Json(json!({"tables": state.catalog.existing().await})).into_response())
+}
+
+/// `GET /healthz`.
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `GET /readyz`: the tables can be opened.
+pub async fn readyz(State(state): State<QueryState>) -> Response {
+    match state.catalog.session().await {
+        Ok(_) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// `GET /metrics`: this service's metrics plus any extra sources.
+pub async fn metrics(State(state): State<QueryState>) -> Response {
+    let mut text = strip_eof(state.metrics.render());
+    for source in &state.extra_metrics {
+        text.push_str(&strip_eof(source()));
+    }
+    text.push_str("# EOF\n");
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+}
+
+fn strip_eof(mut text: String) -> String {
+    if let Some(pos) = text.rfind("# EOF") {
+        text.truncate(pos);
+    }
+    text
+}
+
+/// Unknown routes.
+pub async fn not_found() -> ApiError {
+    ApiError::NotFound
+}

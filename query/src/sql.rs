@@ -1,0 +1,147 @@
+//! Read-only SQL: statements that would change anything are refused before
+//! planning finishes; results are capped and rendered as JSON, NDJSON or CSV.
+
+use arrow::datatypes::SchemaRef;
+use arrow::record_batch::RecordBatch;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+use serde_json::{Value, json};
+
+use crate::api::ApiError;
+
+/// Output formats of `/v1/sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `{"columns":[…],"rows":[{…}],"row_count":n,"truncated":b}`
+    Json,
+    /// One JSON object per line.
+    Ndjson,
+    /// CSV with a header line.
+    Csv,
+}
+
+impl Format {
+    /// Parses `?format=`.
+    pub fn parse(name: Option<&str>) -> Result<Self, ApiError> {
+        match name.unwrap_or("json") {
+            "json" => Ok(Format::Json),
+            "ndjson" => Ok(Format::Ndjson),
+            "csv" => Ok(Format::Csv),
+            other => Err(ApiError::BadRequest(format!("unknown format `{other}`; use json, ndjson or csv"))),
+        }
+    }
+
+    /// The response's content type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Ndjson => "application/x-ndjson",
+            Format::Csv => "text/csv; charset=utf-8",
+        }
+    }
+}
+
+/// A query's rows, capped.
+pub struct QueryResult {
+    /// The result schema.
+    pub schema: SchemaRef,
+    /// The rows (at most the cap).
+    pub batches: Vec<RecordBatch>,
+    /// Whether rows beyond the cap were dropped.
+    pub truncated: bool,
+}
+
+fn user_error(e: DataFusionError) -> ApiError {
+    match e {
+        DataFusionError::Plan(msg) if msg.contains("not supported") => {
+            ApiError::BadRequest(format!("the SQL endpoint is read-only: {msg}"))
+        }
+        DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
+            ApiError::BadRequest(e.to_string())
+        }
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) | DataFusionError::ResourcesExhausted(_) => ApiError::BadRequest(e.to_string()),
+        DataFusionError::Context(ctx, inner) => match user_error(*inner) {
+            ApiError::BadRequest(m) => ApiError::BadRequest(format!("{ctx}: {m}")),
+            other => other,
+        },
+        other => {
+            tracing::error!(error = %other, "query failed");
+            ApiError::Internal
+        }
+    }
+}
+
+/// Plans and runs `sql` read-only, keeping at most `max_rows` rows.
+pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<QueryResult, ApiError> {
+    if sql.trim().is_empty() {
+        return Err(ApiError::BadRequest("empty SQL".into()));
+    }
+    let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
+    let schema: SchemaRef = df.schema().inner().clone();
+    let df = df.limit(0, Some(max_rows + 1)).map_err(user_error)?;
+    let mut batches = df.collect().await.map_err(user_error)?;
+    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let truncated = total > max_rows;
+    if truncated {
+        let mut keep = max_rows;
+        for b in batches.iter_mut() {
+            let n = b.num_rows().min(keep);
+            *b = b.slice(0, n);
+            keep -= n;
+        }
+    }
+    Ok(QueryResult { schema, batches, truncated })
+}
+
+fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>, ApiError> {
+    let mut writer = arrow::json::ArrayWriter::new(Vec::new());
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    writer.write_batches(&refs).map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
+    writer.finish().map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
+    let bytes = writer.into_inner();
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))
+}
+
+/// Renders a result in `format`.
+pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError> {
+    match format {
+        Format::Json => {
+            let rows = json_rows(&result.batches)?;
+            let columns: Vec<Value> = result
+                .schema
+                .fields()
+                .iter()
+                .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
+                .collect();
+            let body = json!({"columns": columns, "rows": rows, "row_count": rows.len(), "truncated": result.truncated});
+            serde_json::to_vec(&body).map_err(|_| ApiError::Internal)
+        }
+        Format::Ndjson => {
+            let mut out = Vec::new();
+            for row in json_rows(&result.batches)? {
+                serde_json::to_writer(&mut out, &row).map_err(|_| ApiError::Internal)?;
+                out.push(b'\n');
+            }
+            Ok(out)
+        }
+        Format::Csv => {
+            let mut out = Vec::new();
+            {
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+                if result.batches.is_empty() {
+                    let empty = RecordBatch::new_empty(result.schema.clone());
+                    w.write(&empty).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+                }
+                for b in &result.batches {
+                    w.write(b).map_err(|e| ApiError::BadRequest(format!("cannot render the result as CSV: {e}")))?;
+                }
+            }
+            Ok(out)
+        }
+    }
+}

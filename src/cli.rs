@@ -1,0 +1,115 @@
+//! Flags, checked into a valid [`Config`] before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use marsad_config::Config;
+
+/// Marsad: privacy-first analytics and event ingestion.
+#[derive(Debug, Parser)]
+#[command(name = "marsad", version, about)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// More detail in logs (`-v` debug, `-vv` trace); `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The stages and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run ingest, processor and query in one process on one data dir (the embedded default).
+    Up(UpArgs),
+    /// Run the collection endpoint alone.
+    Ingest(StageArgs),
+    /// Run the stream processor alone.
+    Process(StageArgs),
+    /// Run the query service alone.
+    Query(StageArgs),
+    /// Send realistic classified-ads traffic to an ingest endpoint.
+    Simulate(crate::simulate::SimulateArgs),
+}
+
+/// Flags every stage shares; each overrides the config file and `MARSAD_*` variables.
+#[derive(Debug, Clone, Args)]
+pub struct StageArgs {
+    /// Configuration file (TOML); `MARSAD_SECTION__KEY` variables override it.
+    #[arg(long, env = "MARSAD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory: event log, tables, keys [default: ./marsad-data].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Ingest listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub ingest_addr: Option<SocketAddr>,
+    /// Query listen address [default: 127.0.0.1:8081].
+    #[arg(long)]
+    pub query_addr: Option<SocketAddr>,
+    /// A proxy whose X-Forwarded-For is believed (CIDR; repeatable).
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// `marsad up` flags.
+#[derive(Debug, Clone, Args)]
+pub struct UpArgs {
+    /// Stage flags.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Also simulate this many events per second against the own ingest endpoint
+    /// (trusts 127.0.0.1 as a proxy so simulated visitors keep their addresses).
+    #[arg(long, value_name = "EVENTS_PER_SEC")]
+    pub simulate: Option<u32>,
+}
+
+impl StageArgs {
+    /// Loads the configuration and applies the flags.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut config = Config::load(self.config.as_deref()).context("loading configuration")?;
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        if let Some(a) = self.ingest_addr {
+            config.ingest.addr = a;
+        }
+        if let Some(a) = self.query_addr {
+            config.query.addr = a;
+        }
+        config.ingest.trusted_proxies.extend(self.trusted_proxies.iter().copied());
+        config.validate().context("checking configuration")?;
+        Ok(config)
+    }
+}
+
+/// Sets up `tracing`: text or JSON, `RUST_LOG` wins over `-v`.
+pub fn init_tracing(format: LogFormat, verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn,object_store=warn,hyper=warn")));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,198 @@
+//! Running the stages, alone or together, with a clean shutdown on Ctrl-C / SIGTERM.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use marsad_config::Config;
+use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
+use marsad_process::{ProcessMetrics, Processor};
+use marsad_query::{AdminKey, ApiKeys, QueryState, ensure_admin_key};
+use marsad_schemas::{TOPIC_DEAD, TOPIC_RAW};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{StageArgs, UpArgs};
+
+fn open_log(config: &Config) -> anyhow::Result<Arc<LocalLog>> {
+    let options = LocalLogOptions {
+        segment_bytes: config.eventlog.segment_bytes,
+        max_pending_appends: config.eventlog.max_pending_appends,
+        append_timeout: Duration::from_millis(config.ingest.append_timeout_ms),
+        retention: Duration::from_secs(config.eventlog.retention_hours * 3600),
+        retention_bytes: config.eventlog.retention_bytes,
+    };
+    let dir = config.log_dir();
+    LocalLog::open(&dir, options).map(Arc::new).with_context(|| format!("opening the event log at {}", dir.display()))
+}
+
+async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("{what} cannot listen on {addr} (in use? pass --{what}-addr)"))
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        tracing::info!("shutting down: finishing requests in flight and committing buffered events");
+        t.cancel();
+    });
+    token
+}
+
+/// Deletes processed raw-log segments past retention, every few minutes.
+fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Arc<LocalLog>, shutdown: CancellationToken) {
+    set.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    for topic in [TOPIC_RAW, TOPIC_DEAD] {
+                        if let Err(e) = log.enforce_retention(topic, SystemTime::now()) {
+                            tracing::warn!(topic, error = %e, "log retention failed");
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn api_keys(config: &Config) -> anyhow::Result<(ApiKeys, AdminKey)> {
+    let admin = ensure_admin_key(&config.data_dir).context("creating the admin key")?;
+    let mut keys = ApiKeys::from_config(&config.query.keys).context("loading API keys")?;
+    keys.insert(&admin.key, AdminKey::holder());
+    Ok((keys, admin))
+}
+
+/// Waits for every task; the first failure stops the others.
+async fn supervise(mut set: JoinSet<anyhow::Result<()>>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(e) = result {
+            tracing::error!(error = format!("{e:#}"), "a stage failed; stopping the others");
+            shutdown.cancel();
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// `marsad up`: the three stages on one data dir.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let mut config = args.stage.config()?;
+    if args.simulate.is_some() {
+        config.ingest.trusted_proxies.push("127.0.0.1/32".parse()?);
+    }
+    let log = open_log(&config)?;
+    let (keys, admin) = api_keys(&config)?;
+    let ingest_listener = bind(config.ingest.addr, "ingest").await?;
+    let query_listener = bind(config.query.addr, "query").await?;
+    let ingest_addr = ingest_listener.local_addr()?;
+    let query_addr = query_listener.local_addr()?;
+    let process_metrics = Arc::new(ProcessMetrics::new());
+    let processor = Processor::new(&config, log.clone(), process_metrics.clone()).await.context("starting the processor")?;
+
+    let shutdown = shutdown_on_signal();
+    let mut set = JoinSet::new();
+    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>);
+    let s = shutdown.clone();
+    set.spawn(async move { marsad_ingest::serve(ingest_listener, ingest_state, s).await.context("ingest") });
+    let s = shutdown.clone();
+    set.spawn(async move { processor.run(s).await.context("processor") });
+    let pm = process_metrics.clone();
+    let query_state = QueryState::new(&config, keys).with_metrics_source(Arc::new(move || pm.render()));
+    let s = shutdown.clone();
+    set.spawn(async move { marsad_query::serve(query_listener, query_state, s).await.context("query") });
+    spawn_retention(&mut set, log, shutdown.clone());
+
+    println!("Marsad is up (data dir {})", config.data_dir.display());
+    println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif");
+    println!("  query   http://{query_addr}   POST /v1/sql (Authorization: Bearer <admin key>)");
+    if admin.created {
+        println!("  admin key (shown once, also in {}): {}", admin.path.display(), admin.key);
+    } else {
+        println!("  admin key: in {}", admin.path.display());
+    }
+    if let Some(rate) = args.simulate {
+        println!("  simulating {rate} events/s of classified-ads traffic");
+        let url = format!("http://{ingest_addr}");
+        let s = shutdown.clone();
+        set.spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => Ok(()),
+                r = crate::simulate::run(crate::simulate::SimulateArgs::background(url, rate)) => r.map(|_| ()),
+            }
+        });
+    }
+    supervise(set, shutdown).await
+}
+
+/// `marsad ingest`.
+pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let log = open_log(&config)?;
+    let listener = bind(config.ingest.addr, "ingest").await?;
+    let shutdown = shutdown_on_signal();
+    let mut set = JoinSet::new();
+    let state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>);
+    let s = shutdown.clone();
+    set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
+    spawn_retention(&mut set, log, shutdown.clone());
+    supervise(set, shutdown).await
+}
+
+/// `marsad process`, with its metrics on `process.metrics_addr`.
+pub async fn process(args: StageArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let log = open_log(&config)?;
+    let metrics = Arc::new(ProcessMetrics::new());
+    let processor = Processor::new(&config, log, metrics.clone()).await.context("starting the processor")?;
+    let listener = bind(config.process.metrics_addr, "process-metrics").await?;
+    let shutdown = shutdown_on_signal();
+    let mut set = JoinSet::new();
+    let s = shutdown.clone();
+    set.spawn(async move { processor.run(s).await.context("processor") });
+    let s = shutdown.clone();
+    set.spawn(async move {
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok" }))
+            .route("/readyz", axum::routing::get(|| async { "ready" }))
+            .route("/metrics", axum::routing::get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }));
+        axum::serve(listener, app).with_graceful_shutdown(async move { s.cancelled().await }).await.context("process metrics")
+    });
+    supervise(set, shutdown).await
+}
+
+/// `marsad query`.
+pub async fn query(args: StageArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let (keys, admin) = api_keys(&config)?;
+    if admin.created {
+        println!("admin key (shown once, also in {}): {}", admin.path.display(), admin.key);
+    }
+    let listener = bind(config.query.addr, "query").await?;
+    let shutdown = shutdown_on_signal();
+    let mut set = JoinSet::new();
+    let state = QueryState::new(&config, keys);
+    let s = shutdown.clone();
+    set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });
+    supervise(set, shutdown).await
+}

@@ -1,0 +1,224 @@
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use marsad_privacy::mmdb_writer::{MmdbValue, MmdbWriter};
+use serde_json::{Value, json};
+
+/// A free TCP port on loopback (bound and released).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Countries of the fixture database: (ISO code, IPv4 /16 prefix, region, city).
+pub const FIXTURE_COUNTRIES: &[(&str, [u8; 2], &str, &str)] = &[
+    ("JO", [176, 29], "Amman Governorate", "Amman"),
+    ("SA", [188, 48], "Riyadh Region", "Riyadh"),
+    ("AE", [94, 200], "Dubai", "Dubai"),
+    ("EG", [41, 32], "Cairo Governorate", "Cairo"),
+    ("IQ", [37, 236], "Baghdad", "Baghdad"),
+];
+
+/// Writes a small GeoIP2-City style database placing each fixture /16 in its country.
+pub fn write_fixture_geoip(path: &Path) -> Result<()> {
+    let mut w = MmdbWriter::new("GeoIP2-City");
+    for (code, p, region, city) in FIXTURE_COUNTRIES {
+        let names = |n: &str| MmdbValue::map([("en", MmdbValue::str(n))]);
+        let record = MmdbValue::map([
+            ("country", MmdbValue::map([("iso_code", MmdbValue::str(code)), ("names", names(code))])),
+            ("subdivisions", MmdbValue::Array(vec![MmdbValue::map([("names", names(region))])])),
+            ("city", MmdbValue::map([("names", names(city))])),
+        ]);
+        w.insert(format!("{}.{}.0.0/16", p[0], p[1]).parse()?, &record);
+    }
+    std::fs::write(path, w.to_bytes())?;
+    Ok(())
+}
+
+/// A running `marsad up`.
+pub struct Marsad {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub ingest: String,
+    pub query: String,
+    pub ingest_port: u16,
+    pub query_port: u16,
+    pub log_path: PathBuf,
+}
+
+pub fn marsad_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_marsad")
+}
+
+impl Marsad {
+    /// Starts `marsad up` on free ports, trusting 127.0.0.1 as a proxy.
+    pub fn start(data_dir: &Path, geoip: Option<&Path>) -> Result<Self> {
+        Self::start_on(data_dir, geoip, free_port()?, free_port()?)
+    }
+
+    /// Starts on given ports (a restart keeps the addresses clients use).
+    pub fn start_on(data_dir: &Path, geoip: Option<&Path>, ingest_port: u16, query_port: u16) -> Result<Self> {
+        let log_path = data_dir.with_extension("marsad.log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let mut cmd = Command::new(marsad_bin());
+        cmd.arg("up")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--ingest-addr")
+            .arg(format!("127.0.0.1:{ingest_port}"))
+            .arg("--query-addr")
+            .arg(format!("127.0.0.1:{query_port}"))
+            .arg("--trusted-proxy")
+            .arg("127.0.0.1/32")
+            .env("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "300")
+            .env("RUST_LOG", "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        if let Some(g) = geoip {
+            cmd.env("MARSAD_GEOIP__DATABASE", g);
+        }
+        let child = cmd.spawn().context("spawning marsad up")?;
+        let mut m = Marsad {
+            child,
+            data_dir: data_dir.to_owned(),
+            ingest: format!("http://127.0.0.1:{ingest_port}"),
+            query: format!("http://127.0.0.1:{query_port}"),
+            ingest_port,
+            query_port,
+            log_path,
+        };
+        m.wait_ready()?;
+        Ok(m)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let client = reqwest::blocking::Client::new();
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("marsad exited early ({status}):\n{}", self.log_tail());
+            }
+            let ok = |url: String| client.get(url).send().map(|r| r.status().is_success()).unwrap_or(false);
+            if ok(format!("{}/healthz", self.ingest)) && ok(format!("{}/healthz", self.query)) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("marsad did not become ready:\n{}", self.log_tail())
+    }
+
+    /// The last lines marsad logged, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// The admin key `marsad up` wrote.
+    pub fn admin_key(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("admin.key"))?.trim().to_owned())
+    }
+
+    /// Runs SQL over `/v1/sql` and returns the rows.
+    pub fn sql(&self, sql: &str) -> Result<Vec<Value>> {
+        let resp = reqwest::blocking::Client::new()
+            .post(format!("{}/v1/sql", self.query))
+            .bearer_auth(self.admin_key()?)
+            .json(&json!({ "sql": sql }))
+            .send()?;
+        let status = resp.status();
+        let body: Value = resp.json()?;
+        if !status.is_success() {
+            bail!("{sql}: {status} {body}");
+        }
+        Ok(body["rows"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// A single integer from SQL.
+    pub fn sql_count(&self, sql: &str) -> Result<i64> {
+        let rows = self.sql(sql)?;
+        let row = rows.first().and_then(|r| r.as_object()).context("no row")?;
+        row.values().next().and_then(Value::as_i64).context("not an integer")
+    }
+
+    /// Waits until `sql` gives `want`, or fails with what it gave last.
+    pub fn wait_for_count(&self, sql: &str, want: i64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = -1;
+        while Instant::now() < deadline {
+            last = self.sql_count(sql).unwrap_or(-1);
+            if last == want {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        bail!("{sql}: wanted {want}, still {last} after {timeout:?}\n{}", self.log_tail())
+    }
+
+    /// `kill -9`.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Marsad {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every string and binary value of every Parquet file under `dir`, as (file, column, value).
+pub fn parquet_strings(dir: &Path) -> Result<Vec<(String, String, String)>> {
+    use arrow::array::AsArray;
+    use arrow::datatypes::DataType;
+    let mut out = Vec::new();
+    let mut files = Vec::new();
+    collect_files(dir, "parquet", &mut files)?;
+    for file in files {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file)?)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            for (i, field) in batch.schema().fields().iter().enumerate() {
+                let col = batch.column(i);
+                let values: Vec<String> = match field.data_type() {
+                    DataType::Utf8 => col.as_string::<i32>().iter().flatten().map(str::to_owned).collect(),
+                    DataType::LargeUtf8 => col.as_string::<i64>().iter().flatten().map(str::to_owned).collect(),
+                    DataType::Utf8View => col.as_string_view().iter().flatten().map(str::to_owned).collect(),
+                    DataType::Binary => col.as_binary::<i32>().iter().flatten().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+                    DataType::BinaryView => col.as_binary_view().iter().flatten().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+                    _ => continue,
+                };
+                for v in values {
+                    out.push((file.display().to_string(), field.name().clone(), v));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Files with extension `ext` under `dir`, recursively.
+pub fn collect_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_files(&path, ext, out)?;
+        } else if path.extension().is_some_and(|e| e == ext) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Counts of rows by a column, from SQL rows with columns `k` and `n`.
+pub fn counts_by(rows: &[Value]) -> HashMap<String, i64> {
+    rows.iter()
+        .map(|r| (r["k"].as_str().unwrap_or("NULL").to_owned(), r["n"].as_i64().unwrap_or(0)))
+        .collect()
+}

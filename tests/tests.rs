@@ -1,0 +1,14 @@
+//! End-to-end tests of the `marsad` binary: real processes on free ports and
+//! temporary data dirs, real HTTP, real Delta tables read back over SQL.
+
+/// Shared helpers: starting `marsad up`, SQL, fixture GeoIP database, Parquet scans.
+mod common;
+
+/// 20,000 events through every ingest path land once each, with the right geography.
+mod e2e;
+
+/// `kill -9` while traffic flows: nothing acknowledged is lost, nothing duplicated.
+mod crash;
+
+/// Bad requests get clear 4xx answers and the server keeps serving.
+mod bad_input;
