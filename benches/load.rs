@@ -1,1 +1,170 @@
-fn main() {}
+//! Whole-pipeline load harness (not criterion: these are seconds-long runs).
+//!
+//! `cargo bench --bench load` measures, in one run on this machine:
+//! 1. batched ingest events/s into the durable local log (fsync per group commit),
+//!    next to a no-op axum handler taking the same requests from the same client;
+//! 2. processor events/s per CPU-second (log → anonymize → Delta `events`).
+//!
+//! Figures are printed as ratios against the baseline of the same run; the machine
+//! is shared and noisy, so absolute numbers are context, not targets.
+//! Knobs: `LOAD_SECONDS` (default 10), `LOAD_CONCURRENCY` (32), `LOAD_BATCH` (100), `LOAD_EVENTS` (200000).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use axum::routing::post;
+use marsad_config::Config;
+use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions, Record};
+use marsad_process::{ProcessMetrics, Processor};
+use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_RAW};
+use tokio_util::sync::CancellationToken;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn event_json(i: u64) -> serde_json::Value {
+    let paths = ["/ar/سيارات/تويوتا/كامري", "/en/real-estate/apartments-for-rent/dubai?page=2", "/en/jobs/sales", "/ar/أثاث/كنب"];
+    serde_json::json!({
+        "type": if i % 5 == 0 { "ad_impression" } else { "page_view" },
+        "url": format!("https://kulshi.example{}?utm_source=google&id={i}", paths[(i % 4) as usize]),
+        "referrer": "https://www.google.com/",
+        "cookie_id": format!("c-{:012x}", i % 50_000),
+        "user_id": if i % 5 == 0 { serde_json::Value::from(format!("u-{}", i % 10_000)) } else { serde_json::Value::Null },
+        "event_id": format!("bench-{i}"),
+        "ad": {"ad_id": "ad-9", "campaign_id": "cmp-3", "placement": "top-banner"},
+        "consent": {"analytics": true, "personalisation": i % 3 != 0},
+    })
+}
+
+async fn serve(app: axum::Router) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move { axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await });
+    Ok(addr)
+}
+
+/// Sends batches from `concurrency` clients for `seconds`; returns acknowledged events/s.
+async fn drive(addr: SocketAddr, seconds: u64, concurrency: u64, batch: u64) -> Result<f64> {
+    let body: Arc<Vec<u8>> = Arc::new(serde_json::to_vec(&(0..batch).map(event_json).collect::<Vec<_>>())?);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build()?;
+    let acked = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (client, body, acked) = (client.clone(), body.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < end {
+                let resp = client
+                    .post(format!("http://{addr}/v1/batch"))
+                    .header("content-type", "application/json")
+                    .header("x-forwarded-for", "176.29.10.1")
+                    .body(body.as_ref().clone())
+                    .send()
+                    .await;
+                if let Ok(r) = resp {
+                    if r.status().as_u16() == 202 {
+                        acked.fetch_add(batch, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    Ok(acked.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()> {
+    let noop = axum::Router::new().route(
+        "/v1/batch",
+        post(|body: axum::body::Bytes| async move {
+            let _ = body.len();
+            (axum::http::StatusCode::ACCEPTED, "{\"accepted\":0}")
+        }),
+    );
+    let noop_addr = serve(noop).await?;
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::default();
+    config.data_dir = dir.path().to_owned();
+    let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let marsad_addr = serve(marsad_ingest::app(marsad_ingest::IngestState::new(&config, log))).await?;
+
+    let baseline = drive(noop_addr, seconds, concurrency, batch).await?;
+    let ingest = drive(marsad_addr, seconds, concurrency, batch).await?;
+    println!("ingest (batches of {batch}, {concurrency} clients, {seconds}s each, same client):");
+    println!("  no-op axum handler          {baseline:>10.0} events/s");
+    println!("  marsad ingest → local log   {ingest:>10.0} events/s   ratio {:.2} of no-op", ingest / baseline);
+    Ok(())
+}
+
+async fn processor_figures(events: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config::default();
+    config.data_dir = dir.path().to_owned();
+    let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let received_at = chrono::Utc::now();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(10_000) {
+        let records = chunk
+            .iter()
+            .map(|i| {
+                let env = Envelope {
+                    v: ENVELOPE_VERSION,
+                    event: serde_json::from_value(event_json(*i)).unwrap_or_else(|e| panic!("bench event: {e}")),
+                    received_at,
+                    client_ip: Some(format!("176.29.{}.{}", i % 250, i % 200 + 1).parse().unwrap_or_else(|e| panic!("{e}"))),
+                    user_agent: Some("Mozilla/5.0 (Linux; Android 13; SM-A536B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Mobile Safari/537.36".into()),
+                    accept_language: Some("ar-JO,ar;q=0.9".into()),
+                    dnt: false,
+                    gpc: false,
+                };
+                Record { key: None, payload: env.to_bytes() }
+            })
+            .collect();
+        log.append(TOPIC_RAW, records).await?;
+    }
+    let metrics = Arc::new(ProcessMetrics::new());
+    let processor = Processor::new(&config, log, metrics.clone()).await?;
+    let shutdown = CancellationToken::new();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let run = tokio::spawn(processor.run(shutdown.clone()));
+    while metrics.events_written.get() < events {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    shutdown.cancel();
+    run.await??;
+    println!("processor ({events} events from the local log into Delta `events`):");
+    println!("  wall {wall:.2}s, cpu {cpu:.2}s → {:.0} events/s, {:.0} events per cpu-second (per core)", events as f64 / wall, events as f64 / cpu);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else to parse
+    let seconds = env_or("LOAD_SECONDS", 10);
+    let concurrency = env_or("LOAD_CONCURRENCY", 32);
+    let batch = env_or("LOAD_BATCH", 100);
+    let events = env_or("LOAD_EVENTS", 200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        ingest_figures(seconds, concurrency, batch).await?;
+        processor_figures(events).await
+    })
+}

@@ -34,6 +34,8 @@ fn kill_nine_while_traffic_flows_loses_and_duplicates_nothing() -> Result<()> {
     let summary = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "simulate failed: {summary}");
     ensure!(summary.contains(" 0 rejected, 0 failed"), "simulate gave up on events: {summary}");
+    let retries: u64 = summary.split(", ").find_map(|p| p.strip_suffix(" retries")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    ensure!(retries > 0, "the crash did not interrupt any send: {summary}");
 
     let acked: Vec<String> = std::fs::read_to_string(&ack_log)?.lines().map(str::to_owned).collect();
     let acked_set: HashSet<&str> = acked.iter().map(String::as_str).collect();
