@@ -37,7 +37,12 @@ fn cpu_seconds() -> f64 {
 }
 
 fn event_json(i: u64) -> serde_json::Value {
-    let paths = ["/ar/سيارات/تويوتا/كامري", "/en/real-estate/apartments-for-rent/dubai?page=2", "/en/jobs/sales", "/ar/أثاث/كنب"];
+    let paths = [
+        "/ar/سيارات/تويوتا/كامري",
+        "/en/real-estate/apartments-for-rent/dubai?page=2",
+        "/en/jobs/sales",
+        "/ar/أثاث/كنب",
+    ];
     serde_json::json!({
         "type": if i % 5 == 0 { "ad_impression" } else { "page_view" },
         "url": format!("https://kulshi.example{}?utm_source=google&id={i}", paths[(i % 4) as usize]),
@@ -60,7 +65,9 @@ async fn serve(app: axum::Router) -> Result<SocketAddr> {
 /// Sends batches from `concurrency` clients for `seconds`; returns acknowledged events/s.
 async fn drive(addr: SocketAddr, seconds: u64, concurrency: u64, batch: u64) -> Result<f64> {
     let body: Arc<Vec<u8>> = Arc::new(serde_json::to_vec(&(0..batch).map(event_json).collect::<Vec<_>>())?);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build()?;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency as usize)
+        .build()?;
     let acked = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
@@ -109,7 +116,10 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     let ingest = drive(marsad_addr, seconds, concurrency, batch).await?;
     println!("ingest (batches of {batch}, {concurrency} clients, {seconds}s each, same client):");
     println!("  no-op axum handler          {baseline:>10.0} events/s");
-    println!("  marsad ingest → local log   {ingest:>10.0} events/s   ratio {:.2} of no-op", ingest / baseline);
+    println!(
+        "  marsad ingest → local log   {ingest:>10.0} events/s   ratio {:.2} of no-op",
+        ingest / baseline
+    );
     Ok(())
 }
 
@@ -152,7 +162,11 @@ async fn processor_figures(events: u64) -> Result<()> {
     shutdown.cancel();
     run.await??;
     println!("processor ({events} events from the local log into Delta `events`):");
-    println!("  wall {wall:.2}s, cpu {cpu:.2}s → {:.0} events/s, {:.0} events per cpu-second (per core)", events as f64 / wall, events as f64 / cpu);
+    println!(
+        "  wall {wall:.2}s, cpu {cpu:.2}s → {:.0} events/s, {:.0} events per cpu-second (per core)",
+        events as f64 / wall,
+        events as f64 / cpu
+    );
     Ok(())
 }
 

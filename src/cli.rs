@@ -92,7 +92,10 @@ impl StageArgs {
         if let Some(a) = self.query_addr {
             config.query.addr = a;
         }
-        config.ingest.trusted_proxies.extend(self.trusted_proxies.iter().copied());
+        config
+            .ingest
+            .trusted_proxies
+            .extend(self.trusted_proxies.iter().copied());
         config.validate().context("checking configuration")?;
         Ok(config)
     }
@@ -107,7 +110,9 @@ pub fn init_tracing(format: LogFormat, verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn,object_store=warn,hyper=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -55,7 +55,16 @@ pub struct SimulateArgs {
 impl SimulateArgs {
     /// Settings for `marsad up --simulate`: runs until stopped.
     pub fn background(url: String, rate: u32) -> Self {
-        SimulateArgs { url, rate, duration: 0, visitors: 5_000, seed: 42, concurrency: 16, retry_for: 60, ack_log: None }
+        SimulateArgs {
+            url,
+            rate,
+            duration: 0,
+            visitors: 5_000,
+            seed: 42,
+            concurrency: 16,
+            retry_for: 60,
+            ack_log: None,
+        }
     }
 }
 
@@ -87,15 +96,62 @@ const OTHER_AGENTS: &[&str] = &[
 
 /// Pages per category, Arabic and English.
 const PAGES: &[(&str, &[&str])] = &[
-    ("cars", &["/ar/سيارات/تويوتا/كامري", "/ar/سيارات/هيونداي/النترا", "/en/cars/toyota/land-cruiser", "/en/cars/kia/sportage", "/ar/سيارات/مرسيدس"]),
-    ("real_estate", &["/ar/عقارات/شقق-للايجار/عمان", "/ar/عقارات/أراضي-للبيع/اربد", "/en/real-estate/apartments-for-rent/dubai", "/en/real-estate/villas/riyadh"]),
-    ("jobs", &["/ar/وظائف/محاسب", "/ar/وظائف/مهندس-مدني", "/en/jobs/software-engineer", "/en/jobs/sales"]),
-    ("electronics", &["/ar/الكترونيات/موبايلات/ايفون-15", "/en/electronics/laptops", "/en/electronics/mobiles/samsung-s24", "/ar/الكترونيات/تلفزيونات"]),
-    ("furniture", &["/ar/أثاث/كنب", "/en/furniture/bedrooms", "/ar/أثاث/مطابخ"]),
-    ("services", &["/ar/خدمات/تنظيف", "/en/services/moving", "/ar/خدمات/صيانة-مكيفات"]),
+    (
+        "cars",
+        &[
+            "/ar/سيارات/تويوتا/كامري",
+            "/ar/سيارات/هيونداي/النترا",
+            "/en/cars/toyota/land-cruiser",
+            "/en/cars/kia/sportage",
+            "/ar/سيارات/مرسيدس",
+        ],
+    ),
+    (
+        "real_estate",
+        &[
+            "/ar/عقارات/شقق-للايجار/عمان",
+            "/ar/عقارات/أراضي-للبيع/اربد",
+            "/en/real-estate/apartments-for-rent/dubai",
+            "/en/real-estate/villas/riyadh",
+        ],
+    ),
+    (
+        "jobs",
+        &[
+            "/ar/وظائف/محاسب",
+            "/ar/وظائف/مهندس-مدني",
+            "/en/jobs/software-engineer",
+            "/en/jobs/sales",
+        ],
+    ),
+    (
+        "electronics",
+        &[
+            "/ar/الكترونيات/موبايلات/ايفون-15",
+            "/en/electronics/laptops",
+            "/en/electronics/mobiles/samsung-s24",
+            "/ar/الكترونيات/تلفزيونات",
+        ],
+    ),
+    (
+        "furniture",
+        &["/ar/أثاث/كنب", "/en/furniture/bedrooms", "/ar/أثاث/مطابخ"],
+    ),
+    (
+        "services",
+        &["/ar/خدمات/تنظيف", "/en/services/moving", "/ar/خدمات/صيانة-مكيفات"],
+    ),
 ];
 
-const REFERRERS: &[&str] = &["", "", "https://www.google.com/", "https://www.google.jo/", "https://www.facebook.com/", "https://www.instagram.com/", "https://kulshi.example/"];
+const REFERRERS: &[&str] = &[
+    "",
+    "",
+    "https://www.google.com/",
+    "https://www.google.jo/",
+    "https://www.facebook.com/",
+    "https://www.instagram.com/",
+    "https://kulshi.example/",
+];
 
 struct Visitor {
     cookie_id: String,
@@ -116,7 +172,13 @@ fn market_address(rng: &mut StdRng, geoip: Option<&GeoIp>, country: &str, prefix
     let mut ip = String::new();
     for _ in 0..32 {
         let p = prefixes[rng.random_range(0..prefixes.len())];
-        ip = format!("{}.{}.{}.{}", p[0], p[1], rng.random_range(0..=255), rng.random_range(1..=254));
+        ip = format!(
+            "{}.{}.{}.{}",
+            p[0],
+            p[1],
+            rng.random_range(0..=255),
+            rng.random_range(1..=254)
+        );
         let placed = geoip.and_then(|g| ip.parse().ok().map(|a| g.lookup(a)));
         if placed.is_none_or(|l| l.country.as_deref() == Some(country)) {
             break;
@@ -149,7 +211,11 @@ fn make_visitor(rng: &mut StdRng, geoip: Option<&GeoIp>, n: u32) -> Visitor {
         user_id: logged_in.then(|| format!("u-{}", 100_000 + n)),
         ip,
         agent,
-        language: if rng.random_bool(0.7) { "ar-JO,ar;q=0.9,en;q=0.8" } else { "en-US,en;q=0.9" },
+        language: if rng.random_bool(0.7) {
+            "ar-JO,ar;q=0.9,en;q=0.8"
+        } else {
+            "en-US,en;q=0.9"
+        },
         personalisation: rng.random_bool(0.75),
         analytics_refused: rng.random_bool(0.03),
         gpc: rng.random_bool(0.05),
@@ -160,7 +226,11 @@ fn make_visitor(rng: &mut StdRng, geoip: Option<&GeoIp>, n: u32) -> Visitor {
 }
 
 fn make_event(rng: &mut StdRng, v: &Visitor, seq: u64) -> Value {
-    let category = if rng.random_bool(0.6) { v.favourite } else { rng.random_range(0..PAGES.len()) };
+    let category = if rng.random_bool(0.6) {
+        v.favourite
+    } else {
+        rng.random_range(0..PAGES.len())
+    };
     let pages = PAGES[category].1;
     let mut path = pages[rng.random_range(0..pages.len())].to_owned();
     if rng.random_bool(0.3) {
@@ -268,10 +338,16 @@ impl Shared {
                 if let Some(id) = e["event_id"].as_str() {
                     params.push(("e", id.to_owned()));
                 }
-                self.client.get(format!("{}/v1/p.gif", self.url)).query(&params).header("cookie", format!("_mid={}", v.cookie_id))
+                self.client
+                    .get(format!("{}/v1/p.gif", self.url))
+                    .query(&params)
+                    .header("cookie", format!("_mid={}", v.cookie_id))
             }
         };
-        req = req.header("user-agent", v.agent).header("accept-language", v.language).header("x-forwarded-for", &v.ip);
+        req = req
+            .header("user-agent", v.agent)
+            .header("accept-language", v.language)
+            .header("x-forwarded-for", &v.ip);
         if v.gpc {
             req = req.header("sec-gpc", "1");
         }
@@ -289,9 +365,16 @@ impl Shared {
         loop {
             match self.send_once(v, &send).await {
                 Ok(resp) if resp.status().is_success() => {
-                    let answer: Value = if matches!(send, Send::Pixel(_)) { json!({"accepted": 1}) } else { resp.json().await.unwrap_or(Value::Null) };
+                    let answer: Value = if matches!(send, Send::Pixel(_)) {
+                        json!({"accepted": 1})
+                    } else {
+                        resp.json().await.unwrap_or(Value::Null)
+                    };
                     let accepted = answer["accepted"].as_u64().unwrap_or(0);
-                    let rejected: Vec<u64> = answer["rejected"].as_array().map(|r| r.iter().filter_map(|x| x["index"].as_u64()).collect()).unwrap_or_default();
+                    let rejected: Vec<u64> = answer["rejected"]
+                        .as_array()
+                        .map(|r| r.iter().filter_map(|x| x["index"].as_u64()).collect())
+                        .unwrap_or_default();
                     let not_collected = answer["not_collected"].as_u64().unwrap_or(0);
                     self.acked.fetch_add(accepted, Ordering::Relaxed);
                     self.rejected.fetch_add(rejected.len() as u64, Ordering::Relaxed);
@@ -332,12 +415,19 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
     anyhow::ensure!(args.rate > 0, "--rate must be at least 1");
     let ack_log = match &args.ack_log {
         Some(p) => Some(Mutex::new(std::io::BufWriter::new(
-            std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?,
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
         ))),
         None => None,
     };
     let shared = Arc::new(Shared {
-        client: reqwest::Client::builder().timeout(Duration::from_secs(10)).pool_max_idle_per_host(args.concurrency).build()?,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(args.concurrency)
+            .build()?,
         url: args.url.trim_end_matches('/').to_owned(),
         retry_for: Duration::from_secs(args.retry_for),
         acked: AtomicU64::new(0),
@@ -349,7 +439,9 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
     });
     let mut rng = StdRng::seed_from_u64(args.seed);
     let geoip = GeoIp::bundled().ok();
-    let visitors: Vec<Arc<Visitor>> = (0..args.visitors.max(1)).map(|n| Arc::new(make_visitor(&mut rng, geoip.as_ref(), n))).collect();
+    let visitors: Vec<Arc<Visitor>> = (0..args.visitors.max(1))
+        .map(|n| Arc::new(make_visitor(&mut rng, geoip.as_ref(), n)))
+        .collect();
     let seqs: Vec<AtomicU64> = (0..visitors.len()).map(|_| AtomicU64::new(0)).collect();
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
@@ -368,7 +460,11 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
         }
         let vi = rng.random_range(0..visitors.len());
         let v = visitors[vi].clone();
-        let size = if rng.random_bool(0.7) { rng.random_range(2..12) } else { 1 };
+        let size = if rng.random_bool(0.7) {
+            rng.random_range(2..12)
+        } else {
+            1
+        };
         let mut events: Vec<Value> = (0..size)
             .map(|_| {
                 let seq = seqs[vi].fetch_add(1, Ordering::Relaxed);
@@ -380,7 +476,11 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
         sent += events.len() as u64;
         let send = if events.len() > 1 {
             Send::Batch(events)
-        } else if rng.random_bool(0.3) && events[0]["type"] == "page_view" && v.user_id.is_none() && !v.analytics_refused {
+        } else if rng.random_bool(0.3)
+            && events[0]["type"] == "page_view"
+            && v.user_id.is_none()
+            && !v.analytics_refused
+        {
             Send::Pixel(events.remove(0))
         } else {
             Send::Single(events.remove(0))
@@ -393,7 +493,12 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
         });
         while tasks.try_join_next().is_some() {}
         if last_report.elapsed() > Duration::from_secs(5) {
-            tracing::info!(sent, acknowledged = shared.acked.load(Ordering::Relaxed), retries = shared.retries.load(Ordering::Relaxed), "simulating");
+            tracing::info!(
+                sent,
+                acknowledged = shared.acked.load(Ordering::Relaxed),
+                retries = shared.retries.load(Ordering::Relaxed),
+                "simulating"
+            );
             last_report = Instant::now();
         }
     }

@@ -24,11 +24,15 @@ fn open_log(config: &Config) -> anyhow::Result<Arc<LocalLog>> {
         retention_bytes: config.eventlog.retention_bytes,
     };
     let dir = config.log_dir();
-    LocalLog::open(&dir, options).map(Arc::new).with_context(|| format!("opening the event log at {}", dir.display()))
+    LocalLog::open(&dir, options)
+        .map(Arc::new)
+        .with_context(|| format!("opening the event log at {}", dir.display()))
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("{what} cannot listen on {addr} (in use? pass --{what}-addr)"))
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{what} cannot listen on {addr} (in use? pass --{what}-addr)"))
 }
 
 fn shutdown_on_signal() -> CancellationToken {
@@ -105,26 +109,40 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let ingest_addr = ingest_listener.local_addr()?;
     let query_addr = query_listener.local_addr()?;
     let process_metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(&config, log.clone(), process_metrics.clone()).await.context("starting the processor")?;
+    let processor = Processor::new(&config, log.clone(), process_metrics.clone())
+        .await
+        .context("starting the processor")?;
 
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>);
     let s = shutdown.clone();
-    set.spawn(async move { marsad_ingest::serve(ingest_listener, ingest_state, s).await.context("ingest") });
+    set.spawn(async move {
+        marsad_ingest::serve(ingest_listener, ingest_state, s)
+            .await
+            .context("ingest")
+    });
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     let pm = process_metrics.clone();
     let query_state = QueryState::new(&config, keys).with_metrics_source(Arc::new(move || pm.render()));
     let s = shutdown.clone();
-    set.spawn(async move { marsad_query::serve(query_listener, query_state, s).await.context("query") });
+    set.spawn(async move {
+        marsad_query::serve(query_listener, query_state, s)
+            .await
+            .context("query")
+    });
     spawn_retention(&mut set, log, shutdown.clone());
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
     println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif");
     println!("  query   http://{query_addr}   POST /v1/sql (Authorization: Bearer <admin key>)");
     if admin.created {
-        println!("  admin key (shown once, also in {}): {}", admin.path.display(), admin.key);
+        println!(
+            "  admin key (shown once, also in {}): {}",
+            admin.path.display(),
+            admin.key
+        );
     } else {
         println!("  admin key: in {}", admin.path.display());
     }
@@ -161,7 +179,9 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let log = open_log(&config)?;
     let metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(&config, log, metrics.clone()).await.context("starting the processor")?;
+    let processor = Processor::new(&config, log, metrics.clone())
+        .await
+        .context("starting the processor")?;
     let listener = bind(config.process.metrics_addr, "process-metrics").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
@@ -172,11 +192,17 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
         let app = axum::Router::new()
             .route("/healthz", axum::routing::get(|| async { "ok" }))
             .route("/readyz", axum::routing::get(|| async { "ready" }))
-            .route("/metrics", axum::routing::get(move || {
-                let m = metrics.clone();
-                async move { m.render() }
-            }));
-        axum::serve(listener, app).with_graceful_shutdown(async move { s.cancelled().await }).await.context("process metrics")
+            .route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let m = metrics.clone();
+                    async move { m.render() }
+                }),
+            );
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { s.cancelled().await })
+            .await
+            .context("process metrics")
     });
     supervise(set, shutdown).await
 }
@@ -186,7 +212,11 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let (keys, admin) = api_keys(&config)?;
     if admin.created {
-        println!("admin key (shown once, also in {}): {}", admin.path.display(), admin.key);
+        println!(
+            "admin key (shown once, also in {}): {}",
+            admin.path.display(),
+            admin.key
+        );
     }
     let listener = bind(config.query.addr, "query").await?;
     let shutdown = shutdown_on_signal();

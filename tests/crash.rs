@@ -15,7 +15,21 @@ fn kill_nine_while_traffic_flows_loses_and_duplicates_nothing() -> Result<()> {
     let (ingest_port, query_port) = (m.ingest_port, m.query_port);
 
     let simulate = Command::new(marsad_bin())
-        .args(["simulate", "--url", &m.ingest, "--rate", "1500", "--duration", "8", "--visitors", "500", "--retry-for", "90", "--concurrency", "16"])
+        .args([
+            "simulate",
+            "--url",
+            &m.ingest,
+            "--rate",
+            "1500",
+            "--duration",
+            "8",
+            "--visitors",
+            "500",
+            "--retry-for",
+            "90",
+            "--concurrency",
+            "16",
+        ])
         .arg("--ack-log")
         .arg(&ack_log)
         .env("RUST_LOG", "warn")
@@ -33,17 +47,36 @@ fn kill_nine_while_traffic_flows_loses_and_duplicates_nothing() -> Result<()> {
     let out = simulate.wait_with_output()?;
     let summary = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "simulate failed: {summary}");
-    ensure!(summary.contains(" 0 rejected, 0 failed"), "simulate gave up on events: {summary}");
-    let retries: u64 = summary.split(", ").find_map(|p| p.strip_suffix(" retries")).and_then(|n| n.trim().parse().ok()).unwrap_or(0);
+    ensure!(
+        summary.contains(" 0 rejected, 0 failed"),
+        "simulate gave up on events: {summary}"
+    );
+    let retries: u64 = summary
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" retries"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
     ensure!(retries > 0, "the crash did not interrupt any send: {summary}");
 
     let acked: Vec<String> = std::fs::read_to_string(&ack_log)?.lines().map(str::to_owned).collect();
     let acked_set: HashSet<&str> = acked.iter().map(String::as_str).collect();
-    assert!(acked_before_restart > 500 && acked.len() > acked_before_restart, "traffic before and after the crash: {acked_before_restart} then {}", acked.len());
+    assert!(
+        acked_before_restart > 500 && acked.len() > acked_before_restart,
+        "traffic before and after the crash: {acked_before_restart} then {}",
+        acked.len()
+    );
     assert_eq!(acked_set.len(), acked.len(), "each event acknowledged once");
 
-    m.wait_for_count("SELECT count(DISTINCT event_id) FROM events", acked.len() as i64, Duration::from_secs(120))?;
-    assert_eq!(m.sql_count("SELECT count(*) FROM events")?, acked.len() as i64, "no duplicates");
+    m.wait_for_count(
+        "SELECT count(DISTINCT event_id) FROM events",
+        acked.len() as i64,
+        Duration::from_secs(120),
+    )?;
+    assert_eq!(
+        m.sql_count("SELECT count(*) FROM events")?,
+        acked.len() as i64,
+        "no duplicates"
+    );
     let stored: HashSet<String> = m
         .sql("SELECT event_id FROM events")?
         .iter()

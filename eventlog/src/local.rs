@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::segment::{parse_frame, scan_segment, frame, ScanOutcome, MAX_RECORD_LEN};
+use crate::segment::{MAX_RECORD_LEN, ScanOutcome, frame, parse_frame, scan_segment};
 use crate::{Delivered, Error, EventLog, Position, Record, Result, Subscription};
 
 /// Tuning of the local log.
@@ -104,7 +104,9 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, e))
 }
 
 impl LocalLog {
@@ -112,14 +114,21 @@ impl LocalLog {
     pub fn open(dir: impl Into<PathBuf>, options: LocalLogOptions) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(LocalLog { dir, options, topics: Mutex::new(HashMap::new()) })
+        Ok(LocalLog {
+            dir,
+            options,
+            topics: Mutex::new(HashMap::new()),
+        })
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
         if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
             return Err(Error::Closed(format!("invalid topic name `{name}`")));
         }
-        let mut topics = self.topics.lock().map_err(|_| Error::Closed("topic table poisoned".into()))?;
+        let mut topics = self
+            .topics
+            .lock()
+            .map_err(|_| Error::Closed("topic table poisoned".into()))?;
         if let Some(t) = topics.get(name) {
             return Ok(t.clone());
         }
@@ -154,7 +163,10 @@ impl Topic {
         if let Some(w) = self.writer.get() {
             return Ok(w);
         }
-        let _starting = self.starting.lock().map_err(|_| Error::Closed("writer start poisoned".into()))?;
+        let _starting = self
+            .starting
+            .lock()
+            .map_err(|_| Error::Closed("writer start poisoned".into()))?;
         if let Some(w) = self.writer.get() {
             return Ok(w);
         }
@@ -176,7 +188,11 @@ impl Topic {
             .name(format!("log-writer-{name}"))
             .spawn(move || writer_loop(segment, rx, durable_tx, segment_bytes, lock))
             .map_err(|e| Error::io(&self.dir, e))?;
-        let _ = self.writer.set(WriterHandle { queue: Some(tx), durable: durable_rx, thread: Some(thread) });
+        let _ = self.writer.set(WriterHandle {
+            queue: Some(tx),
+            durable: durable_rx,
+            thread: Some(thread),
+        });
         self.writer.get().ok_or_else(|| Error::Closed("writer vanished".into()))
     }
 
@@ -210,7 +226,11 @@ impl Topic {
         }
         // nothing a consumer has not processed is ever deleted: that would be loss, not retention
         let committed = self.committed_offsets()?;
-        let safe_end = if committed.is_empty() { u64::MAX } else { committed.iter().copied().min().unwrap_or(0) };
+        let safe_end = if committed.is_empty() {
+            u64::MAX
+        } else {
+            committed.iter().copied().min().unwrap_or(0)
+        };
         let mut sizes = Vec::with_capacity(bases.len());
         for base in &bases {
             let path = self.dir.join(segment_name(*base));
@@ -277,7 +297,11 @@ impl ActiveSegment {
                 file.sync_all().map_err(|e| Error::io(&path, e))?;
             }
             ScanOutcome::Corrupt { byte_offset, reason } => {
-                return Err(Error::Corrupt { path, byte_offset, reason });
+                return Err(Error::Corrupt {
+                    path,
+                    byte_offset,
+                    reason,
+                });
             }
         }
         if bases.is_empty() {
@@ -291,7 +315,9 @@ impl ActiveSegment {
             len: scan.valid_len,
             next_offset: base + scan.records,
         };
-        seg.file.seek(SeekFrom::Start(seg.len)).map_err(|e| Error::io(&seg.path, e))?;
+        seg.file
+            .seek(SeekFrom::Start(seg.len))
+            .map_err(|e| Error::io(&seg.path, e))?;
         Ok(seg)
     }
 
@@ -382,15 +408,27 @@ impl EventLog for LocalLog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(r) = records.iter().find(|r| r.payload.len() > MAX_RECORD_LEN || r.payload.is_empty()) {
-            return Err(Error::TooLarge { len: r.payload.len(), max: MAX_RECORD_LEN });
+        if let Some(r) = records
+            .iter()
+            .find(|r| r.payload.len() > MAX_RECORD_LEN || r.payload.is_empty())
+        {
+            return Err(Error::TooLarge {
+                len: r.payload.len(),
+                max: MAX_RECORD_LEN,
+            });
         }
         let topic = self.topic(topic)?;
         let writer = topic.writer()?;
         let n = records.len() as u64;
         let (done, wait) = oneshot::channel();
-        let req = AppendRequest { payloads: records.into_iter().map(|r| r.payload).collect(), done };
-        let queue = writer.queue.as_ref().ok_or_else(|| Error::Closed("writer stopped".into()))?;
+        let req = AppendRequest {
+            payloads: records.into_iter().map(|r| r.payload).collect(),
+            done,
+        };
+        let queue = writer
+            .queue
+            .as_ref()
+            .ok_or_else(|| Error::Closed("writer stopped".into()))?;
         queue.try_send(req).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Error::Busy("append queue full".into()),
             mpsc::error::TrySendError::Closed(_) => Error::Closed("writer stopped".into()),
@@ -399,7 +437,9 @@ impl EventLog for LocalLog {
             .await
             .map_err(|_| Error::Busy("durable write took longer than the append timeout".into()))?
             .map_err(|_| Error::Closed("writer stopped".into()))??;
-        Ok((first..first + n).map(|offset| Position { partition: 0, offset }).collect())
+        Ok((first..first + n)
+            .map(|offset| Position { partition: 0, offset })
+            .collect())
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
@@ -407,7 +447,12 @@ impl EventLog for LocalLog {
             return Err(Error::Closed(format!("invalid consumer group `{group}`")));
         }
         let topic = self.topic(topic)?;
-        Ok(Box::new(LocalSubscription { topic, group: group.to_owned(), next_offset: 0, cursor: None }))
+        Ok(Box::new(LocalSubscription {
+            topic,
+            group: group.to_owned(),
+            next_offset: 0,
+            cursor: None,
+        }))
     }
 
     fn is_ready(&self) -> bool {
@@ -433,7 +478,10 @@ impl Cursor {
         }
         let old = self.buf.len();
         self.buf.resize(old + (1 << 20), 0);
-        let n = self.file.read(&mut self.buf[old..]).map_err(|e| Error::io(&self.path, e));
+        let n = self
+            .file
+            .read(&mut self.buf[old..])
+            .map_err(|e| Error::io(&self.path, e));
         let n = match n {
             Ok(n) => n,
             Err(e) => {
@@ -459,7 +507,11 @@ impl LocalSubscription {
         let bases = list_segments(&self.topic.dir)?;
         let Some(&base) = bases.iter().rev().find(|b| **b <= self.next_offset) else {
             if bases.is_empty() {
-                return Err(Error::OutOfRange { partition: 0, offset: self.next_offset, reason: "no segments yet".into() });
+                return Err(Error::OutOfRange {
+                    partition: 0,
+                    offset: self.next_offset,
+                    reason: "no segments yet".into(),
+                });
             }
             return Err(Error::OutOfRange {
                 partition: 0,
@@ -469,7 +521,14 @@ impl LocalSubscription {
         };
         let path = self.topic.dir.join(segment_name(base));
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let mut cursor = Cursor { base, path, file, buf: Vec::new(), consumed: 0, file_pos: 0 };
+        let mut cursor = Cursor {
+            base,
+            path,
+            file,
+            buf: Vec::new(),
+            consumed: 0,
+            file_pos: 0,
+        };
         // skip to the wanted record
         let mut offset = base;
         while offset < self.next_offset {
@@ -488,7 +547,11 @@ impl LocalSubscription {
                     }
                 }
                 Err(reason) => {
-                    return Err(Error::Corrupt { path: cursor.path, byte_offset: cursor.file_pos - (cursor.buf.len() - cursor.consumed) as u64, reason });
+                    return Err(Error::Corrupt {
+                        path: cursor.path,
+                        byte_offset: cursor.file_pos - (cursor.buf.len() - cursor.consumed) as u64,
+                        reason,
+                    });
                 }
             }
         }
@@ -510,7 +573,10 @@ impl LocalSubscription {
             match parse_frame(&cursor.buf[cursor.consumed..]) {
                 Ok(Some((payload, used))) => {
                     out.push(Delivered {
-                        position: Position { partition: 0, offset: self.next_offset },
+                        position: Position {
+                            partition: 0,
+                            offset: self.next_offset,
+                        },
                         payload: payload.to_vec(),
                     });
                     cursor.consumed += used;
@@ -527,7 +593,10 @@ impl LocalSubscription {
                             return Err(Error::Corrupt {
                                 path: cursor.path.clone(),
                                 byte_offset: cursor.file_pos - (cursor.buf.len() - cursor.consumed) as u64,
-                                reason: format!("record {} is unreadable though durable (bad length)", self.next_offset),
+                                reason: format!(
+                                    "record {} is unreadable though durable (bad length)",
+                                    self.next_offset
+                                ),
                             });
                         }
                     }
@@ -570,7 +639,11 @@ impl Subscription for LocalSubscription {
 
     async fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {
         if partition != 0 {
-            return Err(Error::OutOfRange { partition, offset, reason: "the local log has one partition".into() });
+            return Err(Error::OutOfRange {
+                partition,
+                offset,
+                reason: "the local log has one partition".into(),
+            });
         }
         self.next_offset = offset;
         self.cursor = None;
@@ -619,11 +692,19 @@ mod tests {
     use super::*;
 
     fn opts() -> LocalLogOptions {
-        LocalLogOptions { segment_bytes: 4096, ..LocalLogOptions::default() }
+        LocalLogOptions {
+            segment_bytes: 4096,
+            ..LocalLogOptions::default()
+        }
     }
 
     fn recs(range: std::ops::Range<u32>) -> Vec<Record> {
-        range.map(|i| Record { key: None, payload: format!("event-{i:05}").into_bytes() }).collect()
+        range
+            .map(|i| Record {
+                key: None,
+                payload: format!("event-{i:05}").into_bytes(),
+            })
+            .collect()
     }
 
     async fn read_all(log: &LocalLog, topic: &str, from: u64) -> Result<Vec<Vec<u8>>> {
@@ -674,7 +755,11 @@ mod tests {
         let mut partial = Vec::new();
         frame(b"never-acknowledged", &mut partial);
         partial.truncate(13);
-        OpenOptions::new().append(true).open(&seg).and_then(|mut f| f.write_all(&partial)).map_err(|e| Error::io(&seg, e))?;
+        OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .and_then(|mut f| f.write_all(&partial))
+            .map_err(|e| Error::io(&seg, e))?;
         let log = LocalLog::open(dir.path(), LocalLogOptions::default())?;
         assert_eq!(log.end_offset("t")?, 10);
         log.append("t", recs(10..12)).await?;
@@ -706,7 +791,10 @@ mod tests {
         let err = read_all(&log, "t", 0).await.expect_err("corrupt");
         assert!(matches!(err, Error::Corrupt { byte_offset: 57, .. }), "{err}");
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
-        let err = log.append("t", recs(10..11)).await.expect_err("writer refuses a corrupt tail");
+        let err = log
+            .append("t", recs(10..11))
+            .await
+            .expect_err("writer refuses a corrupt tail");
         assert!(matches!(err, Error::Corrupt { .. }), "{err}");
         Ok(())
     }
@@ -714,7 +802,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_bad_length_is_corruption_not_a_torn_tail() -> Result<()> {
         let (_dir, log) = corrupt_fourth_record(1).await?;
-        let err = log.append("t", recs(10..11)).await.expect_err("acknowledged records follow");
+        let err = log
+            .append("t", recs(10..11))
+            .await
+            .expect_err("acknowledged records follow");
         assert!(matches!(err, Error::Corrupt { byte_offset: 57, .. }), "{err}");
         Ok(())
     }
@@ -722,7 +813,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn retention_deletes_only_processed_segments() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
-        let options = LocalLogOptions { segment_bytes: 4096, retention: Duration::ZERO, ..LocalLogOptions::default() };
+        let options = LocalLogOptions {
+            segment_bytes: 4096,
+            retention: Duration::ZERO,
+            ..LocalLogOptions::default()
+        };
         let log = LocalLog::open(dir.path(), options)?;
         for chunk in 0..10 {
             log.append("t", recs(chunk * 100..(chunk + 1) * 100)).await?;
@@ -733,7 +828,10 @@ mod tests {
         let deleted = log.enforce_retention("t", later)?;
         assert!(deleted > 0);
         let oldest = list_segments(&dir.path().join("t"))?[0];
-        assert!(oldest <= 500, "kept unprocessed data: oldest segment starts at {oldest}");
+        assert!(
+            oldest <= 500,
+            "kept unprocessed data: oldest segment starts at {oldest}"
+        );
         let err = read_all(&log, "t", 0).await.expect_err("retained away");
         assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
         assert_eq!(read_all(&log, "t", 500).await?.len(), 500);
@@ -743,12 +841,17 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_full_queue_answers_busy() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
-        let options = LocalLogOptions { max_pending_appends: 1, ..LocalLogOptions::default() };
+        let options = LocalLogOptions {
+            max_pending_appends: 1,
+            ..LocalLogOptions::default()
+        };
         let log = Arc::new(LocalLog::open(dir.path(), options)?);
         let mut tasks = Vec::new();
         for i in 0..64 {
             let log = log.clone();
-            tasks.push(tokio::spawn(async move { log.append("t", recs(i * 10..i * 10 + 10)).await }));
+            tasks.push(tokio::spawn(
+                async move { log.append("t", recs(i * 10..i * 10 + 10)).await },
+            ));
         }
         let mut busy = 0;
         let mut ok = 0;
@@ -760,7 +863,11 @@ mod tests {
             }
         }
         assert!(ok > 0);
-        assert_eq!(read_all(&log, "t", 0).await?.len(), ok * 10, "busy appends wrote nothing");
+        assert_eq!(
+            read_all(&log, "t", 0).await?.len(),
+            ok * 10,
+            "busy appends wrote nothing"
+        );
         let _ = busy;
         Ok(())
     }

@@ -91,19 +91,33 @@ pub(crate) fn scan_bytes(bytes: &[u8], each: &mut dyn FnMut(&[u8])) -> Scan {
                 let outcome = if pos == bytes.len() {
                     ScanOutcome::Clean
                 } else if any_valid_frame_after(bytes, pos + 1) {
-                    ScanOutcome::Corrupt { byte_offset: pos as u64, reason: "bad record length".into() }
+                    ScanOutcome::Corrupt {
+                        byte_offset: pos as u64,
+                        reason: "bad record length".into(),
+                    }
                 } else {
                     ScanOutcome::TornTail { valid_len: pos as u64 }
                 };
-                return Scan { records, valid_len: pos as u64, outcome };
+                return Scan {
+                    records,
+                    valid_len: pos as u64,
+                    outcome,
+                };
             }
             Err(reason) => {
                 let outcome = if any_valid_frame_after(bytes, pos + 1) {
-                    ScanOutcome::Corrupt { byte_offset: pos as u64, reason }
+                    ScanOutcome::Corrupt {
+                        byte_offset: pos as u64,
+                        reason,
+                    }
                 } else {
                     ScanOutcome::TornTail { valid_len: pos as u64 }
                 };
-                return Scan { records, valid_len: pos as u64, outcome };
+                return Scan {
+                    records,
+                    valid_len: pos as u64,
+                    outcome,
+                };
             }
         }
     }
@@ -144,13 +158,22 @@ mod tests {
         let first_len = (FRAME_HEADER_LEN + b"alpha-record".len()) as u64;
         for cut in first_len as usize + 1..full.len() {
             let scan = scan_bytes(&full[..cut], &mut |_| {});
-            assert_eq!(scan.outcome, ScanOutcome::TornTail { valid_len: first_len }, "cut {cut}");
+            assert_eq!(
+                scan.outcome,
+                ScanOutcome::TornTail { valid_len: first_len },
+                "cut {cut}"
+            );
             assert_eq!(scan.records, 1);
         }
         let mut zero_tail = full.clone();
         zero_tail.extend_from_slice(&[0u8; 100]);
         let scan = scan_bytes(&zero_tail, &mut |_| {});
-        assert_eq!(scan.outcome, ScanOutcome::TornTail { valid_len: full.len() as u64 });
+        assert_eq!(
+            scan.outcome,
+            ScanOutcome::TornTail {
+                valid_len: full.len() as u64
+            }
+        );
     }
 
     #[test]

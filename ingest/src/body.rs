@@ -12,7 +12,11 @@ use crate::api::ApiError;
 
 /// Reads the whole body, inflating `Content-Encoding: gzip`, refusing more than `limit` bytes.
 pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         if len > limit {
             return Err(ApiError::TooLarge { limit });
         }
@@ -28,7 +32,10 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
             }
         })?
         .to_bytes();
-    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase());
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
         None | Some("") | Some("identity") => Ok(raw.to_vec()),
         Some("gzip") | Some("x-gzip") => {
@@ -42,11 +49,18 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
             }
             Ok(out)
         }
-        Some(other) => Err(ApiError::Unsupported(format!("Content-Encoding `{other}` is not supported; send gzip or nothing"))),
+        Some(other) => Err(ApiError::Unsupported(format!(
+            "Content-Encoding `{other}` is not supported; send gzip or nothing"
+        ))),
     }
 }
 
 /// Checks the body is UTF-8, naming where it is not.
 pub fn utf8(bytes: &[u8]) -> Result<&str, ApiError> {
-    std::str::from_utf8(bytes).map_err(|e| ApiError::BadRequest(format!("body is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to())))
+    std::str::from_utf8(bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "body is not valid UTF-8 (invalid byte at offset {})",
+            e.valid_up_to()
+        ))
+    })
 }

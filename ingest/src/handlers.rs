@@ -20,9 +20,9 @@ use crate::body::{read_limited, utf8};
 
 /// The transparent 1×1 GIF the pixel answers with.
 const PIXEL_GIF: &[u8] = &[
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0x21,
-    0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44,
-    0x01, 0x00, 0x3b,
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff,
+    0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02,
+    0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
 /// The first-party cookie the tracker and the pixel use.
@@ -46,7 +46,10 @@ fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
 }
 
 fn context(state: &IngestState, peer: SocketAddr, headers: &HeaderMap) -> RequestContext {
-    let forwarded = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
     RequestContext {
         client_ip: state.proxies.client_ip(peer.ip(), forwarded),
         user_agent: header_text(headers, "user-agent", 512),
@@ -60,8 +63,15 @@ impl RequestContext {
     /// Wraps a valid event, or `None` when the visitor refused analytics (not collected at all).
     fn envelope(&self, state: &IngestState, mut event: Event) -> Option<Envelope> {
         let c = event.consent.unwrap_or_default();
-        let stated = StatedConsent { analytics: c.analytics, personalisation: c.personalisation, marketing: c.marketing };
-        let defaults = ConsentDefaults { analytics: state.default_analytics, ..ConsentDefaults::default() };
+        let stated = StatedConsent {
+            analytics: c.analytics,
+            personalisation: c.personalisation,
+            marketing: c.marketing,
+        };
+        let defaults = ConsentDefaults {
+            analytics: state.default_analytics,
+            ..ConsentDefaults::default()
+        };
         if !decide(stated, self.dnt, self.gpc, defaults).analytics {
             return None;
         }
@@ -94,17 +104,28 @@ async fn append(state: &IngestState, envelopes: Vec<Envelope>) -> Result<usize, 
     if n == 0 {
         return Ok(0);
     }
-    let records = envelopes.iter().map(|e| Record { key: None, payload: e.to_bytes() }).collect();
+    let records = envelopes
+        .iter()
+        .map(|e| Record {
+            key: None,
+            payload: e.to_bytes(),
+        })
+        .collect();
     match state.log.append(TOPIC_RAW, records).await {
         Ok(_) => {
             state.metrics.accepted.inc_by(n as u64);
             Ok(n)
         }
-        Err(LogError::TooLarge { len, max }) => Err(ApiError::BadRequest(format!("an event encodes to {len} bytes; at most {max} are accepted"))),
+        Err(LogError::TooLarge { len, max }) => Err(ApiError::BadRequest(format!(
+            "an event encodes to {len} bytes; at most {max} are accepted"
+        ))),
         Err(e) => {
             state.metrics.unavailable.inc();
             tracing::warn!(error = %e, events = n, "event log refused an append; answering 503");
-            Err(ApiError::Unavailable { reason: e.to_string(), retry_after: state.retry_after })
+            Err(ApiError::Unavailable {
+                reason: e.to_string(),
+                retry_after: state.retry_after,
+            })
         }
     }
 }
@@ -120,7 +141,9 @@ pub async fn post_event(
     let text = utf8(&bytes)?;
     if text.trim().is_empty() {
         state.metrics.reject("empty");
-        return Err(ApiError::BadRequest("empty body: send one event as a JSON object".into()));
+        return Err(ApiError::BadRequest(
+            "empty body: send one event as a JSON object".into(),
+        ));
     }
     let value: Value = serde_json::from_str(text).map_err(|e| {
         state.metrics.reject("malformed");
@@ -128,7 +151,9 @@ pub async fn post_event(
     })?;
     if !value.is_object() {
         state.metrics.reject("malformed");
-        return Err(ApiError::BadRequest("an event is a JSON object; send arrays to /v1/batch".into()));
+        return Err(ApiError::BadRequest(
+            "an event is a JSON object; send arrays to /v1/batch".into(),
+        ));
     }
     let event = parse_event(value).map_err(|e| {
         state.metrics.reject("invalid");
@@ -145,7 +170,11 @@ pub async fn post_event(
 
 /// Splits a batch body into its events, keeping each one's index for error reports.
 fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, String>>, ApiError> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     if content_type.contains("ndjson") || content_type.contains("jsonlines") {
         return Ok(text
             .lines()
@@ -158,7 +187,9 @@ fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, Stri
         Value::Array(items) => items,
         Value::Object(mut map) => {
             if let Some(other) = map.keys().find(|k| *k != "events") {
-                return Err(ApiError::BadRequest(format!("unknown field `{other}` in batch; expected `events`")));
+                return Err(ApiError::BadRequest(format!(
+                    "unknown field `{other}` in batch; expected `events`"
+                )));
             }
             match map.remove("events") {
                 Some(Value::Array(items)) => items,
@@ -166,7 +197,11 @@ fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, Stri
                 None => return Err(ApiError::BadRequest("missing field `events`".into())),
             }
         }
-        _ => return Err(ApiError::BadRequest("a batch is {\"events\":[…]}, a JSON array, or NDJSON".into())),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "a batch is {\"events\":[…]}, a JSON array, or NDJSON".into(),
+            ));
+        }
     };
     Ok(items.into_iter().map(Ok).collect())
 }
@@ -251,7 +286,10 @@ pub async fn pixel(
     };
     let event = Event {
         event_type,
-        url: params.get("u").cloned().or_else(|| header_text(&headers, "referer", 8192)),
+        url: params
+            .get("u")
+            .cloned()
+            .or_else(|| header_text(&headers, "referer", 8192)),
         referrer: params.get("r").cloned().filter(|r| !r.is_empty()),
         cookie_id: Some(cookie_id.clone()),
         user_id: None,
@@ -275,7 +313,12 @@ pub async fn pixel(
             state.metrics.not_collected.inc();
         }
     }
-    let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "image/gif"), (header::CACHE_CONTROL, "no-store")], PIXEL_GIF).into_response();
+    let mut resp = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "image/gif"), (header::CACHE_CONTROL, "no-store")],
+        PIXEL_GIF,
+    )
+        .into_response();
     if new_cookie {
         let value = format!("{COOKIE_NAME}={cookie_id}; Path=/; Max-Age=31536000; SameSite=Lax; HttpOnly");
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -301,7 +344,14 @@ pub async fn readyz(State(state): State<IngestState>) -> Response {
 
 /// `GET /metrics`: Prometheus text.
 pub async fn metrics(State(state): State<IngestState>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
 }
 
 /// Unknown routes get JSON too.

@@ -88,7 +88,11 @@ pub fn app(state: IngestState) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled, finishing requests in flight.
-pub async fn serve(listener: tokio::net::TcpListener, state: IngestState, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: IngestState,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(Error::Bind)?;
     tracing::info!(%addr, "ingest listening");
     axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())

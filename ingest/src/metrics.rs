@@ -34,11 +34,33 @@ impl IngestMetrics {
         let rejected = Family::<Labels, Counter>::default();
         let not_collected = Counter::default();
         let unavailable = Counter::default();
-        registry.register("events_accepted", "Events made durable in the event log", accepted.clone());
-        registry.register("events_rejected", "Events refused with a 4xx, by reason", rejected.clone());
-        registry.register("events_not_collected", "Events dropped because analytics consent was refused", not_collected.clone());
-        registry.register("requests_unavailable", "Requests answered 503 because the log could not take them", unavailable.clone());
-        IngestMetrics { registry, accepted, rejected, not_collected, unavailable }
+        registry.register(
+            "events_accepted",
+            "Events made durable in the event log",
+            accepted.clone(),
+        );
+        registry.register(
+            "events_rejected",
+            "Events refused with a 4xx, by reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "events_not_collected",
+            "Events dropped because analytics consent was refused",
+            not_collected.clone(),
+        );
+        registry.register(
+            "requests_unavailable",
+            "Requests answered 503 because the log could not take them",
+            unavailable.clone(),
+        );
+        IngestMetrics {
+            registry,
+            accepted,
+            rejected,
+            not_collected,
+            unavailable,
+        }
     }
 
     /// Counts a refused event.

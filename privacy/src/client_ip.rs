@@ -76,7 +76,10 @@ mod tests {
     }
 
     fn proxies() -> TrustedProxies {
-        TrustedProxies::new(vec!["10.0.0.0/8".parse().expect("net"), "127.0.0.1/32".parse().expect("net")])
+        TrustedProxies::new(vec![
+            "10.0.0.0/8".parse().expect("net"),
+            "127.0.0.1/32".parse().expect("net"),
+        ])
     }
 
     #[test]
@@ -87,8 +90,14 @@ mod tests {
     #[test]
     fn takes_the_right_most_untrusted_hop() {
         let p = proxies();
-        assert_eq!(p.client_ip(ip("127.0.0.1"), ["6.6.6.6, 176.29.1.2, 10.1.1.1"]), ip("176.29.1.2"));
-        assert_eq!(p.client_ip(ip("10.0.0.2"), ["6.6.6.6", "176.29.1.2:5555"]), ip("176.29.1.2"));
+        assert_eq!(
+            p.client_ip(ip("127.0.0.1"), ["6.6.6.6, 176.29.1.2, 10.1.1.1"]),
+            ip("176.29.1.2")
+        );
+        assert_eq!(
+            p.client_ip(ip("10.0.0.2"), ["6.6.6.6", "176.29.1.2:5555"]),
+            ip("176.29.1.2")
+        );
         assert_eq!(p.client_ip(ip("10.0.0.2"), ["[2001:db8::7]:443"]), ip("2001:db8::7"));
         assert_eq!(p.client_ip(ip("::ffff:10.0.0.2"), ["2.2.2.2"]), ip("2.2.2.2"));
         assert_eq!(p.client_ip(ip("10.0.0.2"), Vec::<&str>::new()), ip("10.0.0.2"));

@@ -25,7 +25,10 @@ pub struct ConsentDefaults {
 
 impl Default for ConsentDefaults {
     fn default() -> Self {
-        ConsentDefaults { analytics: true, personalisation: false }
+        ConsentDefaults {
+            analytics: true,
+            personalisation: false,
+        }
     }
 }
 
@@ -46,7 +49,11 @@ pub fn decide(stated: StatedConsent, dnt: bool, gpc: bool, defaults: ConsentDefa
     let analytics = stated.analytics.unwrap_or(defaults.analytics);
     let personalisation = analytics && !signal && stated.personalisation.unwrap_or(defaults.personalisation);
     let marketing = analytics && !signal && stated.marketing.unwrap_or(false);
-    Decision { analytics, personalisation, marketing }
+    Decision {
+        analytics,
+        personalisation,
+        marketing,
+    }
 }
 
 #[cfg(test)]
@@ -55,7 +62,11 @@ mod tests {
 
     #[test]
     fn privacy_signals_win() {
-        let all = StatedConsent { analytics: Some(true), personalisation: Some(true), marketing: Some(true) };
+        let all = StatedConsent {
+            analytics: Some(true),
+            personalisation: Some(true),
+            marketing: Some(true),
+        };
         let d = decide(all, false, true, ConsentDefaults::default());
         assert!(d.analytics && !d.personalisation && !d.marketing);
         let d = decide(all, true, false, ConsentDefaults::default());
@@ -68,7 +79,11 @@ mod tests {
     fn defaults_fill_the_gaps() {
         let d = decide(StatedConsent::default(), false, false, ConsentDefaults::default());
         assert!(d.analytics && !d.personalisation && !d.marketing);
-        let refused = StatedConsent { analytics: Some(false), personalisation: Some(true), ..Default::default() };
+        let refused = StatedConsent {
+            analytics: Some(false),
+            personalisation: Some(true),
+            ..Default::default()
+        };
         let d = decide(refused, false, false, ConsentDefaults::default());
         assert!(!d.analytics && !d.personalisation);
     }

@@ -78,17 +78,28 @@ impl std::fmt::Debug for GeoIp {
 impl GeoIp {
     /// The country database that ships with Marsad.
     pub fn bundled() -> Result<Self> {
-        Self::from_bytes(Cow::Borrowed(BUNDLED_COUNTRY_DB), "bundled geo-whois-asn-country".into())
+        Self::from_bytes(
+            Cow::Borrowed(BUNDLED_COUNTRY_DB),
+            "bundled geo-whois-asn-country".into(),
+        )
     }
 
     /// Database files (e.g. DB-IP Lite City's IPv4 and IPv6 files), asked in order.
     pub fn open(paths: &[&Path]) -> Result<Self> {
         let mut readers = Vec::with_capacity(paths.len());
         for path in paths {
-            let bytes = std::fs::read(path).map_err(|e| Error::Io { what: "GeoIP database", path: (*path).into(), source: e })?;
+            let bytes = std::fs::read(path).map_err(|e| Error::Io {
+                what: "GeoIP database",
+                path: (*path).into(),
+                source: e,
+            })?;
             readers.push(Self::reader(Cow::Owned(bytes), &path.display().to_string())?);
         }
-        let source = paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        let source = paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         Ok(GeoIp { readers, source })
     }
 
@@ -101,11 +112,17 @@ impl GeoIp {
     }
 
     fn reader(bytes: Cow<'static, [u8]>, source: &str) -> Result<maxminddb::Reader<Cow<'static, [u8]>>> {
-        maxminddb::Reader::from_source(bytes).map_err(|e| Error::GeoIp { path: source.to_owned(), reason: e.to_string() })
+        maxminddb::Reader::from_source(bytes).map_err(|e| Error::GeoIp {
+            path: source.to_owned(),
+            reason: e.to_string(),
+        })
     }
 
     fn from_bytes(bytes: Cow<'static, [u8]>, source: String) -> Result<Self> {
-        Ok(GeoIp { readers: vec![Self::reader(bytes, &source)?], source })
+        Ok(GeoIp {
+            readers: vec![Self::reader(bytes, &source)?],
+            source,
+        })
     }
 
     /// Which database this is (for logs and `/readyz`).
@@ -125,8 +142,12 @@ impl GeoIp {
     }
 
     fn lookup_in(reader: &maxminddb::Reader<Cow<'static, [u8]>>, ip: IpAddr) -> Location {
-        let Ok(result) = reader.lookup(ip) else { return Location::default() };
-        let Ok(Some(rec)) = result.decode::<GeoRecord<'_>>() else { return Location::default() };
+        let Ok(result) = reader.lookup(ip) else {
+            return Location::default();
+        };
+        let Ok(Some(rec)) = result.decode::<GeoRecord<'_>>() else {
+            return Location::default();
+        };
         let country = rec
             .country
             .as_ref()
@@ -161,14 +182,33 @@ mod tests {
         w.insert(
             "176.29.0.0/16".parse().expect("net"),
             &MmdbValue::map([
-                ("country", MmdbValue::map([("iso_code", MmdbValue::str("JO")), ("names", MmdbValue::map([("en", MmdbValue::str("Jordan"))]))])),
-                ("subdivisions", MmdbValue::Array(vec![MmdbValue::map([("names", MmdbValue::map([("en", MmdbValue::str("Amman Governorate"))]))])])),
-                ("city", MmdbValue::map([("names", MmdbValue::map([("en", MmdbValue::str("Amman"))]))])),
+                (
+                    "country",
+                    MmdbValue::map([
+                        ("iso_code", MmdbValue::str("JO")),
+                        ("names", MmdbValue::map([("en", MmdbValue::str("Jordan"))])),
+                    ]),
+                ),
+                (
+                    "subdivisions",
+                    MmdbValue::Array(vec![MmdbValue::map([(
+                        "names",
+                        MmdbValue::map([("en", MmdbValue::str("Amman Governorate"))]),
+                    )])]),
+                ),
+                (
+                    "city",
+                    MmdbValue::map([("names", MmdbValue::map([("en", MmdbValue::str("Amman"))]))]),
+                ),
             ]),
         );
         w.insert(
             "2a00:1a00::/32".parse().expect("net"),
-            &MmdbValue::map([("country_code", MmdbValue::str("SA")), ("state1", MmdbValue::str("Riyadh")), ("city", MmdbValue::str("Riyadh"))]),
+            &MmdbValue::map([
+                ("country_code", MmdbValue::str("SA")),
+                ("state1", MmdbValue::str("Riyadh")),
+                ("city", MmdbValue::str("Riyadh")),
+            ]),
         );
         GeoIp::from_bytes(Cow::Owned(w.to_bytes()), "fixture".into()).expect("fixture db opens")
     }
@@ -181,16 +221,27 @@ mod tests {
         assert_eq!(loc.region.as_deref(), Some("Amman Governorate"));
         assert_eq!(loc.city.as_deref(), Some("Amman"));
         let loc = db.lookup("2a00:1a00::1".parse().expect("ip"));
-        assert_eq!((loc.country.as_deref(), loc.city.as_deref()), (Some("SA"), Some("Riyadh")));
+        assert_eq!(
+            (loc.country.as_deref(), loc.city.as_deref()),
+            (Some("SA"), Some("Riyadh"))
+        );
         assert_eq!(db.lookup("8.8.8.8".parse().expect("ip")), Location::default());
-        assert_eq!(db.lookup("::ffff:176.29.7.8".parse().expect("ip")).country, None, "mapped v6 is a caller concern");
+        assert_eq!(
+            db.lookup("::ffff:176.29.7.8".parse().expect("ip")).country,
+            None,
+            "mapped v6 is a caller concern"
+        );
     }
 
     #[test]
     fn the_bundled_database_knows_the_simulator_ranges() {
         let db = GeoIp::bundled().expect("bundled db");
         for (ip, country) in crate::geoip::SAMPLE_ADDRESSES {
-            assert_eq!(db.lookup(ip.parse().expect("ip")).country.as_deref(), Some(*country), "{ip}");
+            assert_eq!(
+                db.lookup(ip.parse().expect("ip")).country.as_deref(),
+                Some(*country),
+                "{ip}"
+            );
         }
     }
 }

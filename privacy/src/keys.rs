@@ -41,10 +41,14 @@ impl SecretKey {
 
     /// Parses 64 hex characters.
     pub fn from_hex(what: &'static str, text: &str) -> Result<Self> {
-        let bytes = hex::decode(text.trim()).map_err(|e| Error::BadKey { what, reason: format!("not hex: {e}") })?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| Error::BadKey { what, reason: format!("{} bytes; 32 expected", b.len()) })?;
+        let bytes = hex::decode(text.trim()).map_err(|e| Error::BadKey {
+            what,
+            reason: format!("not hex: {e}"),
+        })?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| Error::BadKey {
+            what,
+            reason: format!("{} bytes; 32 expected", b.len()),
+        })?;
         Ok(SecretKey(arr))
     }
 
@@ -69,7 +73,12 @@ pub trait DailyKeyStore: Send + Sync {
 
 /// The end of `day`'s grace period: after it, its key is gone.
 pub fn key_expiry(day: NaiveDate, grace: Duration) -> DateTime<Utc> {
-    let next_midnight = day.succ_opt().unwrap_or(day).and_hms_opt(0, 0, 0).unwrap_or_default().and_utc();
+    let next_midnight = day
+        .succ_opt()
+        .unwrap_or(day)
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
     next_midnight + grace
 }
 
@@ -83,7 +92,11 @@ pub struct LocalDailyKeyStore {
 
 fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
 }
@@ -92,8 +105,16 @@ impl LocalDailyKeyStore {
     /// Opens (creating) the directory; keys past `grace` after their day are refused.
     pub fn open(dir: impl Into<PathBuf>, grace: Duration) -> Result<Self> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { what: "daily key directory", path: dir.clone(), source: e })?;
-        Ok(LocalDailyKeyStore { dir, grace, cache: Mutex::new(HashMap::new()) })
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io {
+            what: "daily key directory",
+            path: dir.clone(),
+            source: e,
+        })?;
+        Ok(LocalDailyKeyStore {
+            dir,
+            grace,
+            cache: Mutex::new(HashMap::new()),
+        })
     }
 
     fn path(&self, day: NaiveDate) -> PathBuf {
@@ -101,7 +122,11 @@ impl LocalDailyKeyStore {
     }
 
     fn read(&self, path: &Path) -> Result<SecretKey> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { what: "daily key", path: path.into(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            what: "daily key",
+            path: path.into(),
+            source: e,
+        })?;
         SecretKey::from_hex("daily key", &text)
     }
 }
@@ -122,14 +147,23 @@ impl DailyKeyStore for LocalDailyKeyStore {
                 let fresh = SecretKey::random();
                 let tmp = self.dir.join(format!(".{day}.{}.tmp", std::process::id()));
                 let _ = std::fs::remove_file(&tmp);
-                write_secret_file(&tmp, &fresh.to_hex())
-                    .map_err(|e| Error::Io { what: "daily key", path: tmp.clone(), source: e })?;
+                write_secret_file(&tmp, &fresh.to_hex()).map_err(|e| Error::Io {
+                    what: "daily key",
+                    path: tmp.clone(),
+                    source: e,
+                })?;
                 let linked = std::fs::hard_link(&tmp, &path);
                 let _ = std::fs::remove_file(&tmp);
                 match linked {
                     Ok(()) => fresh,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.read(&path)?,
-                    Err(e) => return Err(Error::Io { what: "daily key", path, source: e }),
+                    Err(e) => {
+                        return Err(Error::Io {
+                            what: "daily key",
+                            path,
+                            source: e,
+                        });
+                    }
                 }
             }
             Err(e) => return Err(e),
@@ -142,14 +176,26 @@ impl DailyKeyStore for LocalDailyKeyStore {
 
     fn destroy_expired(&self, now: DateTime<Utc>, grace: Duration) -> Result<Vec<NaiveDate>> {
         let mut destroyed = Vec::new();
-        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Io { what: "daily key directory", path: self.dir.clone(), source: e })?;
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
+            what: "daily key directory",
+            path: self.dir.clone(),
+            source: e,
+        })?;
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(day) = name.to_str().and_then(|n| n.strip_suffix(".key")).and_then(|d| d.parse::<NaiveDate>().ok()) else {
+            let Some(day) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".key"))
+                .and_then(|d| d.parse::<NaiveDate>().ok())
+            else {
                 continue;
             };
             if now >= key_expiry(day, grace) {
-                std::fs::remove_file(entry.path()).map_err(|e| Error::Io { what: "daily key", path: entry.path(), source: e })?;
+                std::fs::remove_file(entry.path()).map_err(|e| Error::Io {
+                    what: "daily key",
+                    path: entry.path(),
+                    source: e,
+                })?;
                 if let Ok(mut c) = self.cache.lock() {
                     c.remove(&day);
                 }
@@ -168,10 +214,18 @@ pub fn load_targeting_key(file: Option<&Path>, keys_dir: &Path) -> Result<Secret
         return SecretKey::from_hex("targeting key (MARSAD_SECRET_TARGETING_KEY)", &hex);
     }
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io { what: "targeting key file", path: path.into(), source: e })?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            what: "targeting key file",
+            path: path.into(),
+            source: e,
+        })?;
         return SecretKey::from_hex("targeting key file", &text);
     }
-    std::fs::create_dir_all(keys_dir).map_err(|e| Error::Io { what: "key directory", path: keys_dir.into(), source: e })?;
+    std::fs::create_dir_all(keys_dir).map_err(|e| Error::Io {
+        what: "key directory",
+        path: keys_dir.into(),
+        source: e,
+    })?;
     let path = keys_dir.join("targeting.key");
     match std::fs::read_to_string(&path) {
         Ok(text) => SecretKey::from_hex("generated targeting key", &text),
@@ -184,13 +238,25 @@ pub fn load_targeting_key(file: Option<&Path>, keys_dir: &Path) -> Result<Secret
                 }
                 // another stage of this process created it first
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io { what: "targeting key", path: path.clone(), source: e })?;
+                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
+                        what: "targeting key",
+                        path: path.clone(),
+                        source: e,
+                    })?;
                     SecretKey::from_hex("generated targeting key", &text)
                 }
-                Err(e) => Err(Error::Io { what: "targeting key", path, source: e }),
+                Err(e) => Err(Error::Io {
+                    what: "targeting key",
+                    path,
+                    source: e,
+                }),
             }
         }
-        Err(e) => Err(Error::Io { what: "targeting key", path, source: e }),
+        Err(e) => Err(Error::Io {
+            what: "targeting key",
+            path,
+            source: e,
+        }),
     }
 }
 
@@ -201,7 +267,11 @@ mod tests {
 
     #[test]
     fn one_key_per_day_shared_between_stores() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io { what: "tmp", path: "tmp".into(), source: e })?;
+        let dir = tempfile::tempdir().map_err(|e| Error::Io {
+            what: "tmp",
+            path: "tmp".into(),
+            source: e,
+        })?;
         let today = Utc::now().date_naive();
         let a = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
         let b = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
@@ -213,7 +283,11 @@ mod tests {
 
     #[test]
     fn destroyed_keys_cannot_be_recreated() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io { what: "tmp", path: "tmp".into(), source: e })?;
+        let dir = tempfile::tempdir().map_err(|e| Error::Io {
+            what: "tmp",
+            path: "tmp".into(),
+            source: e,
+        })?;
         let store = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
         let today = Utc::now().date_naive();
         let key = store.key_for(today)?;

@@ -118,7 +118,11 @@ pub struct MmdbWriter {
 impl MmdbWriter {
     /// An empty database of the given type (e.g. `GeoIP2-City`).
     pub fn new(database_type: &str) -> Self {
-        MmdbWriter { database_type: database_type.to_owned(), nodes: vec![[Slot::Empty, Slot::Empty]], data: Vec::new() }
+        MmdbWriter {
+            database_type: database_type.to_owned(),
+            nodes: vec![[Slot::Empty, Slot::Empty]],
+            data: Vec::new(),
+        }
     }
 
     /// Maps every address in `net` to `value`. Networks must not nest.
@@ -170,7 +174,10 @@ impl MmdbWriter {
             ("binary_format_minor_version", MmdbValue::U16(0)),
             ("build_epoch", MmdbValue::U64(1_700_000_000)),
             ("database_type", MmdbValue::Str(self.database_type.clone())),
-            ("description", MmdbValue::map([("en", MmdbValue::str("Marsad test database"))])),
+            (
+                "description",
+                MmdbValue::map([("en", MmdbValue::str("Marsad test database"))]),
+            ),
             ("ip_version", MmdbValue::U16(6)),
             ("languages", MmdbValue::Array(vec![MmdbValue::str("en")])),
             ("node_count", MmdbValue::U32(node_count)),

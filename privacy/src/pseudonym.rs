@@ -52,7 +52,10 @@ mod tests {
         assert_eq!(visitor_key(&a, "c-1"), visitor_key(&a, "c-1"));
         assert_ne!(visitor_key(&a, "c-1"), visitor_key(&b, "c-1"));
         assert_ne!(visitor_key(&a, "c-1"), audience_id(&a, Subject::Cookie("c-1")));
-        assert_ne!(audience_id(&a, Subject::User("x")), audience_id(&a, Subject::Cookie("x")));
+        assert_ne!(
+            audience_id(&a, Subject::User("x")),
+            audience_id(&a, Subject::Cookie("x"))
+        );
         assert_eq!(visitor_key(&a, "c-1").len(), 32);
         assert!(!visitor_key(&a, "c-1").contains("c-1"));
     }

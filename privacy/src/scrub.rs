@@ -69,16 +69,24 @@ pub fn scrub_text(text: &str) -> String {
 }
 
 fn decode(s: &str) -> String {
-    percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
+    percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Scrubs a page URL: decoded path with markers, allow-listed parameters only, no fragment.
 pub fn scrub_url(raw: &str, allow: &QueryAllowList) -> ScrubbedPage {
     let Ok(url) = url::Url::parse(raw) else {
-        return ScrubbedPage { page_path: "[invalid]".into(), ..ScrubbedPage::default() };
+        return ScrubbedPage {
+            page_path: "[invalid]".into(),
+            ..ScrubbedPage::default()
+        };
     };
     let path = percent_decode_str(url.path()).decode_utf8_lossy();
-    let mut page = ScrubbedPage { page_path: scrub_text(&path), ..ScrubbedPage::default() };
+    let mut page = ScrubbedPage {
+        page_path: scrub_text(&path),
+        ..ScrubbedPage::default()
+    };
     let mut kept = Vec::new();
     for pair in url.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -123,20 +131,29 @@ mod tests {
 
     #[test]
     fn keeps_only_allowed_parameters() {
-        let p = scrub_url("https://kulshi.example/ar/cars/toyota?id=123&utm_source=google&page=2&name=Ahmad#top", &allow());
+        let p = scrub_url(
+            "https://kulshi.example/ar/cars/toyota?id=123&utm_source=google&page=2&name=Ahmad#top",
+            &allow(),
+        );
         assert_eq!(p.page_path, "/ar/cars/toyota?page=2");
         assert_eq!(p.utm_source.as_deref(), Some("google"));
     }
 
     #[test]
     fn decodes_arabic_paths() {
-        let p = scrub_url("https://kulshi.example/ar/%D8%B3%D9%8A%D8%A7%D8%B1%D8%A7%D8%AA", &allow());
+        let p = scrub_url(
+            "https://kulshi.example/ar/%D8%B3%D9%8A%D8%A7%D8%B1%D8%A7%D8%AA",
+            &allow(),
+        );
         assert_eq!(p.page_path, "/ar/سيارات");
     }
 
     #[test]
     fn markers_replace_emails_and_phones() {
-        let p = scrub_url("https://kulshi.example/contact/ahmad%40example.com/0791234567", &allow());
+        let p = scrub_url(
+            "https://kulshi.example/contact/ahmad%40example.com/0791234567",
+            &allow(),
+        );
         assert_eq!(p.page_path, "/contact/[email]/[phone]");
         assert_eq!(scrub_text("اتصل ٠٧٩١٢٣٤٥٦٧ الآن"), "اتصل [phone] الآن");
         assert_eq!(scrub_text("call +962 79 123 4567"), "call [phone]");
@@ -146,7 +163,10 @@ mod tests {
 
     #[test]
     fn referrers_become_domains() {
-        assert_eq!(referrer_domain("https://www.Google.com/search?q=me@x.com").as_deref(), Some("google.com"));
+        assert_eq!(
+            referrer_domain("https://www.Google.com/search?q=me@x.com").as_deref(),
+            Some("google.com")
+        );
         assert_eq!(referrer_domain("not a url"), None);
     }
 }

@@ -26,15 +26,29 @@ fn known(s: &str) -> Option<String> {
 /// Parses one agent without the cache.
 pub fn parse_user_agent(agent: &str) -> Device {
     let lower = agent.to_ascii_lowercase();
-    let headless = ["headless", "phantomjs", "puppeteer", "playwright", "selenium", "python-requests", "curl/", "wget/"]
-        .iter()
-        .any(|m| lower.contains(m));
+    let headless = [
+        "headless",
+        "phantomjs",
+        "puppeteer",
+        "playwright",
+        "selenium",
+        "python-requests",
+        "curl/",
+        "wget/",
+    ]
+    .iter()
+    .any(|m| lower.contains(m));
     let parser = woothee::parser::Parser::new();
     let Some(r) = parser.parse(agent) else {
-        return Device { device_type: if headless { "bot" } else { "other" }, is_bot: headless, ..Device::default() };
+        return Device {
+            device_type: if headless { "bot" } else { "other" },
+            is_bot: headless,
+            ..Device::default()
+        };
     };
     let is_bot = headless || r.category == "crawler" || lower.contains("bot") || lower.contains("spider");
-    let tablet = lower.contains("ipad") || lower.contains("tablet") || (lower.contains("android") && !lower.contains("mobile"));
+    let tablet =
+        lower.contains("ipad") || lower.contains("tablet") || (lower.contains("android") && !lower.contains("mobile"));
     let device_type = if is_bot {
         "bot"
     } else {
@@ -45,8 +59,16 @@ pub fn parse_user_agent(agent: &str) -> Device {
             _ => "other",
         }
     };
-    let version = known(r.version).map(|v| v.split('.').next().unwrap_or_default().to_owned()).filter(|v| !v.is_empty());
-    Device { device_type, os: known(r.os), browser: known(r.name), browser_version: version, is_bot }
+    let version = known(r.version)
+        .map(|v| v.split('.').next().unwrap_or_default().to_owned())
+        .filter(|v| !v.is_empty());
+    Device {
+        device_type,
+        os: known(r.os),
+        browser: known(r.name),
+        browser_version: version,
+        is_bot,
+    }
 }
 
 /// A parser with a bounded cache, one per processor worker.
@@ -79,16 +101,27 @@ mod tests {
 
     #[test]
     fn common_agents() {
-        let d = parse_user_agent("Mozilla/5.0 (Linux; Android 13; SM-A536B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36");
-        assert_eq!((d.device_type, d.browser.as_deref(), d.browser_version.as_deref()), ("mobile", Some("Chrome"), Some("120")));
+        let d = parse_user_agent(
+            "Mozilla/5.0 (Linux; Android 13; SM-A536B) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.6099.144 Mobile Safari/537.36",
+        );
+        assert_eq!(
+            (d.device_type, d.browser.as_deref(), d.browser_version.as_deref()),
+            ("mobile", Some("Chrome"), Some("120"))
+        );
         assert_eq!(d.os.as_deref(), Some("Android"));
-        let d = parse_user_agent("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/121.0.0.0 Safari/537.36");
+        let d = parse_user_agent(
+            "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/121.0.0.0 Safari/537.36",
+        );
         assert_eq!(d.device_type, "desktop");
-        let d = parse_user_agent("Mozilla/5.0 (iPad; CPU OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1");
+        let d = parse_user_agent(
+            "Mozilla/5.0 (iPad; CPU OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1",
+        );
         assert_eq!(d.device_type, "tablet");
         let d = parse_user_agent("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)");
         assert!(d.is_bot);
-        let d = parse_user_agent("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0.0.0 Safari/537.36");
+        let d = parse_user_agent(
+            "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0.0.0 Safari/537.36",
+        );
         assert!(d.is_bot && d.device_type == "bot");
     }
 

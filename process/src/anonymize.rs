@@ -141,21 +141,34 @@ impl Anonymizer {
     /// Anonymizes one envelope. The envelope's IP and ids are read here and nowhere after.
     pub fn anonymize(&mut self, env: &Envelope) -> Result<AnonymousEvent, Unprocessable> {
         let ev = &env.event;
-        let event_id = ev.event_id.clone().ok_or_else(|| Unprocessable("envelope without event_id".into()))?;
+        let event_id = ev
+            .event_id
+            .clone()
+            .ok_or_else(|| Unprocessable("envelope without event_id".into()))?;
         let received = env.received_at;
         let ts = ev
             .ts
-            .filter(|t| *t >= received - Duration::minutes(MAX_CLOCK_SKEW_PAST) && *t <= received + Duration::minutes(MAX_CLOCK_SKEW_FUTURE))
+            .filter(|t| {
+                *t >= received - Duration::minutes(MAX_CLOCK_SKEW_PAST)
+                    && *t <= received + Duration::minutes(MAX_CLOCK_SKEW_FUTURE)
+            })
             .unwrap_or(received);
         let date = ts.date_naive();
         let c = ev.consent.unwrap_or_default();
-        let stated = StatedConsent { analytics: c.analytics, personalisation: c.personalisation, marketing: c.marketing };
+        let stated = StatedConsent {
+            analytics: c.analytics,
+            personalisation: c.personalisation,
+            marketing: c.marketing,
+        };
         let decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
         if !decision.analytics {
             return Err(Unprocessable("analytics consent refused: not to be stored".into()));
         }
 
-        let location = env.client_ip.map(|ip| self.geoip.lookup(canonical_ip(ip))).unwrap_or_default();
+        let location = env
+            .client_ip
+            .map(|ip| self.geoip.lookup(canonical_ip(ip)))
+            .unwrap_or_default();
         let visitor_key = match ev.cookie_id.as_deref() {
             Some(cookie) => match self.daily_keys.key_for(date) {
                 Ok(key) => Some(visitor_key(&key, cookie)),
@@ -165,7 +178,11 @@ impl Anonymizer {
             None => None,
         };
         let audience_id = if decision.personalisation {
-            let subject = ev.user_id.as_deref().map(Subject::User).or(ev.cookie_id.as_deref().map(Subject::Cookie));
+            let subject = ev
+                .user_id
+                .as_deref()
+                .map(Subject::User)
+                .or(ev.cookie_id.as_deref().map(Subject::Cookie));
             subject.map(|s| audience_id(&self.targeting_key, s))
         } else {
             None
@@ -175,7 +192,11 @@ impl Anonymizer {
         let page = ev.url.as_deref().map(|u| scrub_url(u, &self.allow));
         let category = page.as_ref().map(|p| page_category(&p.page_path));
         let ad = ev.ad.clone().unwrap_or_default();
-        let demo = if decision.personalisation { ev.demographics.clone().unwrap_or_default() } else { Default::default() };
+        let demo = if decision.personalisation {
+            ev.demographics.clone().unwrap_or_default()
+        } else {
+            Default::default()
+        };
         let (page_path, utm_source, utm_medium, utm_campaign) = match page {
             Some(p) => (Some(p.page_path), p.utm_source, p.utm_medium, p.utm_campaign),
             None => (None, None, None, None),
@@ -206,7 +227,10 @@ impl Anonymizer {
             campaign_id: ad.campaign_id,
             placement: ad.placement,
             age_band: demo.age_band.filter(|a| AGE_BANDS.contains(&a.as_str())),
-            gender: demo.gender.map(|g| g.to_ascii_lowercase()).filter(|g| GENDERS.contains(&g.as_str())),
+            gender: demo
+                .gender
+                .map(|g| g.to_ascii_lowercase())
+                .filter(|g| GENDERS.contains(&g.as_str())),
             is_bot: device.is_bot,
             consent_marketing: decision.marketing,
         })

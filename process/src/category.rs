@@ -2,10 +2,36 @@
 
 /// Categories and the path segments that mean them.
 const RULES: &[(&str, &[&str])] = &[
-    ("cars", &["cars", "car", "vehicles", "motors", "سيارات", "سيارة", "مركبات"]),
-    ("real_estate", &["real-estate", "realestate", "property", "properties", "apartments", "عقارات", "شقق", "أراضي"]),
+    (
+        "cars",
+        &["cars", "car", "vehicles", "motors", "سيارات", "سيارة", "مركبات"],
+    ),
+    (
+        "real_estate",
+        &[
+            "real-estate",
+            "realestate",
+            "property",
+            "properties",
+            "apartments",
+            "عقارات",
+            "شقق",
+            "أراضي",
+        ],
+    ),
     ("jobs", &["jobs", "job", "careers", "وظائف", "وظيفة"]),
-    ("electronics", &["electronics", "mobiles", "phones", "computers", "إلكترونيات", "الكترونيات", "موبايلات"]),
+    (
+        "electronics",
+        &[
+            "electronics",
+            "mobiles",
+            "phones",
+            "computers",
+            "إلكترونيات",
+            "الكترونيات",
+            "موبايلات",
+        ],
+    ),
     ("furniture", &["furniture", "home", "أثاث", "اثاث"]),
     ("services", &["services", "service", "خدمات"]),
 ];

@@ -34,6 +34,12 @@ pub async fn send(log: &dyn EventLog, letters: &[DeadLetter]) -> marsad_eventlog
     if letters.is_empty() {
         return Ok(());
     }
-    let records = letters.iter().map(|l| Record { key: None, payload: l.encode() }).collect();
+    let records = letters
+        .iter()
+        .map(|l| Record {
+            key: None,
+            payload: l.encode(),
+        })
+        .collect();
     log.append(TOPIC_DEAD, records).await.map(|_| ())
 }

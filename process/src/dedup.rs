@@ -14,7 +14,11 @@ pub struct RecentEventIds {
 impl RecentEventIds {
     /// Remembers at most `capacity` ids.
     pub fn new(capacity: usize) -> Self {
-        RecentEventIds { set: HashSet::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+        RecentEventIds {
+            set: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
     }
 
     /// Records `id`; `false` if it was already seen.

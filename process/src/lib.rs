@@ -24,7 +24,7 @@ pub mod table;
 mod pipeline;
 
 pub use metrics::ProcessMetrics;
-pub use pipeline::{run, Processor};
+pub use pipeline::{Processor, run};
 
 /// Why the processor stopped.
 #[derive(Debug, thiserror::Error)]

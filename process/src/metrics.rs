@@ -38,9 +38,21 @@ impl ProcessMetrics {
             position: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("events_written", "Rows committed to the events table", m.events_written.clone());
-        registry.register("duplicates_dropped", "Retried duplicates dropped by event_id", m.duplicates_dropped.clone());
-        registry.register("dead_letters", "Events sent to the dead-letter topic", m.dead_letters.clone());
+        registry.register(
+            "events_written",
+            "Rows committed to the events table",
+            m.events_written.clone(),
+        );
+        registry.register(
+            "duplicates_dropped",
+            "Retried duplicates dropped by event_id",
+            m.duplicates_dropped.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events sent to the dead-letter topic",
+            m.dead_letters.clone(),
+        );
         registry.register("commits", "Delta commits", m.commits.clone());
         registry.register("log_position", "Next raw-log offset to process", m.position.clone());
         ProcessMetrics { registry, ..m }

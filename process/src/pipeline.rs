@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::Result;
 use crate::anonymize::Anonymizer;
 use crate::batch::EventsBatchBuilder;
 use crate::dead_letters::{self, DeadLetter};
@@ -25,7 +26,6 @@ use crate::dedup::RecentEventIds;
 use crate::metrics::ProcessMetrics;
 use crate::offsets::{app_id, resume_from};
 use crate::table::EventsTable;
-use crate::Result;
 
 /// The consumer group of the processors.
 pub const CONSUMER_GROUP: &str = "marsad-process";
@@ -56,7 +56,8 @@ impl Processor {
         let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
         tracing::info!(database = geoip.source(), "GeoIP database loaded");
         let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
-        let daily_keys: Arc<dyn DailyKeyStore> = Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
+        let daily_keys: Arc<dyn DailyKeyStore> =
+            Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
         let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
         let anonymizer = Anonymizer::new(
             geoip,
@@ -144,13 +145,20 @@ impl Processor {
         let now = Utc::now();
         self.anonymizer.expire_sessions(now);
         match self.daily_keys.destroy_expired(now, self.key_grace) {
-            Ok(days) if !days.is_empty() => tracing::info!(?days, "destroyed daily visitor keys past their grace period"),
+            Ok(days) if !days.is_empty() => {
+                tracing::info!(?days, "destroyed daily visitor keys past their grace period")
+            }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "could not destroy expired daily keys"),
         }
     }
 
-    async fn handle(&mut self, records: Vec<Delivered>, builder: &mut EventsBatchBuilder, pending: &mut BTreeMap<u32, u64>) -> Result<()> {
+    async fn handle(
+        &mut self,
+        records: Vec<Delivered>,
+        builder: &mut EventsBatchBuilder,
+        pending: &mut BTreeMap<u32, u64>,
+    ) -> Result<()> {
         let mut dead = Vec::new();
         tokio::task::block_in_place(|| {
             for rec in records {
@@ -166,7 +174,11 @@ impl Processor {
                             self.metrics.duplicates_dropped.inc();
                         }
                     }
-                    Err(reason) => dead.push(DeadLetter { position: rec.position, reason, payload: rec.payload }),
+                    Err(reason) => dead.push(DeadLetter {
+                        position: rec.position,
+                        reason,
+                        payload: rec.payload,
+                    }),
                 }
             }
         });
@@ -251,7 +263,11 @@ async fn read_log(
 }
 
 /// Runs a processor until `shutdown`.
-pub async fn run(config: &Config, log: Arc<dyn EventLog>, metrics: Arc<ProcessMetrics>, shutdown: CancellationToken) -> Result<()> {
+pub async fn run(
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    metrics: Arc<ProcessMetrics>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     Processor::new(config, log, metrics).await?.run(shutdown).await
 }
-

@@ -61,7 +61,11 @@ mod tests {
         let t0 = Utc::now();
         let a = s.session_id("v1", t0);
         assert_eq!(s.session_id("v1", t0 + Duration::minutes(29)), a);
-        assert_eq!(s.session_id("v1", t0 + Duration::minutes(50)), a, "29 min after the last event");
+        assert_eq!(
+            s.session_id("v1", t0 + Duration::minutes(50)),
+            a,
+            "29 min after the last event"
+        );
         assert_ne!(s.session_id("v1", t0 + Duration::minutes(90)), a);
         assert_ne!(s.session_id("v2", t0), a);
     }

@@ -24,10 +24,18 @@ fn delta(source: DeltaTableError) -> Error {
 
 /// The `file://` URL of a table directory (created if missing).
 pub fn table_url(dir: &Path) -> Result<url::Url> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
-    let abs = std::path::absolute(dir).map_err(|e| Error::Io { path: dir.into(), source: e })?;
-    url::Url::from_directory_path(&abs)
-        .map_err(|_| Error::Io { path: abs.clone(), source: std::io::Error::other("not an absolute path") })
+    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
+        path: dir.into(),
+        source: e,
+    })?;
+    let abs = std::path::absolute(dir).map_err(|e| Error::Io {
+        path: dir.into(),
+        source: e,
+    })?;
+    url::Url::from_directory_path(&abs).map_err(|_| Error::Io {
+        path: abs.clone(),
+        source: std::io::Error::other("not an absolute path"),
+    })
 }
 
 /// The `events` table as the processor writes it.
@@ -43,7 +51,10 @@ impl EventsTable {
         if table.version().is_some() {
             return Ok(EventsTable { table });
         }
-        let schema: StructType = events_schema().as_ref().try_into_kernel().map_err(|e| delta(e.into()))?;
+        let schema: StructType = events_schema()
+            .as_ref()
+            .try_into_kernel()
+            .map_err(|e| delta(e.into()))?;
         let created = table
             .create()
             .with_table_name(NAME)
@@ -55,7 +66,9 @@ impl EventsTable {
         match created {
             Ok(table) => Ok(EventsTable { table }),
             // another processor created it first
-            Err(_) => Ok(EventsTable { table: DeltaTable::try_from_url(url).await.map_err(delta)? }),
+            Err(_) => Ok(EventsTable {
+                table: DeltaTable::try_from_url(url).await.map_err(delta)?,
+            }),
         }
     }
 
@@ -63,12 +76,20 @@ impl EventsTable {
     pub async fn committed_offset(&mut self, app_id: &str) -> Result<Option<i64>> {
         self.table.update_state().await.map_err(delta)?;
         let log_store = self.table.log_store();
-        self.table.snapshot().map_err(delta)?.transaction_version(log_store.as_ref(), app_id).await.map_err(delta)
+        self.table
+            .snapshot()
+            .map_err(delta)?
+            .transaction_version(log_store.as_ref(), app_id)
+            .await
+            .map_err(delta)
     }
 
     /// Appends `batch` and records `positions` (app id, last offset) in the same transaction.
     pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, u64)]) -> Result<()> {
-        let txns: Vec<Transaction> = positions.iter().map(|(app, offset)| Transaction::new(app, *offset as i64)).collect();
+        let txns: Vec<Transaction> = positions
+            .iter()
+            .map(|(app, offset)| Transaction::new(app, *offset as i64))
+            .collect();
         let table = self
             .table
             .clone()
@@ -85,8 +106,13 @@ impl EventsTable {
     /// Event ids stored since `since`, to drop retried duplicates after a restart.
     pub async fn event_ids_since(&self, since: NaiveDate) -> Result<Vec<String>> {
         let ctx = SessionContext::new();
-        let provider = self.table.table_provider().await.map_err(|e| Error::Query { table: NAME, source: e })?;
-        ctx.register_table(NAME, provider).map_err(|e| Error::Query { table: NAME, source: e })?;
+        let provider = self
+            .table
+            .table_provider()
+            .await
+            .map_err(|e| Error::Query { table: NAME, source: e })?;
+        ctx.register_table(NAME, provider)
+            .map_err(|e| Error::Query { table: NAME, source: e })?;
         let sql = format!("SELECT event_id FROM {NAME} WHERE {DATE_COLUMN} >= DATE '{since}'");
         let batches = ctx
             .sql(&sql)

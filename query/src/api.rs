@@ -45,7 +45,8 @@ impl IntoResponse for ApiError {
         };
         let mut resp = (status, Json(json!({"error": self.to_string()}))).into_response();
         if matches!(self, ApiError::Unauthorized) {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

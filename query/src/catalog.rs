@@ -29,7 +29,10 @@ pub struct TableCatalog {
 impl TableCatalog {
     /// Tables under `dir`.
     pub fn new(dir: PathBuf) -> Self {
-        TableCatalog { dir, tables: Mutex::new(HashMap::new()) }
+        TableCatalog {
+            dir,
+            tables: Mutex::new(HashMap::new()),
+        }
     }
 
     /// The names of the tables that exist now.
@@ -43,7 +46,9 @@ impl TableCatalog {
 
     /// A DataFusion session with every existing table registered at its latest version.
     pub async fn session(&self) -> Result<SessionContext, CatalogError> {
-        let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("marsad", "public");
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema("marsad", "public");
         let ctx = SessionContext::new_with_config(config);
         let mut tables = self.tables.lock().await;
         for name in self.existing().await {

@@ -48,16 +48,36 @@ impl ApiKeys {
         for k in keys {
             let digest = match (&k.sha256, &k.file) {
                 (Some(h), _) => {
-                    let bytes = hex::decode(h).map_err(|e| Error::BadKey { name: k.name.clone(), reason: e.to_string() })?;
-                    bytes.try_into().map_err(|_| Error::BadKey { name: k.name.clone(), reason: "sha256 must be 32 bytes".into() })?
+                    let bytes = hex::decode(h).map_err(|e| Error::BadKey {
+                        name: k.name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    bytes.try_into().map_err(|_| Error::BadKey {
+                        name: k.name.clone(),
+                        reason: "sha256 must be 32 bytes".into(),
+                    })?
                 }
                 (None, Some(path)) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| Error::KeyFile { path: path.clone(), source: e })?;
+                    let text = std::fs::read_to_string(path).map_err(|e| Error::KeyFile {
+                        path: path.clone(),
+                        source: e,
+                    })?;
                     hash(text.trim())
                 }
-                (None, None) => return Err(Error::BadKey { name: k.name.clone(), reason: "needs `sha256` or `file`".into() }),
+                (None, None) => {
+                    return Err(Error::BadKey {
+                        name: k.name.clone(),
+                        reason: "needs `sha256` or `file`".into(),
+                    });
+                }
             };
-            out.by_hash.insert(digest, KeyHolder { name: k.name.clone(), roles: k.roles.clone() });
+            out.by_hash.insert(
+                digest,
+                KeyHolder {
+                    name: k.name.clone(),
+                    roles: k.roles.clone(),
+                },
+            );
         }
         Ok(out)
     }
@@ -79,7 +99,10 @@ impl ApiKeys {
         if holder.roles.contains(&role) {
             Ok(holder)
         } else {
-            Err(ApiError::Forbidden { key: holder.name.clone(), role: role_name(role) })
+            Err(ApiError::Forbidden {
+                key: holder.name.clone(),
+                role: role_name(role),
+            })
         }
     }
 }
@@ -98,9 +121,18 @@ pub struct AdminKey {
 /// Reads `<data_dir>/admin.key`, creating it (mode 0600) with a fresh key on first start.
 pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
     let path = data_dir.join("admin.key");
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::KeyFile { path: data_dir.into(), source: e })?;
+    std::fs::create_dir_all(data_dir).map_err(|e| Error::KeyFile {
+        path: data_dir.into(),
+        source: e,
+    })?;
     match std::fs::read_to_string(&path) {
-        Ok(text) => return Ok(AdminKey { key: text.trim().to_owned(), path, created: false }),
+        Ok(text) => {
+            return Ok(AdminKey {
+                key: text.trim().to_owned(),
+                path,
+                created: false,
+            });
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::KeyFile { path, source: e }),
         Err(_) => {}
     }
@@ -114,14 +146,24 @@ pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
         .mode(0o600)
         .open(&path)
         .and_then(|mut f| f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all()));
-    written.map_err(|e| Error::KeyFile { path: path.clone(), source: e })?;
-    Ok(AdminKey { key, path, created: true })
+    written.map_err(|e| Error::KeyFile {
+        path: path.clone(),
+        source: e,
+    })?;
+    Ok(AdminKey {
+        key,
+        path,
+        created: true,
+    })
 }
 
 impl AdminKey {
     /// The key holder with every role.
     pub fn holder() -> KeyHolder {
-        KeyHolder { name: "admin".into(), roles: Role::ALL.to_vec() }
+        KeyHolder {
+            name: "admin".into(),
+            roles: Role::ALL.to_vec(),
+        }
     }
 }
 
@@ -132,7 +174,10 @@ mod tests {
 
     fn bearer(key: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(axum::http::header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {key}")).expect("header"));
+        h.insert(
+            axum::http::header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
+        );
         h
     }
 
@@ -147,9 +192,18 @@ mod tests {
         .expect("keys");
         keys.insert("root", AdminKey::holder());
         assert!(keys.authorize(&bearer("analyst-secret"), Role::Analyst).is_ok());
-        assert!(matches!(keys.authorize(&bearer("analyst-secret"), Role::Engineer), Err(ApiError::Forbidden { .. })));
-        assert!(matches!(keys.authorize(&bearer("nope"), Role::Analyst), Err(ApiError::Unauthorized)));
-        assert!(matches!(keys.authorize(&HeaderMap::new(), Role::Analyst), Err(ApiError::Unauthorized)));
+        assert!(matches!(
+            keys.authorize(&bearer("analyst-secret"), Role::Engineer),
+            Err(ApiError::Forbidden { .. })
+        ));
+        assert!(matches!(
+            keys.authorize(&bearer("nope"), Role::Analyst),
+            Err(ApiError::Unauthorized)
+        ));
+        assert!(matches!(
+            keys.authorize(&HeaderMap::new(), Role::Analyst),
+            Err(ApiError::Unauthorized)
+        ));
         assert!(keys.authorize(&bearer("root"), Role::Admin).is_ok());
     }
 

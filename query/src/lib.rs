@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::ApiError;
 pub use catalog::TableCatalog;
-pub use keys::{ApiKeys, AdminKey, ensure_admin_key};
+pub use keys::{AdminKey, ApiKeys, ensure_admin_key};
 pub use metrics::QueryMetrics;
 
 /// Why the query service could not start or stopped.
@@ -101,7 +101,11 @@ pub fn app(state: QueryState) -> Router {
 }
 
 /// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, state: QueryState, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: QueryState,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(Error::Bind)?;
     tracing::info!(%addr, "query listening");
     axum::serve(listener, app(state))

@@ -31,7 +31,8 @@ pub async fn post_sql(
 ) -> Result<Response, ApiError> {
     let holder = state.keys.authorize(&headers, Role::Engineer)?;
     let format = Format::parse(params.get("format").map(String::as_str))?;
-    let req: SqlRequest = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"sql\": \"…\"}}: {e}")))?;
+    let req: SqlRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"sql\": \"…\"}}: {e}")))?;
     tracing::info!(key = %holder.name, "sql query");
     let ctx = state.catalog.session().await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");
@@ -41,7 +42,11 @@ pub async fn post_sql(
     let result = match tokio::time::timeout(state.timeout, run).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            state.metrics.count(if matches!(e, ApiError::BadRequest(_)) { "refused" } else { "error" });
+            state.metrics.count(if matches!(e, ApiError::BadRequest(_)) {
+                "refused"
+            } else {
+                "error"
+            });
             return Err(e);
         }
         Err(_) => {
@@ -80,7 +85,14 @@ pub async fn metrics(State(state): State<QueryState>) -> Response {
         text.push_str(&strip_eof(source()));
     }
     text.push_str("# EOF\n");
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 fn strip_eof(mut text: String) -> String {

@@ -28,7 +28,9 @@ impl Format {
             "json" => Ok(Format::Json),
             "ndjson" => Ok(Format::Ndjson),
             "csv" => Ok(Format::Csv),
-            other => Err(ApiError::BadRequest(format!("unknown format `{other}`; use json, ndjson or csv"))),
+            other => Err(ApiError::BadRequest(format!(
+                "unknown format `{other}`; use json, ndjson or csv"
+            ))),
         }
     }
 
@@ -57,10 +59,13 @@ fn user_error(e: DataFusionError) -> ApiError {
         DataFusionError::Plan(msg) if msg.contains("not supported") => {
             ApiError::BadRequest(format!("the SQL endpoint is read-only: {msg}"))
         }
-        DataFusionError::Plan(_) | DataFusionError::SQL(..) | DataFusionError::SchemaError(..) | DataFusionError::NotImplemented(_) => {
+        DataFusionError::Plan(_)
+        | DataFusionError::SQL(..)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::NotImplemented(_) => ApiError::BadRequest(e.to_string()),
+        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) | DataFusionError::ResourcesExhausted(_) => {
             ApiError::BadRequest(e.to_string())
         }
-        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) | DataFusionError::ResourcesExhausted(_) => ApiError::BadRequest(e.to_string()),
         DataFusionError::Context(ctx, inner) => match user_error(*inner) {
             ApiError::BadRequest(m) => ApiError::BadRequest(format!("{ctx}: {m}")),
             other => other,
@@ -77,7 +82,10 @@ pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<Que
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
-    let read_only = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let read_only = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
     let df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
     let schema: SchemaRef = df.schema().inner().clone();
     let df = df.limit(0, Some(max_rows + 1)).map_err(user_error)?;
@@ -92,14 +100,22 @@ pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<Que
             keep -= n;
         }
     }
-    Ok(QueryResult { schema, batches, truncated })
+    Ok(QueryResult {
+        schema,
+        batches,
+        truncated,
+    })
 }
 
 fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>, ApiError> {
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    writer.write_batches(&refs).map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
-    writer.finish().map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
+    writer
+        .write_batches(&refs)
+        .map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
+    writer
+        .finish()
+        .map_err(|e| ApiError::BadRequest(format!("cannot render the result as JSON: {e}")))?;
     let bytes = writer.into_inner();
     if bytes.is_empty() {
         return Ok(Vec::new());
@@ -118,7 +134,8 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError>
                 .iter()
                 .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
                 .collect();
-            let body = json!({"columns": columns, "rows": rows, "row_count": rows.len(), "truncated": result.truncated});
+            let body =
+                json!({"columns": columns, "rows": rows, "row_count": rows.len(), "truncated": result.truncated});
             serde_json::to_vec(&body).map_err(|_| ApiError::Internal)
         }
         Format::Ndjson => {
@@ -138,7 +155,8 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError>
                     w.write(&empty).map_err(|e| ApiError::BadRequest(e.to_string()))?;
                 }
                 for b in &result.batches {
-                    w.write(b).map_err(|e| ApiError::BadRequest(format!("cannot render the result as CSV: {e}")))?;
+                    w.write(b)
+                        .map_err(|e| ApiError::BadRequest(format!("cannot render the result as CSV: {e}")))?;
                 }
             }
             Ok(out)

@@ -109,6 +109,9 @@ mod tests {
         .expect("json");
         env["v"] = 99.into();
         let bytes = serde_json::to_vec(&env).expect("json");
-        assert!(matches!(Envelope::from_bytes(&bytes), Err(DecodeError::Version { found: 99 })));
+        assert!(matches!(
+            Envelope::from_bytes(&bytes),
+            Err(DecodeError::Version { found: 99 })
+        ));
     }
 }

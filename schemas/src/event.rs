@@ -181,7 +181,11 @@ fn check_id(field: &'static str, value: &Option<String>) -> Result<(), Validatio
             return Err(ValidationError::Empty { field });
         }
         if v.len() > MAX_ID_LEN {
-            return Err(ValidationError::TooLong { field, len: v.len(), max: MAX_ID_LEN });
+            return Err(ValidationError::TooLong {
+                field,
+                len: v.len(),
+                max: MAX_ID_LEN,
+            });
         }
     }
     Ok(())
@@ -190,7 +194,11 @@ fn check_id(field: &'static str, value: &Option<String>) -> Result<(), Validatio
 fn check_url(field: &'static str, value: &Option<String>) -> Result<(), ValidationError> {
     if let Some(v) = value {
         if v.len() > MAX_URL_LEN {
-            return Err(ValidationError::TooLong { field, len: v.len(), max: MAX_URL_LEN });
+            return Err(ValidationError::TooLong {
+                field,
+                len: v.len(),
+                max: MAX_URL_LEN,
+            });
         }
         let lower = v.get(..8).unwrap_or(v).to_ascii_lowercase();
         if !(lower.starts_with("http://") || lower.starts_with("https://")) {
@@ -215,12 +223,18 @@ impl Event {
         check_id("user_id", &self.user_id)?;
         check_id("event_id", &self.event_id)?;
         if matches!(self.event_type, EventType::PageView) && self.url.is_none() {
-            return Err(ValidationError::Missing { field: "url", event_type });
+            return Err(ValidationError::Missing {
+                field: "url",
+                event_type,
+            });
         }
         if matches!(self.event_type, EventType::AdImpression | EventType::AdClick) {
             let ad_id = self.ad.as_ref().and_then(|a| a.ad_id.as_ref());
             if ad_id.is_none() {
-                return Err(ValidationError::Missing { field: "ad.ad_id", event_type });
+                return Err(ValidationError::Missing {
+                    field: "ad.ad_id",
+                    event_type,
+                });
             }
         }
         if let Some(ad) = &self.ad {
@@ -230,7 +244,10 @@ impl Event {
         }
         if let Some(props) = &self.props {
             if props.len() > MAX_PROPS {
-                return Err(ValidationError::TooManyProps { count: props.len(), max: MAX_PROPS });
+                return Err(ValidationError::TooManyProps {
+                    count: props.len(),
+                    max: MAX_PROPS,
+                });
             }
         }
         Ok(())
@@ -262,8 +279,8 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_named() {
-        let err = parse(r#"{"type":"page_view","url":"https://a.example/","colour":"red"}"#)
-            .expect_err("unknown field");
+        let err =
+            parse(r#"{"type":"page_view","url":"https://a.example/","colour":"red"}"#).expect_err("unknown field");
         assert!(err.contains("unknown field `colour`"), "{err}");
         let err = parse(r#"{"type":"ad_click","ad":{"ad_id":"a","size":3}}"#).expect_err("nested");
         assert!(err.contains("unknown field `size`"), "{err}");
@@ -290,6 +307,9 @@ mod tests {
         assert_eq!(ev.validate(), Err(ValidationError::NotAUrl { field: "url" }));
         let long = "x".repeat(MAX_ID_LEN + 1);
         let ev = parse(&format!(r#"{{"type":"search","cookie_id":"{long}"}}"#)).expect("parses");
-        assert!(matches!(ev.validate(), Err(ValidationError::TooLong { field: "cookie_id", .. })));
+        assert!(matches!(
+            ev.validate(),
+            Err(ValidationError::TooLong { field: "cookie_id", .. })
+        ));
     }
 }

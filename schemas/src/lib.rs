@@ -10,6 +10,6 @@ pub mod envelope;
 pub mod event;
 pub mod tables;
 
-pub use envelope::{DecodeError, Envelope, ENVELOPE_VERSION};
+pub use envelope::{DecodeError, ENVELOPE_VERSION, Envelope};
 pub use event::{AdRef, Consent, Demographics, Event, EventType, ValidationError};
-pub use tables::{events_schema, TableName, DATE_COLUMN, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
+pub use tables::{DATE_COLUMN, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW, TableName, events_schema};

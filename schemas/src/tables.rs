@@ -60,7 +60,11 @@ pub fn events_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         utf8("event_id", false),
         utf8("event_type", false),
-        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "ts",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new(DATE_COLUMN, DataType::Date32, false),
         utf8("visitor_key", true),
         utf8("audience_id", true),
@@ -97,11 +101,33 @@ mod tests {
     fn events_has_the_design_columns() {
         let schema = events_schema();
         for name in [
-            "event_id", "event_type", "ts", "date", "visitor_key", "audience_id", "session_id",
-            "country", "region", "city", "device_type", "os", "browser", "browser_version",
-            "language", "page_path", "page_category", "referrer_domain", "utm_source",
-            "utm_medium", "utm_campaign", "ad_id", "campaign_id", "placement", "age_band",
-            "gender", "is_bot",
+            "event_id",
+            "event_type",
+            "ts",
+            "date",
+            "visitor_key",
+            "audience_id",
+            "session_id",
+            "country",
+            "region",
+            "city",
+            "device_type",
+            "os",
+            "browser",
+            "browser_version",
+            "language",
+            "page_path",
+            "page_category",
+            "referrer_domain",
+            "utm_source",
+            "utm_medium",
+            "utm_campaign",
+            "ad_id",
+            "campaign_id",
+            "placement",
+            "age_band",
+            "gender",
+            "is_bot",
         ] {
             assert!(schema.field_with_name(name).is_ok(), "missing column {name}");
         }

@@ -28,8 +28,14 @@ pub fn write_fixture_geoip(path: &Path) -> Result<()> {
     for (code, p, region, city) in FIXTURE_COUNTRIES {
         let names = |n: &str| MmdbValue::map([("en", MmdbValue::str(n))]);
         let record = MmdbValue::map([
-            ("country", MmdbValue::map([("iso_code", MmdbValue::str(code)), ("names", names(code))])),
-            ("subdivisions", MmdbValue::Array(vec![MmdbValue::map([("names", names(region))])])),
+            (
+                "country",
+                MmdbValue::map([("iso_code", MmdbValue::str(code)), ("names", names(code))]),
+            ),
+            (
+                "subdivisions",
+                MmdbValue::Array(vec![MmdbValue::map([("names", names(region))])]),
+            ),
             ("city", MmdbValue::map([("names", names(city))])),
         ]);
         w.insert(format!("{}.{}.0.0/16", p[0], p[1]).parse()?, &record);
@@ -74,7 +80,10 @@ impl Marsad {
             .arg("--trusted-proxy")
             .arg("127.0.0.1/32")
             .env("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "300")
-            .env("RUST_LOG", "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn")
+            .env(
+                "RUST_LOG",
+                "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn",
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
         if let Some(g) = geoip {
@@ -119,7 +128,9 @@ impl Marsad {
 
     /// The admin key `marsad up` wrote.
     pub fn admin_key(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.data_dir.join("admin.key"))?.trim().to_owned())
+        Ok(std::fs::read_to_string(self.data_dir.join("admin.key"))?
+            .trim()
+            .to_owned())
     }
 
     /// Runs SQL over `/v1/sql` and returns the rows.
@@ -155,7 +166,10 @@ impl Marsad {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        bail!("{sql}: wanted {want}, still {last} after {timeout:?}\n{}", self.log_tail())
+        bail!(
+            "{sql}: wanted {want}, still {last} after {timeout:?}\n{}",
+            self.log_tail()
+        )
     }
 
     /// `kill -9`.
@@ -181,7 +195,9 @@ pub fn parquet_strings(dir: &Path) -> Result<Vec<(String, String, String)>> {
     let mut files = Vec::new();
     collect_files(dir, "parquet", &mut files)?;
     for file in files {
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file)?)?.build()?;
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file)?)?
+                .build()?;
         for batch in reader {
             let batch = batch?;
             for (i, field) in batch.schema().fields().iter().enumerate() {
@@ -190,8 +206,18 @@ pub fn parquet_strings(dir: &Path) -> Result<Vec<(String, String, String)>> {
                     DataType::Utf8 => col.as_string::<i32>().iter().flatten().map(str::to_owned).collect(),
                     DataType::LargeUtf8 => col.as_string::<i64>().iter().flatten().map(str::to_owned).collect(),
                     DataType::Utf8View => col.as_string_view().iter().flatten().map(str::to_owned).collect(),
-                    DataType::Binary => col.as_binary::<i32>().iter().flatten().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
-                    DataType::BinaryView => col.as_binary_view().iter().flatten().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+                    DataType::Binary => col
+                        .as_binary::<i32>()
+                        .iter()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect(),
+                    DataType::BinaryView => col
+                        .as_binary_view()
+                        .iter()
+                        .flatten()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .collect(),
                     _ => continue,
                 };
                 for v in values {
@@ -219,6 +245,11 @@ pub fn collect_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()
 /// Counts of rows by a column, from SQL rows with columns `k` and `n`.
 pub fn counts_by(rows: &[Value]) -> HashMap<String, i64> {
     rows.iter()
-        .map(|r| (r["k"].as_str().unwrap_or("NULL").to_owned(), r["n"].as_i64().unwrap_or(0)))
+        .map(|r| {
+            (
+                r["k"].as_str().unwrap_or("NULL").to_owned(),
+                r["n"].as_i64().unwrap_or(0),
+            )
+        })
         .collect()
 }
