@@ -44,14 +44,14 @@ fn event_json(i: u64) -> serde_json::Value {
         "/ar/أثاث/كنب",
     ];
     serde_json::json!({
-        "type": if i % 5 == 0 { "ad_impression" } else { "page_view" },
+        "type": if i.is_multiple_of(5) { "ad_impression" } else { "page_view" },
         "url": format!("https://kulshi.example{}?utm_source=google&id={i}", paths[(i % 4) as usize]),
         "referrer": "https://www.google.com/",
         "cookie_id": format!("c-{:012x}", i % 50_000),
-        "user_id": if i % 5 == 0 { serde_json::Value::from(format!("u-{}", i % 10_000)) } else { serde_json::Value::Null },
+        "user_id": if i.is_multiple_of(5) { serde_json::Value::from(format!("u-{}", i % 10_000)) } else { serde_json::Value::Null },
         "event_id": format!("bench-{i}"),
         "ad": {"ad_id": "ad-9", "campaign_id": "cmp-3", "placement": "top-banner"},
-        "consent": {"analytics": true, "personalisation": i % 3 != 0},
+        "consent": {"analytics": true, "personalisation": !i.is_multiple_of(3)},
     })
 }
 
@@ -83,10 +83,10 @@ async fn drive(addr: SocketAddr, seconds: u64, concurrency: u64, batch: u64) -> 
                     .body(body.as_ref().clone())
                     .send()
                     .await;
-                if let Ok(r) = resp {
-                    if r.status().as_u16() == 202 {
-                        acked.fetch_add(batch, Ordering::Relaxed);
-                    }
+                if let Ok(r) = resp
+                    && r.status().as_u16() == 202
+                {
+                    acked.fetch_add(batch, Ordering::Relaxed);
                 }
             }
         }));
@@ -107,8 +107,10 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     );
     let noop_addr = serve(noop).await?;
     let dir = tempfile::tempdir()?;
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_owned();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let marsad_addr = serve(marsad_ingest::app(marsad_ingest::IngestState::new(&config, log))).await?;
 
@@ -125,8 +127,10 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
 
 async fn processor_figures(events: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_owned();
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let received_at = chrono::Utc::now();
     for chunk in (0..events).collect::<Vec<_>>().chunks(10_000) {

@@ -40,16 +40,16 @@ fn event(i: usize, v: &Visitor) -> Value {
         "/ar/real-estate/amman?page=2&name=x",
     ];
     let mut e = json!({
-        "type": if i % 10 == 0 { "ad_impression" } else { "page_view" },
+        "type": if i.is_multiple_of(10) { "ad_impression" } else { "page_view" },
         "url": format!("https://kulshi.example{}", paths[i % paths.len()]),
         "cookie_id": v.cookie,
         "event_id": format!("ev-{i:06}"),
-        "consent": {"analytics": true, "personalisation": i % 3 != 0},
+        "consent": {"analytics": true, "personalisation": !i.is_multiple_of(3)},
     });
     if let Some(u) = &v.user {
         e["user_id"] = u.clone().into();
     }
-    if i % 10 == 0 {
+    if i.is_multiple_of(10) {
         e["ad"] = json!({"ad_id": "ad-1", "campaign_id": "cmp-1", "placement": "top-banner"});
     }
     e

@@ -16,10 +16,9 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
     {
-        if len > limit {
-            return Err(ApiError::TooLarge { limit });
-        }
+        return Err(ApiError::TooLarge { limit });
     }
     let raw = http_body_util::Limited::new(body, limit)
         .collect()

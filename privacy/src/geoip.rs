@@ -172,6 +172,22 @@ impl GeoIp {
     }
 }
 
+/// Addresses the bundled database places in the site's main markets; the simulator draws from their /16s.
+pub const SAMPLE_ADDRESSES: &[(&str, &str)] = &[
+    ("176.29.10.1", "JO"),
+    ("94.249.10.1", "JO"),
+    ("188.48.10.1", "SA"),
+    ("51.36.10.1", "SA"),
+    ("94.200.10.1", "AE"),
+    ("86.96.10.1", "AE"),
+    ("41.32.10.1", "EG"),
+    ("197.32.10.1", "EG"),
+    ("37.236.10.1", "IQ"),
+    ("149.255.200.1", "IQ"),
+    ("8.8.8.8", "US"),
+    ("81.2.69.1", "GB"),
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,19 +261,3 @@ mod tests {
         }
     }
 }
-
-/// Addresses the bundled database places in the site's main markets; the simulator draws from their /16s.
-pub const SAMPLE_ADDRESSES: &[(&str, &str)] = &[
-    ("176.29.10.1", "JO"),
-    ("94.249.10.1", "JO"),
-    ("188.48.10.1", "SA"),
-    ("51.36.10.1", "SA"),
-    ("94.200.10.1", "AE"),
-    ("86.96.10.1", "AE"),
-    ("41.32.10.1", "EG"),
-    ("197.32.10.1", "EG"),
-    ("37.236.10.1", "IQ"),
-    ("149.255.200.1", "IQ"),
-    ("8.8.8.8", "US"),
-    ("81.2.69.1", "GB"),
-];

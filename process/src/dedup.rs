@@ -26,10 +26,10 @@ impl RecentEventIds {
         if self.set.contains(id) {
             return false;
         }
-        if self.order.len() >= self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.set.remove(&old);
-            }
+        if self.order.len() >= self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
         }
         self.set.insert(id.to_owned());
         self.order.push_back(id.to_owned());
@@ -38,10 +38,10 @@ impl RecentEventIds {
 
     /// Forgets `id` (its batch was not committed).
     pub fn remove(&mut self, id: &str) {
-        if self.set.remove(id) {
-            if let Some(pos) = self.order.iter().rposition(|x| x == id) {
-                self.order.remove(pos);
-            }
+        if self.set.remove(id)
+            && let Some(pos) = self.order.iter().rposition(|x| x == id)
+        {
+            self.order.remove(pos);
         }
     }
 

@@ -18,13 +18,14 @@ impl SessionTracker {
     /// The session of an event by `visitor_key` at `ts`, opening a new one after a gap.
     pub fn session_id(&mut self, visitor_key: &str, ts: DateTime<Utc>) -> String {
         let gap = Duration::minutes(SESSION_GAP_MINUTES);
-        if let Some((id, last)) = self.open.get_mut(visitor_key) {
-            if ts - *last < gap && *last - ts < gap {
-                if ts > *last {
-                    *last = ts;
-                }
-                return id.clone();
+        if let Some((id, last)) = self.open.get_mut(visitor_key)
+            && ts - *last < gap
+            && *last - ts < gap
+        {
+            if ts > *last {
+                *last = ts;
             }
+            return id.clone();
         }
         let mut h = Sha256::new();
         h.update(visitor_key.as_bytes());

@@ -242,13 +242,13 @@ impl Event {
             check_id("ad.campaign_id", &ad.campaign_id)?;
             check_id("ad.placement", &ad.placement)?;
         }
-        if let Some(props) = &self.props {
-            if props.len() > MAX_PROPS {
-                return Err(ValidationError::TooManyProps {
-                    count: props.len(),
-                    max: MAX_PROPS,
-                });
-            }
+        if let Some(props) = &self.props
+            && props.len() > MAX_PROPS
+        {
+            return Err(ValidationError::TooManyProps {
+                count: props.len(),
+                max: MAX_PROPS,
+            });
         }
         Ok(())
     }
