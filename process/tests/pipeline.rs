@@ -32,7 +32,10 @@ fn envelope(event_id: &str) -> Record {
         dnt: false,
         gpc: false,
     };
-    Record { key: None, payload: env.to_bytes() }
+    Record {
+        key: None,
+        payload: env.to_bytes(),
+    }
 }
 
 async fn count_events(config: &Config) -> Result<i64> {
@@ -42,7 +45,11 @@ async fn count_events(config: &Config) -> Result<i64> {
     let ctx = SessionContext::new();
     ctx.register_table("events", table.table_provider().await?)?;
     let batches = ctx.sql("SELECT count(*) AS n FROM events").await?.collect().await?;
-    let col = batches[0].column(0).as_any().downcast_ref::<arrow::array::Int64Array>().ok_or("count type")?;
+    let col = batches[0]
+        .column(0)
+        .as_any()
+        .downcast_ref::<arrow::array::Int64Array>()
+        .ok_or("count type")?;
     Ok(col.value(0))
 }
 
@@ -66,12 +73,18 @@ async fn process_until(config: &Config, log: Arc<LocalLog>, want: u64) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_duplicates_and_restarts() -> Result {
     let dir = tempfile::tempdir()?;
-    let mut config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     config.process.batch_max_interval_ms = 100;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
 
     let mut first = vec![envelope("a"), envelope("b")];
-    first.push(Record { key: None, payload: b"{not an envelope".to_vec() });
+    first.push(Record {
+        key: None,
+        payload: b"{not an envelope".to_vec(),
+    });
     first.push(envelope("a")); // a client's retry
     first.push(envelope("c"));
     log.append(TOPIC_RAW, first).await?;
@@ -86,7 +99,13 @@ async fn dead_letters_duplicates_and_restarts() -> Result {
     assert_eq!(letters.len(), 1);
     let letter: serde_json::Value = serde_json::from_slice(&letters[0].payload)?;
     assert_eq!(letter["offset"], 2);
-    assert!(letter["reason"].as_str().unwrap_or_default().contains("undecodable envelope"), "{letter}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("undecodable envelope"),
+        "{letter}"
+    );
 
     // a restart resumes after the recorded offset and still knows the stored ids
     log.append(TOPIC_RAW, vec![envelope("b"), envelope("d")]).await?;
