@@ -52,6 +52,7 @@ fn kill_nine_while_traffic_flows_loses_and_duplicates_nothing() -> Result<()> {
         "simulate gave up on events: {summary}"
     );
     let retries: u64 = summary
+        .trim()
         .split(", ")
         .find_map(|p| p.strip_suffix(" retries"))
         .and_then(|n| n.trim().parse().ok())
