@@ -1,25 +1,109 @@
-//! Page paths and referrers without personal data. Emails and phone numbers
-//! (Latin, Arabic-Indic ٠-٩ and Eastern Arabic-Indic ۰-۹ digits) become
-//! markers so pages stay countable; query parameters survive only by an
-//! allow-list; referrers are reduced to their domain.
+//! Page paths and referrers without personal data. E-mail addresses (plain or
+//! percent-encoded, any case), phone numbers (Latin, Arabic-Indic ٠-٩ and
+//! Eastern Arabic-Indic ۰-۹ digits, with the separators people type and `+`
+//! or `00` country codes), card numbers (Luhn), other long digit runs
+//! (national ids) and tokens or session ids become markers, so pages stay
+//! countable. Query parameters survive only by an allow-list; referrers are
+//! reduced to their domain.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use percent_encoding::percent_decode_str;
-use regex::Regex;
+use regex::{Captures, Regex};
 
 /// Replaces email addresses.
 pub const EMAIL_MARKER: &str = "[email]";
-/// Replaces phone numbers and long digit runs.
+/// Replaces phone numbers.
 pub const PHONE_MARKER: &str = "[phone]";
+/// Replaces card numbers (Luhn-valid 13–19 digits).
+pub const CARD_MARKER: &str = "[card]";
+/// Replaces other long digit runs (national ids and the like).
+pub const ID_MARKER: &str = "[id]";
+/// Replaces tokens and session ids.
+pub const TOKEN_MARKER: &str = "[token]";
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)[a-z0-9._%+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}").unwrap_or_else(|_| unreachable!())
+fn regex(pattern: &str) -> Regex {
+    // the patterns are constants, tested below
+    Regex::new(pattern).unwrap_or_else(|e| unreachable!("bad built-in pattern: {e}"))
+}
+
+static EMAIL: LazyLock<Regex> =
+    LazyLock::new(|| regex(r"(?i)[a-z0-9][a-z0-9._%+\-]*@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}"));
+/// Seven or more digits in any of the three digit sets, with separators between them.
+static DIGIT_RUN: LazyLock<Regex> =
+    LazyLock::new(|| regex(r"(?:\+|00)?\(?[0-9٠-٩۰-۹](?:[\s\-.()\u{00A0}\u{200F}\u{200E}]*[0-9٠-٩۰-۹]){6,}"));
+static TOKEN: LazyLock<Regex> = LazyLock::new(|| {
+    regex(
+        r"(?x)
+        \b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b   # UUID
+        | eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*                       # JWT
+        | \b[A-Za-z0-9_]{20,}\b                                                      # long opaque run
+        ",
+    )
 });
-static PHONE: LazyLock<Regex> = LazyLock::new(|| {
-    // seven or more digits in any of the three digit sets, with the separators people type
-    Regex::new(r"(?:\+|00)?[0-9٠-٩۰-۹](?:[\s\-.()/]*[0-9٠-٩۰-۹]){6,}").unwrap_or_else(|_| unreachable!())
-});
+
+/// The ASCII value of a digit in any of the three digit sets.
+fn digit_value(c: char) -> Option<u32> {
+    match c {
+        '0'..='9' => Some(c as u32 - '0' as u32),
+        '٠'..='٩' => Some(c as u32 - '٠' as u32),
+        '۰'..='۹' => Some(c as u32 - '۰' as u32),
+        _ => None,
+    }
+}
+
+fn luhn_valid(digits: &[u32]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, d)| {
+            if i % 2 == 1 {
+                if d * 2 > 9 { d * 2 - 9 } else { d * 2 }
+            } else {
+                *d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+fn classify_digits(caps: &Captures<'_>) -> &'static str {
+    let digits: Vec<u32> = caps[0].chars().filter_map(digit_value).collect();
+    let n = digits.len();
+    if (13..=19).contains(&n) && luhn_valid(&digits) {
+        CARD_MARKER
+    } else if n <= 13 {
+        PHONE_MARKER
+    } else {
+        ID_MARKER
+    }
+}
+
+fn token(caps: &Captures<'_>) -> String {
+    let m = &caps[0];
+    // a long run counts as a token only if it mixes letters and digits (ids, hashes, session keys)
+    let has_digit = m.bytes().any(|b| b.is_ascii_digit());
+    let has_letter = m.bytes().any(|b| b.is_ascii_alphabetic());
+    if has_digit && has_letter || m.starts_with("eyJ") || m.contains('-') {
+        TOKEN_MARKER.to_owned()
+    } else {
+        m.to_owned()
+    }
+}
+
+/// Replaces e-mail addresses, phone numbers, card numbers, ids and tokens in decoded text.
+pub fn scrub_text(text: &str) -> String {
+    let text = EMAIL.replace_all(text, EMAIL_MARKER);
+    let text = TOKEN.replace_all(&text, token);
+    DIGIT_RUN.replace_all(&text, classify_digits).into_owned()
+}
+
+/// Whether `text` still holds something [`scrub_text`] would remove (for audits and tests).
+pub fn contains_pii(text: &str) -> bool {
+    EMAIL.is_match(text) || DIGIT_RUN.is_match(text)
+}
 
 /// A URL reduced to what may be stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,16 +146,24 @@ impl QueryAllowList {
     }
 }
 
-/// Replaces emails and phone numbers in decoded text with markers.
-pub fn scrub_text(text: &str) -> String {
-    let no_email = EMAIL.replace_all(text, EMAIL_MARKER);
-    PHONE.replace_all(&no_email, PHONE_MARKER).into_owned()
-}
-
-fn decode(s: &str) -> String {
-    percent_decode_str(&s.replace('+', " "))
-        .decode_utf8_lossy()
-        .into_owned()
+/// Percent-decodes up to three times, so `%2540` (double-encoded `@`) is seen as `@`.
+fn decode(s: &str, plus_is_space: bool) -> String {
+    let mut current: Cow<'_, str> = if plus_is_space {
+        Cow::Owned(s.replace('+', " "))
+    } else {
+        Cow::Borrowed(s)
+    };
+    for _ in 0..3 {
+        if !current.contains('%') {
+            break;
+        }
+        let next = percent_decode_str(&current).decode_utf8_lossy().into_owned();
+        if next == current {
+            break;
+        }
+        current = Cow::Owned(next);
+    }
+    current.into_owned()
 }
 
 /// Scrubs a page URL: decoded path with markers, allow-listed parameters only, no fragment.
@@ -82,19 +174,18 @@ pub fn scrub_url(raw: &str, allow: &QueryAllowList) -> ScrubbedPage {
             ..ScrubbedPage::default()
         };
     };
-    let path = percent_decode_str(url.path()).decode_utf8_lossy();
     let mut page = ScrubbedPage {
-        page_path: scrub_text(&path),
+        page_path: scrub_text(&decode(url.path(), false)),
         ..ScrubbedPage::default()
     };
     let mut kept = Vec::new();
     for pair in url.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let name = decode(k);
+        let name = decode(k, true);
         if !allow.allows(&name) {
             continue;
         }
-        let value = scrub_text(&decode(v));
+        let value = scrub_text(&decode(v, true));
         match name.to_ascii_lowercase().as_str() {
             "utm_source" => page.utm_source = Some(value),
             "utm_medium" => page.utm_medium = Some(value),
@@ -115,15 +206,29 @@ pub fn referrer_domain(raw: &str) -> Option<String> {
     let url = url::Url::parse(raw).ok()?;
     let host = url.host_str()?.to_ascii_lowercase();
     let host = host.strip_prefix("www.").unwrap_or(&host).to_owned();
-    if EMAIL.is_match(&host) || host.is_empty() {
+    if host.is_empty() || contains_pii(&host) || host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
         return None;
     }
     Some(host)
 }
 
+/// Scrubs every string value of event properties.
+pub fn scrub_props(props: &serde_json::Map<String, serde_json::Value>) -> serde_json::Map<String, serde_json::Value> {
+    fn scrub_value(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::String(s) => serde_json::Value::String(scrub_text(&decode(s, false))),
+            serde_json::Value::Array(items) => serde_json::Value::Array(items.iter().map(scrub_value).collect()),
+            serde_json::Value::Object(map) => serde_json::Value::Object(scrub_props(map)),
+            other => other.clone(),
+        }
+    }
+    props.iter().map(|(k, v)| (scrub_text(k), scrub_value(v))).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn allow() -> QueryAllowList {
         QueryAllowList::new(&["utm_*".into(), "category".into(), "page".into()])
@@ -149,7 +254,7 @@ mod tests {
     }
 
     #[test]
-    fn markers_replace_emails_and_phones() {
+    fn markers_replace_emails_phones_cards_ids_and_tokens() {
         let p = scrub_url(
             "https://kulshi.example/contact/ahmad%40example.com/0791234567",
             &allow(),
@@ -158,7 +263,24 @@ mod tests {
         assert_eq!(scrub_text("اتصل ٠٧٩١٢٣٤٥٦٧ الآن"), "اتصل [phone] الآن");
         assert_eq!(scrub_text("call +962 79 123 4567"), "call [phone]");
         assert_eq!(scrub_text("۰۵۰۱۲۳۴۵۶۷"), "[phone]");
-        assert_eq!(scrub_text("/ar/cars/2019"), "/ar/cars/2019");
+        assert_eq!(scrub_text("pay 4111 1111 1111 1111"), "pay [card]");
+        assert_eq!(scrub_text("egypt id 29001011234567"), "egypt id [id]");
+        assert_eq!(scrub_text("/s/3f2a9c1e-77b0-4c1e-9a51-0c2b7f1d9e11/x"), "/s/[token]/x");
+        assert_eq!(scrub_text("/session/a8Fq93kLmZ02pQx7Yt41"), "/session/[token]");
+        assert_eq!(
+            scrub_text("/ar/cars/2019/toyota-camry-2019-for-sale-in-amman"),
+            "/ar/cars/2019/toyota-camry-2019-for-sale-in-amman"
+        );
+        assert_eq!(scrub_text("MAIL: Someone.Else@Example.ORG"), "MAIL: [email]");
+        assert_eq!(
+            scrub_text("x%2540y"),
+            "x%2540y",
+            "scrub_text sees decoded text; scrub_url decodes"
+        );
+        assert_eq!(
+            scrub_url("https://kulshi.example/u/a.b%2540mail.com", &allow()).page_path,
+            "/u/[email]"
+        );
     }
 
     #[test]
@@ -167,6 +289,142 @@ mod tests {
             referrer_domain("https://www.Google.com/search?q=me@x.com").as_deref(),
             Some("google.com")
         );
+        assert_eq!(referrer_domain("http://176.29.1.2/page"), None);
         assert_eq!(referrer_domain("not a url"), None);
+    }
+
+    #[test]
+    fn props_are_scrubbed_deeply() {
+        let props = serde_json::json!({"q": "call 0791234567", "nested": {"mail": "a@b.co"}, "n": 3});
+        let out = scrub_props(props.as_object().unwrap_or(&serde_json::Map::new()));
+        assert_eq!(
+            serde_json::Value::Object(out),
+            serde_json::json!({"q": "call [phone]", "nested": {"mail": "[email]"}, "n": 3})
+        );
+    }
+
+    /// Digits of one number written in one of the three digit sets.
+    fn in_digit_set(digits: &str, set: usize) -> String {
+        let base = ['0', '٠', '۰'][set];
+        digits
+            .chars()
+            .map(|c| {
+                c.to_digit(10)
+                    .and_then(|d| char::from_u32(base as u32 + d))
+                    .unwrap_or(c)
+            })
+            .collect()
+    }
+
+    /// A phone number of Jordan, Saudi Arabia, the UAE, Egypt or Iraq, in a typed format.
+    fn phone() -> impl Strategy<Value = String> {
+        let national = prop_oneof![
+            "7[789][0-9]{7}".prop_map(|n| ("962", n)),    // Jordan mobile
+            "5[0-9]{8}".prop_map(|n| ("966", n)),         // Saudi Arabia
+            "5[024568][0-9]{7}".prop_map(|n| ("971", n)), // UAE
+            "1[0125][0-9]{8}".prop_map(|n| ("20", n)),    // Egypt
+            "7[3-9][0-9]{8}".prop_map(|n| ("964", n)),    // Iraq
+        ];
+        (
+            national,
+            0..4usize,
+            0..3usize,
+            prop::sample::select(vec![" ", "-", ".", "", "  "]),
+        )
+            .prop_map(|((cc, n), prefix, set, sep)| {
+                let grouped = format!("{}{sep}{}{sep}{}", &n[..2], &n[2..5], &n[5..]);
+                let text = match prefix {
+                    0 => format!("0{grouped}"),
+                    1 => format!("+{cc} {grouped}"),
+                    2 => format!("00{cc}{sep}{grouped}"),
+                    _ => format!("(0{}) {}{sep}{}", &n[..2], &n[2..5], &n[5..]),
+                };
+                in_digit_set(&text, set)
+            })
+    }
+
+    fn email() -> impl Strategy<Value = String> {
+        (
+            "[a-z][a-z0-9._+\\-]{0,15}",
+            "[a-z][a-z0-9\\-]{0,10}",
+            "(com|jo|sa|ae|eg|iq|net|co\\.uk)",
+            any::<bool>(),
+        )
+            .prop_map(|(local, domain, tld, upper)| {
+                let e = format!("{local}@{domain}.{tld}");
+                if upper { e.to_uppercase() } else { e }
+            })
+    }
+
+    fn encode_all(s: &str) -> String {
+        s.bytes().map(|b| format!("%{b:02X}")).collect()
+    }
+
+    fn survives(page: &ScrubbedPage) -> bool {
+        let all = format!(
+            "{} {:?} {:?} {:?}",
+            page.page_path, page.utm_source, page.utm_medium, page.utm_campaign
+        );
+        contains_pii(&all)
+    }
+
+    proptest! {
+        #[test]
+        fn emails_never_survive(e in email(), position in 0..5usize, encoding in 0..4usize) {
+            let encoded = match encoding {
+                0 => e.clone(),
+                1 => e.replace('@', "%40"),
+                2 => encode_all(&e),
+                _ => e.replace('@', "%2540"),
+            };
+            let url = match position {
+                0 => format!("https://kulshi.example/profile/{encoded}"),
+                1 => format!("https://kulshi.example/ar/cars/{encoded}/contact"),
+                2 => format!("https://kulshi.example/x?utm_campaign={encoded}&page=2"),
+                3 => format!("https://kulshi.example/x?category={encoded}"),
+                _ => format!("https://kulshi.example/x#{encoded}"),
+            };
+            let page = scrub_url(&url, &allow());
+            prop_assert!(!survives(&page), "{url} -> {page:?}");
+            prop_assert!(!page.page_path.to_lowercase().contains(&e.to_lowercase()));
+        }
+
+        #[test]
+        fn phones_never_survive(p in phone(), position in 0..4usize) {
+            let in_url = |s: &str| s.replace(' ', "%20").replace('+', "%2B");
+            let url = match position {
+                0 => format!("https://kulshi.example/ar/cars/{}", in_url(&p)),
+                1 => format!("https://kulshi.example/x?utm_source={}", in_url(&p)),
+                2 => format!("https://kulshi.example/x?page={}", in_url(&p)),
+                _ => format!("https://kulshi.example/ad/call-{}-now", in_url(&p)),
+            };
+            let page = scrub_url(&url, &allow());
+            prop_assert!(!survives(&page), "{url} -> {page:?}");
+            let sentence = format!("اتصل على {p} الآن");
+            prop_assert!(!contains_pii(&scrub_text(&sentence)), "{}", sentence);
+        }
+
+        #[test]
+        fn pages_without_pii_come_out_unchanged(
+            segments in proptest::collection::vec(
+                prop_oneof![
+                    "[a-z]{2,12}(-[a-z]{2,10}){0,3}",
+                    "(سيارات|عقارات|وظائف|أثاث|خدمات|تويوتا|شقق-للايجار|عمان|الرياض)",
+                    "[0-9]{1,6}",
+                    "ad-[0-9]{1,6}",
+                ],
+                1..6,
+            ),
+            page in proptest::option::of(1u32..500),
+        ) {
+            let path = format!("/{}", segments.join("/"));
+            let encoded: String = path.split('/').map(|s| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()).collect::<Vec<_>>().join("/");
+            let url = match page {
+                Some(n) => format!("https://kulshi.example{encoded}?page={n}&id=77"),
+                None => format!("https://kulshi.example{encoded}"),
+            };
+            let want = match page { Some(n) => format!("{path}?page={n}"), None => path.clone() };
+            prop_assert_eq!(scrub_url(&url, &allow()).page_path, want);
+        }
     }
 }
