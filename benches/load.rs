@@ -112,7 +112,16 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
         ..Config::default()
     };
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
-    let marsad_addr = serve(marsad_ingest::app(marsad_ingest::IngestState::new(&config, log))).await?;
+    let marsad_addr = serve(marsad_ingest::app(marsad_ingest::IngestState::new(
+        &config,
+        log,
+        marsad_ingest::IngestPrivacy {
+            keys: Arc::default(),
+            opt_outs: Arc::default(),
+            targeting_key: marsad_privacy::keys::SecretKey::random(),
+        },
+    )))
+    .await?;
 
     let baseline = drive(noop_addr, seconds, concurrency, batch).await?;
     let ingest = drive(marsad_addr, seconds, concurrency, batch).await?;
@@ -153,7 +162,7 @@ async fn processor_figures(events: u64) -> Result<()> {
         log.append(TOPIC_RAW, records).await?;
     }
     let metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(&config, log, metrics.clone()).await?;
+    let processor = Processor::new(&config, log, Arc::default(), metrics.clone()).await?;
     let shutdown = CancellationToken::new();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();

@@ -45,6 +45,12 @@ pub enum Command {
     Query(StageArgs),
     /// Send realistic classified-ads traffic to an ingest endpoint.
     Simulate(crate::simulate::SimulateArgs),
+    /// Scan every table file for IP addresses, e-mails, phone numbers and raw ids; fails on any.
+    Audit(crate::tools::AuditArgs),
+    /// Delete every row linkable to a cookie or user id (records an `all` opt-out first).
+    Erase(crate::tools::EraseArgs),
+    /// Record an opt-out for a cookie or user id.
+    OptOut(crate::tools::OptOutArgs),
 }
 
 /// Flags every stage shares; each overrides the config file and `MARSAD_*` variables.

@@ -4,6 +4,7 @@
 mod cli;
 mod simulate;
 mod stages;
+mod tools;
 
 use clap::Parser;
 
@@ -20,6 +21,9 @@ fn main() -> anyhow::Result<()> {
             Command::Process(args) => stages::process(args).await,
             Command::Query(args) => stages::query(args).await,
             Command::Simulate(args) => simulate::run(args).await.map(|_| ()),
+            Command::Audit(args) => tools::audit(args).await,
+            Command::Erase(args) => tools::erase(args).await,
+            Command::OptOut(args) => tools::opt_out(args).await,
         }
     })
 }

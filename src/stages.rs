@@ -5,10 +5,14 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use marsad_config::Config;
+use marsad_eventlog::Followed;
 use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
+use marsad_privacy::access::{AdminKey, ApiKeys};
+use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, SecretKey, load_targeting_key};
+use marsad_privacy::optout::OptOutRegistry;
 use marsad_process::{ProcessMetrics, Processor};
-use marsad_query::{AdminKey, ApiKeys, QueryState, ensure_admin_key};
-use marsad_schemas::{TOPIC_DEAD, TOPIC_RAW};
+use marsad_query::{QueryPrivacy, QueryState};
+use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -75,11 +79,73 @@ fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Arc<LocalLog>, sh
     });
 }
 
-fn api_keys(config: &Config) -> anyhow::Result<(ApiKeys, AdminKey)> {
-    let admin = ensure_admin_key(&config.data_dir).context("creating the admin key")?;
-    let mut keys = ApiKeys::from_config(&config.query.keys).context("loading API keys")?;
-    keys.insert(&admin.key, AdminKey::holder());
-    Ok((keys, admin))
+/// The privacy mechanisms one process shares between its stages.
+struct Privacy {
+    keys: Arc<ApiKeys>,
+    admin: AdminKey,
+    targeting_key: SecretKey,
+    opt_outs: Arc<OptOutRegistry>,
+    daily_keys: Arc<dyn DailyKeyStore>,
+}
+
+impl Privacy {
+    fn load(config: &Config) -> anyhow::Result<Self> {
+        let (keys, admin) = ApiKeys::load(&config.query.keys, &config.data_dir).context("loading API keys")?;
+        let targeting_key = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())
+            .context("loading the targeting key")?;
+        let grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
+        let daily_keys = Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), grace)?);
+        Ok(Privacy {
+            keys: Arc::new(keys),
+            admin,
+            targeting_key,
+            opt_outs: Arc::default(),
+            daily_keys,
+        })
+    }
+
+    fn ingest(&self) -> marsad_ingest::IngestPrivacy {
+        marsad_ingest::IngestPrivacy {
+            keys: self.keys.clone(),
+            opt_outs: self.opt_outs.clone(),
+            targeting_key: self.targeting_key.clone(),
+        }
+    }
+
+    fn query(&self, log: Arc<dyn EventLog>) -> QueryPrivacy {
+        QueryPrivacy {
+            opt_outs: self.opt_outs.clone(),
+            targeting_key: self.targeting_key.clone(),
+            daily_keys: self.daily_keys.clone(),
+            log,
+        }
+    }
+
+    /// Keeps the opt-out registry in step with the opt-out log.
+    fn follow_opt_outs(
+        &self,
+        set: &mut JoinSet<anyhow::Result<()>>,
+        log: Arc<dyn EventLog>,
+        shutdown: CancellationToken,
+    ) {
+        let registry = self.opt_outs.clone();
+        set.spawn(async move {
+            let apply = |f: Followed<'_>| match f {
+                Followed::Record(r) => {
+                    if let Err(e) = registry.apply_bytes(&r.payload) {
+                        tracing::error!(offset = r.position.offset, error = %e, "undecodable opt-out record");
+                    }
+                }
+                Followed::CaughtUp => {
+                    registry.set_caught_up();
+                    tracing::info!(subjects = registry.len(), "opt-outs loaded");
+                }
+            };
+            marsad_eventlog::follow(log.as_ref(), TOPIC_OPTOUTS, apply, shutdown.cancelled())
+                .await
+                .context("following opt-outs")
+        });
+    }
 }
 
 /// Waits for every task; the first failure stops the others.
@@ -103,19 +169,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         config.ingest.trusted_proxies.push("127.0.0.1/32".parse()?);
     }
     let log = open_log(&config)?;
-    let (keys, admin) = api_keys(&config)?;
+    let privacy = Privacy::load(&config)?;
     let ingest_listener = bind(config.ingest.addr, "ingest").await?;
     let query_listener = bind(config.query.addr, "query").await?;
     let ingest_addr = ingest_listener.local_addr()?;
     let query_addr = query_listener.local_addr()?;
     let process_metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(&config, log.clone(), process_metrics.clone())
+    let processor = Processor::new(&config, log.clone(), privacy.opt_outs.clone(), process_metrics.clone())
         .await
         .context("starting the processor")?;
 
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
-    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>);
+    privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move {
         marsad_ingest::serve(ingest_listener, ingest_state, s)
@@ -125,7 +192,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     let pm = process_metrics.clone();
-    let query_state = QueryState::new(&config, keys).with_metrics_source(Arc::new(move || pm.render()));
+    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))
+        .with_metrics_source(Arc::new(move || pm.render()));
     let s = shutdown.clone();
     set.spawn(async move {
         marsad_query::serve(query_listener, query_state, s)
@@ -135,8 +203,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     spawn_retention(&mut set, log, shutdown.clone());
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
-    println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif");
-    println!("  query   http://{query_addr}   POST /v1/sql (Authorization: Bearer <admin key>)");
+    println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
+    println!("  query   http://{query_addr}   POST /v1/sql, DELETE /v1/subjects (Authorization: Bearer <admin key>)");
+    let admin = &privacy.admin;
     if admin.created {
         println!(
             "  admin key (shown once, also in {}): {}",
@@ -164,10 +233,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let log = open_log(&config)?;
+    let privacy = Privacy::load(&config)?;
     let listener = bind(config.ingest.addr, "ingest").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
-    let state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>);
+    privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    let state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
     spawn_retention(&mut set, log, shutdown.clone());
@@ -178,13 +249,15 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
 pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let log = open_log(&config)?;
+    let privacy = Privacy::load(&config)?;
     let metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(&config, log, metrics.clone())
+    let processor = Processor::new(&config, log.clone(), privacy.opt_outs.clone(), metrics.clone())
         .await
         .context("starting the processor")?;
     let listener = bind(config.process.metrics_addr, "process-metrics").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
+    privacy.follow_opt_outs(&mut set, log, shutdown.clone());
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     let s = shutdown.clone();
@@ -210,18 +283,20 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
 /// `marsad query`.
 pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    let (keys, admin) = api_keys(&config)?;
-    if admin.created {
+    let log = open_log(&config)?;
+    let privacy = Privacy::load(&config)?;
+    if privacy.admin.created {
         println!(
             "admin key (shown once, also in {}): {}",
-            admin.path.display(),
-            admin.key
+            privacy.admin.path.display(),
+            privacy.admin.key
         );
     }
     let listener = bind(config.query.addr, "query").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
-    let state = QueryState::new(&config, keys);
+    privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log));
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });
     supervise(set, shutdown).await

@@ -135,3 +135,48 @@ pub trait Subscription: Send {
     /// Records that everything before `next_offset` of `partition` is processed (allows retention).
     async fn commit(&mut self, partition: u32, next_offset: u64) -> Result<()>;
 }
+
+/// What [`follow`] hands to its callback.
+#[derive(Debug)]
+pub enum Followed<'a> {
+    /// The next record.
+    Record(&'a Delivered),
+    /// Everything written so far has been handed over (sent once per [`follow`]).
+    CaughtUp,
+}
+
+/// Reads every partition of `topic` from its start and keeps following it until `stop`
+/// resolves, handing each record to `apply`: how every service keeps a table (such as
+/// the opt-out registry) in step with a log.
+pub async fn follow(
+    log: &dyn EventLog,
+    topic: &str,
+    mut apply: impl FnMut(Followed<'_>) + Send,
+    stop: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    // a follower never commits, so its group name only has to be unique to it
+    let group = format!(
+        "follower-{}-{:x}",
+        std::process::id(),
+        std::ptr::from_ref(&apply) as *const () as usize
+    );
+    let mut sub = log.subscribe(topic, &group).await?;
+    for p in sub.assignment() {
+        sub.seek(p, 0).await?;
+    }
+    let mut caught_up = false;
+    tokio::pin!(stop);
+    loop {
+        let polled = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            r = sub.poll(1000, Duration::from_millis(200)) => r?,
+        };
+        if polled.is_empty() && !caught_up {
+            caught_up = true;
+            apply(Followed::CaughtUp);
+        }
+        for rec in &polled {
+            apply(Followed::Record(rec));
+        }
+    }
+}

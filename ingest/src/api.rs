@@ -29,6 +29,9 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint; see /v1/openapi.json")]
     NotFound,
+    /// The call needs a key with a role.
+    #[error("{0}")]
+    Access(#[from] marsad_privacy::access::AccessError),
     /// The log cannot make events durable right now.
     #[error("event log unavailable, retry later: {reason}")]
     Unavailable {
@@ -46,6 +49,8 @@ impl IntoResponse for ApiError {
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Access(marsad_privacy::access::AccessError::Unauthorized) => StatusCode::UNAUTHORIZED,
+            ApiError::Access(marsad_privacy::access::AccessError::Forbidden { .. }) => StatusCode::FORBIDDEN,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = match &self {

@@ -9,9 +9,12 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
+use marsad_config::Role;
 use marsad_eventlog::{Error as LogError, Record};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
-use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_RAW};
+use marsad_privacy::optout::{OptOutRecord, OptOutScope, Purpose, subject_key};
+use marsad_privacy::pseudonym::Subject;
+use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_OPTOUTS, TOPIC_RAW};
 use serde_json::{Value, json};
 
 use crate::IngestState;
@@ -73,6 +76,15 @@ impl RequestContext {
             ..ConsentDefaults::default()
         };
         if !decide(stated, self.dnt, self.gpc, defaults).analytics {
+            return None;
+        }
+        // an `analytics` (or `all`) opt-out means nothing of this visitor is written
+        if state.opt_outs.any_opted_out(
+            &state.targeting_key,
+            event.cookie_id.as_deref(),
+            event.user_id.as_deref(),
+            Purpose::Analytics,
+        ) {
             return None;
         }
         if event.event_id.is_none() {
@@ -357,4 +369,76 @@ pub async fn metrics(State(state): State<IngestState>) -> Response {
 /// Unknown routes get JSON too.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+/// The body of `POST /v1/opt-outs`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptOutRequest {
+    /// The browser's `_mid` cookie (open: an opt-out only reduces collection).
+    #[serde(default)]
+    pub cookie_id: Option<String>,
+    /// An account id (admin key required).
+    #[serde(default)]
+    pub user_id: Option<String>,
+    /// `analytics`, `personalisation`, `marketing` or `all`.
+    pub scope: String,
+}
+
+/// `POST /v1/opt-outs`: records an opt-out in the opt-out log; in force here at once.
+pub async fn post_opt_out(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_limited(&headers, body, 16 * 1024).await?;
+    let req: OptOutRequest =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid opt-out: {e}")))?;
+    let scope = OptOutScope::parse(&req.scope).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "unknown scope `{}`; use analytics, personalisation, marketing or all",
+            req.scope
+        ))
+    })?;
+    let subject = match (&req.cookie_id, &req.user_id) {
+        (Some(c), None) if !c.is_empty() => Subject::Cookie(c),
+        (None, Some(u)) if !u.is_empty() => {
+            let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+            state.keys.authorize(auth, Role::Admin)?;
+            Subject::User(u)
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "send exactly one of `cookie_id` or `user_id`".into(),
+            ));
+        }
+    };
+    let record = OptOutRecord {
+        subject: subject_key(&state.targeting_key, subject),
+        scope,
+        at: Utc::now(),
+    };
+    if let Err(e) = state
+        .log
+        .append(
+            TOPIC_OPTOUTS,
+            vec![Record {
+                key: None,
+                payload: record.to_bytes(),
+            }],
+        )
+        .await
+    {
+        state.metrics.unavailable.inc();
+        return Err(ApiError::Unavailable {
+            reason: e.to_string(),
+            retry_after: state.retry_after,
+        });
+    }
+    state.opt_outs.apply(&record);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"recorded": true, "scope": req.scope})),
+    )
+        .into_response())
 }

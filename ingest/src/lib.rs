@@ -8,10 +8,16 @@
 //! take more it answers 503 with `Retry-After`.
 //!
 //! ```no_run
-//! # async fn demo(config: marsad_config::Config, log: std::sync::Arc<dyn marsad_eventlog::EventLog>) -> Result<(), marsad_ingest::Error> {
+//! # use std::sync::Arc;
+//! # async fn demo(config: marsad_config::Config, log: Arc<dyn marsad_eventlog::EventLog>) -> Result<(), marsad_ingest::Error> {
+//! let privacy = marsad_ingest::IngestPrivacy {
+//!     keys: Arc::default(),
+//!     opt_outs: Arc::default(),
+//!     targeting_key: marsad_privacy::keys::SecretKey::random(),
+//! };
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let listener = tokio::net::TcpListener::bind(config.ingest.addr).await.map_err(marsad_ingest::Error::Bind)?;
-//! marsad_ingest::serve(listener, marsad_ingest::IngestState::new(&config, log), shutdown).await
+//! marsad_ingest::serve(listener, marsad_ingest::IngestState::new(&config, log, privacy), shutdown).await
 //! # }
 //! ```
 
@@ -30,7 +36,10 @@ use axum::Router;
 use axum::routing::{get, post};
 use marsad_config::Config;
 use marsad_eventlog::EventLog;
+use marsad_privacy::access::ApiKeys;
 use marsad_privacy::client_ip::TrustedProxies;
+use marsad_privacy::keys::SecretKey;
+use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
 pub use api::ApiError;
@@ -57,12 +66,28 @@ pub struct IngestState {
     pub(crate) retry_after: Duration,
     pub(crate) default_analytics: bool,
     pub(crate) metrics: Arc<IngestMetrics>,
+    pub(crate) keys: Arc<ApiKeys>,
+    pub(crate) opt_outs: Arc<OptOutRegistry>,
+    pub(crate) targeting_key: SecretKey,
+}
+
+/// What ingest needs of the privacy mechanisms besides configuration.
+pub struct IngestPrivacy {
+    /// Keys allowed to record opt-outs by user id (admin role).
+    pub keys: Arc<ApiKeys>,
+    /// The opt-outs in force, followed from the opt-out log.
+    pub opt_outs: Arc<OptOutRegistry>,
+    /// Hashes identifiers for opt-out records and checks.
+    pub targeting_key: SecretKey,
 }
 
 impl IngestState {
-    /// Builds the state from configuration and the log to append to.
-    pub fn new(config: &Config, log: Arc<dyn EventLog>) -> Self {
+    /// Builds the state from configuration, the log to append to, and the privacy mechanisms.
+    pub fn new(config: &Config, log: Arc<dyn EventLog>, privacy: IngestPrivacy) -> Self {
         IngestState {
+            keys: privacy.keys,
+            opt_outs: privacy.opt_outs,
+            targeting_key: privacy.targeting_key,
             log,
             proxies: Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone())),
             body_limit: config.ingest.body_limit_bytes,
@@ -80,6 +105,7 @@ pub fn app(state: IngestState) -> Router {
         .route("/v1/events", post(handlers::post_event))
         .route("/v1/batch", post(handlers::post_batch))
         .route("/v1/p.gif", get(handlers::pixel))
+        .route("/v1/opt-outs", post(handlers::post_opt_out))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))

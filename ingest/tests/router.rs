@@ -11,7 +11,8 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use marsad_config::Config;
 use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
-use marsad_ingest::{IngestState, app};
+use marsad_ingest::{IngestPrivacy, IngestState, app};
+use marsad_privacy::keys::SecretKey;
 use marsad_schemas::{Envelope, TOPIC_RAW};
 use tower::ServiceExt;
 
@@ -46,7 +47,12 @@ fn setup(options: LocalLogOptions) -> Result<(tempfile::TempDir, Arc<LocalLog>, 
     };
     config.ingest.trusted_proxies = vec!["10.0.0.0/8".parse()?];
     let log = Arc::new(LocalLog::open(config.log_dir(), options)?);
-    let router = app(IngestState::new(&config, log.clone() as Arc<dyn EventLog>));
+    let privacy = IngestPrivacy {
+        keys: Arc::default(),
+        opt_outs: Arc::default(),
+        targeting_key: SecretKey::from_bytes([9; 32]),
+    };
+    let router = app(IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy));
     Ok((dir, log, router))
 }
 
@@ -87,12 +93,13 @@ async fn refused_analytics_is_not_collected() -> Result {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_log_slower_than_the_timeout_means_503_with_retry_after() -> Result {
-    let options = LocalLogOptions {
-        append_timeout: Duration::from_nanos(1),
-        ..LocalLogOptions::default()
-    };
-    let (_dir, _log, router) = setup(options)?;
+async fn a_log_that_cannot_write_means_503_with_retry_after() -> Result {
+    let (dir, log, router) = setup(LocalLogOptions::default())?;
+    // another process holds the topic's writer lock: appends cannot be made durable here
+    let topic_dir = dir.path().join("log").join(TOPIC_RAW);
+    std::fs::create_dir_all(&topic_dir)?;
+    let lock = std::fs::File::create(topic_dir.join("writer.lock"))?;
+    lock.try_lock()?;
     let resp = router.oneshot(request("127.0.0.1:1", None, EVENT)?).await?;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -104,5 +111,7 @@ async fn a_log_slower_than_the_timeout_means_503_with_retry_after() -> Result {
         answer["error"].as_str().unwrap_or_default().contains("retry later"),
         "{answer}"
     );
+    drop(lock);
+    assert!(logged(&log).await?.is_empty(), "nothing was written");
     Ok(())
 }

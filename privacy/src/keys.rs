@@ -69,6 +69,9 @@ pub trait DailyKeyStore: Send + Sync {
 
     /// Destroys the keys of days that ended more than `grace` before `now`; returns those days.
     fn destroy_expired(&self, now: DateTime<Utc>, grace: Duration) -> Result<Vec<NaiveDate>>;
+
+    /// The keys that still exist, by day (erasure recomputes a cookie's `visitor_key`s with them).
+    fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>>;
 }
 
 /// The end of `day`'s grace period: after it, its key is gone.
@@ -204,6 +207,27 @@ impl DailyKeyStore for LocalDailyKeyStore {
         }
         destroyed.sort();
         Ok(destroyed)
+    }
+
+    fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>> {
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
+            what: "daily key directory",
+            path: self.dir.clone(),
+            source: e,
+        })?;
+        let mut keys = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if let Some(day) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".key"))
+                .and_then(|d| d.parse::<NaiveDate>().ok())
+            {
+                keys.push((day, self.read(&entry.path())?));
+            }
+        }
+        keys.sort_by_key(|(d, _)| *d);
+        Ok(keys)
     }
 }
 

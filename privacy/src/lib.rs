@@ -8,18 +8,22 @@
 //! - [`client_ip`]: which address is the visitor's, behind trusted proxies;
 //! - [`scrub`]: page paths and referrers without personal data;
 //! - [`user_agent`]: device, OS and browser, with a cache;
-//! - [`consent`]: what each purpose is allowed.
+//! - [`consent`]: what each purpose is allowed;
+//! - [`optout`]: the opt-out registry every service consults;
+//! - [`access`]: API keys and roles.
 //!
 //! This crate owns the mechanisms, not the pipeline: it must not read the log,
 //! write tables, or log an IP address or identifier.
 
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod client_ip;
 pub mod consent;
 pub mod geoip;
 pub mod keys;
 pub mod mmdb_writer;
+pub mod optout;
 pub mod pseudonym;
 pub mod scrub;
 pub mod user_agent;

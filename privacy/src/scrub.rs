@@ -102,7 +102,18 @@ pub fn scrub_text(text: &str) -> String {
 
 /// Whether `text` still holds something [`scrub_text`] would remove (for audits and tests).
 pub fn contains_pii(text: &str) -> bool {
-    EMAIL.is_match(text) || DIGIT_RUN.is_match(text)
+    find_pii(text).is_some()
+}
+
+/// The kind of personal data in `text` (`email` or `phone`), if any.
+pub fn find_pii(text: &str) -> Option<&'static str> {
+    if EMAIL.is_match(text) {
+        Some("email")
+    } else if DIGIT_RUN.is_match(text) {
+        Some("phone")
+    } else {
+        None
+    }
 }
 
 /// A URL reduced to what may be stored.

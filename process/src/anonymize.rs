@@ -6,6 +6,7 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::geoip::GeoIp;
 use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::optout::{OptOutRegistry, Purpose};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
 use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
@@ -93,6 +94,7 @@ pub struct Anonymizer {
     consent_defaults: ConsentDefaults,
     user_agents: UserAgentCache,
     sessions: SessionTracker,
+    opt_outs: Arc<OptOutRegistry>,
 }
 
 /// Why an envelope cannot become a row; the reason goes to the dead-letter topic.
@@ -121,8 +123,10 @@ impl Anonymizer {
         targeting_key: SecretKey,
         allow: QueryAllowList,
         consent_defaults: ConsentDefaults,
+        opt_outs: Arc<OptOutRegistry>,
     ) -> Self {
         Anonymizer {
+            opt_outs,
             geoip,
             daily_keys,
             targeting_key,
@@ -138,8 +142,9 @@ impl Anonymizer {
         self.sessions.expire(now);
     }
 
-    /// Anonymizes one envelope. The envelope's IP and ids are read here and nowhere after.
-    pub fn anonymize(&mut self, env: &Envelope) -> Result<AnonymousEvent, Unprocessable> {
+    /// Anonymizes one envelope; `None` when it must not be stored (analytics refused or opted out).
+    /// The envelope's IP and ids are read here and nowhere after.
+    pub fn anonymize(&mut self, env: &Envelope) -> Result<Option<AnonymousEvent>, Unprocessable> {
         let ev = &env.event;
         let event_id = ev
             .event_id
@@ -160,10 +165,14 @@ impl Anonymizer {
             personalisation: c.personalisation,
             marketing: c.marketing,
         };
-        let decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
-        if !decision.analytics {
-            return Err(Unprocessable("analytics consent refused: not to be stored".into()));
+        let mut decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
+        let (cookie, user) = (ev.cookie_id.as_deref(), ev.user_id.as_deref());
+        let opted_out = |p| self.opt_outs.any_opted_out(&self.targeting_key, cookie, user, p);
+        if !decision.analytics || opted_out(Purpose::Analytics) {
+            return Ok(None);
         }
+        decision.personalisation &= !opted_out(Purpose::Personalisation);
+        decision.marketing &= !opted_out(Purpose::Marketing);
 
         let location = env
             .client_ip
@@ -201,7 +210,7 @@ impl Anonymizer {
             Some(p) => (Some(p.page_path), p.utm_source, p.utm_medium, p.utm_campaign),
             None => (None, None, None, None),
         };
-        Ok(AnonymousEvent {
+        Ok(Some(AnonymousEvent {
             event_id,
             event_type: ev.event_type.as_str(),
             ts,
@@ -233,7 +242,7 @@ impl Anonymizer {
                 .filter(|g| GENDERS.contains(&g.as_str())),
             is_bot: device.is_bot,
             consent_marketing: decision.marketing,
-        })
+        }))
     }
 }
 
@@ -251,6 +260,7 @@ mod tests {
             SecretKey::from_bytes([7; 32]),
             QueryAllowList::new(&["utm_*".into()]),
             ConsentDefaults::default(),
+            Arc::new(OptOutRegistry::default()),
         )
     }
 
@@ -276,7 +286,7 @@ mod tests {
                "referrer":"https://www.google.com/search?q=x","consent":{"personalisation":true},"demographics":{"age_band":"25-34","gender":"Female"}}"#,
             false,
         );
-        let row = a.anonymize(&env).expect("row");
+        let row = a.anonymize(&env).expect("row").expect("stored");
         assert_eq!(row.country.as_deref(), Some("JO"));
         assert_eq!(row.page_path.as_deref(), Some("/ar/cars/toyota"));
         assert_eq!(row.page_category, Some("cars"));
@@ -300,7 +310,7 @@ mod tests {
             r#"{"type":"page_view","event_id":"e1","url":"https://kulshi.example/","cookie_id":"c1","consent":{"personalisation":true},"demographics":{"age_band":"25-34"}}"#,
             true,
         );
-        let row = a.anonymize(&env).expect("row");
+        let row = a.anonymize(&env).expect("row").expect("stored");
         assert_eq!(row.audience_id, None);
         assert_eq!(row.age_band, None);
         assert!(row.visitor_key.is_some());

@@ -14,6 +14,8 @@ pub struct ProcessMetrics {
     pub duplicates_dropped: Counter,
     /// Events sent to the dead-letter topic.
     pub dead_letters: Counter,
+    /// Events not stored: analytics refused or opted out.
+    pub not_collected: Counter,
     /// Delta commits.
     pub commits: Counter,
     /// Next raw-log offset to process (partition 0 on the local log).
@@ -34,6 +36,7 @@ impl ProcessMetrics {
             events_written: Counter::default(),
             duplicates_dropped: Counter::default(),
             dead_letters: Counter::default(),
+            not_collected: Counter::default(),
             commits: Counter::default(),
             position: Gauge::default(),
             registry: Registry::default(),
@@ -52,6 +55,11 @@ impl ProcessMetrics {
             "dead_letters",
             "Events sent to the dead-letter topic",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "events_not_collected",
+            "Events not stored: analytics refused or opted out",
+            m.not_collected.clone(),
         );
         registry.register("commits", "Delta commits", m.commits.clone());
         registry.register("log_position", "Next raw-log offset to process", m.position.clone());

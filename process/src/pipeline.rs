@@ -12,6 +12,7 @@ use marsad_eventlog::{Delivered, EventLog, Subscription};
 use marsad_privacy::consent::ConsentDefaults;
 use marsad_privacy::geoip::GeoIp;
 use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, load_targeting_key};
+use marsad_privacy::optout::OptOutRegistry;
 use marsad_privacy::scrub::QueryAllowList;
 use marsad_schemas::{Envelope, TOPIC_RAW};
 use tokio::sync::mpsc;
@@ -52,7 +53,12 @@ pub struct Processor {
 
 impl Processor {
     /// Opens the table and the privacy mechanisms, and loads recent event ids.
-    pub async fn new(config: &Config, log: Arc<dyn EventLog>, metrics: Arc<ProcessMetrics>) -> Result<Self> {
+    pub async fn new(
+        config: &Config,
+        log: Arc<dyn EventLog>,
+        opt_outs: Arc<OptOutRegistry>,
+        metrics: Arc<ProcessMetrics>,
+    ) -> Result<Self> {
         let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
         tracing::info!(database = geoip.source(), "GeoIP database loaded");
         let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
@@ -68,6 +74,7 @@ impl Processor {
                 analytics: config.ingest.default_analytics_consent,
                 personalisation: config.privacy.default_personalisation_consent,
             },
+            opt_outs,
         );
         let table = EventsTable::open_or_create(&config.tables_dir()).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
@@ -167,7 +174,10 @@ impl Processor {
                     .map_err(|e| e.to_string())
                     .and_then(|env| self.anonymizer.anonymize(&env).map_err(|e| e.0));
                 match row {
-                    Ok(row) => {
+                    Ok(None) => {
+                        self.metrics.not_collected.inc();
+                    }
+                    Ok(Some(row)) => {
                         if self.dedup.insert(&row.event_id) {
                             builder.push(&row);
                         } else {
@@ -266,8 +276,12 @@ async fn read_log(
 pub async fn run(
     config: &Config,
     log: Arc<dyn EventLog>,
+    opt_outs: Arc<OptOutRegistry>,
     metrics: Arc<ProcessMetrics>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    Processor::new(config, log, metrics).await?.run(shutdown).await
+    Processor::new(config, log, opt_outs, metrics)
+        .await?
+        .run(shutdown)
+        .await
 }

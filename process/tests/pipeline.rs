@@ -56,7 +56,7 @@ async fn count_events(config: &Config) -> Result<i64> {
 /// Runs a processor until it has written `want` rows (or 30 s pass), then stops it.
 async fn process_until(config: &Config, log: Arc<LocalLog>, want: u64) -> Result<Arc<ProcessMetrics>> {
     let metrics = Arc::new(ProcessMetrics::new());
-    let processor = Processor::new(config, log, metrics.clone()).await?;
+    let processor = Processor::new(config, log, Arc::default(), metrics.clone()).await?;
     let stop = CancellationToken::new();
     let run = tokio::spawn(processor.run(stop.clone()));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

@@ -3,22 +3,18 @@
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use marsad_privacy::access::AccessError;
 use serde_json::json;
 
 /// An answer other than 2xx.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// No key, or an unknown one.
-    #[error("missing or unknown API key: send `Authorization: Bearer KEY`")]
-    Unauthorized,
-    /// The key lacks the role.
-    #[error("the key `{key}` lacks the `{role}` role this call needs")]
-    Forbidden {
-        /// The key's name.
-        key: String,
-        /// The role needed.
-        role: &'static str,
-    },
+    /// No key, a wrong key, or a key without the role.
+    #[error("{0}")]
+    Access(#[from] marsad_privacy::access::AccessError),
+    /// The service cannot do this now (e.g. the log is unavailable); retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// The request or the query is wrong.
     #[error("{0}")]
     BadRequest(String),
@@ -36,15 +32,16 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Access(AccessError::Unauthorized) => StatusCode::UNAUTHORIZED,
+            ApiError::Access(AccessError::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (status, Json(json!({"error": self.to_string()}))).into_response();
-        if matches!(self, ApiError::Unauthorized) {
+        if matches!(self, ApiError::Access(AccessError::Unauthorized)) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -35,6 +35,11 @@ impl TableCatalog {
         }
     }
 
+    /// Where the tables live.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+
     /// The names of the tables that exist now.
     pub async fn existing(&self) -> Vec<&'static str> {
         TableName::ALL

@@ -8,8 +8,9 @@
 #![deny(missing_docs)]
 
 mod api;
+pub mod audit;
 pub mod catalog;
-pub mod keys;
+pub mod erasure;
 mod metrics;
 mod routes;
 pub mod sql;
@@ -18,13 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use marsad_config::Config;
+use marsad_eventlog::EventLog;
+use marsad_privacy::access::ApiKeys;
+use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
 pub use api::ApiError;
 pub use catalog::TableCatalog;
-pub use keys::{AdminKey, ApiKeys, ensure_admin_key};
 pub use metrics::QueryMetrics;
 
 /// Why the query service could not start or stopped.
@@ -36,22 +40,6 @@ pub enum Error {
     /// The server failed while running.
     #[error("query server: {0}")]
     Serve(std::io::Error),
-    /// A key file could not be read or written.
-    #[error("API key {path}: {source}")]
-    KeyFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What failed.
-        source: std::io::Error,
-    },
-    /// A configured key is malformed.
-    #[error("API key `{name}`: {reason}")]
-    BadKey {
-        /// The key's name.
-        name: String,
-        /// What is wrong.
-        reason: String,
-    },
 }
 
 /// Renders extra metrics (e.g. the processor's, when run in one process with `marsad up`).
@@ -66,12 +54,30 @@ pub struct QueryState {
     pub(crate) timeout: Duration,
     pub(crate) metrics: Arc<QueryMetrics>,
     pub(crate) extra_metrics: Vec<MetricsSource>,
+    pub(crate) privacy: Arc<QueryPrivacy>,
+    pub(crate) erasure_settle: Duration,
+}
+
+/// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
+/// time, and for erasure the keys to find a subject's rows and the log to record its opt-out.
+pub struct QueryPrivacy {
+    /// The opt-outs in force, followed from the opt-out log.
+    pub opt_outs: Arc<OptOutRegistry>,
+    /// Hashes identifiers into `audience_id`s and opt-out subjects.
+    pub targeting_key: SecretKey,
+    /// The daily visitor keys that still exist.
+    pub daily_keys: Arc<dyn DailyKeyStore>,
+    /// Where opt-outs are recorded.
+    pub log: Arc<dyn EventLog>,
 }
 
 impl QueryState {
-    /// Builds the state: keys from config plus the admin key, tables under the data dir.
-    pub fn new(config: &Config, keys: ApiKeys) -> Self {
+    /// Builds the state: keys, tables under the data dir, privacy mechanisms.
+    pub fn new(config: &Config, keys: ApiKeys, privacy: QueryPrivacy) -> Self {
         QueryState {
+            privacy: Arc::new(privacy),
+            // an erasure waits for the processor to see the opt-out and commit what it buffered
+            erasure_settle: Duration::from_millis(config.process.batch_max_interval_ms + 1_000),
             keys: Arc::new(keys),
             catalog: Arc::new(TableCatalog::new(config.tables_dir())),
             max_rows: config.query.max_result_rows,
@@ -93,6 +99,7 @@ pub fn app(state: QueryState) -> Router {
     Router::new()
         .route("/v1/sql", post(routes::post_sql))
         .route("/v1/tables", get(routes::list_tables))
+        .route("/v1/subjects", delete(routes::erase_subject))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))

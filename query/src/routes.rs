@@ -10,8 +10,15 @@ use marsad_config::Role;
 use serde::Deserialize;
 use serde_json::json;
 
+use chrono::Utc;
+use marsad_eventlog::Record;
+use marsad_privacy::optout::{OptOutRecord, OptOutScope, subject_key};
+use marsad_privacy::pseudonym::Subject;
+use marsad_schemas::TOPIC_OPTOUTS;
+
 use crate::QueryState;
 use crate::api::ApiError;
+use crate::erasure;
 use crate::sql::{self, Format};
 
 /// The body of `POST /v1/sql`.
@@ -29,7 +36,7 @@ pub async fn post_sql(
     Query(params): Query<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let holder = state.keys.authorize(&headers, Role::Engineer)?;
+    let holder = state.keys.authorize(authorization(&headers), Role::Engineer)?;
     let format = Format::parse(params.get("format").map(String::as_str))?;
     let req: SqlRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"sql\": \"…\"}}: {e}")))?;
@@ -61,8 +68,65 @@ pub async fn post_sql(
 
 /// `GET /v1/tables`: the tables that exist (engineer role).
 pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    state.keys.authorize(&headers, Role::Engineer)?;
+    state.keys.authorize(authorization(&headers), Role::Engineer)?;
     Ok(Json(json!({"tables": state.catalog.existing().await})).into_response())
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+}
+
+/// `DELETE /v1/subjects?cookie_id=…|user_id=…` (admin): records an `all` opt-out, then
+/// deletes every row linkable to the subject from every table and vacuums; answers the receipt.
+pub async fn erase_subject(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let holder = state.keys.authorize(authorization(&headers), Role::Admin)?;
+    let subject = match (params.get("cookie_id"), params.get("user_id")) {
+        (Some(c), None) if !c.is_empty() => Subject::Cookie(c),
+        (None, Some(u)) if !u.is_empty() => Subject::User(u),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of `cookie_id` or `user_id`".into(),
+            ));
+        }
+    };
+    let privacy = &state.privacy;
+    let record = OptOutRecord {
+        subject: subject_key(&privacy.targeting_key, subject),
+        scope: OptOutScope::All,
+        at: Utc::now(),
+    };
+    privacy
+        .log
+        .append(
+            TOPIC_OPTOUTS,
+            vec![Record {
+                key: None,
+                payload: record.to_bytes(),
+            }],
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("could not record the opt-out, nothing was erased: {e}")))?;
+    privacy.opt_outs.apply(&record);
+    tracing::info!(key = %holder.name, "erasure: opt-out recorded; waiting for the processor to see it");
+    tokio::time::sleep(state.erasure_settle).await;
+    let receipt = erasure::erase_subject(
+        &state.catalog.dir(),
+        privacy.daily_keys.as_ref(),
+        &privacy.targeting_key,
+        subject,
+        true,
+    )
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "erasure failed");
+        ApiError::Unavailable(format!("erasure did not finish ({e}); it is safe to repeat"))
+    })?;
+    tracing::info!(key = %holder.name, rows = receipt.rows_removed, "erasure done");
+    Ok(Json(receipt).into_response())
 }
 
 /// `GET /healthz`.

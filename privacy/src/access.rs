@@ -1,17 +1,60 @@
-//! API keys and their roles. Keys are kept only as SHA-256 hashes; the
-//! generated admin key is written once to `<data_dir>/admin.key` (0600).
+//! API keys and their roles, shared by every service. Keys are kept only as
+//! SHA-256 hashes; the generated admin key is written once to
+//! `<data_dir>/admin.key` (0600).
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use axum::http::HeaderMap;
 use marsad_config::{ApiKeyConfig, Role};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use crate::Error;
-use crate::api::ApiError;
+/// Why a key file or configured key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file could not be read or written.
+    #[error("API key {path}: {source}")]
+    KeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// A configured key is malformed.
+    #[error("API key `{name}`: {reason}")]
+    BadKey {
+        /// The key's name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    /// No key, or an unknown one.
+    #[error("missing or unknown API key: send `Authorization: Bearer KEY`")]
+    Unauthorized,
+    /// The key lacks the role.
+    #[error("the key `{key}` lacks the `{role}` role this call needs")]
+    Forbidden {
+        /// The key's name.
+        key: String,
+        /// The role needed.
+        role: &'static str,
+    },
+}
+
+/// The key in an `Authorization: Bearer KEY` header value.
+pub fn bearer(authorization: Option<&str>) -> Option<&str> {
+    let v = authorization?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
 
 /// A known key: who holds it and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +66,7 @@ pub struct KeyHolder {
 }
 
 /// Every key the service accepts, by hash.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ApiKeys {
     by_hash: HashMap<[u8; 32], KeyHolder>,
 }
@@ -43,29 +86,29 @@ fn role_name(role: Role) -> &'static str {
 
 impl ApiKeys {
     /// Loads the configured keys (hashes, or files holding keys).
-    pub fn from_config(keys: &[ApiKeyConfig]) -> Result<Self, Error> {
+    pub fn from_config(keys: &[ApiKeyConfig]) -> Result<Self, KeyError> {
         let mut out = ApiKeys::default();
         for k in keys {
             let digest = match (&k.sha256, &k.file) {
                 (Some(h), _) => {
-                    let bytes = hex::decode(h).map_err(|e| Error::BadKey {
+                    let bytes = hex::decode(h).map_err(|e| KeyError::BadKey {
                         name: k.name.clone(),
                         reason: e.to_string(),
                     })?;
-                    bytes.try_into().map_err(|_| Error::BadKey {
+                    bytes.try_into().map_err(|_| KeyError::BadKey {
                         name: k.name.clone(),
                         reason: "sha256 must be 32 bytes".into(),
                     })?
                 }
                 (None, Some(path)) => {
-                    let text = std::fs::read_to_string(path).map_err(|e| Error::KeyFile {
+                    let text = std::fs::read_to_string(path).map_err(|e| KeyError::KeyFile {
                         path: path.clone(),
                         source: e,
                     })?;
                     hash(text.trim())
                 }
                 (None, None) => {
-                    return Err(Error::BadKey {
+                    return Err(KeyError::BadKey {
                         name: k.name.clone(),
                         reason: "needs `sha256` or `file`".into(),
                     });
@@ -87,23 +130,26 @@ impl ApiKeys {
         self.by_hash.insert(hash(key), holder);
     }
 
-    /// Checks the bearer key of a request has `role`.
-    pub fn authorize(&self, headers: &HeaderMap, role: Role) -> Result<&KeyHolder, ApiError> {
-        let key = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or(ApiError::Unauthorized)?;
-        let holder = self.by_hash.get(&hash(key)).ok_or(ApiError::Unauthorized)?;
+    /// Checks that the key from an `Authorization` header value has `role`.
+    pub fn authorize(&self, authorization: Option<&str>, role: Role) -> Result<&KeyHolder, AccessError> {
+        let key = bearer(authorization).ok_or(AccessError::Unauthorized)?;
+        let holder = self.by_hash.get(&hash(key)).ok_or(AccessError::Unauthorized)?;
         if holder.roles.contains(&role) {
             Ok(holder)
         } else {
-            Err(ApiError::Forbidden {
+            Err(AccessError::Forbidden {
                 key: holder.name.clone(),
                 role: role_name(role),
             })
         }
+    }
+
+    /// Configured keys plus the data dir's admin key (created on first start).
+    pub fn load(configured: &[ApiKeyConfig], data_dir: &Path) -> Result<(Self, AdminKey), KeyError> {
+        let admin = ensure_admin_key(data_dir)?;
+        let mut keys = Self::from_config(configured)?;
+        keys.insert(&admin.key, AdminKey::holder());
+        Ok((keys, admin))
     }
 }
 
@@ -119,9 +165,9 @@ pub struct AdminKey {
 }
 
 /// Reads `<data_dir>/admin.key`, creating it (mode 0600) with a fresh key on first start.
-pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
+pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, KeyError> {
     let path = data_dir.join("admin.key");
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::KeyFile {
+    std::fs::create_dir_all(data_dir).map_err(|e| KeyError::KeyFile {
         path: data_dir.into(),
         source: e,
     })?;
@@ -133,7 +179,7 @@ pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
                 created: false,
             });
         }
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::KeyFile { path, source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(KeyError::KeyFile { path, source: e }),
         Err(_) => {}
     }
     let mut bytes = [0u8; 24];
@@ -146,7 +192,7 @@ pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, Error> {
         .mode(0o600)
         .open(&path)
         .and_then(|mut f| f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all()));
-    written.map_err(|e| Error::KeyFile {
+    written.map_err(|e| KeyError::KeyFile {
         path: path.clone(),
         source: e,
     })?;
@@ -170,15 +216,9 @@ impl AdminKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
-    fn bearer(key: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            axum::http::header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {key}")).expect("header"),
-        );
-        h
+    fn header(key: &str) -> String {
+        format!("Bearer {key}")
     }
 
     #[test]
@@ -191,20 +231,20 @@ mod tests {
         }])
         .expect("keys");
         keys.insert("root", AdminKey::holder());
-        assert!(keys.authorize(&bearer("analyst-secret"), Role::Analyst).is_ok());
+        assert!(keys.authorize(Some(&*header("analyst-secret")), Role::Analyst).is_ok());
         assert!(matches!(
-            keys.authorize(&bearer("analyst-secret"), Role::Engineer),
-            Err(ApiError::Forbidden { .. })
+            keys.authorize(Some(&*header("analyst-secret")), Role::Engineer),
+            Err(AccessError::Forbidden { .. })
         ));
         assert!(matches!(
-            keys.authorize(&bearer("nope"), Role::Analyst),
-            Err(ApiError::Unauthorized)
+            keys.authorize(Some(&*header("nope")), Role::Analyst),
+            Err(AccessError::Unauthorized)
         ));
         assert!(matches!(
-            keys.authorize(&HeaderMap::new(), Role::Analyst),
-            Err(ApiError::Unauthorized)
+            keys.authorize(None, Role::Analyst),
+            Err(AccessError::Unauthorized)
         ));
-        assert!(keys.authorize(&bearer("root"), Role::Admin).is_ok());
+        assert!(keys.authorize(Some(&*header("root")), Role::Admin).is_ok());
     }
 
     #[test]

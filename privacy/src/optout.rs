@@ -1,0 +1,189 @@
+//! Opt-outs. Each is recorded as a keyed hash of the identifier (the same
+//! keyed hash as the subject's `audience_id`, so stored rows can be matched)
+//! with a scope and a time, in the opt-out log; every service holds an
+//! [`OptOutRegistry`] that follows that log.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::SecretKey;
+use crate::pseudonym::{Subject, audience_id};
+
+/// What an opt-out covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptOutScope {
+    /// No collection at all (and so nothing else either).
+    Analytics,
+    /// No `audience_id`, out of every segment.
+    Personalisation,
+    /// Out of marketing exports and email audiences.
+    Marketing,
+    /// Everything.
+    All,
+}
+
+/// A purpose an event may be used for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Counting at all.
+    Analytics,
+    /// Personalised ads and segments.
+    Personalisation,
+    /// Marketing exports.
+    Marketing,
+}
+
+impl OptOutScope {
+    fn bit(self) -> u8 {
+        match self {
+            OptOutScope::Analytics => 1,
+            OptOutScope::Personalisation => 2,
+            OptOutScope::Marketing => 4,
+            OptOutScope::All => 8,
+        }
+    }
+
+    /// Parses the contract's scope names.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "analytics" => OptOutScope::Analytics,
+            "personalisation" => OptOutScope::Personalisation,
+            "marketing" => OptOutScope::Marketing,
+            "all" => OptOutScope::All,
+            _ => return None,
+        })
+    }
+}
+
+/// An opt-out as stored in the opt-out log: no identifier, only its keyed hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptOutRecord {
+    /// Keyed hash of the identifier (see [`subject_key`]).
+    pub subject: String,
+    /// What it covers.
+    pub scope: OptOutScope,
+    /// When it was made.
+    pub at: DateTime<Utc>,
+}
+
+impl OptOutRecord {
+    /// Encodes for the log.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// The keyed hash an opt-out is recorded under: the subject's `audience_id`.
+pub fn subject_key(targeting_key: &SecretKey, subject: Subject<'_>) -> String {
+    audience_id(targeting_key, subject)
+}
+
+/// The opt-outs in force, as far as this process has read the log.
+#[derive(Debug, Default)]
+pub struct OptOutRegistry {
+    entries: RwLock<HashMap<String, u8>>,
+    caught_up: AtomicBool,
+}
+
+impl OptOutRegistry {
+    /// Adds a record; undecodable bytes are reported, not applied.
+    pub fn apply_bytes(&self, bytes: &[u8]) -> Result<(), serde_json::Error> {
+        let rec: OptOutRecord = serde_json::from_slice(bytes)?;
+        self.apply(&rec);
+        Ok(())
+    }
+
+    /// Adds a record.
+    pub fn apply(&self, rec: &OptOutRecord) {
+        if let Ok(mut e) = self.entries.write() {
+            *e.entry(rec.subject.clone()).or_default() |= rec.scope.bit();
+        }
+    }
+
+    /// Marks the registry as having read the whole log once (for `/readyz`).
+    pub fn set_caught_up(&self) {
+        self.caught_up.store(true, Ordering::Release);
+    }
+
+    /// Whether the log has been read to its end once.
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// Whether the subject with this keyed hash opted out of `purpose`.
+    pub fn is_opted_out(&self, subject: &str, purpose: Purpose) -> bool {
+        let Ok(e) = self.entries.read() else { return true };
+        let Some(bits) = e.get(subject).copied() else {
+            return false;
+        };
+        let all = OptOutScope::All.bit() | OptOutScope::Analytics.bit();
+        let wanted = match purpose {
+            Purpose::Analytics => 0,
+            Purpose::Personalisation => OptOutScope::Personalisation.bit(),
+            Purpose::Marketing => OptOutScope::Marketing.bit(),
+        };
+        bits & (all | wanted) != 0
+    }
+
+    /// Whether any of an event's identifiers opted out of `purpose`.
+    pub fn any_opted_out(
+        &self,
+        key: &SecretKey,
+        cookie_id: Option<&str>,
+        user_id: Option<&str>,
+        purpose: Purpose,
+    ) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        cookie_id.is_some_and(|c| self.is_opted_out(&subject_key(key, Subject::Cookie(c)), purpose))
+            || user_id.is_some_and(|u| self.is_opted_out(&subject_key(key, Subject::User(u)), purpose))
+    }
+
+    /// Subjects with at least one opt-out.
+    pub fn len(&self) -> usize {
+        self.entries.read().map(|e| e.len()).unwrap_or(0)
+    }
+
+    /// Whether nobody opted out.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_cover_their_purposes() {
+        let key = SecretKey::from_bytes([3; 32]);
+        let r = OptOutRegistry::default();
+        let rec = |id: &str, scope| OptOutRecord {
+            subject: subject_key(&key, Subject::Cookie(id)),
+            scope,
+            at: Utc::now(),
+        };
+        r.apply(&rec("p", OptOutScope::Personalisation));
+        r.apply(&rec("m", OptOutScope::Marketing));
+        r.apply(&rec("a", OptOutScope::Analytics));
+        r.apply_bytes(&rec("x", OptOutScope::All).to_bytes()).expect("decodes");
+        let out = |id: &str, p| r.any_opted_out(&key, Some(id), None, p);
+        assert!(out("p", Purpose::Personalisation) && !out("p", Purpose::Analytics) && !out("p", Purpose::Marketing));
+        assert!(out("m", Purpose::Marketing) && !out("m", Purpose::Personalisation));
+        assert!(out("a", Purpose::Analytics) && out("a", Purpose::Personalisation) && out("a", Purpose::Marketing));
+        assert!(out("x", Purpose::Analytics) && out("x", Purpose::Marketing));
+        assert!(!out("nobody", Purpose::Personalisation));
+        assert!(!r.any_opted_out(&key, Some("nobody"), None, Purpose::Analytics));
+        assert!(
+            !r.any_opted_out(&key, None, Some("p"), Purpose::Personalisation),
+            "users and cookies are different subjects"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Erasure: every row linkable to a subject is deleted from every table —
+//! rows with the subject's `audience_id`, and for a cookie the rows with its
+//! `visitor_key` of every day whose key still exists — and the rewritten files
+//! are vacuumed at once, so older Delta versions do not keep them either.
+
+use std::path::Path;
+use std::time::Instant;
+
+use arrow::array::{Array, Int64Array};
+use chrono::{DateTime, Utc};
+use datafusion::prelude::SessionContext;
+use deltalake::DeltaTable;
+use deltalake::operations::vacuum::VacuumMode;
+use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
+use marsad_schemas::TableName;
+use serde::Serialize;
+
+/// Why an erasure could not finish; what was removed before stays removed.
+#[derive(Debug, thiserror::Error)]
+#[error("erasure in table {table}: {reason}")]
+pub struct ErasureError {
+    /// The table being erased from.
+    pub table: &'static str,
+    /// What failed.
+    pub reason: String,
+}
+
+/// What one table gave up.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TableErasure {
+    /// The table.
+    pub table: &'static str,
+    /// Rows deleted.
+    pub rows_removed: u64,
+    /// Data files deleted from storage by the vacuum.
+    pub files_vacuumed: usize,
+}
+
+/// The answer to an erasure request.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasureReceipt {
+    /// `cookie_id` or `user_id` (the identifier itself is not repeated).
+    pub subject_kind: &'static str,
+    /// Whether an `all` opt-out was recorded first.
+    pub opt_out_recorded: bool,
+    /// Days whose visitor key still existed and was used to find rows.
+    pub visitor_key_days: usize,
+    /// Per table.
+    pub tables: Vec<TableErasure>,
+    /// Sum over the tables.
+    pub rows_removed: u64,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// When it finished.
+    pub completed_at: DateTime<Utc>,
+}
+
+async fn open(dir: &Path, table: &'static str) -> Result<Option<DeltaTable>, ErasureError> {
+    let err = |reason: String| ErasureError { table, reason };
+    let path = dir.join(table);
+    if !path.join("_delta_log").is_dir() {
+        return Ok(None);
+    }
+    let abs = std::path::absolute(&path).map_err(|e| err(e.to_string()))?;
+    let url = url::Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?;
+    deltalake::open_table(url)
+        .await
+        .map(Some)
+        .map_err(|e| err(e.to_string()))
+}
+
+/// Deletes every row linkable to `subject` from every table under `tables_dir`.
+pub async fn erase_subject(
+    tables_dir: &Path,
+    daily_keys: &dyn DailyKeyStore,
+    targeting_key: &SecretKey,
+    subject: Subject<'_>,
+    opt_out_recorded: bool,
+) -> Result<ErasureReceipt, ErasureError> {
+    let started = Instant::now();
+    let aid = audience_id(targeting_key, subject);
+    let visitor_keys: Vec<String> = match subject {
+        Subject::Cookie(c) => daily_keys
+            .existing()
+            .map_err(|e| ErasureError {
+                table: "-",
+                reason: e.to_string(),
+            })?
+            .iter()
+            .map(|(_, key)| visitor_key(key, c))
+            .collect(),
+        Subject::User(_) => Vec::new(),
+    };
+    let mut tables = Vec::new();
+    for name in TableName::ALL.iter().map(|t| t.as_str()) {
+        let Some(table) = open(tables_dir, name).await? else {
+            continue;
+        };
+        let err = |reason: String| ErasureError { table: name, reason };
+        let columns: Vec<String> = table
+            .snapshot()
+            .map_err(|e| err(e.to_string()))?
+            .schema()
+            .fields()
+            .map(|f| f.name().to_owned())
+            .collect();
+        let mut clauses = Vec::new();
+        if columns.iter().any(|c| c == "audience_id") {
+            clauses.push(format!("audience_id = '{aid}'"));
+        }
+        if columns.iter().any(|c| c == "visitor_key") && !visitor_keys.is_empty() {
+            let list = visitor_keys
+                .iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            clauses.push(format!("visitor_key IN ({list})"));
+        }
+        if clauses.is_empty() {
+            continue;
+        }
+        let predicate = clauses.join(" OR ");
+        // count first: the delete's own metrics may not know the count for whole-file removals
+        let ctx = SessionContext::new();
+        let provider = table.table_provider().await.map_err(|e| err(e.to_string()))?;
+        ctx.register_table(name, provider).map_err(|e| err(e.to_string()))?;
+        let batches = ctx
+            .sql(&format!("SELECT count(*) FROM {name} WHERE {predicate}"))
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .collect()
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let rows = batches
+            .first()
+            .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().map(|a| a.value(0)))
+            .unwrap_or(0) as u64;
+        if rows == 0 {
+            tables.push(TableErasure {
+                table: name,
+                rows_removed: 0,
+                files_vacuumed: 0,
+            });
+            continue;
+        }
+        let (table, _metrics) = table
+            .delete()
+            .with_predicate(predicate)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        // Lite mode removes only files tombstoned by commits (never a writer's uncommitted files)
+        let (_, vacuumed) = table
+            .vacuum()
+            .with_mode(VacuumMode::Lite)
+            .with_retention_period(chrono::Duration::zero())
+            .with_enforce_retention_duration(false)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        tables.push(TableErasure {
+            table: name,
+            rows_removed: rows,
+            files_vacuumed: vacuumed.files_deleted.len(),
+        });
+    }
+    Ok(ErasureReceipt {
+        subject_kind: match subject {
+            Subject::Cookie(_) => "cookie_id",
+            Subject::User(_) => "user_id",
+        },
+        opt_out_recorded,
+        visitor_key_days: visitor_keys.len(),
+        rows_removed: tables.iter().map(|t| t.rows_removed).sum(),
+        tables,
+        duration_ms: started.elapsed().as_millis() as u64,
+        completed_at: Utc::now(),
+    })
+}

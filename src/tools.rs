@@ -1,0 +1,180 @@
+//! Operator commands: `marsad audit`, `marsad erase`, `marsad opt-out`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+
+use crate::cli::StageArgs;
+
+/// `marsad audit` flags.
+#[derive(Debug, Clone, Args)]
+pub struct AuditArgs {
+    /// Data dir and config.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Scans every table file for personal data; fails on any finding.
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let config = args.stage.config()?;
+    let (tables, log) = (config.tables_dir(), config.log_dir());
+    let report = tokio::task::spawn_blocking(move || marsad_query::audit::audit(&tables, &log)).await??;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for hit in &report.hits {
+            println!(
+                "{:<10} table {} column {} value {} in {}",
+                hit.kind, hit.table, hit.column, hit.redacted, hit.file
+            );
+        }
+        println!(
+            "audited {} values in {} files against {} identifiers from the raw log: {} findings",
+            report.values,
+            report.files,
+            report.known_identifiers,
+            report.hits.len()
+        );
+    }
+    if !report.hits.is_empty() {
+        bail!("personal data found in {} places", report.hits.len());
+    }
+    Ok(())
+}
+
+/// Who a request is about.
+#[derive(Debug, Clone, Args)]
+#[group(required = true, multiple = false)]
+pub struct SubjectArgs {
+    /// The browser's `_mid` cookie id.
+    #[arg(long)]
+    pub cookie_id: Option<String>,
+    /// The account id.
+    #[arg(long)]
+    pub user_id: Option<String>,
+}
+
+impl SubjectArgs {
+    fn pair(&self) -> (&'static str, &str) {
+        match (&self.cookie_id, &self.user_id) {
+            (Some(c), _) => ("cookie_id", c),
+            (None, Some(u)) => ("user_id", u),
+            (None, None) => ("cookie_id", ""),
+        }
+    }
+}
+
+fn admin_key(key_file: &Option<PathBuf>, data_dir: &Option<PathBuf>) -> anyhow::Result<String> {
+    let path = key_file.clone().unwrap_or_else(|| {
+        data_dir
+            .clone()
+            .unwrap_or_else(|| "./marsad-data".into())
+            .join("admin.key")
+    });
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the admin key from {}", path.display()))?
+        .trim()
+        .to_owned())
+}
+
+/// `marsad erase` flags.
+#[derive(Debug, Clone, Args)]
+pub struct EraseArgs {
+    /// Whose data.
+    #[command(flatten)]
+    pub subject: SubjectArgs,
+    /// The query service.
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub url: String,
+    /// File holding an admin key [default: <data-dir>/admin.key].
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Data dir holding admin.key.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Erases a subject through the query service and prints the receipt.
+pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
+    let key = admin_key(&args.key_file, &args.data_dir)?;
+    let (kind, id) = args.subject.pair();
+    eprintln!("erasing every row linkable to the {kind}; this records an `all` opt-out first…");
+    let resp = reqwest::Client::new()
+        .delete(format!("{}/v1/subjects", args.url.trim_end_matches('/')))
+        .query(&[(kind, id)])
+        .bearer_auth(key)
+        .send()
+        .await
+        .with_context(|| format!("calling {}", args.url))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "erasure refused ({status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&body)?);
+    Ok(())
+}
+
+/// Opt-out scopes.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Scope {
+    /// No collection at all.
+    Analytics,
+    /// No audience id, no segments.
+    Personalisation,
+    /// No marketing exports.
+    Marketing,
+    /// Everything.
+    All,
+}
+
+/// `marsad opt-out` flags.
+#[derive(Debug, Clone, Args)]
+pub struct OptOutArgs {
+    /// Whose choice.
+    #[command(flatten)]
+    pub subject: SubjectArgs,
+    /// What it covers.
+    #[arg(long, value_enum)]
+    pub scope: Scope,
+    /// The ingest service.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// File holding an admin key (needed for user ids) [default: <data-dir>/admin.key].
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Data dir holding admin.key.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Records an opt-out through the ingest service.
+pub async fn opt_out(args: OptOutArgs) -> anyhow::Result<()> {
+    let (kind, id) = args.subject.pair();
+    let scope = format!("{:?}", args.scope).to_lowercase();
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/v1/opt-outs", args.url.trim_end_matches('/')))
+        .json(&json!({ kind: id, "scope": scope }));
+    if kind == "user_id" {
+        req = req.bearer_auth(admin_key(&args.key_file, &args.data_dir)?);
+    }
+    let resp = req.send().await.with_context(|| format!("calling {}", args.url))?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!(
+            "opt-out refused ({status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    println!("opt-out recorded: {kind} out of {scope}");
+    Ok(())
+}
