@@ -121,6 +121,19 @@ impl Privacy {
         }
     }
 
+    /// Waits until every opt-out recorded so far is loaded: nothing is served before.
+    async fn opt_outs_loaded(&self) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while !self.opt_outs.is_caught_up() {
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the opt-out log could not be read within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     /// Keeps the opt-out registry in step with the opt-out log.
     fn follow_opt_outs(
         &self,
@@ -182,6 +195,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    privacy.opt_outs_loaded().await?;
     let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move {
@@ -238,6 +252,7 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    privacy.opt_outs_loaded().await?;
     let state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
@@ -258,6 +273,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log, shutdown.clone());
+    privacy.opt_outs_loaded().await?;
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     let s = shutdown.clone();
@@ -296,6 +312,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
+    privacy.opt_outs_loaded().await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log));
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });

@@ -12,3 +12,6 @@ mod crash;
 
 /// Bad requests get clear 4xx answers and the server keeps serving.
 mod bad_input;
+
+/// Personal data never reaches a table; opt-outs and erasure work end to end.
+mod privacy;

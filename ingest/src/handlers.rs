@@ -347,7 +347,9 @@ pub async fn healthz() -> &'static str {
 
 /// `GET /readyz`: the log can take appends.
 pub async fn readyz(State(state): State<IngestState>) -> Response {
-    if state.log.is_ready() {
+    if !state.opt_outs.is_caught_up() {
+        (StatusCode::SERVICE_UNAVAILABLE, "opt-outs not loaded yet").into_response()
+    } else if state.log.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "event log not ready").into_response()

@@ -70,9 +70,14 @@ fn luhn_valid(digits: &[u32]) -> bool {
 }
 
 fn classify_digits(caps: &Captures<'_>) -> &'static str {
-    let digits: Vec<u32> = caps[0].chars().filter_map(digit_value).collect();
+    let text = &caps[0];
+    let digits: Vec<u32> = text.chars().filter_map(digit_value).collect();
     let n = digits.len();
-    if (13..=19).contains(&n) && luhn_valid(&digits) {
+    // an international prefix (`+`, `00` in any digit set) means a phone number
+    let international = text.starts_with('+') || digits.starts_with(&[0, 0]);
+    if international && n <= 16 {
+        PHONE_MARKER
+    } else if (13..=19).contains(&n) && luhn_valid(&digits) {
         CARD_MARKER
     } else if n <= 13 {
         PHONE_MARKER
