@@ -235,6 +235,8 @@ pub struct PrivacyConfig {
     pub daily_key_grace_hours: u64,
     /// Personalisation consent assumed when an event states none.
     pub default_personalisation_consent: bool,
+    /// Truncate addresses before the GeoIP lookup (/24 for IPv4, /48 for IPv6), for stricter deployments.
+    pub truncate_ip: bool,
 }
 
 impl Default for PrivacyConfig {
@@ -244,6 +246,7 @@ impl Default for PrivacyConfig {
             targeting_key_file: None,
             daily_key_grace_hours: 48,
             default_personalisation_consent: false,
+            truncate_ip: false,
         }
     }
 }

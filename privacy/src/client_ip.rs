@@ -104,3 +104,53 @@ mod tests {
         assert_eq!(p.client_ip(ip("10.0.0.2"), ["garbage, 10.0.0.3"]), ip("10.0.0.3"));
     }
 }
+
+/// The network an address belongs to: /24 for IPv4, /48 for IPv6 (the stricter mode's GeoIP input).
+pub fn truncate(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            IpAddr::V4(std::net::Ipv4Addr::new(o[0], o[1], o[2], 0))
+        }
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod truncate_tests {
+    use super::*;
+
+    #[test]
+    fn keeps_only_the_network() {
+        assert_eq!(
+            truncate(
+                "176.29.10.77"
+                    .parse()
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            )
+            .to_string(),
+            "176.29.10.0"
+        );
+        assert_eq!(
+            truncate(
+                "2a00:1a00:7:8::1"
+                    .parse()
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            )
+            .to_string(),
+            "2a00:1a00:7::"
+        );
+        assert_eq!(
+            truncate(
+                "::ffff:10.1.2.3"
+                    .parse()
+                    .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+            )
+            .to_string(),
+            "10.1.2.0"
+        );
+    }
+}

@@ -95,6 +95,7 @@ pub struct Anonymizer {
     user_agents: UserAgentCache,
     sessions: SessionTracker,
     opt_outs: Arc<OptOutRegistry>,
+    truncate_ip: bool,
 }
 
 /// Why an envelope cannot become a row; the reason goes to the dead-letter topic.
@@ -127,6 +128,7 @@ impl Anonymizer {
     ) -> Self {
         Anonymizer {
             opt_outs,
+            truncate_ip: false,
             geoip,
             daily_keys,
             targeting_key,
@@ -135,6 +137,12 @@ impl Anonymizer {
             user_agents: UserAgentCache::default(),
             sessions: SessionTracker::default(),
         }
+    }
+
+    /// Looks addresses up by their /24 (IPv4) or /48 (IPv6) network only.
+    pub fn with_truncated_ips(mut self, truncate: bool) -> Self {
+        self.truncate_ip = truncate;
+        self
     }
 
     /// Forgets idle sessions; call now and then.
@@ -176,7 +184,15 @@ impl Anonymizer {
 
         let location = env
             .client_ip
-            .map(|ip| self.geoip.lookup(canonical_ip(ip)))
+            .map(canonical_ip)
+            .map(|ip| {
+                if self.truncate_ip {
+                    marsad_privacy::client_ip::truncate(ip)
+                } else {
+                    ip
+                }
+            })
+            .map(|ip| self.geoip.lookup(ip))
             .unwrap_or_default();
         let visitor_key = match ev.cookie_id.as_deref() {
             Some(cookie) => match self.daily_keys.key_for(date) {
@@ -300,6 +316,15 @@ mod tests {
             assert!(!text.contains(secret), "{secret} leaked into {text}");
         }
         assert!(row.audience_id.is_some() && row.visitor_key.is_some());
+    }
+
+    #[test]
+    fn truncated_addresses_still_locate() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut a = anonymizer(dir.path()).with_truncated_ips(true);
+        let env = envelope(r#"{"type":"search","event_id":"e1","cookie_id":"c1"}"#, false);
+        let row = a.anonymize(&env).expect("row").expect("stored");
+        assert_eq!(row.country.as_deref(), Some("JO"));
     }
 
     #[test]

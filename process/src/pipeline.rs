@@ -75,7 +75,8 @@ impl Processor {
                 personalisation: config.privacy.default_personalisation_consent,
             },
             opt_outs,
-        );
+        )
+        .with_truncated_ips(config.privacy.truncate_ip);
         let table = EventsTable::open_or_create(&config.tables_dir()).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
         let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
