@@ -15,3 +15,6 @@ mod bad_input;
 
 /// Personal data never reaches a table; opt-outs and erasure work end to end.
 mod privacy;
+
+/// The tracker snippet in a real headless Chromium.
+mod browser;

@@ -292,7 +292,9 @@ pub async fn pixel(
         state.metrics.reject("invalid");
         ApiError::BadRequest(format!("unknown event type `{type_name}` in `t`"))
     })?;
-    let (cookie_id, new_cookie) = match cookie(&headers, COOKIE_NAME) {
+    // the tracker's fallback passes its first-party cookie as `c`; plain pixels rely on `_mid`
+    let from_param = params.get("c").filter(|c| !c.is_empty() && c.len() <= 128).cloned();
+    let (cookie_id, new_cookie) = match from_param.or_else(|| cookie(&headers, COOKIE_NAME)) {
         Some(c) => (c, false),
         None => (format!("c-{}", uuid::Uuid::new_v4().simple()), true),
     };
@@ -443,4 +445,25 @@ pub async fn post_opt_out(
         Json(json!({"recorded": true, "scope": req.scope})),
     )
         .into_response())
+}
+
+/// `GET /s.js`: the tracker snippet.
+pub async fn tracker() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "application/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        include_str!("tracker.js"),
+    )
+        .into_response()
+}
+
+/// `GET /demo`: a page of the site with the tracker, to see it work (and to test it in a browser).
+pub async fn demo() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("demo.html"),
+    )
+        .into_response()
 }

@@ -106,6 +106,8 @@ pub fn app(state: IngestState) -> Router {
         .route("/v1/batch", post(handlers::post_batch))
         .route("/v1/p.gif", get(handlers::pixel))
         .route("/v1/opt-outs", post(handlers::post_opt_out))
+        .route("/s.js", get(handlers::tracker))
+        .route("/demo", get(handlers::demo))
         .route("/healthz", get(handlers::healthz))
         .route("/readyz", get(handlers::readyz))
         .route("/metrics", get(handlers::metrics))
