@@ -11,7 +11,7 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_schemas::{DATE_COLUMN, TableName, events_schema};
 
 use crate::{Error, Result};
@@ -47,10 +47,19 @@ impl EventsTable {
     /// Opens `<tables_dir>/events`, creating it (partitioned by date) on first start.
     pub async fn open_or_create(tables_dir: &Path) -> Result<Self> {
         let url = table_url(&tables_dir.join(TableName::Events.as_str()))?;
-        let table = DeltaTable::try_from_url(url.clone()).await.map_err(delta)?;
-        if table.version().is_some() {
-            return Ok(EventsTable { table });
-        }
+        let dir = tables_dir.join(TableName::Events.as_str());
+        // probe only an existing log: probing an empty directory makes the kernel log an error
+        let table = if dir.join("_delta_log").is_dir() {
+            let table = DeltaTable::try_from_url(url.clone()).await.map_err(delta)?;
+            if table.version().is_some() {
+                return Ok(EventsTable { table });
+            }
+            table
+        } else {
+            DeltaTableBuilder::from_url(url.clone())
+                .and_then(|b| b.build())
+                .map_err(delta)?
+        };
         let schema: StructType = events_schema()
             .as_ref()
             .try_into_kernel()
