@@ -51,6 +51,30 @@ async fn wait_for_tracker(c: &fantoccini::Client) -> Result<()> {
     }
 }
 
+/// Waits until the events table holds `want` rows (async: called inside the WebDriver session).
+async fn wait_for_events(query: &str, key: &str, want: i64) -> Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body: Value = client
+            .post(format!("{query}/v1/sql"))
+            .bearer_auth(key)
+            .json(&json!({"sql": "SELECT count(*) AS n FROM events"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if body["rows"][0]["n"] == json!(want) {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "events table never reached {want} rows: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The tracker in a real headless Chromium against `marsad up`: cookie, beacons, consent,
 /// GPC, refused analytics and opt-outs.
 #[test]
@@ -99,6 +123,8 @@ fn the_tracker_in_a_real_chromium() -> Result<()> {
             .await?;
         ensure!(done == json!(true), "opt-out sent");
         c.execute("return marsad.track('ad_impression', {ad: {ad_id: 'ad-2'}})", vec![]).await?;
+        // let the impression's beacon land before the next opt-out, which would drop it
+        wait_for_events(&m.query, &m.admin_key()?, 5).await?;
         // after opting out of everything nothing is sent
         c.execute_async("const done = arguments[0]; marsad.optOut('all').then(done)", vec![]).await?;
         let sent = c.execute("return marsad.track('page_view')", vec![]).await?;

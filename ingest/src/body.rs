@@ -10,33 +10,39 @@ use http_body_util::BodyExt;
 
 use crate::api::ApiError;
 
+/// How much of an oversized body is read and discarded before answering 413, so the
+/// client finishes sending and sees the answer instead of a broken connection.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
 /// Reads the whole body, inflating `Content-Encoding: gzip`, refusing more than `limit` bytes.
 pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    if let Some(len) = headers
+    let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok())
-        && len > limit
-    {
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut body = body;
+    let mut raw = Vec::new();
+    let mut seen = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen <= limit && declared.is_none_or(|d| d <= limit) {
+                raw.extend_from_slice(&data);
+            } else if seen > DRAIN_LIMIT {
+                break;
+            }
+        }
+    }
+    if seen > limit || declared.is_some_and(|d| d > limit) {
         return Err(ApiError::TooLarge { limit });
     }
-    let raw = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::TooLarge { limit }
-            } else {
-                ApiError::BadRequest(format!("could not read the request body: {e}"))
-            }
-        })?
-        .to_bytes();
     let encoding = headers
         .get(header::CONTENT_ENCODING)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
-        None | Some("") | Some("identity") => Ok(raw.to_vec()),
+        None | Some("") | Some("identity") => Ok(raw),
         Some("gzip") | Some("x-gzip") => {
             let mut out = Vec::new();
             flate2::read::MultiGzDecoder::new(&raw[..])

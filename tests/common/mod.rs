@@ -62,7 +62,14 @@ pub fn marsad_bin() -> &'static str {
 impl Marsad {
     /// Starts `marsad up` on free ports, trusting 127.0.0.1 as a proxy.
     pub fn start(data_dir: &Path, geoip: Option<&Path>) -> Result<Self> {
-        Self::start_on(data_dir, geoip, free_port()?, free_port()?)
+        // a free port can be taken by a parallel test between our probe and marsad's bind: try again
+        let mut attempt = 0;
+        loop {
+            match Self::start_on(data_dir, geoip, free_port()?, free_port()?) {
+                Err(e) if attempt < 3 && e.to_string().contains("cannot listen") => attempt += 1,
+                other => return other,
+            }
+        }
     }
 
     /// Starts on given ports (a restart keeps the addresses clients use).
