@@ -84,6 +84,23 @@ pub fn subject_key(targeting_key: &SecretKey, subject: Subject<'_>) -> String {
     audience_id(targeting_key, subject)
 }
 
+/// The opt-outs of one event's subjects, looked up once and asked per purpose.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubjectOptOuts(u8);
+
+impl SubjectOptOuts {
+    /// Whether these opt-outs rule out `purpose` (`analytics` and `all` rule out everything).
+    pub fn covers(self, purpose: Purpose) -> bool {
+        let everything = OptOutScope::All.bit() | OptOutScope::Analytics.bit();
+        let wanted = match purpose {
+            Purpose::Analytics => 0,
+            Purpose::Personalisation => OptOutScope::Personalisation.bit(),
+            Purpose::Marketing => OptOutScope::Marketing.bit(),
+        };
+        self.0 & (everything | wanted) != 0
+    }
+}
+
 /// The opt-outs in force, as far as this process has read the log.
 #[derive(Debug, Default)]
 pub struct OptOutRegistry {
@@ -116,19 +133,23 @@ impl OptOutRegistry {
         self.caught_up.load(Ordering::Acquire)
     }
 
+    /// The opt-outs of the subjects with these keyed hashes, under one read of the registry.
+    pub fn lookup<'a>(&self, subjects: impl IntoIterator<Item = &'a str>) -> SubjectOptOuts {
+        let Ok(e) = self.entries.read() else {
+            // a poisoned registry cannot tell: treat everyone as opted out rather than collect
+            return SubjectOptOuts(OptOutScope::All.bit());
+        };
+        SubjectOptOuts(
+            subjects
+                .into_iter()
+                .filter_map(|s| e.get(s).copied())
+                .fold(0, |acc, b| acc | b),
+        )
+    }
+
     /// Whether the subject with this keyed hash opted out of `purpose`.
     pub fn is_opted_out(&self, subject: &str, purpose: Purpose) -> bool {
-        let Ok(e) = self.entries.read() else { return true };
-        let Some(bits) = e.get(subject).copied() else {
-            return false;
-        };
-        let all = OptOutScope::All.bit() | OptOutScope::Analytics.bit();
-        let wanted = match purpose {
-            Purpose::Analytics => 0,
-            Purpose::Personalisation => OptOutScope::Personalisation.bit(),
-            Purpose::Marketing => OptOutScope::Marketing.bit(),
-        };
-        bits & (all | wanted) != 0
+        self.lookup([subject]).covers(purpose)
     }
 
     /// Whether any of an event's identifiers opted out of `purpose`.
@@ -142,8 +163,10 @@ impl OptOutRegistry {
         if self.is_empty() {
             return false;
         }
-        cookie_id.is_some_and(|c| self.is_opted_out(&subject_key(key, Subject::Cookie(c)), purpose))
-            || user_id.is_some_and(|u| self.is_opted_out(&subject_key(key, Subject::User(u)), purpose))
+        let cookie = cookie_id.map(|c| subject_key(key, Subject::Cookie(c)));
+        let user = user_id.map(|u| subject_key(key, Subject::User(u)));
+        self.lookup(cookie.iter().chain(user.iter()).map(String::as_str))
+            .covers(purpose)
     }
 
     /// Subjects with at least one opt-out.

@@ -174,13 +174,22 @@ impl Anonymizer {
             marketing: c.marketing,
         };
         let mut decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
-        let (cookie, user) = (ev.cookie_id.as_deref(), ev.user_id.as_deref());
-        let opted_out = |p| self.opt_outs.any_opted_out(&self.targeting_key, cookie, user, p);
-        if !decision.analytics || opted_out(Purpose::Analytics) {
+        if !decision.analytics {
             return Ok(None);
         }
-        decision.personalisation &= !opted_out(Purpose::Personalisation);
-        decision.marketing &= !opted_out(Purpose::Marketing);
+        // the subjects' keyed hashes: looked up in the opt-outs once, and reused as the audience_id
+        let need_keys = decision.personalisation || !self.opt_outs.is_empty();
+        let key_of = |s| need_keys.then(|| audience_id(&self.targeting_key, s));
+        let cookie_key = ev.cookie_id.as_deref().and_then(|c| key_of(Subject::Cookie(c)));
+        let user_key = ev.user_id.as_deref().and_then(|u| key_of(Subject::User(u)));
+        let opt_outs = self
+            .opt_outs
+            .lookup(cookie_key.iter().chain(user_key.iter()).map(String::as_str));
+        if opt_outs.covers(Purpose::Analytics) {
+            return Ok(None);
+        }
+        decision.personalisation &= !opt_outs.covers(Purpose::Personalisation);
+        decision.marketing &= !opt_outs.covers(Purpose::Marketing);
 
         let location = env
             .client_ip
@@ -202,13 +211,9 @@ impl Anonymizer {
             },
             None => None,
         };
+        // a logged-in visitor is targeted as the account, else as the browser
         let audience_id = if decision.personalisation {
-            let subject = ev
-                .user_id
-                .as_deref()
-                .map(Subject::User)
-                .or(ev.cookie_id.as_deref().map(Subject::Cookie));
-            subject.map(|s| audience_id(&self.targeting_key, s))
+            user_key.or(cookie_key)
         } else {
             None
         };
