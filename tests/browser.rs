@@ -117,6 +117,8 @@ fn the_tracker_in_a_real_chromium() -> Result<()> {
         // 4: a new page: consent remembered, GPC override gone
         c.goto(&demo).await?;
         wait_for_tracker(&c).await?;
+        // the processor applies opt-outs to what it has not yet stored: let 1-4 land first
+        wait_for_events(&m.query, &m.admin_key()?, 4).await?;
         // 5: opt out of personalisation, then an impression
         let done = c
             .execute_async("const done = arguments[0]; marsad.optOut('personalisation').then(done)", vec![])
