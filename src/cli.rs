@@ -51,6 +51,16 @@ pub enum Command {
     Erase(crate::tools::EraseArgs),
     /// Record an opt-out for a cookie or user id.
     OptOut(crate::tools::OptOutArgs),
+    /// Audience segments: materialize them now.
+    #[command(subcommand)]
+    Segments(SegmentsCommand),
+}
+
+/// `marsad segments …`.
+#[derive(Debug, Subcommand)]
+pub enum SegmentsCommand {
+    /// Re-materialize every configured segment into `segment_members` now, with progress.
+    Refresh(StageArgs),
 }
 
 /// Flags every stage shares; each overrides the config file and `MARSAD_*` variables.

@@ -8,7 +8,7 @@ mod tools;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, SegmentsCommand};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
             Command::Audit(args) => tools::audit(args).await,
             Command::Erase(args) => tools::erase(args).await,
             Command::OptOut(args) => tools::opt_out(args).await,
+            Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
         }
     })
 }

@@ -161,6 +161,41 @@ impl Privacy {
     }
 }
 
+/// Re-materializes the audience segments every `audience.refresh_interval_secs` (first soon after
+/// start); a failed refresh is logged and the previous membership stays served.
+fn spawn_segment_refresh(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    opt_outs: Arc<OptOutRegistry>,
+    shutdown: CancellationToken,
+) {
+    if config.audience.segments.is_empty() {
+        return;
+    }
+    let (tables, audience) = (config.tables_dir(), config.audience.clone());
+    let every = Duration::from_secs(audience.refresh_interval_secs);
+    set.spawn(async move {
+        let mut next = tokio::time::Instant::now() + Duration::from_secs(5).min(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            next = tokio::time::Instant::now() + every;
+            let started = std::time::Instant::now();
+            match marsad_process::segments::refresh(&tables, &audience, &opt_outs, |_, _, _| {}).await {
+                Ok(summary) => tracing::info!(
+                    segments = summary.segments.len(),
+                    served = summary.segments.iter().filter(|s| s.served).count(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "audience segments refreshed"
+                ),
+                Err(e) => tracing::error!(error = %e, "segment refresh failed; the previous members stay served"),
+            }
+        }
+    });
+}
+
 /// Waits for every task; the first failure stops the others.
 async fn supervise(mut set: JoinSet<anyhow::Result<()>>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut first_error = None;
@@ -205,6 +240,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     });
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
+    spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     let pm = process_metrics.clone();
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))
         .with_metrics_source(Arc::new(move || pm.render()));
@@ -218,7 +254,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
     println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
-    println!("  query   http://{query_addr}   POST /v1/sql, DELETE /v1/subjects (Authorization: Bearer <admin key>)");
+    println!("  query   http://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects");
+    println!("          (Authorization: Bearer <key>)");
     let admin = &privacy.admin;
     if admin.created {
         println!(
@@ -276,6 +313,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     privacy.opt_outs_loaded().await?;
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
+    spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     let s = shutdown.clone();
     set.spawn(async move {
         let app = axum::Router::new()

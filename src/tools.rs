@@ -1,4 +1,4 @@
-//! Operator commands: `marsad audit`, `marsad erase`, `marsad opt-out`.
+//! Operator commands: `marsad audit`, `marsad erase`, `marsad opt-out`, `marsad segments refresh`.
 
 use std::path::PathBuf;
 
@@ -176,5 +176,62 @@ pub async fn opt_out(args: OptOutArgs) -> anyhow::Result<()> {
         );
     }
     println!("opt-out recorded: {kind} out of {scope}");
+    Ok(())
+}
+
+/// `marsad segments refresh`: materializes every segment now, on the data dir, honouring every
+/// opt-out recorded so far; a running query service picks the new members up within seconds.
+pub async fn refresh_segments(args: StageArgs) -> anyhow::Result<()> {
+    use marsad_eventlog::{Followed, LocalLog, LocalLogOptions};
+    let config = args.config()?;
+    if config.audience.segments.is_empty() {
+        bail!("no segments are configured: add [[audience.segments]] to the config file");
+    }
+    let log = LocalLog::open(config.log_dir(), LocalLogOptions::default()).context("opening the event log")?;
+    let opt_outs = std::sync::Arc::new(marsad_privacy::optout::OptOutRegistry::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let registry = opt_outs.clone();
+    let done = stop.clone();
+    marsad_eventlog::follow(
+        &log,
+        marsad_schemas::TOPIC_OPTOUTS,
+        |f: Followed<'_>| match f {
+            Followed::Record(r) => {
+                if let Err(e) = registry.apply_bytes(&r.payload) {
+                    tracing::error!(error = %e, "undecodable opt-out record");
+                }
+            }
+            Followed::CaughtUp => done.cancel(),
+        },
+        stop.cancelled(),
+    )
+    .await
+    .context("reading the opt-outs")?;
+    let bar = indicatif::ProgressBar::new(config.audience.segments.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} segments {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("querying events…");
+    let started = std::time::Instant::now();
+    let summary = marsad_process::segments::refresh(&config.tables_dir(), &config.audience, &opt_outs, |n, _, s| {
+        bar.set_position(n as u64);
+        bar.set_message(format!("{}: {}", s.id, if s.served { "served" } else { "held back" }));
+    })
+    .await?;
+    bar.finish_and_clear();
+    for s in &summary.segments {
+        let status = if s.served {
+            format!("served, {} members", s.members)
+        } else {
+            format!("held back (fewer than {} members)", summary.min_segment_size)
+        };
+        println!("{:<32} {status}", s.id);
+    }
+    println!(
+        "refreshed {} segments ({} served) in {:.1} s",
+        summary.segments.len(),
+        summary.segments.iter().filter(|s| s.served).count(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

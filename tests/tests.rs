@@ -18,3 +18,6 @@ mod privacy;
 
 /// The tracker snippet in a real headless Chromium.
 mod browser;
+
+/// Rollup totals equal `events` totals, also after crashes between the commits.
+mod rollups;

@@ -15,6 +15,17 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// The event types of the contract (as in `schemas`), for checking segment rules.
+const EVENT_TYPES: [&str; 7] = [
+    "page_view",
+    "ad_impression",
+    "ad_click",
+    "search",
+    "ad_post",
+    "signup",
+    "custom",
+];
+
 /// Environment variables with this prefix never enter the config tree: they hold secrets.
 pub const SECRET_ENV_PREFIX: &str = "MARSAD_SECRET_";
 
@@ -55,6 +66,8 @@ pub struct Config {
     pub privacy: PrivacyConfig,
     /// The GeoIP database.
     pub geoip: GeoIpConfig,
+    /// Audience segments for the ad system.
+    pub audience: AudienceConfig,
 }
 
 impl Default for Config {
@@ -67,6 +80,7 @@ impl Default for Config {
             query: QueryConfig::default(),
             privacy: PrivacyConfig::default(),
             geoip: GeoIpConfig::default(),
+            audience: AudienceConfig::default(),
         }
     }
 }
@@ -153,6 +167,63 @@ pub struct ProcessConfig {
     pub metrics_addr: SocketAddr,
     /// How many recent event ids are remembered to drop retried duplicates.
     pub dedup_capacity: usize,
+    /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
+    pub page_categories: Vec<PageCategoryRule>,
+}
+
+/// A page category and the URL path segments (Arabic or English) that mean it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PageCategoryRule {
+    /// The category name stored in `page_category`.
+    pub category: String,
+    /// Path segments that mean it, e.g. `cars`, `سيارات`.
+    pub path_segments: Vec<String>,
+}
+
+fn rule(category: &str, words: &[&str]) -> PageCategoryRule {
+    PageCategoryRule {
+        category: category.into(),
+        path_segments: words.iter().map(|w| (*w).to_owned()).collect(),
+    }
+}
+
+/// The categories of the site's sections, in Arabic and English.
+pub fn default_page_categories() -> Vec<PageCategoryRule> {
+    vec![
+        rule(
+            "cars",
+            &["cars", "car", "vehicles", "motors", "سيارات", "سيارة", "مركبات"],
+        ),
+        rule(
+            "real_estate",
+            &[
+                "real-estate",
+                "realestate",
+                "property",
+                "properties",
+                "apartments",
+                "عقارات",
+                "شقق",
+                "أراضي",
+            ],
+        ),
+        rule("jobs", &["jobs", "job", "careers", "وظائف", "وظيفة"]),
+        rule(
+            "electronics",
+            &[
+                "electronics",
+                "mobiles",
+                "phones",
+                "computers",
+                "إلكترونيات",
+                "الكترونيات",
+                "موبايلات",
+            ],
+        ),
+        rule("furniture", &["furniture", "home", "أثاث", "اثاث"]),
+        rule("services", &["services", "service", "خدمات"]),
+    ]
 }
 
 impl Default for ProcessConfig {
@@ -162,6 +233,7 @@ impl Default for ProcessConfig {
             batch_max_interval_ms: 1_000,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
             dedup_capacity: 5_000_000,
+            page_categories: default_page_categories(),
         }
     }
 }
@@ -261,6 +333,77 @@ pub struct GeoIpConfig {
     pub databases: Vec<PathBuf>,
 }
 
+/// Audience segments: definitions, how often they are materialized, and the smallest served.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudienceConfig {
+    /// A segment with fewer members is neither served nor exported, so it cannot single out a person.
+    pub min_segment_size: usize,
+    /// How often the processor re-materializes the segments.
+    pub refresh_interval_secs: u64,
+    /// The segment definitions.
+    pub segments: Vec<SegmentDefinition>,
+}
+
+impl Default for AudienceConfig {
+    fn default() -> Self {
+        AudienceConfig {
+            min_segment_size: 100,
+            refresh_interval_secs: 300,
+            segments: Vec::new(),
+        }
+    }
+}
+
+/// A segment: the visitors whose events in the last `window_days`, restricted to the listed
+/// places, devices and declared demographics (empty lists: any), meet every rule.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentDefinition {
+    /// Stable id the ad system uses (`a-z`, `0-9`, `-`, `_`).
+    pub id: String,
+    /// What the segment means, for people.
+    #[serde(default)]
+    pub description: String,
+    /// How many days of events count.
+    pub window_days: u32,
+    /// Countries (ISO codes) whose events count.
+    #[serde(default)]
+    pub country: Vec<String>,
+    /// Regions whose events count.
+    #[serde(default)]
+    pub region: Vec<String>,
+    /// Device types (`desktop`, `mobile`, `tablet`) whose events count.
+    #[serde(default)]
+    pub device_type: Vec<String>,
+    /// Declared age bands whose events count.
+    #[serde(default)]
+    pub age_band: Vec<String>,
+    /// Declared genders whose events count.
+    #[serde(default)]
+    pub gender: Vec<String>,
+    /// Every rule must hold; no rules means any counted event.
+    #[serde(default)]
+    pub rules: Vec<SegmentRule>,
+}
+
+/// At least `at_least` counted events of a kind, e.g. 3 `page_view`s of category `cars`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentRule {
+    /// The event type (`page_view`, `ad_click`, …); any when absent.
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// The page category; any when absent.
+    #[serde(default)]
+    pub page_category: Option<String>,
+    /// The ad campaign; any when absent.
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+    /// How many such events are needed.
+    pub at_least: u32,
+}
+
 impl Config {
     /// Loads defaults < `file` (if given) < `MARSAD_*` environment, then validates.
     pub fn load(file: Option<&Path>) -> Result<Config> {
@@ -316,6 +459,49 @@ impl Config {
                 key: "data_dir",
                 reason: "must not be empty".into(),
             });
+        }
+        positive("audience.min_segment_size", self.audience.min_segment_size as u64)?;
+        positive("audience.refresh_interval_secs", self.audience.refresh_interval_secs)?;
+        let mut ids = std::collections::HashSet::new();
+        for seg in &self.audience.segments {
+            let bad = |reason: String| ConfigError::Invalid {
+                key: "audience.segments",
+                reason,
+            };
+            if seg.id.is_empty()
+                || !seg
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(bad(format!(
+                    "segment id `{}` must be non-empty and use only a-z, 0-9, - and _",
+                    seg.id
+                )));
+            }
+            if !ids.insert(seg.id.as_str()) {
+                return Err(bad(format!("segment id `{}` is defined twice", seg.id)));
+            }
+            if seg.window_days == 0 {
+                return Err(bad(format!("segment `{}`: window_days must be at least 1", seg.id)));
+            }
+            for rule in &seg.rules {
+                if rule.at_least == 0 {
+                    return Err(bad(format!(
+                        "segment `{}`: a rule's at_least must be at least 1",
+                        seg.id
+                    )));
+                }
+                if let Some(t) = &rule.event_type
+                    && !EVENT_TYPES.contains(&t.as_str())
+                {
+                    return Err(bad(format!(
+                        "segment `{}`: unknown event_type `{t}` (one of {})",
+                        seg.id,
+                        EVENT_TYPES.join(", ")
+                    )));
+                }
+            }
         }
         for (i, key) in self.query.keys.iter().enumerate() {
             if key.name.trim().is_empty() {

@@ -12,7 +12,7 @@ use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
 use marsad_schemas::Envelope;
 
-use crate::category::page_category;
+use crate::category::PageCategories;
 use crate::sessions::SessionTracker;
 
 /// Client clocks further than this from the receive time are not believed.
@@ -60,7 +60,7 @@ pub struct AnonymousEvent {
     /// Scrubbed path.
     pub page_path: Option<String>,
     /// Category of the path.
-    pub page_category: Option<&'static str>,
+    pub page_category: Option<Arc<str>>,
     /// Referrer host.
     pub referrer_domain: Option<String>,
     /// utm_source.
@@ -96,6 +96,7 @@ pub struct Anonymizer {
     sessions: SessionTracker,
     opt_outs: Arc<OptOutRegistry>,
     truncate_ip: bool,
+    categories: PageCategories,
 }
 
 /// Why an envelope cannot become a row; the reason goes to the dead-letter topic.
@@ -136,13 +137,25 @@ impl Anonymizer {
             consent_defaults,
             user_agents: UserAgentCache::default(),
             sessions: SessionTracker::default(),
+            categories: PageCategories::default(),
         }
+    }
+
+    /// Categorizes pages by these rules instead of the defaults.
+    pub fn with_categories(mut self, categories: PageCategories) -> Self {
+        self.categories = categories;
+        self
     }
 
     /// Looks addresses up by their /24 (IPv4) or /48 (IPv6) network only.
     pub fn with_truncated_ips(mut self, truncate: bool) -> Self {
         self.truncate_ip = truncate;
         self
+    }
+
+    /// Continues a session stored before a restart.
+    pub fn resume_session(&mut self, visitor_key: &str, session_id: &str, last: DateTime<Utc>) {
+        self.sessions.resume(visitor_key, session_id, last);
     }
 
     /// Forgets idle sessions; call now and then.
@@ -220,7 +233,7 @@ impl Anonymizer {
         let session_id = visitor_key.as_deref().map(|v| self.sessions.session_id(v, ts));
         let device = self.user_agents.parse(env.user_agent.as_deref().unwrap_or(""));
         let page = ev.url.as_deref().map(|u| scrub_url(u, &self.allow));
-        let category = page.as_ref().map(|p| page_category(&p.page_path));
+        let category = page.as_ref().map(|p| self.categories.categorize(&p.page_path));
         let ad = ev.ad.clone().unwrap_or_default();
         let demo = if decision.personalisation {
             ev.demographics.clone().unwrap_or_default()
@@ -310,7 +323,7 @@ mod tests {
         let row = a.anonymize(&env).expect("row").expect("stored");
         assert_eq!(row.country.as_deref(), Some("JO"));
         assert_eq!(row.page_path.as_deref(), Some("/ar/cars/toyota"));
-        assert_eq!(row.page_category, Some("cars"));
+        assert_eq!(row.page_category.as_deref(), Some("cars"));
         assert_eq!(row.utm_source.as_deref(), Some("fb"));
         assert_eq!(row.referrer_domain.as_deref(), Some("google.com"));
         assert_eq!(row.language.as_deref(), Some("ar"));

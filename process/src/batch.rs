@@ -78,7 +78,7 @@ impl EventsBatchBuilder {
             e.browser_version.as_deref(),
             e.language.as_deref(),
             e.page_path.as_deref(),
-            e.page_category,
+            e.page_category.as_deref(),
             e.referrer_domain.as_deref(),
             e.utm_source.as_deref(),
             e.utm_medium.as_deref(),

@@ -1,53 +1,52 @@
-//! Page categories from URL paths, in Arabic and English.
+//! Page categories from URL paths, in Arabic and English, by configurable rules.
 
-/// Categories and the path segments that mean them.
-const RULES: &[(&str, &[&str])] = &[
-    (
-        "cars",
-        &["cars", "car", "vehicles", "motors", "سيارات", "سيارة", "مركبات"],
-    ),
-    (
-        "real_estate",
-        &[
-            "real-estate",
-            "realestate",
-            "property",
-            "properties",
-            "apartments",
-            "عقارات",
-            "شقق",
-            "أراضي",
-        ],
-    ),
-    ("jobs", &["jobs", "job", "careers", "وظائف", "وظيفة"]),
-    (
-        "electronics",
-        &[
-            "electronics",
-            "mobiles",
-            "phones",
-            "computers",
-            "إلكترونيات",
-            "الكترونيات",
-            "موبايلات",
-        ],
-    ),
-    ("furniture", &["furniture", "home", "أثاث", "اثاث"]),
-    ("services", &["services", "service", "خدمات"]),
-];
+use std::sync::Arc;
 
-/// The category of a scrubbed page path: the first segment that names one, else `other`.
-pub fn page_category(path: &str) -> &'static str {
-    let path = path.split('?').next().unwrap_or(path);
-    for segment in path.split('/').filter(|s| !s.is_empty()) {
-        let lower = segment.to_lowercase();
-        for (category, words) in RULES {
-            if words.contains(&lower.as_str()) {
-                return category;
-            }
+use marsad_config::{PageCategoryRule, default_page_categories};
+
+/// The category rules, ready to match paths.
+#[derive(Debug, Clone)]
+pub struct PageCategories {
+    rules: Vec<(Arc<str>, Vec<String>)>,
+    other: Arc<str>,
+}
+
+impl Default for PageCategories {
+    fn default() -> Self {
+        Self::new(&default_page_categories())
+    }
+}
+
+impl PageCategories {
+    /// Compiles the configured rules (words are matched in lower case).
+    pub fn new(rules: &[PageCategoryRule]) -> Self {
+        PageCategories {
+            rules: rules
+                .iter()
+                .map(|r| {
+                    (
+                        Arc::from(r.category.as_str()),
+                        r.path_segments.iter().map(|w| w.to_lowercase()).collect(),
+                    )
+                })
+                .collect(),
+            other: Arc::from("other"),
         }
     }
-    "other"
+
+    /// The category of a scrubbed page path: the first segment that names one, else `other`.
+    pub fn categorize(&self, path: &str) -> Arc<str> {
+        let path = path.split(['?', '#']).next().unwrap_or(path);
+        for segment in path.split('/').filter(|s| !s.is_empty()) {
+            let lower = segment.to_lowercase();
+            for (category, words) in &self.rules {
+                if words.iter().any(|w| *w == lower) {
+                    return category.clone();
+                }
+            }
+        }
+        self.other.clone()
+    }
 }
 
 #[cfg(test)]
@@ -56,10 +55,22 @@ mod tests {
 
     #[test]
     fn arabic_and_english_paths() {
-        assert_eq!(page_category("/ar/سيارات/تويوتا"), "cars");
-        assert_eq!(page_category("/en/cars/toyota?page=2"), "cars");
-        assert_eq!(page_category("/ar/عقارات/شقق-للايجار"), "real_estate");
-        assert_eq!(page_category("/en/Jobs"), "jobs");
-        assert_eq!(page_category("/"), "other");
+        let c = PageCategories::default();
+        assert_eq!(&*c.categorize("/ar/سيارات/تويوتا"), "cars");
+        assert_eq!(&*c.categorize("/en/cars/toyota?page=2"), "cars");
+        assert_eq!(&*c.categorize("/ar/عقارات/شقق-للايجار"), "real_estate");
+        assert_eq!(&*c.categorize("/en/Jobs"), "jobs");
+        assert_eq!(&*c.categorize("/"), "other");
+    }
+
+    #[test]
+    fn configured_rules_replace_the_defaults() {
+        let c = PageCategories::new(&[PageCategoryRule {
+            category: "boats".into(),
+            path_segments: vec!["Boats".into(), "قوارب".into()],
+        }]);
+        assert_eq!(&*c.categorize("/ar/قوارب/1"), "boats");
+        assert_eq!(&*c.categorize("/en/boats"), "boats");
+        assert_eq!(&*c.categorize("/en/cars"), "other");
     }
 }

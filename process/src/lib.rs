@@ -3,7 +3,9 @@
 //! instead of cookie and user ids; scrubbed page paths), and writes Arrow
 //! batches into the Delta table `events`, exactly once: each commit records
 //! the log position it covers in the same Delta transaction, and a restart
-//! resumes from there.
+//! resumes from there. Right after each `events` commit it appends the partial
+//! aggregates of the same events to the rollup tables, recording the same log
+//! positions, and catches a lagging rollup up from `events` after a crash.
 //!
 //! It must not keep an IP address, cookie id or user id in anything it
 //! writes, and never drops an event silently: what it cannot handle goes to
@@ -18,6 +20,8 @@ pub mod dead_letters;
 pub mod dedup;
 pub mod metrics;
 pub mod offsets;
+pub mod rollup;
+pub mod segments;
 pub mod sessions;
 pub mod table;
 
@@ -54,6 +58,9 @@ pub enum Error {
     /// A privacy mechanism (keys, GeoIP) failed.
     #[error("privacy: {0}")]
     Privacy(#[from] marsad_privacy::Error),
+    /// A crash simulated by a test between two commits.
+    #[error("simulated crash between commits")]
+    SimulatedCrash,
     /// A directory could not be created.
     #[error("{path}: {source}")]
     Io {

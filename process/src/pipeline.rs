@@ -2,7 +2,8 @@
 //! the main task anonymizes, batches and commits. A slow commit stops the
 //! reader once the channel is full (backpressure), never buffers without bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use crate::dead_letters::{self, DeadLetter};
 use crate::dedup::RecentEventIds;
 use crate::metrics::ProcessMetrics;
 use crate::offsets::{app_id, resume_from};
+use crate::rollup::{CrashPoint, Rollups};
 use crate::table::EventsTable;
 
 /// The consumer group of the processors.
@@ -49,6 +51,9 @@ pub struct Processor {
     metrics: Arc<ProcessMetrics>,
     batch_max_events: usize,
     batch_interval: Duration,
+    tables_dir: PathBuf,
+    rollups: Option<Rollups>,
+    crash: Option<(usize, CrashPoint)>,
 }
 
 impl Processor {
@@ -76,14 +81,25 @@ impl Processor {
             },
             opt_outs,
         )
-        .with_truncated_ips(config.privacy.truncate_ip);
+        .with_truncated_ips(config.privacy.truncate_ip)
+        .with_categories(crate::category::PageCategories::new(&config.process.page_categories));
         let table = EventsTable::open_or_create(&config.tables_dir()).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
         let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
         for id in table.event_ids_since(since).await? {
             dedup.insert(&id);
         }
-        tracing::info!(table_version = ?table.version(), remembered_event_ids = dedup.len(), "processor ready");
+        let mut anonymizer = anonymizer;
+        let sessions = table.recent_sessions().await?;
+        for (visitor, session, last) in &sessions {
+            anonymizer.resume_session(visitor, session, *last);
+        }
+        tracing::info!(
+            table_version = ?table.version(),
+            remembered_event_ids = dedup.len(),
+            resumed_sessions = sessions.len(),
+            "processor ready"
+        );
         Ok(Processor {
             log,
             table,
@@ -94,19 +110,45 @@ impl Processor {
             metrics,
             batch_max_events: config.process.batch_max_events,
             batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
+            tables_dir: config.tables_dir(),
+            rollups: None,
+            crash: None,
         })
+    }
+
+    /// Makes the `n`th commit stop at `point` as if the process died there (crash tests only).
+    #[doc(hidden)]
+    pub fn crash_at(mut self, n: usize, point: CrashPoint) -> Self {
+        self.crash = Some((n, point));
+        self
     }
 
     /// Processes until `shutdown`, committing what is buffered before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
         let mut sub = self.log.subscribe(TOPIC_RAW, CONSUMER_GROUP).await?;
+        let mut events_positions = HashMap::new();
+        let mut app_ids = Vec::new();
         for partition in sub.assignment() {
-            let committed = self.table.committed_offset(&app_id(TOPIC_RAW, partition)).await?;
+            let app = app_id(TOPIC_RAW, partition);
+            let committed = self.table.committed_offset(&app).await?;
             let from = resume_from(committed);
             tracing::info!(partition, from, "resuming from the offset recorded in the events table");
             sub.seek(partition, from).await?;
             self.metrics.position.set(from as i64);
+            if let Some(c) = committed {
+                events_positions.insert(app.clone(), c);
+            }
+            app_ids.push(app);
         }
+        let mut rollups = Rollups::open(&self.tables_dir, &app_ids).await?;
+        let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
+        if caught_up > 0 {
+            tracing::info!(
+                events = caught_up,
+                "rollups caught up with events committed before a crash"
+            );
+        }
+        self.rollups = Some(rollups);
         let (chunks_tx, mut chunks) = mpsc::channel(CHANNEL_CHUNKS);
         let (commits_tx, commits_rx) = mpsc::unbounded_channel();
         let reader_stop = shutdown.child_token();
@@ -142,8 +184,11 @@ impl Processor {
                 maintenance_at = Instant::now();
             }
         };
-        // commit what is buffered: it is all read from the log and decided
-        let flushed = self.flush(&mut builder, &mut pending, &commits_tx).await;
+        // commit what is buffered: it is all read from the log and decided (not after a crash)
+        let flushed = match &result {
+            Err(crate::Error::SimulatedCrash) => Ok(()),
+            _ => self.flush(&mut builder, &mut pending, &commits_tx).await,
+        };
         reader_stop.cancel();
         let _ = reader.await;
         result.and(flushed)
@@ -214,16 +259,44 @@ impl Processor {
         let rows = builder.len();
         let batch = builder.finish()?;
         let positions: Vec<(String, u64)> = pending.iter().map(|(p, o)| (app_id(TOPIC_RAW, *p), *o)).collect();
+        let crash = match &mut self.crash {
+            Some((0, point)) => Some(*point),
+            Some((n, _)) => {
+                *n -= 1;
+                None
+            }
+            None => None,
+        };
         let mut attempt = 0;
         loop {
             match self.table.append(batch.clone(), &positions).await {
-                Ok(()) => break,
+                Ok(_) => break,
                 Err(e) if attempt < 5 => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "delta commit failed; retrying");
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
                 Err(e) => return Err(e),
+            }
+        }
+        if crash == Some(CrashPoint::AfterEvents) {
+            return Err(crate::Error::SimulatedCrash);
+        }
+        if let Some(rollups) = &mut self.rollups {
+            let positions: Vec<(String, i64)> = positions.iter().map(|(a, o)| (a.clone(), *o as i64)).collect();
+            rollups.add(&batch, &positions)?;
+            let mut attempt = 0;
+            loop {
+                match rollups.commit(&positions, crash).await {
+                    Ok(()) => break,
+                    Err(crate::Error::SimulatedCrash) => return Err(crate::Error::SimulatedCrash),
+                    Err(e) if attempt < 5 => {
+                        attempt += 1;
+                        tracing::warn!(error = %e, attempt, "rollup commit failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         }
         self.metrics.events_written.inc_by(rows as u64);

@@ -35,6 +35,16 @@ impl SessionTracker {
         id
     }
 
+    /// Continues a session stored before a restart, unless a later one is known.
+    pub fn resume(&mut self, visitor_key: &str, session_id: &str, last: DateTime<Utc>) {
+        match self.open.get(visitor_key) {
+            Some((_, known)) if *known >= last => {}
+            _ => {
+                self.open.insert(visitor_key.to_owned(), (session_id.to_owned(), last));
+            }
+        }
+    }
+
     /// Forgets sessions idle since before `now - gap`, bounding memory.
     pub fn expire(&mut self, now: DateTime<Utc>) {
         let cutoff = now - Duration::minutes(SESSION_GAP_MINUTES);
@@ -69,5 +79,14 @@ mod tests {
         );
         assert_ne!(s.session_id("v1", t0 + Duration::minutes(90)), a);
         assert_ne!(s.session_id("v2", t0), a);
+    }
+
+    #[test]
+    fn a_resumed_session_continues_after_a_restart() {
+        let mut s = SessionTracker::default();
+        let t0 = Utc::now();
+        s.resume("v1", "stored", t0);
+        s.resume("v1", "older", t0 - Duration::minutes(5));
+        assert_eq!(s.session_id("v1", t0 + Duration::minutes(10)), "stored");
     }
 }

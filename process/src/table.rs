@@ -1,9 +1,10 @@
-//! The `events` Delta table: created on first start, appended to with the
-//! log positions each commit covers.
+//! The Delta tables the processor writes: created on first start, appended to
+//! with the positions each commit covers recorded in the same transaction.
 
 use std::path::Path;
 
 use arrow::array::{Array, StringArray};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
@@ -15,12 +16,6 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_schemas::{DATE_COLUMN, TableName, events_schema};
 
 use crate::{Error, Result};
-
-const NAME: &str = "events";
-
-fn delta(source: DeltaTableError) -> Error {
-    Error::Delta { table: NAME, source }
-}
 
 /// The `file://` URL of a table directory (created if missing).
 pub fn table_url(dir: &Path) -> Result<url::Url> {
@@ -38,21 +33,37 @@ pub fn table_url(dir: &Path) -> Result<url::Url> {
     })
 }
 
-/// The `events` table as the processor writes it.
-pub struct EventsTable {
+/// What a table is made of, for creating it on first start.
+#[derive(Clone)]
+pub struct TableSpec {
+    /// Which table.
+    pub name: TableName,
+    /// Its columns.
+    pub schema: SchemaRef,
+    /// Its partition columns.
+    pub partitions: &'static [&'static str],
+    /// What a row is (kept in the table's metadata).
+    pub comment: &'static str,
+}
+
+/// A Delta table the processor appends to.
+pub struct DeltaSink {
+    name: &'static str,
     table: DeltaTable,
 }
 
-impl EventsTable {
-    /// Opens `<tables_dir>/events`, creating it (partitioned by date) on first start.
-    pub async fn open_or_create(tables_dir: &Path) -> Result<Self> {
-        let url = table_url(&tables_dir.join(TableName::Events.as_str()))?;
-        let dir = tables_dir.join(TableName::Events.as_str());
+impl DeltaSink {
+    /// Opens `<tables_dir>/<name>`, creating it on first start.
+    pub async fn open_or_create(tables_dir: &Path, spec: &TableSpec) -> Result<Self> {
+        let name = spec.name.as_str();
+        let delta = |source| Error::Delta { table: name, source };
+        let dir = tables_dir.join(name);
+        let url = table_url(&dir)?;
         // probe only an existing log: probing an empty directory makes the kernel log an error
         let table = if dir.join("_delta_log").is_dir() {
             let table = DeltaTable::try_from_url(url.clone()).await.map_err(delta)?;
             if table.version().is_some() {
-                return Ok(EventsTable { table });
+                return Ok(DeltaSink { name, table });
             }
             table
         } else {
@@ -60,78 +71,165 @@ impl EventsTable {
                 .and_then(|b| b.build())
                 .map_err(delta)?
         };
-        let schema: StructType = events_schema()
-            .as_ref()
-            .try_into_kernel()
-            .map_err(|e| delta(e.into()))?;
+        let schema: StructType = spec.schema.as_ref().try_into_kernel().map_err(|e| delta(e.into()))?;
         let created = table
             .create()
-            .with_table_name(NAME)
-            .with_comment("One row per anonymized event; no IP, cookie id or user id")
+            .with_table_name(name)
+            .with_comment(spec.comment)
             .with_columns(schema.fields().cloned())
-            .with_partition_columns([DATE_COLUMN])
+            .with_partition_columns(spec.partitions.iter().copied())
             .with_save_mode(SaveMode::Ignore)
             .await;
         match created {
-            Ok(table) => Ok(EventsTable { table }),
+            Ok(table) => Ok(DeltaSink { name, table }),
             // another processor created it first
-            Err(_) => Ok(EventsTable {
+            Err(_) => Ok(DeltaSink {
+                name,
                 table: DeltaTable::try_from_url(url).await.map_err(delta)?,
             }),
         }
     }
 
-    /// The last raw-log offset committed for a `txn` app id.
-    pub async fn committed_offset(&mut self, app_id: &str) -> Result<Option<i64>> {
-        self.table.update_state().await.map_err(delta)?;
-        let log_store = self.table.log_store();
-        self.table
-            .snapshot()
-            .map_err(delta)?
-            .transaction_version(log_store.as_ref(), app_id)
-            .await
-            .map_err(delta)
+    fn delta(&self, source: DeltaTableError) -> Error {
+        Error::Delta {
+            table: self.name,
+            source,
+        }
     }
 
-    /// Appends `batch` and records `positions` (app id, last offset) in the same transaction.
-    pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, u64)]) -> Result<()> {
-        let txns: Vec<Transaction> = positions
-            .iter()
-            .map(|(app, offset)| Transaction::new(app, *offset as i64))
-            .collect();
+    /// The last position committed for a `txn` app id, after catching up with other writers.
+    pub async fn committed(&mut self, app_id: &str) -> Result<Option<i64>> {
+        self.table.update_state().await.map_err(|e| self.delta(e))?;
+        let log_store = self.table.log_store();
+        let snapshot = self.table.snapshot().map_err(|e| self.delta(e))?;
+        snapshot
+            .transaction_version(log_store.as_ref(), app_id)
+            .await
+            .map_err(|e| self.delta(e))
+    }
+
+    /// Appends `batch` and records `positions` (app id, position) in the same transaction;
+    /// returns the new table version.
+    pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
+        let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
+        let partitions: Vec<String> = self.partition_columns();
         let table = self
             .table
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
-            .with_partition_columns([DATE_COLUMN])
+            .with_partition_columns(partitions)
             .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
             .await
-            .map_err(delta)?;
+            .map_err(|e| self.delta(e))?;
         self.table = table;
-        Ok(())
+        self.table
+            .version()
+            .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    /// Replaces the whole table with `batch` in one commit carrying `metadata`; returns the new version.
+    pub async fn overwrite(&mut self, batch: RecordBatch, metadata: Vec<(String, serde_json::Value)>) -> Result<u64> {
+        let partitions: Vec<String> = self.partition_columns();
+        let table = self
+            .table
+            .clone()
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Overwrite)
+            .with_partition_columns(partitions)
+            .with_commit_properties(CommitProperties::default().with_metadata(metadata))
+            .await
+            .map_err(|e| self.delta(e))?;
+        self.table = table;
+        self.table
+            .version()
+            .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    fn partition_columns(&self) -> Vec<String> {
+        self.table
+            .snapshot()
+            .map(|s| s.metadata().partition_columns().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The table's current version.
+    pub fn version(&self) -> Option<u64> {
+        self.table.version()
+    }
+
+    /// The table, for reads.
+    pub fn table(&self) -> &DeltaTable {
+        &self.table
+    }
+
+    /// A DataFusion session with this table registered under its name, at `version` or the latest.
+    pub async fn session(&self, version: Option<u64>) -> Result<SessionContext> {
+        let query = |source| Error::Query {
+            table: self.name,
+            source,
+        };
+        let mut table = self.table.clone();
+        if let Some(v) = version {
+            table.load_version(v as _).await.map_err(|e| self.delta(e))?;
+        }
+        let ctx = SessionContext::new();
+        let provider = table.table_provider().await.map_err(query)?;
+        ctx.register_table(self.name, provider).map_err(query)?;
+        Ok(ctx)
+    }
+
+    /// Runs `sql` against this table (at `version` or the latest).
+    pub async fn query(&self, sql: &str, version: Option<u64>) -> Result<Vec<RecordBatch>> {
+        let query = |source| Error::Query {
+            table: self.name,
+            source,
+        };
+        let ctx = self.session(version).await?;
+        ctx.sql(sql).await.map_err(query)?.collect().await.map_err(query)
+    }
+}
+
+/// The `events` table spec.
+pub fn events_spec() -> TableSpec {
+    TableSpec {
+        name: TableName::Events,
+        schema: events_schema(),
+        partitions: &[DATE_COLUMN],
+        comment: "One row per anonymized event; no IP, cookie id or user id",
+    }
+}
+
+/// The `events` table as the processor writes it.
+pub struct EventsTable {
+    sink: DeltaSink,
+}
+
+impl EventsTable {
+    /// Opens `<tables_dir>/events`, creating it (partitioned by date) on first start.
+    pub async fn open_or_create(tables_dir: &Path) -> Result<Self> {
+        Ok(EventsTable {
+            sink: DeltaSink::open_or_create(tables_dir, &events_spec()).await?,
+        })
+    }
+
+    /// The last raw-log offset committed for a `txn` app id.
+    pub async fn committed_offset(&mut self, app_id: &str) -> Result<Option<i64>> {
+        self.sink.committed(app_id).await
+    }
+
+    /// Appends `batch` and records `positions` (app id, last offset) in the same transaction;
+    /// returns the new version.
+    pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, u64)]) -> Result<u64> {
+        let positions: Vec<(String, i64)> = positions.iter().map(|(a, o)| (a.clone(), *o as i64)).collect();
+        self.sink.append(batch, &positions).await
     }
 
     /// Event ids stored since `since`, to drop retried duplicates after a restart.
     pub async fn event_ids_since(&self, since: NaiveDate) -> Result<Vec<String>> {
-        let ctx = SessionContext::new();
-        let provider = self
-            .table
-            .table_provider()
-            .await
-            .map_err(|e| Error::Query { table: NAME, source: e })?;
-        ctx.register_table(NAME, provider)
-            .map_err(|e| Error::Query { table: NAME, source: e })?;
-        let sql = format!("SELECT event_id FROM {NAME} WHERE {DATE_COLUMN} >= DATE '{since}'");
-        let batches = ctx
-            .sql(&sql)
-            .await
-            .map_err(|e| Error::Query { table: NAME, source: e })?
-            .collect()
-            .await
-            .map_err(|e| Error::Query { table: NAME, source: e })?;
+        let sql = format!("SELECT event_id FROM events WHERE {DATE_COLUMN} >= DATE '{since}'");
         let mut ids = Vec::new();
-        for b in batches {
+        for b in self.sink.query(&sql, None).await? {
             let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
             if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
                 ids.extend(s.iter().flatten().map(str::to_owned));
@@ -140,8 +238,51 @@ impl EventsTable {
         Ok(ids)
     }
 
+    /// The latest session of each visitor in the stored recent days, to continue it after a restart.
+    pub async fn recent_sessions(&self) -> Result<Vec<(String, String, chrono::DateTime<chrono::Utc>)>> {
+        if self.sink.version().is_none_or(|v| v == 0) {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT visitor_key, session_id, max(ts) AS last FROM events \
+             WHERE visitor_key IS NOT NULL AND session_id IS NOT NULL \
+             AND {DATE_COLUMN} >= (SELECT max({DATE_COLUMN}) FROM events) - INTERVAL '1' DAY \
+             GROUP BY visitor_key, session_id"
+        );
+        let mut out = Vec::new();
+        for b in self.sink.query(&sql, None).await? {
+            let text = |i: usize| -> Result<StringArray> {
+                let col = arrow::compute::cast(b.column(i), &arrow::datatypes::DataType::Utf8)?;
+                Ok(col
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .unwrap_or_else(|| StringArray::from(Vec::<String>::new())))
+            };
+            let (visitors, sessions) = (text(0)?, text(1)?);
+            let last = arrow::compute::cast(
+                b.column(2),
+                &arrow::datatypes::DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
+            )?;
+            let Some(last) = last.as_any().downcast_ref::<arrow::array::TimestampMicrosecondArray>() else {
+                continue;
+            };
+            for i in 0..b.num_rows().min(visitors.len()).min(sessions.len()) {
+                if let Some(ts) = chrono::DateTime::from_timestamp_micros(last.value(i)) {
+                    out.push((visitors.value(i).to_owned(), sessions.value(i).to_owned(), ts));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The table's current version (for logs).
     pub fn version(&self) -> Option<u64> {
-        self.table.version()
+        self.sink.version()
+    }
+
+    /// The underlying sink, for reads.
+    pub fn sink(&self) -> &DeltaSink {
+        &self.sink
     }
 }

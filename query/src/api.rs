@@ -24,6 +24,12 @@ pub enum ApiError {
     /// No such route.
     #[error("no such endpoint")]
     NotFound,
+    /// No such thing (e.g. segment).
+    #[error("{0}")]
+    NotFoundWhat(String),
+    /// It exists but cannot be given now (e.g. a held-back segment).
+    #[error("{0}")]
+    Conflict(String),
     /// Something failed that the client cannot fix; details are logged, not sent.
     #[error("internal error; see the service log")]
     Internal,
@@ -37,7 +43,8 @@ impl IntoResponse for ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::NotFoundWhat(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (status, Json(json!({"error": self.to_string()}))).into_response();

@@ -55,6 +55,7 @@ impl TableCatalog {
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
         let ctx = SessionContext::new_with_config(config);
+        crate::sketches::register(&ctx);
         let mut tables = self.tables.lock().await;
         for name in self.existing().await {
             let err = |reason: String| CatalogError { table: name, reason };

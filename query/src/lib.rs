@@ -8,11 +8,14 @@
 #![deny(missing_docs)]
 
 mod api;
+pub mod audience;
+mod audience_routes;
 pub mod audit;
 pub mod catalog;
 pub mod erasure;
 mod metrics;
 mod routes;
+pub mod sketches;
 pub mod sql;
 
 use std::sync::Arc;
@@ -56,6 +59,8 @@ pub struct QueryState {
     pub(crate) extra_metrics: Vec<MetricsSource>,
     pub(crate) privacy: Arc<QueryPrivacy>,
     pub(crate) erasure_settle: Duration,
+    pub(crate) audiences: Arc<audience::Audiences>,
+    pub(crate) audience: Arc<marsad_config::AudienceConfig>,
 }
 
 /// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
@@ -84,7 +89,14 @@ impl QueryState {
             timeout: Duration::from_secs(60),
             metrics: Arc::new(QueryMetrics::new()),
             extra_metrics: Vec::new(),
+            audiences: Arc::new(audience::Audiences::new(&config.tables_dir())),
+            audience: Arc::new(config.audience.clone()),
         }
+    }
+
+    /// The audience index this service answers from.
+    pub fn audiences(&self) -> Arc<audience::Audiences> {
+        self.audiences.clone()
     }
 
     /// Adds another metrics source to `/metrics`.
@@ -100,11 +112,31 @@ pub fn app(state: QueryState) -> Router {
         .route("/v1/sql", post(routes::post_sql))
         .route("/v1/tables", get(routes::list_tables))
         .route("/v1/subjects", delete(routes::erase_subject))
+        .route("/v1/audience", get(audience_routes::audience))
+        .route("/v1/segments", get(audience_routes::list_segments))
+        .route("/v1/segments/overlap", get(audience_routes::overlap))
+        .route("/v1/segments/{id}/members", get(audience_routes::segment_members))
         .route("/healthz", get(routes::healthz))
         .route("/readyz", get(routes::readyz))
         .route("/metrics", get(routes::metrics))
         .fallback(routes::not_found)
         .with_state(state)
+}
+
+/// How often the query service looks for a new `segment_members` version.
+const AUDIENCE_RELOAD: Duration = Duration::from_secs(2);
+
+/// Swaps in each new `segment_members` version as the processor refreshes the segments.
+async fn follow_segment_members(audiences: Arc<audience::Audiences>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(AUDIENCE_RELOAD) => {}
+        }
+        if let Err(e) = audiences.reload().await {
+            tracing::warn!(error = %e, "could not reload the audience index; serving the previous one");
+        }
+    }
 }
 
 /// Serves until `shutdown` is cancelled.
@@ -114,6 +146,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let addr = listener.local_addr().map_err(Error::Bind)?;
+    let audiences = state.audiences();
+    if let Err(e) = audiences.reload().await {
+        tracing::warn!(error = %e, "no audience index yet; segments are served once it loads");
+    }
+    tokio::spawn(follow_segment_members(audiences, shutdown.clone()));
     tracing::info!(%addr, "query listening");
     axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -12,6 +12,10 @@ pub struct QueryMetrics {
     registry: Registry,
     /// SQL queries by outcome (`ok`, `refused`, `error`).
     pub queries: Family<Labels, Counter>,
+    /// Audience lookups answered with segments, with none, or refused by an opt-out.
+    audience_found: Counter,
+    audience_none: Counter,
+    audience_opted_out: Counter,
 }
 
 impl Default for QueryMetrics {
@@ -26,12 +30,29 @@ impl QueryMetrics {
         let mut registry = Registry::with_prefix("marsad_query");
         let queries = Family::<Labels, Counter>::default();
         registry.register("sql_queries", "SQL queries by outcome", queries.clone());
-        QueryMetrics { registry, queries }
+        let lookups = Family::<Labels, Counter>::default();
+        registry.register("audience_lookups", "Audience lookups by outcome", lookups.clone());
+        QueryMetrics {
+            registry,
+            queries,
+            audience_found: lookups.get_or_create(&vec![("outcome", "found")]).clone(),
+            audience_none: lookups.get_or_create(&vec![("outcome", "none")]).clone(),
+            audience_opted_out: lookups.get_or_create(&vec![("outcome", "opted_out")]).clone(),
+        }
     }
 
     /// Counts a query outcome.
     pub fn count(&self, outcome: &'static str) {
         self.queries.get_or_create(&vec![("outcome", outcome)]).inc();
+    }
+
+    /// Counts an audience lookup (`found`, `none`, `opted_out`).
+    pub fn audience(&self, outcome: &'static str) {
+        match outcome {
+            "found" => self.audience_found.inc(),
+            "opted_out" => self.audience_opted_out.inc(),
+            _ => self.audience_none.inc(),
+        };
     }
 
     /// The Prometheus text exposition (without the final `# EOF`).

@@ -93,6 +93,89 @@ pub fn events_schema() -> SchemaRef {
     ]))
 }
 
+fn hour_field() -> Field {
+    Field::new(
+        "hour",
+        DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        false,
+    )
+}
+
+fn count(name: &str) -> Field {
+    Field::new(name, DataType::Int64, false)
+}
+
+/// The HLL sketch columns hold Apache DataSketches HLL sketches of `visitor_key`s with this `lg_k`.
+pub const HLL_LG_K: u8 = 12;
+
+/// `traffic_hourly`: partial aggregates per hour and dimensions; rows with the same key add up
+/// (`SUM` the counts, `hll_merge` the sketches), so each commit only appends.
+pub fn traffic_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("country", true),
+        utf8("region", true),
+        utf8("device_type", true),
+        utf8("os", true),
+        utf8("browser", true),
+        utf8("language", true),
+        utf8("page_category", true),
+        utf8("referrer_domain", true),
+        utf8("event_type", false),
+        count("events"),
+        count("sessions"),
+        count("bounces"),
+        count("session_seconds"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `ad_performance_hourly`: impressions, clicks and a visitor sketch per hour, campaign, ad,
+/// placement, country and device.
+pub fn ad_performance_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("campaign_id", true),
+        utf8("ad_id", true),
+        utf8("placement", true),
+        utf8("country", true),
+        utf8("device_type", true),
+        count("impressions"),
+        count("clicks"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `demographics_daily`: events and a visitor sketch per day, place, declared age band and
+/// gender, and page category.
+pub fn demographics_daily_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("country", true),
+        utf8("region", true),
+        utf8("age_band", true),
+        utf8("gender", true),
+        utf8("page_category", true),
+        count("events"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `segment_members`: which `audience_id`s each served segment holds, as of its last refresh.
+pub fn segment_members_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        utf8("segment_id", false),
+        utf8("audience_id", false),
+        Field::new(
+            "refreshed_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
+    ]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
