@@ -175,7 +175,7 @@ fn spawn_segment_refresh(
     let (tables, audience) = (config.tables_dir(), config.audience.clone());
     let every = Duration::from_secs(audience.refresh_interval_secs);
     set.spawn(async move {
-        let mut next = tokio::time::Instant::now() + Duration::from_secs(5).min(every);
+        let mut next = tokio::time::Instant::now() + Duration::from_secs(30).min(every);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),

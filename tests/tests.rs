@@ -21,3 +21,6 @@ mod browser;
 
 /// Rollup totals equal `events` totals, also after crashes between the commits.
 mod rollups;
+
+/// Segments hold exactly the expected visitors; opt-outs count at once in the audience API.
+mod audience;

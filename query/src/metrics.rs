@@ -32,12 +32,16 @@ impl QueryMetrics {
         registry.register("sql_queries", "SQL queries by outcome", queries.clone());
         let lookups = Family::<Labels, Counter>::default();
         registry.register("audience_lookups", "Audience lookups by outcome", lookups.clone());
+        // one statement each: a family's guard must be dropped before the next lookup
+        let audience_found = lookups.get_or_create(&vec![("outcome", "found")]).clone();
+        let audience_none = lookups.get_or_create(&vec![("outcome", "none")]).clone();
+        let audience_opted_out = lookups.get_or_create(&vec![("outcome", "opted_out")]).clone();
         QueryMetrics {
             registry,
             queries,
-            audience_found: lookups.get_or_create(&vec![("outcome", "found")]).clone(),
-            audience_none: lookups.get_or_create(&vec![("outcome", "none")]).clone(),
-            audience_opted_out: lookups.get_or_create(&vec![("outcome", "opted_out")]).clone(),
+            audience_found,
+            audience_none,
+            audience_opted_out,
         }
     }
 

@@ -62,10 +62,15 @@ pub fn marsad_bin() -> &'static str {
 impl Marsad {
     /// Starts `marsad up` on free ports, trusting 127.0.0.1 as a proxy.
     pub fn start(data_dir: &Path, geoip: Option<&Path>) -> Result<Self> {
+        Self::start_with_config(data_dir, geoip, None)
+    }
+
+    /// Starts with a configuration file too.
+    pub fn start_with_config(data_dir: &Path, geoip: Option<&Path>, config: Option<&Path>) -> Result<Self> {
         // a free port can be taken by a parallel test between our probe and marsad's bind: try again
         let mut attempt = 0;
         loop {
-            match Self::start_on(data_dir, geoip, free_port()?, free_port()?) {
+            match Self::launch(data_dir, geoip, config, free_port()?, free_port()?) {
                 Err(e) if attempt < 3 && e.to_string().contains("cannot listen") => attempt += 1,
                 other => return other,
             }
@@ -74,6 +79,16 @@ impl Marsad {
 
     /// Starts on given ports (a restart keeps the addresses clients use).
     pub fn start_on(data_dir: &Path, geoip: Option<&Path>, ingest_port: u16, query_port: u16) -> Result<Self> {
+        Self::launch(data_dir, geoip, None, ingest_port, query_port)
+    }
+
+    fn launch(
+        data_dir: &Path,
+        geoip: Option<&Path>,
+        config: Option<&Path>,
+        ingest_port: u16,
+        query_port: u16,
+    ) -> Result<Self> {
         let log_path = data_dir.with_extension("marsad.log");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(marsad_bin());
@@ -95,6 +110,9 @@ impl Marsad {
             .stderr(Stdio::from(log));
         if let Some(g) = geoip {
             cmd.env("MARSAD_GEOIP__DATABASES", format!("[{}]", g.display()));
+        }
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
         }
         let child = cmd.spawn().context("spawning marsad up")?;
         let mut m = Marsad {
