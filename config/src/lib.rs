@@ -624,4 +624,46 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn segments_and_categories_come_from_the_file_and_are_checked() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "marsad.toml",
+                r#"
+                [[process.page_categories]]
+                category = "boats"
+                path_segments = ["boats", "قوارب"]
+
+                [audience]
+                min_segment_size = 50
+
+                [[audience.segments]]
+                id = "car-intenders-jo"
+                window_days = 14
+                country = ["JO"]
+                rules = [{ event_type = "page_view", page_category = "cars", at_least = 3 }]
+                "#,
+            )?;
+            let c = Config::load(Some(Path::new("marsad.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.process.page_categories.len(), 1, "given rules replace the defaults");
+            assert_eq!(c.audience.min_segment_size, 50);
+            assert_eq!(c.audience.segments[0].rules[0].at_least, 3);
+            assert_eq!(c.audience.segments[0].country, vec!["JO".to_owned()]);
+            Ok(())
+        });
+        for (toml, complaint) in [
+            ("id = \"Car Intenders\"\nwindow_days = 14", "a-z"),
+            ("id = \"a\"\nwindow_days = 0", "window_days"),
+            ("id = \"a\"\nwindow_days = 3\nrules = [{ event_type = \"view\", at_least = 1 }]", "unknown event_type"),
+            ("id = \"a\"\nwindow_days = 3\nrules = [{ at_least = 0 }]", "at_least"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("marsad.toml", &format!("[[audience.segments]]\n{toml}\n"))?;
+                let err = Config::load(Some(Path::new("marsad.toml"))).expect_err(toml).to_string();
+                assert!(err.contains(complaint), "{toml}: {err}");
+                Ok(())
+            });
+        }
+    }
 }
