@@ -9,7 +9,8 @@
 //!    baseline;
 //! 2. answers the dashboard question "unique visitors and page views by
 //!    country and device for 30 days" from `traffic_hourly` and from raw
-//!    `events`, as a ratio.
+//!    `events`, as a ratio, with the rollups as the processor wrote them and
+//!    after compaction.
 //!
 //! Knobs: `AUDIENCE_EVENTS` (default 1,000,000), `AUDIENCE_SECONDS` (5),
 //! `AUDIENCE_CONNECTIONS` (16), `AUDIENCE_RATE` (20000).
@@ -47,7 +48,12 @@ fn record(i: u64, n: u64) -> Record {
     let now = Utc::now();
     let age = chrono::Duration::seconds((30 * 86_400 * (n - i) / n) as i64);
     let v = i * 7_919 % visitors();
-    let paths = ["/ar/سيارات/تويوتا", "/en/jobs/sales", "/en/real-estate/amman", "/ar/أثاث/كنب"];
+    let paths = [
+        "/ar/سيارات/تويوتا",
+        "/en/jobs/sales",
+        "/en/real-estate/amman",
+        "/ar/أثاث/كنب",
+    ];
     let event = serde_json::json!({
         "type": if i.is_multiple_of(10) { "ad_click" } else { "page_view" },
         "url": format!("https://kulshi.example{}", paths[(v % 4) as usize]),
@@ -60,7 +66,9 @@ fn record(i: u64, n: u64) -> Record {
         v: ENVELOPE_VERSION,
         event: serde_json::from_value(event).unwrap_or_else(|e| panic!("bench event: {e}")),
         received_at: now - age,
-        client_ip: format!("{}.{}.{}", COUNTRIES[(v % 5) as usize], v % 250, 1 + v % 200).parse().ok(),
+        client_ip: format!("{}.{}.{}", COUNTRIES[(v % 5) as usize], v % 250, 1 + v % 200)
+            .parse()
+            .ok(),
         user_agent: Some(AGENTS[(v % 3) as usize].into()),
         accept_language: Some("ar".into()),
         dnt: false,
@@ -122,12 +130,21 @@ async fn build_data(config: &Config, events: u64) -> Result<()> {
     }
     stop.cancel();
     run.await??;
-    let summary = marsad_process::segments::refresh(&config.tables_dir(), &config.audience, &Default::default(), |_, _, _| {})
-        .await?;
+    let summary = marsad_process::segments::refresh(
+        &config.tables_dir(),
+        &config.audience,
+        &Default::default(),
+        |_, _, _| {},
+    )
+    .await?;
     eprintln!(
         "data: {events} events over 30 days, processed with rollups in {:.1} s; segments {:?}",
         started.elapsed().as_secs_f64(),
-        summary.segments.iter().map(|s| (s.id.as_str(), s.members)).collect::<Vec<_>>()
+        summary
+            .segments
+            .iter()
+            .map(|s| (s.id.as_str(), s.members))
+            .collect::<Vec<_>>()
     );
     Ok(())
 }
@@ -142,7 +159,11 @@ struct Latency {
 impl Latency {
     fn from(mut micros: Vec<u64>, seconds: f64) -> Self {
         micros.sort_unstable();
-        let at = |q: f64| micros.get(((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1))).copied();
+        let at = |q: f64| {
+            micros
+                .get(((micros.len() as f64 * q) as usize).min(micros.len().saturating_sub(1)))
+                .copied()
+        };
         Latency {
             requests: micros.len(),
             seconds,
@@ -287,14 +308,28 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(build_data(&config, events))?;
 
-    let (rollup_s, raw_s, rows) = runtime.block_on(dashboard_question(&config))?;
-    println!(
-        "dashboard question over {events} events ({rows} country×device rows): rollups {:.1} ms, raw events {:.1} ms, \
-         raw/rollups = {:.1}x",
-        rollup_s * 1e3,
-        raw_s * 1e3,
-        raw_s / rollup_s
-    );
+    for stage in [
+        "as written (partial rows per commit)",
+        "after compaction (one row per key)",
+    ] {
+        if stage.starts_with("after") {
+            let done = runtime.block_on(marsad_process::rollup::compact(&config.tables_dir(), 2))?;
+            eprintln!(
+                "compacted {} dates: {} rows -> {}",
+                done.len(),
+                done.iter().map(|d| d.rows_before).sum::<usize>(),
+                done.iter().map(|d| d.rows_after).sum::<usize>()
+            );
+        }
+        let (rollup_s, raw_s, rows) = runtime.block_on(dashboard_question(&config))?;
+        println!(
+            "dashboard question over {events} events ({rows} country×device rows), rollups {stage}: \
+             rollups {:.1} ms, raw events {:.1} ms, raw/rollups = {:.1}x",
+            rollup_s * 1e3,
+            raw_s * 1e3,
+            raw_s / rollup_s
+        );
+    }
 
     // the query service in its own process, on the same data dir
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();

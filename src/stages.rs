@@ -196,6 +196,35 @@ fn spawn_segment_refresh(
     });
 }
 
+/// Merges the rollups' partial rows every `process.rollup_compaction_interval_secs`, so reads
+/// over long ranges stay small; a failed or conflicting run is logged and retried next time.
+fn spawn_rollup_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
+    /// Dates with at least this many files are compacted.
+    const MIN_FILES: usize = 4;
+    let tables = config.tables_dir();
+    let every = Duration::from_secs(config.process.rollup_compaction_interval_secs);
+    set.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(every) => {}
+            }
+            let started = std::time::Instant::now();
+            match marsad_process::rollup::compact(&tables, MIN_FILES).await {
+                Ok(done) if !done.is_empty() => tracing::info!(
+                    dates = done.len(),
+                    rows_before = done.iter().map(|d| d.rows_before).sum::<usize>(),
+                    rows_after = done.iter().map(|d| d.rows_after).sum::<usize>(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "rollups compacted"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "rollup compaction failed; retrying next time"),
+            }
+        }
+    });
+}
+
 /// Waits for every task; the first failure stops the others.
 async fn supervise(mut set: JoinSet<anyhow::Result<()>>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut first_error = None;
@@ -241,6 +270,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
+    spawn_rollup_compaction(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))
         .with_metrics_source(Arc::new(move || pm.render()));
@@ -314,6 +344,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
+    spawn_rollup_compaction(&mut set, &config, shutdown.clone());
     let s = shutdown.clone();
     set.spawn(async move {
         let app = axum::Router::new()

@@ -185,28 +185,49 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
     run_processor(&config, log.clone(), want, None).await?;
 
     let catalog = TableCatalog::new(config.tables_dir());
-    let stored = int(&catalog, "SELECT count(*) FROM events").await?;
-    assert_eq!(stored, records.len() as i64, "every event stored once");
-    let people = int(&catalog, "SELECT count(*) FROM events WHERE NOT is_bot").await?;
+    check_totals(&catalog, records.len() as i64).await?;
+
+    // compaction merges the partial rows into one per key; every total stays the same
+    let compacted = marsad_process::rollup::compact(&config.tables_dir(), 2).await?;
+    assert!(!compacted.is_empty(), "three commits left several files per date");
+    for c in &compacted {
+        assert!(c.rows_after < c.rows_before, "{c:?}");
+    }
+    let rows = int(&catalog, "SELECT count(*) FROM traffic_hourly").await?;
+    let keys = int(
+        &catalog,
+        "SELECT count(*) FROM (SELECT DISTINCT hour, country, region, device_type, os, browser, language, \
+         page_category, referrer_domain, event_type FROM traffic_hourly)",
+    )
+    .await?;
+    assert_eq!(rows, keys, "one row per key after compaction");
+    check_totals(&catalog, records.len() as i64).await
+}
+
+/// Every total of the rollups equals the same total over `events`.
+async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
+    let stored = int(catalog, "SELECT count(*) FROM events").await?;
+    assert_eq!(stored, records, "every event stored once");
+    let people = int(catalog, "SELECT count(*) FROM events WHERE NOT is_bot").await?;
     assert!(people < stored, "the fixture has crawlers");
 
-    assert_eq!(int(&catalog, "SELECT sum(events) FROM traffic_hourly").await?, people);
+    assert_eq!(int(catalog, "SELECT sum(events) FROM traffic_hourly").await?, people);
     assert_eq!(
-        int(&catalog, "SELECT sum(events) FROM demographics_daily").await?,
+        int(catalog, "SELECT sum(events) FROM demographics_daily").await?,
         people
     );
     for (kind, column) in [("ad_impression", "impressions"), ("ad_click", "clicks")] {
         let raw = int(
-            &catalog,
+            catalog,
             &format!("SELECT count(*) FROM events WHERE NOT is_bot AND event_type = '{kind}'"),
         )
         .await?;
         assert!(raw > 0, "the fixture has {kind}s");
-        let rolled = int(&catalog, &format!("SELECT sum({column}) FROM ad_performance_hourly")).await?;
+        let rolled = int(catalog, &format!("SELECT sum({column}) FROM ad_performance_hourly")).await?;
         assert_eq!(rolled, raw, "{column}");
     }
     let per_category = query(
-        &catalog,
+        catalog,
         "SELECT e.page_category, e.n, r.n FROM \
          (SELECT page_category, count(*) AS n FROM events WHERE NOT is_bot GROUP BY page_category) e \
          JOIN (SELECT page_category, sum(events) AS n FROM traffic_hourly GROUP BY page_category) r \
@@ -221,36 +242,36 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
         let r = arrow::compute::cast(r, &arrow::datatypes::DataType::Int64)?;
         assert_eq!(e.as_ref(), r.as_ref(), "per-category totals");
     }
-    let hours = int(&catalog, "SELECT count(DISTINCT hour) FROM traffic_hourly").await?;
+    let hours = int(catalog, "SELECT count(DISTINCT hour) FROM traffic_hourly").await?;
     assert!(hours >= 3, "the fixture spans several hours: {hours}");
 
-    let (sessions, bounces, seconds) = sessions_from_events(&catalog).await?;
+    let (sessions, bounces, seconds) = sessions_from_events(catalog).await?;
     assert_eq!(
-        int(&catalog, "SELECT sum(sessions) FROM traffic_hourly").await?,
+        int(catalog, "SELECT sum(sessions) FROM traffic_hourly").await?,
         sessions
     );
-    assert_eq!(int(&catalog, "SELECT sum(bounces) FROM traffic_hourly").await?, bounces);
+    assert_eq!(int(catalog, "SELECT sum(bounces) FROM traffic_hourly").await?, bounces);
     assert_eq!(
-        int(&catalog, "SELECT sum(session_seconds) FROM traffic_hourly").await?,
+        int(catalog, "SELECT sum(session_seconds) FROM traffic_hourly").await?,
         seconds
     );
     // a visitor whose events straddle a processor restart keeps one session
     assert_eq!(sessions, expected_sessions(), "sessions continue across restarts");
 
     let visitors = int(
-        &catalog,
+        catalog,
         "SELECT count(DISTINCT visitor_key) FROM events WHERE NOT is_bot",
     )
     .await?;
     for table in ["traffic_hourly", "ad_performance_hourly", "demographics_daily"] {
         let estimate = float(
-            &catalog,
+            catalog,
             &format!("SELECT hll_estimate(hll_merge(visitors)) FROM {table}"),
         )
         .await?;
         let exact = if table == "ad_performance_hourly" {
             int(
-                &catalog,
+                catalog,
                 "SELECT count(DISTINCT visitor_key) FROM events WHERE NOT is_bot AND event_type IN ('ad_impression', 'ad_click')",
             )
             .await?

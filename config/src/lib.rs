@@ -167,6 +167,8 @@ pub struct ProcessConfig {
     pub metrics_addr: SocketAddr,
     /// How many recent event ids are remembered to drop retried duplicates.
     pub dedup_capacity: usize,
+    /// How often partial rollup rows are merged into one row per key (dates with several files).
+    pub rollup_compaction_interval_secs: u64,
     /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
     pub page_categories: Vec<PageCategoryRule>,
 }
@@ -233,6 +235,7 @@ impl Default for ProcessConfig {
             batch_max_interval_ms: 1_000,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
             dedup_capacity: 5_000_000,
+            rollup_compaction_interval_secs: 3600,
             page_categories: default_page_categories(),
         }
     }
@@ -460,6 +463,10 @@ impl Config {
                 reason: "must not be empty".into(),
             });
         }
+        positive(
+            "process.rollup_compaction_interval_secs",
+            self.process.rollup_compaction_interval_secs,
+        )?;
         positive("audience.min_segment_size", self.audience.min_segment_size as u64)?;
         positive("audience.refresh_interval_secs", self.audience.refresh_interval_secs)?;
         let mut ids = std::collections::HashSet::new();
@@ -655,12 +662,17 @@ mod tests {
         for (toml, complaint) in [
             ("id = \"Car Intenders\"\nwindow_days = 14", "a-z"),
             ("id = \"a\"\nwindow_days = 0", "window_days"),
-            ("id = \"a\"\nwindow_days = 3\nrules = [{ event_type = \"view\", at_least = 1 }]", "unknown event_type"),
+            (
+                "id = \"a\"\nwindow_days = 3\nrules = [{ event_type = \"view\", at_least = 1 }]",
+                "unknown event_type",
+            ),
             ("id = \"a\"\nwindow_days = 3\nrules = [{ at_least = 0 }]", "at_least"),
         ] {
             Jail::expect_with(|jail| {
                 jail.create_file("marsad.toml", &format!("[[audience.segments]]\n{toml}\n"))?;
-                let err = Config::load(Some(Path::new("marsad.toml"))).expect_err(toml).to_string();
+                let err = Config::load(Some(Path::new("marsad.toml")))
+                    .expect_err(toml)
+                    .to_string();
                 assert!(err.contains(complaint), "{toml}: {err}");
                 Ok(())
             });

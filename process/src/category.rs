@@ -40,7 +40,7 @@ impl PageCategories {
         for segment in path.split('/').filter(|s| !s.is_empty()) {
             let lower = segment.to_lowercase();
             for (category, words) in &self.rules {
-                if words.iter().any(|w| *w == lower) {
+                if words.contains(&lower) {
                     return category.clone();
                 }
             }

@@ -146,6 +146,36 @@ impl DeltaSink {
             .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
     }
 
+    /// Replaces the rows matching `predicate` (a SQL condition on partition columns) with
+    /// `batch` in one commit; rows appended concurrently by others are kept.
+    pub async fn replace_where(&mut self, batch: RecordBatch, predicate: String) -> Result<u64> {
+        let partitions: Vec<String> = self.partition_columns();
+        let table = self
+            .table
+            .clone()
+            .write(vec![batch])
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(predicate)
+            .with_partition_columns(partitions)
+            .await
+            .map_err(|e| self.delta(e))?;
+        self.table = table;
+        self.table
+            .version()
+            .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    /// How many data files each value of the `date` partition has now.
+    pub fn files_per_date(&self) -> Result<std::collections::BTreeMap<String, usize>> {
+        let mut out = std::collections::BTreeMap::new();
+        for uri in self.table.get_file_uris().map_err(|e| self.delta(e))? {
+            if let Some(date) = uri.split('/').find_map(|seg| seg.strip_prefix("date=")) {
+                *out.entry(date.to_owned()).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+
     fn partition_columns(&self) -> Vec<String> {
         self.table
             .snapshot()
