@@ -51,6 +51,12 @@ pub enum Command {
     Erase(crate::tools::EraseArgs),
     /// Record an opt-out for a cookie or user id.
     OptOut(crate::tools::OptOutArgs),
+    /// Run one read-only SQL statement on the data dir (or a query service); table, CSV, NDJSON or Parquet.
+    Sql(crate::batch::SqlArgs),
+    /// Merge partial rollup rows and rewrite small table files into large ones.
+    Compact(crate::batch::CompactArgs),
+    /// Delete dates older than --keep-days from every table and remove their files.
+    Retention(crate::batch::RetentionArgs),
     /// Audience segments: materialize them now.
     #[command(subcommand)]
     Segments(SegmentsCommand),

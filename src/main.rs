@@ -1,6 +1,7 @@
 //! `marsad`: the command line of the Marsad pipeline. It parses flags, sets
 //! up logging and dispatches to the stages' libraries.
 
+mod batch;
 mod cli;
 mod simulate;
 mod stages;
@@ -24,6 +25,9 @@ fn main() -> anyhow::Result<()> {
             Command::Audit(args) => tools::audit(args).await,
             Command::Erase(args) => tools::erase(args).await,
             Command::OptOut(args) => tools::opt_out(args).await,
+            Command::Sql(args) => batch::sql(args).await,
+            Command::Compact(args) => batch::compact(args).await,
+            Command::Retention(args) => batch::retention(args).await,
             Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
         }
     })

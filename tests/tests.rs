@@ -24,3 +24,6 @@ mod rollups;
 
 /// Segments hold exactly the expected visitors; opt-outs count at once in the audience API.
 mod audience;
+
+/// `marsad sql`, `marsad compact` and `marsad retention` on a real data dir.
+mod batch;

@@ -18,6 +18,7 @@ pub mod batch;
 pub mod category;
 pub mod dead_letters;
 pub mod dedup;
+pub mod maintenance;
 pub mod metrics;
 pub mod offsets;
 pub mod rollup;

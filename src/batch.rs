@@ -1,0 +1,255 @@
+//! Batch jobs for data engineers: `marsad sql`, `marsad compact`,
+//! `marsad retention`. Each shows progress on stderr and ends with a summary line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+
+use crate::cli::StageArgs;
+
+/// How `marsad sql` writes rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// An aligned text table.
+    Table,
+    /// CSV with a header line.
+    Csv,
+    /// One JSON object per line.
+    Ndjson,
+    /// A Parquet file (needs `--output`).
+    Parquet,
+}
+
+/// `marsad sql` flags.
+#[derive(Debug, Clone, Args)]
+pub struct SqlArgs {
+    /// Data dir and config (local mode).
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// The statement to run.
+    #[arg(
+        short = 'e',
+        long = "execute",
+        conflicts_with = "file",
+        required_unless_present = "file"
+    )]
+    pub execute: Option<String>,
+    /// A file holding the statement.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub format: OutputFormat,
+    /// Write here instead of stdout.
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+    /// Ask a running query service instead of reading the data dir (engineer key needed).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// File with the API key for `--url` [default: <data-dir>/admin.key].
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+fn spinner(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner().with_style(
+        indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_message(what.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn sink(output: &Option<PathBuf>) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    })
+}
+
+/// Runs one read-only statement on the data dir (or a query service) and writes the rows.
+pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
+    let statement = match (&args.execute, &args.file) {
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None) => bail!("give the statement with -e SQL or -f FILE"),
+    };
+    if args.format == OutputFormat::Parquet && args.output.is_none() {
+        bail!("parquet output needs --output FILE");
+    }
+    let started = Instant::now();
+    let bar = spinner("running the query…");
+    if let Some(url) = &args.url {
+        let result = remote_sql(&args, url, &statement).await;
+        bar.finish_and_clear();
+        let bytes = result?;
+        sink(&args.output)?.write_all(&bytes)?;
+        eprintln!(
+            "{} bytes from {url} in {:.1} s",
+            bytes.len(),
+            started.elapsed().as_secs_f64()
+        );
+        return Ok(());
+    }
+    let config = args.stage.config()?;
+    let catalog = marsad_query::TableCatalog::new(config.tables_dir());
+    let ctx = catalog.session().await?;
+    let result = marsad_query::sql::run(&ctx, &statement, 1 << 40).await;
+    bar.finish_and_clear();
+    let result = result.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows: usize = result.batches.iter().map(|b| b.num_rows()).sum();
+    let mut out = sink(&args.output)?;
+    match args.format {
+        OutputFormat::Table => {
+            writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&result.batches)?)?;
+        }
+        OutputFormat::Csv | OutputFormat::Ndjson => {
+            let format = if args.format == OutputFormat::Csv {
+                marsad_query::sql::Format::Csv
+            } else {
+                marsad_query::sql::Format::Ndjson
+            };
+            out.write_all(&marsad_query::sql::render(&result, format).map_err(|e| anyhow::anyhow!("{e}"))?)?;
+        }
+        OutputFormat::Parquet => {
+            let mut writer = parquet::arrow::ArrowWriter::try_new(out, result.schema.clone(), None)?;
+            for b in &result.batches {
+                writer.write(b)?;
+            }
+            writer.close()?;
+            out = Box::new(std::io::sink());
+        }
+    }
+    out.flush()?;
+    eprintln!(
+        "{rows} rows, {} columns in {:.1} s{}",
+        result.schema.fields().len(),
+        started.elapsed().as_secs_f64(),
+        args.output
+            .as_ref()
+            .map(|p| format!(" → {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+async fn remote_sql(args: &SqlArgs, url: &str, statement: &str) -> anyhow::Result<Vec<u8>> {
+    let format = match args.format {
+        OutputFormat::Csv => "csv",
+        OutputFormat::Ndjson => "ndjson",
+        OutputFormat::Table => "json",
+        OutputFormat::Parquet => bail!("parquet output is written from the data dir only (drop --url)"),
+    };
+    let key_file = args.key_file.clone().unwrap_or_else(|| {
+        args.stage
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| "./marsad-data".into())
+            .join("admin.key")
+    });
+    let key =
+        std::fs::read_to_string(&key_file).with_context(|| format!("reading the key from {}", key_file.display()))?;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sql?format={format}", url.trim_end_matches('/')))
+        .bearer_auth(key.trim())
+        .json(&serde_json::json!({ "sql": statement }))
+        .send()
+        .await
+        .with_context(|| format!("calling {url}"))?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?.to_vec();
+    if !status.is_success() {
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        bail!(
+            "query refused ({status}): {}",
+            body["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(bytes)
+}
+
+/// `marsad compact` flags.
+#[derive(Debug, Clone, Args)]
+pub struct CompactArgs {
+    /// Data dir and config.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Target size of the rewritten files, in MiB.
+    #[arg(long, default_value_t = 128)]
+    pub target_file_mb: u64,
+}
+
+/// Merges rollup rows per key, then rewrites small files of every table into large ones.
+pub async fn compact(args: CompactArgs) -> anyhow::Result<()> {
+    let config = args.stage.config()?;
+    let started = Instant::now();
+    let bar = spinner("merging partial rollup rows…");
+    let merged = marsad_process::rollup::compact(&config.tables_dir(), 2).await?;
+    let before: usize = merged.iter().map(|m| m.rows_before).sum();
+    let after: usize = merged.iter().map(|m| m.rows_after).sum();
+    let files = marsad_process::maintenance::compact_files(&config.tables_dir(), args.target_file_mb << 20, |t| {
+        bar.set_message(format!("rewriting small files of {t}…"))
+    })
+    .await?;
+    bar.finish_and_clear();
+    for f in &files {
+        println!(
+            "{:<24} {} files rewritten into {} ({} partitions)",
+            f.table, f.files_removed, f.files_added, f.partitions
+        );
+    }
+    println!(
+        "compacted: rollup rows {before} → {after} over {} dates; {} files → {} in {:.1} s",
+        merged.len(),
+        files.iter().map(|f| f.files_removed).sum::<u64>(),
+        files.iter().map(|f| f.files_added).sum::<u64>(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `marsad retention` flags.
+#[derive(Debug, Clone, Args)]
+pub struct RetentionArgs {
+    /// Data dir and config.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Keep this many days (today included); older dates are deleted from every table.
+    #[arg(long)]
+    pub keep_days: u32,
+}
+
+/// Deletes old dates from every table and removes their files from storage.
+pub async fn retention(args: RetentionArgs) -> anyhow::Result<()> {
+    if args.keep_days == 0 {
+        bail!("--keep-days must be at least 1 (today)");
+    }
+    let config = args.stage.config()?;
+    let cutoff = chrono::Utc::now().date_naive() - chrono::Duration::days(i64::from(args.keep_days) - 1);
+    let started = Instant::now();
+    let bar = spinner("deleting old dates…");
+    let done = marsad_process::maintenance::apply_retention(&config.tables_dir(), cutoff, |t| {
+        bar.set_message(format!("deleting dates before {cutoff} from {t}…"))
+    })
+    .await?;
+    bar.finish_and_clear();
+    for r in &done {
+        println!(
+            "{:<24} {} rows deleted, {} files removed",
+            r.table, r.rows_deleted, r.files_vacuumed
+        );
+    }
+    println!(
+        "retention: kept {cutoff} and later; {} rows deleted from {} tables in {:.1} s",
+        done.iter().map(|r| r.rows_deleted).sum::<usize>(),
+        done.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
