@@ -27,3 +27,6 @@ mod audience;
 
 /// `marsad sql`, `marsad compact` and `marsad retention` on a real data dir.
 mod batch;
+
+/// Reports withhold small cells, and their complements, so no lone visitor shows.
+mod reports;

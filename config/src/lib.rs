@@ -286,6 +286,8 @@ pub struct QueryConfig {
     pub keys: Vec<ApiKeyConfig>,
     /// Most rows one SQL answer returns.
     pub max_result_rows: usize,
+    /// Report cells with fewer unique visitors are withheld (k-anonymity).
+    pub min_cell_visitors: usize,
 }
 
 impl Default for QueryConfig {
@@ -294,6 +296,7 @@ impl Default for QueryConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             keys: Vec::new(),
             max_result_rows: 100_000,
+            min_cell_visitors: 10,
         }
     }
 }
@@ -451,6 +454,7 @@ impl Config {
         positive("process.batch_max_events", self.process.batch_max_events as u64)?;
         positive("process.batch_max_interval_ms", self.process.batch_max_interval_ms)?;
         positive("query.max_result_rows", self.query.max_result_rows as u64)?;
+        positive("query.min_cell_visitors", self.query.min_cell_visitors as u64)?;
         if self.eventlog.segment_bytes < 4096 {
             return Err(ConfigError::Invalid {
                 key: "eventlog.segment_bytes",

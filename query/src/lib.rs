@@ -14,6 +14,7 @@ pub mod audit;
 pub mod catalog;
 pub mod erasure;
 mod metrics;
+pub mod reports;
 mod routes;
 pub mod sketches;
 pub mod sql;
@@ -61,6 +62,7 @@ pub struct QueryState {
     pub(crate) erasure_settle: Duration,
     pub(crate) audiences: Arc<audience::Audiences>,
     pub(crate) audience: Arc<marsad_config::AudienceConfig>,
+    pub(crate) min_cell_visitors: usize,
 }
 
 /// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
@@ -91,6 +93,7 @@ impl QueryState {
             extra_metrics: Vec::new(),
             audiences: Arc::new(audience::Audiences::new(&config.tables_dir())),
             audience: Arc::new(config.audience.clone()),
+            min_cell_visitors: config.query.min_cell_visitors,
         }
     }
 
@@ -112,6 +115,7 @@ pub fn app(state: QueryState) -> Router {
         .route("/v1/sql", post(routes::post_sql))
         .route("/v1/tables", get(routes::list_tables))
         .route("/v1/subjects", delete(routes::erase_subject))
+        .route("/v1/reports/{kind}", get(routes::report))
         .route("/v1/audience", get(audience_routes::audience))
         .route("/v1/segments", get(audience_routes::list_segments))
         .route("/v1/segments/overlap", get(audience_routes::overlap))

@@ -66,6 +66,32 @@ pub async fn post_sql(
     Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
 }
 
+/// `GET /v1/reports/{kind}` (analyst): a report from the rollups with small cells withheld.
+pub async fn report(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    axum::extract::Path(kind): axum::extract::Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let holder = state.keys.authorize(authorization(&headers), Role::Analyst)?;
+    let Some(kind) = crate::reports::ReportKind::parse(&kind) else {
+        return Err(ApiError::NotFoundWhat(format!(
+            "no report `{kind}`; there are traffic, geo, devices, categories, campaigns and demographics"
+        )));
+    };
+    let req = crate::reports::ReportRequest::parse(kind, &params, Utc::now().date_naive())?;
+    tracing::info!(key = %holder.name, ?kind, "report");
+    let ctx = state.catalog.session().await.map_err(|e| {
+        tracing::error!(error = %e, "could not open the tables");
+        ApiError::Internal
+    })?;
+    let run = crate::reports::run(&ctx, &req, state.min_cell_visitors);
+    match tokio::time::timeout(state.timeout, run).await {
+        Ok(r) => Ok(Json(r?).into_response()),
+        Err(_) => Err(ApiError::Timeout(state.timeout.as_secs())),
+    }
+}
+
 /// `GET /v1/tables`: the tables that exist (engineer role).
 pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Engineer)?;

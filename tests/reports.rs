@@ -1,0 +1,126 @@
+//! Reports with small-cell suppression end to end: a crafted sparse
+//! population where one visitor is alone in a country must not be revealed
+//! by a report, neither directly nor by subtracting shown cells from the total.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+use crate::common::{Marsad, write_fixture_geoip};
+
+fn send(client: &Client, m: &Marsad, cookie: &str, ip: &str, views: usize) -> Result<usize> {
+    let events: Vec<Value> = (0..views)
+        .map(|i| {
+            json!({"type": "page_view", "url": format!("https://kulshi.example/ar/سيارات/{i}"),
+                   "cookie_id": cookie, "event_id": format!("{cookie}-{i}")})
+        })
+        .collect();
+    let resp = client
+        .post(format!("{}/v1/batch", m.ingest))
+        .header("x-forwarded-for", ip)
+        .json(&events)
+        .send()?;
+    ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+    Ok(views)
+}
+
+fn report(client: &Client, m: &Marsad, path: &str) -> Result<(u16, Value)> {
+    let resp = client
+        .get(format!("{}/v1/reports/{path}", m.query))
+        .bearer_auth(m.admin_key()?)
+        .send()?;
+    Ok((resp.status().as_u16(), resp.json()?))
+}
+
+#[test]
+fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let geoip = tmp.path().join("geo.mmdb");
+    write_fixture_geoip(&geoip)?;
+    let m = Marsad::start(&tmp.path().join("data"), Some(&geoip))?;
+    let client = Client::new();
+    let mut total = 0;
+    for (prefix, visitors, views) in [("176.29", 30, 2), ("94.200", 15, 3), ("188.48", 12, 1), ("41.32", 1, 7)] {
+        for v in 0..visitors {
+            total += send(
+                &client,
+                &m,
+                &format!("c-{prefix}-{v}"),
+                &format!("{prefix}.{v}.9"),
+                views,
+            )?;
+        }
+    }
+    m.wait_for_count(
+        "SELECT sum(events) FROM traffic_hourly",
+        total as i64,
+        Duration::from_secs(60),
+    )?;
+
+    let (status, geo) = report(&client, &m, "geo")?;
+    assert_eq!(status, 200, "{geo}");
+    let rows = geo["rows"].as_array().context("rows")?;
+    let row = |c: &str| rows.iter().find(|r| r["country"] == c).cloned().unwrap_or(Value::Null);
+    // Egypt's single visitor is withheld, and so is the smallest other cell (12 in Saudi
+    // Arabia): subtracting the shown cells from the total gives only their sum
+    assert_eq!(row("EG")["suppressed"], true, "{geo}");
+    assert_eq!(row("EG")["events"], Value::Null);
+    assert_eq!(row("EG")["visitors"], Value::Null);
+    assert_eq!(row("SA")["suppressed"], true, "complementary suppression: {geo}");
+    assert_eq!(row("JO")["events"], 60);
+    assert_eq!(row("AE")["visitors"], 15);
+    assert_eq!(geo["total"]["events"], total);
+    let shown: i64 = rows.iter().filter_map(|r| r["events"].as_i64()).sum();
+    assert_eq!(
+        total as i64 - shown,
+        7 + 12,
+        "only the sum of the hidden cells can be derived"
+    );
+    assert_eq!(geo["suppressed_cells"], 2);
+    assert_eq!(geo["min_visitors"], 10);
+
+    // filtering down to the lone visitor hides everything, the total too
+    let (status, eg) = report(&client, &m, "geo?country=EG")?;
+    assert_eq!(status, 200, "{eg}");
+    assert_eq!(eg["total"]["suppressed"], true, "{eg}");
+    assert_eq!(eg["total"]["events"], Value::Null);
+    assert!(
+        eg["rows"]
+            .as_array()
+            .context("rows")?
+            .iter()
+            .all(|r| r["events"].is_null())
+    );
+
+    // the other reports answer and suppress the same way
+    for path in [
+        "traffic?granularity=hour",
+        "devices",
+        "categories",
+        "campaigns",
+        "demographics",
+    ] {
+        let (status, body) = report(&client, &m, path)?;
+        assert_eq!(status, 200, "{path}: {body}");
+        for r in body["rows"].as_array().context("rows")? {
+            let visitors = r["visitors"].as_f64();
+            assert!(
+                r["suppressed"] == true || visitors.is_some_and(|v| v >= 10.0),
+                "{path}: a shown cell under k: {r}"
+            );
+        }
+    }
+    let (_, categories) = report(&client, &m, "categories")?;
+    assert_eq!(categories["rows"][0]["page_category"], "cars");
+    assert_eq!(categories["rows"][0]["page_views"], total);
+
+    // clear refusals
+    assert_eq!(report(&client, &m, "weather")?.0, 404);
+    assert_eq!(report(&client, &m, "geo?colour=red")?.0, 400);
+    assert_eq!(report(&client, &m, "traffic?from=2026-13-01")?.0, 400);
+    let anonymous = client.get(format!("{}/v1/reports/geo", m.query)).send()?;
+    assert_eq!(anonymous.status().as_u16(), 401);
+    Ok(())
+}
