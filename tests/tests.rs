@@ -30,3 +30,6 @@ mod batch;
 
 /// Reports withhold small cells, and their complements, so no lone visitor shows.
 mod reports;
+
+/// Python's `deltalake` and `duckdb` read Marsad's tables and count what `/v1/sql` counts.
+mod interop;

@@ -1,0 +1,60 @@
+//! Marsad's tables are standard Delta tables: the Python packages `deltalake`
+//! and `duckdb` read them and count what `/v1/sql` counts.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+use crate::common::{Marsad, counts_by};
+
+#[test]
+fn python_deltalake_and_duckdb_read_the_same_rows() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let m = Marsad::start(&tmp.path().join("data"), None)?;
+    let client = Client::new();
+    let paths = ["/ar/سيارات/1", "/en/jobs/driver", "/en/real-estate/amman", "/"];
+    let events: Vec<Value> = (0..400)
+        .map(|i| {
+            json!({"type": "page_view", "url": format!("https://kulshi.example{}", paths[i % 4]),
+                   "cookie_id": format!("c-{}", i % 37), "event_id": format!("i-{i}")})
+        })
+        .collect();
+    let resp = client.post(format!("{}/v1/batch", m.ingest)).json(&events).send()?;
+    ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+    m.wait_for_count("SELECT sum(events) FROM traffic_hourly", 400, Duration::from_secs(60))?;
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/interop.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(m.data_dir.join("tables"))
+        .output()
+        .context("running python3")?;
+    ensure!(
+        out.status.success(),
+        "the interop script failed (pip install deltalake duckdb pyarrow; .ci/run does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: Value = serde_json::from_slice(&out.stdout)?;
+
+    let events = m.sql_count("SELECT count(*) FROM events")?;
+    assert_eq!(events, 400);
+    assert_eq!(py["deltalake_events"], events, "{py}");
+    assert_eq!(py["duckdb_events"], events);
+    assert_eq!(
+        py["duckdb_distinct_visitors"],
+        m.sql_count("SELECT count(DISTINCT visitor_key) FROM events")?
+    );
+    assert_eq!(
+        py["duckdb_traffic_events"],
+        m.sql_count("SELECT sum(events) FROM traffic_hourly")?
+    );
+    assert_eq!(py["partitions"], json!(["date"]));
+    let ours = counts_by(&m.sql("SELECT page_category AS k, count(*) AS n FROM events GROUP BY page_category")?);
+    for (category, n) in &ours {
+        assert_eq!(py["duckdb_by_category"][category], *n, "{category}: {py}");
+    }
+    Ok(())
+}
