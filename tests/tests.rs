@@ -33,3 +33,6 @@ mod reports;
 
 /// Python's `deltalake` and `duckdb` read Marsad's tables and count what `/v1/sql` counts.
 mod interop;
+
+/// The OpenAPI documents match the routes actually served.
+mod openapi;

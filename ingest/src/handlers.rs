@@ -143,6 +143,10 @@ async fn append(state: &IngestState, envelopes: Vec<Envelope>) -> Result<usize, 
 }
 
 /// `POST /v1/events`: one event.
+#[utoipa::path(post, path = "/v1/events", tag = "ingest",
+    request_body(content = serde_json::Value, description = "One event (see the event contract)", content_type = "application/json"),
+    responses((status = 202, description = "Durable: {\"accepted\":1}"), (status = 400, description = "Invalid event, with the reason"),
+        (status = 413, description = "Body too large"), (status = 503, description = "Log unavailable; Retry-After given")))]
 pub async fn post_event(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -219,6 +223,11 @@ fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, Stri
 }
 
 /// `POST /v1/batch`: many events; each refused one is reported by index.
+#[utoipa::path(post, path = "/v1/batch", tag = "ingest",
+    request_body(content = serde_json::Value, description = "{\"events\":[…]}, a JSON array, or NDJSON; gzip accepted"),
+    responses((status = 202, description = "{\"accepted\":n,\"rejected\":[{\"index\":i,\"error\":…}]}"),
+        (status = 400, description = "Unreadable body"), (status = 413, description = "Body too large"),
+        (status = 503, description = "Log unavailable; Retry-After given")))]
 pub async fn post_batch(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -281,6 +290,11 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// `GET /v1/p.gif`: a page view (or other type) for pages without JavaScript.
+#[utoipa::path(get, path = "/v1/p.gif", tag = "ingest",
+    params(("t" = Option<String>, Query, description = "event type"), ("u" = Option<String>, Query, description = "page URL"),
+        ("r" = Option<String>, Query, description = "referrer"), ("e" = Option<String>, Query, description = "event id"),
+        ("c" = Option<String>, Query, description = "consent flags")),
+    responses((status = 200, description = "A 1×1 GIF; sets the `_mid` cookie if missing")))]
 pub async fn pixel(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -343,11 +357,13 @@ pub async fn pixel(
 }
 
 /// `GET /healthz`: the process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
 /// `GET /readyz`: the log can take appends.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "Ready"), (status = 503, description = "Not ready")))]
 pub async fn readyz(State(state): State<IngestState>) -> Response {
     if !state.opt_outs.is_caught_up() {
         (StatusCode::SERVICE_UNAVAILABLE, "opt-outs not loaded yet").into_response()
@@ -359,6 +375,7 @@ pub async fn readyz(State(state): State<IngestState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus metrics")))]
 pub async fn metrics(State(state): State<IngestState>) -> Response {
     (
         [(
@@ -390,6 +407,10 @@ pub struct OptOutRequest {
 }
 
 /// `POST /v1/opt-outs`: records an opt-out in the opt-out log; in force here at once.
+#[utoipa::path(post, path = "/v1/opt-outs", tag = "privacy",
+    request_body(content = serde_json::Value, description = "{\"cookie_id\"|\"user_id\": …, \"scope\": \"analytics\"|\"personalisation\"|\"marketing\"|\"all\"}"),
+    responses((status = 202, description = "Recorded"), (status = 400, description = "Bad scope or subject"),
+        (status = 401, description = "A user id needs the admin key")))]
 pub async fn post_opt_out(
     State(state): State<IngestState>,
     headers: HeaderMap,
@@ -448,6 +469,7 @@ pub async fn post_opt_out(
 }
 
 /// `GET /s.js`: the tracker snippet.
+#[utoipa::path(get, path = "/s.js", tag = "ingest", responses((status = 200, description = "The tracker snippet (JavaScript)")))]
 pub async fn tracker() -> Response {
     (
         [
@@ -460,6 +482,7 @@ pub async fn tracker() -> Response {
 }
 
 /// `GET /demo`: a page of the site with the tracker, to see it work (and to test it in a browser).
+#[utoipa::path(get, path = "/demo", tag = "ingest", responses((status = 200, description = "A demo page using the tracker")))]
 pub async fn demo() -> Response {
     (
         [(header::CONTENT_TYPE, "text/html; charset=utf-8")],

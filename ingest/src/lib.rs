@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::get;
 use marsad_config::Config;
 use marsad_eventlog::EventLog;
 use marsad_privacy::access::ApiKeys;
@@ -101,18 +101,52 @@ impl IngestState {
 
 /// The ingest routes, testable without a socket.
 pub fn app(state: IngestState) -> Router {
-    Router::new()
-        .route("/v1/events", post(handlers::post_event))
-        .route("/v1/batch", post(handlers::post_batch))
-        .route("/v1/p.gif", get(handlers::pixel))
-        .route("/v1/opt-outs", post(handlers::post_opt_out))
-        .route("/s.js", get(handlers::tracker))
-        .route("/demo", get(handlers::demo))
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
+    let (router, api) = routes().split_for_parts();
+    let api = std::sync::Arc::new(api);
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let api = api.clone();
+                async move { axum::Json(api.as_ref().clone()) }
+            }),
+        )
         .fallback(handlers::not_found)
         .with_state(state)
+}
+
+/// The documented routes: each handler's `#[utoipa::path]` gives both its route and its OpenAPI entry.
+fn routes() -> utoipa_axum::router::OpenApiRouter<IngestState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(openapi_info())
+        .routes(routes!(handlers::post_event))
+        .routes(routes!(handlers::post_batch))
+        .routes(routes!(handlers::pixel))
+        .routes(routes!(handlers::post_opt_out))
+        .routes(routes!(handlers::tracker))
+        .routes(routes!(handlers::demo))
+        .routes(routes!(handlers::healthz))
+        .routes(routes!(handlers::readyz))
+        .routes(routes!(handlers::metrics))
+}
+
+/// The OpenAPI document of the ingest service, as `/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+fn openapi_info() -> utoipa::openapi::OpenApi {
+    utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("Marsad ingest")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "Collects page views, ad impressions and clicks; answers 202 once durable.",
+                ))
+                .build(),
+        )
+        .build()
 }
 
 /// Serves until `shutdown` is cancelled, finishing requests in flight.

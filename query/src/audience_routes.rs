@@ -33,6 +33,9 @@ fn subject(params: &HashMap<String, String>) -> Result<Subject<'_>, ApiError> {
 
 /// `GET /v1/audience?cookie_id=…|user_id=…`: the served segments of a visitor; empty for
 /// anyone who opted out of personalisation, checked on every call.
+#[utoipa::path(get, path = "/v1/audience", tag = "audiences", security(("api_key" = [])),
+    params(("cookie_id" = Option<String>, Query, description = "the browser's cookie id"), ("user_id" = Option<String>, Query, description = "the account id")),
+    responses((status = 200, description = "{\"segments\":[…]}; empty for anyone opted out"), (status = 400, description = "Give exactly one id")))]
 pub async fn audience(
     State(state): State<QueryState>,
     headers: HeaderMap,
@@ -55,6 +58,7 @@ pub async fn audience(
 }
 
 /// `GET /v1/segments`: every configured segment with its rules and its last refresh.
+#[utoipa::path(get, path = "/v1/segments", tag = "audiences", security(("api_key" = [])), responses((status = 200, description = "Definitions with status and size")))]
 pub async fn list_segments(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Adserver)?;
     let index = state.audiences.current();
@@ -108,6 +112,10 @@ fn served<'a>(
 
 /// `GET /v1/segments/{id}/members?format=ndjson|csv`: the members of a served segment,
 /// streamed; anyone opted out of personalisation or marketing since the refresh is left out.
+#[utoipa::path(get, path = "/v1/segments/{id}/members", tag = "audiences", security(("api_key" = [])),
+    params(("id" = String, Path, description = "segment id"), ("format" = Option<String>, Query, description = "ndjson (default) or csv")),
+    responses((status = 200, description = "Streamed audience_ids"), (status = 404, description = "No such segment"),
+        (status = 409, description = "Held back or not refreshed yet")))]
 pub async fn segment_members(
     State(state): State<QueryState>,
     headers: HeaderMap,
@@ -159,6 +167,9 @@ pub async fn segment_members(
 }
 
 /// `GET /v1/segments/overlap?a=…&b=…`: estimated reach and overlap of two served segments.
+#[utoipa::path(get, path = "/v1/segments/overlap", tag = "audiences", security(("api_key" = [])),
+    params(("a" = String, Query, description = "segment id"), ("b" = String, Query, description = "segment id")),
+    responses((status = 200, description = "Estimated union and intersection (theta sketches)")))]
 pub async fn overlap(
     State(state): State<QueryState>,
     headers: HeaderMap,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{delete, get, post};
+use axum::routing::get;
 use marsad_config::Config;
 use marsad_eventlog::EventLog;
 use marsad_privacy::access::ApiKeys;
@@ -111,20 +111,62 @@ impl QueryState {
 
 /// The query routes, testable without a socket.
 pub fn app(state: QueryState) -> Router {
-    Router::new()
-        .route("/v1/sql", post(routes::post_sql))
-        .route("/v1/tables", get(routes::list_tables))
-        .route("/v1/subjects", delete(routes::erase_subject))
-        .route("/v1/reports/{kind}", get(routes::report))
-        .route("/v1/audience", get(audience_routes::audience))
-        .route("/v1/segments", get(audience_routes::list_segments))
-        .route("/v1/segments/overlap", get(audience_routes::overlap))
-        .route("/v1/segments/{id}/members", get(audience_routes::segment_members))
-        .route("/healthz", get(routes::healthz))
-        .route("/readyz", get(routes::readyz))
-        .route("/metrics", get(routes::metrics))
+    let (router, api) = routes().split_for_parts();
+    let api = Arc::new(api);
+    router
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let api = api.clone();
+                async move { axum::Json(api.as_ref().clone()) }
+            }),
+        )
         .fallback(routes::not_found)
         .with_state(state)
+}
+
+/// The documented routes: each handler's `#[utoipa::path]` gives both its route and its OpenAPI entry.
+fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
+    use utoipa_axum::routes;
+    utoipa_axum::router::OpenApiRouter::with_openapi(openapi_info())
+        .routes(routes!(routes::post_sql))
+        .routes(routes!(routes::list_tables))
+        .routes(routes!(routes::report))
+        .routes(routes!(routes::erase_subject))
+        .routes(routes!(audience_routes::audience))
+        .routes(routes!(audience_routes::list_segments))
+        .routes(routes!(audience_routes::overlap))
+        .routes(routes!(audience_routes::segment_members))
+        .routes(routes!(routes::healthz))
+        .routes(routes!(routes::readyz))
+        .routes(routes!(routes::metrics))
+}
+
+/// The OpenAPI document of the query service, as `/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+fn openapi_info() -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut api = utoipa::openapi::OpenApiBuilder::new()
+        .info(
+            utoipa::openapi::InfoBuilder::new()
+                .title("Marsad query")
+                .version(env!("CARGO_PKG_VERSION"))
+                .description(Some(
+                    "SQL, reports, audiences and erasure; every call but /healthz, /readyz and /metrics needs \
+                     `Authorization: Bearer KEY` with the right role",
+                ))
+                .build(),
+        )
+        .build();
+    let components = api.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "api_key",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    api
 }
 
 /// How often the query service looks for a new `segment_members` version.

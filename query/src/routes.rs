@@ -30,6 +30,12 @@ pub struct SqlRequest {
 }
 
 /// `POST /v1/sql`: read-only SQL over every table (engineer role).
+#[utoipa::path(post, path = "/v1/sql", tag = "sql", security(("api_key" = [])),
+    params(("format" = Option<String>, Query, description = "json (default), ndjson or csv")),
+    request_body(content = serde_json::Value, description = "{\"sql\": \"SELECT …\"}"),
+    responses((status = 200, description = "Rows"), (status = 400, description = "Bad or non-read-only SQL"),
+        (status = 401, description = "No or wrong key"), (status = 403, description = "Not an engineer key"),
+        (status = 408, description = "Timed out")))]
 pub async fn post_sql(
     State(state): State<QueryState>,
     headers: HeaderMap,
@@ -67,6 +73,13 @@ pub async fn post_sql(
 }
 
 /// `GET /v1/reports/{kind}` (analyst): a report from the rollups with small cells withheld.
+#[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = [])),
+    params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns or demographics"),
+        ("from" = Option<String>, Query, description = "first date, inclusive (default: 29 days before `to`)"),
+        ("to" = Option<String>, Query, description = "last date, inclusive (default: today)"),
+        ("granularity" = Option<String>, Query, description = "hour, day (default), week or month")),
+    responses((status = 200, description = "Rows with small cells suppressed"), (status = 400, description = "Bad parameter"),
+        (status = 404, description = "No such report")))]
 pub async fn report(
     State(state): State<QueryState>,
     headers: HeaderMap,
@@ -93,6 +106,7 @@ pub async fn report(
 }
 
 /// `GET /v1/tables`: the tables that exist (engineer role).
+#[utoipa::path(get, path = "/v1/tables", tag = "sql", security(("api_key" = [])), responses((status = 200, description = "The tables that exist")))]
 pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Engineer)?;
     Ok(Json(json!({"tables": state.catalog.existing().await})).into_response())
@@ -104,6 +118,10 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 
 /// `DELETE /v1/subjects?cookie_id=…|user_id=…` (admin): records an `all` opt-out, then
 /// deletes every row linkable to the subject from every table and vacuums; answers the receipt.
+#[utoipa::path(delete, path = "/v1/subjects", tag = "privacy", security(("api_key" = [])),
+    params(("cookie_id" = Option<String>, Query, description = "the browser's cookie id"), ("user_id" = Option<String>, Query, description = "the account id")),
+    responses((status = 200, description = "The erasure receipt"), (status = 400, description = "Give exactly one id"),
+        (status = 503, description = "Could not finish; safe to repeat")))]
 pub async fn erase_subject(
     State(state): State<QueryState>,
     headers: HeaderMap,
@@ -156,11 +174,13 @@ pub async fn erase_subject(
 }
 
 /// `GET /healthz`.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
 /// `GET /readyz`: the tables can be opened.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "Ready"), (status = 503, description = "Not ready")))]
 pub async fn readyz(State(state): State<QueryState>) -> Response {
     match state.catalog.session().await {
         Ok(_) => (StatusCode::OK, "ready").into_response(),
@@ -169,6 +189,7 @@ pub async fn readyz(State(state): State<QueryState>) -> Response {
 }
 
 /// `GET /metrics`: this service's metrics plus any extra sources.
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus metrics")))]
 pub async fn metrics(State(state): State<QueryState>) -> Response {
     let mut text = strip_eof(state.metrics.render());
     for source in &state.extra_metrics {
