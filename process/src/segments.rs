@@ -212,16 +212,14 @@ mod tests {
         let now = Utc::now();
         let ts = now.timestamp_micros();
         let day = days_since_epoch(now.date_naive());
-        let sql = concat!(
-            "SELECT * FROM (VALUES \
+        let sql = "SELECT * FROM (VALUES \
              ('a', 'page_view', 'cars', 'JO', false), ('a', 'page_view', 'cars', 'JO', false), \
              ('a', 'page_view', 'cars', 'JO', false), ('b', 'page_view', 'cars', 'JO', false), \
              ('b', 'page_view', 'cars', 'JO', false), ('c', 'page_view', 'cars', 'SA', false), \
              ('c', 'page_view', 'cars', 'SA', false), ('c', 'page_view', 'cars', 'SA', false), \
              ('d', 'page_view', 'cars', 'JO', true), ('d', 'page_view', 'cars', 'JO', true), \
              ('d', 'page_view', 'cars', 'JO', true)) \
-             AS t(audience_id, event_type, page_category, country, is_bot)"
-        );
+             AS t(audience_id, event_type, page_category, country, is_bot)";
         let base = ctx.sql(sql).await.expect("values");
         let events = base
             .with_column(
