@@ -100,7 +100,7 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
     let catalog = marsad_query::TableCatalog::new(config.tables_dir());
     let ctx = catalog.session().await?;
-    let result = marsad_query::sql::run(&ctx, &statement, 1 << 40).await;
+    let result = marsad_query::sql::run(&ctx, &statement, 1 << 40, marsad_query::sql::Access::Everything).await;
     bar.finish_and_clear();
     let result = result.map_err(|e| anyhow::anyhow!("{e}"))?;
     let rows: usize = result.batches.iter().map(|b| b.num_rows()).sum();

@@ -1,6 +1,7 @@
-//! Reports with small-cell suppression end to end: a crafted sparse
-//! population where one visitor is alone in a country must not be revealed
-//! by a report, neither directly nor by subtracting shown cells from the total.
+//! Reports and analyst SQL with small-cell suppression end to end: a crafted
+//! sparse population where one visitor is alone in a country must not be
+//! revealed by a report or an analyst's SQL, neither directly nor by
+//! subtracting shown cells from the total. And the limits every query has.
 
 use std::time::Duration;
 
@@ -8,7 +9,9 @@ use anyhow::{Context, Result, ensure};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{Marsad, write_fixture_geoip};
+use crate::common::{Marsad, key_entry, write_fixture_geoip};
+
+const ANALYST_KEY: &str = "analyst-key-for-the-k-rule-test";
 
 fn send(client: &Client, m: &Marsad, cookie: &str, ip: &str, views: usize) -> Result<usize> {
     let events: Vec<Value> = (0..views)
@@ -34,12 +37,23 @@ fn report(client: &Client, m: &Marsad, path: &str) -> Result<(u16, Value)> {
     Ok((resp.status().as_u16(), resp.json()?))
 }
 
+fn analyst_sql(client: &Client, m: &Marsad, sql: &str) -> Result<(u16, Value)> {
+    let resp = client
+        .post(format!("{}/v1/sql", m.query))
+        .bearer_auth(ANALYST_KEY)
+        .json(&json!({ "sql": sql }))
+        .send()?;
+    Ok((resp.status().as_u16(), resp.json()?))
+}
+
 #[test]
 fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let geoip = tmp.path().join("geo.mmdb");
     write_fixture_geoip(&geoip)?;
-    let m = Marsad::start(&tmp.path().join("data"), Some(&geoip))?;
+    let config = tmp.path().join("marsad.toml");
+    std::fs::write(&config, key_entry("dashboard", "analyst", ANALYST_KEY))?;
+    let m = Marsad::start_with_config(&tmp.path().join("data"), Some(&geoip), Some(&config))?;
     let client = Client::new();
     let mut total = 0;
     for (prefix, visitors, views) in [("176.29", 30, 2), ("94.200", 15, 3), ("188.48", 12, 1), ("41.32", 1, 7)] {
@@ -116,11 +130,113 @@ fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
     assert_eq!(categories["rows"][0]["page_category"], "cars");
     assert_eq!(categories["rows"][0]["page_views"], total);
 
+    // an analyst's SQL: the same rule per answer row
+    let (status, by_country) = analyst_sql(
+        &client,
+        &m,
+        "SELECT country, SUM(events) AS events, hll_estimate(hll_merge(visitors)) AS visitors \
+         FROM traffic_hourly GROUP BY country ORDER BY country",
+    )?;
+    assert_eq!(status, 200, "{by_country}");
+    let countries: Vec<&str> = by_country["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .filter_map(|r| r["country"].as_str())
+        .collect();
+    assert_eq!(
+        countries,
+        ["AE", "JO"],
+        "EG and its complement SA withheld: {by_country}"
+    );
+    assert_eq!(by_country["withheld_rows"], 2);
+    assert!(
+        by_country["columns"]
+            .as_array()
+            .context("columns")?
+            .iter()
+            .all(|c| !c["name"].as_str().unwrap_or("").starts_with("__marsad")),
+        "{by_country}"
+    );
+    for sql in [
+        "SELECT SUM(events) FROM traffic_hourly WHERE country = 'EG'",
+        "SELECT SUM(events) FROM traffic_hourly WHERE region IS NULL AND country = 'EG' GROUP BY hour",
+        "SELECT browser, COUNT(*) FROM traffic_hourly WHERE country IN ('EG') GROUP BY browser",
+    ] {
+        let (status, body) = analyst_sql(&client, &m, sql)?;
+        assert_eq!(status, 200, "{sql}: {body}");
+        assert_eq!(body["row_count"], 0, "{sql}: the lone visitor shows: {body}");
+    }
+    for (sql, why) in [
+        ("SELECT * FROM traffic_hourly WHERE country = 'EG'", "GROUP BY"),
+        ("SELECT COUNT(*) FROM events", "not found"),
+        (
+            "SELECT SUM(events) FILTER (WHERE country = 'EG') FROM traffic_hourly",
+            "FILTER",
+        ),
+        (
+            "SELECT SUM(CASE WHEN country = 'EG' THEN events ELSE 0 END) FROM traffic_hourly",
+            "plain columns",
+        ),
+        ("DELETE FROM traffic_hourly", "read-only"),
+    ] {
+        let (status, body) = analyst_sql(&client, &m, sql)?;
+        assert_eq!(status, 400, "{sql}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(why), "{sql}: `{error}` should say {why}");
+    }
+    // engineers still read every table
+    assert_eq!(m.sql_count("SELECT COUNT(*) FROM events WHERE country = 'EG'")?, 7);
+
     // clear refusals
     assert_eq!(report(&client, &m, "weather")?.0, 404);
     assert_eq!(report(&client, &m, "geo?colour=red")?.0, 400);
     assert_eq!(report(&client, &m, "traffic?from=2026-13-01")?.0, 400);
     let anonymous = client.get(format!("{}/v1/reports/geo", m.query)).send()?;
     assert_eq!(anonymous.status().as_u16(), 401);
+    Ok(())
+}
+
+#[test]
+fn every_query_is_limited_in_time_memory_and_rows_with_a_clear_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let config = tmp.path().join("marsad.toml");
+    std::fs::write(
+        &config,
+        "[query]\ntimeout_secs = 2\nmemory_limit_mb = 4\nmax_result_rows = 5\n",
+    )?;
+    let m = Marsad::start_with_config(&tmp.path().join("data"), None, Some(&config))?;
+    let client = Client::new();
+    let sql = |sql: &str| -> Result<(u16, Value)> {
+        let resp = client
+            .post(format!("{}/v1/sql", m.query))
+            .bearer_auth(m.admin_key()?)
+            .json(&json!({ "sql": sql }))
+            .send()?;
+        Ok((resp.status().as_u16(), resp.json()?))
+    };
+
+    let (status, rows) = sql("SELECT value FROM generate_series(1, 100) ORDER BY value")?;
+    assert_eq!(status, 200, "{rows}");
+    assert_eq!(rows["row_count"], 5);
+    assert_eq!(rows["truncated"], true);
+
+    let (status, body) = sql("SELECT value % 1000003 AS v, COUNT(*) FROM generate_series(1, 5000000) GROUP BY v")?;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("query.memory_limit_mb"),
+        "{body}"
+    );
+
+    let (status, body) = sql("SELECT COUNT(*) FROM generate_series(1, 100000000000)")?;
+    assert_eq!(status, 408, "{body}");
+    assert!(body["error"].as_str().unwrap_or_default().contains("2 s"), "{body}");
+
+    // the service is still there for the next question
+    let (status, body) = sql("SELECT 1 AS one")?;
+    assert_eq!((status, body["rows"][0]["one"].as_i64()), (200, Some(1)));
     Ok(())
 }

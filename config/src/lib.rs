@@ -288,6 +288,10 @@ pub struct QueryConfig {
     pub max_result_rows: usize,
     /// Report cells with fewer unique visitors are withheld (k-anonymity).
     pub min_cell_visitors: usize,
+    /// A query running longer is cancelled.
+    pub timeout_secs: u64,
+    /// Memory one query may use; a query needing more fails with a clear error instead of spilling.
+    pub memory_limit_mb: u64,
 }
 
 impl Default for QueryConfig {
@@ -297,6 +301,8 @@ impl Default for QueryConfig {
             keys: Vec::new(),
             max_result_rows: 100_000,
             min_cell_visitors: 10,
+            timeout_secs: 60,
+            memory_limit_mb: 1024,
         }
     }
 }
@@ -455,6 +461,8 @@ impl Config {
         positive("process.batch_max_interval_ms", self.process.batch_max_interval_ms)?;
         positive("query.max_result_rows", self.query.max_result_rows as u64)?;
         positive("query.min_cell_visitors", self.query.min_cell_visitors as u64)?;
+        positive("query.timeout_secs", self.query.timeout_secs)?;
+        positive("query.memory_limit_mb", self.query.memory_limit_mb)?;
         if self.eventlog.segment_bytes < 4096 {
             return Err(ConfigError::Invalid {
                 key: "eventlog.segment_bytes",

@@ -144,6 +144,11 @@ impl ApiKeys {
         }
     }
 
+    /// The holder of a plain key, for protocols that carry it as a password (Postgres: user = key name).
+    pub fn holder_of(&self, key: &str) -> Option<&KeyHolder> {
+        self.by_hash.get(&hash(key))
+    }
+
     /// Configured keys plus the data dir's admin key (created on first start).
     pub fn load(configured: &[ApiKeyConfig], data_dir: &Path) -> Result<(Self, AdminKey), KeyError> {
         let admin = ensure_admin_key(data_dir)?;

@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use marsad_schemas::TableName;
@@ -24,6 +26,25 @@ pub struct CatalogError {
 pub struct TableCatalog {
     dir: PathBuf,
     tables: Mutex<HashMap<&'static str, DeltaTable>>,
+    memory_limit: Option<usize>,
+}
+
+/// Which tables a session sees: analysts see only the rollups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableScope {
+    /// Every table (engineers, batch jobs).
+    All,
+    /// The aggregate tables whose every row counts many visitors.
+    Rollups,
+}
+
+impl TableScope {
+    fn includes(self, table: &str) -> bool {
+        match self {
+            TableScope::All => true,
+            TableScope::Rollups => TableName::ROLLUPS.iter().any(|t| t.as_str() == table),
+        }
+    }
 }
 
 impl TableCatalog {
@@ -32,7 +53,14 @@ impl TableCatalog {
         TableCatalog {
             dir,
             tables: Mutex::new(HashMap::new()),
+            memory_limit: None,
         }
+    }
+
+    /// Caps the memory of each query's session; a query needing more fails instead of spilling to disk.
+    pub fn with_memory_limit(mut self, bytes: usize) -> Self {
+        self.memory_limit = Some(bytes);
+        self
     }
 
     /// Where the tables live.
@@ -51,13 +79,31 @@ impl TableCatalog {
 
     /// A DataFusion session with every existing table registered at its latest version.
     pub async fn session(&self) -> Result<SessionContext, CatalogError> {
+        self.session_with(TableScope::All).await
+    }
+
+    /// A DataFusion session with the existing tables of `scope` registered at their latest versions.
+    pub async fn session_with(&self, scope: TableScope) -> Result<SessionContext, CatalogError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
-        let ctx = SessionContext::new_with_config(config);
+        let ctx = match self.memory_limit {
+            None => SessionContext::new_with_config(config),
+            Some(bytes) => {
+                let runtime = RuntimeEnvBuilder::new()
+                    .with_memory_limit(bytes, 1.0)
+                    .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
+                    .build_arc()
+                    .map_err(|e| CatalogError {
+                        table: "*",
+                        reason: e.to_string(),
+                    })?;
+                SessionContext::new_with_config_rt(config, runtime)
+            }
+        };
         crate::sketches::register(&ctx);
         let mut tables = self.tables.lock().await;
-        for name in self.existing().await {
+        for name in self.existing().await.into_iter().filter(|t| scope.includes(t)) {
             let err = |reason: String| CatalogError { table: name, reason };
             if !tables.contains_key(name) {
                 let abs = std::path::absolute(self.dir.join(name)).map_err(|e| err(e.to_string()))?;

@@ -17,6 +17,7 @@ mod metrics;
 pub mod reports;
 mod routes;
 pub mod sketches;
+pub mod small_cells;
 pub mod sql;
 
 use std::sync::Arc;
@@ -86,9 +87,12 @@ impl QueryState {
             // an erasure waits for the processor to see the opt-out and commit what it buffered
             erasure_settle: Duration::from_millis(config.process.batch_max_interval_ms + 1_000),
             keys: Arc::new(keys),
-            catalog: Arc::new(TableCatalog::new(config.tables_dir())),
+            catalog: Arc::new(
+                TableCatalog::new(config.tables_dir())
+                    .with_memory_limit((config.query.memory_limit_mb as usize).saturating_mul(1 << 20)),
+            ),
             max_rows: config.query.max_result_rows,
-            timeout: Duration::from_secs(60),
+            timeout: Duration::from_secs(config.query.timeout_secs),
             metrics: Arc::new(QueryMetrics::new()),
             extra_metrics: Vec::new(),
             audiences: Arc::new(audience::Audiences::new(&config.tables_dir())),

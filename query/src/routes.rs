@@ -18,8 +18,9 @@ use marsad_schemas::TOPIC_OPTOUTS;
 
 use crate::QueryState;
 use crate::api::ApiError;
+use crate::catalog::TableScope;
 use crate::erasure;
-use crate::sql::{self, Format};
+use crate::sql::{self, Access, Format};
 
 /// The body of `POST /v1/sql`.
 #[derive(Debug, Deserialize)]
@@ -29,12 +30,12 @@ pub struct SqlRequest {
     pub sql: String,
 }
 
-/// `POST /v1/sql`: read-only SQL over every table (engineer role).
+/// `POST /v1/sql`: read-only SQL; engineers read every table, analysts aggregate the rollups under the k rule.
 #[utoipa::path(post, path = "/v1/sql", tag = "sql", security(("api_key" = [])),
     params(("format" = Option<String>, Query, description = "json (default), ndjson or csv")),
     request_body(content = serde_json::Value, description = "{\"sql\": \"SELECT …\"}"),
     responses((status = 200, description = "Rows"), (status = 400, description = "Bad or non-read-only SQL"),
-        (status = 401, description = "No or wrong key"), (status = 403, description = "Not an engineer key"),
+        (status = 401, description = "No or wrong key"), (status = 403, description = "Neither an engineer nor an analyst key"),
         (status = 408, description = "Timed out")))]
 pub async fn post_sql(
     State(state): State<QueryState>,
@@ -42,16 +43,20 @@ pub async fn post_sql(
     Query(params): Query<HashMap<String, String>>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let holder = state.keys.authorize(authorization(&headers), Role::Engineer)?;
+    let (holder, access) = sql_access(&state, authorization(&headers))?;
     let format = Format::parse(params.get("format").map(String::as_str))?;
     let req: SqlRequest =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected {{\"sql\": \"…\"}}: {e}")))?;
-    tracing::info!(key = %holder.name, "sql query");
-    let ctx = state.catalog.session().await.map_err(|e| {
+    tracing::info!(key = %holder, ?access, "sql query");
+    let scope = match access {
+        Access::Everything => TableScope::All,
+        Access::SmallCellsWithheld { .. } => TableScope::Rollups,
+    };
+    let ctx = state.catalog.session_with(scope).await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");
         ApiError::Internal
     })?;
-    let run = sql::run(&ctx, &req.sql, state.max_rows);
+    let run = sql::run(&ctx, &req.sql, state.max_rows, access);
     let result = match tokio::time::timeout(state.timeout, run).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -69,7 +74,49 @@ pub async fn post_sql(
     };
     state.metrics.count("ok");
     let bytes = sql::render(&result, format)?;
-    Ok(([(header::CONTENT_TYPE, format.content_type())], bytes).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, format.content_type().to_string()),
+            (
+                header::HeaderName::from_static("x-marsad-withheld-rows"),
+                result.withheld.to_string(),
+            ),
+            (
+                header::HeaderName::from_static("x-marsad-truncated"),
+                result.truncated.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// What a key may do with SQL: engineers everything, analysts the rollups under the k rule.
+pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Result<(String, Access), ApiError> {
+    match state.keys.authorize(authorization, Role::Engineer) {
+        Ok(holder) => Ok((holder.name.clone(), Access::Everything)),
+        Err(marsad_privacy::access::AccessError::Forbidden { .. }) => {
+            let holder = state
+                .keys
+                .authorize(authorization, Role::Analyst)
+                .map_err(|e| match e {
+                    marsad_privacy::access::AccessError::Forbidden { key, .. } => {
+                        ApiError::Access(marsad_privacy::access::AccessError::Forbidden {
+                            key,
+                            role: "engineer or analyst",
+                        })
+                    }
+                    other => ApiError::Access(other),
+                })?;
+            Ok((
+                holder.name.clone(),
+                Access::SmallCellsWithheld {
+                    k: state.min_cell_visitors,
+                },
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `GET /v1/reports/{kind}` (analyst): a report from the rollups with small cells withheld.

@@ -44,6 +44,18 @@ impl Format {
     }
 }
 
+/// Who is asking, and so what a query may read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Engineers: every table, raw rows.
+    Everything,
+    /// Analysts: aggregates of the rollups only; rows under `k` visitors are withheld.
+    SmallCellsWithheld {
+        /// The least unique visitors a row must count to be shown.
+        k: usize,
+    },
+}
+
 /// A query's rows, capped.
 pub struct QueryResult {
     /// The result schema.
@@ -52,33 +64,35 @@ pub struct QueryResult {
     pub batches: Vec<RecordBatch>,
     /// Whether rows beyond the cap were dropped.
     pub truncated: bool,
+    /// Rows withheld because they count too few visitors (analysts only).
+    pub withheld: usize,
 }
 
 fn user_error(e: DataFusionError) -> ApiError {
-    match e {
+    let message = e.strip_backtrace();
+    match e.find_root() {
+        DataFusionError::ResourcesExhausted(msg) => ApiError::BadRequest(format!(
+            "the query needs more memory than one query may use (query.memory_limit_mb); filter or aggregate \
+             more, or ask for fewer columns: {msg}"
+        )),
         DataFusionError::Plan(msg) if msg.contains("not supported") => {
             ApiError::BadRequest(format!("the SQL endpoint is read-only: {msg}"))
         }
         DataFusionError::Plan(_)
         | DataFusionError::SQL(..)
         | DataFusionError::SchemaError(..)
-        | DataFusionError::NotImplemented(_) => ApiError::BadRequest(e.to_string()),
-        DataFusionError::Execution(_) | DataFusionError::ArrowError(..) | DataFusionError::ResourcesExhausted(_) => {
-            ApiError::BadRequest(e.to_string())
-        }
-        DataFusionError::Context(ctx, inner) => match user_error(*inner) {
-            ApiError::BadRequest(m) => ApiError::BadRequest(format!("{ctx}: {m}")),
-            other => other,
-        },
-        other => {
-            tracing::error!(error = %other, "query failed");
+        | DataFusionError::NotImplemented(_)
+        | DataFusionError::Execution(_)
+        | DataFusionError::ArrowError(..) => ApiError::BadRequest(message),
+        _ => {
+            tracing::error!(error = %message, "query failed");
             ApiError::Internal
         }
     }
 }
 
-/// Plans and runs `sql` read-only, keeping at most `max_rows` rows.
-pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<QueryResult, ApiError> {
+/// Plans and runs `sql` read-only as `access` allows, keeping at most `max_rows` rows.
+pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize, access: Access) -> Result<QueryResult, ApiError> {
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
@@ -86,12 +100,26 @@ pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<Que
         .with_allow_ddl(false)
         .with_allow_dml(false)
         .with_allow_statements(false);
-    let df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
-    let schema: SchemaRef = df.schema().inner().clone();
+    let mut df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
+    let mut schema: SchemaRef = df.schema().inner().clone();
+    let mut k = None;
+    if let Access::SmallCellsWithheld { k: min } = access
+        && let Some(plan) = crate::small_cells::restrict(ctx, df.logical_plan().clone())?
+    {
+        df = ctx.execute_logical_plan(plan).await.map_err(user_error)?;
+        k = Some(min);
+    }
+    if k.is_none() {
+        schema = df.schema().inner().clone();
+    }
     let df = df.limit(0, Some(max_rows + 1)).map_err(user_error)?;
     let mut batches = df.collect().await.map_err(user_error)?;
-    let total: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let truncated = total > max_rows;
+    let fetched: usize = batches.iter().map(|b| b.num_rows()).sum();
+    let withheld = match k {
+        Some(k) => crate::small_cells::withhold_small_cells(&mut batches, k)?,
+        None => 0,
+    };
+    let truncated = fetched > max_rows;
     if truncated {
         let mut keep = max_rows;
         for b in batches.iter_mut() {
@@ -104,6 +132,7 @@ pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<Que
         schema,
         batches,
         truncated,
+        withheld,
     })
 }
 
@@ -134,8 +163,8 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError>
                 .iter()
                 .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
                 .collect();
-            let body =
-                json!({"columns": columns, "rows": rows, "row_count": rows.len(), "truncated": result.truncated});
+            let body = json!({"columns": columns, "rows": rows, "row_count": rows.len(),
+                "truncated": result.truncated, "withheld_rows": result.withheld});
             serde_json::to_vec(&body).map_err(|_| ApiError::Internal)
         }
         Format::Ndjson => {

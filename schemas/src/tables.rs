@@ -36,6 +36,13 @@ impl TableName {
         TableName::SegmentMembers,
     ];
 
+    /// The aggregate tables: every row counts visitors in a sketch, none is one person's event.
+    pub const ROLLUPS: [TableName; 3] = [
+        TableName::TrafficHourly,
+        TableName::AdPerformanceHourly,
+        TableName::DemographicsDaily,
+    ];
+
     /// The name used as directory and SQL table name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -59,6 +59,13 @@ pub fn marsad_bin() -> &'static str {
     env!("CARGO_BIN_EXE_marsad")
 }
 
+/// A `[[query.keys]]` entry for `key` (the config holds only its hash).
+pub fn key_entry(name: &str, role: &str, key: &str) -> String {
+    use sha2::Digest;
+    let digest = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    format!("[[query.keys]]\nname = \"{name}\"\nroles = [\"{role}\"]\nsha256 = \"{digest}\"\n")
+}
+
 impl Marsad {
     /// Starts `marsad up` on free ports, trusting 127.0.0.1 as a proxy.
     pub fn start(data_dir: &Path, geoip: Option<&Path>) -> Result<Self> {
