@@ -12,7 +12,7 @@ use crate::common::{Marsad, counts_by, free_port};
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-struct Driver(Child);
+pub(crate) struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
@@ -21,7 +21,7 @@ impl Drop for Driver {
     }
 }
 
-fn start_driver() -> Result<(Driver, u16)> {
+pub(crate) fn start_driver() -> Result<(Driver, u16)> {
     let port = free_port()?;
     let child = Command::new(CHROMEDRIVER)
         .arg(format!("--port={port}"))
@@ -36,6 +36,24 @@ fn start_driver() -> Result<(Driver, u16)> {
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok((driver, port))
+}
+
+/// A headless Chromium session through the driver on `port`, with a fresh profile.
+pub(crate) async fn chromium(port: u16, profile: &std::path::Path) -> Result<fantoccini::Client> {
+    let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--window-size=1400,1800", format!("--user-data-dir={}", profile.display()),
+    ]}});
+    let Value::Object(caps) = caps else {
+        bail!("capabilities")
+    };
+    Ok(
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&format!("http://127.0.0.1:{port}"))
+            .await?,
+    )
 }
 
 async fn wait_for_tracker(c: &fantoccini::Client) -> Result<()> {
@@ -86,16 +104,7 @@ fn the_tracker_in_a_real_chromium() -> Result<()> {
     let screenshot = tmp.path().join("demo.png");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let cookie: String = runtime.block_on(async {
-        let caps = json!({"goog:chromeOptions": {"binary": CHROMIUM, "args": [
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            format!("--user-data-dir={}", profile.display()),
-        ]}});
-        let Value::Object(caps) = caps else { bail!("capabilities") };
-        let c = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(caps)
-            .connect(&format!("http://127.0.0.1:{port}"))
-            .await?;
+        let c = chromium(port, &profile).await?;
         let demo = format!("{}/demo", m.ingest);
         // 1: the automatic page view, default consent (no personalisation)
         c.goto(&demo).await?;

@@ -19,6 +19,9 @@ mod privacy;
 /// The tracker snippet in a real headless Chromium.
 mod browser;
 
+/// The marketing dashboard in a real headless Chromium: sign-in, charts, date range, language, CSV.
+mod dashboard;
+
 /// Rollup totals equal `events` totals, also after crashes between the commits.
 mod rollups;
 

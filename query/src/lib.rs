@@ -3,7 +3,8 @@
 //! `engineer`, `admin`).
 //!
 //! It owns reading, never writing: it must not change a table, and every call
-//! but `/healthz`, `/readyz` and `/metrics` needs a key with the right role.
+//! but `/healthz`, `/readyz`, `/metrics` and the dashboard's static page and
+//! assets at `/` needs a key with the right role.
 
 #![deny(missing_docs)]
 
@@ -12,6 +13,7 @@ pub mod audience;
 mod audience_routes;
 pub mod audit;
 pub mod catalog;
+pub mod dashboard;
 pub mod erasure;
 mod metrics;
 pub mod reports;
@@ -64,6 +66,7 @@ pub struct QueryState {
     pub(crate) audiences: Arc<audience::Audiences>,
     pub(crate) audience: Arc<marsad_config::AudienceConfig>,
     pub(crate) min_cell_visitors: usize,
+    pub(crate) geoip_attribution: Arc<str>,
 }
 
 /// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
@@ -98,6 +101,7 @@ impl QueryState {
             audiences: Arc::new(audience::Audiences::new(&config.tables_dir())),
             audience: Arc::new(config.audience.clone()),
             min_cell_visitors: config.query.min_cell_visitors,
+            geoip_attribution: dashboard::geoip_attribution(&config.geoip.databases).into(),
         }
     }
 
@@ -125,6 +129,11 @@ pub fn app(state: QueryState) -> Router {
                 async move { axum::Json(api.as_ref().clone()) }
             }),
         )
+        .route("/", get(dashboard::page))
+        .route("/assets/dashboard.js", get(dashboard::script))
+        .route("/assets/dashboard.css", get(dashboard::style))
+        .route("/assets/chart.umd.min.js", get(dashboard::chart_js))
+        .route("/assets/chart.js-LICENSE.md", get(dashboard::chart_js_license))
         .fallback(routes::not_found)
         .with_state(state)
 }

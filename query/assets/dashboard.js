@@ -1,0 +1,356 @@
+// Marsad's marketing dashboard: reads /v1/reports/* with an analyst key and
+// draws them with the vendored Chart.js. Nothing is fetched from elsewhere.
+'use strict';
+
+const I18N = {
+  en: {
+    title: 'Marsad — audience analytics', switch_language: 'العربية', sign_out: 'Sign out',
+    key_label: 'Analyst key', sign_in: 'Sign in', from: 'From', to: 'To', granularity: 'Granularity',
+    hour: 'Hour', day: 'Day', week: 'Week', month: 'Month', country: 'Country', device: 'Device', all: 'All',
+    desktop: 'Desktop', mobile: 'Mobile', tablet: 'Tablet', apply: 'Apply',
+    suppression_note: 'Cells with fewer than k unique visitors are withheld (—), with complementary cells, so no one can be singled out.',
+    privacy_footer: 'Only anonymous aggregates are shown here.',
+    view_traffic: 'Traffic over time', view_categories: 'Top categories', view_geo: 'Geography',
+    view_devices: 'Devices, systems and browsers', view_campaigns: 'Campaigns', view_demographics: 'Demographics',
+    page_views: 'Page views', visitors: 'Unique visitors', sessions: 'Sessions', events: 'Events',
+    impressions: 'Impressions', clicks: 'Clicks', ctr: 'CTR', bounces: 'Bounces', session_seconds: 'Session seconds',
+    period: 'Period', region: 'Region', device_type: 'Device', os: 'OS', browser: 'Browser',
+    page_category: 'Category', campaign_id: 'Campaign', age_band: 'Age band', gender: 'Gender',
+    csv: 'CSV', no_data: 'No data in this range', loading: 'Loading…', updated: 'Updated',
+    bad_key: 'This key is wrong or has no analyst role.', all_countries: 'All countries', regions_of: 'Regions of',
+    withheld: 'withheld', error: 'Could not load',
+    cat_cars: 'Cars', cat_real_estate: 'Real estate', cat_jobs: 'Jobs', cat_electronics: 'Electronics',
+    cat_furniture: 'Furniture', cat_services: 'Services', cat_other: 'Other',
+    gender_female: 'Female', gender_male: 'Male', gender_other: 'Other', not_declared: 'Not declared',
+  },
+  ar: {
+    title: 'مرصد — تحليلات الجمهور', switch_language: 'English', sign_out: 'تسجيل الخروج',
+    key_label: 'مفتاح المحلل', sign_in: 'تسجيل الدخول', from: 'من', to: 'إلى', granularity: 'الدقة الزمنية',
+    hour: 'ساعة', day: 'يوم', week: 'أسبوع', month: 'شهر', country: 'الدولة', device: 'الجهاز', all: 'الكل',
+    desktop: 'حاسوب', mobile: 'جوال', tablet: 'جهاز لوحي', apply: 'تطبيق',
+    suppression_note: 'تُحجب الخلايا التي يقل عدد زوارها الفريدين عن k (—) مع خلايا مكمّلة، فلا يمكن تمييز أي شخص.',
+    privacy_footer: 'لا تُعرض هنا إلا بيانات مجمّعة مجهولة الهوية.',
+    view_traffic: 'الزيارات عبر الزمن', view_categories: 'أهم الفئات', view_geo: 'الجغرافيا',
+    view_devices: 'الأجهزة وأنظمة التشغيل والمتصفحات', view_campaigns: 'الحملات', view_demographics: 'الفئات السكانية',
+    page_views: 'مشاهدات الصفحات', visitors: 'زوار فريدون', sessions: 'جلسات', events: 'أحداث',
+    impressions: 'مرات الظهور', clicks: 'نقرات', ctr: 'نسبة النقر', bounces: 'ارتدادات', session_seconds: 'ثواني الجلسات',
+    period: 'الفترة', region: 'المنطقة', device_type: 'الجهاز', os: 'نظام التشغيل', browser: 'المتصفح',
+    page_category: 'الفئة', campaign_id: 'الحملة', age_band: 'الفئة العمرية', gender: 'الجنس',
+    csv: 'تصدير CSV', no_data: 'لا توجد بيانات في هذه الفترة', loading: 'جارٍ التحميل…', updated: 'حُدّث',
+    bad_key: 'المفتاح غير صحيح أو لا يملك دور المحلل.', all_countries: 'كل الدول', regions_of: 'مناطق',
+    withheld: 'محجوب', error: 'تعذّر التحميل',
+    cat_cars: 'سيارات', cat_real_estate: 'عقارات', cat_jobs: 'وظائف', cat_electronics: 'إلكترونيات',
+    cat_furniture: 'أثاث', cat_services: 'خدمات', cat_other: 'أخرى',
+    gender_female: 'أنثى', gender_male: 'ذكر', gender_other: 'آخر', not_declared: 'غير مصرّح',
+  },
+};
+
+// Each view: which report, how a row is labelled, what is drawn, which filters the report takes.
+const VIEWS = [
+  { id: 'traffic', kind: 'line', label: (r) => String(r.period || '').replace('T', ' ').slice(0, 16),
+    measures: ['page_views', 'visitors', 'sessions'], filters: ['country', 'device_type'], timed: true },
+  { id: 'categories', kind: 'bar', label: (r) => categoryName(r.page_category), measures: ['page_views', 'visitors'],
+    filters: ['country', 'device_type'] },
+  { id: 'geo', kind: 'bar', label: (r) => (r.region !== undefined ? r.region || '?' : r.country), measures: ['visitors', 'page_views'],
+    filters: ['country', 'device_type'], drill: true },
+  { id: 'devices', kind: 'bar', label: (r) => [r.device_type, r.os, r.browser].join(' · '), measures: ['visitors', 'page_views'],
+    filters: ['country', 'device_type'] },
+  { id: 'campaigns', kind: 'bar', label: (r) => r.campaign_id, measures: ['impressions', 'clicks'], extra: ['ctr'],
+    filters: ['country', 'device_type'] },
+  { id: 'demographics', kind: 'bar', label: (r) => (r.age_band || r.gender ? `${r.age_band || '?'} · ${genderName(r.gender)}` : t('not_declared')), measures: ['events', 'visitors'],
+    filters: ['country'] },
+];
+const COLOURS = ['#0f6e8c', '#e07a1f', '#6a9f3a', '#8e5ea2', '#c0392b'];
+
+const state = {
+  lang: localStorage.getItem('marsad.lang') || 'en',
+  key: sessionStorage.getItem('marsad.key') || '',
+  reports: {},   // view id -> last report JSON
+  charts: {},    // view id -> Chart
+  geoCountry: '', // the country the geography view is drilled into
+  loading: 0,
+  updatedAt: null, // when every view last loaded
+};
+
+const $ = (id) => document.getElementById(id);
+const t = (word) => (I18N[state.lang] || I18N.en)[word] || word;
+// Built-in categories and genders have names in both languages; other values show as stored.
+const named = (prefix, id, missing) => (id ? ((I18N[state.lang] || I18N.en)[`${prefix}${id}`] || id) : missing);
+const categoryName = (id) => named('cat_', id, '—');
+const genderName = (id) => named('gender_', id, t('not_declared'));
+
+function applyLanguage() {
+  document.documentElement.lang = state.lang;
+  document.documentElement.dir = state.lang === 'ar' ? 'rtl' : 'ltr';
+  document.querySelectorAll('[data-i18n]').forEach((el) => { el.textContent = t(el.dataset.i18n); });
+  document.title = t('title');
+  showUpdated();
+  if (!$('dashboard').hidden) VIEWS.forEach(render);
+}
+
+function showUpdated() {
+  if (state.updatedAt) $('status').textContent = `${t('updated')} ${state.updatedAt.toLocaleTimeString(state.lang)}`;
+}
+
+function isoDate(d) { return d.toISOString().slice(0, 10); }
+
+function initDates() {
+  const today = new Date();
+  $('to').value = isoDate(today);
+  $('from').value = isoDate(new Date(today.getTime() - 29 * 86400000));
+}
+
+function params(view) {
+  const p = new URLSearchParams({ from: $('from').value, to: $('to').value });
+  if (view.timed) p.set('granularity', $('granularity').value);
+  const country = $('country').value.trim().toUpperCase() || (view.drill ? state.geoCountry : '');
+  if (country && view.filters.includes('country')) p.set('country', country);
+  const device = $('device').value;
+  if (device && view.filters.includes('device_type')) p.set('device_type', device);
+  return p;
+}
+
+async function api(path) {
+  const resp = await fetch(path, { headers: { Authorization: `Bearer ${state.key}` } });
+  const body = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const err = new Error(body.error || `${resp.status}`);
+    err.status = resp.status;
+    throw err;
+  }
+  return body;
+}
+
+async function signIn(key) {
+  state.key = key;
+  const today = isoDate(new Date());
+  await api(`/v1/reports/categories?from=${today}&to=${today}`);
+  sessionStorage.setItem('marsad.key', key);
+  $('sign-in').hidden = true;
+  $('dashboard').hidden = false;
+  $('sign-out').hidden = false;
+  await loadAll();
+}
+
+function signOut() {
+  sessionStorage.removeItem('marsad.key');
+  state.key = '';
+  Object.values(state.charts).forEach((c) => c.destroy());
+  state.charts = {};
+  state.reports = {};
+  state.updatedAt = null;
+  $('status').textContent = '';
+  $('dashboard').hidden = true;
+  $('sign-out').hidden = true;
+  $('sign-in').hidden = false;
+}
+
+function buildViews() {
+  const views = $('views');
+  views.textContent = '';
+  for (const view of VIEWS) {
+    const section = document.createElement('section');
+    section.className = 'view';
+    section.id = `view-${view.id}`;
+    section.innerHTML = `<header><h2></h2><button type="button" class="csv"></button></header>
+      <p class="crumb"></p><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
+      <div class="table-wrap"><table><thead></thead><tbody></tbody></table></div>`;
+    section.querySelector('button.csv').addEventListener('click', () => download(view.id));
+    views.appendChild(section);
+  }
+}
+
+async function loadView(view) {
+  const section = $(`view-${view.id}`);
+  section.querySelector('.empty').hidden = false;
+  section.querySelector('.empty').textContent = t('loading');
+  try {
+    state.reports[view.id] = await api(`/v1/reports/${view.id}?${params(view)}`);
+    state.reports[view.id].error = undefined;
+  } catch (e) {
+    state.reports[view.id] = { rows: [], dimensions: [], error: `${t('error')}: ${e.message}` };
+  }
+  render(view);
+}
+
+async function loadAll() {
+  $('status').textContent = t('loading');
+  await Promise.all(VIEWS.map(loadView));
+  state.updatedAt = new Date();
+  showUpdated();
+  document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
+}
+
+function columnsOf(view, report) {
+  const dims = (report.dimensions || []).map((d) => (Array.isArray(d) ? d[1] : d));
+  return { dims, measures: [...view.measures, ...(view.extra || [])] };
+}
+
+function formatNumber(value, measure) {
+  if (value === null || value === undefined) return '—';
+  if (measure === 'ctr') return new Intl.NumberFormat(state.lang, { style: 'percent', maximumFractionDigits: 2 }).format(value);
+  return new Intl.NumberFormat(state.lang).format(value);
+}
+
+function sortedRows(view, report) {
+  const rows = [...(report.rows || [])];
+  if (!view.timed) {
+    const m = view.measures[0];
+    rows.sort((a, b) => (b[m] ?? -1) - (a[m] ?? -1));
+  }
+  return rows;
+}
+
+function render(view) {
+  const section = $(`view-${view.id}`);
+  const report = state.reports[view.id];
+  section.querySelector('h2').textContent = t(`view_${view.id}`);
+  section.querySelector('button.csv').textContent = t('csv');
+  const crumb = section.querySelector('.crumb');
+  crumb.textContent = '';
+  if (view.drill && state.geoCountry && !$('country').value.trim()) {
+    const back = document.createElement('a');
+    back.className = 'drill';
+    back.textContent = `${t('all_countries')} ›`;
+    back.addEventListener('click', () => { state.geoCountry = ''; loadView(view); });
+    crumb.append(back, ` ${t('regions_of')} ${state.geoCountry}`);
+  }
+  if (!report) return;
+  const rows = sortedRows(view, report);
+  const shown = rows.filter((r) => !r.suppressed);
+  const empty = section.querySelector('.empty');
+  empty.hidden = shown.length > 0 && !report.error;
+  empty.textContent = report.error || t('no_data');
+  drawChart(view, section, view.timed ? rows : shown.slice(0, 15));
+  drawTable(view, section, report, rows);
+}
+
+function drawChart(view, section, rows) {
+  const canvas = section.querySelector('canvas');
+  if (state.charts[view.id]) state.charts[view.id].destroy();
+  const rtl = state.lang === 'ar';
+  state.charts[view.id] = new Chart(canvas, {
+    type: view.kind,
+    data: {
+      labels: rows.map(view.label),
+      datasets: view.measures.map((m, i) => ({
+        label: t(m), data: rows.map((r) => r[m] ?? null), borderColor: COLOURS[i], backgroundColor: COLOURS[i],
+        spanGaps: false, tension: 0.2,
+      })),
+    },
+    options: {
+      animation: false, responsive: true, maintainAspectRatio: false, locale: state.lang,
+      plugins: { legend: { rtl, position: 'bottom' }, tooltip: { rtl } },
+      scales: { x: { reverse: rtl && view.timed }, y: { beginAtZero: true, position: rtl ? 'right' : 'left' } },
+      onClick: view.drill ? (_, elements) => drill(view, rows, elements) : undefined,
+    },
+  });
+}
+
+function drill(view, rows, elements) {
+  if (!elements.length || state.geoCountry || $('country').value.trim()) return;
+  const row = rows[elements[0].index];
+  if (row && row.country) { state.geoCountry = row.country; loadView(view); }
+}
+
+function drawTable(view, section, report, rows) {
+  const { dims, measures } = columnsOf(view, report);
+  const head = section.querySelector('thead');
+  const body = section.querySelector('tbody');
+  head.textContent = '';
+  body.textContent = '';
+  const tr = document.createElement('tr');
+  for (const c of [...dims, ...measures]) {
+    const th = document.createElement('th');
+    th.textContent = t(c);
+    tr.appendChild(th);
+  }
+  head.appendChild(tr);
+  for (const r of rows) {
+    const row = document.createElement('tr');
+    if (r.suppressed) row.title = t('withheld');
+    for (const d of dims) {
+      const td = document.createElement('td');
+      const text = d === 'period' ? view.label(r) : d === 'page_category' ? categoryName(r[d]) : d === 'gender' ? genderName(r[d]) : (r[d] ?? '—');
+      if (view.drill && d === 'country' && !state.geoCountry && !$('country').value.trim() && r.country) {
+        const a = document.createElement('a');
+        a.className = 'drill';
+        a.textContent = text;
+        a.addEventListener('click', () => { state.geoCountry = r.country; loadView(view); });
+        td.appendChild(a);
+      } else {
+        td.textContent = text;
+      }
+      row.appendChild(td);
+    }
+    for (const m of measures) {
+      const td = document.createElement('td');
+      td.className = 'num';
+      td.textContent = formatNumber(r[m], m);
+      row.appendChild(td);
+    }
+    body.appendChild(row);
+  }
+}
+
+function csvField(value) {
+  if (value === null || value === undefined) return '';
+  const text = String(value);
+  return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
+}
+
+// The CSV of a view as shown: its dimensions, measures and whether the row is withheld.
+function csv(viewId) {
+  const view = VIEWS.find((v) => v.id === viewId);
+  const report = state.reports[viewId];
+  if (!view || !report) return '';
+  const { dims, measures } = columnsOf(view, report);
+  const header = [...dims, ...measures, 'suppressed'];
+  const lines = [header.map(csvField).join(',')];
+  for (const r of sortedRows(view, report)) {
+    lines.push(header.map((c) => csvField(c === 'suppressed' ? Boolean(r.suppressed) : r[c])).join(','));
+  }
+  return `${lines.join('\r\n')}\r\n`;
+}
+
+function download(viewId) {
+  const blob = new Blob([csv(viewId)], { type: 'text/csv;charset=utf-8' });
+  const a = document.createElement('a');
+  a.href = URL.createObjectURL(blob);
+  a.download = `marsad-${viewId}-${$('from').value}-${$('to').value}.csv`;
+  document.body.appendChild(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  buildViews();
+  initDates();
+  applyLanguage();
+  $('language').addEventListener('click', () => {
+    state.lang = state.lang === 'ar' ? 'en' : 'ar';
+    localStorage.setItem('marsad.lang', state.lang);
+    applyLanguage();
+  });
+  $('sign-out').addEventListener('click', signOut);
+  $('sign-in-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    $('sign-in-error').textContent = '';
+    signIn($('api-key').value.trim()).catch((e) => {
+      $('sign-in-error').textContent = e.status === 401 || e.status === 403 ? t('bad_key') : `${t('error')}: ${e.message}`;
+    });
+  });
+  $('controls').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    if ($('from').value > $('to').value) {
+      $('status').textContent = `${t('from')} > ${t('to')}`;
+      return;
+    }
+    loadAll();
+  });
+  if (state.key) signIn(state.key).catch(signOut);
+});
+
+// for tests and for people who script the dashboard from the console
+window.marsadDashboard = { csv, state, views: VIEWS.map((v) => v.id) };

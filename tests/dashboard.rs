@@ -1,0 +1,262 @@
+//! The dashboard at `/` of the query service, in a real headless Chromium
+//! against `marsad up` with a simulated population: it loads, refuses a wrong
+//! key, signs in with an analyst key, draws non-empty charts from the reports,
+//! follows the date range, drills from country to region, exports CSV and
+//! switches to Arabic, right to left. Screenshots land in the target dir.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use fantoccini::{Client as Browser, Locator};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+use crate::browser::{chromium, start_driver};
+use crate::common::{FIXTURE_COUNTRIES, Marsad, key_entry, write_fixture_geoip};
+
+const ANALYST_KEY: &str = "dashboard-analyst-key-0123456789";
+const AGENTS: [&str; 3] = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.5 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Mobile Safari/537.36",
+];
+const PAGES: [&str; 3] = [
+    "https://kulshi.example/ar/سيارات/تويوتا",
+    "https://kulshi.example/en/jobs/driver",
+    "https://kulshi.example/ar/عقارات/شقق",
+];
+
+/// 160 visitors over four countries and three devices; all view pages, all see two ads,
+/// every third clicks; half declare an age band and gender. Returns the events sent.
+fn simulate(m: &Marsad) -> Result<usize> {
+    let client = Client::new();
+    let weights = [("JO", 60), ("SA", 45), ("AE", 35), ("EG", 20)];
+    let mut sent = 0;
+    let mut visitor = 0;
+    for (country, n) in weights {
+        let prefix = FIXTURE_COUNTRIES
+            .iter()
+            .find(|c| c.0 == country)
+            .map(|c| c.1)
+            .context("fixture country")?;
+        for _ in 0..n {
+            visitor += 1;
+            let cookie = format!("c-dash-{visitor}");
+            let mut events = Vec::new();
+            // those who declare an age band and gender also consent to personalisation
+            let consent = json!({"analytics": true, "personalisation": visitor % 2 == 0});
+            let demographics = if visitor % 2 == 0 {
+                json!({"age_band": if visitor % 4 == 0 { "25-34" } else { "35-44" },
+                       "gender": if visitor % 8 < 4 { "female" } else { "male" }})
+            } else {
+                Value::Null
+            };
+            for (i, page) in PAGES.iter().enumerate().take(1 + visitor % 3) {
+                events.push(json!({"type": "page_view", "url": page, "cookie_id": cookie,
+                    "event_id": format!("{cookie}-v{i}"), "demographics": demographics, "consent": consent}));
+            }
+            for (i, campaign) in ["ramadan-cars", "summer-jobs"].iter().enumerate() {
+                events.push(json!({"type": "ad_impression", "url": PAGES[0], "cookie_id": cookie,
+                    "event_id": format!("{cookie}-i{i}"),
+                    "ad": {"ad_id": format!("ad-{i}"), "campaign_id": campaign, "placement": "top"}}));
+            }
+            if visitor % 3 == 0 {
+                events.push(json!({"type": "ad_click", "url": PAGES[0], "cookie_id": cookie,
+                    "event_id": format!("{cookie}-c"),
+                    "ad": {"ad_id": "ad-0", "campaign_id": "ramadan-cars", "placement": "top"}}));
+            }
+            let resp = client
+                .post(format!("{}/v1/batch", m.ingest))
+                .header(
+                    "x-forwarded-for",
+                    format!("{}.{}.{}.7", prefix[0], prefix[1], visitor % 250),
+                )
+                .header("user-agent", AGENTS[visitor % AGENTS.len()])
+                .json(&events)
+                .send()?;
+            ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+            sent += events.len();
+        }
+    }
+    Ok(sent)
+}
+
+async fn wait_for(c: &Browser, what: &str, script: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = c.execute(script, vec![]).await?;
+        if !(value.is_null() || value == json!(false)) {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for the `n`th complete load of every view.
+async fn wait_loaded(c: &Browser, n: u32) -> Result<()> {
+    wait_for(
+        c,
+        &format!("load {n}"),
+        &format!("return document.body.dataset.loaded === '{n}'"),
+    )
+    .await?;
+    Ok(())
+}
+
+/// For each view, how many points its chart draws with a value above zero.
+async fn drawn_points(c: &Browser) -> Result<Vec<(String, u64)>> {
+    let value = c
+        .execute(
+            "return marsadDashboard.views.map(v => { \
+               const chart = Chart.getChart(document.querySelector('#view-' + v + ' canvas')); \
+               const points = chart ? chart.data.datasets[0].data.filter(x => x > 0).length : 0; \
+               return [v, points]; })",
+            vec![],
+        )
+        .await?;
+    let mut out = Vec::new();
+    for pair in value.as_array().context("views")? {
+        out.push((
+            pair[0].as_str().unwrap_or_default().to_owned(),
+            pair[1].as_u64().unwrap_or(0),
+        ));
+    }
+    Ok(out)
+}
+
+async fn set_dates(c: &Browser, from: &str, to: &str) -> Result<()> {
+    c.execute(
+        "document.getElementById('from').value = arguments[0]; document.getElementById('to').value = arguments[1];",
+        vec![json!(from), json!(to)],
+    )
+    .await?;
+    c.find(Locator::Css("#controls button[type=submit]"))
+        .await?
+        .click()
+        .await?;
+    Ok(())
+}
+
+#[test]
+fn the_dashboard_in_a_real_chromium() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let geoip = tmp.path().join("geo.mmdb");
+    write_fixture_geoip(&geoip)?;
+    let config = tmp.path().join("marsad.toml");
+    std::fs::write(&config, key_entry("marketing", "analyst", ANALYST_KEY))?;
+    let m = Marsad::start_with_config(&tmp.path().join("data"), Some(&geoip), Some(&config))?;
+    let sent = simulate(&m)?;
+    m.wait_for_count(
+        "SELECT sum(events) FROM traffic_hourly",
+        sent as i64,
+        Duration::from_secs(90),
+    )?;
+    m.wait_for_count(
+        "SELECT sum(impressions) FROM ad_performance_hourly",
+        320,
+        Duration::from_secs(30),
+    )?;
+
+    let shots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&shots)?;
+    let (_driver, port) = start_driver()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let c = chromium(port, &tmp.path().join("profile")).await?;
+        c.goto(&format!("{}/", m.query)).await?;
+        let title = c.find(Locator::Css("header h1")).await?.text().await?;
+        ensure!(title == "Marsad — audience analytics", "{title}");
+        let attribution = c.find(Locator::Id("attribution")).await?.text().await?;
+        ensure!(attribution.contains("geolocation"), "GeoIP credit shown: {attribution}");
+
+        // a wrong key is refused with a clear message
+        c.find(Locator::Id("api-key")).await?.send_keys("not-a-key").await?;
+        c.find(Locator::Css("#sign-in-form button")).await?.click().await?;
+        let error = wait_for(&c, "the sign-in error", "return document.getElementById('sign-in-error').textContent || null").await?;
+        ensure!(error.as_str().unwrap_or("").contains("analyst role"), "{error}");
+
+        // the analyst key signs in and every view draws data
+        c.find(Locator::Id("api-key")).await?.clear().await?;
+        c.find(Locator::Id("api-key")).await?.send_keys(ANALYST_KEY).await?;
+        c.find(Locator::Css("#sign-in-form button")).await?.click().await?;
+        wait_loaded(&c, 1).await?;
+        let sign_in_shown = c
+            .execute("return getComputedStyle(document.getElementById('sign-in')).display !== 'none'", vec![])
+            .await?;
+        ensure!(sign_in_shown == json!(false), "the sign-in form is gone once signed in");
+        let points = drawn_points(&c).await?;
+        for (view, n) in &points {
+            ensure!(*n > 0, "view {view} drew nothing: {points:?}");
+        }
+        let countries = c
+            .execute("return marsadDashboard.state.reports.geo.rows.filter(r => !r.suppressed).length", vec![])
+            .await?;
+        ensure!(countries == json!(4), "four countries shown: {countries}");
+
+        // CSV of a view: header, rows, nothing withheld shown as a number
+        let csv = c.execute("return marsadDashboard.csv('campaigns')", vec![]).await?;
+        let csv = csv.as_str().context("csv")?;
+        ensure!(csv.starts_with("campaign_id,impressions,clicks,ctr,suppressed\r\n"), "{csv}");
+        ensure!(csv.contains("ramadan-cars,160,53,"), "{csv}");
+        // declared demographics (with consent) by age band and gender: 80 declaring visitors in four cells
+        let demo_csv = c.execute("return marsadDashboard.csv('demographics')", vec![]).await?;
+        let demo_csv = demo_csv.as_str().context("csv")?;
+        for cell in ["25-34,female,", "25-34,male,", "35-44,female,", "35-44,male,"] {
+            ensure!(demo_csv.contains(cell), "{cell} in {demo_csv}");
+        }
+        let geo_csv = c.execute("return marsadDashboard.csv('geo')", vec![]).await?;
+        ensure!(geo_csv.as_str().unwrap_or("").contains("\r\nJO,60,"), "{geo_csv}");
+        std::fs::write(shots.join("dashboard-en.png"), c.screenshot().await?)?;
+
+        // a date range without data empties the charts; the last 30 days bring them back
+        set_dates(&c, "2025-01-01", "2025-01-31").await?;
+        wait_loaded(&c, 2).await?;
+        let points = drawn_points(&c).await?;
+        ensure!(points.iter().all(|(_, n)| *n == 0), "old range has no data: {points:?}");
+        let empty = c.find(Locator::Css("#view-categories .empty")).await?.text().await?;
+        ensure!(empty == "No data in this range", "{empty}");
+        let today = chrono::Utc::now().date_naive();
+        let from = today - chrono::Duration::days(29);
+        set_dates(&c, &from.to_string(), &today.to_string()).await?;
+        wait_loaded(&c, 3).await?;
+        ensure!(drawn_points(&c).await?.iter().all(|(_, n)| *n > 0));
+
+        // geography: from a country to its regions
+        c.find(Locator::Css("#view-geo td a.drill")).await?.click().await?;
+        wait_for(
+            &c,
+            "the regions of JO",
+            "const r = marsadDashboard.state.reports.geo; return r.filters && r.filters.country === 'JO' && r.rows.length > 0",
+        )
+        .await?;
+        let region = c.find(Locator::Css("#view-geo tbody td:nth-child(2)")).await?.text().await?;
+        ensure!(region == "Amman Governorate", "{region}");
+
+        // Arabic, right to left
+        c.find(Locator::Id("language")).await?.click().await?;
+        let dir = c.execute("return document.documentElement.dir", vec![]).await?;
+        ensure!(dir == json!("rtl"), "{dir}");
+        let title = c.find(Locator::Css("header h1")).await?.text().await?;
+        ensure!(title == "مرصد — تحليلات الجمهور", "{title}");
+        let heading = c.find(Locator::Css("#view-categories h2")).await?.text().await?;
+        ensure!(heading == "أهم الفئات", "{heading}");
+        let first_category = c.find(Locator::Css("#view-categories tbody td")).await?.text().await?;
+        ensure!(first_category == "سيارات", "categories are named in Arabic: {first_category}");
+        let status = c.find(Locator::Id("status")).await?.text().await?;
+        ensure!(status.starts_with("حُدّث"), "{status}");
+        let legend = c
+            .execute("return Chart.getChart(document.querySelector('#view-traffic canvas')).data.datasets[0].label", vec![])
+            .await?;
+        ensure!(legend == json!("مشاهدات الصفحات"), "{legend}");
+        std::fs::write(shots.join("dashboard-ar.png"), c.screenshot().await?)?;
+        c.close().await?;
+        Ok(())
+    })?;
+    for name in ["dashboard-en.png", "dashboard-ar.png"] {
+        ensure!(std::fs::metadata(shots.join(name))?.len() > 10_000, "{name} saved");
+    }
+    Ok(())
+}
