@@ -57,6 +57,8 @@ pub enum Command {
     Compact(crate::batch::CompactArgs),
     /// Delete dates older than --keep-days from every table and remove their files.
     Retention(crate::batch::RetentionArgs),
+    /// Rebuild the rows of a range of dates from the retained raw log, with the current rules.
+    Backfill(crate::batch::BackfillArgs),
     /// Audience segments: materialize them now.
     #[command(subcommand)]
     Segments(SegmentsCommand),

@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
             Command::Sql(args) => batch::sql(args).await,
             Command::Compact(args) => batch::compact(args).await,
             Command::Retention(args) => batch::retention(args).await,
+            Command::Backfill(args) => batch::backfill(args).await,
             Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
         }
     })

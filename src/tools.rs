@@ -182,31 +182,13 @@ pub async fn opt_out(args: OptOutArgs) -> anyhow::Result<()> {
 /// `marsad segments refresh`: materializes every segment now, on the data dir, honouring every
 /// opt-out recorded so far; a running query service picks the new members up within seconds.
 pub async fn refresh_segments(args: StageArgs) -> anyhow::Result<()> {
-    use marsad_eventlog::{Followed, LocalLog, LocalLogOptions};
+    use marsad_eventlog::{LocalLog, LocalLogOptions};
     let config = args.config()?;
     if config.audience.segments.is_empty() {
         bail!("no segments are configured: add [[audience.segments]] to the config file");
     }
     let log = LocalLog::open(config.log_dir(), LocalLogOptions::default()).context("opening the event log")?;
-    let opt_outs = std::sync::Arc::new(marsad_privacy::optout::OptOutRegistry::default());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let registry = opt_outs.clone();
-    let done = stop.clone();
-    marsad_eventlog::follow(
-        &log,
-        marsad_schemas::TOPIC_OPTOUTS,
-        |f: Followed<'_>| match f {
-            Followed::Record(r) => {
-                if let Err(e) = registry.apply_bytes(&r.payload) {
-                    tracing::error!(error = %e, "undecodable opt-out record");
-                }
-            }
-            Followed::CaughtUp => done.cancel(),
-        },
-        stop.cancelled(),
-    )
-    .await
-    .context("reading the opt-outs")?;
+    let opt_outs = opt_outs_recorded(&log).await?;
     let bar = indicatif::ProgressBar::new(config.audience.segments.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} segments {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -234,4 +216,31 @@ pub async fn refresh_segments(args: StageArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Every opt-out recorded so far in `log`, for a one-off job (a service follows the log instead).
+pub async fn opt_outs_recorded(
+    log: &dyn marsad_eventlog::EventLog,
+) -> anyhow::Result<std::sync::Arc<marsad_privacy::optout::OptOutRegistry>> {
+    use marsad_eventlog::Followed;
+    let opt_outs = std::sync::Arc::new(marsad_privacy::optout::OptOutRegistry::default());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let registry = opt_outs.clone();
+    let done = stop.clone();
+    marsad_eventlog::follow(
+        log,
+        marsad_schemas::TOPIC_OPTOUTS,
+        |f: Followed<'_>| match f {
+            Followed::Record(r) => {
+                if let Err(e) = registry.apply_bytes(&r.payload) {
+                    tracing::error!(error = %e, "undecodable opt-out record");
+                }
+            }
+            Followed::CaughtUp => done.cancel(),
+        },
+        stop.cancelled(),
+    )
+    .await
+    .context("reading the opt-outs")?;
+    Ok(opt_outs)
 }

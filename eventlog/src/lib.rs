@@ -134,6 +134,10 @@ pub trait Subscription: Send {
 
     /// Records that everything before `next_offset` of `partition` is processed (allows retention).
     async fn commit(&mut self, partition: u32, next_offset: u64) -> Result<()>;
+
+    /// The oldest offset of `partition` still retained: records before it were deleted by
+    /// retention, so a job replaying the log knows where its history starts.
+    async fn retained_from(&mut self, partition: u32) -> Result<u64>;
 }
 
 /// What [`follow`] hands to its callback.

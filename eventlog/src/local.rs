@@ -675,6 +675,17 @@ impl Subscription for LocalSubscription {
         }
     }
 
+    async fn retained_from(&mut self, partition: u32) -> Result<u64> {
+        if partition != 0 {
+            return Err(Error::OutOfRange {
+                partition,
+                offset: 0,
+                reason: "the local log has one partition".into(),
+            });
+        }
+        Ok(list_segments(&self.topic.dir)?.first().copied().unwrap_or(0))
+    }
+
     async fn commit(&mut self, partition: u32, next_offset: u64) -> Result<()> {
         if partition != 0 {
             return Ok(());
@@ -835,6 +846,8 @@ mod tests {
         let err = read_all(&log, "t", 0).await.expect_err("retained away");
         assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
         assert_eq!(read_all(&log, "t", 500).await?.len(), 500);
+        assert_eq!(sub.retained_from(0).await?, oldest, "where the retained history starts");
+        assert_eq!(read_all(&log, "t", oldest).await?.len() as u64, 1000 - oldest);
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use crate::sessions::SessionTracker;
 
 /// Client clocks further than this from the receive time are not believed.
 const MAX_CLOCK_SKEW_PAST: i64 = 24 * 60;
-const MAX_CLOCK_SKEW_FUTURE: i64 = 5;
+pub(crate) const MAX_CLOCK_SKEW_FUTURE: i64 = 5;
 
 /// Age bands stored as declared; anything else is dropped (free text could identify).
 const AGE_BANDS: &[&str] = &["13-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+"];

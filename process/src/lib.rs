@@ -14,6 +14,7 @@
 #![deny(missing_docs)]
 
 pub mod anonymize;
+pub mod backfill;
 pub mod batch;
 pub mod category;
 pub mod dead_letters;
@@ -59,6 +60,9 @@ pub enum Error {
     /// A privacy mechanism (keys, GeoIP) failed.
     #[error("privacy: {0}")]
     Privacy(#[from] marsad_privacy::Error),
+    /// A backfill was asked for something it must not or cannot do.
+    #[error("backfill refused: {0}")]
+    BackfillRefused(String),
     /// A crash simulated by a test between two commits.
     #[error("simulated crash between commits")]
     SimulatedCrash,

@@ -64,25 +64,8 @@ impl Processor {
         opt_outs: Arc<OptOutRegistry>,
         metrics: Arc<ProcessMetrics>,
     ) -> Result<Self> {
-        let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
-        tracing::info!(database = geoip.source(), "GeoIP database loaded");
         let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
-        let daily_keys: Arc<dyn DailyKeyStore> =
-            Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
-        let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
-        let anonymizer = Anonymizer::new(
-            geoip,
-            daily_keys.clone(),
-            targeting,
-            QueryAllowList::new(&config.privacy.query_allowlist),
-            ConsentDefaults {
-                analytics: config.ingest.default_analytics_consent,
-                personalisation: config.privacy.default_personalisation_consent,
-            },
-            opt_outs,
-        )
-        .with_truncated_ips(config.privacy.truncate_ip)
-        .with_categories(crate::category::PageCategories::new(&config.process.page_categories));
+        let (anonymizer, daily_keys) = anonymizer_from_config(config, opt_outs)?;
         let table = EventsTable::open_or_create(&config.tables_dir()).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
         let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
@@ -308,6 +291,34 @@ impl Processor {
         tracing::debug!(rows, "committed a batch to events");
         Ok(())
     }
+}
+
+/// The anonymizer as `config` sets it up (GeoIP, keys, allow-list, consent defaults,
+/// categories), and the daily key store it hashes visitors with.
+pub(crate) fn anonymizer_from_config(
+    config: &Config,
+    opt_outs: Arc<OptOutRegistry>,
+) -> Result<(Anonymizer, Arc<dyn DailyKeyStore>)> {
+    let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
+    tracing::info!(database = geoip.source(), "GeoIP database loaded");
+    let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
+    let daily_keys: Arc<dyn DailyKeyStore> =
+        Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
+    let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
+    let anonymizer = Anonymizer::new(
+        geoip,
+        daily_keys.clone(),
+        targeting,
+        QueryAllowList::new(&config.privacy.query_allowlist),
+        ConsentDefaults {
+            analytics: config.ingest.default_analytics_consent,
+            personalisation: config.privacy.default_personalisation_consent,
+        },
+        opt_outs,
+    )
+    .with_truncated_ips(config.privacy.truncate_ip)
+    .with_categories(crate::category::PageCategories::new(&config.process.page_categories));
+    Ok((anonymizer, daily_keys))
 }
 
 /// The reader stage: polls the log into the bounded channel and records commits for retention.

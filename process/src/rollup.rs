@@ -455,6 +455,26 @@ impl Rollup for DemographicsRollup {
     }
 }
 
+fn new_rollup(table: TableName) -> Box<dyn Rollup> {
+    match table {
+        TableName::TrafficHourly => Box::new(TrafficRollup::default()),
+        TableName::AdPerformanceHourly => Box::new(AdRollup::default()),
+        _ => Box::new(DemographicsRollup::default()),
+    }
+}
+
+/// The rows of rollup `table` over `batches` of `events` rows in log order, from scratch:
+/// how a backfill rebuilds a rollup from rebuilt events.
+pub fn aggregate(table: TableName, batches: &[RecordBatch]) -> Result<RecordBatch> {
+    let mut rollup = new_rollup(table);
+    for batch in batches {
+        let rows = EventRows::new(batch)?;
+        let counted: Vec<usize> = (0..rows.len()).filter(|&i| rows.counted(i)).collect();
+        rollup.add(&rows, &counted);
+    }
+    rollup.take()
+}
+
 /// The specs of the rollup tables.
 pub fn rollup_specs() -> [TableSpec; 3] {
     [
@@ -530,11 +550,7 @@ impl Rollups {
                     covered.insert(app.clone(), v);
                 }
             }
-            let rollup: Box<dyn Rollup> = match spec.name {
-                TableName::TrafficHourly => Box::new(TrafficRollup::default()),
-                TableName::AdPerformanceHourly => Box::new(AdRollup::default()),
-                _ => Box::new(DemographicsRollup::default()),
-            };
+            let rollup = new_rollup(spec.name);
             tables.push(RollupTable {
                 sink,
                 rollup,

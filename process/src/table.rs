@@ -113,13 +113,18 @@ impl DeltaSink {
     pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
         let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
         let partitions: Vec<String> = self.partition_columns();
+        // a blind append (it reads nothing of the table): a concurrent erasure, backfill or
+        // compaction that rewrites other files need not conflict with it
+        let properties = CommitProperties::default()
+            .with_application_transactions(txns)
+            .with_metadata([("isBlindAppend".to_owned(), serde_json::Value::Bool(true))]);
         let table = self
             .table
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
             .with_partition_columns(partitions)
-            .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
+            .with_commit_properties(properties)
             .await
             .map_err(|e| self.delta(e))?;
         self.table = table;
@@ -163,6 +168,26 @@ impl DeltaSink {
         self.table
             .version()
             .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    /// Deletes the rows matching `predicate` (a SQL condition) in one commit.
+    pub async fn delete_where(&mut self, predicate: String) -> Result<u64> {
+        let (table, _) = self
+            .table
+            .clone()
+            .delete()
+            .with_predicate(predicate)
+            .await
+            .map_err(|e| self.delta(e))?;
+        self.table = table;
+        self.table
+            .version()
+            .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    /// The table's name.
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// How many data files each value of the `date` partition has now.
