@@ -337,6 +337,7 @@ fn main() -> Result<()> {
         .args(["query", "--data-dir"])
         .arg(dir.path())
         .args(["--query-addr", &format!("127.0.0.1:{port}")])
+        .env("MARSAD_QUERY__PG_ENABLED", "false")
         .env("RUST_LOG", "warn")
         .spawn()
         .context("starting marsad query")?;

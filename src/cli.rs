@@ -86,6 +86,9 @@ pub struct StageArgs {
     /// Query listen address [default: 127.0.0.1:8081].
     #[arg(long)]
     pub query_addr: Option<SocketAddr>,
+    /// Postgres wire protocol listen address [default: 127.0.0.1:5433].
+    #[arg(long)]
+    pub pg_addr: Option<SocketAddr>,
     /// A proxy whose X-Forwarded-For is believed (CIDR; repeatable).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     pub trusted_proxies: Vec<IpNet>,
@@ -115,6 +118,9 @@ impl StageArgs {
         }
         if let Some(a) = self.query_addr {
             config.query.addr = a;
+        }
+        if let Some(a) = self.pg_addr {
+            config.query.pg_addr = a;
         }
         config
             .ingest

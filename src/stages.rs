@@ -60,6 +60,30 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Serves the Postgres wire protocol beside the query service, when enabled.
+async fn spawn_pg(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    state: QueryState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if !config.query.pg_enabled {
+        return Ok(None);
+    }
+    let tls = match (&config.query.pg_tls_cert, &config.query.pg_tls_key) {
+        (Some(cert), Some(key)) => Some(marsad_query::pg::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let listener = bind(config.query.pg_addr, "pg").await?;
+    let addr = listener.local_addr()?;
+    let max = config.query.pg_max_connections;
+    set.spawn(async move {
+        marsad_query::pg::serve_pg(listener, state, tls, max, shutdown).await;
+        Ok(())
+    });
+    Ok(Some(addr))
+}
+
 /// Deletes processed raw-log segments past retention, every few minutes.
 fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Arc<LocalLog>, shutdown: CancellationToken) {
     set.spawn(async move {
@@ -274,6 +298,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let pm = process_metrics.clone();
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))
         .with_metrics_source(Arc::new(move || pm.render()));
+    let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move {
         marsad_query::serve(query_listener, query_state, s)
@@ -286,6 +311,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
     println!("  query   http://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects");
     println!("          (Authorization: Bearer <key>)");
+    if let Some(pg) = pg_addr {
+        println!("  pg      postgres://<key name>@{pg}/marsad   psql, Metabase, Grafana, Superset (password: the key)");
+    }
     let admin = &privacy.admin;
     if admin.created {
         println!(
@@ -383,6 +411,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log));
+    spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });
     supervise(set, shutdown).await

@@ -22,6 +22,9 @@ mod browser;
 /// The marketing dashboard in a real headless Chromium: sign-in, charts, date range, language, CSV.
 mod dashboard;
 
+/// The Postgres wire protocol with the real `psql`: tables, GROUP BY, refusals, TLS.
+mod pg;
+
 /// Rollup totals equal `events` totals, also after crashes between the commits.
 mod rollups;
 

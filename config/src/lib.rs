@@ -292,6 +292,16 @@ pub struct QueryConfig {
     pub timeout_secs: u64,
     /// Memory one query may use; a query needing more fails with a clear error instead of spilling.
     pub memory_limit_mb: u64,
+    /// Postgres wire protocol address for BI tools and `psql` (user = key name, password = API key).
+    pub pg_addr: SocketAddr,
+    /// Whether to serve the Postgres wire protocol at all.
+    pub pg_enabled: bool,
+    /// PEM certificate chain for TLS on the Postgres port (needed off loopback: the password is a key).
+    pub pg_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the Postgres port.
+    pub pg_tls_key: Option<PathBuf>,
+    /// Postgres connections served at once; more wait for a free one.
+    pub pg_max_connections: usize,
 }
 
 impl Default for QueryConfig {
@@ -303,6 +313,11 @@ impl Default for QueryConfig {
             min_cell_visitors: 10,
             timeout_secs: 60,
             memory_limit_mb: 1024,
+            pg_addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            pg_enabled: true,
+            pg_tls_cert: None,
+            pg_tls_key: None,
+            pg_max_connections: 64,
         }
     }
 }
@@ -463,6 +478,23 @@ impl Config {
         positive("query.min_cell_visitors", self.query.min_cell_visitors as u64)?;
         positive("query.timeout_secs", self.query.timeout_secs)?;
         positive("query.memory_limit_mb", self.query.memory_limit_mb)?;
+        positive("query.pg_max_connections", self.query.pg_max_connections as u64)?;
+        if self.query.pg_tls_cert.is_some() != self.query.pg_tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "query.pg_tls_cert",
+                reason: "TLS needs both query.pg_tls_cert and query.pg_tls_key".into(),
+            });
+        }
+        if self.query.pg_enabled && !self.query.pg_addr.ip().is_loopback() && self.query.pg_tls_cert.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "query.pg_addr",
+                reason: format!(
+                    "{} is reachable from other machines, and Postgres clients send the API key as their \
+                     password: set query.pg_tls_cert and query.pg_tls_key, or listen on loopback",
+                    self.query.pg_addr
+                ),
+            });
+        }
         if self.eventlog.segment_bytes < 4096 {
             return Err(ConfigError::Invalid {
                 key: "eventlog.segment_bytes",

@@ -84,6 +84,13 @@ impl TableCatalog {
 
     /// A DataFusion session with the existing tables of `scope` registered at their latest versions.
     pub async fn session_with(&self, scope: TableScope) -> Result<SessionContext, CatalogError> {
+        let ctx = self.empty_session()?;
+        self.refresh(&ctx, scope).await?;
+        Ok(ctx)
+    }
+
+    /// A DataFusion session with Marsad's functions and the memory cap, and no table yet.
+    pub fn empty_session(&self) -> Result<SessionContext, CatalogError> {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
@@ -102,6 +109,12 @@ impl TableCatalog {
             }
         };
         crate::sketches::register(&ctx);
+        Ok(ctx)
+    }
+
+    /// Brings the tables of `scope` in `ctx` to their latest versions (and adds new ones), so a
+    /// long-lived session (a Postgres connection) reads what a fresh one would.
+    pub async fn refresh(&self, ctx: &SessionContext, scope: TableScope) -> Result<(), CatalogError> {
         let mut tables = self.tables.lock().await;
         for name in self.existing().await.into_iter().filter(|t| scope.includes(t)) {
             let err = |reason: String| CatalogError { table: name, reason };
@@ -117,8 +130,9 @@ impl TableCatalog {
                 continue;
             }
             let provider = table.table_provider().await.map_err(|e| err(e.to_string()))?;
+            ctx.deregister_table(name).map_err(|e| err(e.to_string()))?;
             ctx.register_table(name, provider).map_err(|e| err(e.to_string()))?;
         }
-        Ok(ctx)
+        Ok(())
     }
 }

@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod dashboard;
 pub mod erasure;
 mod metrics;
+pub mod pg;
 pub mod reports;
 mod routes;
 pub mod sketches;

@@ -110,6 +110,25 @@ fn check_aggregate_input(plan: &LogicalPlan) -> Result<(), ApiError> {
     }
 }
 
+/// Schemas that describe tables and hold no visitor's data.
+const CATALOG_SCHEMAS: [&str; 2] = ["information_schema", "pg_catalog"];
+
+/// Whether every table `plan` reads is catalog metadata (what BI tools ask before they query),
+/// so any shape is fine: a session only lists the tables its role may read.
+fn reads_only_catalog(plan: &LogicalPlan) -> bool {
+    let mut only_catalog = true;
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && !scan.table_name.schema().is_some_and(|s| CATALOG_SCHEMAS.contains(&s))
+        {
+            only_catalog = false;
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    only_catalog
+}
+
 /// Checks the shape of an analyst's plan; `Ok(true)` if it reads the rollups
 /// (so the k rule applies), `Ok(false)` if it reads only catalog metadata.
 fn check(plan: &LogicalPlan) -> Result<bool, ApiError> {
@@ -138,7 +157,7 @@ fn check(plan: &LogicalPlan) -> Result<bool, ApiError> {
                 return Ok(TreeNodeRecursion::Jump);
             }
             LogicalPlan::TableScan(scan) => {
-                if scan.table_name.schema() != Some("information_schema") {
+                if !scan.table_name.schema().is_some_and(|s| CATALOG_SCHEMAS.contains(&s)) {
                     bad = Some(refuse(format!("`{}` is read without GROUP BY", scan.table_name)));
                     return Ok(TreeNodeRecursion::Stop);
                 }
@@ -181,7 +200,7 @@ fn plan_error(e: datafusion::error::DataFusionError) -> ApiError {
 /// unique visitors of each row, for [`withhold_small_cells`]; `None` if the
 /// plan reads only catalog metadata (no visitor is counted, nothing to withhold).
 pub fn restrict(ctx: &SessionContext, plan: LogicalPlan) -> Result<Option<LogicalPlan>, ApiError> {
-    if !check(&plan)? {
+    if reads_only_catalog(&plan) || !check(&plan)? {
         return Ok(None);
     }
     let merge = ctx.udaf("hll_merge").map_err(|_| ApiError::Internal)?;
@@ -230,7 +249,7 @@ pub fn restrict(ctx: &SessionContext, plan: LogicalPlan) -> Result<Option<Logica
 
 /// Removes the rows under `k` visitors (and complementary rows, as the reports
 /// do) and the visitors column [`restrict`] added; returns how many rows were withheld.
-pub fn withhold_small_cells(batches: &mut Vec<RecordBatch>, k: usize) -> Result<usize, ApiError> {
+pub fn withhold_small_cells(batches: &mut [RecordBatch], k: usize) -> Result<usize, ApiError> {
     let mut visitors = Vec::new();
     for b in batches.iter() {
         let column = b.column(b.num_columns() - 1);

@@ -3,6 +3,7 @@
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
+use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
@@ -68,7 +69,8 @@ pub struct QueryResult {
     pub withheld: usize,
 }
 
-fn user_error(e: DataFusionError) -> ApiError {
+/// A DataFusion error as the client should see it.
+pub(crate) fn user_error(e: DataFusionError) -> ApiError {
     let message = e.strip_backtrace();
     match e.find_root() {
         DataFusionError::ResourcesExhausted(msg) => ApiError::BadRequest(format!(
@@ -93,6 +95,17 @@ fn user_error(e: DataFusionError) -> ApiError {
 
 /// Plans and runs `sql` read-only as `access` allows, keeping at most `max_rows` rows.
 pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize, access: Access) -> Result<QueryResult, ApiError> {
+    run_with_params(ctx, sql, None, max_rows, access).await
+}
+
+/// [`run`] with values for the statement's `$1`, `$2`, … (prepared statements of the Postgres protocol).
+pub async fn run_with_params(
+    ctx: &SessionContext,
+    sql: &str,
+    params: Option<ParamValues>,
+    max_rows: usize,
+    access: Access,
+) -> Result<QueryResult, ApiError> {
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
@@ -101,6 +114,9 @@ pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize, access: Acces
         .with_allow_dml(false)
         .with_allow_statements(false);
     let mut df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
+    if let Some(params) = params {
+        df = df.with_param_values(params).map_err(user_error)?;
+    }
     let mut schema: SchemaRef = df.schema().inner().clone();
     let mut k = None;
     if let Access::SmallCellsWithheld { k: min } = access

@@ -52,6 +52,8 @@ pub struct Marsad {
     pub query: String,
     pub ingest_port: u16,
     pub query_port: u16,
+    /// The Postgres wire protocol port.
+    pub pg_port: u16,
     pub log_path: PathBuf,
 }
 
@@ -97,6 +99,7 @@ impl Marsad {
         query_port: u16,
     ) -> Result<Self> {
         let log_path = data_dir.with_extension("marsad.log");
+        let pg_port = free_port()?;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(marsad_bin());
         cmd.arg("up")
@@ -106,6 +109,8 @@ impl Marsad {
             .arg(format!("127.0.0.1:{ingest_port}"))
             .arg("--query-addr")
             .arg(format!("127.0.0.1:{query_port}"))
+            .arg("--pg-addr")
+            .arg(format!("127.0.0.1:{pg_port}"))
             .arg("--trusted-proxy")
             .arg("127.0.0.1/32")
             .env("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "300")
@@ -129,6 +134,7 @@ impl Marsad {
             query: format!("http://127.0.0.1:{query_port}"),
             ingest_port,
             query_port,
+            pg_port,
             log_path,
         };
         m.wait_ready()?;

@@ -1,0 +1,731 @@
+//! The Postgres wire protocol on the query service, so BI tools (Metabase,
+//! Grafana, Superset) and `psql` connect: user = key name, password = API key,
+//! and the same role rules as `/v1/sql` (engineers read every table, analysts
+//! aggregate the rollups under the k rule). Everything is read-only; the
+//! catalog (`pg_catalog`, `information_schema`) lists only what the role may read.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use arrow::datatypes::{DataType, SchemaRef};
+use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
+use async_trait::async_trait;
+use datafusion::common::ParamValues;
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::sqlparser::ast::Statement;
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
+use futures::Sink;
+use futures::stream;
+use marsad_config::Role;
+use pgwire::api::auth::{
+    DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication, protocol_negotiation,
+    save_startup_parameters_to_metadata,
+};
+use pgwire::api::portal::{Format, Portal};
+use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
+use pgwire::api::results::{DataRowEncoder, FieldFormat, FieldInfo, QueryResponse, Response, Tag};
+use pgwire::api::stmt::QueryParser;
+use pgwire::api::store::PortalStore;
+use pgwire::api::{
+    ClientInfo, ClientPortalStore, PgWireConnectionState, PgWireServerHandlers, PidSecretKeyGenerator,
+    RandomPidSecretKeyGenerator, Type,
+};
+use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
+use pgwire::messages::response::NoticeResponse;
+use pgwire::messages::startup::Authentication;
+use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::QueryState;
+use crate::api::ApiError;
+use crate::catalog::TableScope;
+use crate::sql::{self, Access};
+
+/// The catalog name clients see (`current_database()`).
+const DATABASE: &str = "marsad";
+/// Where a connection's access is kept once its key is checked.
+const ACCESS_KEY: &str = "marsad.access";
+
+fn user_error(code: &str, message: impl Into<String>) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("ERROR".into(), code.into(), message.into())))
+}
+
+/// An answer of the SQL layer as a Postgres error with a fitting SQLSTATE.
+fn pg_error(e: ApiError) -> PgWireError {
+    let message = e.to_string();
+    let code = match &e {
+        ApiError::BadRequest(m) if m.contains("read-only") => "25006",
+        ApiError::BadRequest(m) if m.contains("analyst SQL") => "42501",
+        ApiError::BadRequest(m) if m.contains("memory") => "53200",
+        ApiError::BadRequest(_) => "42000",
+        ApiError::Timeout(_) => "57014",
+        ApiError::Access(_) => "42501",
+        _ => "XX000",
+    };
+    user_error(code, message)
+}
+
+/// What a signed-in connection may read.
+#[derive(Debug, Clone, Copy)]
+struct Grant {
+    access: Access,
+    scope: TableScope,
+}
+
+impl Grant {
+    fn of(client: &(impl ClientInfo + ?Sized), k: usize) -> PgWireResult<Self> {
+        match client.metadata().get(ACCESS_KEY).map(String::as_str) {
+            Some("engineer") => Ok(Grant {
+                access: Access::Everything,
+                scope: TableScope::All,
+            }),
+            Some("analyst") => Ok(Grant {
+                access: Access::SmallCellsWithheld { k },
+                scope: TableScope::Rollups,
+            }),
+            _ => Err(user_error("28000", "not signed in")),
+        }
+    }
+}
+
+/// Checks the password (an API key) against the user (its name) and the key's roles.
+struct KeyAuth {
+    state: QueryState,
+    parameters: DefaultServerParameterProvider,
+    pids: RandomPidSecretKeyGenerator,
+}
+
+#[async_trait]
+impl StartupHandler for KeyAuth {
+    async fn on_startup<C>(&self, client: &mut C, message: PgWireFrontendMessage) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use futures::SinkExt;
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                client.set_state(PgWireConnectionState::AuthenticationInProgress);
+                client
+                    .send(PgWireBackendMessage::Authentication(Authentication::CleartextPassword))
+                    .await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
+                let password = pwd.into_password()?;
+                let user = LoginInfo::from_client_info(client)
+                    .user()
+                    .unwrap_or_default()
+                    .to_owned();
+                let holder = self.state.keys.holder_of(password.password.trim()).cloned();
+                let Some(holder) = holder.filter(|h| h.name == user) else {
+                    self.state.metrics.count("pg_auth_refused");
+                    tracing::info!(user = %user, "postgres sign-in refused");
+                    return Err(PgWireError::InvalidPassword(user));
+                };
+                let access = if holder.roles.contains(&Role::Engineer) {
+                    "engineer"
+                } else if holder.roles.contains(&Role::Analyst) {
+                    "analyst"
+                } else {
+                    return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
+                        "FATAL".into(),
+                        "42501".into(),
+                        format!("key `{user}` has neither the engineer nor the analyst role"),
+                    ))));
+                };
+                client.metadata_mut().insert(ACCESS_KEY.into(), access.into());
+                let (pid, secret) = self.pids.generate(client);
+                client.set_pid_and_secret_key(pid, secret);
+                tracing::info!(user = %user, access, "postgres client signed in");
+                finish_authentication(client, &self.parameters).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A statement as the extended protocol keeps it between Parse and Execute.
+#[derive(Debug, Clone)]
+pub enum PgStatement {
+    /// A query, planned once at Parse for its result columns and parameter types.
+    Query {
+        /// The SQL, rewritten into what DataFusion understands.
+        sql: String,
+        /// The result columns.
+        schema: SchemaRef,
+        /// `$1`, `$2`, … types as inferred from the plan.
+        params: Vec<Option<DataType>>,
+    },
+    /// A session command answered without touching data (SET, SHOW, BEGIN, …).
+    Command(Command),
+}
+
+/// Session commands BI tools send, answered without touching data.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// `SET …`, `DISCARD …`, `DEALLOCATE …`: accepted and ignored (the session is read-only).
+    Ignored(&'static str),
+    /// `SHOW name`.
+    Show(String),
+    /// `BEGIN` / `START TRANSACTION`.
+    Begin,
+    /// `COMMIT` (nothing was written).
+    Commit,
+    /// `ROLLBACK`.
+    Rollback,
+}
+
+fn command_of(statement: &Statement) -> Option<Command> {
+    Some(match statement {
+        Statement::Set(_) => Command::Ignored("SET"),
+        Statement::Discard { .. } => Command::Ignored("DISCARD ALL"),
+        Statement::Deallocate { .. } => Command::Ignored("DEALLOCATE"),
+        Statement::ShowVariable { variable } => Command::Show(
+            variable
+                .iter()
+                .map(|i| i.value.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        Statement::StartTransaction { .. } => Command::Begin,
+        Statement::Commit { .. } => Command::Commit,
+        Statement::Rollback { .. } => Command::Rollback,
+        _ => return None,
+    })
+}
+
+/// The values `SHOW` answers: what clients ask before they query.
+fn show(name: &str) -> PgWireResult<(String, String)> {
+    let value = match name {
+        "server_version" => "16.6",
+        "server_version_num" => "160006",
+        "transaction isolation level" | "transaction_isolation" => "read committed",
+        "standard_conforming_strings" => "on",
+        "client_encoding" | "server_encoding" => "UTF8",
+        "search_path" => "public",
+        "timezone" | "time zone" => "UTC",
+        "datestyle" => "ISO, YMD",
+        "intervalstyle" => "postgres",
+        "max_identifier_length" => "63",
+        "default_transaction_read_only" | "transaction_read_only" => "on",
+        "integer_datetimes" => "on",
+        "lc_collate" | "lc_ctype" => "C.UTF-8",
+        other => {
+            return Err(user_error(
+                "42704",
+                format!("unrecognized configuration parameter \"{other}\""),
+            ));
+        }
+    };
+    Ok((name.replace(' ', "_"), value.to_owned()))
+}
+
+fn command_response(command: &Command) -> PgWireResult<Response> {
+    Ok(match command {
+        Command::Ignored(tag) => Response::Execution(Tag::new(tag)),
+        Command::Begin => Response::TransactionStart(Tag::new("BEGIN")),
+        Command::Commit => Response::TransactionEnd(Tag::new("COMMIT")),
+        Command::Rollback => Response::TransactionEnd(Tag::new("ROLLBACK")),
+        Command::Show(name) => {
+            let (column, value) = show(name)?;
+            let fields = Arc::new(vec![FieldInfo::new(column, None, None, Type::TEXT, FieldFormat::Text)]);
+            let mut row = DataRowEncoder::new(fields.clone());
+            row.encode_field(&value)?;
+            let rows = vec![Ok(row.take_row())];
+            Response::Query(QueryResponse::new(fields, stream::iter(rows)))
+        }
+    })
+}
+
+/// Answers queries of signed-in clients through the same SQL layer as `/v1/sql`.
+pub struct PgService {
+    state: QueryState,
+    parser: Arc<PgParser>,
+}
+
+/// Parses with the Postgres compatibility rewrites (so `psql`'s catalog queries run) and plans
+/// each query once for the extended protocol's Describe.
+pub struct PgParser {
+    state: QueryState,
+    sql: PostgresCompatibilityParser,
+}
+
+impl PgParser {
+    fn statements(&self, query: &str) -> PgWireResult<Vec<Statement>> {
+        self.sql
+            .parse(query)
+            .map_err(|e| user_error("42601", format!("syntax error: {e}")))
+    }
+}
+
+/// A connection's DataFusion session, kept for its life so the catalog's object ids stay the
+/// same between queries (`psql`'s `\d` looks a table's oid up, then its columns by that oid).
+#[derive(Default)]
+struct ConnectionSession(tokio::sync::Mutex<Option<SessionContext>>);
+
+fn internal(what: &str, e: impl std::fmt::Display) -> PgWireError {
+    tracing::error!(error = %e, "{what}");
+    user_error("XX000", "internal error; see the service log")
+}
+
+/// The connection's session over the tables `grant` may read, at their latest versions, with the
+/// Postgres catalog on top.
+async fn context(
+    state: &QueryState,
+    client: &(impl ClientInfo + ?Sized),
+    grant: Grant,
+) -> PgWireResult<SessionContext> {
+    let kept = client
+        .session_extensions()
+        .get_or_insert_with(ConnectionSession::default);
+    let mut kept = kept.0.lock().await;
+    let ctx = match kept.as_ref() {
+        Some(ctx) => ctx.clone(),
+        None => {
+            let ctx = state
+                .catalog
+                .empty_session()
+                .map_err(|e| internal("could not open a session", e))?;
+            datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
+                .map_err(|e| internal("could not set up pg_catalog", e))?;
+            ctx.register_udf(pg_size_pretty());
+            ctx.register_udf(unknown_udf("pg_table_size", vec![DataType::Int32], DataType::Int64));
+            ctx.register_udf(unknown_udf(
+                "obj_description",
+                vec![DataType::Int32, DataType::Utf8],
+                DataType::Utf8,
+            ));
+            *kept = Some(ctx.clone());
+            ctx
+        }
+    };
+    state
+        .catalog
+        .refresh(&ctx, grant.scope)
+        .await
+        .map_err(|e| internal("could not open the tables", e))?;
+    Ok(ctx)
+}
+
+/// `pg_size_pretty(bigint)`, which `psql`'s `\dt+` and BI tools' table browsers call.
+fn pg_size_pretty() -> datafusion::logical_expr::ScalarUDF {
+    use arrow::array::{Array, Int64Array, StringArray};
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    fn pretty(bytes: i64) -> String {
+        let mut value = bytes as f64;
+        for unit in ["bytes", "kB", "MB", "GB", "TB"] {
+            if value.abs() < 10240.0 || unit == "TB" {
+                return format!("{} {unit}", value.round() as i64);
+            }
+            value /= 1024.0;
+        }
+        format!("{bytes} bytes")
+    }
+    let f = |args: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(args)?;
+        let sizes = arrays
+            .first()
+            .and_then(|a| a.as_any().downcast_ref::<Int64Array>())
+            .ok_or_else(|| datafusion::error::DataFusionError::Plan("pg_size_pretty takes a bigint".into()))?;
+        let out: StringArray = (0..sizes.len())
+            .map(|i| sizes.is_valid(i).then(|| pretty(sizes.value(i))))
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
+    };
+    create_udf(
+        "pg_size_pretty",
+        vec![DataType::Int64],
+        DataType::Utf8,
+        Volatility::Immutable,
+        Arc::new(f),
+    )
+}
+
+/// A catalog function whose answer Marsad does not keep (NULL, shown blank): `pg_table_size`
+/// (a Delta table's size is its files on object storage) and `obj_description` (comments), present
+/// so `psql`'s `\dt+` and BI tools' table browsers run.
+fn unknown_udf(name: &str, args: Vec<DataType>, answer: DataType) -> datafusion::logical_expr::ScalarUDF {
+    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
+    use datafusion::scalar::ScalarValue;
+    let null = ScalarValue::try_from(&answer).unwrap_or(ScalarValue::Null);
+    create_udf(
+        name,
+        args,
+        answer,
+        Volatility::Stable,
+        Arc::new(move |_: &[ColumnarValue]| Ok(ColumnarValue::Scalar(null.clone()))),
+    )
+}
+
+#[async_trait]
+impl QueryParser for PgParser {
+    type Statement = PgStatement;
+
+    async fn parse_sql<C>(&self, client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<PgStatement>>
+    where
+        C: ClientInfo + Unpin + Send + Sync,
+    {
+        let mut statements = self.statements(sql)?;
+        if statements.len() > 1 {
+            return Err(user_error("42601", "one statement per prepared statement"));
+        }
+        let Some(statement) = statements.pop() else {
+            return Ok(None);
+        };
+        if let Some(command) = command_of(&statement) {
+            return Ok(Some(PgStatement::Command(command)));
+        }
+        let grant = Grant::of(client, self.state.min_cell_visitors)?;
+        let ctx = context(&self.state, client, grant).await?;
+        let sql = statement.to_string();
+        let read_only = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let df = ctx
+            .sql_with_options(&sql, read_only)
+            .await
+            .map_err(|e| pg_error(sql::user_error(e)))?;
+        let mut params: BTreeMap<usize, Option<DataType>> = BTreeMap::new();
+        for (name, field) in df
+            .logical_plan()
+            .get_parameter_fields()
+            .map_err(|e| pg_error(sql::user_error(e)))?
+        {
+            let n = name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
+            params.insert(n, field.map(|f| f.data_type().clone()));
+        }
+        Ok(Some(PgStatement::Query {
+            sql,
+            schema: df.schema().inner().clone(),
+            params: params.into_values().collect(),
+        }))
+    }
+
+    fn get_parameter_types(&self, stmt: &PgStatement) -> PgWireResult<Vec<Type>> {
+        match stmt {
+            PgStatement::Query { params, .. } => Ok(params
+                .iter()
+                .map(|t| t.as_ref().and_then(|t| into_pg_type(t).ok()).unwrap_or(Type::UNKNOWN))
+                .collect()),
+            PgStatement::Command(_) => Ok(Vec::new()),
+        }
+    }
+
+    fn get_result_schema(&self, stmt: &PgStatement, column_format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+        match stmt {
+            PgStatement::Query { schema, .. } => {
+                arrow_schema_to_pg_fields(schema, column_format.unwrap_or(&Format::UnifiedText), None)
+            }
+            PgStatement::Command(Command::Show(name)) => {
+                let (column, _) = show(name)?;
+                Ok(vec![FieldInfo::new(column, None, None, Type::TEXT, FieldFormat::Text)])
+            }
+            PgStatement::Command(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+impl PgService {
+    /// Runs one query as `client` may, and encodes the rows in `format`.
+    async fn run<C>(
+        &self,
+        client: &mut C,
+        sql: &str,
+        params: Option<ParamValues>,
+        format: &Format,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        use futures::SinkExt;
+        let state = &self.state;
+        let grant = Grant::of(client, state.min_cell_visitors)?;
+        let ctx = context(state, client, grant).await?;
+        let run = sql::run_with_params(&ctx, sql, params, state.max_rows, grant.access);
+        let result = match tokio::time::timeout(state.timeout, run).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                state.metrics.count(if matches!(e, ApiError::BadRequest(_)) {
+                    "refused"
+                } else {
+                    "error"
+                });
+                return Err(pg_error(e));
+            }
+            Err(_) => {
+                state.metrics.count("timeout");
+                return Err(pg_error(ApiError::Timeout(state.timeout.as_secs())));
+            }
+        };
+        state.metrics.count("ok");
+        let mut notices = Vec::new();
+        if result.withheld > 0 {
+            notices.push(format!(
+                "{} rows counting fewer than {} unique visitors were withheld (with their complements)",
+                result.withheld, state.min_cell_visitors
+            ));
+        }
+        if result.truncated {
+            notices.push(format!(
+                "the answer was cut at {} rows (query.max_result_rows)",
+                state.max_rows
+            ));
+        }
+        for notice in notices {
+            let info = ErrorInfo::new("NOTICE".into(), "01000".into(), notice);
+            client
+                .send(PgWireBackendMessage::NoticeResponse(NoticeResponse::from(info)))
+                .await?;
+        }
+        let fields = Arc::new(arrow_schema_to_pg_fields(&result.schema, format, None)?);
+        let mut rows = Vec::new();
+        for batch in result.batches {
+            rows.extend(encode_recordbatch(fields.clone(), batch));
+        }
+        Ok(Response::Query(QueryResponse::new(fields, stream::iter(rows))))
+    }
+}
+
+#[async_trait]
+impl SimpleQueryHandler for PgService {
+    async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let statements = self.parser.statements(query)?;
+        if statements.is_empty() {
+            return Ok(vec![Response::EmptyQuery]);
+        }
+        let mut out = Vec::new();
+        for statement in statements {
+            let response = match command_of(&statement) {
+                Some(command) => command_response(&command),
+                None => {
+                    self.run(client, &statement.to_string(), None, &Format::UnifiedText)
+                        .await
+                }
+            };
+            match response {
+                Ok(r) => out.push(r),
+                // later statements of the string are not run after an error, as in Postgres
+                Err(PgWireError::UserError(info)) => {
+                    out.push(Response::Error(info));
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl ExtendedQueryHandler for PgService {
+    type Statement = PgStatement;
+    type QueryParser = PgParser;
+
+    fn query_parser(&self) -> Arc<PgParser> {
+        self.parser.clone()
+    }
+
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<PgStatement>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
+    where
+        C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::PortalStore: PortalStore<Statement = PgStatement>,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match &portal.statement.statement {
+            PgStatement::Command(command) => command_response(command),
+            PgStatement::Query { sql, params, .. } => {
+                let types: Vec<Option<&DataType>> = params.iter().map(Option::as_ref).collect();
+                let values = arrow_pg::datatypes::df::deserialize_parameters(portal, &types)?;
+                let values = (!params.is_empty()).then_some(values);
+                self.run(client, sql, values, &portal.result_column_format).await
+            }
+        }
+    }
+}
+
+/// The handlers of one Postgres server.
+pub struct PgHandlers {
+    service: Arc<PgService>,
+    auth: Arc<KeyAuth>,
+}
+
+impl PgHandlers {
+    /// Handlers answering from `state`.
+    pub fn new(state: QueryState) -> Self {
+        let mut parameters = DefaultServerParameterProvider::default();
+        parameters.server_version = "16.6 (Marsad)".into();
+        parameters.is_superuser = false;
+        parameters.default_transaction_read_only = true;
+        let parser = Arc::new(PgParser {
+            state: state.clone(),
+            sql: PostgresCompatibilityParser::new(),
+        });
+        PgHandlers {
+            service: Arc::new(PgService {
+                state: state.clone(),
+                parser,
+            }),
+            auth: Arc::new(KeyAuth {
+                state,
+                parameters,
+                pids: RandomPidSecretKeyGenerator::default(),
+            }),
+        }
+    }
+}
+
+impl PgWireServerHandlers for PgHandlers {
+    fn simple_query_handler(&self) -> Arc<impl SimpleQueryHandler> {
+        self.service.clone()
+    }
+
+    fn extended_query_handler(&self) -> Arc<impl ExtendedQueryHandler> {
+        self.service.clone()
+    }
+
+    fn startup_handler(&self) -> Arc<impl StartupHandler> {
+        self.auth.clone()
+    }
+}
+
+/// Why the Postgres server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    /// The TLS certificate or key could not be read.
+    #[error("postgres TLS: {path}: {reason}")]
+    Tls {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A TLS acceptor from PEM files, for `query.pg_tls_cert` and `query.pg_tls_key`.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<pgwire::tokio::TlsAcceptor, PgError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |path: &std::path::Path, reason: String| PgError::Tls {
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, e.to_string()))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(cert, e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| bad(cert, e.to_string()))?;
+    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Serves the Postgres wire protocol on `listener` until `shutdown`, at most
+/// `max_connections` at once (later ones wait for a free slot).
+pub async fn serve_pg(
+    listener: TcpListener,
+    state: QueryState,
+    tls: Option<pgwire::tokio::TlsAcceptor>,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) {
+    let handlers = Arc::new(PgHandlers::new(state));
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, tls = tls.is_some(), "postgres protocol listening");
+    }
+    loop {
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            slot = slots.clone().acquire_owned() => match slot { Ok(s) => s, Err(_) => return },
+        };
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "postgres accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handlers = handlers.clone();
+        let tls = tls.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = pgwire::tokio::process_socket(socket, tls, handlers) => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "postgres connection ended with an error");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_commands_are_answered_without_data() -> PgWireResult<()> {
+        let parser = PostgresCompatibilityParser::new();
+        let parse = |q: &str| parser.parse(q).map_err(|e| user_error("42601", e.to_string()));
+        for (q, tag) in [
+            ("SET extra_float_digits = 3", "SET"),
+            ("BEGIN", "BEGIN"),
+            ("COMMIT", "COMMIT"),
+        ] {
+            let statements = parse(q)?;
+            let command = statements.first().and_then(command_of);
+            let response = command.map(|c| command_response(&c)).transpose()?;
+            match response {
+                Some(Response::Execution(t))
+                | Some(Response::TransactionStart(t))
+                | Some(Response::TransactionEnd(t)) => {
+                    assert!(format!("{t:?}").contains(tag), "{q}: {t:?}")
+                }
+                _ => panic!("{q} is a session command"),
+            }
+        }
+        let statements = parse("SHOW TRANSACTION ISOLATION LEVEL")?;
+        assert!(matches!(
+            statements.first().and_then(command_of),
+            Some(Command::Show(_))
+        ));
+        assert_eq!(show("server_version")?.1, "16.6");
+        assert!(show("shared_buffers").is_err());
+        assert!(parse("SELECT 1")?.first().and_then(command_of).is_none());
+        Ok(())
+    }
+}
