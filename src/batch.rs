@@ -271,7 +271,6 @@ pub struct BackfillArgs {
 
 /// Re-runs the processor over the retained raw log and swaps the rebuilt rows of the dates in.
 pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
-    use marsad_eventlog::{LocalLog, LocalLogOptions};
     use marsad_process::backfill::{DateRange, Progress};
     let config = args.stage.config()?;
     let range = DateRange {
@@ -279,14 +278,14 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         to: args.to.unwrap_or(args.from),
     };
     let started = Instant::now();
-    let log = LocalLog::open(config.log_dir(), LocalLogOptions::default()).context("opening the event log")?;
-    let opt_outs = crate::tools::opt_outs_recorded(&log).await?;
+    let log = crate::stages::open_log(&config, "backfill")?.log;
+    let opt_outs = crate::tools::opt_outs_recorded(log.as_ref()).await?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} [{elapsed}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_message("raw-log records");
-    let report = marsad_process::backfill::backfill(&config, &log, opt_outs, range, |p| match p {
+    let report = marsad_process::backfill::backfill(&config, log.as_ref(), opt_outs, range, |p| match p {
         Progress::Reading { read, total } => {
             bar.set_length(total);
             bar.set_position(read);

@@ -62,6 +62,33 @@ pub enum Command {
     /// Audience segments: materialize them now.
     #[command(subcommand)]
     Segments(SegmentsCommand),
+    /// Kafka topics of the event log.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
+}
+
+/// `marsad topics …`.
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create the raw, dead-letter and opt-out topics (existing ones are left as they are).
+    Create(TopicsCreateArgs),
+}
+
+/// `marsad topics create` flags.
+#[derive(Debug, Clone, Args)]
+pub struct TopicsCreateArgs {
+    /// Config naming the brokers (`[eventlog] kind = "kafka"`).
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Partitions of the raw and dead-letter topics [default: eventlog.partitions].
+    #[arg(long)]
+    pub partitions: Option<u32>,
+    /// Copies of each partition [default: eventlog.replication_factor].
+    #[arg(long)]
+    pub replication: Option<u32>,
+    /// Hours the raw and dead-letter topics keep events [default: eventlog.retention_hours].
+    #[arg(long)]
+    pub retention_hours: Option<u64>,
 }
 
 /// `marsad segments …`.

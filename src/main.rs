@@ -9,7 +9,7 @@ mod tools;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, SegmentsCommand};
+use crate::cli::{Cli, Command, SegmentsCommand, TopicsCommand};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
             Command::Retention(args) => batch::retention(args).await,
             Command::Backfill(args) => batch::backfill(args).await,
             Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
+            Command::Topics(TopicsCommand::Create(args)) => tools::create_topics(args).await,
         }
     })
 }

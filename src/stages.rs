@@ -5,8 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use marsad_config::Config;
+use marsad_config::EventLogKind;
 use marsad_eventlog::Followed;
-use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
+use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, LocalLog, LocalLogOptions};
 use marsad_privacy::access::{AdminKey, ApiKeys};
 use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, SecretKey, load_targeting_key};
 use marsad_privacy::optout::OptOutRegistry;
@@ -19,18 +20,67 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{StageArgs, UpArgs};
 
-fn open_log(config: &Config) -> anyhow::Result<Arc<LocalLog>> {
-    let options = LocalLogOptions {
-        segment_bytes: config.eventlog.segment_bytes,
-        max_pending_appends: config.eventlog.max_pending_appends,
-        append_timeout: Duration::from_millis(config.ingest.append_timeout_ms),
-        retention: Duration::from_secs(config.eventlog.retention_hours * 3600),
-        retention_bytes: config.eventlog.retention_bytes,
-    };
-    let dir = config.log_dir();
-    LocalLog::open(&dir, options)
-        .map(Arc::new)
-        .with_context(|| format!("opening the event log at {}", dir.display()))
+/// The event log the config names; `local` is set when it is the embedded one (whose
+/// retention this process runs).
+pub(crate) struct Logs {
+    /// The log every stage uses.
+    pub log: Arc<dyn EventLog>,
+    /// The same log when it is local.
+    pub local: Option<Arc<LocalLog>>,
+}
+
+/// Opens the event log of `config` for the stage `role` (named in the brokers' logs on Kafka).
+pub(crate) fn open_log(config: &Config, role: &str) -> anyhow::Result<Logs> {
+    match config.eventlog.kind {
+        EventLogKind::Local => {
+            let options = LocalLogOptions {
+                segment_bytes: config.eventlog.segment_bytes,
+                max_pending_appends: config.eventlog.max_pending_appends,
+                append_timeout: Duration::from_millis(config.ingest.append_timeout_ms),
+                retention: Duration::from_secs(config.eventlog.retention_hours * 3600),
+                retention_bytes: config.eventlog.retention_bytes,
+            };
+            let dir = config.log_dir();
+            let local = LocalLog::open(&dir, options)
+                .map(Arc::new)
+                .with_context(|| format!("opening the event log at {}", dir.display()))?;
+            Ok(Logs {
+                log: local.clone(),
+                local: Some(local),
+            })
+        }
+        EventLogKind::Kafka => {
+            let log = KafkaLog::connect(kafka_options(config, role))
+                .with_context(|| format!("connecting to Kafka at {}", config.eventlog.brokers))?;
+            Ok(Logs {
+                log: Arc::new(log),
+                local: None,
+            })
+        }
+    }
+}
+
+/// librdkafka settings from `[eventlog]`, with passwords from the environment only.
+pub(crate) fn kafka_options(config: &Config, role: &str) -> KafkaLogOptions {
+    let e = &config.eventlog;
+    let mut options = KafkaLogOptions::new(e.brokers.clone());
+    options.client_id = format!("marsad-{role}");
+    options.append_timeout = Duration::from_millis(config.ingest.append_timeout_ms);
+    options.max_pending_messages = e.max_pending_messages;
+    options.linger = Duration::from_millis(e.linger_ms);
+    options.batch_bytes = e.batch_bytes;
+    options.compression = e.compression.clone();
+    options.session_timeout = Duration::from_millis(e.session_timeout_ms);
+    options.properties = e.kafka.clone();
+    for (var, property) in [
+        ("MARSAD_SECRET_KAFKA_SASL_PASSWORD", "sasl.password"),
+        ("MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
+    ] {
+        if let Ok(secret) = std::env::var(var) {
+            options.properties.insert(property.into(), secret);
+        }
+    }
+    options
 }
 
 async fn bind(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
@@ -85,7 +135,9 @@ async fn spawn_pg(
 }
 
 /// Deletes processed raw-log segments past retention, every few minutes.
-fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Arc<LocalLog>, shutdown: CancellationToken) {
+fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Option<Arc<LocalLog>>, shutdown: CancellationToken) {
+    // on Kafka the brokers apply the topics' retention
+    let Some(log) = log else { return };
     set.spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(300));
         loop {
@@ -269,7 +321,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     if args.simulate.is_some() {
         config.ingest.trusted_proxies.push("127.0.0.1/32".parse()?);
     }
-    let log = open_log(&config)?;
+    let Logs { log, local } = open_log(&config, "up")?;
     let privacy = Privacy::load(&config)?;
     let ingest_listener = bind(config.ingest.addr, "ingest").await?;
     let query_listener = bind(config.query.addr, "query").await?;
@@ -284,7 +336,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
-    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
+    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move {
         marsad_ingest::serve(ingest_listener, ingest_state, s)
@@ -305,7 +357,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .await
             .context("query")
     });
-    spawn_retention(&mut set, log, shutdown.clone());
+    spawn_retention(&mut set, local, shutdown.clone());
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
     println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
@@ -341,24 +393,24 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// `marsad ingest`.
 pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    let log = open_log(&config)?;
+    let Logs { log, local } = open_log(&config, "ingest")?;
     let privacy = Privacy::load(&config)?;
     let listener = bind(config.ingest.addr, "ingest").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
-    let state = marsad_ingest::IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy.ingest());
+    let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
-    spawn_retention(&mut set, log, shutdown.clone());
+    spawn_retention(&mut set, local, shutdown.clone());
     supervise(set, shutdown).await
 }
 
 /// `marsad process`, with its metrics on `process.metrics_addr`.
 pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    let log = open_log(&config)?;
+    let Logs { log, .. } = open_log(&config, "process")?;
     let privacy = Privacy::load(&config)?;
     let metrics = Arc::new(ProcessMetrics::new());
     let processor = Processor::new(&config, log.clone(), privacy.opt_outs.clone(), metrics.clone())
@@ -396,7 +448,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
 /// `marsad query`.
 pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    let log = open_log(&config)?;
+    let Logs { log, .. } = open_log(&config, "query")?;
     let privacy = Privacy::load(&config)?;
     if privacy.admin.created {
         println!(

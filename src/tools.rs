@@ -182,13 +182,12 @@ pub async fn opt_out(args: OptOutArgs) -> anyhow::Result<()> {
 /// `marsad segments refresh`: materializes every segment now, on the data dir, honouring every
 /// opt-out recorded so far; a running query service picks the new members up within seconds.
 pub async fn refresh_segments(args: StageArgs) -> anyhow::Result<()> {
-    use marsad_eventlog::{LocalLog, LocalLogOptions};
     let config = args.config()?;
     if config.audience.segments.is_empty() {
         bail!("no segments are configured: add [[audience.segments]] to the config file");
     }
-    let log = LocalLog::open(config.log_dir(), LocalLogOptions::default()).context("opening the event log")?;
-    let opt_outs = opt_outs_recorded(&log).await?;
+    let log = crate::stages::open_log(&config, "segments")?.log;
+    let opt_outs = opt_outs_recorded(log.as_ref()).await?;
     let bar = indicatif::ProgressBar::new(config.audience.segments.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} segments {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -243,4 +242,69 @@ pub async fn opt_outs_recorded(
     .await
     .context("reading the opt-outs")?;
     Ok(opt_outs)
+}
+
+/// `marsad topics create`: the event log's topics on Kafka, with their partitions, replication
+/// and retention (the raw and dead-letter topics hold IPs and ids: they keep them only for
+/// `retention_hours`; the opt-out log is compacted and kept for good).
+pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result<()> {
+    use marsad_eventlog::{KafkaLog, TopicSpec};
+    use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
+    let config = args.stage.config()?;
+    if config.eventlog.kind != marsad_config::EventLogKind::Kafka {
+        bail!("the event log is local, which needs no topics; set [eventlog] kind = \"kafka\" and brokers");
+    }
+    let partitions = args.partitions.unwrap_or(config.eventlog.partitions);
+    let replication = args.replication.unwrap_or(config.eventlog.replication_factor);
+    let retention_ms = (args.retention_hours.unwrap_or(config.eventlog.retention_hours) * 3_600_000).to_string();
+    let deleted_after = |ms: &str| {
+        vec![
+            ("cleanup.policy".to_owned(), "delete".to_owned()),
+            ("retention.ms".to_owned(), ms.to_owned()),
+        ]
+    };
+    let topics = [
+        TopicSpec {
+            name: TOPIC_RAW.into(),
+            partitions,
+            replication,
+            config: deleted_after(&retention_ms),
+        },
+        TopicSpec {
+            name: TOPIC_DEAD.into(),
+            partitions,
+            replication,
+            config: deleted_after(&retention_ms),
+        },
+        TopicSpec {
+            name: TOPIC_OPTOUTS.into(),
+            partitions: 1,
+            replication,
+            config: vec![
+                ("cleanup.policy".to_owned(), "compact".to_owned()),
+                ("retention.ms".to_owned(), "-1".to_owned()),
+            ],
+        },
+    ];
+    let log = KafkaLog::connect(crate::stages::kafka_options(&config, "admin"))?;
+    let created = log
+        .create_topics(&topics)
+        .await
+        .with_context(|| format!("creating topics on {}", config.eventlog.brokers))?;
+    for (name, new) in &created {
+        let spec = topics.iter().find(|t| &t.name == name);
+        println!(
+            "{name:<24} {} ({} partitions, replication {})",
+            if *new { "created" } else { "exists" },
+            spec.map(|t| t.partitions).unwrap_or(0),
+            replication
+        );
+    }
+    println!(
+        "{} topics created, {} existed, on {}",
+        created.iter().filter(|c| c.1).count(),
+        created.iter().filter(|c| !c.1).count(),
+        config.eventlog.brokers
+    );
+    Ok(())
 }

@@ -266,7 +266,7 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
     log.append(
         marsad_schemas::TOPIC_OPTOUTS,
         vec![Record {
-            key: None,
+            key: Some(opt_out.log_key()),
             payload: opt_out.to_bytes(),
         }],
     )

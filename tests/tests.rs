@@ -25,6 +25,9 @@ mod dashboard;
 /// The Postgres wire protocol with the real `psql`: tables, GROUP BY, refusals, TLS.
 mod pg;
 
+/// The event log on Kafka: processors in a consumer group, exactly once across a kill, outages.
+mod kafka;
+
 /// Rollup totals equal `events` totals, also after crashes between the commits.
 mod rollups;
 

@@ -125,6 +125,8 @@ impl Default for IngestConfig {
 pub enum EventLogKind {
     /// Segment files under `<data_dir>/log`: the embedded default.
     Local,
+    /// A Kafka cluster (`eventlog.brokers`): ingest, process and query as separate processes.
+    Kafka,
 }
 
 /// The event log.
@@ -141,6 +143,26 @@ pub struct EventLogConfig {
     pub retention_hours: u64,
     /// Local log: delete the oldest processed segments while the log is larger than this.
     pub retention_bytes: u64,
+    /// Kafka: bootstrap brokers, `host:port,host:port`.
+    pub brokers: String,
+    /// Kafka: partitions of the raw topic made by `marsad topics create` (processors share them).
+    pub partitions: u32,
+    /// Kafka: copies of each partition made by `marsad topics create`.
+    pub replication_factor: u32,
+    /// Kafka: producer compression (`zstd`, `lz4`, `gzip`, `snappy`, `none`).
+    pub compression: String,
+    /// Kafka: how long the producer waits to fill a batch.
+    pub linger_ms: u64,
+    /// Kafka: largest producer batch in bytes.
+    pub batch_bytes: usize,
+    /// Kafka: unacknowledged messages the producer holds before ingest answers 503.
+    pub max_pending_messages: usize,
+    /// Kafka: a processor silent this long loses its partitions to the others.
+    pub session_timeout_ms: u64,
+    /// Kafka: other librdkafka properties, passed through (`security.protocol`, `sasl.mechanism`,
+    /// `ssl.ca.location`, …); passwords come from `MARSAD_SECRET_KAFKA_SASL_PASSWORD` and
+    /// `MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD`, never from this file.
+    pub kafka: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for EventLogConfig {
@@ -151,6 +173,15 @@ impl Default for EventLogConfig {
             max_pending_appends: 4096,
             retention_hours: 72,
             retention_bytes: 20 * 1024 * 1024 * 1024,
+            brokers: String::new(),
+            partitions: 12,
+            replication_factor: 3,
+            compression: "zstd".into(),
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            max_pending_messages: 100_000,
+            session_timeout_ms: 10_000,
+            kafka: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -479,6 +510,39 @@ impl Config {
         positive("query.timeout_secs", self.query.timeout_secs)?;
         positive("query.memory_limit_mb", self.query.memory_limit_mb)?;
         positive("query.pg_max_connections", self.query.pg_max_connections as u64)?;
+        if self.eventlog.kind == EventLogKind::Kafka {
+            if self.eventlog.brokers.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "eventlog.brokers",
+                    reason: "the Kafka event log needs its brokers (`host:port,…`)".into(),
+                });
+            }
+            positive("eventlog.partitions", u64::from(self.eventlog.partitions))?;
+            positive(
+                "eventlog.replication_factor",
+                u64::from(self.eventlog.replication_factor),
+            )?;
+            if !["zstd", "lz4", "gzip", "snappy", "none"].contains(&self.eventlog.compression.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "eventlog.compression",
+                    reason: format!("`{}`: one of zstd, lz4, gzip, snappy, none", self.eventlog.compression),
+                });
+            }
+            if let Some(k) = self
+                .eventlog
+                .kafka
+                .keys()
+                .find(|k| k.contains("password") || k.contains("secret"))
+            {
+                return Err(ConfigError::Invalid {
+                    key: "eventlog.kafka",
+                    reason: format!(
+                        "`{k}` is a secret: set it in the environment (MARSAD_SECRET_KAFKA_SASL_PASSWORD, \
+                         MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD), never in the config file"
+                    ),
+                });
+            }
+        }
         if self.query.pg_tls_cert.is_some() != self.query.pg_tls_key.is_some() {
             return Err(ConfigError::Invalid {
                 key: "query.pg_tls_cert",

@@ -3,13 +3,15 @@
 //! [`EventLog`] appends batches and resolves only once they are durable;
 //! [`Subscription`] reads from a position and records how far a consumer got.
 //! [`LocalLog`] is the embedded implementation (segment files with length +
-//! CRC32C framing, group commit with fsync, torn-tail recovery, retention).
+//! CRC32C framing, group commit with fsync, torn-tail recovery, retention);
+//! [`KafkaLog`] runs the same contract on a Kafka cluster.
 //!
 //! This crate moves opaque bytes. It must not decode events or know about
 //! privacy: what a record means is the business of `schemas` and the stages.
 
 #![deny(missing_docs)]
 
+mod kafka;
 mod local;
 mod segment;
 
@@ -18,6 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+pub use kafka::{KafkaLog, KafkaLogOptions, TopicSpec};
 pub use local::{LocalLog, LocalLogOptions};
 pub use segment::{FRAME_HEADER_LEN, ScanOutcome, frame, scan_segment};
 
@@ -116,6 +119,12 @@ pub trait EventLog: Send + Sync {
     /// Starts reading `topic` as consumer `group`; the caller seeks each assigned partition.
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>>;
 
+    /// Reads every partition of `topic` from its start, outside any consumer group: how a
+    /// service loads a whole table-like topic (opt-outs) or a job replays the log.
+    async fn read_all(&self, topic: &str) -> Result<Box<dyn Subscription>> {
+        self.subscribe(topic, "marsad-reader").await
+    }
+
     /// Whether appends can be expected to succeed now (for `/readyz`).
     fn is_ready(&self) -> bool;
 }
@@ -125,6 +134,12 @@ pub trait EventLog: Send + Sync {
 pub trait Subscription: Send {
     /// The partitions this consumer currently owns.
     fn assignment(&self) -> Vec<u32>;
+
+    /// Counts the changes of [`assignment`](Subscription::assignment): a consumer that sees it
+    /// move must stop using what it buffered and re-read its positions.
+    fn assignment_generation(&self) -> u64 {
+        0
+    }
 
     /// Moves the read position of `partition` to `offset` (the next record to read).
     async fn seek(&mut self, partition: u32, offset: u64) -> Result<()>;
@@ -138,6 +153,12 @@ pub trait Subscription: Send {
     /// The oldest offset of `partition` still retained: records before it were deleted by
     /// retention, so a job replaying the log knows where its history starts.
     async fn retained_from(&mut self, partition: u32) -> Result<u64>;
+
+    /// Where `partition` ends now, if the log can say without reading it (`None`: a read that
+    /// returns nothing means the end).
+    async fn end_offset(&mut self, _partition: u32) -> Result<Option<u64>> {
+        Ok(None)
+    }
 }
 
 /// What [`follow`] hands to its callback.
@@ -158,15 +179,16 @@ pub async fn follow(
     mut apply: impl FnMut(Followed<'_>) + Send,
     stop: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    // a follower never commits, so its group name only has to be unique to it
-    let group = format!(
-        "follower-{}-{:x}",
-        std::process::id(),
-        std::ptr::from_ref(&apply) as *const () as usize
-    );
-    let mut sub = log.subscribe(topic, &group).await?;
+    let mut sub = log.read_all(topic).await?;
+    // where each partition ended when we started: caught up once read that far
+    let mut ends = std::collections::BTreeMap::new();
     for p in sub.assignment() {
         sub.seek(p, 0).await?;
+        if let Some(end) = sub.end_offset(p).await?
+            && end > sub.retained_from(p).await?
+        {
+            ends.insert(p, end);
+        }
     }
     let mut caught_up = false;
     tokio::pin!(stop);
@@ -175,12 +197,18 @@ pub async fn follow(
             _ = &mut stop => return Ok(()),
             r = sub.poll(1000, Duration::from_millis(200)) => r?,
         };
-        if polled.is_empty() && !caught_up {
+        for rec in &polled {
+            if ends
+                .get(&rec.position.partition)
+                .is_some_and(|e| rec.position.offset + 1 >= *e)
+            {
+                ends.remove(&rec.position.partition);
+            }
+            apply(Followed::Record(rec));
+        }
+        if polled.is_empty() && !caught_up && ends.is_empty() {
             caught_up = true;
             apply(Followed::CaughtUp);
-        }
-        for rec in &polled {
-            apply(Followed::Record(rec));
         }
     }
 }

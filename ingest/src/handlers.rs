@@ -119,7 +119,7 @@ async fn append(state: &IngestState, envelopes: Vec<Envelope>) -> Result<usize, 
     let records = envelopes
         .iter()
         .map(|e| Record {
-            key: None,
+            key: Some(e.partition_key()),
             payload: e.to_bytes(),
         })
         .collect();
@@ -448,7 +448,7 @@ pub async fn post_opt_out(
         .append(
             TOPIC_OPTOUTS,
             vec![Record {
-                key: None,
+                key: Some(record.log_key()),
                 payload: record.to_bytes(),
             }],
         )

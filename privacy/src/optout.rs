@@ -77,6 +77,15 @@ impl OptOutRecord {
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// Its key in the (compacted) opt-out log: one record is kept per subject and scope.
+    pub fn log_key(&self) -> Vec<u8> {
+        let scope = serde_json::to_value(self.scope)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        format!("{}/{scope}", self.subject).into_bytes()
+    }
 }
 
 /// The keyed hash an opt-out is recorded under: the subject's `audience_id`.

@@ -30,9 +30,6 @@ use crate::rollup::{aggregate, rollup_specs};
 use crate::table::{DeltaSink, events_spec};
 use crate::{Error, Result};
 
-/// The consumer group a backfill reads as; it never commits, so the live processor's
-/// positions and the log's retention are untouched.
-const BACKFILL_GROUP: &str = "marsad-backfill";
 /// Records asked of the log per poll.
 const POLL_MAX: usize = 10_000;
 /// How long the log may stay silent before the positions the tables recorded.
@@ -157,7 +154,7 @@ pub async fn backfill(
     for spec in rollup_specs() {
         sinks.push(DeltaSink::open_or_create(&tables_dir, &spec).await?);
     }
-    let mut sub = log.subscribe(TOPIC_RAW, BACKFILL_GROUP).await?;
+    let mut sub = log.read_all(TOPIC_RAW).await?;
     let partitions = sub.assignment();
     // what each table has counted, per partition: the rebuild covers exactly that
     let mut counted: Vec<HashMap<u32, i64>> = Vec::new();

@@ -78,3 +78,21 @@ pub enum Error {
 
 /// Result with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether a commit failed because another writer committed positions of the same
+    /// partition first: the partition moved (a rebalance, or this processor was presumed dead),
+    /// so what this processor buffered must be dropped and the positions read again.
+    pub fn is_lost_ownership(&self) -> bool {
+        use deltalake::kernel::transaction::TransactionError;
+        matches!(
+            self,
+            Error::Delta {
+                source: deltalake::DeltaTableError::Transaction {
+                    source: TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_)
+                },
+                ..
+            }
+        )
+    }
+}

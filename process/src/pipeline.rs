@@ -108,59 +108,82 @@ impl Processor {
 
     /// Processes until `shutdown`, committing what is buffered before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
-        let mut sub = self.log.subscribe(TOPIC_RAW, CONSUMER_GROUP).await?;
-        let mut events_positions = HashMap::new();
-        let mut app_ids = Vec::new();
-        for partition in sub.assignment() {
-            let app = app_id(TOPIC_RAW, partition);
-            let committed = self.table.committed_offset(&app).await?;
-            let from = resume_from(committed);
-            tracing::info!(partition, from, "resuming from the offset recorded in the events table");
-            sub.seek(partition, from).await?;
-            self.metrics.position.set(from as i64);
-            if let Some(c) = committed {
-                events_positions.insert(app.clone(), c);
-            }
-            app_ids.push(app);
-        }
-        let mut rollups = Rollups::open(&self.tables_dir, &app_ids).await?;
-        let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
-        if caught_up > 0 {
-            tracing::info!(
-                events = caught_up,
-                "rollups caught up with events committed before a crash"
-            );
-        }
-        self.rollups = Some(rollups);
+        let sub = self.log.subscribe(TOPIC_RAW, CONSUMER_GROUP).await?;
         let (chunks_tx, mut chunks) = mpsc::channel(CHANNEL_CHUNKS);
-        let (commits_tx, commits_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let reader_stop = shutdown.child_token();
-        let reader = tokio::spawn(read_log(sub, chunks_tx, commits_rx, reader_stop.clone()));
+        let reader = tokio::spawn(read_log(sub, chunks_tx, commands_rx, reader_stop.clone()));
 
         let mut builder = EventsBatchBuilder::new();
         let mut pending: BTreeMap<u32, u64> = BTreeMap::new();
+        // the next offset expected per owned partition; records of other partitions are not ours
+        let mut expected: BTreeMap<u32, u64> = BTreeMap::new();
         let mut flush_at: Option<Instant> = None;
         let mut maintenance_at = Instant::now();
         let result = loop {
             let deadline = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            tokio::select! {
+            let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
-                    if let Err(e) = self.flush(&mut builder, &mut pending, &commits_tx).await { break Err(e) }
                     flush_at = None;
+                    self.flush(&mut builder, &mut pending, &commands_tx).await
                 }
                 chunk = chunks.recv() => match chunk {
                     None => break Ok(()),
-                    Some(Err(e)) => break Err(e.into()),
-                    Some(Ok(records)) => {
-                        if let Err(e) = self.handle(records, &mut builder, &mut pending).await { break Err(e) }
-                        flush_at.get_or_insert_with(|| Instant::now() + self.batch_interval);
-                        if builder.len() >= self.batch_max_events {
-                            if let Err(e) = self.flush(&mut builder, &mut pending, &commits_tx).await { break Err(e) }
-                            flush_at = None;
+                    Some(FromLog::Failed(e)) => break Err(e.into()),
+                    Some(FromLog::Assigned(partitions)) => {
+                        // whatever was buffered may now be another processor's: drop it, re-read
+                        builder = EventsBatchBuilder::new();
+                        pending.clear();
+                        flush_at = None;
+                        match self.take_over(&partitions).await {
+                            Ok(from) => {
+                                expected = from.clone();
+                                let _ = commands_tx.send(ToLog::Resume(from.into_iter().collect()));
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    Some(FromLog::Records(records)) => {
+                        let records: Vec<Delivered> = records
+                            .into_iter()
+                            .filter(|r| match expected.get_mut(&r.position.partition) {
+                                Some(next) if r.position.offset >= *next => {
+                                    *next = r.position.offset + 1;
+                                    true
+                                }
+                                _ => false,
+                            })
+                            .collect();
+                        match self.handle(records, &mut builder, &mut pending).await {
+                            Err(e) => Err(e),
+                            Ok(()) if builder.is_empty() && pending.is_empty() => Ok(()),
+                            Ok(()) => {
+                                flush_at.get_or_insert_with(|| Instant::now() + self.batch_interval);
+                                if builder.len() >= self.batch_max_events {
+                                    flush_at = None;
+                                    self.flush(&mut builder, &mut pending, &commands_tx).await
+                                } else {
+                                    Ok(())
+                                }
+                            }
                         }
                     }
                 },
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(e) if e.is_lost_ownership() => {
+                    // another processor committed positions of our partitions: it owns them now
+                    tracing::warn!(error = %e, "a partition moved to another processor; re-reading positions");
+                    builder = EventsBatchBuilder::new();
+                    pending.clear();
+                    expected.clear();
+                    flush_at = None;
+                    let _ = commands_tx.send(ToLog::Resync);
+                }
+                Err(e) => break Err(e),
             }
             if maintenance_at.elapsed() > Duration::from_secs(60) {
                 self.maintain();
@@ -170,11 +193,48 @@ impl Processor {
         // commit what is buffered: it is all read from the log and decided (not after a crash)
         let flushed = match &result {
             Err(crate::Error::SimulatedCrash) => Ok(()),
-            _ => self.flush(&mut builder, &mut pending, &commits_tx).await,
+            _ => self.flush(&mut builder, &mut pending, &commands_tx).await,
         };
         reader_stop.cancel();
         let _ = reader.await;
         result.and(flushed)
+    }
+
+    /// Takes over `partitions`: reads the positions the tables recorded, catches the rollups up
+    /// with `events`, continues the open sessions; returns where to read each partition from.
+    async fn take_over(&mut self, partitions: &[u32]) -> Result<BTreeMap<u32, u64>> {
+        let mut events_positions = HashMap::new();
+        let mut app_ids = Vec::new();
+        let mut from = BTreeMap::new();
+        for &partition in partitions {
+            let app = app_id(TOPIC_RAW, partition);
+            let committed = self.table.committed_offset(&app).await?;
+            let next = resume_from(committed);
+            tracing::info!(
+                partition,
+                from = next,
+                "resuming from the offset recorded in the events table"
+            );
+            self.metrics.position.set(next as i64);
+            if let Some(c) = committed {
+                events_positions.insert(app.clone(), c);
+            }
+            from.insert(partition, next);
+            app_ids.push(app);
+        }
+        let mut rollups = Rollups::open(&self.tables_dir, &app_ids).await?;
+        let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
+        if caught_up > 0 {
+            tracing::info!(
+                events = caught_up,
+                "rollups caught up with events committed before a crash or a handover"
+            );
+        }
+        self.rollups = Some(rollups);
+        for (visitor, session, last) in &self.table.recent_sessions().await? {
+            self.anonymizer.resume_session(visitor, session, *last);
+        }
+        Ok(from)
     }
 
     fn maintain(&mut self) {
@@ -233,7 +293,7 @@ impl Processor {
         &mut self,
         builder: &mut EventsBatchBuilder,
         pending: &mut BTreeMap<u32, u64>,
-        commits: &mpsc::UnboundedSender<(u32, u64)>,
+        commands: &mpsc::UnboundedSender<ToLog>,
     ) -> Result<()> {
         if builder.is_empty() {
             // offsets of duplicates and dead letters ride along with the next real commit
@@ -254,6 +314,7 @@ impl Processor {
         loop {
             match self.table.append(batch.clone(), &positions).await {
                 Ok(_) => break,
+                Err(e) if e.is_lost_ownership() => return Err(e),
                 Err(e) if attempt < 5 => {
                     attempt += 1;
                     tracing::warn!(error = %e, attempt, "delta commit failed; retrying");
@@ -273,6 +334,7 @@ impl Processor {
                 match rollups.commit(&positions, crash).await {
                     Ok(()) => break,
                     Err(crate::Error::SimulatedCrash) => return Err(crate::Error::SimulatedCrash),
+                    Err(e) if e.is_lost_ownership() => return Err(e),
                     Err(e) if attempt < 5 => {
                         attempt += 1;
                         tracing::warn!(error = %e, attempt, "rollup commit failed; retrying");
@@ -286,7 +348,7 @@ impl Processor {
         self.metrics.commits.inc();
         for (p, o) in std::mem::take(pending) {
             self.metrics.position.set(o as i64 + 1);
-            let _ = commits.send((p, o + 1));
+            let _ = commands.send(ToLog::Commit(p, o + 1));
         }
         tracing::debug!(rows, "committed a batch to events");
         Ok(())
@@ -321,18 +383,80 @@ pub(crate) fn anonymizer_from_config(
     Ok((anonymizer, daily_keys))
 }
 
-/// The reader stage: polls the log into the bounded channel and records commits for retention.
+/// What the reader stage hands the processor.
+enum FromLog {
+    /// The partitions this processor owns now (first at start, again after each rebalance):
+    /// the processor answers with [`ToLog::Resume`] before any record of them is read.
+    Assigned(Vec<u32>),
+    /// Records, in log order per partition.
+    Records(Vec<Delivered>),
+    /// The log failed.
+    Failed(marsad_eventlog::Error),
+}
+
+/// What the processor tells the reader stage.
+enum ToLog {
+    /// Everything before this offset of the partition is in the tables (allows retention, lag).
+    Commit(u32, u64),
+    /// Read the owned partitions from these offsets.
+    Resume(Vec<(u32, u64)>),
+    /// Announce the assignment again (the processor lost track after a commit conflict).
+    Resync,
+}
+
+/// The reader stage: announces the assignment whenever it changes and waits for the positions
+/// to read from, then polls the log into the bounded channel; records commits for retention.
 async fn read_log(
     mut sub: Box<dyn Subscription>,
-    chunks: mpsc::Sender<marsad_eventlog::Result<Vec<Delivered>>>,
-    mut commits: mpsc::UnboundedReceiver<(u32, u64)>,
+    chunks: mpsc::Sender<FromLog>,
+    mut commands: mpsc::UnboundedReceiver<ToLog>,
     stop: CancellationToken,
 ) {
+    let mut announced: Option<u64> = None;
+    let mut waiting = false;
     loop {
-        while let Ok((p, next)) = commits.try_recv() {
-            if let Err(e) = sub.commit(p, next).await {
-                tracing::warn!(error = %e, "could not record the consumer position (retention waits)");
+        loop {
+            let command = if waiting {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    c = commands.recv() => match c { Some(c) => c, None => return },
+                }
+            } else {
+                match commands.try_recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                }
+            };
+            match command {
+                ToLog::Commit(p, next) => {
+                    if let Err(e) = sub.commit(p, next).await {
+                        tracing::warn!(error = %e, "could not record the consumer position (retention waits)");
+                    }
+                }
+                ToLog::Resume(from) => {
+                    for (p, offset) in from {
+                        if let Err(e) = sub.seek(p, offset).await {
+                            let _ = chunks.send(FromLog::Failed(e)).await;
+                            return;
+                        }
+                    }
+                    waiting = false;
+                }
+                ToLog::Resync => announced = None,
             }
+        }
+        let generation = sub.assignment_generation();
+        if announced != Some(generation) {
+            announced = Some(generation);
+            waiting = true;
+            let sent = tokio::select! {
+                _ = stop.cancelled() => return,
+                s = chunks.send(FromLog::Assigned(sub.assignment())) => s,
+            };
+            if sent.is_err() {
+                return;
+            }
+            continue;
         }
         let polled = tokio::select! {
             _ = stop.cancelled() => return,
@@ -343,14 +467,14 @@ async fn read_log(
             Ok(records) => {
                 let sent = tokio::select! {
                     _ = stop.cancelled() => return,
-                    s = chunks.send(Ok(records)) => s,
+                    s = chunks.send(FromLog::Records(records)) => s,
                 };
                 if sent.is_err() {
                     return;
                 }
             }
             Err(e) => {
-                let _ = chunks.send(Err(e)).await;
+                let _ = chunks.send(FromLog::Failed(e)).await;
                 return;
             }
         }

@@ -195,7 +195,7 @@ pub async fn erase_subject(
         .append(
             TOPIC_OPTOUTS,
             vec![Record {
-                key: None,
+                key: Some(record.log_key()),
                 payload: record.to_bytes(),
             }],
         )

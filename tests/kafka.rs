@@ -1,0 +1,335 @@
+//! The event log on Kafka: `marsad process` instances sharing the raw topic's
+//! partitions in one consumer group, exactly once into Delta across a kill -9
+//! and the rebalance it causes; ingest answering 503 while the brokers are
+//! down and losing nothing it acknowledged. Against librdkafka's mock cluster
+//! (in this process, over TCP on loopback) and, where the test says so, a real
+//! Kafka-protocol broker process (`tansu`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use chrono::Utc;
+use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, Record};
+use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
+use rdkafka::mocking::MockCluster;
+
+use crate::common::{free_port, marsad_bin};
+
+/// A `marsad` stage as a child process, killed when dropped.
+struct Stage {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Stage {
+    fn start(args: &[&str], config: &Path, data: &Path, log: PathBuf, env: &[(&str, String)]) -> Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let mut cmd = Command::new(marsad_bin());
+        cmd.args(args)
+            .arg("--config")
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env(
+                "RUST_LOG",
+                "info,deltalake=warn,deltalake_core=warn,datafusion=warn,rdkafka=warn",
+            )
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(Stage {
+            child: cmd.spawn().context("starting a marsad stage")?,
+            log,
+        })
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill_hard(&mut self) -> Result<()> {
+        Command::new("kill")
+            .arg("-9")
+            .arg(self.child.id().to_string())
+            .status()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `marsad sql` on the data dir: one integer.
+fn count(config: &Path, data: &Path, sql: &str) -> Result<i64> {
+    let out = Command::new(marsad_bin())
+        .args(["sql", "--format", "csv", "-e", sql, "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .env("RUST_LOG", "error")
+        .output()?;
+    ensure!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = text.lines().nth(1).unwrap_or("0").trim();
+    Ok(if value.is_empty() {
+        0
+    } else {
+        value.parse().context(text.clone())?
+    })
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+fn kafka_config(dir: &Path, brokers: &str, session_timeout_ms: u64) -> Result<PathBuf> {
+    let path = dir.join("marsad-kafka.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[eventlog]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\nsession_timeout_ms = {session_timeout_ms}\n\
+             compression = \"lz4\"\n\n[process]\nbatch_max_interval_ms = 300\n\n[query]\npg_enabled = false\n"
+        ),
+    )?;
+    Ok(path)
+}
+
+/// Envelopes of `n` small page views by 5,000 visitors, ids `{prefix}-{i}`.
+fn envelopes(prefix: &str, range: std::ops::Range<usize>) -> Vec<Record> {
+    range
+        .map(|i| {
+            let event = serde_json::json!({
+                "type": "page_view",
+                "url": if i % 2 == 0 { "https://kulshi.example/en/cars" } else { "https://kulshi.example/ar/وظائف" },
+                "cookie_id": format!("c-{}", i % 5_000),
+                "event_id": format!("{prefix}-{i}"),
+            });
+            let env = Envelope {
+                v: ENVELOPE_VERSION,
+                event: serde_json::from_value(event).unwrap_or_else(|e| panic!("fixture: {e}")),
+                received_at: Utc::now(),
+                client_ip: "176.29.1.1".parse().ok(),
+                user_agent: None,
+                accept_language: None,
+                dnt: false,
+                gpc: false,
+            };
+            Record {
+                key: Some(env.partition_key()),
+                payload: env.to_bytes(),
+            }
+        })
+        .collect()
+}
+
+fn mock_cluster() -> Result<MockCluster<'static, rdkafka::producer::DefaultProducerContext>> {
+    let cluster = MockCluster::new(1)?;
+    cluster.create_topic(TOPIC_RAW, 4, 1)?;
+    cluster.create_topic(TOPIC_DEAD, 4, 1)?;
+    cluster.create_topic(TOPIC_OPTOUTS, 1, 1)?;
+    Ok(cluster)
+}
+
+fn assigned_partitions(output: &str) -> bool {
+    output.contains("kafka partitions assigned")
+}
+
+#[test]
+fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Result<()> {
+    const TOTAL: usize = 100_000;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let cluster = mock_cluster()?;
+    let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let producer = Arc::new(KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?);
+
+    let metrics = |port: u16| vec![("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{port}"))];
+    let mut first = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p1.log"),
+        &metrics(free_port()?),
+    )?;
+    let second = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p2.log"),
+        &metrics(free_port()?),
+    )?;
+    wait_for("both processors to own partitions", Duration::from_secs(60), || {
+        Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
+    })?;
+
+    // the first half, then a kill -9 of one processor while the second half streams in
+    let half = TOTAL / 2;
+    for chunk in (0..half).step_by(5_000) {
+        runtime.block_on(producer.append(TOPIC_RAW, envelopes("k", chunk..chunk + 5_000)))?;
+    }
+    wait_for("a third of the events in Delta", Duration::from_secs(120), || {
+        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= (TOTAL / 3) as i64)
+    })?;
+    first.kill_hard()?;
+    for chunk in (half..TOTAL).step_by(5_000) {
+        runtime.block_on(producer.append(TOPIC_RAW, envelopes("k", chunk..chunk + 5_000)))?;
+    }
+    wait_for("every event in Delta", Duration::from_secs(240), || {
+        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= TOTAL as i64)
+    })
+    .with_context(|| format!("survivor's log:\n{}", second.output()))?;
+    // settle: a late duplicate would show up in the next commits
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        count(&config, &data, "SELECT count(*) FROM events")? == TOTAL as i64,
+        "exact count"
+    );
+    ensure!(
+        count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
+        "no event twice"
+    );
+    ensure!(
+        count(&config, &data, "SELECT sum(events) FROM traffic_hourly")? == TOTAL as i64,
+        "the rollups count every event once"
+    );
+    let survivor = second.output();
+    for line in survivor
+        .lines()
+        .filter(|l| l.contains("partitions") || l.contains("moved") || l.contains("resuming"))
+    {
+        eprintln!("survivor: {line}");
+    }
+    ensure!(
+        survivor.matches("kafka partitions assigned").count() >= 2,
+        "the survivor was assigned the dead processor's partitions:\n{survivor}"
+    );
+    Ok(())
+}
+
+#[test]
+fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let cluster = mock_cluster()?;
+    let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
+    let port = free_port()?;
+    let env = vec![
+        ("MARSAD_INGEST__APPEND_TIMEOUT_MS", "1500".to_owned()),
+        ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{}", free_port()?)),
+    ];
+    let ingest = Stage::start(
+        &["ingest", "--ingest-addr", &format!("127.0.0.1:{port}")],
+        &config,
+        &data,
+        tmp.path().join("ingest.log"),
+        &env,
+    )?;
+    let _process = Stage::start(&["process"], &config, &data, tmp.path().join("process.log"), &env)?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_for("ingest to be ready", Duration::from_secs(30), || {
+        Ok(client
+            .get(format!("{url}/healthz"))
+            .send()
+            .is_ok_and(|r| r.status().is_success()))
+    })
+    .with_context(|| ingest.output())?;
+
+    // batches of 50 with client-made ids; a 503 is retried after Retry-After, as clients do
+    let mut acknowledged: HashSet<String> = HashSet::new();
+    let mut refusals = Vec::new();
+    let mut slowest_refusal = Duration::ZERO;
+    for batch in 0..60 {
+        if batch == 20 {
+            cluster.broker_down(1)?;
+        }
+        if batch == 40 {
+            cluster.broker_up(1)?;
+        }
+        let ids: Vec<String> = (0..50).map(|i| format!("o-{batch}-{i}")).collect();
+        let events: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/jobs", "cookie_id": format!("c-{id}"), "event_id": id}))
+            .collect();
+        loop {
+            let sent = Instant::now();
+            let resp = client.post(format!("{url}/v1/batch")).json(&events).send()?;
+            match resp.status().as_u16() {
+                202 => {
+                    acknowledged.extend(ids.iter().cloned());
+                    break;
+                }
+                503 => {
+                    slowest_refusal = slowest_refusal.max(sent.elapsed());
+                    let retry_after = resp
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .context("a 503 says when to retry")?;
+                    refusals.push(batch);
+                    // the outage lasts until batch 40: move on and come back to this batch's ids
+                    if batch < 40 {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_secs(retry_after.min(2)));
+                }
+                other => bail!("unexpected {other}: {}", resp.text().unwrap_or_default()),
+            }
+        }
+    }
+    eprintln!(
+        "outage: {} refusals (batches {:?}), slowest {slowest_refusal:?}",
+        refusals.len(),
+        refusals
+    );
+    ensure!(!refusals.is_empty(), "the outage was answered with 503");
+    ensure!(
+        slowest_refusal < Duration::from_secs(5),
+        "refused within the append timeout: {slowest_refusal:?}"
+    );
+    // after the outage, clients resend what was refused (same ids)
+    for &batch in refusals.iter().filter(|b| **b < 40) {
+        let ids: Vec<String> = (0..50).map(|i| format!("o-{batch}-{i}")).collect();
+        let events: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/jobs", "cookie_id": format!("c-{id}"), "event_id": id}))
+            .collect();
+        let resp = client.post(format!("{url}/v1/batch")).json(&events).send()?;
+        ensure!(resp.status().as_u16() == 202, "after the outage: {}", resp.status());
+        acknowledged.extend(ids);
+    }
+    ensure!(acknowledged.len() == 3_000, "{} acknowledged", acknowledged.len());
+    wait_for("every acknowledged event in Delta", Duration::from_secs(120), || {
+        Ok(count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? >= 3_000)
+    })?;
+    ensure!(
+        count(&config, &data, "SELECT count(*) FROM events")? == 3_000,
+        "no event twice"
+    );
+    Ok(())
+}
