@@ -9,7 +9,7 @@ use marsad_config::EventLogKind;
 use marsad_eventlog::Followed;
 use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, LocalLog, LocalLogOptions};
 use marsad_privacy::access::{AdminKey, ApiKeys};
-use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, SecretKey, load_targeting_key};
+use marsad_privacy::keys::{DailyKeyStore, SecretKey, load_targeting_key};
 use marsad_privacy::optout::OptOutRegistry;
 use marsad_process::{ProcessMetrics, Processor};
 use marsad_query::{QueryPrivacy, QueryState};
@@ -71,15 +71,7 @@ pub(crate) fn kafka_options(config: &Config, role: &str) -> KafkaLogOptions {
     options.batch_bytes = e.batch_bytes;
     options.compression = e.compression.clone();
     options.session_timeout = Duration::from_millis(e.session_timeout_ms);
-    options.properties = e.kafka.clone();
-    for (var, property) in [
-        ("MARSAD_SECRET_KAFKA_SASL_PASSWORD", "sasl.password"),
-        ("MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
-    ] {
-        if let Ok(secret) = std::env::var(var) {
-            options.properties.insert(property.into(), secret);
-        }
-    }
+    options.properties = e.kafka_client_properties();
     options
 }
 
@@ -169,8 +161,7 @@ impl Privacy {
         let (keys, admin) = ApiKeys::load(&config.query.keys, &config.data_dir).context("loading API keys")?;
         let targeting_key = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())
             .context("loading the targeting key")?;
-        let grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
-        let daily_keys = Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), grace)?);
+        let daily_keys = marsad_privacy::keys::open_daily_key_store(config).context("opening the daily key store")?;
         Ok(Privacy {
             keys: Arc::new(keys),
             admin,

@@ -246,7 +246,8 @@ pub async fn opt_outs_recorded(
 
 /// `marsad topics create`: the event log's topics on Kafka, with their partitions, replication
 /// and retention (the raw and dead-letter topics hold IPs and ids: they keep them only for
-/// `retention_hours`; the opt-out log is compacted and kept for good).
+/// `retention_hours`; the opt-out log is compacted and kept for good; the daily key topic is
+/// compacted promptly so destroyed keys leave the brokers' disks).
 pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result<()> {
     use marsad_eventlog::{KafkaLog, TopicSpec};
     use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
@@ -275,6 +276,19 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             partitions,
             replication,
             config: deleted_after(&retention_ms),
+        },
+        // a day's key must really be gone soon after its tombstones: compact promptly
+        TopicSpec {
+            name: marsad_schemas::TOPIC_DAILY_KEYS.into(),
+            partitions: 1,
+            replication,
+            config: vec![
+                ("cleanup.policy".to_owned(), "compact".to_owned()),
+                ("retention.ms".to_owned(), "-1".to_owned()),
+                ("segment.ms".to_owned(), "3600000".to_owned()),
+                ("delete.retention.ms".to_owned(), "3600000".to_owned()),
+                ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
+            ],
         },
         TopicSpec {
             name: TOPIC_OPTOUTS.into(),

@@ -145,6 +145,7 @@ fn mock_cluster() -> Result<MockCluster<'static, rdkafka::producer::DefaultProdu
     cluster.create_topic(TOPIC_RAW, 4, 1)?;
     cluster.create_topic(TOPIC_DEAD, 4, 1)?;
     cluster.create_topic(TOPIC_OPTOUTS, 1, 1)?;
+    cluster.create_topic(marsad_schemas::TOPIC_DAILY_KEYS, 1, 1)?;
     Ok(cluster)
 }
 
@@ -330,6 +331,242 @@ fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged
     ensure!(
         count(&config, &data, "SELECT count(*) FROM events")? == 3_000,
         "no event twice"
+    );
+    Ok(())
+}
+
+/// The `tansu` broker binary: on the PATH or where `cargo install` puts it.
+fn tansu_binary() -> Result<PathBuf> {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|_| PathBuf::from("/root/.cargo"));
+    let candidates = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|d| PathBuf::from(d).join("tansu"))
+        .chain([home.join("bin/tansu")])
+        .collect::<Vec<_>>();
+    candidates.into_iter().find(|p| p.is_file()).context(
+        "the Kafka-protocol broker `tansu` is not installed: `cargo install tansu --features dynostore` \
+         (.ci/run does this once)",
+    )
+}
+
+/// A `tansu` broker process on loopback, in-memory storage, stopped when dropped.
+struct Tansu {
+    child: Child,
+    brokers: String,
+}
+
+impl Tansu {
+    fn start(dir: &Path) -> Result<Self> {
+        let port = free_port()?;
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("tansu.log"))?;
+        let child = Command::new(tansu_binary()?)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting tansu")?;
+        let brokers = format!("127.0.0.1:{port}");
+        wait_for("tansu to listen", Duration::from_secs(30), || {
+            Ok(std::net::TcpStream::connect(&brokers).is_ok())
+        })?;
+        Ok(Tansu { child, brokers })
+    }
+
+    /// Freezes the broker (SIGSTOP): connections stay open and nothing is answered.
+    fn freeze(&self) -> Result<()> {
+        Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()?;
+        Ok(())
+    }
+
+    fn thaw(&self) -> Result<()> {
+        Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status()?;
+        Ok(())
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.thaw();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `ids` as one batch; `Ok(true)` when acknowledged, `Ok(false)` on 503.
+fn send_batch(client: &reqwest::blocking::Client, url: &str, ids: &[String]) -> Result<bool> {
+    let events: Vec<serde_json::Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/ar/سيارات",
+                "cookie_id": format!("c-{}", i % 700), "event_id": id})
+        })
+        .collect();
+    let resp = client.post(format!("{url}/v1/batch")).json(&events).send()?;
+    match resp.status().as_u16() {
+        202 => Ok(true),
+        503 => {
+            ensure!(resp.headers().contains_key("retry-after"), "a 503 says when to retry");
+            Ok(false)
+        }
+        other => bail!("unexpected {other}: {}", resp.text().unwrap_or_default()),
+    }
+}
+
+#[test]
+fn separate_stages_on_a_real_broker_process() -> Result<()> {
+    const BATCHES: usize = 80;
+    const BATCH: usize = 500;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let broker = Tansu::start(tmp.path())?;
+    let config = kafka_config(tmp.path(), &broker.brokers, 6000)?;
+    let created = Command::new(marsad_bin())
+        .args([
+            "topics",
+            "create",
+            "--partitions",
+            "4",
+            "--replication",
+            "1",
+            "--config",
+        ])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    ensure!(
+        created.status.success(),
+        "topics create: {}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let listing = String::from_utf8_lossy(&created.stdout).into_owned();
+    ensure!(
+        listing.contains(TOPIC_RAW) && listing.contains("4 topics created"),
+        "{listing}"
+    );
+
+    // ingest, two processors and query, each a process of its own on the same config and data
+    let ingest_port = free_port()?;
+    let query_port = free_port()?;
+    let env = |metrics: u16| {
+        vec![
+            ("MARSAD_INGEST__APPEND_TIMEOUT_MS", "2000".to_owned()),
+            ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+        ]
+    };
+    let ingest = Stage::start(
+        &["ingest", "--ingest-addr", &format!("127.0.0.1:{ingest_port}")],
+        &config,
+        &data,
+        tmp.path().join("ingest.log"),
+        &env(free_port()?),
+    )?;
+    let mut first = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p1.log"),
+        &env(free_port()?),
+    )?;
+    let second = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p2.log"),
+        &env(free_port()?),
+    )?;
+    let query = Stage::start(
+        &["query", "--query-addr", &format!("127.0.0.1:{query_port}")],
+        &config,
+        &data,
+        tmp.path().join("query.log"),
+        &env(free_port()?),
+    )?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let url = format!("http://127.0.0.1:{ingest_port}");
+    wait_for("ingest and query to be ready", Duration::from_secs(60), || {
+        let up = |u: String| client.get(u).send().is_ok_and(|r| r.status().is_success());
+        Ok(up(format!("{url}/readyz")) && up(format!("http://127.0.0.1:{query_port}/readyz")))
+    })
+    .with_context(|| format!("{}\n{}", ingest.output(), query.output()))?;
+    wait_for("both processors to own partitions", Duration::from_secs(60), || {
+        Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
+    })?;
+
+    // load; a processor is killed a third of the way in; the broker freezes for a while
+    let mut refused = Vec::new();
+    let mut acknowledged = 0;
+    for b in 0..BATCHES {
+        if b == BATCHES / 3 {
+            first.kill_hard()?;
+        }
+        if b == BATCHES / 2 {
+            broker.freeze()?;
+        }
+        if b == BATCHES / 2 + 5 {
+            broker.thaw()?;
+        }
+        let ids: Vec<String> = (0..BATCH).map(|i| format!("t-{b}-{i}")).collect();
+        let started = Instant::now();
+        if send_batch(&client, &url, &ids)? {
+            acknowledged += ids.len();
+        } else {
+            ensure!(
+                started.elapsed() < Duration::from_secs(5),
+                "refused within the append timeout"
+            );
+            refused.push(ids);
+        }
+    }
+    ensure!(!refused.is_empty(), "the frozen broker was answered with 503");
+    // clients resend what was refused, with the same ids
+    for ids in &refused {
+        wait_for("a refused batch to be taken", Duration::from_secs(30), || {
+            send_batch(&client, &url, ids)
+        })?;
+        acknowledged += ids.len();
+    }
+    ensure!(acknowledged == BATCHES * BATCH, "{acknowledged} acknowledged");
+    let total = (BATCHES * BATCH) as i64;
+    wait_for("every event in Delta", Duration::from_secs(240), || {
+        Ok(count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? >= total)
+    })
+    .with_context(|| second.output())?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        count(&config, &data, "SELECT count(*) FROM events")? == total,
+        "no event twice"
+    );
+    ensure!(
+        count(&config, &data, "SELECT sum(events) FROM traffic_hourly")? == total,
+        "rollups exactly once"
+    );
+
+    // the query service, a process of its own, reads the same tables
+    let key = std::fs::read_to_string(data.join("admin.key"))?;
+    let body: serde_json::Value = client
+        .post(format!("http://127.0.0.1:{query_port}/v1/sql"))
+        .bearer_auth(key.trim())
+        .json(&serde_json::json!({"sql": "SELECT count(*) AS n FROM events"}))
+        .send()?
+        .json()?;
+    ensure!(body["rows"][0]["n"] == total, "{body}");
+    eprintln!(
+        "tansu: {acknowledged} events through ingest → Kafka → two processors (one killed) → Delta; {} batches refused while frozen",
+        refused.len()
     );
     Ok(())
 }

@@ -165,6 +165,25 @@ pub struct EventLogConfig {
     pub kafka: std::collections::BTreeMap<String, String>,
 }
 
+impl EventLogConfig {
+    /// The librdkafka properties every Kafka client of Marsad shares: the brokers, the
+    /// pass-through settings, and the passwords from `MARSAD_SECRET_KAFKA_SASL_PASSWORD` /
+    /// `MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD` (never from the file).
+    pub fn kafka_client_properties(&self) -> std::collections::BTreeMap<String, String> {
+        let mut properties = self.kafka.clone();
+        properties.insert("bootstrap.servers".into(), self.brokers.clone());
+        for (var, property) in [
+            ("MARSAD_SECRET_KAFKA_SASL_PASSWORD", "sasl.password"),
+            ("MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD", "ssl.key.password"),
+        ] {
+            if let Ok(secret) = std::env::var(var) {
+                properties.insert(property.into(), secret);
+            }
+        }
+        properties
+    }
+}
+
 impl Default for EventLogConfig {
     fn default() -> Self {
         EventLogConfig {

@@ -3,7 +3,6 @@
 //! `<data_dir>/admin.key` (0600).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use marsad_config::{ApiKeyConfig, Role};
@@ -190,17 +189,22 @@ pub fn ensure_admin_key(data_dir: &Path) -> Result<AdminKey, KeyError> {
     let mut bytes = [0u8; 24];
     rand::rng().fill_bytes(&mut bytes);
     let key = format!("mk_{}", hex::encode(bytes));
-    use std::os::unix::fs::OpenOptionsExt;
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(format!("{key}\n").as_bytes()).and_then(|_| f.sync_all()));
-    written.map_err(|e| KeyError::KeyFile {
+    let created = crate::keys::create_secret_file(&path, &format!("{key}\n")).map_err(|e| KeyError::KeyFile {
         path: path.clone(),
         source: e,
     })?;
+    if !created {
+        // another stage started beside this one wrote it first
+        let text = std::fs::read_to_string(&path).map_err(|e| KeyError::KeyFile {
+            path: path.clone(),
+            source: e,
+        })?;
+        return Ok(AdminKey {
+            key: text.trim().to_owned(),
+            path,
+            created: false,
+        });
+    }
     Ok(AdminKey {
         key,
         path,

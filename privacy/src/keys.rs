@@ -57,7 +57,7 @@ impl SecretKey {
         &self.0
     }
 
-    fn to_hex(&self) -> String {
+    pub(crate) fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
 }
@@ -72,6 +72,22 @@ pub trait DailyKeyStore: Send + Sync {
 
     /// The keys that still exist, by day (erasure recomputes a cookie's `visitor_key`s with them).
     fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>>;
+}
+
+/// The daily key store `config` calls for: a directory of the data dir with the local log, the
+/// compacted key topic with Kafka (so processors on several machines share each day's key).
+pub fn open_daily_key_store(config: &marsad_config::Config) -> Result<std::sync::Arc<dyn DailyKeyStore>> {
+    let grace = Duration::hours(config.privacy.daily_key_grace_hours as i64);
+    Ok(match config.eventlog.kind {
+        marsad_config::EventLogKind::Local => {
+            std::sync::Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), grace)?)
+        }
+        marsad_config::EventLogKind::Kafka => std::sync::Arc::new(crate::kafka_keys::KafkaDailyKeyStore::connect(
+            &config.eventlog.kafka_client_properties(),
+            marsad_schemas::TOPIC_DAILY_KEYS,
+            grace,
+        )?),
+    })
 }
 
 /// The end of `day`'s grace period: after it, its key is gone.
@@ -102,6 +118,28 @@ fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
         .open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
+}
+
+/// Creates `path` (mode 0600) holding `contents` unless it exists: written under a private name,
+/// then linked, so a concurrent reader (another stage starting beside this one) never sees it
+/// half-written and exactly one writer wins. `Ok(false)`: it existed; read it.
+pub(crate) fn create_secret_file(path: &Path, contents: &str) -> std::io::Result<bool> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("secret");
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    write_secret_file(&tmp, contents)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl LocalDailyKeyStore {
@@ -146,20 +184,11 @@ impl DailyKeyStore for LocalDailyKeyStore {
         let key = match self.read(&path) {
             Ok(k) => k,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                // write to a private temp name, then link: exactly one key per day wins
+                // exactly one key per day wins, whichever processor writes first
                 let fresh = SecretKey::random();
-                let tmp = self.dir.join(format!(".{day}.{}.tmp", std::process::id()));
-                let _ = std::fs::remove_file(&tmp);
-                write_secret_file(&tmp, &fresh.to_hex()).map_err(|e| Error::Io {
-                    what: "daily key",
-                    path: tmp.clone(),
-                    source: e,
-                })?;
-                let linked = std::fs::hard_link(&tmp, &path);
-                let _ = std::fs::remove_file(&tmp);
-                match linked {
-                    Ok(()) => fresh,
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => self.read(&path)?,
+                match create_secret_file(&path, &fresh.to_hex()) {
+                    Ok(true) => fresh,
+                    Ok(false) => self.read(&path)?,
                     Err(e) => {
                         return Err(Error::Io {
                             what: "daily key",
@@ -255,13 +284,13 @@ pub fn load_targeting_key(file: Option<&Path>, keys_dir: &Path) -> Result<Secret
         Ok(text) => SecretKey::from_hex("generated targeting key", &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::random();
-            match write_secret_file(&path, &key.to_hex()) {
-                Ok(()) => {
+            match create_secret_file(&path, &key.to_hex()) {
+                Ok(true) => {
                     tracing::info!(path = %path.display(), "generated a targeting key for this data dir; set MARSAD_SECRET_TARGETING_KEY to share one between machines");
                     Ok(key)
                 }
-                // another stage of this process created it first
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // another stage (of this process or another) created it first
+                Ok(false) => {
                     let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
                         what: "targeting key",
                         path: path.clone(),

@@ -21,6 +21,7 @@ pub mod access;
 pub mod client_ip;
 pub mod consent;
 pub mod geoip;
+pub mod kafka_keys;
 pub mod keys;
 pub mod mmdb_writer;
 pub mod optout;
@@ -56,6 +57,14 @@ pub enum Error {
     KeyDestroyed {
         /// The day.
         day: chrono::NaiveDate,
+    },
+    /// The shared key store (a Kafka topic) could not be read or written.
+    #[error("key store: {what}: {reason}")]
+    KeyStore {
+        /// What was being done.
+        what: &'static str,
+        /// What failed.
+        reason: String,
     },
     /// The GeoIP database does not open.
     #[error("GeoIP database {path}: {reason}")]

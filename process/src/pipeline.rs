@@ -12,7 +12,7 @@ use marsad_config::Config;
 use marsad_eventlog::{Delivered, EventLog, Subscription};
 use marsad_privacy::consent::ConsentDefaults;
 use marsad_privacy::geoip::GeoIp;
-use marsad_privacy::keys::{DailyKeyStore, LocalDailyKeyStore, load_targeting_key};
+use marsad_privacy::keys::{DailyKeyStore, load_targeting_key};
 use marsad_privacy::optout::OptOutRegistry;
 use marsad_privacy::scrub::QueryAllowList;
 use marsad_schemas::{Envelope, TOPIC_RAW};
@@ -363,9 +363,7 @@ pub(crate) fn anonymizer_from_config(
 ) -> Result<(Anonymizer, Arc<dyn DailyKeyStore>)> {
     let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
     tracing::info!(database = geoip.source(), "GeoIP database loaded");
-    let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
-    let daily_keys: Arc<dyn DailyKeyStore> =
-        Arc::new(LocalDailyKeyStore::open(config.keys_dir().join("daily"), key_grace)?);
+    let daily_keys = marsad_privacy::keys::open_daily_key_store(config)?;
     let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
     let anonymizer = Anonymizer::new(
         geoip,

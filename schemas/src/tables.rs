@@ -10,6 +10,8 @@ pub const TOPIC_RAW: &str = "marsad.events.raw";
 pub const TOPIC_DEAD: &str = "marsad.events.dead";
 /// Opt-out records (compacted on Kafka).
 pub const TOPIC_OPTOUTS: &str = "marsad.optouts";
+/// Daily visitor keys when the log is Kafka (compacted; tombstoned past their grace period).
+pub const TOPIC_DAILY_KEYS: &str = "marsad.keys.daily";
 
 /// The tables under `<data_dir>/tables/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
