@@ -2,7 +2,9 @@
 //!
 //! `cargo bench --bench load` measures, in one run on this machine:
 //! 1. batched ingest events/s into the durable local log (fsync per group commit),
-//!    next to a no-op axum handler taking the same requests from the same client;
+//!    next to a no-op axum handler taking the same requests from the same client,
+//!    and through Kafka (librdkafka's mock cluster in this process, and the broker
+//!    process `tansu` when it is installed), each acknowledged by the brokers;
 //! 2. processor events/s per CPU-second (log → anonymize → Delta `events`).
 //!
 //! Figures are printed as ratios against the baseline of the same run; the machine
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use axum::routing::post;
 use marsad_config::Config;
-use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions, Record};
+use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, LocalLog, LocalLogOptions, Record};
 use marsad_process::{ProcessMetrics, Processor};
 use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_RAW};
 use tokio_util::sync::CancellationToken;
@@ -112,26 +114,109 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
         ..Config::default()
     };
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
-    let marsad_addr = serve(marsad_ingest::app(marsad_ingest::IngestState::new(
-        &config,
+    let marsad_addr = serve(ingest_on(&config, log)).await?;
+
+    // Kafka: librdkafka's mock cluster in this process, and the broker process tansu if installed
+    let cluster = rdkafka::mocking::MockCluster::new(1)?;
+    cluster.create_topic(marsad_schemas::TOPIC_RAW, 12, 1)?;
+    let mock_addr = serve(ingest_on(&config, Arc::new(KafkaLog::connect(KafkaLogOptions::new(
+        cluster.bootstrap_servers(),
+    ))?)))
+    .await?;
+    let tansu = Tansu::start().await?;
+    let tansu_addr = match &tansu {
+        Some(t) => Some(serve(ingest_on(&config, Arc::new(KafkaLog::connect(KafkaLogOptions::new(t.brokers.clone()))?))).await?),
+        None => None,
+    };
+
+    let baseline = drive(noop_addr, seconds, concurrency, batch).await?;
+    let ingest = drive(marsad_addr, seconds, concurrency, batch).await?;
+    let mock = drive(mock_addr, seconds, concurrency, batch).await?;
+    let real = match tansu_addr {
+        Some(a) => Some(drive(a, seconds, concurrency, batch).await?),
+        None => None,
+    };
+    println!("ingest (batches of {batch}, {concurrency} clients, {seconds}s each, same client):");
+    println!("  no-op axum handler                 {baseline:>10.0} events/s");
+    println!(
+        "  marsad ingest → local log          {ingest:>10.0} events/s   ratio {:.2} of no-op",
+        ingest / baseline
+    );
+    println!(
+        "  marsad ingest → Kafka (mock)       {mock:>10.0} events/s   ratio {:.2} of the local log",
+        mock / ingest
+    );
+    match real {
+        Some(real) => println!(
+            "  marsad ingest → Kafka (tansu)      {real:>10.0} events/s   ratio {:.2} of the local log",
+            real / ingest
+        ),
+        None => println!("  marsad ingest → Kafka (tansu)      not run: `cargo install tansu --features dynostore`"),
+    }
+    drop(tansu);
+    Ok(())
+}
+
+fn ingest_on(config: &Config, log: Arc<dyn EventLog>) -> axum::Router {
+    marsad_ingest::app(marsad_ingest::IngestState::new(
+        config,
         log,
         marsad_ingest::IngestPrivacy {
             keys: Arc::default(),
             opt_outs: Arc::default(),
             targeting_key: marsad_privacy::keys::SecretKey::random(),
         },
-    )))
-    .await?;
+    ))
+}
 
-    let baseline = drive(noop_addr, seconds, concurrency, batch).await?;
-    let ingest = drive(marsad_addr, seconds, concurrency, batch).await?;
-    println!("ingest (batches of {batch}, {concurrency} clients, {seconds}s each, same client):");
-    println!("  no-op axum handler          {baseline:>10.0} events/s");
-    println!(
-        "  marsad ingest → local log   {ingest:>10.0} events/s   ratio {:.2} of no-op",
-        ingest / baseline
-    );
-    Ok(())
+/// The Kafka-protocol broker `tansu` as a process on loopback (in-memory storage), if installed.
+struct Tansu {
+    child: std::process::Child,
+    brokers: String,
+}
+
+impl Tansu {
+    async fn start() -> Result<Option<Self>> {
+        let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+        let binary = std::path::PathBuf::from(home).join(".cargo/bin/tansu");
+        if !binary.is_file() {
+            return Ok(None);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = std::process::Command::new(binary)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let brokers = format!("127.0.0.1:{port}");
+        let t = Tansu { child, brokers };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(&t.brokers).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let admin = KafkaLog::connect(KafkaLogOptions::new(t.brokers.clone()))?;
+        admin
+            .create_topics(&[marsad_eventlog::TopicSpec {
+                name: marsad_schemas::TOPIC_RAW.into(),
+                partitions: 12,
+                replication: 1,
+                config: Vec::new(),
+            }])
+            .await?;
+        Ok(Some(t))
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 async fn processor_figures(events: u64) -> Result<()> {
