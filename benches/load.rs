@@ -119,13 +119,20 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     // Kafka: librdkafka's mock cluster in this process, and the broker process tansu if installed
     let cluster = rdkafka::mocking::MockCluster::new(1)?;
     cluster.create_topic(marsad_schemas::TOPIC_RAW, 12, 1)?;
-    let mock_addr = serve(ingest_on(&config, Arc::new(KafkaLog::connect(KafkaLogOptions::new(
-        cluster.bootstrap_servers(),
-    ))?)))
+    let mock_addr = serve(ingest_on(
+        &config,
+        Arc::new(KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?),
+    ))
     .await?;
     let tansu = Tansu::start().await?;
     let tansu_addr = match &tansu {
-        Some(t) => Some(serve(ingest_on(&config, Arc::new(KafkaLog::connect(KafkaLogOptions::new(t.brokers.clone()))?))).await?),
+        Some(t) => Some(
+            serve(ingest_on(
+                &config,
+                Arc::new(KafkaLog::connect(KafkaLogOptions::new(t.brokers.clone()))?),
+            ))
+            .await?,
+        ),
         None => None,
     };
 

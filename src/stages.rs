@@ -72,6 +72,7 @@ pub(crate) fn kafka_options(config: &Config, role: &str) -> KafkaLogOptions {
     options.compression = e.compression.clone();
     options.session_timeout = Duration::from_millis(e.session_timeout_ms);
     options.properties = e.kafka_client_properties();
+    options.seek_from_log_start = e.seek_from_log_start;
     options
 }
 

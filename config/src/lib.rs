@@ -159,6 +159,10 @@ pub struct EventLogConfig {
     pub max_pending_messages: usize,
     /// Kafka: a processor silent this long loses its partitions to the others.
     pub session_timeout_ms: u64,
+    /// Kafka: on taking a partition over, read it from its retained start and skip to the
+    /// position in the tables, for brokers that cannot fetch from inside a record batch
+    /// (tansu 0.6); slower takeovers, same result.
+    pub seek_from_log_start: bool,
     /// Kafka: other librdkafka properties, passed through (`security.protocol`, `sasl.mechanism`,
     /// `ssl.ca.location`, …); passwords come from `MARSAD_SECRET_KAFKA_SASL_PASSWORD` and
     /// `MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD`, never from this file.
@@ -200,6 +204,7 @@ impl Default for EventLogConfig {
             batch_bytes: 1 << 20,
             max_pending_messages: 100_000,
             session_timeout_ms: 10_000,
+            seek_from_log_start: false,
             kafka: std::collections::BTreeMap::new(),
         }
     }

@@ -18,7 +18,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::{Delivered, Error, EventLog, Position, Record, Result, Subscription};
@@ -47,6 +47,9 @@ pub struct KafkaLogOptions {
     pub session_timeout: Duration,
     /// Any other librdkafka property, passed through as is (`security.protocol`, `sasl.*`, `ssl.*`).
     pub properties: BTreeMap<String, String>,
+    /// Seek to the start of the retained partition and skip up to the wanted offset, for brokers
+    /// that return nothing when asked to fetch from inside a record batch (tansu 0.6).
+    pub seek_from_log_start: bool,
 }
 
 impl KafkaLogOptions {
@@ -62,6 +65,7 @@ impl KafkaLogOptions {
             compression: "zstd".into(),
             session_timeout: Duration::from_secs(10),
             properties: BTreeMap::new(),
+            seek_from_log_start: false,
         }
     }
 
@@ -69,10 +73,15 @@ impl KafkaLogOptions {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", &self.client_id);
+        self.overrides(&mut c);
+        c
+    }
+
+    /// The pass-through properties, applied last so an operator can change any default.
+    fn overrides(&self, c: &mut ClientConfig) {
         for (k, v) in &self.properties {
             c.set(k, v);
         }
-        c
     }
 
     fn producer(&self) -> ClientConfig {
@@ -86,6 +95,7 @@ impl KafkaLogOptions {
             .set("queue.buffering.max.messages", self.max_pending_messages.to_string())
             .set("message.timeout.ms", &timeout_ms)
             .set("request.timeout.ms", &timeout_ms);
+        self.overrides(&mut c);
         c
     }
 
@@ -98,8 +108,12 @@ impl KafkaLogOptions {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", session.to_string())
+            // also the rebalance timeout: a member that left without a word holds a rebalance
+            // up at most this long on brokers that wait for it
+            .set("max.poll.interval.ms", (session * 6).max(30_000).to_string())
             .set("heartbeat.interval.ms", (session / 10).max(100).to_string())
             .set("enable.partition.eof", "false");
+        self.overrides(&mut c);
         c
     }
 }
@@ -142,8 +156,10 @@ impl ClientContext for HealthContext {
 /// The event log on a Kafka cluster.
 pub struct KafkaLog {
     options: KafkaLogOptions,
-    producer: FutureProducer<HealthContext>,
+    producer: std::sync::RwLock<Arc<FutureProducer<HealthContext>>>,
     health: Arc<ProducerHealth>,
+    /// Set when a delivery failed in a way no retry of this producer can fix (fenced epoch).
+    producer_unusable: AtomicBool,
 }
 
 impl KafkaLog {
@@ -152,15 +168,60 @@ impl KafkaLog {
         let health = Arc::new(ProducerHealth {
             reachable: AtomicBool::new(true),
         });
-        let producer = options
-            .producer()
-            .create_with_context(HealthContext(health.clone()))
-            .map_err(|e| Error::Closed(format!("kafka producer: {e}")))?;
+        let producer = Self::new_producer(&options, &health)?;
         Ok(KafkaLog {
             options,
-            producer,
+            producer: std::sync::RwLock::new(Arc::new(producer)),
             health,
+            producer_unusable: AtomicBool::new(false),
         })
+    }
+
+    fn new_producer(options: &KafkaLogOptions, health: &Arc<ProducerHealth>) -> Result<FutureProducer<HealthContext>> {
+        options
+            .producer()
+            .create_with_context(HealthContext(health.clone()))
+            .map_err(|e| Error::Closed(format!("kafka producer: {e}")))
+    }
+
+    fn producer(&self) -> Result<Arc<FutureProducer<HealthContext>>> {
+        self.producer
+            .read()
+            .map(|p| p.clone())
+            .map_err(|_| Error::Closed("kafka producer lock poisoned".into()))
+    }
+
+    /// An idempotent producer can end unusable (a fatal error, or a broker that fences its
+    /// epoch bump after an outage, as some Kafka-compatible brokers do): only a new producer
+    /// can go on, so one replaces it. What it had not delivered was answered as failed, and
+    /// clients retry it (the processor drops the duplicates by `event_id`).
+    fn replace_if_fatal(&self, failed: &FutureProducer<HealthContext>) {
+        let fenced = self.producer_unusable.swap(false, Ordering::Relaxed);
+        let (code, reason) = match failed.client().fatal_error() {
+            Some(fatal) => fatal,
+            None if fenced => (
+                RDKafkaErrorCode::ProducerFenced,
+                "the brokers no longer accept its epoch".into(),
+            ),
+            None => return,
+        };
+        let Ok(mut current) = self.producer.write() else {
+            return;
+        };
+        if !std::ptr::eq(current.as_ref(), failed) {
+            return; // another append replaced it already
+        }
+        match Self::new_producer(&self.options, &self.health) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    ?code,
+                    reason,
+                    "kafka producer failed fatally; replaced it with a new one"
+                );
+                *current = Arc::new(fresh);
+            }
+            Err(e) => tracing::error!(error = %e, "kafka producer failed fatally and could not be replaced"),
+        }
     }
 
     /// The options it was made with.
@@ -259,43 +320,12 @@ pub struct TopicSpec {
 #[async_trait]
 impl EventLog for KafkaLog {
     async fn append(&self, topic: &str, records: Vec<Record>) -> Result<Vec<Position>> {
-        let mut deliveries = Vec::with_capacity(records.len());
-        for r in &records {
-            let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(&r.payload);
-            if let Some(k) = &r.key {
-                message = message.key(k.as_slice());
-            }
-            match self.producer.send_result(message) {
-                Ok(delivery) => deliveries.push(delivery),
-                Err((e, _)) => return Err(kafka_error("queueing for the brokers", e)),
-            }
+        let producer = self.producer()?;
+        let result = self.append_with(&producer, topic, records).await;
+        if result.is_err() {
+            self.replace_if_fatal(&producer);
         }
-        let acknowledged = tokio::time::timeout(
-            self.options.append_timeout + Duration::from_millis(500),
-            futures::future::join_all(deliveries),
-        )
-        .await
-        .map_err(|_| {
-            Error::Busy(format!(
-                "not acknowledged by the brokers within {:?}",
-                self.options.append_timeout
-            ))
-        })?;
-        let mut positions = Vec::with_capacity(acknowledged.len());
-        for a in acknowledged {
-            match a {
-                Ok(Ok(d)) => {
-                    self.health.reachable.store(true, Ordering::Relaxed);
-                    positions.push(Position {
-                        partition: d.partition as u32,
-                        offset: d.offset as u64,
-                    });
-                }
-                Ok(Err((e, _))) => return Err(kafka_error("delivering to the brokers", e)),
-                Err(_) => return Err(Error::Closed("the producer was shut down".into())),
-            }
-        }
-        Ok(positions)
+        result
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
@@ -315,6 +345,7 @@ impl EventLog for KafkaLog {
             topic: topic.to_owned(),
             assignment: shared,
             wanted: BTreeMap::new(),
+            seek_from_log_start: self.options.seek_from_log_start,
         }))
     }
 
@@ -342,11 +373,79 @@ impl EventLog for KafkaLog {
             topic: topic.to_owned(),
             assignment: shared,
             wanted: BTreeMap::new(),
+            seek_from_log_start: self.options.seek_from_log_start,
         }))
     }
 
     fn is_ready(&self) -> bool {
         self.health.reachable.load(Ordering::Relaxed)
+    }
+}
+
+impl KafkaLog {
+    async fn append_with(
+        &self,
+        producer: &FutureProducer<HealthContext>,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<Position>> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for r in &records {
+            let mut message: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(&r.payload);
+            if let Some(k) = &r.key {
+                message = message.key(k.as_slice());
+            }
+            match producer.send_result(message) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => return Err(kafka_error("queueing for the brokers", e)),
+            }
+        }
+        self.await_acknowledgements(deliveries).await
+    }
+
+    async fn await_acknowledgements(
+        &self,
+        deliveries: Vec<rdkafka::producer::DeliveryFuture>,
+    ) -> Result<Vec<Position>> {
+        let acknowledged = tokio::time::timeout(
+            self.options.append_timeout + Duration::from_millis(500),
+            futures::future::join_all(deliveries),
+        )
+        .await
+        .map_err(|_| {
+            Error::Busy(format!(
+                "not acknowledged by the brokers within {:?}",
+                self.options.append_timeout
+            ))
+        })?;
+        let mut positions = Vec::with_capacity(acknowledged.len());
+        for a in acknowledged {
+            match a {
+                Ok(Ok(d)) => {
+                    self.health.reachable.store(true, Ordering::Relaxed);
+                    positions.push(Position {
+                        partition: d.partition as u32,
+                        offset: d.offset as u64,
+                    });
+                }
+                Ok(Err((e, _))) => {
+                    if matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            RDKafkaErrorCode::ProducerFenced
+                                | RDKafkaErrorCode::InvalidProducerEpoch
+                                | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                                | RDKafkaErrorCode::UnknownProducerId
+                        )
+                    ) {
+                        self.producer_unusable.store(true, Ordering::Relaxed);
+                    }
+                    return Err(kafka_error("delivering to the brokers", e));
+                }
+                Err(_) => return Err(Error::Closed("the producer was shut down".into())),
+            }
+        }
+        Ok(positions)
     }
 }
 
@@ -396,6 +495,8 @@ struct KafkaSubscription {
     assignment: Arc<Assignment>,
     /// The next offset the caller asked for per partition: records before it are not delivered.
     wanted: BTreeMap<u32, u64>,
+    /// See [`KafkaLogOptions::seek_from_log_start`].
+    seek_from_log_start: bool,
 }
 
 impl KafkaSubscription {
@@ -434,11 +535,15 @@ impl Subscription for KafkaSubscription {
         let topic = self.topic.clone();
         // best effort: librdkafka refuses seeks before its fetcher starts; what arrives before
         // the wanted offset is dropped above, and our commits never run ahead of the tables
-        let sought = tokio::task::spawn_blocking(move || {
-            consumer.seek(&topic, partition as i32, Offset::Offset(offset as i64), BROKER_REQUEST)
-        })
-        .await
-        .map_err(|e| Error::Closed(e.to_string()))?;
+        let target = if self.seek_from_log_start {
+            Offset::Beginning
+        } else {
+            Offset::Offset(offset as i64)
+        };
+        let sought =
+            tokio::task::spawn_blocking(move || consumer.seek(&topic, partition as i32, target, BROKER_REQUEST))
+                .await
+                .map_err(|e| Error::Closed(e.to_string()))?;
         if let Err(e) = sought {
             tracing::debug!(partition, offset, error = %e, "kafka seek deferred; records before it are skipped");
         }
@@ -471,14 +576,12 @@ impl Subscription for KafkaSubscription {
                 Ok(Ok((partition, offset, payload))) => {
                     self.deliver(partition, offset, payload.as_deref(), &mut out);
                 }
+                // consumer errors are the brokers' or the network's trouble of the moment (librdkafka
+                // reconnects and refetches by itself): say so and go on, never stop the processor
                 Ok(Err(e)) => {
-                    let error = kafka_error("reading", e);
-                    if matches!(error, Error::Busy(_)) {
-                        tracing::warn!(%error, "kafka read failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        break;
-                    }
-                    return Err(error);
+                    tracing::warn!(error = %e, topic = %self.topic, "kafka read failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    break;
                 }
             }
         }

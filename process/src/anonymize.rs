@@ -104,6 +104,18 @@ pub struct Anonymizer {
 #[error("{0}")]
 pub struct Unprocessable(pub String);
 
+/// Why an envelope did not become a row now.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotAnonymized {
+    /// It never can: the reason goes to the dead-letter topic.
+    #[error("{0}")]
+    Unprocessable(#[from] Unprocessable),
+    /// The daily key store cannot be reached now (a broker outage): try again later, and
+    /// never dead-letter the event for it.
+    #[error("daily key store unavailable: {0}")]
+    KeysUnavailable(String),
+}
+
 fn primary_language(header: &str) -> Option<String> {
     let first = header.split(',').next()?.split(';').next()?.trim();
     let primary = first.split(['-', '_']).next()?.to_ascii_lowercase();
@@ -165,7 +177,7 @@ impl Anonymizer {
 
     /// Anonymizes one envelope; `None` when it must not be stored (analytics refused or opted out).
     /// The envelope's IP and ids are read here and nowhere after.
-    pub fn anonymize(&mut self, env: &Envelope) -> Result<Option<AnonymousEvent>, Unprocessable> {
+    pub fn anonymize(&mut self, env: &Envelope) -> Result<Option<AnonymousEvent>, NotAnonymized> {
         let ev = &env.event;
         let event_id = ev
             .event_id
@@ -220,7 +232,7 @@ impl Anonymizer {
             Some(cookie) => match self.daily_keys.key_for(date) {
                 Ok(key) => Some(visitor_key(&key, cookie)),
                 Err(marsad_privacy::Error::KeyDestroyed { .. }) => None,
-                Err(e) => return Err(Unprocessable(format!("daily key: {e}"))),
+                Err(e) => return Err(NotAnonymized::KeysUnavailable(e.to_string())),
             },
             None => None,
         };

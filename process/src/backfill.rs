@@ -252,7 +252,12 @@ pub async fn backfill(
                         report.duplicates += 1;
                     }
                 }
-                Err(_) => report.unprocessable += 1,
+                Err(crate::anonymize::NotAnonymized::KeysUnavailable(why)) => {
+                    return Err(refused(format!(
+                        "the daily key store is unavailable ({why}); try again"
+                    )));
+                }
+                Err(crate::anonymize::NotAnonymized::Unprocessable(_)) => report.unprocessable += 1,
             }
         }
         progress(Progress::Reading {

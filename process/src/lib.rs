@@ -60,6 +60,9 @@ pub enum Error {
     /// A privacy mechanism (keys, GeoIP) failed.
     #[error("privacy: {0}")]
     Privacy(#[from] marsad_privacy::Error),
+    /// Asked to stop while waiting for a resource (the daily key store).
+    #[error("stopped while waiting")]
+    Interrupted,
     /// A backfill was asked for something it must not or cannot do.
     #[error("backfill refused: {0}")]
     BackfillRefused(String),

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Result;
-use crate::anonymize::Anonymizer;
+use crate::anonymize::{Anonymizer, NotAnonymized};
 use crate::batch::EventsBatchBuilder;
 use crate::dead_letters::{self, DeadLetter};
 use crate::dedup::RecentEventIds;
@@ -54,6 +54,8 @@ pub struct Processor {
     tables_dir: PathBuf,
     rollups: Option<Rollups>,
     crash: Option<(usize, CrashPoint)>,
+    /// Cancelled when the processor is asked to stop (ends a wait for the key store).
+    stopping: CancellationToken,
 }
 
 impl Processor {
@@ -96,6 +98,7 @@ impl Processor {
             tables_dir: config.tables_dir(),
             rollups: None,
             crash: None,
+            stopping: CancellationToken::new(),
         })
     }
 
@@ -108,6 +111,7 @@ impl Processor {
 
     /// Processes until `shutdown`, committing what is buffered before returning.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<()> {
+        self.stopping = shutdown.clone();
         let sub = self.log.subscribe(TOPIC_RAW, CONSUMER_GROUP).await?;
         let (chunks_tx, mut chunks) = mpsc::channel(CHANNEL_CHUNKS);
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
@@ -197,6 +201,11 @@ impl Processor {
         };
         reader_stop.cancel();
         let _ = reader.await;
+        // stopped while waiting for the key store: what was handled is committed above
+        let result = match result {
+            Err(crate::Error::Interrupted) => Ok(()),
+            other => other,
+        };
         result.and(flushed)
     }
 
@@ -256,12 +265,33 @@ impl Processor {
         pending: &mut BTreeMap<u32, u64>,
     ) -> Result<()> {
         let mut dead = Vec::new();
-        tokio::task::block_in_place(|| {
+        let handled = tokio::task::block_in_place(|| {
             for rec in records {
+                let row = match Envelope::from_bytes(&rec.payload) {
+                    Err(e) => Err(e.to_string()),
+                    Ok(env) => {
+                        let mut waited = 0u32;
+                        loop {
+                            match self.anonymizer.anonymize(&env) {
+                                // hold the event (and what follows) until the keys are back
+                                Err(NotAnonymized::KeysUnavailable(why)) => {
+                                    if self.stopping.is_cancelled() {
+                                        return Err(crate::Error::Interrupted);
+                                    }
+                                    if waited.is_multiple_of(10) {
+                                        tracing::warn!(reason = %why, waited_s = waited, "daily key store unavailable; holding events until it is back");
+                                    }
+                                    waited += 1;
+                                    std::thread::sleep(Duration::from_secs(1));
+                                }
+                                Err(NotAnonymized::Unprocessable(u)) => break Err(u.0),
+                                Ok(row) => break Ok(row),
+                            }
+                        }
+                    }
+                };
+                // decided: its position may now be committed
                 pending.insert(rec.position.partition, rec.position.offset);
-                let row = Envelope::from_bytes(&rec.payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|env| self.anonymizer.anonymize(&env).map_err(|e| e.0));
                 match row {
                     Ok(None) => {
                         self.metrics.not_collected.inc();
@@ -280,13 +310,14 @@ impl Processor {
                     }),
                 }
             }
+            Ok(())
         });
         if !dead.is_empty() {
             tracing::warn!(count = dead.len(), first_reason = %dead[0].reason, "sending unprocessable events to the dead-letter topic");
             dead_letters::send(self.log.as_ref(), &dead).await?;
             self.metrics.dead_letters.inc_by(dead.len() as u64);
         }
-        Ok(())
+        handled
     }
 
     async fn flush(
