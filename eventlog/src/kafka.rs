@@ -329,52 +329,26 @@ impl EventLog for KafkaLog {
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
-        let shared = Arc::new(Assignment::default());
-        let consumer: StreamConsumer<GroupContext> = self
-            .options
-            .consumer(group)
-            .create_with_context(GroupContext {
-                assignment: shared.clone(),
-            })
-            .map_err(|e| Error::Closed(format!("kafka consumer: {e}")))?;
-        consumer
+        let sub = self.subscription(topic, group)?;
+        sub.consumer
             .subscribe(&[topic])
             .map_err(|e| kafka_error("subscribing", e))?;
-        Ok(Box::new(KafkaSubscription {
-            consumer: Arc::new(consumer),
-            topic: topic.to_owned(),
-            assignment: shared,
-            wanted: BTreeMap::new(),
-            seek_from_log_start: self.options.seek_from_log_start,
-        }))
+        Ok(Box::new(sub))
     }
 
     async fn read_all(&self, topic: &str) -> Result<Box<dyn Subscription>> {
         let partitions = self.partitions(topic).await?;
-        let shared = Arc::new(Assignment::default());
-        let consumer: StreamConsumer<GroupContext> = self
-            .options
-            .consumer(&format!("marsad-reader-{}", std::process::id()))
-            .create_with_context(GroupContext {
-                assignment: shared.clone(),
-            })
-            .map_err(|e| Error::Closed(format!("kafka consumer: {e}")))?;
+        let sub = self.subscription(topic, &format!("marsad-reader-{}", std::process::id()))?;
         let mut tpl = TopicPartitionList::new();
         for &p in &partitions {
             tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
                 .map_err(|e| kafka_error("assigning", e))?;
         }
-        consumer.assign(&tpl).map_err(|e| kafka_error("assigning", e))?;
-        if let Ok(mut a) = shared.partitions.lock() {
+        sub.consumer.assign(&tpl).map_err(|e| kafka_error("assigning", e))?;
+        if let Ok(mut a) = sub.assignment.partitions.lock() {
             a.extend(partitions.iter().copied());
         }
-        Ok(Box::new(KafkaSubscription {
-            consumer: Arc::new(consumer),
-            topic: topic.to_owned(),
-            assignment: shared,
-            wanted: BTreeMap::new(),
-            seek_from_log_start: self.options.seek_from_log_start,
-        }))
+        Ok(Box::new(sub))
     }
 
     fn is_ready(&self) -> bool {
@@ -383,6 +357,25 @@ impl EventLog for KafkaLog {
 }
 
 impl KafkaLog {
+    /// A consumer of `topic` as `group`, not yet subscribed or assigned.
+    fn subscription(&self, topic: &str, group: &str) -> Result<KafkaSubscription> {
+        let assignment = Arc::new(Assignment::default());
+        let consumer: StreamConsumer<GroupContext> = self
+            .options
+            .consumer(group)
+            .create_with_context(GroupContext {
+                assignment: assignment.clone(),
+            })
+            .map_err(|e| Error::Closed(format!("kafka consumer: {e}")))?;
+        Ok(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            topic: topic.to_owned(),
+            assignment,
+            wanted: BTreeMap::new(),
+            seek_from_log_start: self.options.seek_from_log_start,
+        })
+    }
+
     async fn append_with(
         &self,
         producer: &FutureProducer<HealthContext>,

@@ -106,6 +106,36 @@ impl QueryState {
         }
     }
 
+    /// Runs one read-only statement as `access` allows, within the service's time limit and row
+    /// cap, counting the outcome: how every SQL interface (HTTP, Postgres) runs a query.
+    pub(crate) async fn run_sql(
+        &self,
+        ctx: &datafusion::prelude::SessionContext,
+        statement: &str,
+        params: Option<datafusion::common::ParamValues>,
+        access: sql::Access,
+    ) -> Result<sql::QueryResult, api::ApiError> {
+        let run = sql::run_with_params(ctx, statement, params, self.max_rows, access);
+        match tokio::time::timeout(self.timeout, run).await {
+            Ok(Ok(r)) => {
+                self.metrics.count("ok");
+                Ok(r)
+            }
+            Ok(Err(e)) => {
+                self.metrics.count(if matches!(e, api::ApiError::BadRequest(_)) {
+                    "refused"
+                } else {
+                    "error"
+                });
+                Err(e)
+            }
+            Err(_) => {
+                self.metrics.count("timeout");
+                Err(api::ApiError::Timeout(self.timeout.as_secs()))
+            }
+        }
+    }
+
     /// The audience index this service answers from.
     pub fn audiences(&self) -> Arc<audience::Audiences> {
         self.audiences.clone()

@@ -452,23 +452,7 @@ impl PgService {
         let state = &self.state;
         let grant = Grant::of(client, state.min_cell_visitors)?;
         let ctx = context(state, client, grant).await?;
-        let run = sql::run_with_params(&ctx, sql, params, state.max_rows, grant.access);
-        let result = match tokio::time::timeout(state.timeout, run).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                state.metrics.count(if matches!(e, ApiError::BadRequest(_)) {
-                    "refused"
-                } else {
-                    "error"
-                });
-                return Err(pg_error(e));
-            }
-            Err(_) => {
-                state.metrics.count("timeout");
-                return Err(pg_error(ApiError::Timeout(state.timeout.as_secs())));
-            }
-        };
-        state.metrics.count("ok");
+        let result = state.run_sql(&ctx, sql, params, grant.access).await.map_err(pg_error)?;
         let mut notices = Vec::new();
         if result.withheld > 0 {
             notices.push(format!(

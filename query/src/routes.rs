@@ -56,23 +56,7 @@ pub async fn post_sql(
         tracing::error!(error = %e, "could not open the tables");
         ApiError::Internal
     })?;
-    let run = sql::run(&ctx, &req.sql, state.max_rows, access);
-    let result = match tokio::time::timeout(state.timeout, run).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            state.metrics.count(if matches!(e, ApiError::BadRequest(_)) {
-                "refused"
-            } else {
-                "error"
-            });
-            return Err(e);
-        }
-        Err(_) => {
-            state.metrics.count("timeout");
-            return Err(ApiError::Timeout(state.timeout.as_secs()));
-        }
-    };
-    state.metrics.count("ok");
+    let result = state.run_sql(&ctx, &req.sql, None, access).await?;
     let bytes = sql::render(&result, format)?;
     Ok((
         [
