@@ -108,11 +108,11 @@ fn pii_in_every_form_never_reaches_a_table() -> Result<()> {
     assert!(clean, "audit found personal data:\n{report}");
     assert!(report.contains(" 0 findings"), "{report}");
     let values = parquet_strings(&data.join("tables"))?;
-    assert!(
-        values
-            .iter()
-            .all(|(_, _, v)| !v.contains('@') && !v.contains("ck-pii") && !v.contains("usr-pii"))
-    );
+    let leaks: Vec<_> = values
+        .iter()
+        .filter(|(_, _, v)| looks_like_email(v) || v.contains("ck-pii") || v.contains("usr-pii"))
+        .collect();
+    assert!(leaks.is_empty(), "personal data in table files: {leaks:?}");
 
     // the audit can fail: a file that leaks an e-mail and a raw cookie id is caught
     let schema = Arc::new(arrow::datatypes::Schema::new(vec![arrow::datatypes::Field::new(
@@ -279,4 +279,19 @@ fn erasure_removes_the_subject_everywhere_and_nothing_else() -> Result<()> {
     let resp = client.delete(format!("{}/v1/subjects?cookie_id=x", m.query)).send()?;
     assert_eq!(resp.status().as_u16(), 401);
     Ok(())
+}
+
+/// An `@` between a local part and a dotted domain, the shape every e-mail the test sends has.
+fn looks_like_email(value: &str) -> bool {
+    let chars: Vec<char> = value.chars().collect();
+    chars.iter().enumerate().any(|(i, c)| {
+        *c == '@'
+            && i > 0
+            && chars[i - 1].is_alphanumeric()
+            && chars.get(i + 1).is_some_and(|c| c.is_alphanumeric())
+            && chars[i + 1..]
+                .iter()
+                .take_while(|c| !c.is_whitespace())
+                .any(|c| *c == '.')
+    })
 }

@@ -225,7 +225,8 @@ impl Drop for Marsad {
     }
 }
 
-/// Every string and binary value of every Parquet file under `dir`, as (file, column, value).
+/// Every text value (and every binary value that is valid UTF-8) of every Parquet file under `dir`,
+/// as (file, column, value).
 pub fn parquet_strings(dir: &Path) -> Result<Vec<(String, String, String)>> {
     use arrow::array::AsArray;
     use arrow::datatypes::DataType;
@@ -244,17 +245,19 @@ pub fn parquet_strings(dir: &Path) -> Result<Vec<(String, String, String)>> {
                     DataType::Utf8 => col.as_string::<i32>().iter().flatten().map(str::to_owned).collect(),
                     DataType::LargeUtf8 => col.as_string::<i64>().iter().flatten().map(str::to_owned).collect(),
                     DataType::Utf8View => col.as_string_view().iter().flatten().map(str::to_owned).collect(),
+                    // text kept as bytes is still text; opaque bytes (sketches) are not, and their
+                    // random bytes would match any short pattern now and then
                     DataType::Binary => col
                         .as_binary::<i32>()
                         .iter()
                         .flatten()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .filter_map(|b| std::str::from_utf8(b).ok().map(str::to_owned))
                         .collect(),
                     DataType::BinaryView => col
                         .as_binary_view()
                         .iter()
                         .flatten()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .filter_map(|b| std::str::from_utf8(b).ok().map(str::to_owned))
                         .collect(),
                     _ => continue,
                 };
