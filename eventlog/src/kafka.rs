@@ -373,6 +373,7 @@ impl KafkaLog {
             assignment,
             wanted: BTreeMap::new(),
             seek_from_log_start: self.options.seek_from_log_start,
+            pending_seeks: BTreeSet::new(),
         })
     }
 
@@ -490,13 +491,22 @@ struct KafkaSubscription {
     wanted: BTreeMap<u32, u64>,
     /// See [`KafkaLogOptions::seek_from_log_start`].
     seek_from_log_start: bool,
+    /// Partitions whose seek librdkafka refused (its fetcher had not started yet): their records
+    /// are dropped, and the seek tried again on every poll until it is taken.
+    pending_seeks: BTreeSet<u32>,
 }
 
 impl KafkaSubscription {
     fn deliver(&mut self, partition: u32, offset: u64, payload: Option<&[u8]>, out: &mut Vec<Delivered>) {
+        // fetched from wherever the consumer started, before our seek took effect: the records
+        // between the wanted offset and this one would never be delivered
+        if self.pending_seeks.contains(&partition) {
+            return;
+        }
         if self.wanted.get(&partition).is_some_and(|w| offset < *w) {
             return;
         }
+
         self.wanted.insert(partition, offset + 1);
         // tombstones (compacted topics) carry no payload: nothing to hand over
         if let Some(payload) = payload {
@@ -524,26 +534,15 @@ impl Subscription for KafkaSubscription {
 
     async fn seek(&mut self, partition: u32, offset: u64) -> Result<()> {
         self.wanted.insert(partition, offset);
-        let consumer = self.consumer.clone();
-        let topic = self.topic.clone();
-        // best effort: librdkafka refuses seeks before its fetcher starts; what arrives before
-        // the wanted offset is dropped above, and our commits never run ahead of the tables
-        let target = if self.seek_from_log_start {
-            Offset::Beginning
-        } else {
-            Offset::Offset(offset as i64)
-        };
-        let sought =
-            tokio::task::spawn_blocking(move || consumer.seek(&topic, partition as i32, target, BROKER_REQUEST))
-                .await
-                .map_err(|e| Error::Closed(e.to_string()))?;
-        if let Err(e) = sought {
-            tracing::debug!(partition, offset, error = %e, "kafka seek deferred; records before it are skipped");
-        }
-        Ok(())
+        self.pending_seeks.insert(partition);
+        self.retry_seek(partition).await
     }
 
     async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<Delivered>> {
+        let pending: Vec<u32> = self.pending_seeks.iter().copied().collect();
+        for partition in pending {
+            self.retry_seek(partition).await?;
+        }
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + timeout;
         while out.len() < max {
@@ -602,6 +601,42 @@ impl Subscription for KafkaSubscription {
 }
 
 impl KafkaSubscription {
+    /// Seeks `partition` to the wanted offset (or to the log start, see
+    /// [`KafkaLogOptions::seek_from_log_start`]); keeps it pending while librdkafka refuses.
+    ///
+    /// A consumer whose seek came before its fetcher started reads from wherever the group's
+    /// committed offset, the reset policy or its previous fetch position says: possibly past
+    /// the wanted offset (records lost if delivered), possibly inside a record batch (tansu
+    /// then serves nothing). So records of a partition are only delivered once its seek was
+    /// taken; after that librdkafka hands out nothing fetched before it.
+    async fn retry_seek(&mut self, partition: u32) -> Result<()> {
+        if !self.assignment().contains(&partition) {
+            self.pending_seeks.remove(&partition);
+            return Ok(());
+        }
+        let wanted = self.wanted.get(&partition).copied().unwrap_or(0);
+        let target = if self.seek_from_log_start {
+            Offset::Beginning
+        } else {
+            Offset::Offset(wanted as i64)
+        };
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        let sought =
+            tokio::task::spawn_blocking(move || consumer.seek(&topic, partition as i32, target, BROKER_REQUEST))
+                .await
+                .map_err(|e| Error::Closed(e.to_string()))?;
+        match sought {
+            Ok(()) => {
+                self.pending_seeks.remove(&partition);
+            }
+            Err(e) => {
+                tracing::debug!(partition, wanted, error = %e, "kafka seek deferred until the fetcher starts");
+            }
+        }
+        Ok(())
+    }
+
     async fn watermarks(&self, partition: u32) -> Result<(u64, u64)> {
         let consumer = self.consumer.clone();
         let topic = self.topic.clone();
