@@ -267,6 +267,85 @@ fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Resu
     Ok(())
 }
 
+/// A rebalance makes a processor drop what it buffered and read it again; the rows it drops
+/// must count when read again (not be taken for retries of themselves).
+#[test]
+fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
+    let _serial = one_at_a_time();
+    const TOTAL: usize = 20_000;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let cluster = mock_cluster()?;
+    let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let producer = KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?;
+    for chunk in (0..TOTAL).step_by(5_000) {
+        runtime.block_on(producer.append(TOPIC_RAW, envelopes("r", chunk..chunk + 5_000)))?;
+    }
+    // the first processor buffers everything (its first commit is 15 s after its first read)
+    let first_metrics = free_port()?;
+    let env = |metrics: u16| {
+        vec![
+            ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{metrics}")),
+            ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "15000".to_owned()),
+        ]
+    };
+    let first = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p1.log"),
+        &env(first_metrics),
+    )?;
+    let commits_of = |port: u16| -> Result<u64> {
+        let text = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))?.text()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("marsad_process_commits_total")?.trim().parse().ok())
+            .context("no commit count in the metrics")
+    };
+    wait_for("the first processor to read", Duration::from_secs(60), || {
+        Ok(assigned_partitions(&first.output()))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    // a second processor joins: the first gives up two partitions and re-reads the two it keeps
+    let second = Stage::start(
+        &["process"],
+        &config,
+        &data,
+        tmp.path().join("p2.log"),
+        &env(free_port()?),
+    )?;
+    wait_for(
+        "the second processor to own partitions",
+        Duration::from_secs(60),
+        || Ok(assigned_partitions(&second.output())),
+    )?;
+    ensure!(
+        commits_of(first_metrics)? == 0,
+        "the first processor committed before the rebalance: nothing buffered was dropped"
+    );
+    wait_for("every event in Delta", Duration::from_secs(120), || {
+        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= TOTAL as i64)
+    })
+    .with_context(|| {
+        format!(
+            "{}
+---- second:
+{}",
+            first.output(),
+            second.output()
+        )
+    })?;
+    ensure!(
+        count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
+        "every event once"
+    );
+    Ok(())
+}
+
 #[test]
 fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged() -> Result<()> {
     let _serial = one_at_a_time();

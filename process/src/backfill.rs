@@ -158,13 +158,14 @@ pub async fn backfill(
     let partitions = sub.assignment();
     // what each table has counted, per partition: the rebuild covers exactly that
     let mut counted: Vec<HashMap<u32, i64>> = Vec::new();
+    let apps: Vec<(u32, String)> = partitions.iter().map(|&p| (p, app_id(TOPIC_RAW, p))).collect();
+    let app_ids: Vec<String> = apps.iter().map(|(_, a)| a.clone()).collect();
     for sink in &mut sinks {
-        let mut by_partition = HashMap::new();
-        for &p in &partitions {
-            if let Some(c) = sink.committed(&app_id(TOPIC_RAW, p)).await? {
-                by_partition.insert(p, c);
-            }
-        }
+        let committed = sink.committed(&app_ids).await?;
+        let by_partition: HashMap<u32, i64> = apps
+            .iter()
+            .filter_map(|(p, a)| committed.get(a).map(|c| (*p, *c)))
+            .collect();
         counted.push(by_partition);
     }
     let mut end: BTreeMap<u32, i64> = BTreeMap::new();

@@ -45,6 +45,19 @@ impl RecentEventIds {
         }
     }
 
+    /// Forgets the `n` ids remembered last (the buffered batch they belong to was dropped
+    /// uncommitted and will be read again).
+    pub fn forget_newest(&mut self, n: usize) {
+        for _ in 0..n {
+            match self.order.pop_back() {
+                Some(id) => {
+                    self.set.remove(&id);
+                }
+                None => break,
+            }
+        }
+    }
+
     /// Ids remembered.
     pub fn len(&self) -> usize {
         self.set.len()
@@ -70,5 +83,18 @@ mod tests {
         assert!(r.insert("a"), "forgotten after capacity");
         r.remove("a");
         assert!(r.insert("a"));
+    }
+
+    #[test]
+    fn forgets_a_dropped_batch_and_nothing_older() {
+        let mut r = RecentEventIds::new(10);
+        for id in ["old-1", "old-2", "new-1", "new-2"] {
+            assert!(r.insert(id));
+        }
+        r.forget_newest(2);
+        assert!(r.insert("new-1") && r.insert("new-2"), "read again, counted again");
+        assert!(!r.insert("old-1") && !r.insert("old-2"), "committed ids stay");
+        r.forget_newest(100);
+        assert!(r.is_empty());
     }
 }

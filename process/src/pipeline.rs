@@ -2,7 +2,7 @@
 //! the main task anonymizes, batches and commits. A slow commit stops the
 //! reader once the channel is full (backpressure), never buffers without bound.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +48,8 @@ pub struct Processor {
     daily_keys: Arc<dyn DailyKeyStore>,
     key_grace: chrono::Duration,
     dedup: RecentEventIds,
+    /// How many of the ids in `dedup` belong to rows buffered but not yet committed.
+    uncommitted_ids: usize,
     metrics: Arc<ProcessMetrics>,
     batch_max_events: usize,
     batch_interval: Duration,
@@ -92,6 +94,7 @@ impl Processor {
             daily_keys,
             key_grace,
             dedup,
+            uncommitted_ids: 0,
             metrics,
             batch_max_events: config.process.batch_max_events,
             batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
@@ -137,8 +140,7 @@ impl Processor {
                     Some(FromLog::Failed(e)) => break Err(e.into()),
                     Some(FromLog::Assigned(partitions)) => {
                         // whatever was buffered may now be another processor's: drop it, re-read
-                        builder = EventsBatchBuilder::new();
-                        pending.clear();
+                        self.drop_buffered(&mut builder, &mut pending);
                         flush_at = None;
                         match self.take_over(&partitions).await {
                             Ok(from) => {
@@ -181,8 +183,7 @@ impl Processor {
                 Err(e) if e.is_lost_ownership() => {
                     // another processor committed positions of our partitions: it owns them now
                     tracing::warn!(error = %e, "a partition moved to another processor; re-reading positions");
-                    builder = EventsBatchBuilder::new();
-                    pending.clear();
+                    self.drop_buffered(&mut builder, &mut pending);
                     expected.clear();
                     flush_at = None;
                     let _ = commands_tx.send(ToLog::Resync);
@@ -209,15 +210,24 @@ impl Processor {
         result.and(flushed)
     }
 
+    /// Drops the rows buffered since the last commit, and their event ids from the duplicate
+    /// filter: their records will be read again (here or by another processor) and must then
+    /// count, not be taken for retries of themselves.
+    fn drop_buffered(&mut self, builder: &mut EventsBatchBuilder, pending: &mut BTreeMap<u32, u64>) {
+        *builder = EventsBatchBuilder::new();
+        pending.clear();
+        self.dedup.forget_newest(self.uncommitted_ids);
+        self.uncommitted_ids = 0;
+    }
+
     /// Takes over `partitions`: reads the positions the tables recorded, catches the rollups up
     /// with `events`, continues the open sessions; returns where to read each partition from.
     async fn take_over(&mut self, partitions: &[u32]) -> Result<BTreeMap<u32, u64>> {
-        let mut events_positions = HashMap::new();
-        let mut app_ids = Vec::new();
+        let app_ids: Vec<String> = partitions.iter().map(|&p| app_id(TOPIC_RAW, p)).collect();
+        let events_positions = self.table.committed_offsets(&app_ids).await?;
         let mut from = BTreeMap::new();
-        for &partition in partitions {
-            let app = app_id(TOPIC_RAW, partition);
-            let committed = self.table.committed_offset(&app).await?;
+        for (&partition, app) in partitions.iter().zip(&app_ids) {
+            let committed = events_positions.get(app).copied();
             let next = resume_from(committed);
             tracing::info!(
                 partition,
@@ -225,11 +235,7 @@ impl Processor {
                 "resuming from the offset recorded in the events table"
             );
             self.metrics.position.set(next as i64);
-            if let Some(c) = committed {
-                events_positions.insert(app.clone(), c);
-            }
             from.insert(partition, next);
-            app_ids.push(app);
         }
         let mut rollups = Rollups::open(&self.tables_dir, &app_ids).await?;
         let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
@@ -298,6 +304,7 @@ impl Processor {
                     }
                     Ok(Some(row)) => {
                         if self.dedup.insert(&row.event_id) {
+                            self.uncommitted_ids += 1;
                             builder.push(&row);
                         } else {
                             self.metrics.duplicates_dropped.inc();
@@ -344,7 +351,10 @@ impl Processor {
         let mut attempt = 0;
         loop {
             match self.table.append(batch.clone(), &positions).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    self.uncommitted_ids = 0;
+                    break;
+                }
                 Err(e) if e.is_lost_ownership() => return Err(e),
                 Err(e) if attempt < 5 => {
                     attempt += 1;

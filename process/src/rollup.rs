@@ -544,12 +544,7 @@ impl Rollups {
         let mut tables = Vec::new();
         for spec in rollup_specs() {
             let mut sink = DeltaSink::open_or_create(tables_dir, &spec).await?;
-            let mut covered = HashMap::new();
-            for app in app_ids {
-                if let Some(v) = sink.committed(app).await? {
-                    covered.insert(app.clone(), v);
-                }
-            }
+            let covered = sink.committed(app_ids).await?;
             let rollup = new_rollup(spec.name);
             tables.push(RollupTable {
                 sink,

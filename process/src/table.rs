@@ -1,6 +1,7 @@
 //! The Delta tables the processor writes: created on first start, appended to
 //! with the positions each commit covers recorded in the same transaction.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use arrow::array::{Array, StringArray};
@@ -97,15 +98,28 @@ impl DeltaSink {
         }
     }
 
-    /// The last position committed for a `txn` app id, after catching up with other writers.
-    pub async fn committed(&mut self, app_id: &str) -> Result<Option<i64>> {
+    /// The last position committed for each `txn` app id (absent: none yet), read from one
+    /// snapshot after catching up with other writers.
+    ///
+    /// One snapshot for all of them, and the same one the next append builds on: positions read
+    /// across several refreshes could mix an old position with a newer table, and the append's
+    /// conflict check (which only looks at commits after its snapshot) would then let a
+    /// duplicate through.
+    pub async fn committed(&mut self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
         self.table.update_state().await.map_err(|e| self.delta(e))?;
         let log_store = self.table.log_store();
         let snapshot = self.table.snapshot().map_err(|e| self.delta(e))?;
-        snapshot
-            .transaction_version(log_store.as_ref(), app_id)
-            .await
-            .map_err(|e| self.delta(e))
+        let mut committed = HashMap::new();
+        for app_id in app_ids {
+            let version = snapshot
+                .transaction_version(log_store.as_ref(), app_id)
+                .await
+                .map_err(|e| self.delta(e))?;
+            if let Some(v) = version {
+                committed.insert(app_id.clone(), v);
+            }
+        }
+        Ok(committed)
     }
 
     /// Appends `batch` and records `positions` (app id, position) in the same transaction;
@@ -268,9 +282,9 @@ impl EventsTable {
         })
     }
 
-    /// The last raw-log offset committed for a `txn` app id.
-    pub async fn committed_offset(&mut self, app_id: &str) -> Result<Option<i64>> {
-        self.sink.committed(app_id).await
+    /// The last raw-log offset committed for each `txn` app id, from one snapshot.
+    pub async fn committed_offsets(&mut self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
+        self.sink.committed(app_ids).await
     }
 
     /// Appends `batch` and records `positions` (app id, last offset) in the same transaction;
