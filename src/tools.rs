@@ -1,10 +1,14 @@
 //! Operator commands: `marsad audit`, `marsad erase`, `marsad opt-out`, `marsad segments refresh`.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use marsad_eventlog::Followed;
+use marsad_schemas::TOPIC_RAW;
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 
 use crate::cli::StageArgs;
 
@@ -22,8 +26,9 @@ pub struct AuditArgs {
 /// Scans every table file for personal data; fails on any finding.
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
-    let (tables, log) = (config.tables_dir(), config.log_dir());
-    let report = tokio::task::spawn_blocking(move || marsad_query::audit::audit(&tables, &log)).await??;
+    let known = raw_identifiers(&config).await?;
+    let tables = config.tables_dir();
+    let report = tokio::task::spawn_blocking(move || marsad_query::audit::audit(&tables, known)).await??;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -45,6 +50,34 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
         bail!("personal data found in {} places", report.hits.len());
     }
     Ok(())
+}
+
+/// The cookie ids, user ids and IPs of every event the raw log still holds: on the local log
+/// from its segments, on Kafka by reading `marsad.events.raw` to its end.
+async fn raw_identifiers(config: &marsad_config::Config) -> anyhow::Result<HashSet<String>> {
+    if config.eventlog.kind == marsad_config::EventLogKind::Local {
+        let log_dir = config.log_dir();
+        return Ok(tokio::task::spawn_blocking(move || marsad_query::audit::raw_log_identifiers(&log_dir)).await??);
+    }
+    let logs = crate::stages::open_log(config, "audit")?;
+    let mut ids = HashSet::new();
+    let caught_up = CancellationToken::new();
+    let done = caught_up.clone();
+    let mut records = 0u64;
+    let apply = |f: Followed<'_>| match f {
+        Followed::Record(r) => {
+            records += 1;
+            if records.is_multiple_of(100_000) {
+                eprintln!("audit: {records} raw events read from Kafka");
+            }
+            marsad_query::audit::add_identifiers(&r.payload, &mut ids);
+        }
+        Followed::CaughtUp => done.cancel(),
+    };
+    marsad_eventlog::follow(logs.log.as_ref(), TOPIC_RAW, apply, caught_up.cancelled())
+        .await
+        .context("reading the raw events from Kafka")?;
+    Ok(ids)
 }
 
 /// Who a request is about.

@@ -264,6 +264,21 @@ fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Resu
         survivor.matches("kafka partitions assigned").count() >= 2,
         "the survivor was assigned the dead processor's partitions:\n{survivor}"
     );
+
+    // the audit reads the raw ids to look for from the topic: 5,000 cookies and one address
+    let audit = Command::new(marsad_bin())
+        .args(["audit", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let report = String::from_utf8_lossy(&audit.stdout).into_owned();
+    ensure!(
+        audit.status.success() && report.contains("against 5001 identifiers from the raw log: 0 findings"),
+        "{report}{}",
+        String::from_utf8_lossy(&audit.stderr)
+    );
     Ok(())
 }
 

@@ -88,19 +88,21 @@ pub fn raw_log_identifiers(log_dir: &Path) -> Result<HashSet<String>, AuditError
     let mut segments = Vec::new();
     files(&dir, "log", &mut segments)?;
     for seg in segments {
-        marsad_eventlog::scan_segment(&seg, |payload| {
-            if let Ok(env) = Envelope::from_bytes(payload) {
-                ids.extend(env.event.cookie_id);
-                ids.extend(env.event.user_id);
-                ids.extend(env.client_ip.map(|i| i.to_string()));
-            }
-        })
-        .map_err(|e| AuditError {
+        marsad_eventlog::scan_segment(&seg, |payload| add_identifiers(payload, &mut ids)).map_err(|e| AuditError {
             path: seg.clone(),
             reason: e.to_string(),
         })?;
     }
     Ok(ids)
+}
+
+/// Adds the cookie id, user id and IP of a raw-log record (an envelope) to `ids`.
+pub fn add_identifiers(payload: &[u8], ids: &mut HashSet<String>) {
+    if let Ok(env) = Envelope::from_bytes(payload) {
+        ids.extend(env.event.cookie_id);
+        ids.extend(env.event.user_id);
+        ids.extend(env.client_ip.map(|i| i.to_string()));
+    }
 }
 
 fn classify(value: &str, known: &HashSet<String>) -> Option<&'static str> {
@@ -127,9 +129,9 @@ fn redact(v: &str) -> String {
     format!("{head}… ({} chars)", v.chars().count())
 }
 
-/// Scans every table file under `tables_dir` for personal data.
-pub fn audit(tables_dir: &Path, log_dir: &Path) -> Result<AuditReport, AuditError> {
-    let known = raw_log_identifiers(log_dir)?;
+/// Scans every table file under `tables_dir` for personal data, and for the `known`
+/// identifiers of the raw log ([`raw_log_identifiers`] on the local log).
+pub fn audit(tables_dir: &Path, known: HashSet<String>) -> Result<AuditReport, AuditError> {
     let mut report = AuditReport {
         known_identifiers: known.len(),
         ..AuditReport::default()
@@ -163,17 +165,19 @@ pub fn audit(tables_dir: &Path, log_dir: &Path) -> Result<AuditReport, AuditErro
                     DataType::Utf8 => col.as_string::<i32>().iter().flatten().map(str::to_owned).collect(),
                     DataType::LargeUtf8 => col.as_string::<i64>().iter().flatten().map(str::to_owned).collect(),
                     DataType::Utf8View => col.as_string_view().iter().flatten().map(str::to_owned).collect(),
+                    // bytes that are text are read as text; opaque bytes (HLL sketches) are
+                    // hashes, and their random bytes would now and then look like an address
                     DataType::Binary => col
                         .as_binary::<i32>()
                         .iter()
                         .flatten()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .filter_map(|b| std::str::from_utf8(b).ok().map(str::to_owned))
                         .collect(),
                     DataType::BinaryView => col
                         .as_binary_view()
                         .iter()
                         .flatten()
-                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .filter_map(|b| std::str::from_utf8(b).ok().map(str::to_owned))
                         .collect(),
                     _ => continue,
                 };
