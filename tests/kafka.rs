@@ -8,7 +8,6 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -177,6 +176,60 @@ fn mock_cluster() -> Result<MockCluster<'static, rdkafka::producer::DefaultProdu
     Ok(cluster)
 }
 
+/// A mock cluster with Marsad's topics, a config and data dir for it, and a producer.
+struct OnMockCluster {
+    tmp: tempfile::TempDir,
+    data: PathBuf,
+    config: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    producer: KafkaLog,
+    // dropped last: the producer and the stages talk to it
+    _cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+}
+
+impl OnMockCluster {
+    fn new() -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let cluster = mock_cluster()?;
+        Ok(OnMockCluster {
+            data: tmp.path().join("data"),
+            config: kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?,
+            runtime: tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?,
+            producer: KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?,
+            _cluster: cluster,
+            tmp,
+        })
+    }
+
+    /// Appends page views `{prefix}-{i}` for `range` to the raw topic, 5,000 at a time.
+    fn produce(&self, prefix: &str, range: std::ops::Range<usize>) -> Result<()> {
+        for chunk in range.clone().step_by(5_000) {
+            let end = (chunk + 5_000).min(range.end);
+            self.runtime
+                .block_on(self.producer.append(TOPIC_RAW, envelopes(prefix, chunk..end)))?;
+        }
+        Ok(())
+    }
+
+    /// Starts `marsad process` logging to `{name}.log`, with `env`.
+    fn processor(&self, name: &str, env: &[(&str, String)]) -> Result<Stage> {
+        Stage::start(
+            &["process"],
+            &self.config,
+            &self.data,
+            self.tmp.path().join(format!("{name}.log")),
+            env,
+        )
+    }
+
+    fn count(&self, sql: &str) -> Result<i64> {
+        count(&self.config, &self.data, sql)
+    }
+}
+
 fn assigned_partitions(output: &str) -> bool {
     output.contains("kafka partitions assigned")
 }
@@ -194,63 +247,35 @@ fn owns_all(output: &str) -> bool {
 fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Result<()> {
     let _serial = one_at_a_time();
     const TOTAL: usize = 100_000;
-    let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let cluster = mock_cluster()?;
-    let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let producer = Arc::new(KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?);
-
+    let run = OnMockCluster::new()?;
     let metrics = |port: u16| vec![("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{port}"))];
-    let mut first = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p1.log"),
-        &metrics(free_port()?),
-    )?;
-    let second = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p2.log"),
-        &metrics(free_port()?),
-    )?;
+    let mut first = run.processor("p1", &metrics(free_port()?))?;
+    let second = run.processor("p2", &metrics(free_port()?))?;
     wait_for("both processors to own partitions", Duration::from_secs(60), || {
         Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
     })?;
 
     // the first half, then a kill -9 of one processor while the second half streams in
     let half = TOTAL / 2;
-    for chunk in (0..half).step_by(5_000) {
-        runtime.block_on(producer.append(TOPIC_RAW, envelopes("k", chunk..chunk + 5_000)))?;
-    }
+    run.produce("k", 0..half)?;
     wait_for("a third of the events in Delta", Duration::from_secs(120), || {
-        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= (TOTAL / 3) as i64)
+        Ok(run.count("SELECT count(*) FROM events")? >= (TOTAL / 3) as i64)
     })?;
     first.kill_hard()?;
-    for chunk in (half..TOTAL).step_by(5_000) {
-        runtime.block_on(producer.append(TOPIC_RAW, envelopes("k", chunk..chunk + 5_000)))?;
-    }
+    run.produce("k", half..TOTAL)?;
     wait_for("every event in Delta", Duration::from_secs(240), || {
-        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= TOTAL as i64)
+        Ok(run.count("SELECT count(*) FROM events")? >= TOTAL as i64)
     })
     .with_context(|| format!("survivor's log:\n{}", second.output()))?;
     // settle: a late duplicate would show up in the next commits
     std::thread::sleep(Duration::from_secs(3));
+    ensure!(run.count("SELECT count(*) FROM events")? == TOTAL as i64, "exact count");
     ensure!(
-        count(&config, &data, "SELECT count(*) FROM events")? == TOTAL as i64,
-        "exact count"
-    );
-    ensure!(
-        count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
+        run.count("SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
         "no event twice"
     );
     ensure!(
-        count(&config, &data, "SELECT sum(events) FROM traffic_hourly")? == TOTAL as i64,
+        run.count("SELECT sum(events) FROM traffic_hourly")? == TOTAL as i64,
         "the rollups count every event once"
     );
     let survivor = second.output();
@@ -268,9 +293,9 @@ fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Resu
     // the audit reads the raw ids to look for from the topic: 5,000 cookies and one address
     let audit = Command::new(marsad_bin())
         .args(["audit", "--config"])
-        .arg(&config)
+        .arg(&run.config)
         .arg("--data-dir")
-        .arg(&data)
+        .arg(&run.data)
         .env("RUST_LOG", "warn")
         .output()?;
     let report = String::from_utf8_lossy(&audit.stdout).into_owned();
@@ -288,18 +313,8 @@ fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Resu
 fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
     let _serial = one_at_a_time();
     const TOTAL: usize = 20_000;
-    let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let cluster = mock_cluster()?;
-    let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let producer = KafkaLog::connect(KafkaLogOptions::new(cluster.bootstrap_servers()))?;
-    for chunk in (0..TOTAL).step_by(5_000) {
-        runtime.block_on(producer.append(TOPIC_RAW, envelopes("r", chunk..chunk + 5_000)))?;
-    }
+    let run = OnMockCluster::new()?;
+    run.produce("r", 0..TOTAL)?;
     // the first processor buffers everything (its first commit is 15 s after its first read)
     let first_metrics = free_port()?;
     let env = |metrics: u16| {
@@ -308,13 +323,7 @@ fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
             ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "15000".to_owned()),
         ]
     };
-    let first = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p1.log"),
-        &env(first_metrics),
-    )?;
+    let first = run.processor("p1", &env(first_metrics))?;
     let commits_of = |port: u16| -> Result<u64> {
         let text = reqwest::blocking::get(format!("http://127.0.0.1:{port}/metrics"))?.text()?;
         text.lines()
@@ -326,13 +335,7 @@ fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
     })?;
     std::thread::sleep(Duration::from_secs(2));
     // a second processor joins: the first gives up two partitions and re-reads the two it keeps
-    let second = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p2.log"),
-        &env(free_port()?),
-    )?;
+    let second = run.processor("p2", &env(free_port()?))?;
     wait_for(
         "the second processor to own partitions",
         Duration::from_secs(60),
@@ -343,19 +346,11 @@ fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
         "the first processor committed before the rebalance: nothing buffered was dropped"
     );
     wait_for("every event in Delta", Duration::from_secs(120), || {
-        Ok(count(&config, &data, "SELECT count(*) FROM events")? >= TOTAL as i64)
+        Ok(run.count("SELECT count(*) FROM events")? >= TOTAL as i64)
     })
-    .with_context(|| {
-        format!(
-            "{}
----- second:
-{}",
-            first.output(),
-            second.output()
-        )
-    })?;
+    .with_context(|| format!("{}\n---- second:\n{}", first.output(), second.output()))?;
     ensure!(
-        count(&config, &data, "SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
+        run.count("SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
         "every event once"
     );
     Ok(())
