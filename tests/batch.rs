@@ -10,10 +10,10 @@ use chrono::Utc;
 use marsad_config::Config;
 use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions, Record};
 use marsad_process::{ProcessMetrics, Processor};
-use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_RAW};
+use marsad_schemas::TOPIC_RAW;
 use tokio_util::sync::CancellationToken;
 
-use crate::common::marsad_bin;
+use crate::common::{fixture_envelope, marsad_bin};
 
 /// `per_day` page views on each of the days `ages` days ago, over several commits.
 async fn fill(config: &Config, ages: &[i64], per_day: usize) -> Result<usize> {
@@ -47,16 +47,7 @@ async fn fill_with(
                     "event_id": format!("d{age}-{i}"),
                     "ad": {"ad_id": "ad-1", "campaign_id": "cmp-1", "placement": "top"},
                 });
-                let env = Envelope {
-                    v: ENVELOPE_VERSION,
-                    event: serde_json::from_value(event).unwrap_or_else(|e| panic!("fixture: {e}")),
-                    received_at: received,
-                    client_ip: "176.29.1.1".parse().ok(),
-                    user_agent: None,
-                    accept_language: None,
-                    dnt: false,
-                    gpc: false,
-                };
+                let env = fixture_envelope(event, received);
                 Record {
                     key: None,
                     payload: env.to_bytes(),

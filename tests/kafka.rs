@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use chrono::Utc;
 use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, Record};
-use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
+use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
 use rdkafka::mocking::MockCluster;
 
-use crate::common::{free_port, marsad_bin};
+use crate::common::{fixture_envelope, free_port, marsad_bin};
 
 /// The Kafka tests start several debug-built processes each; on a 2-core machine they run one
 /// at a time so a starved broker does not miss heartbeats (a real deployment has the cores).
@@ -149,16 +149,7 @@ fn envelopes(prefix: &str, range: std::ops::Range<usize>) -> Vec<Record> {
                 "cookie_id": format!("c-{}", i % 5_000),
                 "event_id": format!("{prefix}-{i}"),
             });
-            let env = Envelope {
-                v: ENVELOPE_VERSION,
-                event: serde_json::from_value(event).unwrap_or_else(|e| panic!("fixture: {e}")),
-                received_at: Utc::now(),
-                client_ip: "176.29.1.1".parse().ok(),
-                user_agent: None,
-                accept_language: None,
-                dnt: false,
-                gpc: false,
-            };
+            let env = fixture_envelope(event, Utc::now());
             Record {
                 key: Some(env.partition_key()),
                 payload: env.to_bytes(),
@@ -603,34 +594,22 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
             ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{metrics}")),
         ]
     };
-    let ingest = Stage::start(
+    let stage = |args: &[&str], name: &str| -> Result<Stage> {
+        Stage::start(
+            args,
+            &config,
+            &data,
+            tmp.path().join(format!("{name}.log")),
+            &env(free_port()?),
+        )
+    };
+    let ingest = stage(
         &["ingest", "--ingest-addr", &format!("127.0.0.1:{ingest_port}")],
-        &config,
-        &data,
-        tmp.path().join("ingest.log"),
-        &env(free_port()?),
+        "ingest",
     )?;
-    let mut first = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p1.log"),
-        &env(free_port()?),
-    )?;
-    let mut second = Stage::start(
-        &["process"],
-        &config,
-        &data,
-        tmp.path().join("p2.log"),
-        &env(free_port()?),
-    )?;
-    let query = Stage::start(
-        &["query", "--query-addr", &format!("127.0.0.1:{query_port}")],
-        &config,
-        &data,
-        tmp.path().join("query.log"),
-        &env(free_port()?),
-    )?;
+    let mut first = stage(&["process"], "p1")?;
+    let mut second = stage(&["process"], "p2")?;
+    let query = stage(&["query", "--query-addr", &format!("127.0.0.1:{query_port}")], "query")?;
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -670,13 +649,7 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
         }
         if b == BATCHES * 3 / 4 {
             second.stop()?;
-            third = Some(Stage::start(
-                &["process"],
-                &config,
-                &data,
-                tmp.path().join("p3.log"),
-                &env(free_port()?),
-            )?);
+            third = Some(stage(&["process"], "p3")?);
         }
         let ids: Vec<String> = (0..BATCH).map(|i| format!("t-{b}-{i}")).collect();
         let started = Instant::now();

@@ -57,6 +57,21 @@ pub struct Marsad {
     pub log_path: PathBuf,
 }
 
+/// The envelope ingest would write for `event` (JSON), received at `received_at` from a
+/// fixture address in Jordan, without user agent or privacy signals.
+pub fn fixture_envelope(event: Value, received_at: chrono::DateTime<chrono::Utc>) -> marsad_schemas::Envelope {
+    marsad_schemas::Envelope {
+        v: marsad_schemas::ENVELOPE_VERSION,
+        event: serde_json::from_value(event).unwrap_or_else(|e| panic!("fixture event: {e}")),
+        received_at,
+        client_ip: "176.29.1.1".parse().ok(),
+        user_agent: None,
+        accept_language: None,
+        dnt: false,
+        gpc: false,
+    }
+}
+
 pub fn marsad_bin() -> &'static str {
     env!("CARGO_BIN_EXE_marsad")
 }
