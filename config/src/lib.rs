@@ -68,6 +68,8 @@ pub struct Config {
     pub geoip: GeoIpConfig,
     /// Audience segments for the ad system.
     pub audience: AudienceConfig,
+    /// Where the Delta tables live.
+    pub tables: TablesConfig,
 }
 
 impl Default for Config {
@@ -81,6 +83,7 @@ impl Default for Config {
             privacy: PrivacyConfig::default(),
             geoip: GeoIpConfig::default(),
             audience: AudienceConfig::default(),
+            tables: TablesConfig::default(),
         }
     }
 }
@@ -166,6 +169,7 @@ pub struct EventLogConfig {
     /// Kafka: other librdkafka properties, passed through (`security.protocol`, `sasl.mechanism`,
     /// `ssl.ca.location`, …); passwords come from `MARSAD_SECRET_KAFKA_SASL_PASSWORD` and
     /// `MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD`, never from this file.
+    #[serde(deserialize_with = "settings_as_text")]
     pub kafka: std::collections::BTreeMap<String, String>,
 }
 
@@ -206,6 +210,158 @@ impl Default for EventLogConfig {
             session_timeout_ms: 10_000,
             seek_from_log_start: false,
             kafka: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// Where the Delta tables live (`[tables]`): under the data dir by default, or on object
+/// storage when ingest, process and query run on separate machines.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TablesConfig {
+    /// A directory or an object-store URL (`s3://bucket/prefix`); empty: `<data_dir>/tables`.
+    pub location: String,
+    /// object_store settings for that location (`aws_region`, `aws_endpoint`,
+    /// `aws_allow_http`, …). Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) or the machine's role, never from this file.
+    #[serde(deserialize_with = "settings_as_text")]
+    pub storage: std::collections::BTreeMap<String, String>,
+}
+
+/// Pass-through settings (librdkafka, object_store) are text to the library; TOML and the
+/// environment type `true` or `5` as booleans and numbers, so take any scalar as its text.
+fn settings_as_text<'de, D>(d: D) -> std::result::Result<std::collections::BTreeMap<String, String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Flag(bool),
+        Whole(i64),
+        Real(f64),
+    }
+    let raw = std::collections::BTreeMap::<String, Scalar>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let text = match v {
+                Scalar::Text(t) => t,
+                Scalar::Flag(b) => b.to_string(),
+                Scalar::Whole(n) => n.to_string(),
+                Scalar::Real(x) => x.to_string(),
+            };
+            (k, text)
+        })
+        .collect())
+}
+
+/// The object-store schemes tables can live on (`file` is a local directory).
+pub const TABLE_SCHEMES: [&str; 3] = ["file", "s3", "s3a"];
+
+/// Where the tables are, resolved: the URL every table sits under and the settings to
+/// reach it, so every stage (and every batch job) opens the same tables the same way.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TablesLocation {
+    root: url::Url,
+    storage: std::collections::BTreeMap<String, String>,
+}
+
+impl TablesLocation {
+    /// Tables in the local directory `dir`.
+    pub fn local(dir: &Path) -> Result<Self> {
+        let bad = |reason: String| ConfigError::Invalid {
+            key: "tables.location",
+            reason,
+        };
+        let abs = std::path::absolute(dir).map_err(|e| bad(format!("{}: {e}", dir.display())))?;
+        let root = url::Url::from_directory_path(&abs)
+            .map_err(|_| bad(format!("{}: not a usable directory path", abs.display())))?;
+        Ok(TablesLocation {
+            root,
+            storage: Default::default(),
+        })
+    }
+
+    /// Tables at `location`: an object-store URL, or else a directory.
+    pub fn parse(location: &str, storage: &std::collections::BTreeMap<String, String>) -> Result<Self> {
+        let bad = |reason: String| ConfigError::Invalid {
+            key: "tables.location",
+            reason,
+        };
+        let url = match url::Url::parse(location) {
+            // `C:\…` parses as a URL with scheme `c`; a one-letter scheme is a drive
+            Ok(url) if url.scheme().len() > 1 => url,
+            _ => return Self::local(Path::new(location)),
+        };
+        if !TABLE_SCHEMES.contains(&url.scheme()) {
+            return Err(bad(format!(
+                "`{location}`: tables can live in a directory or on {} (this build has no `{}` support)",
+                TABLE_SCHEMES[1..]
+                    .iter()
+                    .map(|s| format!("{s}://"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                url.scheme()
+            )));
+        }
+        if url.scheme() == "file" {
+            let dir = url
+                .to_file_path()
+                .map_err(|_| bad(format!("`{location}`: not a local path")))?;
+            return Self::local(&dir);
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad(format!("`{location}`: no bucket (expected s3://bucket/prefix)")));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad(format!(
+                "`{location}`: settings go in [tables.storage], not in the URL"
+            )));
+        }
+        let mut root = url;
+        if !root.path().ends_with('/') {
+            let path = format!("{}/", root.path());
+            root.set_path(&path);
+        }
+        Ok(TablesLocation {
+            root,
+            storage: storage.clone(),
+        })
+    }
+
+    /// The URL of table `name` (a directory URL, ending in `/`).
+    pub fn table_url(&self, name: &str) -> url::Url {
+        let mut url = self.root.clone();
+        let path = format!("{}{name}/", self.root.path());
+        url.set_path(&path);
+        url
+    }
+
+    /// The URL all tables sit under.
+    pub fn url(&self) -> &url::Url {
+        &self.root
+    }
+
+    /// The local directory, when the tables are on this machine's file system.
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        (self.root.scheme() == "file")
+            .then(|| self.root.to_file_path().ok())
+            .flatten()
+    }
+
+    /// The object_store settings (credentials are added from the environment by the store).
+    pub fn storage_options(&self) -> std::collections::HashMap<String, String> {
+        self.storage.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+impl std::fmt::Display for TablesLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.local_dir() {
+            Some(dir) => write!(f, "{}", dir.display()),
+            None => write!(f, "{}", self.root),
         }
     }
 }
@@ -664,6 +820,20 @@ impl Config {
                 });
             }
         }
+        if let Some(k) = self.tables.storage.keys().find(|k| {
+            ["secret", "token", "password"]
+                .iter()
+                .any(|s| k.to_ascii_lowercase().contains(s))
+        }) {
+            return Err(ConfigError::Invalid {
+                key: "tables.storage",
+                reason: format!(
+                    "`{k}` is a secret: set it in the environment (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) \
+                     or use the machine's role, never the config file"
+                ),
+            });
+        }
+        self.tables()?;
         for p in &self.privacy.query_allowlist {
             if p.is_empty() || p[..p.len() - 1].contains('*') {
                 return Err(ConfigError::Invalid {
@@ -675,9 +845,13 @@ impl Config {
         Ok(())
     }
 
-    /// Where the tables live.
-    pub fn tables_dir(&self) -> PathBuf {
-        self.data_dir.join("tables")
+    /// Where the tables live: `tables.location`, or `<data_dir>/tables`.
+    pub fn tables(&self) -> Result<TablesLocation> {
+        if self.tables.location.trim().is_empty() {
+            TablesLocation::local(&self.data_dir.join("tables"))
+        } else {
+            TablesLocation::parse(self.tables.location.trim(), &self.tables.storage)
+        }
     }
 
     /// Where the local event log lives.
@@ -809,5 +983,60 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn tables_live_under_the_data_dir_or_on_object_storage() {
+        let c = Config {
+            data_dir: PathBuf::from("/srv/marsad"),
+            ..Config::default()
+        };
+        let local = c.tables().expect("default location");
+        assert_eq!(local.local_dir(), Some(PathBuf::from("/srv/marsad/tables")));
+        assert_eq!(local.table_url("events").as_str(), "file:///srv/marsad/tables/events/");
+
+        Jail::expect_with(|jail| {
+            jail.set_env("MARSAD_TABLES__LOCATION", "s3://kulshi-analytics/marsad");
+            jail.set_env("MARSAD_TABLES__STORAGE__AWS_REGION", "me-south-1");
+            jail.set_env("MARSAD_TABLES__STORAGE__AWS_ALLOW_HTTP", "true");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            let remote = c.tables().map_err(|e| e.to_string())?;
+            assert_eq!(remote.local_dir(), None);
+            assert_eq!(
+                remote.table_url("traffic_hourly").as_str(),
+                "s3://kulshi-analytics/marsad/traffic_hourly/"
+            );
+            assert_eq!(
+                remote.storage_options().get("aws_region").map(String::as_str),
+                Some("me-south-1")
+            );
+            assert_eq!(
+                remote.storage_options().get("aws_allow_http").map(String::as_str),
+                Some("true")
+            );
+            assert_eq!(remote.to_string(), "s3://kulshi-analytics/marsad/");
+            Ok(())
+        });
+        for (location, complaint) in [
+            ("gs://bucket/x", "no `gs` support"),
+            ("s3:///x", "no bucket"),
+            ("s3://bucket/x?region=eu", "[tables.storage]"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env("MARSAD_TABLES__LOCATION", location);
+                let err = Config::load(None).expect_err(location).to_string();
+                assert!(
+                    err.contains("tables.location") && err.contains(complaint),
+                    "{location}: {err}"
+                );
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            jail.set_env("MARSAD_TABLES__STORAGE__AWS_SECRET_ACCESS_KEY", "x");
+            let err = Config::load(None).expect_err("secret in config").to_string();
+            assert!(err.contains("tables.storage") && err.contains("environment"), "{err}");
+            Ok(())
+        });
     }
 }
