@@ -131,13 +131,9 @@ async fn build_data(config: &Config, events: u64) -> Result<()> {
     }
     stop.cancel();
     run.await??;
-    let summary = marsad_process::segments::refresh(
-        &config.tables_dir(),
-        &config.audience,
-        &Default::default(),
-        |_, _, _| {},
-    )
-    .await?;
+    let summary =
+        marsad_process::segments::refresh(&config.tables()?, &config.audience, &Default::default(), |_, _, _| {})
+            .await?;
     eprintln!(
         "data: {events} events over 30 days, processed with rollups in {:.1} s; segments {:?}",
         started.elapsed().as_secs_f64(),
@@ -280,7 +276,7 @@ async fn open_loop(base: &str, path: &str, key: &str, rate: u64, seconds: u64) -
 }
 
 async fn dashboard_question(config: &Config) -> Result<(f64, f64, usize)> {
-    let catalog = marsad_query::TableCatalog::new(config.tables_dir());
+    let catalog = marsad_query::TableCatalog::new(config.tables()?);
     let since = (Utc::now() - chrono::Duration::days(30)).format("%Y-%m-%dT%H:%M:%SZ");
     let rollup = format!(
         "SELECT country, device_type, sum(events) FILTER (WHERE event_type = 'page_view') AS page_views, \
@@ -324,7 +320,7 @@ fn main() -> Result<()> {
         "after compaction (one row per key)",
     ] {
         if stage.starts_with("after") {
-            let done = runtime.block_on(marsad_process::rollup::compact(&config.tables_dir(), 2))?;
+            let done = runtime.block_on(marsad_process::rollup::compact(&config.tables()?, 2))?;
             eprintln!(
                 "compacted {} dates: {} rows -> {}",
                 done.len(),

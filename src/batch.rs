@@ -99,7 +99,7 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let config = args.stage.config()?;
-    let catalog = marsad_query::TableCatalog::new(config.tables_dir());
+    let catalog = marsad_query::TableCatalog::new(config.tables()?);
     let ctx = catalog.session().await?;
     let result = marsad_query::sql::run(&ctx, &statement, 1 << 40, marsad_query::sql::Access::Everything).await;
     bar.finish_and_clear();
@@ -191,10 +191,10 @@ pub async fn compact(args: CompactArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
     let started = Instant::now();
     let bar = spinner("merging partial rollup rows…");
-    let merged = marsad_process::rollup::compact(&config.tables_dir(), 2).await?;
+    let merged = marsad_process::rollup::compact(&config.tables()?, 2).await?;
     let before: usize = merged.iter().map(|m| m.rows_before).sum();
     let after: usize = merged.iter().map(|m| m.rows_after).sum();
-    let files = marsad_process::maintenance::compact_files(&config.tables_dir(), args.target_file_mb << 20, |t| {
+    let files = marsad_process::maintenance::compact_files(&config.tables()?, args.target_file_mb << 20, |t| {
         bar.set_message(format!("rewriting small files of {t}…"))
     })
     .await?;
@@ -235,7 +235,7 @@ pub async fn retention(args: RetentionArgs) -> anyhow::Result<()> {
     let cutoff = chrono::Utc::now().date_naive() - chrono::Duration::days(i64::from(args.keep_days) - 1);
     let started = Instant::now();
     let bar = spinner("deleting old dates…");
-    let done = marsad_process::maintenance::apply_retention(&config.tables_dir(), cutoff, |t| {
+    let done = marsad_process::maintenance::apply_retention(&config.tables()?, cutoff, |t| {
         bar.set_message(format!("deleting dates before {cutoff} from {t}…"))
     })
     .await?;

@@ -240,9 +240,10 @@ fn spawn_segment_refresh(
     if config.audience.segments.is_empty() {
         return;
     }
-    let (tables, audience) = (config.tables_dir(), config.audience.clone());
+    let (tables, audience) = (config.tables(), config.audience.clone());
     let every = Duration::from_secs(audience.refresh_interval_secs);
     set.spawn(async move {
+        let tables = tables?;
         let mut next = tokio::time::Instant::now() + Duration::from_secs(30).min(every);
         loop {
             tokio::select! {
@@ -269,9 +270,10 @@ fn spawn_segment_refresh(
 fn spawn_rollup_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
-    let tables = config.tables_dir();
+    let tables = config.tables();
     let every = Duration::from_secs(config.process.rollup_compaction_interval_secs);
     set.spawn(async move {
+        let tables = tables?;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -340,7 +342,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_rollup_compaction(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
-    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))
+    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))?
         .with_metrics_source(Arc::new(move || pm.render()));
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
@@ -454,7 +456,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
-    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log));
+    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log))?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });

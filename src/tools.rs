@@ -27,8 +27,7 @@ pub struct AuditArgs {
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
     let known = raw_identifiers(&config).await?;
-    let tables = config.tables_dir();
-    let report = tokio::task::spawn_blocking(move || marsad_query::audit::audit(&tables, known)).await??;
+    let report = marsad_query::audit::audit(&config.tables()?, known).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -227,7 +226,7 @@ pub async fn refresh_segments(args: StageArgs) -> anyhow::Result<()> {
     );
     bar.set_message("querying events…");
     let started = std::time::Instant::now();
-    let summary = marsad_process::segments::refresh(&config.tables_dir(), &config.audience, &opt_outs, |n, _, s| {
+    let summary = marsad_process::segments::refresh(&config.tables()?, &config.audience, &opt_outs, |n, _, s| {
         bar.set_position(n as u64);
         bar.set_message(format!("{}: {}", s.id, if s.served { "served" } else { "held back" }));
     })

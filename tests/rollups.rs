@@ -184,11 +184,11 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
     log.append(TOPIC_RAW, last).await?;
     run_processor(&config, log.clone(), want, None).await?;
 
-    let catalog = TableCatalog::new(config.tables_dir());
+    let catalog = TableCatalog::new(config.tables()?);
     check_totals(&catalog, records.len() as i64).await?;
 
     // compaction merges the partial rows into one per key; every total stays the same
-    let compacted = marsad_process::rollup::compact(&config.tables_dir(), 2).await?;
+    let compacted = marsad_process::rollup::compact(&config.tables()?, 2).await?;
     assert!(!compacted.is_empty(), "three commits left several files per date");
     for c in &compacted {
         assert!(c.rows_after < c.rows_before, "{c:?}");

@@ -149,10 +149,10 @@ pub async fn backfill(
         }
     }
 
-    let tables_dir = config.tables_dir();
-    let mut sinks = vec![DeltaSink::open_or_create(&tables_dir, &events_spec()).await?];
+    let tables = config.tables()?;
+    let mut sinks = vec![DeltaSink::open_or_create(&tables, &events_spec()).await?];
     for spec in rollup_specs() {
-        sinks.push(DeltaSink::open_or_create(&tables_dir, &spec).await?);
+        sinks.push(DeltaSink::open_or_create(&tables, &spec).await?);
     }
     let mut sub = log.read_all(TOPIC_RAW).await?;
     let partitions = sub.assignment();

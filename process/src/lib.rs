@@ -69,6 +69,9 @@ pub enum Error {
     /// A crash simulated by a test between two commits.
     #[error("simulated crash between commits")]
     SimulatedCrash,
+    /// The tables' location in the configuration is unusable.
+    #[error("{0}")]
+    Location(#[from] marsad_config::ConfigError),
     /// A directory could not be created.
     #[error("{path}: {source}")]
     Io {

@@ -3,14 +3,14 @@
 //! (old dates deleted from every table, and their files removed from storage).
 
 use std::num::NonZeroU64;
-use std::path::Path;
 
 use chrono::NaiveDate;
-use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
+use marsad_config::TablesLocation;
 use marsad_schemas::{DATE_COLUMN, TableName};
 use serde::Serialize;
 
+use crate::table::open_existing;
 use crate::{Error, Result};
 
 /// What compacting one table did.
@@ -37,25 +37,10 @@ pub struct Retained {
     pub files_vacuumed: usize,
 }
 
-async fn open(tables_dir: &Path, name: TableName) -> Result<Option<DeltaTable>> {
-    let dir = tables_dir.join(name.as_str());
-    if !dir.join("_delta_log").is_dir() {
-        return Ok(None);
-    }
-    let url = crate::table::table_url(&dir)?;
-    DeltaTable::try_from_url(url)
-        .await
-        .map(Some)
-        .map_err(|source| Error::Delta {
-            table: name.as_str(),
-            source,
-        })
-}
-
 /// Rewrites small files of every table into files of about `target_bytes` (Delta optimize).
 /// The replaced files stay for time travel until a vacuum past the table's retention.
 pub async fn compact_files(
-    tables_dir: &Path,
+    tables: &TablesLocation,
     target_bytes: u64,
     mut progress: impl FnMut(&'static str),
 ) -> Result<Vec<Compacted>> {
@@ -63,7 +48,7 @@ pub async fn compact_files(
     let mut out = Vec::new();
     for name in TableName::ALL {
         progress(name.as_str());
-        let Some(table) = open(tables_dir, name).await? else {
+        let Some(table) = open_existing(tables, name.as_str()).await? else {
             continue;
         };
         if table.version().is_none() {
@@ -90,14 +75,14 @@ pub async fn compact_files(
 /// Deletes every row dated before `cutoff` from every date-partitioned table and removes
 /// the deleted files from storage at once, so older table versions do not keep them.
 pub async fn apply_retention(
-    tables_dir: &Path,
+    tables: &TablesLocation,
     cutoff: NaiveDate,
     mut progress: impl FnMut(&'static str),
 ) -> Result<Vec<Retained>> {
     let mut out = Vec::new();
     for name in TableName::ALL {
         progress(name.as_str());
-        let Some(table) = open(tables_dir, name).await? else {
+        let Some(table) = open_existing(tables, name.as_str()).await? else {
             continue;
         };
         let delta = |source| Error::Delta {

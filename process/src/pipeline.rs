@@ -3,12 +3,11 @@
 //! reader once the channel is full (backpressure), never buffers without bound.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use marsad_config::Config;
+use marsad_config::{Config, TablesLocation};
 use marsad_eventlog::{Delivered, EventLog, Subscription};
 use marsad_privacy::consent::ConsentDefaults;
 use marsad_privacy::geoip::GeoIp;
@@ -53,7 +52,7 @@ pub struct Processor {
     metrics: Arc<ProcessMetrics>,
     batch_max_events: usize,
     batch_interval: Duration,
-    tables_dir: PathBuf,
+    tables: TablesLocation,
     rollups: Option<Rollups>,
     crash: Option<(usize, CrashPoint)>,
     /// Cancelled when the processor is asked to stop (ends a wait for the key store).
@@ -70,7 +69,8 @@ impl Processor {
     ) -> Result<Self> {
         let key_grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
         let (anonymizer, daily_keys) = anonymizer_from_config(config, opt_outs)?;
-        let table = EventsTable::open_or_create(&config.tables_dir()).await?;
+        let tables = config.tables()?;
+        let table = EventsTable::open_or_create(&tables).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
         let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
         for id in table.event_ids_since(since).await? {
@@ -98,7 +98,7 @@ impl Processor {
             metrics,
             batch_max_events: config.process.batch_max_events,
             batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
-            tables_dir: config.tables_dir(),
+            tables,
             rollups: None,
             crash: None,
             stopping: CancellationToken::new(),
@@ -237,7 +237,7 @@ impl Processor {
             self.metrics.position.set(next as i64);
             from.insert(partition, next);
         }
-        let mut rollups = Rollups::open(&self.tables_dir, &app_ids).await?;
+        let mut rollups = Rollups::open(&self.tables, &app_ids).await?;
         let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
         if caught_up > 0 {
             tracing::info!(

@@ -540,10 +540,10 @@ struct EventsCommit {
 
 impl Rollups {
     /// Opens (or creates) the rollup tables and reads the positions they cover for `app_ids`.
-    pub async fn open(tables_dir: &std::path::Path, app_ids: &[String]) -> Result<Self> {
+    pub async fn open(location: &marsad_config::TablesLocation, app_ids: &[String]) -> Result<Self> {
         let mut tables = Vec::new();
         for spec in rollup_specs() {
-            let mut sink = DeltaSink::open_or_create(tables_dir, &spec).await?;
+            let mut sink = DeltaSink::open_or_create(location, &spec).await?;
             let covered = sink.committed(app_ids).await?;
             let rollup = new_rollup(spec.name);
             tables.push(RollupTable {
@@ -811,10 +811,10 @@ pub struct CompactedDate {
 /// Merges the partial rows of every date partition of the rollup tables that has at least
 /// `min_files` files into one row per key (counts summed, sketches merged), one commit per date.
 /// Safe while the processor runs: rows it appends meanwhile are kept as they are.
-pub async fn compact(tables_dir: &std::path::Path, min_files: usize) -> Result<Vec<CompactedDate>> {
+pub async fn compact(tables: &marsad_config::TablesLocation, min_files: usize) -> Result<Vec<CompactedDate>> {
     let mut done = Vec::new();
     for spec in rollup_specs() {
-        let mut sink = DeltaSink::open_or_create(tables_dir, &spec).await?;
+        let mut sink = DeltaSink::open_or_create(tables, &spec).await?;
         let name = spec.name.as_str();
         for (date, files) in sink.files_per_date()? {
             if files < min_files || chrono::NaiveDate::parse_from_str(&date, "%Y-%m-%d").is_err() {

@@ -140,14 +140,14 @@ fn audience_ids(batches: &[RecordBatch]) -> Result<Vec<String>> {
 
 /// Re-materializes every configured segment; `progress` hears of each as it is done.
 pub async fn refresh(
-    tables_dir: &std::path::Path,
+    tables: &marsad_config::TablesLocation,
     audience: &AudienceConfig,
     opt_outs: &OptOutRegistry,
     mut progress: impl FnMut(usize, usize, &SegmentOutcome),
 ) -> Result<RefreshSummary> {
     let now = Utc::now();
-    let events = DeltaSink::open_or_create(tables_dir, &events_spec()).await?;
-    let mut members_table = DeltaSink::open_or_create(tables_dir, &segment_members_spec()).await?;
+    let events = DeltaSink::open_or_create(tables, &events_spec()).await?;
+    let mut members_table = DeltaSink::open_or_create(tables, &segment_members_spec()).await?;
     let ctx = events.session(None).await?;
     let mut segment_id = StringBuilder::new();
     let mut audience_id = StringBuilder::new();

@@ -2,7 +2,6 @@
 //! with the positions each commit covers recorded in the same transaction.
 
 use std::collections::HashMap;
-use std::path::Path;
 
 use arrow::array::{Array, StringArray};
 use arrow::datatypes::SchemaRef;
@@ -14,24 +13,40 @@ use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use marsad_config::TablesLocation;
 use marsad_schemas::{DATE_COLUMN, TableName, events_schema};
 
 use crate::{Error, Result};
 
-/// The `file://` URL of a table directory (created if missing).
-pub fn table_url(dir: &Path) -> Result<url::Url> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Io {
-        path: dir.into(),
-        source: e,
-    })?;
-    let abs = std::path::absolute(dir).map_err(|e| Error::Io {
-        path: dir.into(),
-        source: e,
-    })?;
-    url::Url::from_directory_path(&abs).map_err(|_| Error::Io {
-        path: abs.clone(),
-        source: std::io::Error::other("not an absolute path"),
-    })
+/// A handle on table `name` at `tables`, not loaded yet (a local directory is created if missing).
+pub fn table_handle(tables: &TablesLocation, name: &'static str) -> Result<DeltaTable> {
+    if let Some(dir) = tables.local_dir() {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir, source: e })?;
+    }
+    DeltaTableBuilder::from_url(tables.table_url(name))
+        .map(|b| b.with_storage_options(tables.storage_options()))
+        .and_then(|b| b.build())
+        .map_err(|source| Error::Delta { table: name, source })
+}
+
+/// Table `name` at its latest version, or `None` when it has no commit yet.
+pub async fn open_existing(tables: &TablesLocation, name: &'static str) -> Result<Option<DeltaTable>> {
+    let delta = |source| Error::Delta { table: name, source };
+    // probe only an existing log: loading an empty location makes the kernel log an error
+    let exists = match tables.local_dir() {
+        Some(dir) => dir.join(name).join("_delta_log").is_dir(),
+        None => true,
+    };
+    if !exists {
+        return Ok(None);
+    }
+    let mut table = table_handle(tables, name)?;
+    if !table.verify_deltatable_existence().await.map_err(delta)? {
+        return Ok(None);
+    }
+    table.load().await.map_err(delta)?;
+    Ok(Some(table))
 }
 
 /// What a table is made of, for creating it on first start.
@@ -54,24 +69,14 @@ pub struct DeltaSink {
 }
 
 impl DeltaSink {
-    /// Opens `<tables_dir>/<name>`, creating it on first start.
-    pub async fn open_or_create(tables_dir: &Path, spec: &TableSpec) -> Result<Self> {
+    /// Opens table `spec.name` at `tables`, creating it on first start.
+    pub async fn open_or_create(tables: &TablesLocation, spec: &TableSpec) -> Result<Self> {
         let name = spec.name.as_str();
         let delta = |source| Error::Delta { table: name, source };
-        let dir = tables_dir.join(name);
-        let url = table_url(&dir)?;
-        // probe only an existing log: probing an empty directory makes the kernel log an error
-        let table = if dir.join("_delta_log").is_dir() {
-            let table = DeltaTable::try_from_url(url.clone()).await.map_err(delta)?;
-            if table.version().is_some() {
-                return Ok(DeltaSink { name, table });
-            }
-            table
-        } else {
-            DeltaTableBuilder::from_url(url.clone())
-                .and_then(|b| b.build())
-                .map_err(delta)?
-        };
+        if let Some(table) = open_existing(tables, name).await? {
+            return Ok(DeltaSink { name, table });
+        }
+        let table = table_handle(tables, name)?;
         let schema: StructType = spec.schema.as_ref().try_into_kernel().map_err(|e| delta(e.into()))?;
         let created = table
             .create()
@@ -84,10 +89,10 @@ impl DeltaSink {
         match created {
             Ok(table) => Ok(DeltaSink { name, table }),
             // another processor created it first
-            Err(_) => Ok(DeltaSink {
-                name,
-                table: DeltaTable::try_from_url(url).await.map_err(delta)?,
-            }),
+            Err(e) => match open_existing(tables, name).await? {
+                Some(table) => Ok(DeltaSink { name, table }),
+                None => Err(delta(e)),
+            },
         }
     }
 
@@ -243,6 +248,10 @@ impl DeltaSink {
             table.load_version(v as _).await.map_err(|e| self.delta(e))?;
         }
         let ctx = SessionContext::new();
+        // an object store (s3://) must be known to the session before it reads the files
+        table
+            .update_datafusion_session(&ctx.state())
+            .map_err(|e| self.delta(e))?;
         let provider = table.table_provider().await.map_err(query)?;
         ctx.register_table(self.name, provider).map_err(query)?;
         Ok(ctx)
@@ -275,10 +284,10 @@ pub struct EventsTable {
 }
 
 impl EventsTable {
-    /// Opens `<tables_dir>/events`, creating it (partitioned by date) on first start.
-    pub async fn open_or_create(tables_dir: &Path) -> Result<Self> {
+    /// Opens the `events` table at `tables`, creating it (partitioned by date) on first start.
+    pub async fn open_or_create(tables: &TablesLocation) -> Result<Self> {
         Ok(EventsTable {
-            sink: DeltaSink::open_or_create(tables_dir, &events_spec()).await?,
+            sink: DeltaSink::open_or_create(tables, &events_spec()).await?,
         })
     }
 

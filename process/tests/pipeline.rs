@@ -39,9 +39,7 @@ fn envelope(event_id: &str) -> Record {
 }
 
 async fn count_events(config: &Config) -> Result<i64> {
-    let url = url::Url::from_directory_path(std::path::absolute(config.tables_dir().join("events"))?)
-        .map_err(|_| "table url")?;
-    let table = deltalake::open_table(url).await?;
+    let table = deltalake::open_table(config.tables()?.table_url("events")).await?;
     let ctx = SessionContext::new();
     ctx.register_table("events", table.table_provider().await?)?;
     let batches = ctx.sql("SELECT count(*) AS n FROM events").await?.collect().await?;

@@ -5,7 +5,6 @@
 //! old, an opt-out must count within a second.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use arrow::array::{Array, StringArray};
@@ -14,6 +13,7 @@ use datafusion::prelude::SessionContext;
 use datasketches::theta::{CompactThetaSketch, ThetaIntersection, ThetaSketchBuilder, ThetaUnionBuilder};
 use deltalake::DeltaTable;
 use futures::StreamExt;
+use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
 use serde::Deserialize;
 
@@ -157,16 +157,16 @@ impl ServedSegment {
 
 /// The current index, swapped atomically on each reload.
 pub struct Audiences {
-    dir: PathBuf,
+    location: TablesLocation,
     current: RwLock<Arc<AudienceIndex>>,
     table: tokio::sync::Mutex<Option<DeltaTable>>,
 }
 
 impl Audiences {
-    /// Serves from `<tables_dir>/segment_members`, empty until the first [`reload`](Self::reload).
-    pub fn new(tables_dir: &Path) -> Self {
+    /// Serves from the `segment_members` table at `location`, empty until the first [`reload`](Self::reload).
+    pub fn new(location: &TablesLocation) -> Self {
         Audiences {
-            dir: tables_dir.join(TableName::SegmentMembers.as_str()),
+            location: location.clone(),
             current: RwLock::new(Arc::new(AudienceIndex::default())),
             table: tokio::sync::Mutex::new(None),
         }
@@ -182,18 +182,14 @@ impl Audiences {
 
     /// Loads `segment_members` if it changed since the last load; returns whether it swapped.
     pub async fn reload(&self) -> Result<bool, IndexError> {
-        if !self.dir.join("_delta_log").is_dir() {
-            return Ok(false);
-        }
         let mut guard = self.table.lock().await;
         if guard.is_none() {
-            let abs = std::path::absolute(&self.dir).map_err(|e| IndexError(e.to_string()))?;
-            let url = url::Url::from_directory_path(&abs).map_err(|_| IndexError("not an absolute path".into()))?;
-            *guard = Some(
-                DeltaTable::try_from_url(url)
-                    .await
-                    .map_err(|e| IndexError(e.to_string()))?,
-            );
+            let name = TableName::SegmentMembers.as_str();
+            match crate::catalog::open_table(&self.location, name).await {
+                Ok(Some(table)) => *guard = Some(table),
+                Ok(None) => return Ok(false),
+                Err(e) => return Err(IndexError(e.to_string())),
+            }
         }
         let Some(table) = guard.as_mut() else {
             return Ok(false);
@@ -232,8 +228,9 @@ async fn load(table: &DeltaTable) -> Result<AudienceIndex, IndexError> {
         _ => None,
     };
     let ctx = SessionContext::new();
-    let provider = table.table_provider().await.map_err(|e| err(&e))?;
-    ctx.register_table("segment_members", provider).map_err(|e| err(&e))?;
+    crate::catalog::register_table(&ctx, "segment_members", table)
+        .await
+        .map_err(|e| err(&e))?;
     let batches = ctx
         .sql("SELECT segment_id, audience_id FROM segment_members")
         .await

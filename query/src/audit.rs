@@ -1,7 +1,7 @@
 //! The PII audit behind `marsad audit`: reads every value of every string and
-//! binary column of every Parquet file under the tables, looking for IP
-//! addresses, e-mail addresses, phone numbers in every digit form, and the raw
-//! cookie and user ids found in the retained raw log.
+//! binary column of every Parquet file at the tables' location (a directory or
+//! object storage), looking for IP addresses, e-mail addresses, phone numbers in
+//! every digit form, and the raw cookie and user ids found in the retained raw log.
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -10,6 +10,9 @@ use std::sync::LazyLock;
 
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
+use deltalake::logstore::object_store::ObjectStoreExt as _;
+use futures::TryStreamExt;
+use marsad_config::TablesLocation;
 use marsad_schemas::{Envelope, TOPIC_RAW};
 use regex::Regex;
 use serde::Serialize;
@@ -18,8 +21,8 @@ use serde::Serialize;
 #[derive(Debug, thiserror::Error)]
 #[error("audit of {path}: {reason}")]
 pub struct AuditError {
-    /// The file.
-    pub path: PathBuf,
+    /// The file (or location).
+    pub path: String,
     /// What failed.
     pub reason: String,
 }
@@ -64,7 +67,7 @@ static HEXISH: LazyLock<Regex> = LazyLock::new(|| {
 
 fn files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), AuditError> {
     let entries = std::fs::read_dir(dir).map_err(|e| AuditError {
-        path: dir.into(),
+        path: dir.display().to_string(),
         reason: e.to_string(),
     })?;
     for entry in entries.flatten() {
@@ -89,7 +92,7 @@ pub fn raw_log_identifiers(log_dir: &Path) -> Result<HashSet<String>, AuditError
     files(&dir, "log", &mut segments)?;
     for seg in segments {
         marsad_eventlog::scan_segment(&seg, |payload| add_identifiers(payload, &mut ids)).map_err(|e| AuditError {
-            path: seg.clone(),
+            path: seg.display().to_string(),
             reason: e.to_string(),
         })?;
     }
@@ -129,34 +132,44 @@ fn redact(v: &str) -> String {
     format!("{head}… ({} chars)", v.chars().count())
 }
 
-/// Scans every table file under `tables_dir` for personal data, and for the `known`
+/// Scans every Parquet file at `tables` for personal data, and for the `known`
 /// identifiers of the raw log ([`raw_log_identifiers`] on the local log).
-pub fn audit(tables_dir: &Path, known: HashSet<String>) -> Result<AuditReport, AuditError> {
+pub async fn audit(tables: &TablesLocation, known: HashSet<String>) -> Result<AuditReport, AuditError> {
     let mut report = AuditReport {
         known_identifiers: known.len(),
         ..AuditReport::default()
     };
-    if !tables_dir.is_dir() {
+    if tables.local_dir().is_some_and(|dir| !dir.is_dir()) {
         return Ok(report);
     }
-    let mut parquet_files = Vec::new();
-    files(tables_dir, "parquet", &mut parquet_files)?;
+    let at = |path: &str, reason: String| AuditError {
+        path: format!("{tables}{path}"),
+        reason,
+    };
+    let store =
+        deltalake::logstore::store_for(tables.url(), tables.storage_options()).map_err(|e| at("", e.to_string()))?;
+    let mut parquet_files: Vec<String> = store
+        .list(None)
+        .map_ok(|meta| meta.location.to_string())
+        .try_filter(|path| std::future::ready(path.ends_with(".parquet")))
+        .try_collect()
+        .await
+        .map_err(|e| at("", e.to_string()))?;
+    parquet_files.sort();
     for file in parquet_files {
-        let err = |reason: String| AuditError {
-            path: file.clone(),
-            reason,
+        let err = |reason: String| at(&file, reason);
+        let table = file.split('/').next().unwrap_or_default().to_owned();
+        let bytes = match store.get(&file.as_str().into()).await {
+            Ok(got) => got.bytes().await.map_err(|e| err(e.to_string()))?,
+            // removed by a vacuum since the listing: nothing left to audit
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(err(e.to_string())),
         };
-        let table = file
-            .strip_prefix(tables_dir)
-            .ok()
-            .and_then(|p| p.components().next())
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let f = std::fs::File::open(&file).map_err(|e| err(e.to_string()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(bytes)
             .and_then(|b| b.build())
             .map_err(|e| err(e.to_string()))?;
         report.files += 1;
+        let file_name = format!("{tables}{file}");
         for batch in reader {
             let batch = batch.map_err(|e| err(e.to_string()))?;
             for (i, field) in batch.schema().fields().iter().enumerate() {
@@ -187,7 +200,7 @@ pub fn audit(tables_dir: &Path, known: HashSet<String>) -> Result<AuditReport, A
                         report.hits.push(AuditHit {
                             table: table.clone(),
                             column: field.name().clone(),
-                            file: file.display().to_string(),
+                            file: file_name.clone(),
                             kind,
                             redacted: redact(&v),
                         });

@@ -1,14 +1,14 @@
-//! The tables a query can see: every Delta table under the tables dir, each
-//! brought up to its latest version when a query starts, so one query reads
-//! one consistent snapshot per table.
+//! The tables a query can see: every Delta table at the tables' location (a
+//! directory or object storage), each brought up to its latest version when a
+//! query starts, so one query reads one consistent snapshot per table.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use deltalake::DeltaTable;
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
 use tokio::sync::Mutex;
 
@@ -22,9 +22,38 @@ pub struct CatalogError {
     pub reason: String,
 }
 
+/// Table `name` at `tables`, at its latest version, or `None` while it has no commit.
+pub async fn open_table(tables: &TablesLocation, name: &str) -> Result<Option<DeltaTable>, DeltaTableError> {
+    // probe a local directory first: loading an empty location makes the kernel log an error
+    if let Some(dir) = tables.local_dir()
+        && !dir.join(name).join("_delta_log").is_dir()
+    {
+        return Ok(None);
+    }
+    let mut table = DeltaTableBuilder::from_url(tables.table_url(name))?
+        .with_storage_options(tables.storage_options())
+        .build()?;
+    if !table.verify_deltatable_existence().await? {
+        return Ok(None);
+    }
+    table.load().await?;
+    Ok(Some(table))
+}
+
+/// Registers `table` in `ctx` as `name`, with its object store (`s3://…`) made known to the session.
+pub async fn register_table(ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<(), String> {
+    table
+        .update_datafusion_session(&ctx.state())
+        .map_err(|e| e.to_string())?;
+    let provider = table.table_provider().await.map_err(|e| e.to_string())?;
+    ctx.deregister_table(name).map_err(|e| e.to_string())?;
+    ctx.register_table(name, provider).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 /// Cached Delta tables, refreshed per query.
 pub struct TableCatalog {
-    dir: PathBuf,
+    location: TablesLocation,
     tables: Mutex<HashMap<&'static str, DeltaTable>>,
     memory_limit: Option<usize>,
 }
@@ -48,10 +77,10 @@ impl TableScope {
 }
 
 impl TableCatalog {
-    /// Tables under `dir`.
-    pub fn new(dir: PathBuf) -> Self {
+    /// Tables at `location`.
+    pub fn new(location: TablesLocation) -> Self {
         TableCatalog {
-            dir,
+            location,
             tables: Mutex::new(HashMap::new()),
             memory_limit: None,
         }
@@ -64,17 +93,30 @@ impl TableCatalog {
     }
 
     /// Where the tables live.
-    pub fn dir(&self) -> PathBuf {
-        self.dir.clone()
+    pub fn location(&self) -> &TablesLocation {
+        &self.location
     }
 
     /// The names of the tables that exist now.
     pub async fn existing(&self) -> Vec<&'static str> {
-        TableName::ALL
-            .iter()
-            .map(|t| t.as_str())
-            .filter(|name| self.dir.join(name).join("_delta_log").is_dir())
-            .collect()
+        let mut tables = self.tables.lock().await;
+        let mut out = Vec::new();
+        for name in TableName::ALL.iter().map(|t| t.as_str()) {
+            if !tables.contains_key(name) {
+                match open_table(&self.location, name).await {
+                    Ok(Some(table)) => {
+                        tables.insert(name, table);
+                    }
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(table = name, error = %e, "table not readable");
+                        continue;
+                    }
+                }
+            }
+            out.push(name);
+        }
+        out
     }
 
     /// A DataFusion session with every existing table registered at its latest version.
@@ -116,22 +158,22 @@ impl TableCatalog {
     /// long-lived session (a Postgres connection) reads what a fresh one would.
     pub async fn refresh(&self, ctx: &SessionContext, scope: TableScope) -> Result<(), CatalogError> {
         let mut tables = self.tables.lock().await;
-        for name in self.existing().await.into_iter().filter(|t| scope.includes(t)) {
+        for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
             let err = |reason: String| CatalogError { table: name, reason };
             if !tables.contains_key(name) {
-                let abs = std::path::absolute(self.dir.join(name)).map_err(|e| err(e.to_string()))?;
-                let url = url::Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?;
-                let table = DeltaTable::try_from_url(url).await.map_err(|e| err(e.to_string()))?;
+                // a table not created yet is looked for again by the next query
+                let Some(table) = open_table(&self.location, name).await.map_err(|e| err(e.to_string()))? else {
+                    continue;
+                };
                 tables.insert(name, table);
+            } else if let Some(table) = tables.get_mut(name) {
+                table.update_incremental(None).await.map_err(|e| err(e.to_string()))?;
             }
-            let Some(table) = tables.get_mut(name) else { continue };
-            table.update_incremental(None).await.map_err(|e| err(e.to_string()))?;
+            let Some(table) = tables.get(name) else { continue };
             if table.version().is_none() {
                 continue;
             }
-            let provider = table.table_provider().await.map_err(|e| err(e.to_string()))?;
-            ctx.deregister_table(name).map_err(|e| err(e.to_string()))?;
-            ctx.register_table(name, provider).map_err(|e| err(e.to_string()))?;
+            register_table(ctx, name, table).await.map_err(err)?;
         }
         Ok(())
     }

@@ -3,14 +3,13 @@
 //! `visitor_key` of every day whose key still exists — and the rewritten files
 //! are vacuumed at once, so older Delta versions do not keep them either.
 
-use std::path::Path;
 use std::time::Instant;
 
 use arrow::array::{Array, Int64Array};
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
-use deltalake::DeltaTable;
 use deltalake::operations::vacuum::VacuumMode;
+use marsad_config::TablesLocation;
 use marsad_privacy::keys::{DailyKeyStore, SecretKey};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
 use marsad_schemas::TableName;
@@ -56,23 +55,9 @@ pub struct ErasureReceipt {
     pub completed_at: DateTime<Utc>,
 }
 
-async fn open(dir: &Path, table: &'static str) -> Result<Option<DeltaTable>, ErasureError> {
-    let err = |reason: String| ErasureError { table, reason };
-    let path = dir.join(table);
-    if !path.join("_delta_log").is_dir() {
-        return Ok(None);
-    }
-    let abs = std::path::absolute(&path).map_err(|e| err(e.to_string()))?;
-    let url = url::Url::from_directory_path(&abs).map_err(|_| err("not an absolute path".into()))?;
-    deltalake::open_table(url)
-        .await
-        .map(Some)
-        .map_err(|e| err(e.to_string()))
-}
-
-/// Deletes every row linkable to `subject` from every table under `tables_dir`.
+/// Deletes every row linkable to `subject` from every table at `location`.
 pub async fn erase_subject(
-    tables_dir: &Path,
+    location: &TablesLocation,
     daily_keys: &dyn DailyKeyStore,
     targeting_key: &SecretKey,
     subject: Subject<'_>,
@@ -94,10 +79,13 @@ pub async fn erase_subject(
     };
     let mut tables = Vec::new();
     for name in TableName::ALL.iter().map(|t| t.as_str()) {
-        let Some(table) = open(tables_dir, name).await? else {
+        let err = |reason: String| ErasureError { table: name, reason };
+        let Some(table) = crate::catalog::open_table(location, name)
+            .await
+            .map_err(|e| err(e.to_string()))?
+        else {
             continue;
         };
-        let err = |reason: String| ErasureError { table: name, reason };
         let columns: Vec<String> = table
             .snapshot()
             .map_err(|e| err(e.to_string()))?
@@ -123,8 +111,7 @@ pub async fn erase_subject(
         let predicate = clauses.join(" OR ");
         // count first: the delete's own metrics may not know the count for whole-file removals
         let ctx = SessionContext::new();
-        let provider = table.table_provider().await.map_err(|e| err(e.to_string()))?;
-        ctx.register_table(name, provider).map_err(|e| err(e.to_string()))?;
+        crate::catalog::register_table(&ctx, name, &table).await.map_err(err)?;
         let batches = ctx
             .sql(&format!("SELECT count(*) FROM {name} WHERE {predicate}"))
             .await

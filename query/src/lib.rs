@@ -48,6 +48,9 @@ pub enum Error {
     /// The server failed while running.
     #[error("query server: {0}")]
     Serve(std::io::Error),
+    /// The tables' location in the configuration is unusable.
+    #[error("{0}")]
+    Location(#[from] marsad_config::ConfigError),
 }
 
 /// Renders extra metrics (e.g. the processor's, when run in one process with `marsad up`).
@@ -84,26 +87,27 @@ pub struct QueryPrivacy {
 }
 
 impl QueryState {
-    /// Builds the state: keys, tables under the data dir, privacy mechanisms.
-    pub fn new(config: &Config, keys: ApiKeys, privacy: QueryPrivacy) -> Self {
-        QueryState {
+    /// Builds the state: keys, the tables at their configured location, privacy mechanisms.
+    pub fn new(config: &Config, keys: ApiKeys, privacy: QueryPrivacy) -> Result<Self, Error> {
+        let tables = config.tables()?;
+        Ok(QueryState {
             privacy: Arc::new(privacy),
             // an erasure waits for the processor to see the opt-out and commit what it buffered
             erasure_settle: Duration::from_millis(config.process.batch_max_interval_ms + 1_000),
             keys: Arc::new(keys),
             catalog: Arc::new(
-                TableCatalog::new(config.tables_dir())
+                TableCatalog::new(tables.clone())
                     .with_memory_limit((config.query.memory_limit_mb as usize).saturating_mul(1 << 20)),
             ),
             max_rows: config.query.max_result_rows,
             timeout: Duration::from_secs(config.query.timeout_secs),
             metrics: Arc::new(QueryMetrics::new()),
             extra_metrics: Vec::new(),
-            audiences: Arc::new(audience::Audiences::new(&config.tables_dir())),
+            audiences: Arc::new(audience::Audiences::new(&tables)),
             audience: Arc::new(config.audience.clone()),
             min_cell_visitors: config.query.min_cell_visitors,
             geoip_attribution: dashboard::geoip_attribution(&config.geoip.databases).into(),
-        }
+        })
     }
 
     /// Runs one read-only statement as `access` allows, within the service's time limit and row

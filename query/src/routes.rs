@@ -189,7 +189,7 @@ pub async fn erase_subject(
     tracing::info!(key = %holder.name, "erasure: opt-out recorded; waiting for the processor to see it");
     tokio::time::sleep(state.erasure_settle).await;
     let receipt = erasure::erase_subject(
-        &state.catalog.dir(),
+        state.catalog.location(),
         privacy.daily_keys.as_ref(),
         &privacy.targeting_key,
         subject,
