@@ -85,6 +85,9 @@ impl DeltaSink {
             .with_columns(schema.fields().cloned())
             .with_partition_columns(spec.partitions.iter().copied())
             .with_save_mode(SaveMode::Ignore)
+            // no retry: a writer that lost the race to create the table must not commit the
+            // schema again as the next version (that would conflict with the winner's appends)
+            .with_commit_properties(CommitProperties::default().with_max_retries(0))
             .await;
         match created {
             Ok(table) => Ok(DeltaSink { name, table }),
