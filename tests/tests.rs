@@ -45,3 +45,6 @@ mod interop;
 
 /// The OpenAPI documents match the routes actually served.
 mod openapi;
+
+/// Tables on object storage (an S3 server): written, read, audited and erased there.
+mod object_storage;

@@ -91,10 +91,20 @@ impl Marsad {
 
     /// Starts with a configuration file too.
     pub fn start_with_config(data_dir: &Path, geoip: Option<&Path>, config: Option<&Path>) -> Result<Self> {
+        Self::start_with_env(data_dir, geoip, config, &[])
+    }
+
+    /// Starts with a configuration file and extra environment variables.
+    pub fn start_with_env(
+        data_dir: &Path,
+        geoip: Option<&Path>,
+        config: Option<&Path>,
+        env: &[(&str, String)],
+    ) -> Result<Self> {
         // a free port can be taken by a parallel test between our probe and marsad's bind: try again
         let mut attempt = 0;
         loop {
-            match Self::launch(data_dir, geoip, config, free_port()?, free_port()?) {
+            match Self::launch(data_dir, geoip, config, env, free_port()?, free_port()?) {
                 Err(e) if attempt < 3 && e.to_string().contains("cannot listen") => attempt += 1,
                 other => return other,
             }
@@ -103,13 +113,14 @@ impl Marsad {
 
     /// Starts on given ports (a restart keeps the addresses clients use).
     pub fn start_on(data_dir: &Path, geoip: Option<&Path>, ingest_port: u16, query_port: u16) -> Result<Self> {
-        Self::launch(data_dir, geoip, None, ingest_port, query_port)
+        Self::launch(data_dir, geoip, None, &[], ingest_port, query_port)
     }
 
     fn launch(
         data_dir: &Path,
         geoip: Option<&Path>,
         config: Option<&Path>,
+        env: &[(&str, String)],
         ingest_port: u16,
         query_port: u16,
     ) -> Result<Self> {
@@ -141,6 +152,7 @@ impl Marsad {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().context("spawning marsad up")?;
         let mut m = Marsad {
             child,

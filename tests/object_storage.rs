@@ -1,0 +1,393 @@
+//! Tables on object storage: `marsad up` keeps its Delta tables in an S3 bucket
+//! (moto's S3 server, a real S3-protocol implementation, on 127.0.0.1), and
+//! everything that reads or rewrites tables works there: SQL, the audience
+//! index, `marsad audit`, erasure with its vacuum, and Python's `deltalake`.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+use crate::common::{Marsad, free_port, marsad_bin, parquet_strings};
+
+const BUCKET: &str = "marsad-it";
+
+/// A moto S3 server on a free loopback port, stopped on drop.
+struct S3Server {
+    child: Child,
+    endpoint: String,
+}
+
+impl S3Server {
+    fn start(log: &Path) -> Result<Self> {
+        let port = free_port()?;
+        let log = std::fs::File::create(log)?;
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting python3 -m moto.server")?;
+        let mut server = S3Server {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Client::new().get(&server.endpoint).send().is_err() {
+            if let Some(status) = server.child.try_wait()? {
+                bail!("moto's S3 server exited ({status}); pip install 'moto[server]' (.ci/run does)");
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "moto's S3 server did not answer on {}",
+                server.endpoint
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(server)
+    }
+
+    fn create_bucket(&self, bucket: &str) -> Result<()> {
+        let resp = Client::new().put(format!("{}/{bucket}", self.endpoint)).send()?;
+        ensure!(
+            resp.status().is_success(),
+            "creating bucket {bucket}: {}",
+            resp.status()
+        );
+        Ok(())
+    }
+
+    /// Every key under `prefix` (ListObjectsV2, following continuation tokens).
+    fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut query = vec![("list-type", "2".to_owned()), ("prefix", prefix.to_owned())];
+            if let Some(t) = &token {
+                query.push(("continuation-token", t.clone()));
+            }
+            let body = Client::new()
+                .get(format!("{}/{bucket}", self.endpoint))
+                .query(&query)
+                .send()?
+                .error_for_status()?
+                .text()?;
+            keys.extend(xml_values(&body, "Key"));
+            token = xml_values(&body, "NextContinuationToken").into_iter().next();
+            if token.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+
+    fn get(&self, bucket: &str, key: &str) -> Result<bytes::Bytes> {
+        Ok(Client::new()
+            .get(format!("{}/{bucket}/{key}", self.endpoint))
+            // moto refuses anonymous object reads; it checks the credential's shape, not the signature
+            .header(
+                "authorization",
+                "AWS4-HMAC-SHA256 Credential=marsad-test/20260101/us-east-1/s3/aws4_request, \
+                 SignedHeaders=host, Signature=0",
+            )
+            .send()?
+            .error_for_status()?
+            .bytes()?)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The text of every `<tag>…</tag>` in `xml` (S3 listings escape nothing our keys contain but `&`).
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(&close).map(|(v, _)| v.replace("&amp;", "&")))
+        .collect()
+}
+
+/// The environment every Marsad process (and Python) of the test gets: the location from
+/// `MARSAD_TABLES__*`, the credentials from the standard AWS variables.
+fn s3_env(server: &S3Server) -> Vec<(&'static str, String)> {
+    vec![
+        ("MARSAD_TABLES__LOCATION", format!("s3://{BUCKET}/marsad/tables")),
+        ("MARSAD_TABLES__STORAGE__AWS_ENDPOINT", server.endpoint.clone()),
+        ("MARSAD_TABLES__STORAGE__AWS_ALLOW_HTTP", "true".into()),
+        ("MARSAD_TABLES__STORAGE__AWS_REGION", "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID", "marsad-test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "marsad-test-secret".into()),
+    ]
+}
+
+#[test]
+fn tables_on_s3_are_written_read_audited_and_erased() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s3 = S3Server::start(&tmp.path().join("moto.log"))?;
+    s3.create_bucket(BUCKET)?;
+    let env = s3_env(&s3);
+    let data = tmp.path().join("data");
+    let m = Marsad::start_with_env(&data, None, None, &env)?;
+
+    let client = Client::new();
+    let paths = [
+        "/ar/سيارات/1",
+        "/en/jobs/driver?email=someone@example.com",
+        "/en/real-estate/amman",
+        "/",
+    ];
+    let events: Vec<Value> = (0..400)
+        .map(|i| {
+            json!({"type": "page_view", "url": format!("https://kulshi.example{}", paths[i % 4]),
+                   "cookie_id": format!("s3-cookie-{}", i % 37), "user_id": format!("s3-user-{}", i % 11),
+                   "event_id": format!("s3-{i}")})
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        let resp = client
+            .post(format!("{}/v1/batch", m.ingest))
+            .header("x-forwarded-for", "176.29.44.55")
+            .json(chunk)
+            .send()?;
+        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+    }
+    m.wait_for_count("SELECT sum(events) FROM traffic_hourly", 400, Duration::from_secs(90))?;
+    assert_eq!(m.sql_count("SELECT count(*) FROM events")?, 400);
+
+    // the tables are in the bucket, and nowhere under the data dir
+    assert!(!data.join("tables").exists(), "tables written locally");
+    let keys = s3.keys(BUCKET, "marsad/tables/")?;
+    for table in ["events", "traffic_hourly"] {
+        let log = format!("marsad/tables/{table}/_delta_log/00000000000000000000.json");
+        assert!(keys.contains(&log), "{log} not in the bucket: {keys:?}");
+        assert!(
+            keys.iter()
+                .any(|k| k.starts_with(&format!("marsad/tables/{table}/")) && k.ends_with(".parquet")),
+            "no data file of {table}"
+        );
+    }
+
+    // no file in the bucket holds an IP, cookie id, user id or e-mail
+    let copies = tmp.path().join("bucket");
+    for key in keys.iter().filter(|k| k.ends_with(".parquet")) {
+        let path = copies.join(key);
+        std::fs::create_dir_all(path.parent().context("key without a parent")?)?;
+        std::fs::write(&path, s3.get(BUCKET, key)?)?;
+    }
+    let values = parquet_strings(&copies)?;
+    ensure!(values.len() > 1000, "too few values read back: {}", values.len());
+    let leaks: Vec<_> = values
+        .iter()
+        .filter(|(_, _, v)| {
+            v.contains("176.29.44.55") || v.contains("s3-cookie-") || v.contains("s3-user-") || v.contains("someone@")
+        })
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "personal data in the bucket: {:?}",
+        &leaks[..leaks.len().min(5)]
+    );
+
+    // `marsad audit` reads the bucket (and the raw ids from the local log)
+    let out = Command::new(marsad_bin())
+        .args(["audit", "--json", "--data-dir"])
+        .arg(&data)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "audit failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+    let parquet_files = keys.iter().filter(|k| k.ends_with(".parquet")).count() as u64;
+    assert!(
+        report["files"].as_u64().unwrap_or(0) >= parquet_files,
+        "audit read fewer files than the bucket holds ({parquet_files}): {report}"
+    );
+    // 37 cookie ids, 11 user ids and one IP, from the local raw log
+    assert_eq!(report["known_identifiers"], 37 + 11 + 1, "{report}");
+    assert_eq!(report["hits"], json!([]), "{report}");
+
+    // Python's deltalake reads the same table from the bucket
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/interop.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(format!("s3://{BUCKET}/marsad/tables"))
+        .env("AWS_ENDPOINT_URL", &s3.endpoint)
+        .env("AWS_ALLOW_HTTP", "true")
+        .env("AWS_REGION", "us-east-1")
+        .envs(env.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k, v)))
+        .output()
+        .context("running python3")?;
+    ensure!(
+        out.status.success(),
+        "the interop script failed (pip install deltalake duckdb pyarrow; .ci/run does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let py: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(py["deltalake_events"], 400, "{py}");
+    assert_eq!(py["duckdb_traffic_events"], 400, "{py}");
+
+    // erasure deletes the subject's rows and vacuums the files that held them from the bucket
+    let subject_events = (0..400).filter(|i| i % 37 == 5).count() as u64;
+    let resp = client
+        .delete(format!("{}/v1/subjects", m.query))
+        .query(&[("cookie_id", "s3-cookie-5")])
+        .bearer_auth(m.admin_key()?)
+        .send()?;
+    let status = resp.status();
+    let receipt: Value = resp.json()?;
+    ensure!(status.is_success(), "{status}: {receipt}");
+    assert_eq!(receipt["rows_removed"], subject_events, "{receipt}");
+    assert!(
+        receipt["tables"][0]["files_vacuumed"].as_u64().unwrap_or(0) > 0,
+        "{receipt}"
+    );
+    assert_eq!(m.sql_count("SELECT count(*) FROM events")?, 400 - subject_events as i64);
+    let before: HashSet<&String> = keys.iter().filter(|k| k.ends_with(".parquet")).collect();
+    let after = s3.keys(BUCKET, "marsad/tables/")?;
+    let gone = before.iter().filter(|k| !after.contains(k)).count();
+    if gone == 0 {
+        bail!("the vacuum removed no file from the bucket");
+    }
+
+    // the batch jobs work on the bucket too: SQL, compaction, retention
+    let batch = |args: &[&str]| -> Result<String> {
+        let out = Command::new(marsad_bin())
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .output()?;
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        ensure!(out.status.success(), "marsad {args:?}: {stdout}{stderr}");
+        Ok(stdout)
+    };
+    let remaining = 400 - subject_events as i64;
+    let out = batch(&["sql", "--format", "csv", "-e", "SELECT count(*) AS n FROM events"])?;
+    assert!(out.contains(&remaining.to_string()), "{out}");
+    let out = batch(&["compact"])?;
+    assert!(out.contains("compacted: rollup rows"), "{out}");
+    let out = batch(&["retention", "--keep-days", "3"])?;
+    assert!(out.contains("retention: kept"), "{out}");
+    assert_eq!(m.sql_count("SELECT count(*) FROM events")?, remaining);
+    assert_eq!(m.sql_count("SELECT sum(events) FROM traffic_hourly")?, 400);
+    Ok(())
+}
+
+/// Two writers appending to one table in the bucket at once: every commit is a conditional
+/// put of the next log entry, so each append lands exactly once, and no lock service is needed.
+#[test]
+fn writers_racing_on_s3_each_commit_once() -> Result<()> {
+    use std::sync::Arc;
+
+    use arrow::array::{Int64Array, StringArray};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use marsad_process::table::{DeltaSink, TableSpec};
+
+    const APPENDS: i64 = 12;
+    const ROWS: i64 = 25;
+    let tmp = tempfile::tempdir()?;
+    let s3 = S3Server::start(&tmp.path().join("moto.log"))?;
+    s3.create_bucket("marsad-race")?;
+    let storage = [
+        ("aws_endpoint", s3.endpoint.as_str()),
+        ("aws_allow_http", "true"),
+        ("aws_region", "us-east-1"),
+        ("aws_access_key_id", "marsad-test"),
+        ("aws_secret_access_key", "marsad-test-secret"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let location = marsad_config::TablesLocation::parse("s3://marsad-race/tables", &storage)?;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("writer", DataType::Utf8, false),
+        Field::new("seq", DataType::Int64, false),
+    ]));
+    let spec = TableSpec {
+        name: marsad_schemas::TableName::Events,
+        schema: schema.clone(),
+        partitions: &[],
+        comment: "race test",
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let writer = |name: &'static str| {
+            let (location, spec, schema) = (location.clone(), spec.clone(), schema.clone());
+            async move {
+                let mut sink = DeltaSink::open_or_create(&location, &spec).await?;
+                for seq in 0..APPENDS {
+                    let batch = RecordBatch::try_new(
+                        schema.clone(),
+                        vec![
+                            Arc::new(StringArray::from(vec![name; ROWS as usize])),
+                            Arc::new(Int64Array::from(vec![seq; ROWS as usize])),
+                        ],
+                    )?;
+                    sink.append(batch, &[(name.to_owned(), seq)]).await?;
+                }
+                anyhow::Ok(())
+            }
+        };
+        let (a, b) = tokio::join!(tokio::spawn(writer("writer-a")), tokio::spawn(writer("writer-b")));
+        a??;
+        b??;
+
+        let mut sink = DeltaSink::open_or_create(&location, &spec).await?;
+        let positions = sink.committed(&["writer-a".to_owned(), "writer-b".to_owned()]).await?;
+        assert_eq!(positions.get("writer-a"), Some(&(APPENDS - 1)));
+        assert_eq!(positions.get("writer-b"), Some(&(APPENDS - 1)));
+        let counts = sink
+            .query(
+                "SELECT writer, count(*) AS n, count(DISTINCT seq) AS s FROM events GROUP BY writer ORDER BY writer",
+                None,
+            )
+            .await?;
+        let batch = counts.first().context("no rows")?;
+        let n = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .context("count type")?;
+        let s = batch
+            .column(2)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .context("count type")?;
+        assert_eq!(batch.num_rows(), 2);
+        for i in 0..2 {
+            assert_eq!(
+                n.value(i),
+                APPENDS * ROWS,
+                "rows of writer {i}: lost or doubled appends"
+            );
+            assert_eq!(s.value(i), APPENDS);
+        }
+        // one log entry per append, plus the table's creation, once (the loser of that race
+        // opens the winner's table instead of committing the schema again)
+        assert_eq!(sink.version().context("no version")? as i64, 2 * APPENDS);
+        anyhow::Ok(())
+    })?;
+    let commits = s3
+        .keys("marsad-race", "tables/events/_delta_log/")?
+        .into_iter()
+        .filter(|k| k.ends_with(".json"))
+        .count() as i64;
+    assert_eq!(commits, 2 * APPENDS + 1);
+    Ok(())
+}
