@@ -16,7 +16,7 @@ use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, Record};
 use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
 use rdkafka::mocking::MockCluster;
 
-use crate::common::{fixture_envelope, free_port, marsad_bin};
+use crate::common::{S3Server, fixture_envelope, free_port, marsad_bin, s3_env};
 
 /// The Kafka tests start several debug-built processes each; on a 2-core machine they run one
 /// at a time so a starved broker does not miss heartbeats (a real deployment has the cores).
@@ -344,6 +344,104 @@ fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
         run.count("SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
         "every event once"
     );
+    Ok(())
+}
+
+/// The deployment the README describes: ingest, two processors and query, each a process with
+/// a data dir of its own, joined by Kafka, the tables in an S3 bucket; a processor killed
+/// mid-run; every event once in the tables, as the query service reads them from the bucket.
+#[test]
+fn separate_stages_on_kafka_with_tables_in_a_bucket() -> Result<()> {
+    let _serial = one_at_a_time();
+    const BATCHES: usize = 40;
+    const BATCH: usize = 500;
+    let run = OnMockCluster::new()?;
+    let s3 = S3Server::start(&run.tmp.path().join("moto.log"))?;
+    s3.create_bucket("marsad-kafka")?;
+    // shared: the Kafka topics, the bucket and the targeting key; nothing on disk
+    let targeting_key = "5e".repeat(32);
+    let env = |metrics: u16| {
+        let mut env = s3_env(&s3, "marsad-kafka");
+        env.push(("MARSAD_SECRET_TARGETING_KEY", targeting_key.clone()));
+        env.push(("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{metrics}")));
+        env
+    };
+    let stage = |args: &[&str], name: &str| -> Result<Stage> {
+        Stage::start(
+            args,
+            &run.config,
+            &run.tmp.path().join(format!("{name}-data")),
+            run.tmp.path().join(format!("{name}.log")),
+            &env(free_port()?),
+        )
+    };
+    let (ingest_port, query_port) = (free_port()?, free_port()?);
+    let ingest = stage(
+        &["ingest", "--ingest-addr", &format!("127.0.0.1:{ingest_port}")],
+        "ingest",
+    )?;
+    let mut first = stage(&["process"], "p1")?;
+    let second = stage(&["process"], "p2")?;
+    let query = stage(&["query", "--query-addr", &format!("127.0.0.1:{query_port}")], "query")?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let (ingest_url, query_url) = (
+        format!("http://127.0.0.1:{ingest_port}"),
+        format!("http://127.0.0.1:{query_port}"),
+    );
+    wait_for("ingest and query to be ready", Duration::from_secs(60), || {
+        let up = |u: String| client.get(u).send().is_ok_and(|r| r.status().is_success());
+        Ok(up(format!("{ingest_url}/readyz")) && up(format!("{query_url}/readyz")))
+    })
+    .with_context(|| format!("{}\n{}", ingest.output(), query.output()))?;
+    wait_for("both processors to own partitions", Duration::from_secs(60), || {
+        Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
+    })?;
+    let key = std::fs::read_to_string(run.tmp.path().join("query-data").join("admin.key"))?;
+    let count = |sql: &str| -> Result<i64> {
+        let body: serde_json::Value = client
+            .post(format!("{query_url}/v1/sql"))
+            .bearer_auth(key.trim())
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()?
+            .json()?;
+        body["rows"][0]["n"].as_i64().with_context(|| format!("{sql}: {body}"))
+    };
+
+    for b in 0..BATCHES {
+        if b == BATCHES / 2 {
+            first.kill_hard()?;
+        }
+        let ids: Vec<String> = (0..BATCH).map(|i| format!("s-{b}-{i}")).collect();
+        ensure!(send_batch(&client, &ingest_url, &ids)?, "batch {b} refused");
+    }
+    let total = (BATCHES * BATCH) as i64;
+    wait_for("every event in the bucket's tables", Duration::from_secs(240), || {
+        Ok(count("SELECT count(DISTINCT event_id) AS n FROM events")? >= total)
+    })
+    .with_context(|| format!("survivor:\n{}", second.output()))?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(count("SELECT count(*) AS n FROM events")? == total, "no event twice");
+    ensure!(
+        count("SELECT sum(events) AS n FROM traffic_hourly")? == total,
+        "rollups exactly once"
+    );
+    ensure!(
+        count("SELECT count(DISTINCT visitor_key) AS n FROM events")? == BATCH as i64,
+        "both processors (the survivor taking over the partitions of the one killed) hash each of \
+         the {BATCH} cookies under the same daily key"
+    );
+    for name in ["ingest", "p1", "p2", "query"] {
+        let local = run.tmp.path().join(format!("{name}-data")).join("tables");
+        ensure!(!local.exists(), "{name} wrote tables locally");
+    }
+    let commits = s3
+        .keys("marsad-kafka", "marsad/tables/events/_delta_log/")?
+        .into_iter()
+        .filter(|k| k.ends_with(".json"))
+        .count();
+    ensure!(commits > 2, "{commits} commits of events in the bucket");
     Ok(())
 }
 

@@ -4,136 +4,23 @@
 //! index, `marsad audit`, erasure with its vacuum, and Python's `deltalake`.
 
 use std::collections::HashSet;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{Marsad, free_port, marsad_bin, parquet_strings};
+use crate::common::{Marsad, S3Server, marsad_bin, parquet_strings, s3_env};
 
 const BUCKET: &str = "marsad-it";
-
-/// A moto S3 server on a free loopback port, stopped on drop.
-struct S3Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl S3Server {
-    fn start(log: &Path) -> Result<Self> {
-        let port = free_port()?;
-        let log = std::fs::File::create(log)?;
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .context("starting python3 -m moto.server")?;
-        let mut server = S3Server {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Client::new().get(&server.endpoint).send().is_err() {
-            if let Some(status) = server.child.try_wait()? {
-                bail!("moto's S3 server exited ({status}); pip install 'moto[server]' (.ci/run does)");
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "moto's S3 server did not answer on {}",
-                server.endpoint
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(server)
-    }
-
-    fn create_bucket(&self, bucket: &str) -> Result<()> {
-        let resp = Client::new().put(format!("{}/{bucket}", self.endpoint)).send()?;
-        ensure!(
-            resp.status().is_success(),
-            "creating bucket {bucket}: {}",
-            resp.status()
-        );
-        Ok(())
-    }
-
-    /// Every key under `prefix` (ListObjectsV2, following continuation tokens).
-    fn keys(&self, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut query = vec![("list-type", "2".to_owned()), ("prefix", prefix.to_owned())];
-            if let Some(t) = &token {
-                query.push(("continuation-token", t.clone()));
-            }
-            let body = Client::new()
-                .get(format!("{}/{bucket}", self.endpoint))
-                .query(&query)
-                .send()?
-                .error_for_status()?
-                .text()?;
-            keys.extend(xml_values(&body, "Key"));
-            token = xml_values(&body, "NextContinuationToken").into_iter().next();
-            if token.is_none() {
-                return Ok(keys);
-            }
-        }
-    }
-
-    fn get(&self, bucket: &str, key: &str) -> Result<bytes::Bytes> {
-        Ok(Client::new()
-            .get(format!("{}/{bucket}/{key}", self.endpoint))
-            // moto refuses anonymous object reads; it checks the credential's shape, not the signature
-            .header(
-                "authorization",
-                "AWS4-HMAC-SHA256 Credential=marsad-test/20260101/us-east-1/s3/aws4_request, \
-                 SignedHeaders=host, Signature=0",
-            )
-            .send()?
-            .error_for_status()?
-            .bytes()?)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The text of every `<tag>…</tag>` in `xml` (S3 listings escape nothing our keys contain but `&`).
-fn xml_values(xml: &str, tag: &str) -> Vec<String> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    xml.split(&open)
-        .skip(1)
-        .filter_map(|rest| rest.split_once(&close).map(|(v, _)| v.replace("&amp;", "&")))
-        .collect()
-}
-
-/// The environment every Marsad process (and Python) of the test gets: the location from
-/// `MARSAD_TABLES__*`, the credentials from the standard AWS variables.
-fn s3_env(server: &S3Server) -> Vec<(&'static str, String)> {
-    vec![
-        ("MARSAD_TABLES__LOCATION", format!("s3://{BUCKET}/marsad/tables")),
-        ("MARSAD_TABLES__STORAGE__AWS_ENDPOINT", server.endpoint.clone()),
-        ("MARSAD_TABLES__STORAGE__AWS_ALLOW_HTTP", "true".into()),
-        ("MARSAD_TABLES__STORAGE__AWS_REGION", "us-east-1".into()),
-        ("AWS_ACCESS_KEY_ID", "marsad-test".into()),
-        ("AWS_SECRET_ACCESS_KEY", "marsad-test-secret".into()),
-    ]
-}
 
 #[test]
 fn tables_on_s3_are_written_read_audited_and_erased() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let s3 = S3Server::start(&tmp.path().join("moto.log"))?;
     s3.create_bucket(BUCKET)?;
-    let env = s3_env(&s3);
+    let env = s3_env(&s3, BUCKET);
     let data = tmp.path().join("data");
     let m = Marsad::start_with_env(&data, None, None, &env)?;
 
