@@ -3,6 +3,7 @@
 //! query starts, so one query reads one consistent snapshot per table.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
@@ -51,11 +52,22 @@ pub async fn register_table(ctx: &SessionContext, name: &str, table: &DeltaTable
     Ok(())
 }
 
+/// On object storage, how long a table found missing is taken as missing before it is
+/// looked for again (a listing per query and table would be paid by every query).
+const ABSENT_RECHECK: Duration = Duration::from_secs(5);
+
 /// Cached Delta tables, refreshed per query.
 pub struct TableCatalog {
     location: TablesLocation,
-    tables: Mutex<HashMap<&'static str, DeltaTable>>,
+    known: Mutex<KnownTables>,
     memory_limit: Option<usize>,
+}
+
+/// The tables opened so far, and when each missing one was last looked for.
+#[derive(Default)]
+struct KnownTables {
+    open: HashMap<&'static str, DeltaTable>,
+    absent_since: HashMap<&'static str, Instant>,
 }
 
 /// Which tables a session sees: analysts see only the rollups.
@@ -81,7 +93,7 @@ impl TableCatalog {
     pub fn new(location: TablesLocation) -> Self {
         TableCatalog {
             location,
-            tables: Mutex::new(HashMap::new()),
+            known: Mutex::new(KnownTables::default()),
             memory_limit: None,
         }
     }
@@ -97,24 +109,43 @@ impl TableCatalog {
         &self.location
     }
 
+    /// Whether table `name` exists, opening it on first sight.
+    async fn ensure_open(&self, known: &mut KnownTables, name: &'static str) -> Result<bool, DeltaTableError> {
+        if known.open.contains_key(name) {
+            return Ok(true);
+        }
+        let remote = self.location.local_dir().is_none();
+        if remote
+            && known
+                .absent_since
+                .get(name)
+                .is_some_and(|since| since.elapsed() < ABSENT_RECHECK)
+        {
+            return Ok(false);
+        }
+        match open_table(&self.location, name).await? {
+            Some(table) => {
+                known.absent_since.remove(name);
+                known.open.insert(name, table);
+                Ok(true)
+            }
+            None => {
+                known.absent_since.insert(name, Instant::now());
+                Ok(false)
+            }
+        }
+    }
+
     /// The names of the tables that exist now.
     pub async fn existing(&self) -> Vec<&'static str> {
-        let mut tables = self.tables.lock().await;
+        let mut known = self.known.lock().await;
         let mut out = Vec::new();
         for name in TableName::ALL.iter().map(|t| t.as_str()) {
-            if !tables.contains_key(name) {
-                match open_table(&self.location, name).await {
-                    Ok(Some(table)) => {
-                        tables.insert(name, table);
-                    }
-                    Ok(None) => continue,
-                    Err(e) => {
-                        tracing::warn!(table = name, error = %e, "table not readable");
-                        continue;
-                    }
-                }
+            match self.ensure_open(&mut known, name).await {
+                Ok(true) => out.push(name),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(table = name, error = %e, "table not readable"),
             }
-            out.push(name);
         }
         out
     }
@@ -157,19 +188,24 @@ impl TableCatalog {
     /// Brings the tables of `scope` in `ctx` to their latest versions (and adds new ones), so a
     /// long-lived session (a Postgres connection) reads what a fresh one would.
     pub async fn refresh(&self, ctx: &SessionContext, scope: TableScope) -> Result<(), CatalogError> {
-        let mut tables = self.tables.lock().await;
+        let mut known = self.known.lock().await;
         for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
             let err = |reason: String| CatalogError { table: name, reason };
-            if !tables.contains_key(name) {
-                // a table not created yet is looked for again by the next query
-                let Some(table) = open_table(&self.location, name).await.map_err(|e| err(e.to_string()))? else {
-                    continue;
-                };
-                tables.insert(name, table);
-            } else if let Some(table) = tables.get_mut(name) {
+            let opened_before = known.open.contains_key(name);
+            // a table not created yet is looked for again by a later query
+            if !self
+                .ensure_open(&mut known, name)
+                .await
+                .map_err(|e| err(e.to_string()))?
+            {
+                continue;
+            }
+            let Some(table) = known.open.get_mut(name) else {
+                continue;
+            };
+            if opened_before {
                 table.update_incremental(None).await.map_err(|e| err(e.to_string()))?;
             }
-            let Some(table) = tables.get(name) else { continue };
             if table.version().is_none() {
                 continue;
             }
