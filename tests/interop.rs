@@ -1,14 +1,13 @@
 //! Marsad's tables are standard Delta tables: the Python packages `deltalake`
 //! and `duckdb` read them and count what `/v1/sql` counts.
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{Marsad, counts_by};
+use crate::common::{Marsad, counts_by, python_counts};
 
 #[test]
 fn python_deltalake_and_duckdb_read_the_same_rows() -> Result<()> {
@@ -26,18 +25,7 @@ fn python_deltalake_and_duckdb_read_the_same_rows() -> Result<()> {
     ensure!(resp.status().as_u16() == 202, "{}", resp.status());
     m.wait_for_count("SELECT sum(events) FROM traffic_hourly", 400, Duration::from_secs(60))?;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/interop.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(m.data_dir.join("tables"))
-        .output()
-        .context("running python3")?;
-    ensure!(
-        out.status.success(),
-        "the interop script failed (pip install deltalake duckdb pyarrow; .ci/run does):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: Value = serde_json::from_slice(&out.stdout)?;
+    let py = python_counts(&m.data_dir.join("tables").display().to_string(), &[])?;
 
     let events = m.sql_count("SELECT count(*) FROM events")?;
     assert_eq!(events, 400);

@@ -221,6 +221,23 @@ impl OnMockCluster {
     }
 }
 
+/// Waits until ingest and query (each with its URL) answer `/readyz` and both processors own partitions.
+fn wait_until_serving(
+    client: &reqwest::blocking::Client,
+    (ingest, ingest_url): (&Stage, &str),
+    (query, query_url): (&Stage, &str),
+    processors: [&Stage; 2],
+) -> Result<()> {
+    wait_for("ingest and query to be ready", Duration::from_secs(60), || {
+        let up = |u: String| client.get(u).send().is_ok_and(|r| r.status().is_success());
+        Ok(up(format!("{ingest_url}/readyz")) && up(format!("{query_url}/readyz")))
+    })
+    .with_context(|| format!("{}\n{}", ingest.output(), query.output()))?;
+    wait_for("both processors to own partitions", Duration::from_secs(60), || {
+        Ok(processors.iter().all(|p| assigned_partitions(&p.output())))
+    })
+}
+
 fn assigned_partitions(output: &str) -> bool {
     output.contains("kafka partitions assigned")
 }
@@ -390,14 +407,7 @@ fn separate_stages_on_kafka_with_tables_in_a_bucket() -> Result<()> {
         format!("http://127.0.0.1:{ingest_port}"),
         format!("http://127.0.0.1:{query_port}"),
     );
-    wait_for("ingest and query to be ready", Duration::from_secs(60), || {
-        let up = |u: String| client.get(u).send().is_ok_and(|r| r.status().is_success());
-        Ok(up(format!("{ingest_url}/readyz")) && up(format!("{query_url}/readyz")))
-    })
-    .with_context(|| format!("{}\n{}", ingest.output(), query.output()))?;
-    wait_for("both processors to own partitions", Duration::from_secs(60), || {
-        Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
-    })?;
+    wait_until_serving(&client, (&ingest, &ingest_url), (&query, &query_url), [&first, &second])?;
     let key = std::fs::read_to_string(run.tmp.path().join("query-data").join("admin.key"))?;
     let count = |sql: &str| -> Result<i64> {
         let body: serde_json::Value = client
@@ -712,14 +722,8 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let url = format!("http://127.0.0.1:{ingest_port}");
-    wait_for("ingest and query to be ready", Duration::from_secs(60), || {
-        let up = |u: String| client.get(u).send().is_ok_and(|r| r.status().is_success());
-        Ok(up(format!("{url}/readyz")) && up(format!("http://127.0.0.1:{query_port}/readyz")))
-    })
-    .with_context(|| format!("{}\n{}", ingest.output(), query.output()))?;
-    wait_for("both processors to own partitions", Duration::from_secs(60), || {
-        Ok(assigned_partitions(&first.output()) && assigned_partitions(&second.output()))
-    })?;
+    let query_url = format!("http://127.0.0.1:{query_port}");
+    wait_until_serving(&client, (&ingest, &url), (&query, &query_url), [&first, &second])?;
 
     // load; a quarter of the way in one processor stops (and leaves the group), the other takes
     // its partitions; halfway the broker freezes for a while; at three quarters the survivor is
@@ -789,7 +793,7 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
     // the query service, a process of its own, reads the same tables
     let key = std::fs::read_to_string(data.join("admin.key"))?;
     let body: serde_json::Value = client
-        .post(format!("http://127.0.0.1:{query_port}/v1/sql"))
+        .post(format!("{query_url}/v1/sql"))
         .bearer_auth(key.trim())
         .json(&serde_json::json!({"sql": "SELECT count(*) AS n FROM events"}))
         .send()?

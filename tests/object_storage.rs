@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{Marsad, S3Server, marsad_bin, parquet_strings, s3_env};
+use crate::common::{Marsad, S3Server, marsad_bin, parquet_strings, python_counts, s3_env};
 
 const BUCKET: &str = "marsad-it";
 
@@ -106,22 +106,13 @@ fn tables_on_s3_are_written_read_audited_and_erased() -> Result<()> {
     assert_eq!(report["hits"], json!([]), "{report}");
 
     // Python's deltalake reads the same table from the bucket
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/interop.py");
-    let out = Command::new("python3")
-        .arg(script)
-        .arg(format!("s3://{BUCKET}/marsad/tables"))
-        .env("AWS_ENDPOINT_URL", &s3.endpoint)
-        .env("AWS_ALLOW_HTTP", "true")
-        .env("AWS_REGION", "us-east-1")
-        .envs(env.iter().filter(|(k, _)| k.starts_with("AWS_")).map(|(k, v)| (k, v)))
-        .output()
-        .context("running python3")?;
-    ensure!(
-        out.status.success(),
-        "the interop script failed (pip install deltalake duckdb pyarrow; .ci/run does):\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let py: Value = serde_json::from_slice(&out.stdout)?;
+    let mut python_env: Vec<(&str, String)> = env.iter().filter(|(k, _)| k.starts_with("AWS_")).cloned().collect();
+    python_env.extend([
+        ("AWS_ENDPOINT_URL", s3.endpoint.clone()),
+        ("AWS_ALLOW_HTTP", "true".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+    ]);
+    let py = python_counts(&format!("s3://{BUCKET}/marsad/tables"), &python_env)?;
     assert_eq!(py["deltalake_events"], 400, "{py}");
     assert_eq!(py["duckdb_traffic_events"], 400, "{py}");
 

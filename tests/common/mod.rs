@@ -312,6 +312,24 @@ pub fn collect_files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<()
 }
 
 /// Counts of rows by a column, from SQL rows with columns `k` and `n`.
+/// What Python's `deltalake` and `duckdb` count in the tables at `tables` (a directory or an
+/// `s3://` URL, reached with `env`): the JSON object `tests/data/interop.py` prints.
+pub fn python_counts(tables: &str, env: &[(&str, String)]) -> Result<Value> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/interop.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(tables)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .context("running python3")?;
+    ensure!(
+        out.status.success(),
+        "the interop script failed (pip install deltalake duckdb pyarrow; .ci/run does):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
 pub fn counts_by(rows: &[Value]) -> HashMap<String, i64> {
     rows.iter()
         .map(|r| {
