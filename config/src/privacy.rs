@@ -1,0 +1,59 @@
+//! `[privacy]` and `[geoip]`: anonymization settings.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, Result};
+
+/// Anonymization settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    /// Query parameters kept in stored page paths (`*` at the end matches a prefix).
+    pub query_allowlist: Vec<String>,
+    /// A file holding the long-lived targeting key (hex, 32 bytes); else `MARSAD_SECRET_TARGETING_KEY`, else one generated in the data dir.
+    pub targeting_key_file: Option<PathBuf>,
+    /// Hours after its day ends that a daily visitor key is kept, then destroyed.
+    pub daily_key_grace_hours: u64,
+    /// Personalisation consent assumed when an event states none.
+    pub default_personalisation_consent: bool,
+    /// Truncate addresses before the GeoIP lookup (/24 for IPv4, /48 for IPv6), for stricter deployments.
+    pub truncate_ip: bool,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            query_allowlist: vec!["utm_*".into(), "category".into(), "page".into()],
+            targeting_key_file: None,
+            daily_key_grace_hours: 48,
+            default_personalisation_consent: false,
+            truncate_ip: false,
+        }
+    }
+}
+
+/// The GeoIP databases.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoIpConfig {
+    /// MMDB files (GeoIP2/GeoLite2 City or Country, or ip-location-db layout), asked in order
+    /// until one knows the address (e.g. DB-IP's IPv4 and IPv6 files); the bundled country
+    /// database when empty.
+    pub databases: Vec<PathBuf>,
+}
+
+impl PrivacyConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        for p in &self.query_allowlist {
+            if p.is_empty() || p[..p.len() - 1].contains('*') {
+                return Err(ConfigError::Invalid {
+                    key: "privacy.query_allowlist",
+                    reason: format!("`{p}`: a parameter name, optionally ending in `*`"),
+                });
+            }
+        }
+        Ok(())
+    }
+}

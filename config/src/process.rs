@@ -1,0 +1,104 @@
+//! `[process]`: the stream processor, and the page categories it assigns.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, positive};
+
+/// The stream processor (`marsad process`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessConfig {
+    /// Commit to the tables when this many events are buffered.
+    pub batch_max_events: usize,
+    /// Commit at least this often while events arrive.
+    pub batch_max_interval_ms: u64,
+    /// Address of the processor's `/metrics`, `/healthz` and `/readyz` when run alone.
+    pub metrics_addr: SocketAddr,
+    /// How many recent event ids are remembered to drop retried duplicates.
+    pub dedup_capacity: usize,
+    /// How often partial rollup rows are merged into one row per key (dates with several files).
+    pub rollup_compaction_interval_secs: u64,
+    /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
+    pub page_categories: Vec<PageCategoryRule>,
+}
+
+/// A page category and the URL path segments (Arabic or English) that mean it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PageCategoryRule {
+    /// The category name stored in `page_category`.
+    pub category: String,
+    /// Path segments that mean it, e.g. `cars`, `سيارات`.
+    pub path_segments: Vec<String>,
+}
+
+fn rule(category: &str, words: &[&str]) -> PageCategoryRule {
+    PageCategoryRule {
+        category: category.into(),
+        path_segments: words.iter().map(|w| (*w).to_owned()).collect(),
+    }
+}
+
+/// The categories of the site's sections, in Arabic and English.
+pub fn default_page_categories() -> Vec<PageCategoryRule> {
+    vec![
+        rule(
+            "cars",
+            &["cars", "car", "vehicles", "motors", "سيارات", "سيارة", "مركبات"],
+        ),
+        rule(
+            "real_estate",
+            &[
+                "real-estate",
+                "realestate",
+                "property",
+                "properties",
+                "apartments",
+                "عقارات",
+                "شقق",
+                "أراضي",
+            ],
+        ),
+        rule("jobs", &["jobs", "job", "careers", "وظائف", "وظيفة"]),
+        rule(
+            "electronics",
+            &[
+                "electronics",
+                "mobiles",
+                "phones",
+                "computers",
+                "إلكترونيات",
+                "الكترونيات",
+                "موبايلات",
+            ],
+        ),
+        rule("furniture", &["furniture", "home", "أثاث", "اثاث"]),
+        rule("services", &["services", "service", "خدمات"]),
+    ]
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            batch_max_events: 50_000,
+            batch_max_interval_ms: 1_000,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
+            dedup_capacity: 5_000_000,
+            rollup_compaction_interval_secs: 3600,
+            page_categories: default_page_categories(),
+        }
+    }
+}
+
+impl ProcessConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        positive("process.batch_max_events", self.batch_max_events as u64)?;
+        positive("process.batch_max_interval_ms", self.batch_max_interval_ms)?;
+        positive(
+            "process.rollup_compaction_interval_secs",
+            self.rollup_compaction_interval_secs,
+        )
+    }
+}

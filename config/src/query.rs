@@ -1,0 +1,142 @@
+//! `[query]`: the query service, its API keys and roles, and the Postgres protocol.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, Result, positive};
+
+/// A role an API key can hold.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Marketing staff: dashboards, reports, rollup SQL.
+    Analyst,
+    /// The ad system: audience lookups and segment exports.
+    Adserver,
+    /// Data engineers: SQL over every table.
+    Engineer,
+    /// Operators: erasure, user-id opt-outs.
+    Admin,
+}
+
+impl Role {
+    /// Every role, for the generated admin key.
+    pub const ALL: [Role; 4] = [Role::Analyst, Role::Adserver, Role::Engineer, Role::Admin];
+}
+
+/// An API key: its name, roles and where its secret is. Only a hash is ever kept in config.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    /// Who holds the key (shown in logs, never the key).
+    pub name: String,
+    /// What it may do.
+    pub roles: Vec<Role>,
+    /// SHA-256 of the key, hex; lets the key be checked without storing it.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// A file holding the key itself.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// The query service (`marsad query`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Address to listen on.
+    pub addr: SocketAddr,
+    /// API keys besides the generated admin key.
+    pub keys: Vec<ApiKeyConfig>,
+    /// Most rows one SQL answer returns.
+    pub max_result_rows: usize,
+    /// Report cells with fewer unique visitors are withheld (k-anonymity).
+    pub min_cell_visitors: usize,
+    /// A query running longer is cancelled.
+    pub timeout_secs: u64,
+    /// Memory one query may use; a query needing more fails with a clear error instead of spilling.
+    pub memory_limit_mb: u64,
+    /// Each table is checked for new commits at most this often (ms); queries in between read
+    /// the version found last, without touching storage.
+    pub table_refresh_ms: u64,
+    /// Postgres wire protocol address for BI tools and `psql` (user = key name, password = API key).
+    pub pg_addr: SocketAddr,
+    /// Whether to serve the Postgres wire protocol at all.
+    pub pg_enabled: bool,
+    /// PEM certificate chain for TLS on the Postgres port (needed off loopback: the password is a key).
+    pub pg_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the Postgres port.
+    pub pg_tls_key: Option<PathBuf>,
+    /// Postgres connections served at once; more wait for a free one.
+    pub pg_max_connections: usize,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            keys: Vec::new(),
+            max_result_rows: 100_000,
+            min_cell_visitors: 10,
+            timeout_secs: 60,
+            memory_limit_mb: 1024,
+            table_refresh_ms: 500,
+            pg_addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
+            pg_enabled: true,
+            pg_tls_cert: None,
+            pg_tls_key: None,
+            pg_max_connections: 64,
+        }
+    }
+}
+
+impl QueryConfig {
+    pub(crate) fn validate(&self) -> Result<()> {
+        positive("query.max_result_rows", self.max_result_rows as u64)?;
+        positive("query.min_cell_visitors", self.min_cell_visitors as u64)?;
+        positive("query.timeout_secs", self.timeout_secs)?;
+        positive("query.memory_limit_mb", self.memory_limit_mb)?;
+        positive("query.pg_max_connections", self.pg_max_connections as u64)?;
+        if self.pg_tls_cert.is_some() != self.pg_tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "query.pg_tls_cert",
+                reason: "TLS needs both query.pg_tls_cert and query.pg_tls_key".into(),
+            });
+        }
+        if self.pg_enabled && !self.pg_addr.ip().is_loopback() && self.pg_tls_cert.is_none() {
+            return Err(ConfigError::Invalid {
+                key: "query.pg_addr",
+                reason: format!(
+                    "{} is reachable from other machines, and Postgres clients send the API key as their \
+                     password: set query.pg_tls_cert and query.pg_tls_key, or listen on loopback",
+                    self.pg_addr
+                ),
+            });
+        }
+        for (i, key) in self.keys.iter().enumerate() {
+            if key.name.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.name",
+                    reason: format!("key #{i} has an empty name"),
+                });
+            }
+            if key.sha256.is_none() == key.file.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys",
+                    reason: format!("key `{}` needs exactly one of `sha256` or `file`", key.name),
+                });
+            }
+            if let Some(h) = &key.sha256
+                && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.sha256",
+                    reason: format!("key `{}`: expected 64 hex characters", key.name),
+                });
+            }
+        }
+        Ok(())
+    }
+}
