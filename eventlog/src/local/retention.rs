@@ -1,0 +1,63 @@
+//! Retention of the local log: processed segments past the retention age or
+//! size are deleted; nothing a consumer has not processed ever is.
+
+use std::time::SystemTime;
+
+use super::{Topic, list_segments, segment_name};
+use crate::{Error, Result};
+
+impl Topic {
+    fn committed_offsets(&self) -> Result<Vec<u64>> {
+        let dir = self.dir.join("consumers");
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let entry = entry.map_err(|e| Error::io(&dir, e))?;
+            if entry.path().extension().is_some_and(|x| x == "offset") {
+                let text = std::fs::read_to_string(entry.path()).map_err(|e| Error::io(entry.path(), e))?;
+                if let Ok(o) = text.trim().parse::<u64>() {
+                    out.push(o);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn enforce_retention(&self, now: SystemTime) -> Result<usize> {
+        let bases = list_segments(&self.dir)?;
+        if bases.len() < 2 {
+            return Ok(0);
+        }
+        // nothing a consumer has not processed is ever deleted: that would be loss, not retention
+        let committed = self.committed_offsets()?;
+        let safe_end = if committed.is_empty() {
+            u64::MAX
+        } else {
+            committed.iter().copied().min().unwrap_or(0)
+        };
+        let mut sizes = Vec::with_capacity(bases.len());
+        for base in &bases {
+            let path = self.dir.join(segment_name(*base));
+            let meta = std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+            sizes.push((meta.len(), meta.modified().unwrap_or(now)));
+        }
+        let mut total: u64 = sizes.iter().map(|(len, _)| len).sum();
+        let mut deleted = 0;
+        for i in 0..bases.len() - 1 {
+            let end = bases[i + 1];
+            let (len, modified) = sizes[i];
+            let too_old = now.duration_since(modified).unwrap_or_default() > self.options.retention;
+            let too_big = total > self.options.retention_bytes;
+            if end > safe_end || !(too_old || too_big) {
+                break;
+            }
+            let path = self.dir.join(segment_name(bases[i]));
+            std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            total -= len;
+            deleted += 1;
+        }
+        if deleted > 0 {
+            tracing::info!(topic = %self.name, segments = deleted, "deleted processed log segments past retention");
+        }
+        Ok(deleted)
+    }
+}
