@@ -23,6 +23,7 @@ pub mod consent;
 pub mod geoip;
 pub mod kafka_keys;
 pub mod keys;
+#[cfg(any(test, feature = "test-support"))]
 pub mod mmdb_writer;
 pub mod optout;
 pub mod pseudonym;

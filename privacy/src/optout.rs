@@ -110,10 +110,30 @@ impl SubjectOptOuts {
     }
 }
 
-/// The opt-outs in force, as far as this process has read the log.
+/// A subject as the registry keeps it: 8 bytes of its keyed hash instead of the hash's text.
+///
+/// The keyed hashes are uniformly random, so 64 bits tell apart every subject the site will
+/// ever have but for a chance of about one in 2^64 / opt-outs per lookup; and a collision
+/// can only take an opt-out for someone who made none (collect less), never the reverse.
+type SubjectPrint = [u8; 8];
+
+fn subject_print(subject: &str) -> SubjectPrint {
+    let mut out = [0u8; 8];
+    if subject.len() >= 16 && hex::decode_to_slice(&subject[..16], &mut out).is_ok() {
+        return out;
+    }
+    // not a keyed hash of ours: hash it, so any text still gets a fixed-size key
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(subject.as_bytes());
+    out.copy_from_slice(&digest[..8]);
+    out
+}
+
+/// The opt-outs in force, as far as this process has read the log: about 10 bytes per
+/// subject (a fixed-size print and the scopes), never the identifiers' text.
 #[derive(Debug, Default)]
 pub struct OptOutRegistry {
-    entries: RwLock<HashMap<String, u8>>,
+    entries: RwLock<HashMap<SubjectPrint, u8>>,
     caught_up: AtomicBool,
 }
 
@@ -128,7 +148,7 @@ impl OptOutRegistry {
     /// Adds a record.
     pub fn apply(&self, rec: &OptOutRecord) {
         if let Ok(mut e) = self.entries.write() {
-            *e.entry(rec.subject.clone()).or_default() |= rec.scope.bit();
+            *e.entry(subject_print(&rec.subject)).or_default() |= rec.scope.bit();
         }
     }
 
@@ -151,7 +171,7 @@ impl OptOutRegistry {
         SubjectOptOuts(
             subjects
                 .into_iter()
-                .filter_map(|s| e.get(s).copied())
+                .filter_map(|s| e.get(&subject_print(s)).copied())
                 .fold(0, |acc, b| acc | b),
         )
     }

@@ -1,7 +1,6 @@
 //! Device type, OS and browser from a `User-Agent`, with a cache: most
 //! traffic repeats a few hundred agents.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 /// What a `User-Agent` says about the device.
@@ -71,27 +70,65 @@ pub fn parse_user_agent(agent: &str) -> Device {
     }
 }
 
-/// A parser with a bounded cache, one per processor worker.
-#[derive(Debug, Default)]
+/// A parser with a bounded cache, one per processor worker: the least recently used agent
+/// is forgotten first, so the few hundred agents most traffic carries stay cached however
+/// many rare ones pass.
+#[derive(Debug)]
 pub struct UserAgentCache {
-    cache: HashMap<String, Arc<Device>>,
+    cache: lru::LruCache<Box<str>, Arc<Device>>,
+    hits: u64,
+    misses: u64,
 }
 
-/// Agents remembered before the cache starts over.
-const CACHE_CAPACITY: usize = 10_000;
+/// Agents remembered by default.
+pub const CACHE_CAPACITY: usize = 10_000;
+/// Longer agents are parsed but not remembered, so the cache's memory stays bounded
+/// (at most [`CACHE_CAPACITY`] × this many bytes of keys) whatever clients send.
+pub const CACHED_AGENT_MAX_BYTES: usize = 512;
+
+impl Default for UserAgentCache {
+    fn default() -> Self {
+        Self::with_capacity(CACHE_CAPACITY)
+    }
+}
 
 impl UserAgentCache {
+    /// A cache of at most `capacity` agents.
+    pub fn with_capacity(capacity: usize) -> Self {
+        UserAgentCache {
+            cache: lru::LruCache::new(std::num::NonZeroUsize::new(capacity).unwrap_or(std::num::NonZeroUsize::MIN)),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
     /// Parses `agent`, from the cache when seen before.
     pub fn parse(&mut self, agent: &str) -> Arc<Device> {
         if let Some(d) = self.cache.get(agent) {
+            self.hits += 1;
             return d.clone();
         }
-        if self.cache.len() >= CACHE_CAPACITY {
-            self.cache.clear();
-        }
+        self.misses += 1;
         let d = Arc::new(parse_user_agent(agent));
-        self.cache.insert(agent.to_owned(), d.clone());
+        if agent.len() <= CACHED_AGENT_MAX_BYTES {
+            self.cache.put(agent.into(), d.clone());
+        }
         d
+    }
+
+    /// Agents remembered now.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Whether none is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Answers from the cache and parses so far.
+    pub fn hits_and_misses(&self) -> (u64, u64) {
+        (self.hits, self.misses)
     }
 }
 
@@ -132,5 +169,26 @@ mod tests {
         let b = c.parse("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1");
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(a.device_type, "mobile");
+    }
+
+    #[test]
+    fn common_agents_stay_cached_while_rare_ones_pass() {
+        let mut c = UserAgentCache::with_capacity(100);
+        let common = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/121.0.0.0 Safari/537.36";
+        c.parse(common);
+        for i in 0..10_000 {
+            c.parse(&format!("RareBot/{i}.0 (+https://example.com/bot)"));
+            c.parse(common);
+        }
+        assert!(c.len() <= 100, "bounded: {}", c.len());
+        let (hits, misses) = c.hits_and_misses();
+        // one miss for the common agent (its first sight), one per rare agent
+        assert_eq!(misses, 10_001, "the common agent was forgotten: {hits} hits");
+        assert_eq!(hits, 10_000);
+        // an agent too long to remember is parsed every time, never kept
+        let long = format!("Mozilla/5.0 {}", "x".repeat(CACHED_AGENT_MAX_BYTES));
+        c.parse(&long);
+        c.parse(&long);
+        assert_eq!(c.hits_and_misses().1, 10_003);
     }
 }
