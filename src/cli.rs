@@ -52,13 +52,13 @@ pub enum Command {
     /// Record an opt-out for a cookie or user id.
     OptOut(crate::tools::OptOutArgs),
     /// Run one read-only SQL statement on the data dir (or a query service); table, CSV, NDJSON or Parquet.
-    Sql(crate::batch::SqlArgs),
+    Sql(crate::jobs::SqlArgs),
     /// Merge partial rollup rows and rewrite small table files into large ones.
-    Compact(crate::batch::CompactArgs),
+    Compact(crate::jobs::CompactArgs),
     /// Delete dates older than --keep-days from every table and remove their files.
-    Retention(crate::batch::RetentionArgs),
+    Retention(crate::jobs::RetentionArgs),
     /// Rebuild the rows of a range of dates from the retained raw log, with the current rules.
-    Backfill(crate::batch::BackfillArgs),
+    Backfill(crate::jobs::BackfillArgs),
     /// Audience segments: materialize them now.
     #[command(subcommand)]
     Segments(SegmentsCommand),
@@ -165,8 +165,26 @@ pub fn init_tracing(format: LogFormat, verbose: u8) {
         1 => "debug",
         _ => "trace",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn,object_store=warn,hyper=warn")));
+    // Marsad's own lines at the chosen level; libraries only when something needs attention,
+    // and never deltalake's per-file note that binary columns (the visitor sketches) carry
+    // no statistics (new rollup tables skip them; older ones would log it on every commit)
+    let ours = [
+        "marsad",
+        "marsad_schemas",
+        "marsad_config",
+        "marsad_eventlog",
+        "marsad_privacy",
+        "marsad_tables",
+        "marsad_admin",
+        "marsad_ingest",
+        "marsad_process",
+        "marsad_query",
+    ]
+    .map(|c| format!("{c}={default}"))
+    .join(",");
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("warn,{ours},deltalake_core::writer::stats=error"))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

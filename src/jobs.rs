@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use futures::StreamExt;
 
 use crate::cli::StageArgs;
 
@@ -101,43 +102,139 @@ pub async fn sql(args: SqlArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
     let catalog = marsad_query::TableCatalog::new(config.tables()?);
     let ctx = catalog.session().await?;
-    let result = marsad_query::sql::run(&ctx, &statement, 1 << 40, marsad_query::sql::Access::Everything).await;
-    bar.finish_and_clear();
-    let result = result.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows: usize = result.batches.iter().map(|b| b.num_rows()).sum();
-    let mut out = sink(&args.output)?;
-    match args.format {
-        OutputFormat::Table => {
-            writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&result.batches)?)?;
-        }
-        OutputFormat::Csv | OutputFormat::Ndjson => {
-            let format = if args.format == OutputFormat::Csv {
-                marsad_query::sql::Format::Csv
-            } else {
-                marsad_query::sql::Format::Ndjson
-            };
-            out.write_all(&marsad_query::sql::render(&result, format).map_err(|e| anyhow::anyhow!("{e}"))?)?;
-        }
-        OutputFormat::Parquet => {
-            let mut writer = parquet::arrow::ArrowWriter::try_new(out, result.schema.clone(), None)?;
-            for b in &result.batches {
-                writer.write(b)?;
-            }
-            writer.close()?;
-            out = Box::new(std::io::sink());
-        }
+    let mut rows = marsad_query::sql::stream(&ctx, &statement)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let schema = rows.schema();
+    let mut out = RowWriter::new(args.format, sink(&args.output)?, schema.clone())?;
+    let (mut count, mut shown) = (0usize, 0usize);
+    while let Some(batch) = rows.next().await {
+        let batch = batch.map_err(|e| anyhow::anyhow!("{}", marsad_query::sql::user_error(e)))?;
+        count += batch.num_rows();
+        shown += out.write(&batch)?;
+        bar.set_message(format!("{count} rows…"));
     }
-    out.flush()?;
+    bar.finish_and_clear();
+    out.finish()?;
+    if shown < count {
+        eprintln!("showing the first {shown} of {count} rows; --format csv, ndjson or parquet writes them all");
+    }
     eprintln!(
-        "{rows} rows, {} columns in {:.1} s{}",
-        result.schema.fields().len(),
+        "{count} rows, {} columns in {:.1} s{}{}",
+        schema.fields().len(),
         started.elapsed().as_secs_f64(),
         args.output
             .as_ref()
             .map(|p| format!(" → {}", p.display()))
+            .unwrap_or_default(),
+        peak_memory()
+            .map(|m| format!(", peak memory {m} MiB"))
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// Rows shown by `--format table`: a table is for reading, exports stream every row.
+const TABLE_ROWS: usize = 1_000;
+
+/// Writes a query's batches as they arrive, in one of the output formats: memory holds a batch,
+/// never the result.
+enum RowWriter {
+    Table {
+        out: Box<dyn Write + Send>,
+        kept: Vec<arrow::record_batch::RecordBatch>,
+        rows: usize,
+    },
+    Csv(arrow::csv::Writer<Box<dyn Write + Send>>),
+    Ndjson(arrow::json::LineDelimitedWriter<Box<dyn Write + Send>>),
+    Parquet(parquet::arrow::ArrowWriter<Box<dyn Write + Send>>),
+}
+
+impl RowWriter {
+    fn new(
+        format: OutputFormat,
+        out: Box<dyn Write + Send>,
+        schema: arrow::datatypes::SchemaRef,
+    ) -> anyhow::Result<Self> {
+        Ok(match format {
+            OutputFormat::Table => RowWriter::Table {
+                out,
+                kept: Vec::new(),
+                rows: 0,
+            },
+            OutputFormat::Csv => {
+                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(out);
+                // the header line, also when no row comes
+                w.write(&arrow::record_batch::RecordBatch::new_empty(schema))?;
+                RowWriter::Csv(w)
+            }
+            OutputFormat::Ndjson => RowWriter::Ndjson(arrow::json::LineDelimitedWriter::new(out)),
+            OutputFormat::Parquet => {
+                let properties = parquet::file::properties::WriterProperties::builder()
+                    .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
+                    .build();
+                RowWriter::Parquet(parquet::arrow::ArrowWriter::try_new(out, schema, Some(properties))?)
+            }
+        })
+    }
+
+    /// Writes `batch`; returns how many of its rows were written (a table shows the first rows only).
+    fn write(&mut self, batch: &arrow::record_batch::RecordBatch) -> anyhow::Result<usize> {
+        match self {
+            RowWriter::Table { kept, rows, .. } => {
+                let take = batch.num_rows().min(TABLE_ROWS - *rows);
+                if take > 0 {
+                    kept.push(batch.slice(0, take));
+                    *rows += take;
+                }
+                Ok(take)
+            }
+            RowWriter::Csv(w) => {
+                w.write(batch)?;
+                Ok(batch.num_rows())
+            }
+            RowWriter::Ndjson(w) => {
+                w.write(batch)?;
+                Ok(batch.num_rows())
+            }
+            RowWriter::Parquet(w) => {
+                w.write(batch)?;
+                Ok(batch.num_rows())
+            }
+        }
+    }
+
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            RowWriter::Table { mut out, kept, .. } => {
+                writeln!(out, "{}", arrow::util::pretty::pretty_format_batches(&kept)?)?;
+                out.flush()?;
+            }
+            RowWriter::Csv(w) => w.into_inner().flush()?,
+            RowWriter::Ndjson(mut w) => {
+                w.finish()?;
+                w.into_inner().flush()?;
+            }
+            RowWriter::Parquet(w) => {
+                w.close()?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// This process's peak resident memory in MiB (Linux), for the summary of long jobs.
+pub fn peak_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
 }
 
 async fn remote_sql(args: &SqlArgs, url: &str, statement: &str) -> anyhow::Result<Vec<u8>> {
@@ -303,7 +400,8 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
     }
     println!(
         "backfilled {}..{}: {} raw records read, {} events rebuilt ({} not collected, {} duplicates, {} \
-         unprocessable) in {:.1} s; segments take the rebuilt rows at their next refresh",
+         unprocessable) in {:.1} s, at most {} events in memory at once{}; segments take the rebuilt rows \
+         at their next refresh",
         report.from,
         report.to,
         report.records_read,
@@ -311,7 +409,11 @@ pub async fn backfill(args: BackfillArgs) -> anyhow::Result<()> {
         report.not_collected,
         report.duplicates,
         report.unprocessable,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        report.max_rows_held,
+        peak_memory()
+            .map(|m| format!(" (peak memory {m} MiB)"))
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! `marsad`: the command line of the Marsad pipeline. It parses flags, sets
 //! up logging and dispatches to the stages' libraries.
 
-mod batch;
 mod cli;
+mod jobs;
 mod simulate;
 mod stages;
 mod tools;
@@ -25,10 +25,10 @@ fn main() -> anyhow::Result<()> {
             Command::Audit(args) => tools::audit(args).await,
             Command::Erase(args) => tools::erase(args).await,
             Command::OptOut(args) => tools::opt_out(args).await,
-            Command::Sql(args) => batch::sql(args).await,
-            Command::Compact(args) => batch::compact(args).await,
-            Command::Retention(args) => batch::retention(args).await,
-            Command::Backfill(args) => batch::backfill(args).await,
+            Command::Sql(args) => jobs::sql(args).await,
+            Command::Compact(args) => jobs::compact(args).await,
+            Command::Retention(args) => jobs::retention(args).await,
+            Command::Backfill(args) => jobs::backfill(args).await,
             Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
             Command::Topics(TopicsCommand::Create(args)) => tools::create_topics(args).await,
         }

@@ -27,7 +27,7 @@ pub struct AuditArgs {
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
     let known = raw_identifiers(&config).await?;
-    let report = marsad_query::audit::audit(&config.tables()?, known).await?;
+    let report = marsad_admin::audit::audit(&config.tables()?, known).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -56,7 +56,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 async fn raw_identifiers(config: &marsad_config::Config) -> anyhow::Result<HashSet<String>> {
     if config.eventlog.kind == marsad_config::EventLogKind::Local {
         let log_dir = config.log_dir();
-        return Ok(tokio::task::spawn_blocking(move || marsad_query::audit::raw_log_identifiers(&log_dir)).await??);
+        return Ok(tokio::task::spawn_blocking(move || marsad_admin::audit::raw_log_identifiers(&log_dir)).await??);
     }
     let logs = crate::stages::open_log(config, "audit")?;
     let mut ids = HashSet::new();
@@ -69,7 +69,7 @@ async fn raw_identifiers(config: &marsad_config::Config) -> anyhow::Result<HashS
             if records.is_multiple_of(100_000) {
                 eprintln!("audit: {records} raw events read from Kafka");
             }
-            marsad_query::audit::add_identifiers(&r.payload, &mut ids);
+            marsad_admin::audit::add_identifiers(&r.payload, &mut ids);
         }
         Followed::CaughtUp => done.cancel(),
     };

@@ -1,28 +1,82 @@
-//! Erasure: every row linkable to a subject is deleted from every table —
-//! rows with the subject's `audience_id`, and for a cookie the rows with its
-//! `visitor_key` of every day whose key still exists — and the rewritten files
-//! are vacuumed at once, so older Delta versions do not keep them either.
+//! Erasure: an `all` opt-out is recorded first (so nothing new is collected
+//! about the subject), then every row linkable to it is deleted from every
+//! table — rows with the subject's `audience_id`, and for a cookie the rows
+//! with its `visitor_key` of every day whose key still exists — and the
+//! rewritten files are vacuumed at once, so older Delta versions do not keep
+//! them either.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::array::{Array, Int64Array};
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
 use deltalake::operations::vacuum::VacuumMode;
 use marsad_config::TablesLocation;
+use marsad_eventlog::{EventLog, Record};
 use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, OptOutScope, subject_key};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
-use marsad_schemas::TableName;
+use marsad_schemas::{TOPIC_OPTOUTS, TableName};
 use serde::Serialize;
 
-/// Why an erasure could not finish; what was removed before stays removed.
+/// Why an erasure could not finish; what was removed before stays removed, and repeating
+/// the erasure is safe.
 #[derive(Debug, thiserror::Error)]
-#[error("erasure in table {table}: {reason}")]
-pub struct ErasureError {
-    /// The table being erased from.
-    pub table: &'static str,
-    /// What failed.
-    pub reason: String,
+pub enum ErasureError {
+    /// The opt-out could not be recorded, so nothing was erased.
+    #[error("could not record the opt-out, nothing was erased: {0}")]
+    OptOut(marsad_eventlog::Error),
+    /// A table could not be read or rewritten.
+    #[error("erasure in table {table}: {reason}")]
+    Table {
+        /// The table being erased from.
+        table: &'static str,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// What an erasure needs: where the tables are, the keys that find a subject's rows, and
+/// the opt-out log it records the subject's refusal in first.
+pub struct Erasure<'a> {
+    /// Where the tables live.
+    pub tables: &'a TablesLocation,
+    /// Where opt-outs are recorded.
+    pub log: &'a dyn EventLog,
+    /// This process's opt-outs in force, updated at once.
+    pub opt_outs: &'a OptOutRegistry,
+    /// Hashes identifiers into `audience_id`s and opt-out subjects.
+    pub targeting_key: &'a SecretKey,
+    /// The daily visitor keys that still exist.
+    pub daily_keys: &'a dyn DailyKeyStore,
+    /// How long the processor needs to see the opt-out and commit what it buffered before.
+    pub settle: Duration,
+}
+
+impl Erasure<'_> {
+    /// Records an `all` opt-out for `subject`, waits for the processor to see it, then deletes
+    /// every row linkable to the subject from every table.
+    pub async fn erase(&self, subject: Subject<'_>) -> Result<ErasureReceipt, ErasureError> {
+        let record = OptOutRecord {
+            subject: subject_key(self.targeting_key, subject),
+            scope: OptOutScope::All,
+            at: Utc::now(),
+        };
+        self.log
+            .append(
+                TOPIC_OPTOUTS,
+                vec![Record {
+                    key: Some(record.log_key()),
+                    payload: record.to_bytes(),
+                }],
+            )
+            .await
+            .map_err(ErasureError::OptOut)?;
+        self.opt_outs.apply(&record);
+        tracing::info!("erasure: opt-out recorded; waiting for the processor to see it");
+        tokio::time::sleep(self.settle).await;
+        erase_rows(self.tables, self.daily_keys, self.targeting_key, subject, true).await
+    }
 }
 
 /// What one table gave up.
@@ -55,8 +109,9 @@ pub struct ErasureReceipt {
     pub completed_at: DateTime<Utc>,
 }
 
-/// Deletes every row linkable to `subject` from every table at `location`.
-pub async fn erase_subject(
+/// Deletes every row linkable to `subject` from every table at `location` (the opt-out is the
+/// caller's: [`Erasure::erase`] records it first).
+pub async fn erase_rows(
     location: &TablesLocation,
     daily_keys: &dyn DailyKeyStore,
     targeting_key: &SecretKey,
@@ -68,7 +123,7 @@ pub async fn erase_subject(
     let visitor_keys: Vec<String> = match subject {
         Subject::Cookie(c) => daily_keys
             .existing()
-            .map_err(|e| ErasureError {
+            .map_err(|e| ErasureError::Table {
                 table: "-",
                 reason: e.to_string(),
             })?
@@ -79,8 +134,8 @@ pub async fn erase_subject(
     };
     let mut tables = Vec::new();
     for name in TableName::ALL.iter().map(|t| t.as_str()) {
-        let err = |reason: String| ErasureError { table: name, reason };
-        let Some(table) = crate::catalog::open_table(location, name)
+        let err = |reason: String| ErasureError::Table { table: name, reason };
+        let Some(table) = marsad_tables::open_table(location, name)
             .await
             .map_err(|e| err(e.to_string()))?
         else {
@@ -111,7 +166,9 @@ pub async fn erase_subject(
         let predicate = clauses.join(" OR ");
         // count first: the delete's own metrics may not know the count for whole-file removals
         let ctx = SessionContext::new();
-        crate::catalog::register_table(&ctx, name, &table).await.map_err(err)?;
+        marsad_tables::register(&ctx, name, &table)
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let batches = ctx
             .sql(&format!("SELECT count(*) FROM {name} WHERE {predicate}"))
             .await

@@ -8,7 +8,7 @@ use axum::http::HeaderMap;
 use axum::http::header;
 use http_body_util::BodyExt;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// How much of an oversized body is read and discarded before answering 413, so the
 /// client finishes sending and sees the answer instead of a broken connection.

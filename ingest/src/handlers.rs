@@ -18,8 +18,8 @@ use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_OPTOUTS
 use serde_json::{Value, json};
 
 use crate::IngestState;
-use crate::api::ApiError;
 use crate::body::{read_limited, utf8};
+use crate::error::ApiError;
 
 /// The transparent 1×1 GIF the pixel answers with.
 const PIXEL_GIF: &[u8] = &[

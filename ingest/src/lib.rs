@@ -23,8 +23,8 @@
 
 #![deny(missing_docs)]
 
-mod api;
 mod body;
+mod error;
 mod handlers;
 mod metrics;
 
@@ -42,7 +42,7 @@ use marsad_privacy::keys::SecretKey;
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
-pub use api::ApiError;
+pub use error::ApiError;
 pub use metrics::IngestMetrics;
 
 /// Why the ingest service stopped.

@@ -29,7 +29,7 @@ impl Default for EventsBatchBuilder {
     }
 }
 
-fn days_since_epoch(d: NaiveDate) -> i32 {
+pub(crate) fn days_since_epoch(d: NaiveDate) -> i32 {
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
     (d - epoch).num_days() as i32
 }

@@ -15,10 +15,10 @@
 
 pub mod anonymize;
 pub mod backfill;
-pub mod batch;
 pub mod category;
 pub mod dead_letters;
 pub mod dedup;
+pub mod events_batch;
 pub mod maintenance;
 pub mod metrics;
 pub mod offsets;
@@ -46,6 +46,9 @@ pub enum Error {
         /// What failed.
         source: deltalake::DeltaTableError,
     },
+    /// A table could not be opened or its log read.
+    #[error(transparent)]
+    Table(#[from] marsad_tables::Error),
     /// A query over a table failed.
     #[error("query over {table}: {source}")]
     Query {

@@ -10,8 +10,8 @@ use marsad_config::TablesLocation;
 use marsad_schemas::{DATE_COLUMN, TableName};
 use serde::Serialize;
 
-use crate::table::open_existing;
 use crate::{Error, Result};
+use marsad_tables::open_table;
 
 /// What compacting one table did.
 #[derive(Debug, Clone, Serialize)]
@@ -48,7 +48,7 @@ pub async fn compact_files(
     let mut out = Vec::new();
     for name in TableName::ALL {
         progress(name.as_str());
-        let Some(table) = open_existing(tables, name.as_str()).await? else {
+        let Some(table) = open_table(tables, name.as_str()).await? else {
             continue;
         };
         if table.version().is_none() {
@@ -82,7 +82,7 @@ pub async fn apply_retention(
     let mut out = Vec::new();
     for name in TableName::ALL {
         progress(name.as_str());
-        let Some(table) = open_existing(tables, name.as_str()).await? else {
+        let Some(table) = open_table(tables, name.as_str()).await? else {
             continue;
         };
         let delta = |source| Error::Delta {

@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Result;
 use crate::anonymize::{Anonymizer, NotAnonymized};
-use crate::batch::EventsBatchBuilder;
 use crate::dead_letters::{self, DeadLetter};
 use crate::dedup::RecentEventIds;
+use crate::events_batch::EventsBatchBuilder;
 use crate::metrics::ProcessMetrics;
 use crate::offsets::{app_id, resume_from};
 use crate::rollup::{CrashPoint, Rollups};
@@ -73,9 +73,7 @@ impl Processor {
         let table = EventsTable::open_or_create(&tables).await?;
         let mut dedup = RecentEventIds::new(config.process.dedup_capacity);
         let since = Utc::now().date_naive() - chrono::Duration::days(DEDUP_DAYS);
-        for id in table.event_ids_since(since).await? {
-            dedup.insert(&id);
-        }
+        table.remember_events_since(since, &mut dedup).await?;
         let mut anonymizer = anonymizer;
         let sessions = table.recent_sessions().await?;
         for (visitor, session, last) in &sessions {
@@ -106,7 +104,7 @@ impl Processor {
     }
 
     /// Makes the `n`th commit stop at `point` as if the process died there (crash tests only).
-    #[doc(hidden)]
+    #[cfg(feature = "test-support")]
     pub fn crash_at(mut self, n: usize, point: CrashPoint) -> Self {
         self.crash = Some((n, point));
         self
@@ -239,9 +237,10 @@ impl Processor {
         }
         let mut rollups = Rollups::open(&self.tables, &app_ids).await?;
         let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
-        if caught_up > 0 {
+        if caught_up.events > 0 {
             tracing::info!(
-                events = caught_up,
+                events = caught_up.events,
+                commits = caught_up.commits,
                 "rollups caught up with events committed before a crash or a handover"
             );
         }
@@ -303,7 +302,7 @@ impl Processor {
                         self.metrics.not_collected.inc();
                     }
                     Ok(Some(row)) => {
-                        if self.dedup.insert(&row.event_id) {
+                        if self.dedup.insert(row.visitor_key.as_deref(), &row.event_id) {
                             self.uncommitted_ids += 1;
                             builder.push(&row);
                         } else {

@@ -12,42 +12,13 @@ use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::kernel::{StructType, Transaction};
 use deltalake::protocol::SaveMode;
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::{DeltaTable, DeltaTableError, TableProperty};
 use marsad_config::TablesLocation;
 use marsad_schemas::{DATE_COLUMN, TableName, events_schema};
+use marsad_tables::{open_table, table_handle};
 
+use crate::dedup::RecentEventIds;
 use crate::{Error, Result};
-
-/// A handle on table `name` at `tables`, not loaded yet (a local directory is created if missing).
-pub fn table_handle(tables: &TablesLocation, name: &'static str) -> Result<DeltaTable> {
-    if let Some(dir) = tables.local_dir() {
-        let dir = dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { path: dir, source: e })?;
-    }
-    DeltaTableBuilder::from_url(tables.table_url(name))
-        .map(|b| b.with_storage_options(tables.storage_options()))
-        .and_then(|b| b.build())
-        .map_err(|source| Error::Delta { table: name, source })
-}
-
-/// Table `name` at its latest version, or `None` when it has no commit yet.
-pub async fn open_existing(tables: &TablesLocation, name: &'static str) -> Result<Option<DeltaTable>> {
-    let delta = |source| Error::Delta { table: name, source };
-    // probe only an existing log: loading an empty location makes the kernel log an error
-    let exists = match tables.local_dir() {
-        Some(dir) => dir.join(name).join("_delta_log").is_dir(),
-        None => true,
-    };
-    if !exists {
-        return Ok(None);
-    }
-    let mut table = table_handle(tables, name)?;
-    if !table.verify_deltatable_existence().await.map_err(delta)? {
-        return Ok(None);
-    }
-    table.load().await.map_err(delta)?;
-    Ok(Some(table))
-}
 
 /// What a table is made of, for creating it on first start.
 #[derive(Clone)]
@@ -62,7 +33,24 @@ pub struct TableSpec {
     pub comment: &'static str,
 }
 
+impl TableSpec {
+    /// The columns Delta keeps min/max statistics of (for skipping files): every column but
+    /// the opaque binary ones (visitor sketches), whose statistics mean nothing, and the
+    /// partition columns, which have none.
+    fn stats_columns(&self) -> String {
+        self.schema
+            .fields()
+            .iter()
+            .filter(|f| !matches!(f.data_type(), arrow::datatypes::DataType::Binary))
+            .filter(|f| !self.partitions.contains(&f.name().as_str()))
+            .map(|f| f.name().as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// A Delta table the processor appends to.
+#[derive(Clone)]
 pub struct DeltaSink {
     name: &'static str,
     table: DeltaTable,
@@ -73,7 +61,7 @@ impl DeltaSink {
     pub async fn open_or_create(tables: &TablesLocation, spec: &TableSpec) -> Result<Self> {
         let name = spec.name.as_str();
         let delta = |source| Error::Delta { table: name, source };
-        if let Some(table) = open_existing(tables, name).await? {
+        if let Some(table) = open_table(tables, name).await? {
             return Ok(DeltaSink { name, table });
         }
         let table = table_handle(tables, name)?;
@@ -84,6 +72,7 @@ impl DeltaSink {
             .with_comment(spec.comment)
             .with_columns(schema.fields().cloned())
             .with_partition_columns(spec.partitions.iter().copied())
+            .with_configuration_property(TableProperty::DataSkippingStatsColumns, Some(spec.stats_columns()))
             .with_save_mode(SaveMode::Ignore)
             // no retry: a writer that lost the race to create the table must not commit the
             // schema again as the next version (that would conflict with the winner's appends)
@@ -92,7 +81,7 @@ impl DeltaSink {
         match created {
             Ok(table) => Ok(DeltaSink { name, table }),
             // another processor created it first
-            Err(e) => match open_existing(tables, name).await? {
+            Err(e) => match open_table(tables, name).await? {
                 Some(table) => Ok(DeltaSink { name, table }),
                 None => Err(delta(e)),
             },
@@ -192,6 +181,58 @@ impl DeltaSink {
             .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
     }
 
+    /// Replaces the rows matching `predicate` (on partition columns) with the rows `rows` sends,
+    /// written to new files as they arrive and committed in one commit after
+    /// [`RowsOrStop::End`]; after [`RowsOrStop::Stop`], or if the sender goes away without
+    /// either, nothing is committed. Memory stays within a few batches whatever the total.
+    pub async fn replace_where_streaming(
+        &mut self,
+        rows: tokio::sync::mpsc::Receiver<RowsOrStop>,
+        predicate: String,
+    ) -> Result<u64> {
+        use datafusion::catalog::streaming::StreamingTable;
+        use datafusion::datasource::provider_as_source;
+        use datafusion::logical_expr::LogicalPlanBuilder;
+        let schema: SchemaRef = self
+            .table
+            .snapshot()
+            .map_err(|e| self.delta(e))?
+            .snapshot()
+            .arrow_schema();
+        let source = OneShotRows {
+            schema: schema.clone(),
+            rows: std::sync::Mutex::new(Some(rows)),
+        };
+        let plan = StreamingTable::try_new(schema, vec![std::sync::Arc::new(source)])
+            .and_then(|table| {
+                LogicalPlanBuilder::scan("rebuilt", provider_as_source(std::sync::Arc::new(table)), None)?.build()
+            })
+            .map_err(|source| Error::Query {
+                table: self.name,
+                source,
+            })?;
+        let partitions: Vec<String> = self.partition_columns();
+        let table = self
+            .table
+            .clone()
+            .write(Vec::new())
+            .with_input_plan(plan)
+            .with_save_mode(SaveMode::Overwrite)
+            .with_replace_where(predicate)
+            .with_partition_columns(partitions)
+            .await
+            .map_err(|e| self.delta(e))?;
+        self.table = table;
+        self.table
+            .version()
+            .ok_or_else(|| self.delta(DeltaTableError::Generic("no version after a commit".into())))
+    }
+
+    /// Brings this handle up to the table's latest version.
+    pub async fn refresh(&mut self) -> Result<()> {
+        self.table.update_state().await.map_err(|e| self.delta(e))
+    }
+
     /// Deletes the rows matching `predicate` (a SQL condition) in one commit.
     pub async fn delete_where(&mut self, predicate: String) -> Result<u64> {
         let (table, _) = self
@@ -242,22 +283,24 @@ impl DeltaSink {
 
     /// A DataFusion session with this table registered under its name, at `version` or the latest.
     pub async fn session(&self, version: Option<u64>) -> Result<SessionContext> {
-        let query = |source| Error::Query {
-            table: self.name,
-            source,
-        };
         let mut table = self.table.clone();
         if let Some(v) = version {
             table.load_version(v as _).await.map_err(|e| self.delta(e))?;
         }
         let ctx = SessionContext::new();
-        // an object store (s3://) must be known to the session before it reads the files
-        table
-            .update_datafusion_session(&ctx.state())
-            .map_err(|e| self.delta(e))?;
-        let provider = table.table_provider().await.map_err(query)?;
-        ctx.register_table(self.name, provider).map_err(query)?;
+        marsad_tables::register(&ctx, self.name, &table).await?;
         Ok(ctx)
+    }
+
+    /// Runs `sql` against the latest version of this table, as a stream of batches (memory
+    /// bounded by a batch, not by the result).
+    pub async fn query_stream(&self, sql: &str) -> Result<datafusion::execution::SendableRecordBatchStream> {
+        let query = |source| Error::Query {
+            table: self.name,
+            source,
+        };
+        let ctx = self.session(None).await?;
+        ctx.sql(sql).await.map_err(query)?.execute_stream().await.map_err(query)
     }
 
     /// Runs `sql` against this table (at `version` or the latest).
@@ -269,6 +312,82 @@ impl DeltaSink {
         let ctx = self.session(version).await?;
         ctx.sql(sql).await.map_err(query)?.collect().await.map_err(query)
     }
+}
+
+/// What a streaming rewrite is sent.
+pub enum RowsOrStop {
+    /// Rows to write.
+    Rows(RecordBatch),
+    /// Every row is sent: commit.
+    End,
+    /// The producer failed (the reason): commit nothing.
+    Stop(String),
+}
+
+/// A scan that hands out the rows of a channel once: the input of a streaming rewrite.
+#[derive(Debug)]
+struct OneShotRows {
+    schema: SchemaRef,
+    rows: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<RowsOrStop>>>,
+}
+
+impl datafusion::physical_plan::streaming::PartitionStream for OneShotRows {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(
+        &self,
+        _ctx: std::sync::Arc<datafusion::execution::TaskContext>,
+    ) -> datafusion::execution::SendableRecordBatchStream {
+        use datafusion::error::DataFusionError;
+        use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+        let rows = self.rows.lock().ok().and_then(|mut r| r.take());
+        let schema = self.schema.clone();
+        // (receiver, finished): after an error or the end, nothing more
+        let stream = futures::stream::unfold((rows, false), move |(rows, finished)| {
+            let schema = schema.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                let Some(mut rx) = rows else {
+                    let e = DataFusionError::Execution("the rebuilt rows were already read once".into());
+                    return Some((Err(e), (None, true)));
+                };
+                match rx.recv().await {
+                    Some(RowsOrStop::Rows(batch)) => {
+                        // the table's column types (the builder's may differ in encoding only)
+                        let aligned =
+                            align(&schema, &batch).map_err(|e| DataFusionError::ArrowError(Box::new(e), None));
+                        Some((aligned, (Some(rx), false)))
+                    }
+                    Some(RowsOrStop::End) => None,
+                    Some(RowsOrStop::Stop(why)) => Some((Err(DataFusionError::Execution(why)), (None, true))),
+                    None => {
+                        let e = DataFusionError::Execution("the producer of the rows stopped before their end".into());
+                        Some((Err(e), (None, true)))
+                    }
+                }
+            }
+        });
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), stream))
+    }
+}
+
+/// `batch` with the columns and types of `schema`, by name.
+fn align(schema: &SchemaRef, batch: &RecordBatch) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            let c = batch
+                .column_by_name(f.name())
+                .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("rows without `{}`", f.name())))?;
+            arrow::compute::cast(c, f.data_type())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 /// The `events` table spec.
@@ -306,17 +425,38 @@ impl EventsTable {
         self.sink.append(batch, &positions).await
     }
 
-    /// Event ids stored since `since`, to drop retried duplicates after a restart.
-    pub async fn event_ids_since(&self, since: NaiveDate) -> Result<Vec<String>> {
-        let sql = format!("SELECT event_id FROM events WHERE {DATE_COLUMN} >= DATE '{since}'");
-        let mut ids = Vec::new();
-        for b in self.sink.query(&sql, None).await? {
-            let col = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
-            if let Some(s) = col.as_any().downcast_ref::<StringArray>() {
-                ids.extend(s.iter().flatten().map(str::to_owned));
+    /// Remembers in `recent` the events stored since `since`, to drop retried duplicates after
+    /// a restart; returns how many it read. Streams: memory is `recent`'s, not the ids'.
+    pub async fn remember_events_since(&self, since: NaiveDate, recent: &mut RecentEventIds) -> Result<usize> {
+        use futures::StreamExt;
+        if self.sink.version().is_none_or(|v| v == 0) {
+            return Ok(0);
+        }
+        let sql = format!("SELECT visitor_key, event_id FROM events WHERE {DATE_COLUMN} >= DATE '{since}'");
+        let mut batches = self.sink.query_stream(&sql).await?;
+        let mut read = 0;
+        while let Some(batch) = batches.next().await {
+            let batch = batch.map_err(|source| Error::Query {
+                table: "events",
+                source,
+            })?;
+            let visitors = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+            let ids = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8)?;
+            let (Some(visitors), Some(ids)) = (
+                visitors.as_any().downcast_ref::<StringArray>(),
+                ids.as_any().downcast_ref::<StringArray>(),
+            ) else {
+                continue;
+            };
+            for i in 0..batch.num_rows() {
+                if ids.is_valid(i) {
+                    let visitor = visitors.is_valid(i).then(|| visitors.value(i));
+                    recent.insert(visitor, ids.value(i));
+                    read += 1;
+                }
             }
         }
-        Ok(ids)
+        Ok(read)
     }
 
     /// The latest session of each visitor in the stored recent days, to continue it after a restart.

@@ -185,7 +185,7 @@ impl Audiences {
         let mut guard = self.table.lock().await;
         if guard.is_none() {
             let name = TableName::SegmentMembers.as_str();
-            match crate::catalog::open_table(&self.location, name).await {
+            match marsad_tables::open_table(&self.location, name).await {
                 Ok(Some(table)) => *guard = Some(table),
                 Ok(None) => return Ok(false),
                 Err(e) => return Err(IndexError(e.to_string())),
@@ -228,7 +228,7 @@ async fn load(table: &DeltaTable) -> Result<AudienceIndex, IndexError> {
         _ => None,
     };
     let ctx = SessionContext::new();
-    crate::catalog::register_table(&ctx, "segment_members", table)
+    marsad_tables::register(&ctx, "segment_members", table)
         .await
         .map_err(|e| err(&e))?;
     let batches = ctx

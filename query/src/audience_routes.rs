@@ -15,7 +15,7 @@ use marsad_privacy::pseudonym::Subject;
 use serde_json::json;
 
 use crate::QueryState;
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())

@@ -1,17 +1,27 @@
 //! The tables a query can see: every Delta table at the tables' location (a
-//! directory or object storage), each brought up to its latest version when a
-//! query starts, so one query reads one consistent snapshot per table.
+//! directory or object storage), registered in each query's session at the
+//! latest version the catalog knows.
+//!
+//! Tables refresh independently: each has its own slot holding the snapshot
+//! served (and its DataFusion provider, built once per version), checked
+//! against storage at most every `query.table_refresh_ms`. A query reads the
+//! slots without a lock while they are fresh; when one is stale, one query
+//! refreshes it (object-store I/O) while queries of the same table wait for
+//! that one refresh and queries of other tables do not wait at all. No lock
+//! is held across the I/O of more than one table.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use datafusion::catalog::TableProvider;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use deltalake::DeltaTable;
 use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
-use tokio::sync::Mutex;
 
 /// Why a table could not be made queryable.
 #[derive(Debug, thiserror::Error)]
@@ -23,52 +33,9 @@ pub struct CatalogError {
     pub reason: String,
 }
 
-/// Table `name` at `tables`, at its latest version, or `None` while it has no commit.
-pub async fn open_table(tables: &TablesLocation, name: &str) -> Result<Option<DeltaTable>, DeltaTableError> {
-    // probe a local directory first: loading an empty location makes the kernel log an error
-    if let Some(dir) = tables.local_dir()
-        && !dir.join(name).join("_delta_log").is_dir()
-    {
-        return Ok(None);
-    }
-    let mut table = DeltaTableBuilder::from_url(tables.table_url(name))?
-        .with_storage_options(tables.storage_options())
-        .build()?;
-    if !table.verify_deltatable_existence().await? {
-        return Ok(None);
-    }
-    table.load().await?;
-    Ok(Some(table))
-}
-
-/// Registers `table` in `ctx` as `name`, with its object store (`s3://…`) made known to the session.
-pub async fn register_table(ctx: &SessionContext, name: &str, table: &DeltaTable) -> Result<(), String> {
-    table
-        .update_datafusion_session(&ctx.state())
-        .map_err(|e| e.to_string())?;
-    let provider = table.table_provider().await.map_err(|e| e.to_string())?;
-    ctx.deregister_table(name).map_err(|e| e.to_string())?;
-    ctx.register_table(name, provider).map_err(|e| e.to_string())?;
-    Ok(())
-}
-
 /// On object storage, how long a table found missing is taken as missing before it is
 /// looked for again (a listing per query and table would be paid by every query).
 const ABSENT_RECHECK: Duration = Duration::from_secs(5);
-
-/// Cached Delta tables, refreshed per query.
-pub struct TableCatalog {
-    location: TablesLocation,
-    known: Mutex<KnownTables>,
-    memory_limit: Option<usize>,
-}
-
-/// The tables opened so far, and when each missing one was last looked for.
-#[derive(Default)]
-struct KnownTables {
-    open: HashMap<&'static str, DeltaTable>,
-    absent_since: HashMap<&'static str, Instant>,
-}
 
 /// Which tables a session sees: analysts see only the rollups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,13 +55,63 @@ impl TableScope {
     }
 }
 
+/// One version of a table as queries read it.
+struct Served {
+    version: u64,
+    provider: Arc<dyn TableProvider>,
+    checked: Instant,
+}
+
+/// What the refresher of a table keeps between refreshes.
+#[derive(Default)]
+struct Refresher {
+    table: Option<DeltaTable>,
+    absent_since: Option<Instant>,
+}
+
+/// One table's place in the catalog.
+struct TableSlot {
+    name: &'static str,
+    /// What queries read now (`None`: not loaded yet, missing, or invalidated).
+    served: RwLock<Option<Arc<Served>>>,
+    /// Held by the one query refreshing this table.
+    refresher: tokio::sync::Mutex<Refresher>,
+}
+
+/// The Delta tables at a location, refreshed per table at most every `refresh` interval.
+pub struct TableCatalog {
+    location: TablesLocation,
+    slots: HashMap<&'static str, TableSlot>,
+    memory_limit: Option<usize>,
+    refresh: Duration,
+    /// One object-store registry for every session, so a table's store is registered once.
+    stores: Arc<dyn ObjectStoreRegistry>,
+}
+
 impl TableCatalog {
-    /// Tables at `location`.
+    /// Tables at `location`, checked for new commits by every query (see
+    /// [`with_refresh_interval`](Self::with_refresh_interval)).
     pub fn new(location: TablesLocation) -> Self {
+        let slots = TableName::ALL
+            .iter()
+            .map(|t| {
+                (
+                    t.as_str(),
+                    TableSlot {
+                        name: t.as_str(),
+                        served: RwLock::new(None),
+                        refresher: tokio::sync::Mutex::new(Refresher::default()),
+                    },
+                )
+            })
+            .collect();
         TableCatalog {
             location,
-            known: Mutex::new(KnownTables::default()),
+            slots,
             memory_limit: None,
+            // a batch job or a test reads what was just written; the service sets its interval
+            refresh: Duration::ZERO,
+            stores: Arc::new(DefaultObjectStoreRegistry::new()),
         }
     }
 
@@ -104,46 +121,34 @@ impl TableCatalog {
         self
     }
 
+    /// Checks each table for new commits at most this often (zero: on every query).
+    pub fn with_refresh_interval(mut self, every: Duration) -> Self {
+        self.refresh = every;
+        self
+    }
+
     /// Where the tables live.
     pub fn location(&self) -> &TablesLocation {
         &self.location
     }
 
-    /// Whether table `name` exists, opening it on first sight.
-    async fn ensure_open(&self, known: &mut KnownTables, name: &'static str) -> Result<bool, DeltaTableError> {
-        if known.open.contains_key(name) {
-            return Ok(true);
-        }
-        let remote = self.location.local_dir().is_none();
-        if remote
-            && known
-                .absent_since
-                .get(name)
-                .is_some_and(|since| since.elapsed() < ABSENT_RECHECK)
-        {
-            return Ok(false);
-        }
-        match open_table(&self.location, name).await? {
-            Some(table) => {
-                known.absent_since.remove(name);
-                known.open.insert(name, table);
-                Ok(true)
-            }
-            None => {
-                known.absent_since.insert(name, Instant::now());
-                Ok(false)
+    /// Forgets what every table was: the next query of each reads it from storage again
+    /// (after this process rewrote tables, e.g. an erasure).
+    pub fn invalidate(&self) {
+        for slot in self.slots.values() {
+            if let Ok(mut served) = slot.served.write() {
+                *served = None;
             }
         }
     }
 
     /// The names of the tables that exist now.
     pub async fn existing(&self) -> Vec<&'static str> {
-        let mut known = self.known.lock().await;
         let mut out = Vec::new();
         for name in TableName::ALL.iter().map(|t| t.as_str()) {
-            match self.ensure_open(&mut known, name).await {
-                Ok(true) => out.push(name),
-                Ok(false) => {}
+            match self.current(name).await {
+                Ok(Some(_)) => out.push(name),
+                Ok(None) => {}
                 Err(e) => tracing::warn!(table = name, error = %e, "table not readable"),
             }
         }
@@ -167,50 +172,117 @@ impl TableCatalog {
         let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
-        let ctx = match self.memory_limit {
-            None => SessionContext::new_with_config(config),
-            Some(bytes) => {
-                let runtime = RuntimeEnvBuilder::new()
-                    .with_memory_limit(bytes, 1.0)
-                    .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled))
-                    .build_arc()
-                    .map_err(|e| CatalogError {
-                        table: "*",
-                        reason: e.to_string(),
-                    })?;
-                SessionContext::new_with_config_rt(config, runtime)
-            }
-        };
+        let mut runtime = RuntimeEnvBuilder::new().with_object_store_registry(self.stores.clone());
+        if let Some(bytes) = self.memory_limit {
+            runtime = runtime
+                .with_memory_limit(bytes, 1.0)
+                .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled));
+        }
+        let runtime = runtime.build_arc().map_err(|e| CatalogError {
+            table: "*",
+            reason: e.to_string(),
+        })?;
+        let ctx = SessionContext::new_with_config_rt(config, runtime);
         crate::sketches::register(&ctx);
         Ok(ctx)
     }
 
-    /// Brings the tables of `scope` in `ctx` to their latest versions (and adds new ones), so a
-    /// long-lived session (a Postgres connection) reads what a fresh one would.
+    /// Registers the tables of `scope` in `ctx` at their latest known versions (and adds new
+    /// ones), so a long-lived session (a Postgres connection) reads what a fresh one would.
     pub async fn refresh(&self, ctx: &SessionContext, scope: TableScope) -> Result<(), CatalogError> {
-        let mut known = self.known.lock().await;
         for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
             let err = |reason: String| CatalogError { table: name, reason };
-            let opened_before = known.open.contains_key(name);
-            // a table not created yet is looked for again by a later query
-            if !self
-                .ensure_open(&mut known, name)
-                .await
-                .map_err(|e| err(e.to_string()))?
-            {
-                continue;
-            }
-            let Some(table) = known.open.get_mut(name) else {
+            let Some(served) = self.current(name).await? else {
+                // a table not created yet is looked for again by a later query
                 continue;
             };
-            if opened_before {
-                table.update_incremental(None).await.map_err(|e| err(e.to_string()))?;
-            }
-            if table.version().is_none() {
-                continue;
-            }
-            register_table(ctx, name, table).await.map_err(err)?;
+            ctx.deregister_table(name).map_err(|e| err(e.to_string()))?;
+            ctx.register_table(name, served.provider.clone())
+                .map_err(|e| err(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// Table `name` as queries should read it now: the served version while it is fresh,
+    /// else after one refresh from storage (shared by every query that asks meanwhile).
+    async fn current(&self, name: &'static str) -> Result<Option<Arc<Served>>, CatalogError> {
+        let Some(slot) = self.slots.get(name) else {
+            return Ok(None);
+        };
+        if let Some(served) = slot.fresh(self.refresh) {
+            return Ok(Some(served));
+        }
+        let mut refresher = slot.refresher.lock().await;
+        // another query may have refreshed it while this one waited
+        if let Some(served) = slot.fresh(self.refresh) {
+            return Ok(Some(served));
+        }
+        self.reload(slot, &mut refresher).await
+    }
+
+    async fn reload(&self, slot: &TableSlot, refresher: &mut Refresher) -> Result<Option<Arc<Served>>, CatalogError> {
+        let name = slot.name;
+        let err = |reason: String| CatalogError { table: name, reason };
+        match refresher.table.as_mut() {
+            Some(table) => table.update_incremental(None).await.map_err(|e| err(e.to_string()))?,
+            None => {
+                let remote = self.location.local_dir().is_none();
+                if remote
+                    && refresher
+                        .absent_since
+                        .is_some_and(|since| since.elapsed() < ABSENT_RECHECK)
+                {
+                    return Ok(None);
+                }
+                match marsad_tables::open_table(&self.location, name)
+                    .await
+                    .map_err(|e| err(e.to_string()))?
+                {
+                    Some(table) => {
+                        refresher.absent_since = None;
+                        refresher.table = Some(table);
+                    }
+                    None => {
+                        refresher.absent_since = Some(Instant::now());
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+        let Some(table) = refresher.table.as_ref() else {
+            return Ok(None);
+        };
+        let Some(version) = table.version() else {
+            return Ok(None);
+        };
+        let previous = slot.served.read().ok().and_then(|s| s.clone());
+        let provider = match previous {
+            Some(p) if p.version == version => p.provider.clone(),
+            _ => {
+                // the table's object store (s3://…) is made known to every session at once
+                let probe = self.empty_session()?;
+                table
+                    .update_datafusion_session(&probe.state())
+                    .map_err(|e| err(e.to_string()))?;
+                table.table_provider().await.map_err(|e| err(e.to_string()))?
+            }
+        };
+        let served = Arc::new(Served {
+            version,
+            provider,
+            checked: Instant::now(),
+        });
+        if let Ok(mut slot_served) = slot.served.write() {
+            *slot_served = Some(served.clone());
+        }
+        Ok(Some(served))
+    }
+}
+
+impl TableSlot {
+    /// The served version, if it was checked within `refresh`.
+    fn fresh(&self, refresh: Duration) -> Option<Arc<Served>> {
+        let served = self.served.read().ok()?.clone()?;
+        (served.checked.elapsed() < refresh).then_some(served)
     }
 }

@@ -8,13 +8,11 @@
 
 #![deny(missing_docs)]
 
-mod api;
 pub mod audience;
 mod audience_routes;
-pub mod audit;
 pub mod catalog;
 pub mod dashboard;
-pub mod erasure;
+mod error;
 mod metrics;
 pub mod pg;
 pub mod reports;
@@ -35,8 +33,8 @@ use marsad_privacy::keys::{DailyKeyStore, SecretKey};
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
-pub use api::ApiError;
 pub use catalog::TableCatalog;
+pub use error::ApiError;
 pub use metrics::QueryMetrics;
 
 /// Why the query service could not start or stopped.
@@ -97,7 +95,8 @@ impl QueryState {
             keys: Arc::new(keys),
             catalog: Arc::new(
                 TableCatalog::new(tables.clone())
-                    .with_memory_limit((config.query.memory_limit_mb as usize).saturating_mul(1 << 20)),
+                    .with_memory_limit((config.query.memory_limit_mb as usize).saturating_mul(1 << 20))
+                    .with_refresh_interval(Duration::from_millis(config.query.table_refresh_ms)),
             ),
             max_rows: config.query.max_result_rows,
             timeout: Duration::from_secs(config.query.timeout_secs),
@@ -118,7 +117,7 @@ impl QueryState {
         statement: &str,
         params: Option<datafusion::common::ParamValues>,
         access: sql::Access,
-    ) -> Result<sql::QueryResult, api::ApiError> {
+    ) -> Result<sql::QueryResult, error::ApiError> {
         let run = sql::run_with_params(ctx, statement, params, self.max_rows, access);
         match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(r)) => {
@@ -126,7 +125,7 @@ impl QueryState {
                 Ok(r)
             }
             Ok(Err(e)) => {
-                self.metrics.count(if matches!(e, api::ApiError::BadRequest(_)) {
+                self.metrics.count(if matches!(e, error::ApiError::BadRequest(_)) {
                     "refused"
                 } else {
                     "error"
@@ -135,7 +134,7 @@ impl QueryState {
             }
             Err(_) => {
                 self.metrics.count("timeout");
-                Err(api::ApiError::Timeout(self.timeout.as_secs()))
+                Err(error::ApiError::Timeout(self.timeout.as_secs()))
             }
         }
     }

@@ -41,8 +41,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::QueryState;
-use crate::api::ApiError;
 use crate::catalog::TableScope;
+use crate::error::ApiError;
 use crate::sql::{self, Access};
 
 /// The catalog name clients see (`current_database()`).

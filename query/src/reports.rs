@@ -12,7 +12,7 @@ use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
 use serde_json::{Map, Value, json};
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// The reports there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,15 +11,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use chrono::Utc;
-use marsad_eventlog::Record;
-use marsad_privacy::optout::{OptOutRecord, OptOutScope, subject_key};
 use marsad_privacy::pseudonym::Subject;
-use marsad_schemas::TOPIC_OPTOUTS;
 
 use crate::QueryState;
-use crate::api::ApiError;
 use crate::catalog::TableScope;
-use crate::erasure;
+use crate::error::ApiError;
 use crate::sql::{self, Access, Format};
 
 /// The body of `POST /v1/sql`.
@@ -169,37 +165,23 @@ pub async fn erase_subject(
         }
     };
     let privacy = &state.privacy;
-    let record = OptOutRecord {
-        subject: subject_key(&privacy.targeting_key, subject),
-        scope: OptOutScope::All,
-        at: Utc::now(),
+    tracing::info!(key = %holder.name, "erasure requested");
+    let erasure = marsad_admin::erasure::Erasure {
+        tables: state.catalog.location(),
+        log: privacy.log.as_ref(),
+        opt_outs: &privacy.opt_outs,
+        targeting_key: &privacy.targeting_key,
+        daily_keys: privacy.daily_keys.as_ref(),
+        settle: state.erasure_settle,
     };
-    privacy
-        .log
-        .append(
-            TOPIC_OPTOUTS,
-            vec![Record {
-                key: Some(record.log_key()),
-                payload: record.to_bytes(),
-            }],
-        )
-        .await
-        .map_err(|e| ApiError::Unavailable(format!("could not record the opt-out, nothing was erased: {e}")))?;
-    privacy.opt_outs.apply(&record);
-    tracing::info!(key = %holder.name, "erasure: opt-out recorded; waiting for the processor to see it");
-    tokio::time::sleep(state.erasure_settle).await;
-    let receipt = erasure::erase_subject(
-        state.catalog.location(),
-        privacy.daily_keys.as_ref(),
-        &privacy.targeting_key,
-        subject,
-        true,
-    )
-    .await
-    .map_err(|e| {
+    let receipt = erasure.erase(subject).await.map_err(|e| {
         tracing::error!(error = %e, "erasure failed");
-        ApiError::Unavailable(format!("erasure did not finish ({e}); it is safe to repeat"))
+        match e {
+            marsad_admin::erasure::ErasureError::OptOut(_) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::Unavailable(format!("erasure did not finish ({e}); it is safe to repeat")),
+        }
     })?;
+    state.catalog.invalidate();
     tracing::info!(key = %holder.name, rows = receipt.rows_removed, "erasure done");
     Ok(Json(receipt).into_response())
 }

@@ -20,7 +20,7 @@ use datafusion::logical_expr::expr::AggregateFunction;
 use datafusion::logical_expr::{Aggregate, Expr, LogicalPlan, Projection};
 use datafusion::prelude::SessionContext;
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// The hidden per-row sketch of the row's visitors added to an analyst's aggregate.
 const CELL_SKETCH: &str = "__marsad_cell_sketch";

@@ -9,7 +9,7 @@ use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
 use serde_json::{Value, json};
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 
 /// Output formats of `/v1/sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +70,7 @@ pub struct QueryResult {
 }
 
 /// A DataFusion error as the client should see it.
-pub(crate) fn user_error(e: DataFusionError) -> ApiError {
+pub fn user_error(e: DataFusionError) -> ApiError {
     let message = e.strip_backtrace();
     match e.find_root() {
         DataFusionError::ResourcesExhausted(msg) => ApiError::BadRequest(format!(
@@ -93,6 +93,26 @@ pub(crate) fn user_error(e: DataFusionError) -> ApiError {
     }
 }
 
+/// Plans `sql` read-only (DDL, DML and statements refused) for a caller who may read every
+/// table, and runs it as a stream of batches: how exports of any size run in bounded memory.
+pub async fn stream(
+    ctx: &SessionContext,
+    sql: &str,
+) -> Result<datafusion::execution::SendableRecordBatchStream, ApiError> {
+    if sql.trim().is_empty() {
+        return Err(ApiError::BadRequest("empty SQL".into()));
+    }
+    let df = ctx.sql_with_options(sql, read_only()).await.map_err(user_error)?;
+    df.execute_stream().await.map_err(user_error)
+}
+
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 /// Plans and runs `sql` read-only as `access` allows, keeping at most `max_rows` rows.
 pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize, access: Access) -> Result<QueryResult, ApiError> {
     run_with_params(ctx, sql, None, max_rows, access).await
@@ -109,11 +129,7 @@ pub async fn run_with_params(
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
-    let read_only = SQLOptions::new()
-        .with_allow_ddl(false)
-        .with_allow_dml(false)
-        .with_allow_statements(false);
-    let mut df = ctx.sql_with_options(sql, read_only).await.map_err(user_error)?;
+    let mut df = ctx.sql_with_options(sql, read_only()).await.map_err(user_error)?;
     if let Some(params) = params {
         df = df.with_param_values(params).map_err(user_error)?;
     }

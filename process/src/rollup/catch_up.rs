@@ -1,0 +1,314 @@
+//! Catching the rollups up with `events`: after a crash between the `events`
+//! commit and the rollup commits (or when a processor takes a partition over),
+//! the `events` commits a rollup has not counted are read back and counted,
+//! one commit at a time and one Parquet batch at a time, so memory does not
+//! grow with how far a rollup lags.
+//!
+//! The open sessions are rebuilt first, as of what `traffic_hourly` counted:
+//! recent rows of `events` are replayed without counting, except the ones the
+//! catch-up is about to count (remembered as 128-bit fingerprints, and only
+//! for the recent days the replay reads).
+
+use std::collections::{HashMap, HashSet};
+
+use arrow::array::{Array, Date32Array};
+use deltalake::DeltaTable;
+use deltalake::parquet::arrow::ProjectionMask;
+use deltalake::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use futures::StreamExt;
+use marsad_schemas::DATE_COLUMN;
+use marsad_tables::Commit;
+use object_store::ObjectStoreExt;
+
+use super::Rollups;
+use super::rows::{COLUMNS, EventRows};
+use super::traffic::{SESSION_MEMORY_MICROS, TrafficRollup};
+use crate::dedup::IdFingerprints;
+use crate::table::DeltaSink;
+use crate::{Error, Result};
+
+/// Rows read from a data file at a time.
+const READ_BATCH_ROWS: usize = 8192;
+
+/// What a catch-up did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CatchUp {
+    /// Events counted into the rollups that lagged.
+    pub events: usize,
+    /// `events` commits read back.
+    pub commits: usize,
+    /// The most `events` rows held in memory at once.
+    pub max_rows_held: usize,
+}
+
+impl Rollups {
+    /// Counts what `events` holds beyond what the rollups have counted (after a crash between
+    /// the commits, or a handover), after rebuilding the open sessions.
+    pub async fn catch_up(&mut self, events: &DeltaSink, events_positions: &HashMap<String, i64>) -> Result<CatchUp> {
+        let lagging: HashMap<String, i64> = events_positions
+            .iter()
+            .filter_map(|(app, &e)| {
+                let lowest = self
+                    .tables
+                    .iter()
+                    .map(|t| t.covered.get(app).copied().unwrap_or(-1))
+                    .min()?;
+                (lowest < e).then(|| (app.clone(), lowest))
+            })
+            .collect();
+        let commits = if lagging.is_empty() {
+            Vec::new()
+        } else {
+            uncounted_commits(events.table(), &lagging).await?
+        };
+        let mut report = CatchUp {
+            commits: commits.len(),
+            ..CatchUp::default()
+        };
+        // the open sessions as of what traffic_hourly counted: recent rows but those it counts now
+        let traffic_behind: Vec<&Commit> = commits
+            .iter()
+            .filter(|c| self.tables.first().is_some_and(|t| t.behind(&c.positions)))
+            .collect();
+        let skip = recent_ids(events, &traffic_behind).await?;
+        self.restore_sessions(events, &skip).await?;
+        for commit in &commits {
+            for file in &commit.added_files {
+                let Some(reader) = data_file(events.table(), file, None).await? else {
+                    continue;
+                };
+                for batch in reader {
+                    let batch = batch?;
+                    report.max_rows_held = report.max_rows_held.max(batch.num_rows());
+                    report.events += batch.num_rows();
+                    self.add(&batch, &commit.positions)?;
+                }
+            }
+            self.commit(&commit.positions, None).await?;
+        }
+        Ok(report)
+    }
+
+    async fn restore_sessions(&mut self, events: &DeltaSink, skip: &IdFingerprints) -> Result<()> {
+        let Some(traffic) = self.tables.first_mut() else {
+            return Ok(());
+        };
+        if events.version().is_none_or(|v| v == 0) {
+            return Ok(());
+        }
+        let cols = COLUMNS.join(", ");
+        let sql = format!(
+            "WITH latest AS (SELECT max(ts) AS ts, max({DATE_COLUMN}) AS day FROM events) \
+             SELECT event_id, ts, is_bot, {cols} FROM events \
+             WHERE NOT is_bot AND {DATE_COLUMN} >= (SELECT day FROM latest) - INTERVAL '1' DAY \
+             AND session_id IN (SELECT session_id FROM events WHERE session_id IS NOT NULL \
+               AND {DATE_COLUMN} >= (SELECT day FROM latest) - INTERVAL '1' DAY GROUP BY session_id \
+               HAVING max(ts) >= (SELECT ts FROM latest) - INTERVAL '{} minutes') \
+             ORDER BY ts",
+            SESSION_MEMORY_MICROS / 60_000_000
+        );
+        let mut rollup = TrafficRollup::default();
+        let mut rows = events.query_stream(&sql).await?;
+        while let Some(batch) = rows.next().await {
+            let batch = batch.map_err(|source| Error::Query {
+                table: "events",
+                source,
+            })?;
+            rollup.replay(&batch, skip)?;
+        }
+        rollup.forget_idle();
+        traffic.rollup = Box::new(rollup);
+        Ok(())
+    }
+}
+
+/// Fingerprints of the event ids in `commits` dated within the days the session replay reads
+/// (the latest date of `events` and the day before).
+async fn recent_ids(events: &DeltaSink, commits: &[&Commit]) -> Result<IdFingerprints> {
+    let mut ids = IdFingerprints::default();
+    if commits.is_empty() {
+        return Ok(ids);
+    }
+    let latest = events
+        .query(&format!("SELECT max({DATE_COLUMN}) FROM events"), None)
+        .await?
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<Date32Array>().cloned())
+        .filter(|a| !a.is_empty() && a.is_valid(0))
+        .map(|a| a.value(0));
+    let Some(latest) = latest else {
+        return Ok(ids);
+    };
+    for commit in commits {
+        for file in &commit.added_files {
+            let Some(reader) = data_file(events.table(), file, Some(&["event_id", DATE_COLUMN])).await? else {
+                continue;
+            };
+            for batch in reader {
+                let batch = batch?;
+                let event_ids = EventRows::text_column(&batch, "event_id")?;
+                let dates = batch
+                    .column_by_name(DATE_COLUMN)
+                    .and_then(|c| c.as_any().downcast_ref::<Date32Array>());
+                for i in 0..batch.num_rows() {
+                    // files written by the processor carry the partition column; without it, keep all
+                    let recent = dates.is_none_or(|d| d.is_null(i) || d.value(i) >= latest - 1);
+                    if recent && event_ids.is_valid(i) {
+                        ids.insert(event_ids.value(i));
+                    }
+                }
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,
+/// read from the log as typed actions, newest back to the first commit every app id has
+/// counted.
+async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -> Result<Vec<Commit>> {
+    let Some(latest) = table.version() else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    let mut settled: HashSet<&str> = HashSet::new();
+    let mut version = latest as i64;
+    while version >= 0 && settled.len() < counted.len() {
+        let Some(commit) = marsad_tables::read_commit(table, "events", version as u64).await? else {
+            let unsettled: Vec<&str> = counted
+                .keys()
+                .map(String::as_str)
+                .filter(|a| !settled.contains(a))
+                .collect();
+            return Err(Error::Delta {
+                table: "events",
+                source: deltalake::DeltaTableError::Generic(format!(
+                    "the rollups have not counted every events commit of {unsettled:?}, and commit {version} \
+                     and older are gone from the log (cleaned up after a checkpoint); the rollups cannot be \
+                     caught up from events without undercounting"
+                )),
+            });
+        };
+        version -= 1;
+        if !commit.is_write() {
+            continue;
+        }
+        let mut needed = false;
+        for (app, p) in &commit.positions {
+            if let Some((name, &c)) = counted.get_key_value(app.as_str()) {
+                if *p > c {
+                    needed = true;
+                } else {
+                    settled.insert(name.as_str());
+                }
+            }
+        }
+        if needed {
+            found.push(commit);
+        }
+    }
+    found.reverse();
+    Ok(found)
+}
+
+/// A reader of one data file of `events` (only `columns`, when given), batch by batch; `None`
+/// when the file is gone (vacuumed after an erasure since it was committed).
+async fn data_file(
+    table: &DeltaTable,
+    path: &str,
+    columns: Option<&[&str]>,
+) -> Result<Option<ParquetRecordBatchReader>> {
+    let delta = |source| Error::Delta {
+        table: "events",
+        source,
+    };
+    let location = deltalake::Path::from_url_path(path).map_err(|e| {
+        delta(deltalake::DeltaTableError::Generic(format!(
+            "data file path {path}: {e}"
+        )))
+    })?;
+    let bytes = match table.object_store().get(&location).await {
+        Ok(got) => got.bytes().await,
+        Err(e) => Err(e),
+    };
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(deltalake::ObjectStoreError::NotFound { .. }) => {
+            tracing::warn!(
+                path,
+                "an events file the rollups had not counted is gone (erased); skipping it"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(delta(e.into())),
+    };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
+        .map_err(|e| delta(e.into()))?
+        .with_batch_size(READ_BATCH_ROWS);
+    let builder = match columns {
+        None => builder,
+        Some(columns) => {
+            let mask = ProjectionMask::columns(builder.parquet_schema(), columns.iter().copied());
+            builder.with_projection(mask)
+        }
+    };
+    Ok(Some(builder.build().map_err(|e| delta(e.into()))?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollup::rows::test_batch;
+    use crate::table::EventsTable;
+
+    /// Three `events` commits the rollups never counted (a processor that died after each
+    /// events commit) are counted, and never more than a read batch of them is in memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_lag_is_caught_up_a_batch_at_a_time() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        const COMMIT_ROWS: usize = 10_000;
+        let dir = tempfile::tempdir()?;
+        let tables = marsad_config::TablesLocation::local(dir.path())?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        for commit in 0..3 {
+            let rows: Vec<(String, String, i64)> = (0..COMMIT_ROWS)
+                .map(|i| {
+                    let n = commit * COMMIT_ROWS + i;
+                    (format!("v{}", n % 700), format!("s{}", n % 900), (n / 100) as i64)
+                })
+                .collect();
+            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+                .iter()
+                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+                .collect();
+            let last = ((commit + 1) * COMMIT_ROWS - 1) as u64;
+            events.append(test_batch(&refs), &[(app.clone(), last)]).await?;
+        }
+        let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app)).await?;
+        let report = rollups.catch_up(events.sink(), &positions).await?;
+        assert_eq!((report.events, report.commits), (3 * COMMIT_ROWS, 3), "{report:?}");
+        assert!(
+            report.max_rows_held <= READ_BATCH_ROWS,
+            "held {} rows at once: {report:?}",
+            report.max_rows_held
+        );
+        let traffic = DeltaSink::open_or_create(&tables, &super::super::rollup_specs()[0]).await?;
+        let counted = traffic
+            .query("SELECT CAST(sum(events) AS BIGINT) FROM traffic_hourly", None)
+            .await?;
+        let counted = counted[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .map(|a| a.value(0));
+        assert_eq!(counted, Some(3 * COMMIT_ROWS as i64));
+        // caught up: a second catch-up finds nothing to count
+        let again = Rollups::open(&tables, std::slice::from_ref(&app))
+            .await?
+            .catch_up(events.sink(), &positions)
+            .await?;
+        assert_eq!(again.events, 0);
+        Ok(())
+    }
+}

@@ -1,0 +1,81 @@
+//! `demographics_daily`: declared age band and gender (null when undeclared)
+//! by day, place and page category.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BinaryBuilder, Date32Builder, Int64Builder, StringBuilder};
+use arrow::record_batch::RecordBatch;
+use datasketches::hll::HllSketch;
+use marsad_schemas::demographics_daily_schema;
+
+use super::Rollup;
+use super::rows::{Col, EventRows, MICROS_PER_DAY, new_sketch};
+use crate::Result;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct DemographicsKey {
+    day: i32,
+    dims: [Option<String>; 5],
+}
+
+struct DemographicsCell {
+    events: i64,
+    visitors: HllSketch,
+}
+
+/// `demographics_daily`: declared age band and gender (null when undeclared) by place and category.
+#[derive(Default)]
+pub(super) struct DemographicsRollup {
+    cells: HashMap<DemographicsKey, DemographicsCell>,
+}
+
+impl Rollup for DemographicsRollup {
+    fn retain_days(&mut self, first: i32, last: i32) {
+        self.cells.retain(|k, _| (first..=last).contains(&(k.day)));
+    }
+
+    fn add(&mut self, rows: &EventRows, which: &[usize]) {
+        for &i in which {
+            let key = DemographicsKey {
+                day: rows.ts.value(i).div_euclid(MICROS_PER_DAY) as i32,
+                dims: [
+                    rows.owned(Col::Country, i),
+                    rows.owned(Col::Region, i),
+                    rows.owned(Col::AgeBand, i),
+                    rows.owned(Col::Gender, i),
+                    rows.owned(Col::PageCategory, i),
+                ],
+            };
+            let cell = self.cells.entry(key).or_insert_with(|| DemographicsCell {
+                events: 0,
+                visitors: new_sketch(),
+            });
+            cell.events += 1;
+            if let Some(v) = rows.get(Col::VisitorKey, i) {
+                cell.visitors.update(v);
+            }
+        }
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
+        let cells = std::mem::take(&mut self.cells);
+        let mut date = Date32Builder::new();
+        let mut dims: Vec<StringBuilder> = (0..5).map(|_| StringBuilder::new()).collect();
+        let mut events = Int64Builder::new();
+        let mut visitors = BinaryBuilder::new();
+        for (k, c) in cells {
+            date.append_value(k.day);
+            for (b, v) in dims.iter_mut().zip(&k.dims) {
+                b.append_option(v.as_deref());
+            }
+            events.append_value(c.events);
+            visitors.append_value(c.visitors.serialize());
+        }
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(date.finish())];
+        columns.extend(dims.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.push(Arc::new(events.finish()));
+        columns.push(Arc::new(visitors.finish()));
+        Ok(RecordBatch::try_new(demographics_daily_schema(), columns)?)
+    }
+}

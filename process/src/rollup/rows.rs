@@ -1,0 +1,177 @@
+//! `events` rows as the rollups read them: the columns they aggregate by,
+//! whatever string encoding a batch came in, and the visitor sketch they share.
+
+use arrow::array::{Array, BooleanArray, StringArray, TimestampMicrosecondArray};
+use arrow::datatypes::{DataType, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use datasketches::hll::{HllSketch, HllType};
+use marsad_schemas::HLL_LG_K;
+
+use crate::{Error, Result};
+
+pub(super) const MICROS_PER_HOUR: i64 = 3_600_000_000;
+pub(super) const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
+
+/// The columns of `events` the rollups read, in [`Col`] order.
+pub(super) const COLUMNS: [&str; 16] = [
+    "event_type",
+    "visitor_key",
+    "session_id",
+    "country",
+    "region",
+    "device_type",
+    "os",
+    "browser",
+    "language",
+    "page_category",
+    "referrer_domain",
+    "campaign_id",
+    "ad_id",
+    "placement",
+    "age_band",
+    "gender",
+];
+
+#[derive(Clone, Copy)]
+pub(super) enum Col {
+    EventType = 0,
+    VisitorKey,
+    SessionId,
+    Country,
+    Region,
+    DeviceType,
+    Os,
+    Browser,
+    Language,
+    PageCategory,
+    ReferrerDomain,
+    CampaignId,
+    AdId,
+    Placement,
+    AgeBand,
+    Gender,
+}
+
+/// `events` rows as the rollups read them, whatever string encoding the batch came in.
+pub struct EventRows {
+    pub(super) ts: TimestampMicrosecondArray,
+    strings: Vec<StringArray>,
+    is_bot: BooleanArray,
+    event_id: StringArray,
+}
+
+fn utf8(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+    let col = batch
+        .column_by_name(name)
+        .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("events batch without `{name}`")))?;
+    let cast = arrow::compute::cast(col, &DataType::Utf8)?;
+    cast.as_any()
+        .downcast_ref::<StringArray>()
+        .cloned()
+        .ok_or_else(|| Error::Arrow(arrow::error::ArrowError::CastError(format!("`{name}` is not text"))))
+}
+
+impl EventRows {
+    /// Column `name` of `batch` as text, whatever string encoding it came in.
+    pub fn text_column(batch: &RecordBatch, name: &str) -> Result<StringArray> {
+        utf8(batch, name)
+    }
+
+    /// Reads the rollup columns of an `events` batch.
+    pub fn new(batch: &RecordBatch) -> Result<Self> {
+        let missing = |name: &str| arrow::error::ArrowError::SchemaError(format!("events batch without `{name}`"));
+        let ts = batch.column_by_name("ts").ok_or_else(|| missing("ts"))?;
+        let ts = arrow::compute::cast(ts, &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())))?;
+        let ts = ts
+            .as_any()
+            .downcast_ref::<TimestampMicrosecondArray>()
+            .cloned()
+            .ok_or_else(|| missing("ts"))?;
+        let is_bot = batch.column_by_name("is_bot").ok_or_else(|| missing("is_bot"))?;
+        let is_bot = is_bot
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .cloned()
+            .ok_or_else(|| missing("is_bot"))?;
+        let strings = COLUMNS.iter().map(|c| utf8(batch, c)).collect::<Result<Vec<_>>>()?;
+        Ok(EventRows {
+            ts,
+            strings,
+            is_bot,
+            event_id: utf8(batch, "event_id")?,
+        })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.ts.len()
+    }
+
+    pub(super) fn get(&self, col: Col, row: usize) -> Option<&str> {
+        let a = &self.strings[col as usize];
+        (!a.is_null(row)).then(|| a.value(row))
+    }
+
+    pub(super) fn owned(&self, col: Col, row: usize) -> Option<String> {
+        self.get(col, row).map(str::to_owned)
+    }
+
+    pub(crate) fn counted(&self, row: usize) -> bool {
+        !(self.is_bot.is_valid(row) && self.is_bot.value(row))
+    }
+
+    pub(crate) fn event_id(&self, row: usize) -> &str {
+        self.event_id.value(row)
+    }
+}
+
+pub(crate) fn new_sketch() -> HllSketch {
+    // HLL_LG_K is within the sketch's range, so this cannot fail; fall back to the smallest anyway
+    HllSketch::new(HLL_LG_K, HllType::Hll8)
+        .or_else(|_| HllSketch::new(4, HllType::Hll8))
+        .unwrap_or_else(|_| unreachable!("lg_k 4 is valid"))
+}
+
+/// An `events`-shaped batch of (visitor, session, minute, category, type) rows, for the
+/// rollups' unit tests.
+#[cfg(test)]
+pub(crate) fn test_batch(rows: &[(&str, &str, i64, &str, &str)]) -> RecordBatch {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, BooleanBuilder, StringBuilder};
+    use marsad_schemas::events_schema;
+    let schema = events_schema();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .map(|f| -> ArrayRef {
+            match f.name().as_str() {
+                "ts" => Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2 * 60_000_000))
+                        .with_timezone("UTC"),
+                ),
+                "date" => Arc::new(arrow::array::Date32Array::from_iter_values(rows.iter().map(|_| 0))),
+                "is_bot" | "consent_marketing" => {
+                    let mut b = BooleanBuilder::new();
+                    rows.iter().for_each(|_| b.append_value(false));
+                    Arc::new(b.finish())
+                }
+                name => {
+                    let mut b = StringBuilder::new();
+                    for (i, r) in rows.iter().enumerate() {
+                        match name {
+                            "event_id" => b.append_value(format!("e{i}-{}-{}", r.1, r.2)),
+                            "visitor_key" => b.append_value(r.0),
+                            "session_id" => b.append_value(r.1),
+                            "page_category" => b.append_value(r.3),
+                            "event_type" => b.append_value(r.4),
+                            "country" => b.append_value("JO"),
+                            _ => b.append_null(),
+                        }
+                    }
+                    Arc::new(b.finish())
+                }
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns).expect("a valid batch")
+}

@@ -1,0 +1,241 @@
+//! `traffic_hourly`: events, sessions, bounces, session time and visitors per
+//! hour and dimensions. A session counts in the hour and dimensions of its
+//! first event; its duration and bounce are added there as later events arrive.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arrow::array::{ArrayRef, BinaryBuilder, Date32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::record_batch::RecordBatch;
+use datasketches::hll::HllSketch;
+use marsad_schemas::traffic_hourly_schema;
+
+use super::Rollup;
+use super::rows::{Col, EventRows, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use crate::Result;
+use crate::dedup::IdFingerprints;
+use crate::sessions::SESSION_GAP_MINUTES;
+
+/// Sessions idle this long (event time) are forgotten by the rollup; longer than the
+/// processor's 30-minute gap, so a session the processor continues is never counted twice.
+pub(super) const SESSION_MEMORY_MICROS: i64 = 4 * SESSION_GAP_MINUTES * 60_000_000;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct TrafficKey {
+    hour: i64,
+    dims: [Option<String>; 8],
+    event_type: String,
+}
+
+struct TrafficCell {
+    events: i64,
+    sessions: i64,
+    bounces: i64,
+    session_seconds: i64,
+    visitors: HllSketch,
+}
+
+impl Default for TrafficCell {
+    fn default() -> Self {
+        TrafficCell {
+            events: 0,
+            sessions: 0,
+            bounces: 0,
+            session_seconds: 0,
+            visitors: new_sketch(),
+        }
+    }
+}
+
+struct OpenSession {
+    start: TrafficKey,
+    events: u32,
+    first: i64,
+    last: i64,
+}
+
+/// `traffic_hourly`, with sessions: a session counts in the hour and dimensions of its first
+/// event, its duration and bounce (a single event) are added there as later events arrive.
+#[derive(Default)]
+pub(super) struct TrafficRollup {
+    cells: HashMap<TrafficKey, TrafficCell>,
+    open: HashMap<String, OpenSession>,
+    watermark: i64,
+}
+
+impl TrafficRollup {
+    fn key(rows: &EventRows, i: usize) -> TrafficKey {
+        let ts = rows.ts.value(i);
+        TrafficKey {
+            hour: ts - ts.rem_euclid(MICROS_PER_HOUR),
+            dims: [
+                rows.owned(Col::Country, i),
+                rows.owned(Col::Region, i),
+                rows.owned(Col::DeviceType, i),
+                rows.owned(Col::Os, i),
+                rows.owned(Col::Browser, i),
+                rows.owned(Col::Language, i),
+                rows.owned(Col::PageCategory, i),
+                rows.owned(Col::ReferrerDomain, i),
+            ],
+            event_type: rows.get(Col::EventType, i).unwrap_or("custom").to_owned(),
+        }
+    }
+
+    /// Follows sessions; with `emit`, adds what the row changes to the cells.
+    pub(super) fn observe(&mut self, rows: &EventRows, i: usize, emit: bool) {
+        let ts = rows.ts.value(i);
+        let key = Self::key(rows, i);
+        if emit {
+            let cell = self.cells.entry(key.clone()).or_default();
+            cell.events += 1;
+            if let Some(v) = rows.get(Col::VisitorKey, i) {
+                cell.visitors.update(v);
+            }
+        }
+        self.watermark = self.watermark.max(ts);
+        let Some(session) = rows.get(Col::SessionId, i) else {
+            return;
+        };
+        match self.open.get_mut(session) {
+            None => {
+                self.open.insert(
+                    session.to_owned(),
+                    OpenSession {
+                        start: key.clone(),
+                        events: 1,
+                        first: ts,
+                        last: ts,
+                    },
+                );
+                if emit {
+                    let cell = self.cells.entry(key).or_default();
+                    cell.sessions += 1;
+                    cell.bounces += 1;
+                }
+            }
+            Some(open) => {
+                open.events += 1;
+                // whole seconds of the session so far, so the increments add up to its duration
+                let before = (open.last - open.first) / 1_000_000;
+                open.first = open.first.min(ts);
+                open.last = open.last.max(ts);
+                let longer = (open.last - open.first) / 1_000_000 - before;
+                if emit {
+                    let second = open.events == 2;
+                    let cell = self.cells.entry(open.start.clone()).or_default();
+                    if second {
+                        cell.bounces -= 1;
+                    }
+                    cell.session_seconds += longer;
+                }
+            }
+        }
+    }
+
+    pub(super) fn forget_idle(&mut self) {
+        let cutoff = self.watermark - SESSION_MEMORY_MICROS;
+        self.open.retain(|_, s| s.last >= cutoff);
+    }
+}
+
+impl Rollup for TrafficRollup {
+    fn retain_days(&mut self, first: i32, last: i32) {
+        self.cells
+            .retain(|k, _| (first..=last).contains(&(k.hour.div_euclid(MICROS_PER_DAY) as i32)));
+    }
+
+    fn add(&mut self, rows: &EventRows, which: &[usize]) {
+        for &i in which {
+            self.observe(rows, i, true);
+        }
+        self.forget_idle();
+    }
+
+    fn take(&mut self) -> Result<RecordBatch> {
+        let cells = std::mem::take(&mut self.cells);
+        let mut hour = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+        let mut date = Date32Builder::new();
+        let mut dims: Vec<StringBuilder> = (0..8).map(|_| StringBuilder::new()).collect();
+        let mut event_type = StringBuilder::new();
+        let mut counts: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
+        let mut visitors = BinaryBuilder::new();
+        for (k, c) in cells {
+            hour.append_value(k.hour);
+            date.append_value(k.hour.div_euclid(MICROS_PER_DAY) as i32);
+            for (b, v) in dims.iter_mut().zip(&k.dims) {
+                b.append_option(v.as_deref());
+            }
+            event_type.append_value(&k.event_type);
+            for (b, v) in counts
+                .iter_mut()
+                .zip([c.events, c.sessions, c.bounces, c.session_seconds])
+            {
+                b.append_value(v);
+            }
+            visitors.append_value(c.visitors.serialize());
+        }
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(hour.finish()), Arc::new(date.finish())];
+        columns.extend(dims.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.push(Arc::new(event_type.finish()));
+        columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+        columns.push(Arc::new(visitors.finish()));
+        Ok(RecordBatch::try_new(traffic_hourly_schema(), columns)?)
+    }
+}
+
+impl TrafficRollup {
+    /// Follows the sessions of `batch` (rows of `events` in time order) without counting
+    /// them, but for the rows in `skip`: how the open sessions are rebuilt after a restart.
+    pub(super) fn replay(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {
+        let rows = EventRows::new(batch)?;
+        for i in 0..rows.len() {
+            if !skip.contains(rows.event_id(i)) {
+                self.observe(&rows, i, false);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rollup::rows::test_batch as batch;
+
+    fn totals(b: &RecordBatch) -> (i64, i64, i64, i64) {
+        let sum = |name: &str| {
+            let a = b.column_by_name(name).expect("column");
+            let a = a.as_any().downcast_ref::<arrow::array::Int64Array>().expect("int64");
+            a.iter().flatten().sum::<i64>()
+        };
+        (sum("events"), sum("sessions"), sum("bounces"), sum("session_seconds"))
+    }
+
+    #[test]
+    fn sessions_bounces_and_durations_add_up_across_batches() {
+        let mut t = TrafficRollup::default();
+        let first = batch(&[
+            ("v1", "s1", 0, "cars", "page_view"),
+            ("v2", "s2", 1, "jobs", "page_view"),
+            ("v1", "s1", 5, "cars", "page_view"),
+        ]);
+        let rows = EventRows::new(&first).expect("rows");
+        t.add(&rows, &[0, 1, 2]);
+        let a = t.take().expect("batch");
+        // a later batch continues s1 by 10 more minutes and opens s3
+        let second = batch(&[
+            ("v1", "s1", 15, "jobs", "page_view"),
+            ("v3", "s3", 20, "cars", "ad_click"),
+        ]);
+        let rows = EventRows::new(&second).expect("rows");
+        t.add(&rows, &[0, 1]);
+        let b = t.take().expect("batch");
+        let (ea, sa, ba, da) = totals(&a);
+        let (eb, sb, bb, db) = totals(&b);
+        assert_eq!(ea + eb, 5, "events");
+        assert_eq!(sa + sb, 3, "sessions s1, s2, s3");
+        assert_eq!(ba + bb, 2, "s2 and s3 are single-event sessions");
+        assert_eq!((da + db), 15 * 60, "s1 lasted 15 minutes");
+    }
+}

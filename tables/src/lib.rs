@@ -1,0 +1,104 @@
+//! Marsad's Delta tables as storage: how a table at the configured location
+//! (a directory or `s3://…`) is opened, how it is made known to a DataFusion
+//! session, and how one commit of its log is read back as typed actions.
+//!
+//! Every stage, batch job and admin tool opens tables through [`open_table`]
+//! (or [`table_handle`] to create one), so a location and its object-store
+//! settings mean the same thing everywhere. This crate must not decide what a
+//! table holds or who may read it: schemas live in `schemas`, writers in
+//! `process`, access rules in `query`.
+
+#![deny(missing_docs)]
+
+pub mod commits;
+
+use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
+use marsad_config::TablesLocation;
+
+pub use commits::{Commit, read_commit};
+
+/// Why a table could not be opened or read.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Delta (or the object store under it) failed.
+    #[error("delta table {table}: {source}")]
+    Delta {
+        /// Which table.
+        table: String,
+        /// What failed.
+        source: Box<DeltaTableError>,
+    },
+    /// A local table directory could not be created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The Delta error underneath, for callers that tell conflicts from failures.
+    pub fn delta(&self) -> Option<&DeltaTableError> {
+        match self {
+            Error::Delta { source, .. } => Some(source.as_ref()),
+            Error::Io { .. } => None,
+        }
+    }
+}
+
+/// Result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn delta(table: &str) -> impl Fn(DeltaTableError) -> Error + '_ {
+    move |source| Error::Delta {
+        table: table.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+/// A handle on table `name` at `location`, not loaded (a local directory is created if missing):
+/// what a writer creates the table through.
+pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable> {
+    if let Some(dir) = location.local_dir() {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
+    }
+    DeltaTableBuilder::from_url(location.table_url(name))
+        .map(|b| b.with_storage_options(location.storage_options()))
+        .and_then(|b| b.build())
+        .map_err(delta(name))
+}
+
+/// Table `name` at `location` at its latest version, or `None` while it has no commit.
+pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<DeltaTable>> {
+    // probe a local directory first: loading an empty location makes the kernel log an error
+    if let Some(dir) = location.local_dir()
+        && !dir.join(name).join("_delta_log").is_dir()
+    {
+        return Ok(None);
+    }
+    let mut table = DeltaTableBuilder::from_url(location.table_url(name))
+        .map(|b| b.with_storage_options(location.storage_options()))
+        .and_then(|b| b.build())
+        .map_err(delta(name))?;
+    if !table.verify_deltatable_existence().await.map_err(delta(name))? {
+        return Ok(None);
+    }
+    table.load().await.map_err(delta(name))?;
+    Ok(Some(table))
+}
+
+/// Registers `table` in `ctx` as `name`, its object store (`s3://…`) made known to the session first.
+pub async fn register(ctx: &datafusion::prelude::SessionContext, name: &str, table: &DeltaTable) -> Result<()> {
+    table.update_datafusion_session(&ctx.state()).map_err(delta(name))?;
+    let provider = table
+        .table_provider()
+        .await
+        .map_err(|e| delta(name)(DeltaTableError::Generic(e.to_string())))?;
+    ctx.deregister_table(name)
+        .and_then(|_| ctx.register_table(name, provider))
+        .map_err(|e| delta(name)(DeltaTableError::Generic(e.to_string())))?;
+    Ok(())
+}
