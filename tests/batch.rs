@@ -93,6 +93,17 @@ fn count(data: &std::path::Path, sql: &str) -> Result<i64> {
     out.lines().nth(1).context("a value line")?.trim().parse().context(out)
 }
 
+/// The data files of `partition` (`date=…`) in the current version of `table`.
+async fn active_files(config: &Config, table: &str, partition: &str) -> Result<usize> {
+    let table = marsad_tables::open_table(&config.tables()?, table)
+        .await?
+        .context("the table exists")?;
+    Ok(table
+        .get_file_uris()?
+        .filter(|uri| uri.contains(&format!("{partition}/")))
+        .count())
+}
+
 fn parquet_files_of(dir: &std::path::Path, partition: &str) -> usize {
     std::fs::read_dir(dir.join(partition))
         .map(|d| {
@@ -165,7 +176,8 @@ async fn sql_compact_and_retention_on_a_real_data_dir() -> Result<()> {
     // compact: fewer files, same totals
     let events_dir = data.join("tables/events");
     let today = format!("date={}", Utc::now().date_naive());
-    let before = parquet_files_of(&events_dir, &today);
+    let before = active_files(&config, "events", &today).await?;
+    let traffic_before = active_files(&config, "traffic_hourly", &today).await?;
     let rollup_rows = count(&data, "SELECT count(*) FROM traffic_hourly")?;
     let views = count(&data, "SELECT sum(events) FROM traffic_hourly")?;
     let (ok, out, err) = marsad(&["compact"], &data)?;
@@ -178,7 +190,18 @@ async fn sql_compact_and_retention_on_a_real_data_dir() -> Result<()> {
         merged_rows < rollup_rows,
         "rollup rows merged: {rollup_rows} -> {merged_rows}: {out}"
     );
-    assert!(before > 1, "several commits wrote several files");
+    assert!(before > 1 && traffic_before > 1, "several commits wrote several files");
+    // the table now reads one file per date (the replaced ones stay on disk for time travel)
+    assert_eq!(active_files(&config, "events", &today).await?, 1, "events files: {out}");
+    assert_eq!(
+        active_files(&config, "traffic_hourly", &today).await?,
+        1,
+        "traffic_hourly files: {out}"
+    );
+    assert!(
+        parquet_files_of(&events_dir, &today) >= before,
+        "nothing vacuumed by a compaction"
+    );
 
     // retention: keep two days; the older dates are gone from every table and from disk
     let five_days_ago = format!("date={}", Utc::now().date_naive() - chrono::Duration::days(5));
@@ -210,6 +233,42 @@ async fn sql_compact_and_retention_on_a_real_data_dir() -> Result<()> {
     );
     let (ok, _, err) = marsad(&["retention", "--keep-days", "0"], &data)?;
     assert!(!ok && err.contains("at least 1"), "{err}");
+    Ok(())
+}
+
+/// `marsad sql` writes rows as the query produces them: an export far larger than the memory
+/// it is allowed ends with every row written and a small peak.
+#[test]
+fn marsad_sql_streams_an_export_larger_than_its_memory() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let csv = tmp.path().join("big.csv");
+    // 1,000,000 rows of about 220 bytes: 220 MB held if collected, and as much again rendered
+    let sql = "SELECT value, repeat('x', 200) AS pad FROM generate_series(1, 1000000)";
+    let (ok, _, err) = marsad(
+        &["sql", "-e", sql, "--format", "csv", "-o", csv.to_str().context("path")?],
+        &data,
+    )?;
+    ensure!(ok, "{err}");
+    let peak: u64 = err
+        .split("peak memory ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context(format!("the summary gives the peak memory: {err}"))?;
+    let written = std::fs::read_to_string(&csv)?;
+    ensure!(written.lines().count() == 1_000_001, "a header and every row");
+    ensure!(
+        written
+            .lines()
+            .nth(1_000_000)
+            .is_some_and(|l| l.starts_with("1000000,x"))
+    );
+    ensure!(peak < 150, "peak memory {peak} MiB for a 220 MB export: {err}");
+    // the table format shows the first rows and says so
+    let (ok, out, err) = marsad(&["sql", "-e", sql], &data)?;
+    ensure!(ok && out.lines().count() < 1_100, "{err}");
+    ensure!(err.contains("showing the first 1000 of 1000000 rows"), "{err}");
     Ok(())
 }
 
@@ -270,6 +329,7 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
     std::fs::write(
         &rules,
         "[privacy]\ndaily_key_grace_hours = 240\n\n\
+         [process]\nbatch_max_events = 100\n\n\
          [[process.page_categories]]\ncategory = \"pets\"\npath_segments = [\"pets\", \"حيوانات\"]\n\n\
          [[process.page_categories]]\ncategory = \"jobs\"\npath_segments = [\"jobs\", \"وظائف\"]\n",
     )?;
@@ -289,6 +349,17 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
     ensure!(
         out.contains(&format!("{} raw records read", total)),
         "reads the whole retained log: {out}"
+    );
+    // memory is a chunk of `process.batch_max_events`, not the log
+    let held: usize = out
+        .split("at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context("the summary says how many events it held")?;
+    ensure!(
+        held > 0 && held <= 100 && total > 5 * 100,
+        "held {held} events at once, of {total}: {out}"
     );
     let rebuilt = 2 * (per_day as i64 - c7_per_day);
     let pets_per_day = (0..per_day).filter(|i| i % 3 != 2 && i % 40 != 7).count() as i64;

@@ -142,6 +142,9 @@ async fn set_dates(c: &Browser, from: &str, to: &str) -> Result<()> {
 
 #[test]
 fn the_dashboard_in_a_real_chromium() -> Result<()> {
+    if !crate::common::tools_for("the_dashboard_in_a_real_chromium", &[crate::common::Tool::Chromium])? {
+        return Ok(());
+    }
     let tmp = tempfile::tempdir()?;
     let geoip = tmp.path().join("geo.mmdb");
     write_fixture_geoip(&geoip)?;

@@ -11,6 +11,12 @@ use crate::common::{Marsad, counts_by, python_counts};
 
 #[test]
 fn python_deltalake_and_duckdb_read_the_same_rows() -> Result<()> {
+    if !crate::common::tools_for(
+        "python_deltalake_and_duckdb_read_the_same_rows",
+        &[crate::common::Tool::PythonEngines],
+    )? {
+        return Ok(());
+    }
     let tmp = tempfile::tempdir()?;
     let m = Marsad::start(&tmp.path().join("data"), None)?;
     let client = Client::new();

@@ -369,6 +369,12 @@ fn rows_dropped_at_a_rebalance_are_read_again_and_counted() -> Result<()> {
 /// mid-run; every event once in the tables, as the query service reads them from the bucket.
 #[test]
 fn separate_stages_on_kafka_with_tables_in_a_bucket() -> Result<()> {
+    if !crate::common::tools_for(
+        "separate_stages_on_kafka_with_tables_in_a_bucket",
+        &[crate::common::Tool::Moto],
+    )? {
+        return Ok(());
+    }
     let _serial = one_at_a_time();
     const BATCHES: usize = 40;
     const BATCH: usize = 500;
@@ -564,7 +570,7 @@ fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged
 }
 
 /// The `tansu` broker binary: on the PATH or where `cargo install` puts it.
-fn tansu_binary() -> Result<PathBuf> {
+pub(crate) fn tansu_binary() -> Result<PathBuf> {
     let home = std::env::var("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -654,6 +660,12 @@ fn send_batch(client: &reqwest::blocking::Client, url: &str, ids: &[String]) -> 
 
 #[test]
 fn separate_stages_on_a_real_broker_process() -> Result<()> {
+    if !crate::common::tools_for(
+        "separate_stages_on_a_real_broker_process",
+        &[crate::common::Tool::Tansu],
+    )? {
+        return Ok(());
+    }
     let _serial = one_at_a_time();
     const BATCHES: usize = 80;
     const BATCH: usize = 500;

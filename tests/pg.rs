@@ -71,6 +71,12 @@ fn send_visitors(m: &Marsad, country: &str, n: usize) -> Result<usize> {
 
 #[test]
 fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
+    if !crate::common::tools_for(
+        "psql_lists_tables_groups_and_is_refused_what_it_may_not_do",
+        &[crate::common::Tool::Psql],
+    )? {
+        return Ok(());
+    }
     let tmp = tempfile::tempdir()?;
     let geoip = tmp.path().join("geo.mmdb");
     write_fixture_geoip(&geoip)?;

@@ -17,7 +17,9 @@ fn send(client: &Client, m: &Marsad, cookie: &str, ip: &str, views: usize) -> Re
     let events: Vec<Value> = (0..views)
         .map(|i| {
             json!({"type": "page_view", "url": format!("https://kulshi.example/ar/سيارات/{i}"),
-                   "cookie_id": cookie, "event_id": format!("{cookie}-{i}")})
+                   "cookie_id": cookie, "event_id": format!("{cookie}-{i}"),
+                   "consent": {"personalisation": true},
+                   "demographics": {"age_band": "25-34", "gender": "female"}})
         })
         .collect();
     let resp = client
@@ -108,7 +110,30 @@ fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
             .all(|r| r["events"].is_null())
     );
 
-    // the other reports answer and suppress the same way
+    // each visitor then sees an ad of its country's campaign
+    let mut impressions = 0;
+    for (prefix, visitors) in [("176.29", 30), ("94.200", 15), ("188.48", 12), ("41.32", 1)] {
+        for v in 0..visitors {
+            let cookie = format!("c-{prefix}-{v}");
+            let resp = client
+                .post(format!("{}/v1/events", m.ingest))
+                .header("x-forwarded-for", format!("{prefix}.{v}.9"))
+                .json(
+                    &json!({"type": "ad_impression", "cookie_id": cookie, "event_id": format!("{cookie}-ad"),
+                    "ad": {"ad_id": "ad-1", "campaign_id": format!("cmp-{prefix}"), "placement": "top"}}),
+                )
+                .send()?;
+            ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+            impressions += 1;
+        }
+    }
+    m.wait_for_count(
+        "SELECT sum(impressions) FROM ad_performance_hourly",
+        impressions,
+        Duration::from_secs(60),
+    )?;
+
+    // the other reports answer and suppress the same way, and each has cells to show
     for path in [
         "traffic?granularity=hour",
         "devices",
@@ -118,7 +143,12 @@ fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
     ] {
         let (status, body) = report(&client, &m, path)?;
         assert_eq!(status, 200, "{path}: {body}");
-        for r in body["rows"].as_array().context("rows")? {
+        let rows = body["rows"].as_array().context("rows")?;
+        assert!(
+            rows.iter().any(|r| r["suppressed"] == false),
+            "{path}: no cell shown, so the k rule was not tried: {body}"
+        );
+        for r in rows {
             let visitors = r["visitors"].as_f64();
             assert!(
                 r["suppressed"] == true || visitors.is_some_and(|v| v >= 10.0),
@@ -126,6 +156,16 @@ fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
             );
         }
     }
+    // and the campaign of the lone Egyptian visitor is withheld
+    let (_, campaigns) = report(&client, &m, "campaigns")?;
+    let lone = campaigns["rows"]
+        .as_array()
+        .context("rows")?
+        .iter()
+        .find(|r| r["campaign_id"] == "cmp-41.32")
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(lone["suppressed"], true, "{campaigns}");
     let (_, categories) = report(&client, &m, "categories")?;
     assert_eq!(categories["rows"][0]["page_category"], "cars");
     assert_eq!(categories["rows"][0]["page_views"], total);
@@ -186,7 +226,10 @@ fn a_lone_visitor_is_never_revealed_by_a_report() -> Result<()> {
         assert!(error.contains(why), "{sql}: `{error}` should say {why}");
     }
     // engineers still read every table
-    assert_eq!(m.sql_count("SELECT COUNT(*) FROM events WHERE country = 'EG'")?, 7);
+    assert_eq!(
+        m.sql_count("SELECT COUNT(*) FROM events WHERE country = 'EG' AND event_type = 'page_view'")?,
+        7
+    );
 
     // clear refusals
     assert_eq!(report(&client, &m, "weather")?.0, 404);

@@ -457,3 +457,68 @@ pub fn s3_env(server: &S3Server, bucket: &str) -> Vec<(&'static str, String)> {
         ("AWS_SECRET_ACCESS_KEY", "marsad-test-secret".into()),
     ]
 }
+
+/// A program some tests need beyond the Rust toolchain (`./test` installs each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tool {
+    /// Debian's Chromium and ChromeDriver, for the browser tests.
+    Chromium,
+    /// The Postgres client `psql` and `openssl` (for a test certificate).
+    Psql,
+    /// Python with `deltalake`, `duckdb` and `pyarrow`, for the interop test.
+    PythonEngines,
+    /// moto's S3 server (`python3 -m moto.server`), for the object-storage tests.
+    Moto,
+    /// The Kafka-protocol broker `tansu`.
+    Tansu,
+}
+
+impl Tool {
+    fn present(self) -> bool {
+        let runs = |program: &str, args: &[&str]| {
+            Command::new(program)
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        match self {
+            Tool::Chromium => {
+                Path::new(crate::browser::CHROMIUM).exists() && Path::new(crate::browser::CHROMEDRIVER).exists()
+            }
+            Tool::Psql => runs("psql", &["--version"]) && runs("openssl", &["version"]),
+            Tool::PythonEngines => runs("python3", &["-c", "import deltalake, duckdb, pyarrow"]),
+            Tool::Moto => runs("python3", &["-c", "import moto.server"]),
+            Tool::Tansu => crate::kafka::tansu_binary().is_ok(),
+        }
+    }
+
+    /// What it is and how to install it by hand.
+    fn install_hint(self) -> &'static str {
+        match self {
+            Tool::Chromium => "Chromium (apt-get install chromium chromium-driver)",
+            Tool::Psql => "psql and openssl (apt-get install postgresql-client openssl)",
+            Tool::PythonEngines => "Python's deltalake, duckdb and pyarrow (pip install deltalake duckdb pyarrow)",
+            Tool::Moto => "moto's S3 server (pip install 'moto[server]')",
+            Tool::Tansu => "the Kafka broker tansu (cargo install tansu --features dynostore)",
+        }
+    }
+}
+
+/// Whether `test` can run: `true` when every tool it needs is here. Otherwise, under a plain
+/// `cargo test`, prints one line naming what is missing and `false` (the test returns early, so
+/// it passes as skipped); under `./test` (`REQUIRE_ALL_TEST_TOOLS=1`), where everything was
+/// installed, a missing tool is an error.
+pub fn tools_for(test: &str, tools: &[Tool]) -> Result<bool> {
+    let missing: Vec<Tool> = tools.iter().copied().filter(|t| !t.present()).collect();
+    if missing.is_empty() {
+        return Ok(true);
+    }
+    let needs = missing.iter().map(|t| t.install_hint()).collect::<Vec<_>>().join(", ");
+    if std::env::var_os("REQUIRE_ALL_TEST_TOOLS").is_some() {
+        bail!("{test} needs {needs}, which ./test should have installed");
+    }
+    eprintln!("SKIPPED {test}: needs {needs}; `./test` installs everything and runs all tests");
+    Ok(false)
+}
