@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Peak memory (resident set, from /usr/bin/time -v) of the paths whose memory must not grow
+# with the data: the processor draining a big raw log (with every event remembered by the
+# duplicate filter), a backfill of that day, and exports through `marsad sql`.
+#
+#   benches/memory.sh            # MEMORY_EVENTS (default 2,000,000) events, MEMORY_EXPORT_ROWS (50,000,000)
+#
+# Builds the release binary first (cargo build --release). Prints one line per path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+events=${MEMORY_EVENTS:-2000000}
+export_rows=${MEMORY_EXPORT_ROWS:-50000000}
+cargo build --release --quiet
+bin=$PWD/target/release/marsad
+dir=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
+data=$dir/data
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+peak() { awk -F': ' '/Maximum resident set size/ {printf "%.0f MiB", $2/1024}' "$1"; }
+wall() { awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$1"; }
+export RUST_LOG=warn
+# the processor remembers every event of the run (its duplicate filter is sized for them)
+export MARSAD_PROCESS__DEDUP_CAPACITY=$events
+export MARSAD_PROCESS__METRICS_ADDR=127.0.0.1:$(free_port)
+
+# 1. the raw log: ingest alone, fed by the simulator (realistic traffic, 200k visitors)
+port=$(free_port)
+"$bin" ingest --data-dir "$data" --ingest-addr "127.0.0.1:$port" >"$dir/ingest.log" 2>&1 &
+ingest=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+rate=40000
+"$bin" simulate --url "http://127.0.0.1:$port" --rate $rate --duration $(( events / rate )) \
+  --visitors 200000 --seed 7 >"$dir/simulate.log" 2>&1
+kill -TERM $ingest; wait $ingest || true
+sent=$(grep -o '[0-9]* acknowledged' "$dir/simulate.log" | tail -1 | cut -d' ' -f1)
+echo "raw log: $sent events acknowledged by ingest ($(tail -1 "$dir/simulate.log"))"
+
+# 2. the processor drains it, then is stopped
+/usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &
+process=$!
+count() { "$bin" sql --data-dir "$data" --format csv -e "$1" 2>/dev/null | sed -n 2p; }
+# drained when the count stops moving (a few events may be opted out or dead-lettered)
+last=-1; stored=0
+while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
+  last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
+done
+kill -TERM $process; wait $process || true
+echo "process: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time"), wall $(wall "$dir/process.time")"
+
+# 3. a backfill of today (the whole raw log is read; memory is a chunk, not the log)
+today=$(date -u +%F)
+/usr/bin/time -v "$bin" backfill --data-dir "$data" --from "$today" >"$dir/backfill.log" 2>"$dir/backfill.time"
+echo "backfill: $(grep -o '[0-9]* events rebuilt' "$dir/backfill.log"): peak $(peak "$dir/backfill.time"), wall $(wall "$dir/backfill.time")"
+
+# 4. exports through marsad sql: every stored event, and a generated result of $export_rows rows
+/usr/bin/time -v "$bin" sql --data-dir "$data" --format parquet -o "$dir/events.parquet" \
+  -e 'SELECT * FROM events' >/dev/null 2>"$dir/export.time"
+echo "sql export of events ($stored rows, parquet, $(du -h "$dir/events.parquet" | cut -f1)): peak $(peak "$dir/export.time"), wall $(wall "$dir/export.time")"
+/usr/bin/time -v "$bin" sql --data-dir "$data" --format csv -o /dev/null \
+  -e "SELECT value, value * 2 AS twice, 'row ' || value AS label FROM generate_series(1, $export_rows)" \
+  >/dev/null 2>"$dir/generated.time"
+echo "sql export of $export_rows generated rows (csv): peak $(peak "$dir/generated.time"), wall $(wall "$dir/generated.time")"
