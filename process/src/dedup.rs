@@ -60,12 +60,6 @@ impl Fingerprinter {
         Fingerprint(h.finish128().as_u128())
     }
 
-    /// The fingerprint of a bare id.
-    pub fn id(&self, id: &str) -> Fingerprint {
-        let mut h = SipHasher13::new_with_keys(self.k0, self.k1);
-        h.write(id.as_bytes());
-        Fingerprint(h.finish128().as_u128())
-    }
 }
 
 /// The most recent events seen, bounded by count (oldest forgotten first), as fingerprints.
@@ -205,7 +199,8 @@ impl RecentEventIds {
     }
 }
 
-/// A set of ids as fingerprints (for example the rows a catch-up is about to count).
+/// A set of events (visitor and event id) as fingerprints, for example the rows a catch-up is
+/// about to count.
 #[derive(Debug, Default)]
 pub struct IdFingerprints {
     keys: Fingerprinter,
@@ -213,14 +208,14 @@ pub struct IdFingerprints {
 }
 
 impl IdFingerprints {
-    /// Adds `id`.
-    pub fn insert(&mut self, id: &str) {
-        self.set.insert(self.keys.id(id));
+    /// Adds the event `event_id` of `visitor`.
+    pub fn insert(&mut self, visitor: Option<&str>, event_id: &str) {
+        self.set.insert(self.keys.event(visitor, event_id));
     }
 
-    /// Whether `id` was added.
-    pub fn contains(&self, id: &str) -> bool {
-        !self.set.is_empty() && self.set.contains(&self.keys.id(id))
+    /// Whether the event `event_id` of `visitor` was added.
+    pub fn contains(&self, visitor: Option<&str>, event_id: &str) -> bool {
+        !self.set.is_empty() && self.set.contains(&self.keys.event(visitor, event_id))
     }
 
     /// Ids held.
@@ -321,7 +316,7 @@ mod tests {
         assert_eq!(a.event(Some("v"), "e"), a.event(Some("v"), "e"));
         assert_ne!(a.event(Some("v"), "e"), b.event(Some("v"), "e"));
         let mut ids = IdFingerprints::default();
-        ids.insert("e-1");
-        assert!(ids.contains("e-1") && !ids.contains("e-2"));
+        ids.insert(Some("v"), "e-1");
+        assert!(ids.contains(Some("v"), "e-1") && !ids.contains(Some("v"), "e-2") && !ids.contains(None, "e-1"));
     }
 }

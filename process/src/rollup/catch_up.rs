@@ -122,8 +122,8 @@ impl Rollups {
     }
 }
 
-/// Fingerprints of the event ids in `commits` dated within the days the session replay reads
-/// (the latest date of `events` and the day before).
+/// Fingerprints of the events in `commits` dated within the days the session replay reads
+/// (the latest date of `events` and the day before: older files are not read at all).
 async fn recent_ids(events: &DeltaSink, commits: &[&Commit]) -> Result<IdFingerprints> {
     let mut ids = IdFingerprints::default();
     if commits.is_empty() {
@@ -141,26 +141,35 @@ async fn recent_ids(events: &DeltaSink, commits: &[&Commit]) -> Result<IdFingerp
     };
     for commit in commits {
         for file in &commit.added_files {
-            let Some(reader) = data_file(events.table(), file, Some(&["event_id", DATE_COLUMN])).await? else {
+            // files are partitioned by date: the path says which day a file holds
+            if file_date(file).is_some_and(|day| day < latest - 1) {
+                continue;
+            }
+            let Some(reader) = data_file(events.table(), file, Some(&["event_id", "visitor_key"])).await? else {
                 continue;
             };
             for batch in reader {
                 let batch = batch?;
                 let event_ids = EventRows::text_column(&batch, "event_id")?;
-                let dates = batch
-                    .column_by_name(DATE_COLUMN)
-                    .and_then(|c| c.as_any().downcast_ref::<Date32Array>());
+                let visitors = EventRows::text_column(&batch, "visitor_key")?;
                 for i in 0..batch.num_rows() {
-                    // files written by the processor carry the partition column; without it, keep all
-                    let recent = dates.is_none_or(|d| d.is_null(i) || d.value(i) >= latest - 1);
-                    if recent && event_ids.is_valid(i) {
-                        ids.insert(event_ids.value(i));
+                    if event_ids.is_valid(i) {
+                        let visitor = visitors.is_valid(i).then(|| visitors.value(i));
+                        ids.insert(visitor, event_ids.value(i));
                     }
                 }
             }
         }
     }
     Ok(ids)
+}
+
+/// The day a data file of `events` holds, from its partition directory (`date=YYYY-MM-DD/`),
+/// as days since 1970.
+fn file_date(path: &str) -> Option<i32> {
+    let day = path.split('/').find_map(|segment| segment.strip_prefix("date="))?;
+    let day = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?;
+    Some(crate::events_batch::days_since_epoch(day))
 }
 
 /// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,

@@ -190,7 +190,7 @@ impl TrafficRollup {
     pub(super) fn replay(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {
         let rows = EventRows::new(batch)?;
         for i in 0..rows.len() {
-            if !skip.contains(rows.event_id(i)) {
+            if !skip.contains(rows.get(Col::VisitorKey, i), rows.event_id(i)) {
                 self.observe(&rows, i, false);
             }
         }
