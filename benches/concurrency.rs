@@ -9,7 +9,9 @@
 //!
 //! each with the catalog's refresh interval at its default (every table checked for new
 //! commits at most every 500 ms, off the query path of other tables) and at 0 (every query
-//! checks every table it reads in the bucket, as before), restarting Marsad in between.
+//! checks every table it reads in the bucket, as before), restarting Marsad in between; and
+//! the cores Marsad and moto kept busy meanwhile (from /proc), which tells a machine that is
+//! out of CPU from requests waiting on one another.
 //!
 //! Knobs: `CONCURRENCY_EVENTS` (default 60,000), `CONCURRENCY_SECONDS` (10),
 //! `CONCURRENCY_CLIENTS` (16).
@@ -86,12 +88,13 @@ fn moto(dir: &Path) -> Result<(Running, String)> {
 }
 
 struct Marsad {
-    _process: Running,
+    process: Running,
     ingest: String,
     query: String,
 }
 
-fn marsad(dir: &Path, endpoint: &str, refresh_ms: u64) -> Result<Marsad> {
+/// `marsad up` on `dir`, with its tables in the bucket behind `s3` (else under the data dir).
+fn marsad(dir: &Path, s3: Option<&str>, refresh_ms: u64) -> Result<Marsad> {
     use sha2::Digest;
     let (ingest_port, query_port, pg_port) = (free_port()?, free_port()?, free_port()?);
     let config = dir.join("marsad.toml");
@@ -106,7 +109,8 @@ fn marsad(dir: &Path, endpoint: &str, refresh_ms: u64) -> Result<Marsad> {
         .create(true)
         .append(true)
         .open(dir.join("marsad.log"))?;
-    let child = Command::new(env!("CARGO_BIN_EXE_marsad"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_marsad"));
+    command
         .args(["up", "--config"])
         .arg(&config)
         .arg("--data-dir")
@@ -114,11 +118,15 @@ fn marsad(dir: &Path, endpoint: &str, refresh_ms: u64) -> Result<Marsad> {
         .args(["--ingest-addr", &format!("127.0.0.1:{ingest_port}")])
         .args(["--query-addr", &format!("127.0.0.1:{query_port}")])
         .args(["--pg-addr", &format!("127.0.0.1:{pg_port}")])
-        .args(["--trusted-proxy", "127.0.0.1/32"])
-        .env("MARSAD_TABLES__LOCATION", format!("s3://{BUCKET}/marsad"))
-        .env("MARSAD_TABLES__STORAGE__AWS_ENDPOINT", endpoint)
-        .env("MARSAD_TABLES__STORAGE__AWS_ALLOW_HTTP", "true")
-        .env("MARSAD_TABLES__STORAGE__AWS_REGION", "us-east-1")
+        .args(["--trusted-proxy", "127.0.0.1/32"]);
+    if let Some(endpoint) = s3 {
+        command
+            .env("MARSAD_TABLES__LOCATION", format!("s3://{BUCKET}/marsad"))
+            .env("MARSAD_TABLES__STORAGE__AWS_ENDPOINT", endpoint)
+            .env("MARSAD_TABLES__STORAGE__AWS_ALLOW_HTTP", "true")
+            .env("MARSAD_TABLES__STORAGE__AWS_REGION", "us-east-1");
+    }
+    let child = command
         .env("MARSAD_QUERY__TABLE_REFRESH_MS", refresh_ms.to_string())
         .env("AWS_ACCESS_KEY_ID", "bench")
         .env("AWS_SECRET_ACCESS_KEY", "bench-secret")
@@ -128,7 +136,7 @@ fn marsad(dir: &Path, endpoint: &str, refresh_ms: u64) -> Result<Marsad> {
         .spawn()
         .context("starting marsad up")?;
     let m = Marsad {
-        _process: Running(child),
+        process: Running(child),
         ingest: format!("http://127.0.0.1:{ingest_port}"),
         query: format!("http://127.0.0.1:{query_port}"),
     };
@@ -205,6 +213,17 @@ fn report(client: &Client, query: &str, path: &str) -> Result<Duration> {
 struct Latencies {
     ms: Vec<f64>,
     seconds: f64,
+    /// Cores busy meanwhile: Marsad's, and moto's.
+    cores: (f64, f64),
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // the fields after the command name (which is in parentheses and may hold spaces)
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 impl Latencies {
@@ -219,18 +238,21 @@ impl Latencies {
 
     fn line(&self, what: &str) -> String {
         format!(
-            "{what:<44} {:>5} requests  p50 {:>7.1} ms  p99 {:>7.1} ms  {:>6.1} req/s",
+            "{what:<24} {:>5} requests  p50 {:>7.1} ms  p99 {:>7.1} ms  {:>6.1} req/s  cores busy: marsad {:.2}, moto {:.2}",
             self.ms.len(),
             self.at(0.5),
             self.at(0.99),
-            self.ms.len() as f64 / self.seconds
+            self.ms.len() as f64 / self.seconds,
+            self.cores.0,
+            self.cores.1
         )
     }
 }
 
 /// `clients` clients asking the six reports in turn for `seconds`.
-fn load(m: &Marsad, clients: usize, seconds: u64) -> Result<Latencies> {
+fn load(m: &Marsad, moto: u32, clients: usize, seconds: u64) -> Result<Latencies> {
     let ms = Arc::new(Mutex::new(Vec::new()));
+    let cpu_before = (cpu_seconds(m.process.0.id()), cpu_seconds(moto));
     let started = Instant::now();
     let until = started + Duration::from_secs(seconds);
     let workers: Vec<_> = (0..clients)
@@ -254,9 +276,14 @@ fn load(m: &Marsad, clients: usize, seconds: u64) -> Result<Latencies> {
         w.join().map_err(|_| anyhow::anyhow!("a client panicked"))??;
     }
     let ms = ms.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let seconds = started.elapsed().as_secs_f64();
     Ok(Latencies {
         ms,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
+        cores: (
+            (cpu_seconds(m.process.0.id()) - cpu_before.0) / seconds,
+            (cpu_seconds(moto) - cpu_before.1) / seconds,
+        ),
     })
 }
 
@@ -268,22 +295,22 @@ fn main() -> Result<()> {
     let seconds = env_or("CONCURRENCY_SECONDS", 10);
     let clients = env_or("CONCURRENCY_CLIENTS", 16) as usize;
     let tmp = tempfile::tempdir()?;
-    let (_moto, endpoint) = moto(tmp.path())?;
-    {
-        let m = marsad(tmp.path(), &endpoint, 500)?;
+    let (moto_server, endpoint) = moto(tmp.path())?;
+    let moto_pid = moto_server.0.id();
+    let (in_bucket, on_disk) = (tmp.path().join("s3"), tmp.path().join("local"));
+    for (dir, s3) in [(&in_bucket, Some(endpoint.as_str())), (&on_disk, None)] {
+        std::fs::create_dir_all(dir)?;
+        let m = marsad(dir, s3, 500)?;
         send_traffic(&m, events)?;
         let client = Client::new();
+        let admin = std::fs::read_to_string(dir.join("data/admin.key"))?;
         wait_until(
             "every event counted in traffic_hourly",
             Duration::from_secs(300),
             || {
                 let counted = client
                     .post(format!("{}/v1/sql", m.query))
-                    .bearer_auth(
-                        std::fs::read_to_string(tmp.path().join("data/admin.key"))
-                            .unwrap_or_default()
-                            .trim(),
-                    )
+                    .bearer_auth(admin.trim())
                     .json(&json!({"sql": "SELECT CAST(sum(events) AS BIGINT) AS n FROM traffic_hourly"}))
                     .send()
                     .and_then(|r| r.json::<Value>());
@@ -292,18 +319,37 @@ fn main() -> Result<()> {
         )?;
     }
     println!(
-        "dashboard reports ({} kinds) on tables in an S3 bucket (moto), {events} events over a day:",
+        "dashboard reports ({} kinds), {events} events over a day, {clients} clients against one at a time:",
         REPORTS.len()
     );
-    for refresh in [500, 0] {
-        let m = marsad(tmp.path(), &endpoint, refresh)?;
+    for (what, dir, s3, refresh) in [
+        (
+            "tables in an S3 bucket (moto), query.table_refresh_ms = 500",
+            &in_bucket,
+            Some(endpoint.as_str()),
+            500,
+        ),
+        (
+            "tables in an S3 bucket (moto), query.table_refresh_ms = 0",
+            &in_bucket,
+            Some(endpoint.as_str()),
+            0,
+        ),
+        (
+            "tables on local disk, query.table_refresh_ms = 500",
+            &on_disk,
+            None,
+            500,
+        ),
+    ] {
+        let m = marsad(dir, s3, refresh)?;
         let client = Client::new();
         for path in REPORTS {
             report(&client, &m.query, path)?; // warm: tables opened, providers built
         }
-        let alone = load(&m, 1, seconds)?;
-        let together = load(&m, clients, seconds)?;
-        println!("  query.table_refresh_ms = {refresh}:");
+        let alone = load(&m, moto_pid, 1, seconds)?;
+        let together = load(&m, moto_pid, clients, seconds)?;
+        println!("  {what}:");
         println!("    {}", alone.line("one request at a time"));
         println!("    {}", together.line(&format!("{clients} clients at once")));
         println!(

@@ -5,14 +5,17 @@
 #
 #   benches/memory.sh            # MEMORY_EVENTS (default 2,000,000) events, MEMORY_EXPORT_ROWS (50,000,000)
 #
-# Builds the release binary first (cargo build --release). Prints one line per path.
+# Builds the release binary first (cargo build --release), or uses MEMORY_BIN (e.g. the one
+# `cargo bench` built, target/release/marsad). Prints one line per path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 events=${MEMORY_EVENTS:-2000000}
 export_rows=${MEMORY_EXPORT_ROWS:-50000000}
-cargo build --release --quiet
-bin=$PWD/target/release/marsad
+if [ -z "${MEMORY_BIN:-}" ]; then
+  cargo build --release --quiet
+fi
+bin=${MEMORY_BIN:-$PWD/target/release/marsad}
 dir=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$dir"' EXIT
 data=$dir/data
@@ -28,7 +31,8 @@ export MARSAD_PROCESS__METRICS_ADDR=127.0.0.1:$(free_port)
 port=$(free_port)
 "$bin" ingest --data-dir "$data" --ingest-addr "127.0.0.1:$port" >"$dir/ingest.log" 2>&1 &
 ingest=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null && break; sleep 0.1; done
+curl -sf "http://127.0.0.1:$port/healthz" >/dev/null || { echo "ingest did not start:"; cat "$dir/ingest.log"; exit 1; }
 rate=40000
 "$bin" simulate --url "http://127.0.0.1:$port" --rate $rate --duration $(( events / rate )) \
   --visitors 200000 --seed 7 >"$dir/simulate.log" 2>&1
@@ -45,7 +49,7 @@ last=-1; stored=0
 while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
   last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
 done
-kill -TERM $process; wait $process || true
+pkill -TERM -P $process; wait $process || true
 echo "process: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time"), wall $(wall "$dir/process.time")"
 
 # 3. a backfill of today (the whole raw log is read; memory is a chunk, not the log)

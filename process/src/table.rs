@@ -212,11 +212,17 @@ impl DeltaSink {
                 source,
             })?;
         let partitions: Vec<String> = self.partition_columns();
+        // row groups of 64k rows and files of 64 MiB: the writer's buffer stays a row group
+        let properties = deltalake::parquet::file::properties::WriterProperties::builder()
+            .set_max_row_group_size(REWRITE_ROW_GROUP_ROWS)
+            .build();
         let table = self
             .table
             .clone()
             .write(Vec::new())
             .with_input_plan(plan)
+            .with_writer_properties(properties)
+            .with_target_file_size(std::num::NonZeroU64::new(REWRITE_FILE_BYTES))
             .with_save_mode(SaveMode::Overwrite)
             .with_replace_where(predicate)
             .with_partition_columns(partitions)
@@ -313,6 +319,11 @@ impl DeltaSink {
         ctx.sql(sql).await.map_err(query)?.collect().await.map_err(query)
     }
 }
+
+/// Rows per Parquet row group of a streaming rewrite (what its writer holds before writing).
+const REWRITE_ROW_GROUP_ROWS: usize = 64 * 1024;
+/// Target size of the files of a streaming rewrite.
+const REWRITE_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a streaming rewrite is sent.
 pub enum RowsOrStop {
