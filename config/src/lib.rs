@@ -13,6 +13,7 @@ mod ingest;
 mod privacy;
 mod process;
 mod query;
+mod release;
 mod tables;
 
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ pub use ingest::IngestConfig;
 pub use privacy::{GeoIpConfig, PrivacyConfig};
 pub use process::{PageCategoryRule, ProcessConfig, default_page_categories};
 pub use query::{ApiKeyConfig, QueryConfig, Role};
+pub use release::{AnalystRelease, ReleaseConfig};
 pub use tables::{TABLE_SCHEMES, TablesConfig, TablesLocation};
 
 /// Environment variables with this prefix never enter the config tree: they hold secrets.
@@ -73,6 +75,8 @@ pub struct Config {
     pub audience: AudienceConfig,
     /// Where the Delta tables live.
     pub tables: TablesConfig,
+    /// What leaves Marsad: noise, thresholds and budgets of released numbers.
+    pub release: ReleaseConfig,
 }
 
 impl Default for Config {
@@ -87,6 +91,7 @@ impl Default for Config {
             geoip: GeoIpConfig::default(),
             audience: AudienceConfig::default(),
             tables: TablesConfig::default(),
+            release: ReleaseConfig::default(),
         }
     }
 }
@@ -132,6 +137,7 @@ impl Config {
         self.audience.validate()?;
         self.tables.validate()?;
         self.tables()?;
+        self.release.validate()?;
         self.privacy.validate()
     }
 

@@ -22,6 +22,9 @@ pub struct ProcessConfig {
     pub rollup_compaction_interval_secs: u64,
     /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
     pub page_categories: Vec<PageCategoryRule>,
+    /// Events one visitor adds to each rollup table per day, at most (the clamp that bounds
+    /// any visitor's influence on a released number); `events` keeps every event.
+    pub max_events_per_visitor_day: u32,
 }
 
 /// A page category and the URL path segments (Arabic or English) that mean it.
@@ -88,6 +91,7 @@ impl Default for ProcessConfig {
             dedup_capacity: 5_000_000,
             rollup_compaction_interval_secs: 3600,
             page_categories: default_page_categories(),
+            max_events_per_visitor_day: 40,
         }
     }
 }
@@ -96,6 +100,10 @@ impl ProcessConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         positive("process.batch_max_events", self.batch_max_events as u64)?;
         positive("process.batch_max_interval_ms", self.batch_max_interval_ms)?;
+        positive(
+            "process.max_events_per_visitor_day",
+            u64::from(self.max_events_per_visitor_day),
+        )?;
         positive(
             "process.rollup_compaction_interval_secs",
             self.rollup_compaction_interval_secs,

@@ -19,10 +19,13 @@ pub enum Role {
     Engineer,
     /// Operators: erasure, user-id opt-outs.
     Admin,
+    /// A third party: the campaigns report of the key's own `campaigns`, always noised.
+    Advertiser,
 }
 
 impl Role {
-    /// Every role, for the generated admin key.
+    /// Every role of the company's own staff and systems, for the generated admin key
+    /// (an advertiser is a third party: no admin is one).
     pub const ALL: [Role; 4] = [Role::Analyst, Role::Adserver, Role::Engineer, Role::Admin];
 }
 
@@ -40,6 +43,12 @@ pub struct ApiKeyConfig {
     /// A file holding the key itself.
     #[serde(default)]
     pub file: Option<PathBuf>,
+    /// For an `advertiser` key: the campaign ids it may see (and nothing else).
+    #[serde(default)]
+    pub campaigns: Vec<String>,
+    /// This key's privacy budget per day, in ε (default `release.daily_epsilon`).
+    #[serde(default)]
+    pub daily_epsilon: Option<f64>,
 }
 
 /// The query service (`marsad query`).
@@ -52,8 +61,6 @@ pub struct QueryConfig {
     pub keys: Vec<ApiKeyConfig>,
     /// Most rows one SQL answer returns.
     pub max_result_rows: usize,
-    /// Report cells with fewer unique visitors are withheld (k-anonymity).
-    pub min_cell_visitors: usize,
     /// A query running longer is cancelled.
     pub timeout_secs: u64,
     /// Memory one query may use; a query needing more fails with a clear error instead of spilling.
@@ -79,7 +86,6 @@ impl Default for QueryConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             keys: Vec::new(),
             max_result_rows: 100_000,
-            min_cell_visitors: 10,
             timeout_secs: 60,
             memory_limit_mb: 1024,
             table_refresh_ms: 500,
@@ -95,7 +101,6 @@ impl Default for QueryConfig {
 impl QueryConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         positive("query.max_result_rows", self.max_result_rows as u64)?;
-        positive("query.min_cell_visitors", self.min_cell_visitors as u64)?;
         positive("query.timeout_secs", self.timeout_secs)?;
         positive("query.memory_limit_mb", self.memory_limit_mb)?;
         positive("query.pg_max_connections", self.pg_max_connections as u64)?;
@@ -126,6 +131,34 @@ impl QueryConfig {
                 return Err(ConfigError::Invalid {
                     key: "query.keys",
                     reason: format!("key `{}` needs exactly one of `sha256` or `file`", key.name),
+                });
+            }
+            let advertiser = key.roles.contains(&Role::Advertiser);
+            if advertiser && key.campaigns.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.campaigns",
+                    reason: format!("advertiser key `{}` lists no campaigns", key.name),
+                });
+            }
+            if advertiser && key.roles.len() > 1 {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.roles",
+                    reason: format!(
+                        "key `{}`: an advertiser is a third party and holds no other role; give staff a key of their own",
+                        key.name
+                    ),
+                });
+            }
+            if !advertiser && !key.campaigns.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.campaigns",
+                    reason: format!("key `{}` lists campaigns but is no advertiser", key.name),
+                });
+            }
+            if key.daily_epsilon.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.daily_epsilon",
+                    reason: format!("key `{}`: a positive number", key.name),
                 });
             }
             if let Some(h) = &key.sha256

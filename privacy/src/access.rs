@@ -62,6 +62,8 @@ pub struct KeyHolder {
     pub name: String,
     /// Its roles.
     pub roles: Vec<Role>,
+    /// For an advertiser: the only campaigns it may see.
+    pub campaigns: Vec<String>,
 }
 
 /// Every key the service accepts, by hash.
@@ -80,6 +82,7 @@ fn role_name(role: Role) -> &'static str {
         Role::Adserver => "adserver",
         Role::Engineer => "engineer",
         Role::Admin => "admin",
+        Role::Advertiser => "advertiser",
     }
 }
 
@@ -118,6 +121,7 @@ impl ApiKeys {
                 KeyHolder {
                     name: k.name.clone(),
                     roles: k.roles.clone(),
+                    campaigns: k.campaigns.clone(),
                 },
             );
         }
@@ -218,6 +222,7 @@ impl AdminKey {
         KeyHolder {
             name: "admin".into(),
             roles: Role::ALL.to_vec(),
+            campaigns: Vec::new(),
         }
     }
 }
@@ -237,6 +242,8 @@ mod tests {
             roles: vec![Role::Analyst],
             sha256: Some(hex::encode(hash("analyst-secret"))),
             file: None,
+            campaigns: Vec::new(),
+            daily_epsilon: None,
         }])
         .expect("keys");
         keys.insert("root", AdminKey::holder());

@@ -263,50 +263,85 @@ impl DailyKeyStore for LocalDailyKeyStore {
 /// Loads the targeting key: `MARSAD_SECRET_TARGETING_KEY`, else `file`, else one generated
 /// once in `keys_dir` (mode 0600) for the embedded default.
 pub fn load_targeting_key(file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
-    if let Ok(hex) = std::env::var(TARGETING_KEY_ENV) {
-        return SecretKey::from_hex("targeting key (MARSAD_SECRET_TARGETING_KEY)", &hex);
+    load_secret_key(&TARGETING_KEY, file, keys_dir)
+}
+
+/// The environment variable holding the noise key of released numbers (64 hex characters).
+pub const NOISE_KEY_ENV: &str = "MARSAD_SECRET_NOISE_KEY";
+
+/// Loads the noise key: `MARSAD_SECRET_NOISE_KEY`, else `file`, else one generated once in
+/// `keys_dir` (mode 0600) for the embedded default. Every query process must share it, or
+/// the same cell would get different noise from different processes.
+pub fn load_noise_key(file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
+    load_secret_key(&NOISE_KEY, file, keys_dir)
+}
+
+/// A long-lived secret: where it comes from and what it is called in messages.
+struct LongLivedKey {
+    env: &'static str,
+    file_name: &'static str,
+    from_env: &'static str,
+    from_file: &'static str,
+    generated: &'static str,
+}
+
+const TARGETING_KEY: LongLivedKey = LongLivedKey {
+    env: TARGETING_KEY_ENV,
+    file_name: "targeting.key",
+    from_env: "targeting key (MARSAD_SECRET_TARGETING_KEY)",
+    from_file: "targeting key file",
+    generated: "generated targeting key",
+};
+
+const NOISE_KEY: LongLivedKey = LongLivedKey {
+    env: NOISE_KEY_ENV,
+    file_name: "noise.key",
+    from_env: "noise key (MARSAD_SECRET_NOISE_KEY)",
+    from_file: "noise key file",
+    generated: "generated noise key",
+};
+
+fn load_secret_key(which: &LongLivedKey, file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
+    if let Ok(hex) = std::env::var(which.env) {
+        return SecretKey::from_hex(which.from_env, &hex);
     }
-    if let Some(path) = file {
+    let read = |path: &Path, what: &'static str| -> Result<SecretKey> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
-            what: "targeting key file",
+            what,
             path: path.into(),
             source: e,
         })?;
-        return SecretKey::from_hex("targeting key file", &text);
+        SecretKey::from_hex(what, &text)
+    };
+    if let Some(path) = file {
+        return read(path, which.from_file);
     }
     std::fs::create_dir_all(keys_dir).map_err(|e| Error::Io {
         what: "key directory",
         path: keys_dir.into(),
         source: e,
     })?;
-    let path = keys_dir.join("targeting.key");
+    let path = keys_dir.join(which.file_name);
     match std::fs::read_to_string(&path) {
-        Ok(text) => SecretKey::from_hex("generated targeting key", &text),
+        Ok(text) => SecretKey::from_hex(which.generated, &text),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::random();
             match create_secret_file(&path, &key.to_hex()) {
                 Ok(true) => {
-                    tracing::info!(path = %path.display(), "generated a targeting key for this data dir; set MARSAD_SECRET_TARGETING_KEY to share one between machines");
+                    tracing::info!(path = %path.display(), env = which.env, "generated a key for this data dir; set the variable to share one between machines");
                     Ok(key)
                 }
                 // another stage (of this process or another) created it first
-                Ok(false) => {
-                    let text = std::fs::read_to_string(&path).map_err(|e| Error::Io {
-                        what: "targeting key",
-                        path: path.clone(),
-                        source: e,
-                    })?;
-                    SecretKey::from_hex("generated targeting key", &text)
-                }
+                Ok(false) => read(&path, which.generated),
                 Err(e) => Err(Error::Io {
-                    what: "targeting key",
+                    what: which.generated,
                     path,
                     source: e,
                 }),
             }
         }
         Err(e) => Err(Error::Io {
-            what: "targeting key",
+            what: which.generated,
             path,
             source: e,
         }),

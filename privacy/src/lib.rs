@@ -25,6 +25,7 @@ pub mod kafka_keys;
 pub mod keys;
 #[cfg(any(test, feature = "test-support"))]
 pub mod mmdb_writer;
+pub mod noise;
 pub mod optout;
 pub mod pseudonym;
 pub mod scrub;
