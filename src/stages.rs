@@ -180,13 +180,17 @@ impl Privacy {
         }
     }
 
-    fn query(&self, log: Arc<dyn EventLog>) -> QueryPrivacy {
-        QueryPrivacy {
+    fn query(&self, config: &Config, log: Arc<dyn EventLog>) -> anyhow::Result<QueryPrivacy> {
+        let noise_key =
+            marsad_privacy::keys::load_noise_key(config.release.noise_key_file.as_deref(), &config.keys_dir())
+                .context("loading the noise key of released numbers")?;
+        Ok(QueryPrivacy {
             opt_outs: self.opt_outs.clone(),
             targeting_key: self.targeting_key.clone(),
             daily_keys: self.daily_keys.clone(),
             log,
-        }
+            noise_key,
+        })
     }
 
     /// Waits until every opt-out recorded so far is loaded: nothing is served before.
@@ -342,7 +346,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_rollup_compaction(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
-    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log.clone()))?
+    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(&config, log.clone())?)?
         .with_metrics_source(Arc::new(move || pm.render()));
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
@@ -456,7 +460,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
-    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(log))?;
+    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(&config, log)?)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });

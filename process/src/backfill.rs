@@ -177,7 +177,7 @@ pub async fn backfill(
         rollups.push(RollupRebuild {
             table,
             counted: by_partition(sink.committed(&app_ids).await?),
-            rollup: new_rollup(table),
+            rollup: new_rollup(table, config.process.max_events_per_visitor_day),
         });
     }
     let mut end: BTreeMap<u32, i64> = BTreeMap::new();

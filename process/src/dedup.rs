@@ -59,7 +59,6 @@ impl Fingerprinter {
         h.write(event_id.as_bytes());
         Fingerprint(h.finish128().as_u128())
     }
-
 }
 
 /// The most recent events seen, bounded by count (oldest forgotten first), as fingerprints.

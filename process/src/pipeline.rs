@@ -54,6 +54,8 @@ pub struct Processor {
     batch_interval: Duration,
     tables: TablesLocation,
     rollups: Option<Rollups>,
+    /// Events of one visitor a day the rollups count at most.
+    max_per_visitor_day: u32,
     crash: Option<(usize, CrashPoint)>,
     /// Cancelled when the processor is asked to stop (ends a wait for the key store).
     stopping: CancellationToken,
@@ -98,6 +100,7 @@ impl Processor {
             batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
             tables,
             rollups: None,
+            max_per_visitor_day: config.process.max_events_per_visitor_day,
             crash: None,
             stopping: CancellationToken::new(),
         })
@@ -235,7 +238,7 @@ impl Processor {
             self.metrics.position.set(next as i64);
             from.insert(partition, next);
         }
-        let mut rollups = Rollups::open(&self.tables, &app_ids).await?;
+        let mut rollups = Rollups::open(&self.tables, &app_ids, self.max_per_visitor_day).await?;
         let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
         if caught_up.events > 0 {
             tracing::info!(

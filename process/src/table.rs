@@ -214,7 +214,7 @@ impl DeltaSink {
         let partitions: Vec<String> = self.partition_columns();
         // row groups of 64k rows and files of 64 MiB: the writer's buffer stays a row group
         let properties = deltalake::parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_size(REWRITE_ROW_GROUP_ROWS)
+            .set_max_row_group_row_count(Some(REWRITE_ROW_GROUP_ROWS))
             .build();
         let table = self
             .table

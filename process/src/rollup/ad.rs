@@ -10,6 +10,7 @@ use datasketches::hll::HllSketch;
 use marsad_schemas::ad_performance_hourly_schema;
 
 use super::Rollup;
+use super::clamp::VisitorDayClamp;
 use super::rows::{Col, EventRows, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
 use crate::Result;
 
@@ -26,9 +27,18 @@ struct AdCell {
 }
 
 /// `ad_performance_hourly`: impressions and clicks of the ads.
-#[derive(Default)]
 pub(super) struct AdRollup {
     cells: HashMap<AdKey, AdCell>,
+    clamp: VisitorDayClamp,
+}
+
+impl AdRollup {
+    pub(super) fn new(clamp: VisitorDayClamp) -> Self {
+        AdRollup {
+            cells: HashMap::new(),
+            clamp,
+        }
+    }
 }
 
 impl Rollup for AdRollup {
@@ -45,6 +55,9 @@ impl Rollup for AdRollup {
                 _ => continue,
             };
             let ts = rows.ts.value(i);
+            if !self.clamp.admit(ts, rows.get(Col::VisitorKey, i)) {
+                continue;
+            }
             let key = AdKey {
                 hour: ts - ts.rem_euclid(MICROS_PER_HOUR),
                 dims: [
@@ -66,6 +79,10 @@ impl Rollup for AdRollup {
                 cell.visitors.update(v);
             }
         }
+    }
+
+    fn preload_clamp(&mut self, day: i32, visitor: &str, _events: u64, ad_events: u64) {
+        self.clamp.preload(day, visitor, ad_events);
     }
 
     fn take(&mut self) -> Result<RecordBatch> {
@@ -102,7 +119,7 @@ mod tests {
 
     #[test]
     fn ad_rollup_counts_impressions_and_clicks_only() {
-        let mut ad = AdRollup::default();
+        let mut ad = AdRollup::new(VisitorDayClamp::new(100));
         let b = batch(&[
             ("v1", "s1", 0, "cars", "ad_impression"),
             ("v1", "s1", 1, "cars", "ad_click"),

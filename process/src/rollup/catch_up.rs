@@ -22,7 +22,7 @@ use object_store::ObjectStoreExt;
 
 use super::Rollups;
 use super::rows::{COLUMNS, EventRows};
-use super::traffic::{SESSION_MEMORY_MICROS, TrafficRollup};
+use super::traffic::SESSION_MEMORY_MICROS;
 use crate::dedup::IdFingerprints;
 use crate::table::DeltaSink;
 use crate::{Error, Result};
@@ -72,6 +72,7 @@ impl Rollups {
             .collect();
         let skip = recent_ids(events, &traffic_behind).await?;
         self.restore_sessions(events, &skip).await?;
+        self.preload_clamps(events).await?;
         for commit in &commits {
             for file in &commit.added_files {
                 let Some(reader) = data_file(events.table(), file, None).await? else {
@@ -87,6 +88,55 @@ impl Rollups {
             self.commit(&commit.positions, None).await?;
         }
         Ok(report)
+    }
+
+    /// Starts each table's clamp from the events stored of the latest two days: counted
+    /// before a restart, or about to be counted by this catch-up (then they count twice
+    /// against the clamp, which can only admit fewer, never more).
+    async fn preload_clamps(&mut self, events: &DeltaSink) -> Result<()> {
+        if events.version().is_none_or(|v| v == 0) {
+            return Ok(());
+        }
+        let sql = format!(
+            "SELECT visitor_key, CAST({DATE_COLUMN} AS INT) AS day, count(*) AS n, \
+             count(*) FILTER (WHERE event_type IN ('ad_impression', 'ad_click')) AS ads FROM events \
+             WHERE NOT is_bot AND visitor_key IS NOT NULL \
+             AND {DATE_COLUMN} >= (SELECT max({DATE_COLUMN}) FROM events) - INTERVAL '1' DAY \
+             GROUP BY visitor_key, {DATE_COLUMN}"
+        );
+        let mut rows = events.query_stream(&sql).await?;
+        while let Some(batch) = rows.next().await {
+            let batch = batch.map_err(|source| Error::Query {
+                table: "events",
+                source,
+            })?;
+            let visitors = EventRows::text_column(&batch, "visitor_key")?;
+            let int = |name: &str| -> Result<arrow::array::Int64Array> {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or_else(|| arrow::error::ArrowError::SchemaError(format!("no `{name}`")))?;
+                let cast = arrow::compute::cast(column, &arrow::datatypes::DataType::Int64)?;
+                Ok(cast
+                    .as_any()
+                    .downcast_ref::<arrow::array::Int64Array>()
+                    .cloned()
+                    .unwrap_or_else(|| arrow::array::Int64Array::from(Vec::<i64>::new())))
+            };
+            let (days, all, ads) = (int("day")?, int("n")?, int("ads")?);
+            for i in 0..batch.num_rows().min(days.len()).min(all.len()).min(ads.len()) {
+                if visitors.is_valid(i) && days.is_valid(i) {
+                    for t in &mut self.tables {
+                        t.rollup.preload_clamp(
+                            days.value(i) as i32,
+                            visitors.value(i),
+                            all.value(i).max(0) as u64,
+                            ads.value(i).max(0) as u64,
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn restore_sessions(&mut self, events: &DeltaSink, skip: &IdFingerprints) -> Result<()> {
@@ -107,17 +157,14 @@ impl Rollups {
              ORDER BY ts",
             SESSION_MEMORY_MICROS / 60_000_000
         );
-        let mut rollup = TrafficRollup::default();
         let mut rows = events.query_stream(&sql).await?;
         while let Some(batch) = rows.next().await {
             let batch = batch.map_err(|source| Error::Query {
                 table: "events",
                 source,
             })?;
-            rollup.replay(&batch, skip)?;
+            traffic.rollup.replay_sessions(&batch, skip)?;
         }
-        rollup.forget_idle();
-        traffic.rollup = Box::new(rollup);
         Ok(())
     }
 }
@@ -283,7 +330,8 @@ mod tests {
             let rows: Vec<(String, String, i64)> = (0..COMMIT_ROWS)
                 .map(|i| {
                     let n = commit * COMMIT_ROWS + i;
-                    (format!("v{}", n % 700), format!("s{}", n % 900), (n / 100) as i64)
+                    // 7,000 visitors over the day: fewer events each than the clamp
+                    (format!("v{}", n % 7_000), format!("s{}", n % 9_000), (n / 100) as i64)
                 })
                 .collect();
             let refs: Vec<(&str, &str, i64, &str, &str)> = rows
@@ -294,7 +342,7 @@ mod tests {
             events.append(test_batch(&refs), &[(app.clone(), last)]).await?;
         }
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app)).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
         let report = rollups.catch_up(events.sink(), &positions).await?;
         assert_eq!((report.events, report.commits), (3 * COMMIT_ROWS, 3), "{report:?}");
         assert!(
@@ -313,7 +361,7 @@ mod tests {
             .map(|a| a.value(0));
         assert_eq!(counted, Some(3 * COMMIT_ROWS as i64));
         // caught up: a second catch-up finds nothing to count
-        let again = Rollups::open(&tables, std::slice::from_ref(&app))
+        let again = Rollups::open(&tables, std::slice::from_ref(&app), 20)
             .await?
             .catch_up(events.sink(), &positions)
             .await?;

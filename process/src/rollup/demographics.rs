@@ -10,6 +10,7 @@ use datasketches::hll::HllSketch;
 use marsad_schemas::demographics_daily_schema;
 
 use super::Rollup;
+use super::clamp::VisitorDayClamp;
 use super::rows::{Col, EventRows, MICROS_PER_DAY, new_sketch};
 use crate::Result;
 
@@ -25,9 +26,18 @@ struct DemographicsCell {
 }
 
 /// `demographics_daily`: declared age band and gender (null when undeclared) by place and category.
-#[derive(Default)]
 pub(super) struct DemographicsRollup {
     cells: HashMap<DemographicsKey, DemographicsCell>,
+    clamp: VisitorDayClamp,
+}
+
+impl DemographicsRollup {
+    pub(super) fn new(clamp: VisitorDayClamp) -> Self {
+        DemographicsRollup {
+            cells: HashMap::new(),
+            clamp,
+        }
+    }
 }
 
 impl Rollup for DemographicsRollup {
@@ -37,6 +47,9 @@ impl Rollup for DemographicsRollup {
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
+            if !self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
+                continue;
+            }
             let key = DemographicsKey {
                 day: rows.ts.value(i).div_euclid(MICROS_PER_DAY) as i32,
                 dims: [
@@ -56,6 +69,10 @@ impl Rollup for DemographicsRollup {
                 cell.visitors.update(v);
             }
         }
+    }
+
+    fn preload_clamp(&mut self, day: i32, visitor: &str, events: u64, _ad_events: u64) {
+        self.clamp.preload(day, visitor, events);
     }
 
     fn take(&mut self) -> Result<RecordBatch> {

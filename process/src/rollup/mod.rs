@@ -10,6 +10,7 @@
 
 mod ad;
 mod catch_up;
+mod clamp;
 mod compaction;
 mod demographics;
 mod rows;
@@ -41,14 +42,23 @@ pub(crate) trait Rollup: Send + Sync {
     /// Forgets the cells dated outside `first..=last` (days since 1970): a rebuild of those
     /// days needs no others, and keeps memory to the keys of its range.
     fn retain_days(&mut self, first: i32, last: i32);
+    /// Starts the clamp of `visitor` on `day` (days since 1970) from what `events` holds of it
+    /// (`events` of any type, `ad_events` impressions and clicks), after a restart.
+    fn preload_clamp(&mut self, day: i32, visitor: &str, events: u64, ad_events: u64);
+    /// Follows the sessions of stored rows without counting them (but those in `skip`).
+    fn replay_sessions(&mut self, _batch: &RecordBatch, _skip: &crate::dedup::IdFingerprints) -> Result<()> {
+        Ok(())
+    }
 }
 
-/// An empty aggregator of rollup `table`.
-pub(crate) fn new_rollup(table: TableName) -> Box<dyn Rollup> {
+/// An empty aggregator of rollup `table`, counting at most `max_per_visitor_day` events of
+/// one visitor a day.
+pub(crate) fn new_rollup(table: TableName, max_per_visitor_day: u32) -> Box<dyn Rollup> {
+    let clamp = clamp::VisitorDayClamp::new(max_per_visitor_day);
     match table {
-        TableName::TrafficHourly => Box::new(TrafficRollup::default()),
-        TableName::AdPerformanceHourly => Box::new(AdRollup::default()),
-        _ => Box::new(DemographicsRollup::default()),
+        TableName::TrafficHourly => Box::new(TrafficRollup::new(clamp)),
+        TableName::AdPerformanceHourly => Box::new(AdRollup::new(clamp)),
+        _ => Box::new(DemographicsRollup::new(clamp)),
     }
 }
 
@@ -110,13 +120,18 @@ pub struct Rollups {
 }
 
 impl Rollups {
-    /// Opens (or creates) the rollup tables and reads the positions they cover for `app_ids`.
-    pub async fn open(location: &marsad_config::TablesLocation, app_ids: &[String]) -> Result<Self> {
+    /// Opens (or creates) the rollup tables and reads the positions they cover for `app_ids`;
+    /// each counts at most `max_per_visitor_day` events of one visitor a day.
+    pub async fn open(
+        location: &marsad_config::TablesLocation,
+        app_ids: &[String],
+        max_per_visitor_day: u32,
+    ) -> Result<Self> {
         let mut tables = Vec::new();
         for spec in rollup_specs() {
             let mut sink = DeltaSink::open_or_create(location, &spec).await?;
             let covered = sink.committed(app_ids).await?;
-            let rollup = new_rollup(spec.name);
+            let rollup = new_rollup(spec.name, max_per_visitor_day);
             tables.push(RollupTable {
                 sink,
                 rollup,

@@ -11,6 +11,7 @@ use datasketches::hll::HllSketch;
 use marsad_schemas::traffic_hourly_schema;
 
 use super::Rollup;
+use super::clamp::VisitorDayClamp;
 use super::rows::{Col, EventRows, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
 use crate::Result;
 use crate::dedup::IdFingerprints;
@@ -56,14 +57,23 @@ struct OpenSession {
 
 /// `traffic_hourly`, with sessions: a session counts in the hour and dimensions of its first
 /// event, its duration and bounce (a single event) are added there as later events arrive.
-#[derive(Default)]
 pub(super) struct TrafficRollup {
     cells: HashMap<TrafficKey, TrafficCell>,
     open: HashMap<String, OpenSession>,
     watermark: i64,
+    clamp: VisitorDayClamp,
 }
 
 impl TrafficRollup {
+    pub(super) fn new(clamp: VisitorDayClamp) -> Self {
+        TrafficRollup {
+            cells: HashMap::new(),
+            open: HashMap::new(),
+            watermark: 0,
+            clamp,
+        }
+    }
+
     fn key(rows: &EventRows, i: usize) -> TrafficKey {
         let ts = rows.ts.value(i);
         TrafficKey {
@@ -147,9 +157,21 @@ impl Rollup for TrafficRollup {
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
-            self.observe(rows, i, true);
+            // past the clamp an event still carries its session on, but counts nowhere
+            let counts = self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i));
+            self.observe(rows, i, counts);
         }
         self.forget_idle();
+    }
+
+    fn preload_clamp(&mut self, day: i32, visitor: &str, events: u64, _ad_events: u64) {
+        self.clamp.preload(day, visitor, events);
+    }
+
+    fn replay_sessions(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {
+        self.replay(batch, skip)?;
+        self.forget_idle();
+        Ok(())
     }
 
     fn take(&mut self) -> Result<RecordBatch> {
@@ -214,7 +236,7 @@ mod tests {
 
     #[test]
     fn sessions_bounces_and_durations_add_up_across_batches() {
-        let mut t = TrafficRollup::default();
+        let mut t = TrafficRollup::new(VisitorDayClamp::new(100));
         let first = batch(&[
             ("v1", "s1", 0, "cars", "page_view"),
             ("v2", "s2", 1, "jobs", "page_view"),
