@@ -1,5 +1,7 @@
-// Marsad's marketing dashboard: reads /v1/reports/* with an analyst key and
-// draws them with the vendored Chart.js. Nothing is fetched from elsewhere.
+// Marsad's marketing dashboard: reads /v1/reports/* with an analyst key (or an
+// advertiser's, which sees its own campaigns only) and draws them with the
+// vendored Chart.js. Nothing is fetched from elsewhere. Every number is as the
+// reports release it: with noise, shown as ≈ with its 95% interval on hover.
 'use strict';
 
 const I18N = {
@@ -8,7 +10,10 @@ const I18N = {
     key_label: 'Analyst key', sign_in: 'Sign in', from: 'From', to: 'To', granularity: 'Granularity',
     hour: 'Hour', day: 'Day', week: 'Week', month: 'Month', country: 'Country', device: 'Device', all: 'All',
     desktop: 'Desktop', mobile: 'Mobile', tablet: 'Tablet', apply: 'Apply',
-    suppression_note: 'Cells with fewer than k unique visitors are withheld (—), with complementary cells, so no one can be singled out.',
+    suppression_note: 'Numbers are estimates (≈): each carries a little random noise so that no visitor can be singled out, and rows with too few visitors are not shown. Hover a number for its 95% interval.',
+    interval: '95% interval', exact: 'exact', view_campaign_days: 'Campaigns by day',
+    view_campaign_countries: 'Campaigns by country', view_campaign_devices: 'Campaigns by device',
+    day_label: 'Day', budget_spent: 'Privacy budget spent today',
     privacy_footer: 'Only anonymous aggregates are shown here.',
     view_traffic: 'Traffic over time', view_categories: 'Top categories', view_geo: 'Geography',
     view_devices: 'Devices, systems and browsers', view_campaigns: 'Campaigns', view_demographics: 'Demographics',
@@ -17,7 +22,7 @@ const I18N = {
     period: 'Period', region: 'Region', device_type: 'Device', os: 'OS', browser: 'Browser',
     page_category: 'Category', campaign_id: 'Campaign', age_band: 'Age band', gender: 'Gender',
     csv: 'CSV', no_data: 'No data in this range', loading: 'Loading…', updated: 'Updated',
-    bad_key: 'This key is wrong or has no analyst role.', all_countries: 'All countries', regions_of: 'Regions of',
+    bad_key: 'This key is wrong or has neither the analyst nor the advertiser role.', all_countries: 'All countries', regions_of: 'Regions of',
     withheld: 'withheld', error: 'Could not load',
     cat_cars: 'Cars', cat_real_estate: 'Real estate', cat_jobs: 'Jobs', cat_electronics: 'Electronics',
     cat_furniture: 'Furniture', cat_services: 'Services', cat_other: 'Other',
@@ -28,7 +33,10 @@ const I18N = {
     key_label: 'مفتاح المحلل', sign_in: 'تسجيل الدخول', from: 'من', to: 'إلى', granularity: 'الدقة الزمنية',
     hour: 'ساعة', day: 'يوم', week: 'أسبوع', month: 'شهر', country: 'الدولة', device: 'الجهاز', all: 'الكل',
     desktop: 'حاسوب', mobile: 'جوال', tablet: 'جهاز لوحي', apply: 'تطبيق',
-    suppression_note: 'تُحجب الخلايا التي يقل عدد زوارها الفريدين عن k (—) مع خلايا مكمّلة، فلا يمكن تمييز أي شخص.',
+    suppression_note: 'الأرقام تقديرية (≈): يُضاف إلى كل رقم قدر يسير من الضجيج العشوائي كي لا يمكن تمييز أي زائر، ولا تُعرض الصفوف ذات الزوار القليلين. مرّر المؤشر فوق الرقم لرؤية مجال الثقة ٩٥٪.',
+    interval: 'مجال الثقة ٩٥٪', exact: 'دقيق', view_campaign_days: 'الحملات حسب اليوم',
+    view_campaign_countries: 'الحملات حسب الدولة', view_campaign_devices: 'الحملات حسب الجهاز',
+    day_label: 'اليوم', budget_spent: 'ما أُنفق اليوم من ميزانية الخصوصية',
     privacy_footer: 'لا تُعرض هنا إلا بيانات مجمّعة مجهولة الهوية.',
     view_traffic: 'الزيارات عبر الزمن', view_categories: 'أهم الفئات', view_geo: 'الجغرافيا',
     view_devices: 'الأجهزة وأنظمة التشغيل والمتصفحات', view_campaigns: 'الحملات', view_demographics: 'الفئات السكانية',
@@ -37,7 +45,7 @@ const I18N = {
     period: 'الفترة', region: 'المنطقة', device_type: 'الجهاز', os: 'نظام التشغيل', browser: 'المتصفح',
     page_category: 'الفئة', campaign_id: 'الحملة', age_band: 'الفئة العمرية', gender: 'الجنس',
     csv: 'تصدير CSV', no_data: 'لا توجد بيانات في هذه الفترة', loading: 'جارٍ التحميل…', updated: 'حُدّث',
-    bad_key: 'المفتاح غير صحيح أو لا يملك دور المحلل.', all_countries: 'كل الدول', regions_of: 'مناطق',
+    bad_key: 'المفتاح غير صحيح أو لا يملك دور المحلل ولا دور المعلن.', all_countries: 'كل الدول', regions_of: 'مناطق',
     withheld: 'محجوب', error: 'تعذّر التحميل',
     cat_cars: 'سيارات', cat_real_estate: 'عقارات', cat_jobs: 'وظائف', cat_electronics: 'إلكترونيات',
     cat_furniture: 'أثاث', cat_services: 'خدمات', cat_other: 'أخرى',
@@ -60,11 +68,28 @@ const VIEWS = [
   { id: 'demographics', kind: 'bar', label: (r) => (r.age_band || r.gender ? `${r.age_band || '?'} · ${genderName(r.gender)}` : t('not_declared')), measures: ['events', 'visitors'],
     filters: ['country'] },
 ];
+// An advertiser (a third party) sees its own campaigns only, broken down.
+const ADVERTISER_VIEWS = [
+  { id: 'campaigns', report: 'campaigns', kind: 'bar', label: (r) => r.campaign_id, measures: ['impressions', 'clicks'],
+    extra: ['ctr', 'visitors'], filters: ['country', 'device_type'] },
+  { id: 'campaign_days', report: 'campaigns', by: 'day', kind: 'bar',
+    label: (r) => `${r.campaign_id} · ${String(r.day || '').slice(0, 10)}`, measures: ['impressions', 'clicks'],
+    extra: ['ctr', 'visitors'], filters: ['country', 'device_type'] },
+  { id: 'campaign_countries', report: 'campaigns', by: 'country', kind: 'bar',
+    label: (r) => `${r.campaign_id} · ${r.country || '?'}`, measures: ['impressions', 'clicks'], extra: ['ctr', 'visitors'],
+    filters: ['device_type'] },
+  { id: 'campaign_devices', report: 'campaigns', by: 'device_type', kind: 'bar',
+    label: (r) => `${r.campaign_id} · ${r.device_type || '?'}`, measures: ['impressions', 'clicks'], extra: ['ctr', 'visitors'],
+    filters: ['country'] },
+];
 const COLOURS = ['#0f6e8c', '#e07a1f', '#6a9f3a', '#8e5ea2', '#c0392b'];
+// The views of the signed-in key's role.
+let views = VIEWS;
 
 const state = {
   lang: localStorage.getItem('marsad.lang') || 'en',
   key: sessionStorage.getItem('marsad.key') || '',
+  role: '',       // 'analyst' or 'advertiser'
   reports: {},   // view id -> last report JSON
   charts: {},    // view id -> Chart
   geoCountry: '', // the country the geography view is drilled into
@@ -85,7 +110,7 @@ function applyLanguage() {
   document.querySelectorAll('[data-i18n]').forEach((el) => { el.textContent = t(el.dataset.i18n); });
   document.title = t('title');
   showUpdated();
-  if (!$('dashboard').hidden) VIEWS.forEach(render);
+  if (!$('dashboard').hidden) views.forEach(render);
 }
 
 function showUpdated() {
@@ -102,6 +127,7 @@ function initDates() {
 
 function params(view) {
   const p = new URLSearchParams({ from: $('from').value, to: $('to').value });
+  if (view.by) p.set('by', view.by);
   if (view.timed) p.set('granularity', $('granularity').value);
   const country = $('country').value.trim().toUpperCase() || (view.drill ? state.geoCountry : '');
   if (country && view.filters.includes('country')) p.set('country', country);
@@ -124,7 +150,19 @@ async function api(path) {
 async function signIn(key) {
   state.key = key;
   const today = isoDate(new Date());
-  await api(`/v1/reports/categories?from=${today}&to=${today}`);
+  // an analyst reads every report; an advertiser (403 here) its campaigns only
+  try {
+    await api(`/v1/reports/categories?from=${today}&to=${today}`);
+    state.role = 'analyst';
+    views = VIEWS;
+  } catch (e) {
+    if (e.status !== 403) throw e;
+    await api(`/v1/reports/campaigns?from=${today}&to=${today}`);
+    state.role = 'advertiser';
+    views = ADVERTISER_VIEWS;
+  }
+  document.body.dataset.role = state.role;
+  buildViews();
   sessionStorage.setItem('marsad.key', key);
   $('sign-in').hidden = true;
   $('dashboard').hidden = false;
@@ -146,9 +184,9 @@ function signOut() {
 }
 
 function buildViews() {
-  const views = $('views');
-  views.textContent = '';
-  for (const view of VIEWS) {
+  const container = $('views');
+  container.textContent = '';
+  for (const view of views) {
     const section = document.createElement('section');
     section.className = 'view';
     section.id = `view-${view.id}`;
@@ -156,7 +194,7 @@ function buildViews() {
       <p class="crumb"></p><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
       <div class="table-wrap"><table><thead></thead><tbody></tbody></table></div>`;
     section.querySelector('button.csv').addEventListener('click', () => download(view.id));
-    views.appendChild(section);
+    container.appendChild(section);
   }
 }
 
@@ -165,7 +203,7 @@ async function loadView(view) {
   section.querySelector('.empty').hidden = false;
   section.querySelector('.empty').textContent = t('loading');
   try {
-    state.reports[view.id] = await api(`/v1/reports/${view.id}?${params(view)}`);
+    state.reports[view.id] = await api(`/v1/reports/${view.report || view.id}?${params(view)}`);
     state.reports[view.id].error = undefined;
   } catch (e) {
     state.reports[view.id] = { rows: [], dimensions: [], error: `${t('error')}: ${e.message}` };
@@ -175,7 +213,7 @@ async function loadView(view) {
 
 async function loadAll() {
   $('status').textContent = t('loading');
-  await Promise.all(VIEWS.map(loadView));
+  await Promise.all(views.map(loadView));
   state.updatedAt = new Date();
   showUpdated();
   document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
@@ -186,10 +224,19 @@ function columnsOf(view, report) {
   return { dims, measures: [...view.measures, ...(view.extra || [])] };
 }
 
-function formatNumber(value, measure) {
+function formatNumber(value, measure, ci95) {
   if (value === null || value === undefined) return '—';
   if (measure === 'ctr') return new Intl.NumberFormat(state.lang, { style: 'percent', maximumFractionDigits: 2 }).format(value);
-  return new Intl.NumberFormat(state.lang).format(value);
+  const text = new Intl.NumberFormat(state.lang).format(value);
+  return ci95 ? `≈ ${text}` : text;
+}
+
+// The hover text of a released number: its 95% interval, or that it is exact.
+function intervalOf(value, ci95) {
+  if (value === null || value === undefined) return '';
+  if (!ci95) return t('exact');
+  const f = new Intl.NumberFormat(state.lang);
+  return `${t('interval')}: ${f.format(Math.max(0, value - ci95))} – ${f.format(value + ci95)} (± ${f.format(ci95)})`;
 }
 
 function sortedRows(view, report) {
@@ -217,7 +264,7 @@ function render(view) {
   }
   if (!report) return;
   const rows = sortedRows(view, report);
-  const shown = rows.filter((r) => !r.suppressed);
+  const shown = rows;
   const empty = section.querySelector('.empty');
   empty.hidden = shown.length > 0 && !report.error;
   empty.textContent = report.error || t('no_data');
@@ -268,7 +315,6 @@ function drawTable(view, section, report, rows) {
   head.appendChild(tr);
   for (const r of rows) {
     const row = document.createElement('tr');
-    if (r.suppressed) row.title = t('withheld');
     for (const d of dims) {
       const td = document.createElement('td');
       const text = d === 'period' ? view.label(r) : d === 'page_category' ? categoryName(r[d]) : d === 'gender' ? genderName(r[d]) : (r[d] ?? '—');
@@ -286,7 +332,12 @@ function drawTable(view, section, report, rows) {
     for (const m of measures) {
       const td = document.createElement('td');
       td.className = 'num';
-      td.textContent = formatNumber(r[m], m);
+      const ci95 = r.ci95 ? r.ci95[m] : 0;
+      td.textContent = formatNumber(r[m], m, ci95);
+      if (m !== 'ctr') {
+        td.title = intervalOf(r[m], ci95);
+        td.dataset.ci95 = String(ci95 || 0);
+      }
       row.appendChild(td);
     }
     body.appendChild(row);
@@ -299,16 +350,19 @@ function csvField(value) {
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 
-// The CSV of a view as shown: its dimensions, measures and whether the row is withheld.
+// The CSV of a view as shown: its dimensions, the released measures and each one's 95% interval.
 function csv(viewId) {
-  const view = VIEWS.find((v) => v.id === viewId);
+  const view = views.find((v) => v.id === viewId);
   const report = state.reports[viewId];
   if (!view || !report) return '';
   const { dims, measures } = columnsOf(view, report);
-  const header = [...dims, ...measures, 'suppressed'];
+  const intervals = measures.filter((m) => m !== 'ctr');
+  const header = [...dims, ...measures, ...intervals.map((m) => `${m}_ci95`)];
   const lines = [header.map(csvField).join(',')];
   for (const r of sortedRows(view, report)) {
-    lines.push(header.map((c) => csvField(c === 'suppressed' ? Boolean(r.suppressed) : r[c])).join(','));
+    const values = [...dims, ...measures].map((c) => r[c]);
+    const widths = intervals.map((m) => (r.ci95 ? r.ci95[m] : 0));
+    lines.push([...values, ...widths].map(csvField).join(','));
   }
   return `${lines.join('\r\n')}\r\n`;
 }

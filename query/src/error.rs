@@ -30,6 +30,19 @@ pub enum ApiError {
     /// It exists but cannot be given now (e.g. a held-back segment).
     #[error("{0}")]
     Conflict(String),
+    /// The key's privacy budget for today is spent.
+    #[error(
+        "this key's privacy budget for today is spent ({remaining:.2} ε left, the answer needs {needed:.2}); \
+         it refills at midnight UTC. Asking again for numbers already answered today is free"
+    )]
+    BudgetExhausted {
+        /// ε left today.
+        remaining: f64,
+        /// ε the answer needed.
+        needed: f64,
+        /// Seconds until the budget refills.
+        retry_after: u64,
+    },
     /// Something failed that the client cannot fix; details are logged, not sent.
     #[error("internal error; see the service log")]
     Internal,
@@ -45,9 +58,15 @@ impl IntoResponse for ApiError {
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound | ApiError::NotFoundWhat(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut resp = (status, Json(json!({"error": self.to_string()}))).into_response();
+        if let ApiError::BudgetExhausted { retry_after, .. } = &self
+            && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
+        {
+            resp.headers_mut().insert(header::RETRY_AFTER, value);
+        }
         if matches!(self, ApiError::Access(AccessError::Unauthorized)) {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

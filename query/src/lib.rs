@@ -15,10 +15,10 @@ pub mod dashboard;
 mod error;
 mod metrics;
 pub mod pg;
+pub mod release;
 pub mod reports;
 mod routes;
 pub mod sketches;
-pub mod small_cells;
 pub mod sql;
 
 use std::sync::Arc;
@@ -67,7 +67,7 @@ pub struct QueryState {
     pub(crate) erasure_settle: Duration,
     pub(crate) audiences: Arc<audience::Audiences>,
     pub(crate) audience: Arc<marsad_config::AudienceConfig>,
-    pub(crate) min_cell_visitors: usize,
+    pub(crate) release: Arc<release::Release>,
     pub(crate) geoip_attribution: Arc<str>,
 }
 
@@ -82,6 +82,8 @@ pub struct QueryPrivacy {
     pub daily_keys: Arc<dyn DailyKeyStore>,
     /// Where opt-outs are recorded.
     pub log: Arc<dyn EventLog>,
+    /// Keys the noise of released numbers (the same in every query process).
+    pub noise_key: SecretKey,
 }
 
 impl QueryState {
@@ -89,7 +91,6 @@ impl QueryState {
     pub fn new(config: &Config, keys: ApiKeys, privacy: QueryPrivacy) -> Result<Self, Error> {
         let tables = config.tables()?;
         Ok(QueryState {
-            privacy: Arc::new(privacy),
             // an erasure waits for the processor to see the opt-out and commit what it buffered
             erasure_settle: Duration::from_millis(config.process.batch_max_interval_ms + 1_000),
             keys: Arc::new(keys),
@@ -104,8 +105,13 @@ impl QueryState {
             extra_metrics: Vec::new(),
             audiences: Arc::new(audience::Audiences::new(&tables)),
             audience: Arc::new(config.audience.clone()),
-            min_cell_visitors: config.query.min_cell_visitors,
+            release: Arc::new(release::Release::new(
+                config,
+                privacy.noise_key.clone(),
+                Some(config.data_dir.join("release")),
+            )),
             geoip_attribution: dashboard::geoip_attribution(&config.geoip.databases).into(),
+            privacy: Arc::new(privacy),
         })
     }
 
@@ -116,9 +122,9 @@ impl QueryState {
         ctx: &datafusion::prelude::SessionContext,
         statement: &str,
         params: Option<datafusion::common::ParamValues>,
-        access: sql::Access,
+        access: &sql::Access,
     ) -> Result<sql::QueryResult, error::ApiError> {
-        let run = sql::run_with_params(ctx, statement, params, self.max_rows, access);
+        let run = sql::run_with_params(ctx, statement, params, self.max_rows, access, Some(&self.release));
         match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(r)) => {
                 self.metrics.count("ok");
@@ -180,6 +186,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
         .routes(routes!(routes::list_tables))
         .routes(routes!(routes::report))
         .routes(routes!(routes::erase_subject))
+        .routes(routes!(routes::privacy_budget))
         .routes(routes!(audience_routes::audience))
         .routes(routes!(audience_routes::list_segments))
         .routes(routes!(audience_routes::overlap))

@@ -70,21 +70,28 @@ fn pg_error(e: ApiError) -> PgWireError {
 }
 
 /// What a signed-in connection may read.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Grant {
     access: Access,
     scope: TableScope,
 }
 
 impl Grant {
-    fn of(client: &(impl ClientInfo + ?Sized), k: usize) -> PgWireResult<Self> {
+    fn of(client: &(impl ClientInfo + ?Sized), mechanism: crate::release::Mechanism) -> PgWireResult<Self> {
         match client.metadata().get(ACCESS_KEY).map(String::as_str) {
             Some("engineer") => Ok(Grant {
                 access: Access::Everything,
                 scope: TableScope::All,
             }),
             Some("analyst") => Ok(Grant {
-                access: Access::SmallCellsWithheld { k },
+                access: Access::Released {
+                    key: client
+                        .metadata()
+                        .get(pgwire::api::METADATA_USER)
+                        .cloned()
+                        .unwrap_or_default(),
+                    mechanism,
+                },
                 scope: TableScope::Rollups,
             }),
             _ => Err(user_error("28000", "not signed in")),
@@ -383,7 +390,7 @@ impl QueryParser for PgParser {
         if let Some(command) = command_of(&statement) {
             return Ok(Some(PgStatement::Command(command)));
         }
-        let grant = Grant::of(client, self.state.min_cell_visitors)?;
+        let grant = Grant::of(client, self.state.release.for_analysts())?;
         let ctx = context(&self.state, client, grant).await?;
         let sql = statement.to_string();
         let read_only = SQLOptions::new()
@@ -450,14 +457,23 @@ impl PgService {
     {
         use futures::SinkExt;
         let state = &self.state;
-        let grant = Grant::of(client, state.min_cell_visitors)?;
-        let ctx = context(state, client, grant).await?;
-        let result = state.run_sql(&ctx, sql, params, grant.access).await.map_err(pg_error)?;
+        let grant = Grant::of(client, state.release.for_analysts())?;
+        let ctx = context(state, client, grant.clone()).await?;
+        let result = state
+            .run_sql(&ctx, sql, params, &grant.access)
+            .await
+            .map_err(pg_error)?;
         let mut notices = Vec::new();
-        if result.withheld > 0 {
+        if let Some(r) = &result.release
+            && r.mechanism == crate::release::Mechanism::Noise
+        {
+            let intervals: Vec<String> = r.ci95.iter().map(|(c, w)| format!("{c} ±{w}")).collect();
             notices.push(format!(
-                "{} rows counting fewer than {} unique visitors were withheld (with their complements)",
-                result.withheld, state.min_cell_visitors
+                "numbers are released with noise (95% intervals: {}); rows under {} visitors are left out; \
+                 this answer spent ε {:.2}",
+                intervals.join(", "),
+                state.release.min_visitors(),
+                r.epsilon_spent
             ));
         }
         if result.truncated {

@@ -1,8 +1,10 @@
-//! Reports for marketing (analyst role), read from the rollups only, with
-//! small-cell suppression: a cell with fewer than k unique visitors is
-//! withheld, and more cells are withheld until what is hidden cannot be
-//! recovered by subtracting the shown cells from the total (at least two
-//! hidden cells, together at least k visitors). A total under k hides everything.
+//! Reports for marketing (analysts) and advertisers, read from the rollups
+//! only. Every number in them leaves through the release mechanism
+//! ([`crate::release`]): each row and the total are cells of a rollup, each
+//! measure is released with noise keyed by the cell's identity (so a cell
+//! reached by any report, filter or SQL gets the same number), and rows whose
+//! noisy visitor count is under the threshold are left out. Nothing says how
+//! many rows were left out.
 
 use std::collections::HashMap;
 
@@ -12,7 +14,10 @@ use chrono::NaiveDate;
 use datafusion::prelude::SessionContext;
 use serde_json::{Map, Value, json};
 
+use chrono::Datelike;
+
 use crate::error::ApiError;
+use crate::release::{Cell, Constraint, Hours, Mechanism, Release};
 
 /// The reports there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +148,10 @@ pub struct ReportRequest {
     to: NaiveDate,
     granularity: Granularity,
     filters: Vec<(&'static str, String)>,
+    /// The campaigns report's breakdown of each campaign: `day`, `country` or `device_type`.
+    by: Option<&'static str>,
+    /// An advertiser's campaigns: rows and total restricted to them.
+    campaigns: Option<Vec<String>>,
 }
 
 impl ReportRequest {
@@ -165,9 +174,23 @@ impl ReportRequest {
             return Err(ApiError::BadRequest("a report covers at most three years".into()));
         }
         let granularity = Granularity::parse(params.get("granularity").map_or("day", String::as_str))?;
+        let by = match (kind, params.get("by").map(String::as_str)) {
+            (_, None) => None,
+            (ReportKind::Campaigns, Some("day")) => Some("day"),
+            (ReportKind::Campaigns, Some("country")) => Some("country"),
+            (ReportKind::Campaigns, Some("device_type")) => Some("device_type"),
+            (ReportKind::Campaigns, Some(other)) => {
+                return Err(ApiError::BadRequest(format!(
+                    "unknown breakdown `by={other}`; use day, country or device_type"
+                )));
+            }
+            (_, Some(_)) => {
+                return Err(ApiError::BadRequest("only the campaigns report takes `by`".into()));
+            }
+        };
         let mut filters = Vec::new();
         for (key, value) in params {
-            if ["from", "to", "granularity"].contains(&key.as_str()) {
+            if ["from", "to", "granularity", "by"].contains(&key.as_str()) {
                 continue;
             }
             match kind.filters().iter().find(|f| **f == key) {
@@ -187,7 +210,53 @@ impl ReportRequest {
             to,
             granularity,
             filters,
+            by,
+            campaigns: None,
         })
+    }
+
+    /// Restricts the request to an advertiser's `campaigns`: refused unless it is the campaigns
+    /// report and any campaign it names is one of them.
+    pub fn for_advertiser(mut self, campaigns: &[String]) -> Result<Self, ApiError> {
+        let forbidden = |what: String| {
+            ApiError::Access(marsad_privacy::access::AccessError::Forbidden {
+                key: what,
+                role: "analyst",
+            })
+        };
+        if self.kind != ReportKind::Campaigns {
+            return Err(forbidden(
+                "an advertiser's key sees the campaigns report only, and".into(),
+            ));
+        }
+        if let Some((_, c)) = self.filters.iter().find(|(f, _)| *f == "campaign_id")
+            && !campaigns.contains(c)
+        {
+            return Err(forbidden(format!(
+                "campaign `{c}` is not this advertiser's, so the key"
+            )));
+        }
+        self.campaigns = Some(campaigns.to_vec());
+        Ok(self)
+    }
+
+    /// The canonical text of the question, for the budget.
+    pub fn identity(&self) -> String {
+        format!(
+            "report|{:?}|{}|{}|{}|{:?}|{:?}|{:?}",
+            self.kind,
+            self.from,
+            self.to,
+            self.granularity.unit(),
+            self.filters,
+            self.by,
+            self.campaigns
+        )
+    }
+
+    /// Measures released: the report's and the visitor count, for its rows and its total.
+    pub fn measures_released(&self) -> usize {
+        2 * (self.kind.measures().len() + 1)
     }
 
     /// The dimensions rows are grouped by.
@@ -204,7 +273,16 @@ impl ReportRequest {
                 ("browser".into(), "browser"),
             ],
             ReportKind::Categories => vec![("page_category".into(), "page_category")],
-            ReportKind::Campaigns => vec![("campaign_id".into(), "campaign_id")],
+            ReportKind::Campaigns => {
+                let mut dims = vec![("campaign_id".to_owned(), "campaign_id")];
+                match self.by {
+                    Some("day") => dims.push(("date_trunc('day', hour)".into(), "day")),
+                    Some("country") => dims.push(("country".into(), "country")),
+                    Some("device_type") => dims.push(("device_type".into(), "device_type")),
+                    _ => {}
+                }
+                dims
+            }
             ReportKind::Demographics => vec![("age_band".into(), "age_band"), ("gender".into(), "gender")],
         }
     }
@@ -216,6 +294,10 @@ impl ReportRequest {
             format!("date <= DATE {}", quote(&self.to.to_string())),
         ];
         conditions.extend(self.filters.iter().map(|(f, v)| format!("{f} = {}", quote(v))));
+        if let Some(campaigns) = &self.campaigns {
+            let list: Vec<String> = campaigns.iter().map(|c| quote(c)).collect();
+            conditions.push(format!("campaign_id IN ({})", list.join(", ")));
+        }
         let mut select: Vec<String> = Vec::new();
         let dims = self.dimensions();
         if grouped {
@@ -242,30 +324,39 @@ impl ReportRequest {
     }
 }
 
-/// One cell of a report before suppression.
-#[derive(Debug, Clone)]
-struct Cell {
+/// A row of a report as computed: its dimension values (as text, for the cell) and every
+/// column as JSON, with the true measures.
+struct Computed {
     values: Map<String, Value>,
-    visitors: f64,
+    text: Vec<(&'static str, Option<String>)>,
+    period: Option<chrono::DateTime<chrono::Utc>>,
 }
 
-fn cells(batches: &[arrow::record_batch::RecordBatch]) -> Result<Vec<Cell>, ApiError> {
+fn computed(batches: &[arrow::record_batch::RecordBatch], dims: &[&'static str]) -> Result<Vec<Computed>, ApiError> {
     let mut out = Vec::new();
     for b in batches {
         let schema = b.schema();
         for row in 0..b.num_rows() {
             let mut values = Map::new();
-            let mut visitors = 0.0;
+            let mut text = Vec::new();
+            let mut period = None;
             for (i, field) in schema.fields().iter().enumerate() {
                 let value = cell_value(b.column(i), row)?;
-                if field.name() == "visitors" {
-                    visitors = value.as_f64().unwrap_or(0.0);
-                    values.insert("visitors".into(), json!(visitors.round() as i64));
-                } else {
-                    values.insert(field.name().clone(), value);
+                if let Some(dim) = dims.iter().find(|d| **d == field.name()) {
+                    if *dim == "period" || *dim == "day" {
+                        period = value
+                            .as_str()
+                            .and_then(|t| {
+                                chrono::NaiveDateTime::parse_from_str(&t[..t.len().min(19)], "%Y-%m-%dT%H:%M:%S").ok()
+                            })
+                            .map(|t| t.and_utc());
+                    } else {
+                        text.push((*dim, value.as_str().map(str::to_owned)));
+                    }
                 }
+                values.insert(field.name().clone(), value);
             }
-            out.push(Cell { values, visitors });
+            out.push(Computed { values, text, period });
         }
     }
     Ok(out)
@@ -293,38 +384,111 @@ fn cell_value(column: &ArrayRef, row: usize) -> Result<Value, ApiError> {
     })
 }
 
-/// Which cells to withhold so that no group under `k` visitors can be seen or derived.
-pub fn suppress(visitors: &[f64], total: f64, k: f64) -> Vec<bool> {
-    if total < k {
-        return vec![true; visitors.len()];
+impl ReportRequest {
+    /// The cell every row of this report lies in: the rollup, the filters, the dates (and an
+    /// advertiser's campaigns).
+    fn base_cell(&self) -> Cell {
+        let mut cell = Cell::of(self.kind.table()).within(Hours::days(self.from, self.to));
+        for (f, v) in &self.filters {
+            cell = cell.with_value(f, Some(v));
+        }
+        if let Some(campaigns) = &self.campaigns {
+            cell = cell.with("campaign_id", Constraint::OneOf(campaigns.iter().cloned().collect()));
+        }
+        cell
     }
-    let mut hidden: Vec<bool> = visitors.iter().map(|v| *v < k).collect();
-    loop {
-        let count = hidden.iter().filter(|h| **h).count();
-        let sum: f64 = visitors.iter().zip(&hidden).filter(|(_, h)| **h).map(|(v, _)| v).sum();
-        if count == 0 || (count >= 2 && sum >= k) {
-            return hidden;
+
+    /// The cell of one computed row.
+    fn row_cell(&self, row: &Computed) -> Cell {
+        let mut cell = self.base_cell();
+        for (dim, value) in &row.text {
+            cell = cell.with_value(dim, value.as_deref());
         }
-        // complementary suppression: also hide the smallest cell still shown
-        let next = visitors
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !hidden[*i])
-            .min_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i);
-        match next {
-            Some(i) => hidden[i] = true,
-            None => return hidden,
+        if let Some(start) = row.period {
+            let end = match (self.kind, self.granularity) {
+                (ReportKind::Traffic, Granularity::Hour) => start + chrono::Duration::hours(1),
+                (ReportKind::Traffic, Granularity::Week) => start + chrono::Duration::days(7),
+                (ReportKind::Traffic, Granularity::Month) => {
+                    let d = start.date_naive();
+                    let next = if d.month() == 12 {
+                        NaiveDate::from_ymd_opt(d.year() + 1, 1, 1)
+                    } else {
+                        NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1)
+                    };
+                    next.and_then(|n| n.and_hms_opt(0, 0, 0))
+                        .map(|n| n.and_utc())
+                        .unwrap_or(start)
+                }
+                _ => start + chrono::Duration::days(1),
+            };
+            cell = cell.within(Hours::between(start, end));
         }
+        cell
     }
 }
 
-/// Runs a report and withholds small cells.
-pub async fn run(ctx: &SessionContext, req: &ReportRequest, k: usize) -> Result<Value, ApiError> {
+/// The identity of one report measure: `page_views` are the events of type `page_view`.
+fn measure_of(name: &str, cell: &Cell) -> (String, Cell) {
+    match name {
+        "page_views" => (
+            "sum(events)".into(),
+            cell.clone().with_value("event_type", Some("page_view")),
+        ),
+        other => (format!("sum({other})"), cell.clone()),
+    }
+}
+
+/// Releases one computed row (or the total): `None` when its noisy visitors are too few.
+fn release_row(
+    row: Computed,
+    cell: &Cell,
+    kind: ReportKind,
+    release: &Release,
+    mechanism: Mechanism,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<Value> {
+    let truth = |name: &str| row.values.get(name).and_then(Value::as_f64).unwrap_or(0.0);
+    let visitors = release.release(mechanism, cell, "visitors", truth("visitors"), now);
+    if (visitors.value as u64) < release.min_visitors() {
+        return None;
+    }
+    let mut out = Map::new();
+    let mut ci95 = Map::new();
+    for (name, value) in &row.values {
+        let is_measure = name == "visitors" || kind.measures().iter().any(|(_, m)| m == name);
+        if !is_measure {
+            out.insert(name.clone(), value.clone());
+        }
+    }
+    for (_, name) in kind.measures() {
+        let (measure, measured) = measure_of(name, cell);
+        let r = release.release(mechanism, &measured, &measure, truth(name), now);
+        out.insert((*name).to_owned(), json!(r.value));
+        ci95.insert((*name).to_owned(), json!(r.ci95));
+    }
+    out.insert("visitors".into(), json!(visitors.value));
+    ci95.insert("visitors".into(), json!(visitors.ci95));
+    if kind == ReportKind::Campaigns {
+        let (i, c) = (out["impressions"].as_f64(), out["clicks"].as_f64());
+        if let (Some(i), Some(c)) = (i, c) {
+            // computed from the released numbers (never above 1)
+            out.insert("ctr".into(), json!(if i > 0.0 { (c / i).min(1.0) } else { 0.0 }));
+        }
+    }
+    out.insert("ci95".into(), Value::Object(ci95));
+    Some(Value::Object(out))
+}
+
+/// Runs a report and releases it by `mechanism`.
+pub async fn run(
+    ctx: &SessionContext,
+    req: &ReportRequest,
+    release: &Release,
+    mechanism: Mechanism,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Value, ApiError> {
     let table = req.kind.table();
-    if ctx.table_exist(table).unwrap_or(false) {
-        // fall through
-    } else {
+    if !ctx.table_exist(table).unwrap_or(false) {
         return Err(ApiError::Unavailable(format!(
             "no `{table}` yet: the processor writes it with the first events"
         )));
@@ -339,75 +503,53 @@ pub async fn run(ctx: &SessionContext, req: &ReportRequest, k: usize) -> Result<
             ApiError::Internal
         })
     };
-    let rows = cells(&query(req.sql(true)).await?)?;
-    let total = cells(&query(req.sql(false)).await?)?
-        .into_iter()
-        .next()
-        .unwrap_or(Cell {
-            values: Map::new(),
-            visitors: 0.0,
-        });
-    let k = k as f64;
-    let hidden = suppress(&rows.iter().map(|c| c.visitors).collect::<Vec<_>>(), total.visitors, k);
-    let dims: Vec<&str> = req.dimensions().iter().map(|(_, n)| *n).collect();
+    let dims: Vec<&'static str> = req.dimensions().iter().map(|(_, n)| *n).collect();
+    let rows = computed(&query(req.sql(true)).await?, &dims)?;
+    let total = computed(&query(req.sql(false)).await?, &[])?.into_iter().next();
     let mut shown = Vec::new();
-    for (cell, hide) in rows.into_iter().zip(&hidden) {
-        let mut out = Map::new();
-        for (name, value) in cell.values {
-            let is_dim = dims.contains(&name.as_str());
-            out.insert(name, if *hide && !is_dim { Value::Null } else { value });
+    for row in rows {
+        let cell = req.row_cell(&row);
+        if let Some(released) = release_row(row, &cell, req.kind, release, mechanism, now) {
+            shown.push(released);
         }
-        if req.kind == ReportKind::Campaigns && !*hide {
-            let (i, c) = (out["impressions"].as_f64(), out["clicks"].as_f64());
-            if let (Some(i), Some(c)) = (i, c) {
-                out.insert("ctr".into(), json!(if i > 0.0 { c / i } else { 0.0 }));
-            }
-        }
-        out.insert("suppressed".into(), json!(hide));
-        shown.push(Value::Object(out));
     }
-    let total_hidden = total.visitors < k;
-    let mut total_out = total.values;
-    if total_hidden {
-        total_out.values_mut().for_each(|v| *v = Value::Null);
+    let total = total
+        .and_then(|t| release_row(t, &req.base_cell(), req.kind, release, mechanism, now))
+        .unwrap_or(Value::Null);
+    let mut scale = Map::new();
+    for (_, name) in req.kind.measures().iter().chain([&("", "visitors")]) {
+        let measure = if *name == "visitors" {
+            "visitors".to_owned()
+        } else {
+            measure_of(name, &req.base_cell()).0
+        };
+        let b = if mechanism == Mechanism::Noise {
+            release.distribution(&measure).scale()
+        } else {
+            0.0
+        };
+        scale.insert((*name).to_owned(), json!(b));
     }
-    total_out.insert("suppressed".into(), json!(total_hidden));
     Ok(json!({
         "from": req.from,
         "to": req.to,
         "granularity": req.granularity.unit(),
         "filters": req.filters.iter().map(|(f, v)| (f.to_string(), json!(v))).collect::<Map<_, _>>(),
         "dimensions": dims,
-        "min_visitors": k as u64,
         "rows": shown,
-        "total": total_out,
-        "suppressed_cells": hidden.iter().filter(|h| **h).count(),
+        "total": total,
+        "release": {
+            "mechanism": mechanism,
+            "epsilon_per_measure": if mechanism == Mechanism::Noise { release.epsilon() } else { 0.0 },
+            "noise_scale": scale,
+            "min_visitors": release.min_visitors(),
+        },
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_single_small_cell_takes_a_complement_with_it() {
-        // EG alone is under k; hiding only EG would let total - shown reveal it
-        let hidden = suppress(&[40.0, 12.0, 1.0, 30.0], 83.0, 10.0);
-        assert_eq!(hidden, vec![false, true, true, false]);
-    }
-
-    #[test]
-    fn small_cells_together_must_reach_k() {
-        let hidden = suppress(&[50.0, 3.0, 2.0, 20.0, 25.0], 100.0, 10.0);
-        // 3 + 2 < 10: the next smallest (20) is hidden too
-        assert_eq!(hidden, vec![false, true, true, true, false]);
-        assert_eq!(suppress(&[50.0, 60.0], 110.0, 10.0), vec![false, false]);
-    }
-
-    #[test]
-    fn a_small_total_hides_everything() {
-        assert_eq!(suppress(&[4.0, 3.0], 7.0, 10.0), vec![true, true]);
-    }
 
     #[test]
     fn unknown_filters_and_bad_dates_are_refused() {

@@ -16,6 +16,7 @@ use marsad_privacy::pseudonym::Subject;
 use crate::QueryState;
 use crate::catalog::TableScope;
 use crate::error::ApiError;
+use crate::release::Mechanism;
 use crate::sql::{self, Access, Format};
 
 /// The body of `POST /v1/sql`.
@@ -46,21 +47,17 @@ pub async fn post_sql(
     tracing::info!(key = %holder, ?access, "sql query");
     let scope = match access {
         Access::Everything => TableScope::All,
-        Access::SmallCellsWithheld { .. } => TableScope::Rollups,
+        Access::Released { .. } => TableScope::Rollups,
     };
     let ctx = state.catalog.session_with(scope).await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");
         ApiError::Internal
     })?;
-    let result = state.run_sql(&ctx, &req.sql, None, access).await?;
+    let result = state.run_sql(&ctx, &req.sql, None, &access).await?;
     let bytes = sql::render(&result, format)?;
     Ok((
         [
             (header::CONTENT_TYPE, format.content_type().to_string()),
-            (
-                header::HeaderName::from_static("x-marsad-withheld-rows"),
-                result.withheld.to_string(),
-            ),
             (
                 header::HeaderName::from_static("x-marsad-truncated"),
                 result.truncated.to_string(),
@@ -71,7 +68,7 @@ pub async fn post_sql(
         .into_response())
 }
 
-/// What a key may do with SQL: engineers everything, analysts the rollups under the k rule.
+/// What a key may do with SQL: engineers everything, analysts released aggregates of the rollups.
 pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Result<(String, Access), ApiError> {
     match state.keys.authorize(authorization, Role::Engineer) {
         Ok(holder) => Ok((holder.name.clone(), Access::Everything)),
@@ -90,8 +87,9 @@ pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Res
                 })?;
             Ok((
                 holder.name.clone(),
-                Access::SmallCellsWithheld {
-                    k: state.min_cell_visitors,
+                Access::Released {
+                    key: holder.name.clone(),
+                    mechanism: state.release.for_analysts(),
                 },
             ))
         }
@@ -99,37 +97,115 @@ pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Res
     }
 }
 
-/// `GET /v1/reports/{kind}` (analyst): a report from the rollups with small cells withheld.
+/// `GET /v1/reports/{kind}` (analyst, or an advertiser for its campaigns): a report from the
+/// rollups, every number released with noise (or exact above the threshold, for analysts when
+/// configured so).
 #[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = [])),
     params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns or demographics"),
         ("from" = Option<String>, Query, description = "first date, inclusive (default: 29 days before `to`)"),
         ("to" = Option<String>, Query, description = "last date, inclusive (default: today)"),
-        ("granularity" = Option<String>, Query, description = "hour, day (default), week or month")),
-    responses((status = 200, description = "Rows with small cells suppressed"), (status = 400, description = "Bad parameter"),
-        (status = 404, description = "No such report")))]
+        ("granularity" = Option<String>, Query, description = "hour, day (default), week or month"),
+        ("by" = Option<String>, Query, description = "campaigns: a breakdown of each campaign by day, country or device_type")),
+    responses((status = 200, description = "Released rows and total, each number with its 95% interval"),
+        (status = 400, description = "Bad parameter"), (status = 403, description = "Not this key's report or campaign"),
+        (status = 404, description = "No such report"), (status = 429, description = "The key's privacy budget for today is spent")))]
 pub async fn report(
     State(state): State<QueryState>,
     headers: HeaderMap,
     axum::extract::Path(kind): axum::extract::Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let holder = state.keys.authorize(authorization(&headers), Role::Analyst)?;
+    let reader = report_reader(&state, authorization(&headers))?;
     let Some(kind) = crate::reports::ReportKind::parse(&kind) else {
         return Err(ApiError::NotFoundWhat(format!(
             "no report `{kind}`; there are traffic, geo, devices, categories, campaigns and demographics"
         )));
     };
-    let req = crate::reports::ReportRequest::parse(kind, &params, Utc::now().date_naive())?;
-    tracing::info!(key = %holder.name, ?kind, "report");
+    let now = Utc::now();
+    let mut req = crate::reports::ReportRequest::parse(kind, &params, now.date_naive())?;
+    let mechanism = match &reader {
+        Reader::Analyst(_) => state.release.for_analysts(),
+        Reader::Advertiser { campaigns, .. } => {
+            req = req.for_advertiser(campaigns)?;
+            Mechanism::Noise
+        }
+    };
+    let key = reader.key();
+    tracing::info!(key, ?kind, ?mechanism, "report");
+    if mechanism == Mechanism::Noise {
+        state
+            .release
+            .charge(key, &req.identity(), req.measures_released(), now)?;
+    }
     let ctx = state.catalog.session().await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");
         ApiError::Internal
     })?;
-    let run = crate::reports::run(&ctx, &req, state.min_cell_visitors);
+    let run = crate::reports::run(&ctx, &req, &state.release, mechanism, now);
     match tokio::time::timeout(state.timeout, run).await {
         Ok(r) => Ok(Json(r?).into_response()),
         Err(_) => Err(ApiError::Timeout(state.timeout.as_secs())),
     }
+}
+
+/// Who reads a report: staff, or a third party limited to its campaigns.
+pub(crate) enum Reader {
+    /// An analyst (by key name).
+    Analyst(String),
+    /// An advertiser and its campaigns.
+    Advertiser {
+        /// The key's name.
+        key: String,
+        /// The campaigns it may see.
+        campaigns: Vec<String>,
+    },
+}
+
+impl Reader {
+    /// The key's name (whose budget pays).
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Reader::Analyst(k) | Reader::Advertiser { key: k, .. } => k,
+        }
+    }
+}
+
+/// The reader of reports an `Authorization` header names: an analyst, else an advertiser.
+pub(crate) fn report_reader(state: &QueryState, authorization: Option<&str>) -> Result<Reader, ApiError> {
+    use marsad_privacy::access::AccessError;
+    match state.keys.authorize(authorization, Role::Analyst) {
+        Ok(holder) => Ok(Reader::Analyst(holder.name.clone())),
+        Err(AccessError::Forbidden { .. }) => match state.keys.authorize(authorization, Role::Advertiser) {
+            Ok(holder) => Ok(Reader::Advertiser {
+                key: holder.name.clone(),
+                campaigns: holder.campaigns.clone(),
+            }),
+            Err(AccessError::Forbidden { key, .. }) => Err(ApiError::Access(AccessError::Forbidden {
+                key,
+                role: "analyst or advertiser",
+            })),
+            Err(e) => Err(e.into()),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `GET /v1/privacy/budget` (analyst or advertiser): what the key has left of today's ε.
+#[utoipa::path(get, path = "/v1/privacy/budget", tag = "reports", security(("api_key" = [])),
+    responses((status = 200, description = "ε per day, spent, left, and when it refills"),
+        (status = 401, description = "No or wrong key"), (status = 403, description = "Neither an analyst nor an advertiser key")))]
+pub async fn privacy_budget(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let reader = report_reader(&state, authorization(&headers))?;
+    let balance = state.release.balance(reader.key(), Utc::now());
+    Ok(Json(json!({
+        "key": reader.key(),
+        "daily_epsilon": balance.daily,
+        "spent": balance.spent,
+        "remaining": balance.remaining,
+        "refills_at": balance.refills_at,
+        "epsilon_per_measure": state.release.epsilon(),
+    }))
+    .into_response())
 }
 
 /// `GET /v1/tables`: the tables that exist (engineer role).

@@ -10,6 +10,7 @@ use datafusion::prelude::SessionContext;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::release::{Mechanism, Release};
 
 /// Output formats of `/v1/sql`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,15 +47,29 @@ impl Format {
 }
 
 /// Who is asking, and so what a query may read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access {
     /// Engineers: every table, raw rows.
     Everything,
-    /// Analysts: aggregates of the rollups only; rows under `k` visitors are withheld.
-    SmallCellsWithheld {
-        /// The least unique visitors a row must count to be shown.
-        k: usize,
+    /// Analysts: aggregates of the rollups only, every number released by `mechanism`,
+    /// spending from the budget of the key `key`.
+    Released {
+        /// The key's name (whose budget pays).
+        key: String,
+        /// How the numbers are protected.
+        mechanism: Mechanism,
     },
+}
+
+/// How exact a released answer is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseInfo {
+    /// The mechanism.
+    pub mechanism: Mechanism,
+    /// Per released column, the half-width of its 95 % interval.
+    pub ci95: Vec<(String, u64)>,
+    /// ε this answer spent (0 when asked before today).
+    pub epsilon_spent: f64,
 }
 
 /// A query's rows, capped.
@@ -65,8 +80,8 @@ pub struct QueryResult {
     pub batches: Vec<RecordBatch>,
     /// Whether rows beyond the cap were dropped.
     pub truncated: bool,
-    /// Rows withheld because they count too few visitors (analysts only).
-    pub withheld: usize,
+    /// How exact the numbers are, for analysts' answers.
+    pub release: Option<ReleaseInfo>,
 }
 
 /// A DataFusion error as the client should see it.
@@ -113,18 +128,20 @@ fn read_only() -> SQLOptions {
         .with_allow_statements(false)
 }
 
-/// Plans and runs `sql` read-only as `access` allows, keeping at most `max_rows` rows.
-pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize, access: Access) -> Result<QueryResult, ApiError> {
-    run_with_params(ctx, sql, None, max_rows, access).await
+/// Plans and runs `sql` read-only for an engineer, keeping at most `max_rows` rows.
+pub async fn run(ctx: &SessionContext, sql: &str, max_rows: usize) -> Result<QueryResult, ApiError> {
+    run_with_params(ctx, sql, None, max_rows, &Access::Everything, None).await
 }
 
-/// [`run`] with values for the statement's `$1`, `$2`, … (prepared statements of the Postgres protocol).
+/// [`run`] as `access` allows, with values for the statement's `$1`, `$2`, … (prepared
+/// statements of the Postgres protocol); analysts' answers go through `release`.
 pub async fn run_with_params(
     ctx: &SessionContext,
     sql: &str,
     params: Option<ParamValues>,
     max_rows: usize,
-    access: Access,
+    access: &Access,
+    release: Option<&Release>,
 ) -> Result<QueryResult, ApiError> {
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
@@ -133,24 +150,31 @@ pub async fn run_with_params(
     if let Some(params) = params {
         df = df.with_param_values(params).map_err(user_error)?;
     }
-    let mut schema: SchemaRef = df.schema().inner().clone();
-    let mut k = None;
-    if let Access::SmallCellsWithheld { k: min } = access
-        && let Some(plan) = crate::small_cells::restrict(ctx, df.logical_plan().clone())?
+    if let (Access::Released { key, mechanism }, Some(release)) = (access, release)
+        && let Some(query) = crate::release::analyst_sql::check(df.logical_plan(), &ROLLUPS)?
     {
-        df = ctx.execute_logical_plan(plan).await.map_err(user_error)?;
-        k = Some(min);
+        let now = chrono::Utc::now();
+        let spent = release.charge(key, &query.identity(), query.measures_released(), now)?;
+        let answer = query.run(ctx, release, *mechanism, max_rows, now).await?;
+        return Ok(QueryResult {
+            schema: answer.batch.schema(),
+            batches: vec![answer.batch],
+            truncated: false,
+            release: Some(ReleaseInfo {
+                mechanism: *mechanism,
+                ci95: answer.ci95,
+                epsilon_spent: spent,
+            }),
+        });
     }
-    if k.is_none() {
-        schema = df.schema().inner().clone();
+    if matches!(access, Access::Released { .. }) && release.is_none() {
+        return Err(ApiError::Internal);
     }
+    // an engineer's query, or an analyst's question about the catalog
+    let schema: SchemaRef = df.schema().inner().clone();
     let df = df.limit(0, Some(max_rows + 1)).map_err(user_error)?;
     let mut batches = df.collect().await.map_err(user_error)?;
     let fetched: usize = batches.iter().map(|b| b.num_rows()).sum();
-    let withheld = match k {
-        Some(k) => crate::small_cells::withhold_small_cells(&mut batches, k)?,
-        None => 0,
-    };
     let truncated = fetched > max_rows;
     if truncated {
         let mut keep = max_rows;
@@ -164,9 +188,12 @@ pub async fn run_with_params(
         schema,
         batches,
         truncated,
-        withheld,
+        release: None,
     })
 }
+
+/// The tables analysts may read.
+const ROLLUPS: [&str; 3] = ["traffic_hourly", "ad_performance_hourly", "demographics_daily"];
 
 fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>, ApiError> {
     let mut writer = arrow::json::ArrayWriter::new(Vec::new());
@@ -195,8 +222,15 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError>
                 .iter()
                 .map(|f| json!({"name": f.name(), "type": f.data_type().to_string()}))
                 .collect();
-            let body = json!({"columns": columns, "rows": rows, "row_count": rows.len(),
-                "truncated": result.truncated, "withheld_rows": result.withheld});
+            let mut body = json!({"columns": columns, "rows": rows, "row_count": rows.len(),
+                "truncated": result.truncated});
+            if let Some(r) = &result.release {
+                body["release"] = json!({
+                    "mechanism": r.mechanism,
+                    "ci95": r.ci95.iter().map(|(c, w)| (c.clone(), json!(w))).collect::<serde_json::Map<_, _>>(),
+                    "epsilon_spent": r.epsilon_spent,
+                });
+            }
             serde_json::to_vec(&body).map_err(|_| ApiError::Internal)
         }
         Format::Ndjson => {
