@@ -123,6 +123,8 @@ async fn sql_compact_and_retention_on_a_real_data_dir() -> Result<()> {
         ..Config::default()
     };
     config.process.batch_max_interval_ms = 100;
+    // every event counted once: the clamp is not what this test is about
+    config.process.max_events_per_visitor_day = 1_000_000;
     config.privacy.daily_key_grace_hours = 24 * 10;
     let total = fill(&config, &[5, 3, 0], 400).await?;
 
@@ -281,6 +283,8 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
         ..Config::default()
     };
     config.process.batch_max_interval_ms = 100;
+    // every event counted once: the clamp is not what this test is about
+    config.process.max_events_per_visitor_day = 1_000_000;
     config.privacy.daily_key_grace_hours = 24 * 10;
     // a third of the pages are about pets, a category the built-in rules do not know
     let per_day = 300;

@@ -18,7 +18,7 @@ fn python_deltalake_and_duckdb_read_the_same_rows() -> Result<()> {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
-    let m = Marsad::start(&tmp.path().join("data"), None)?;
+    let m = Marsad::start_with_env(&tmp.path().join("data"), None, None, &[crate::common::no_clamp()])?;
     let client = Client::new();
     let paths = ["/ar/سيارات/1", "/en/jobs/driver", "/en/real-estate/amman", "/"];
     let events: Vec<Value> = (0..400)

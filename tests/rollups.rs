@@ -167,6 +167,8 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
         ..Config::default()
     };
     config.process.batch_max_interval_ms = 100;
+    // every event counted once: the clamp is not what this test is about
+    config.process.max_events_per_visitor_day = 1_000_000;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let records = population(Utc::now());
     let third = records.len() / 3;
@@ -285,5 +287,66 @@ async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
             "{table}: estimate {estimate} vs {exact} distinct visitors"
         );
     }
+    Ok(())
+}
+
+/// The clamp: one visitor adds at most `max_events_per_visitor_day` events a day to each
+/// rollup (every event stays in `events`), also across a restart of the processor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_visitor_adds_at_most_the_clamp_to_the_rollups() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    config.process.batch_max_interval_ms = 100;
+    config.process.max_events_per_visitor_day = 3;
+    let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let now = Utc::now();
+    let event = |cookie: &str, i: usize, kind: &str, minutes_ago: i64| -> Record {
+        let mut event = serde_json::json!({
+            "type": kind, "url": "https://kulshi.example/ar/سيارات/1", "cookie_id": cookie,
+            "event_id": format!("{cookie}-{i}"),
+            "ts": (now - chrono::Duration::minutes(minutes_ago)).to_rfc3339(),
+        });
+        if kind != "page_view" {
+            event["ad"] = serde_json::json!({"ad_id": "ad-1", "campaign_id": "cmp-1", "placement": "top"});
+        }
+        Record {
+            key: None,
+            payload: crate::common::fixture_envelope(event, now).to_bytes(),
+        }
+    };
+    // a busy visitor: 8 page views and 4 impressions; a quiet one: 2 page views
+    let mut records: Vec<Record> = (0..8).map(|i| event("busy", i, "page_view", 30)).collect();
+    records.extend((8..12).map(|i| event("busy", i, "ad_impression", 30)));
+    records.extend((0..2).map(|i| event("quiet", i, "page_view", 30)));
+    log.append(TOPIC_RAW, records).await?;
+    run_processor(&config, log.clone(), 14, None).await?;
+    let catalog = TableCatalog::new(config.tables()?);
+    let check = |when: &'static str| {
+        let catalog = &catalog;
+        async move {
+            ensure!(
+                int(catalog, "SELECT count(*) FROM events").await? >= 14,
+                "{when}: every event is in events"
+            );
+            // traffic and demographics: 3 of the busy visitor's 12, both of the quiet one's
+            for table in ["traffic_hourly", "demographics_daily"] {
+                let counted = int(catalog, &format!("SELECT sum(events) FROM {table}")).await?;
+                ensure!(counted == 5, "{when}: {table} counts {counted}, not 3 + 2");
+            }
+            // the ad rollup clamps ad events of its own: 3 of the 4 impressions
+            let impressions = int(catalog, "SELECT sum(impressions) FROM ad_performance_hourly").await?;
+            ensure!(impressions == 3, "{when}: {impressions} impressions, not 3");
+            Ok(())
+        }
+    };
+    check("first run").await?;
+    // after a restart the busy visitor's day is still full: more events count nowhere
+    log.append(TOPIC_RAW, (20..25).map(|i| event("busy", i, "page_view", 20)).collect())
+        .await?;
+    run_processor(&config, log.clone(), 5, None).await?;
+    check("after a restart").await?;
     Ok(())
 }

@@ -37,8 +37,11 @@ mod audience;
 /// `marsad sql`, `marsad compact` and `marsad retention` on a real data dir.
 mod batch;
 
-/// Reports withhold small cells, and their complements, so no lone visitor shows.
+/// Every query is limited in time, memory and rows, with a clear error.
 mod reports;
+
+/// Released numbers: consistent by any path and key, useful, budgeted; advertisers see their campaigns only.
+mod release;
 
 /// Python's `deltalake` and `duckdb` read Marsad's tables and count what `/v1/sql` counts.
 mod interop;

@@ -45,6 +45,13 @@ pub fn write_fixture_geoip(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The environment that lifts the clamp (`process.max_events_per_visitor_day`) out of reach,
+/// for tests that count each of many events per visitor in the rollups. It also scales the
+/// noise of released numbers, so such tests read exact numbers only (engineer SQL).
+pub fn no_clamp() -> (&'static str, String) {
+    ("MARSAD_PROCESS__MAX_EVENTS_PER_VISITOR_DAY", "1000000".into())
+}
+
 /// A running `marsad up`.
 pub struct Marsad {
     pub child: Child,
