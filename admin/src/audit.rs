@@ -15,10 +15,11 @@ use std::sync::LazyLock;
 
 use arrow::array::AsArray;
 use arrow::datatypes::DataType;
+use chrono::{DateTime, Utc};
 use deltalake::logstore::object_store::ObjectStoreExt as _;
 use futures::TryStreamExt;
 use marsad_config::TablesLocation;
-use marsad_schemas::{Envelope, TOPIC_RAW};
+use marsad_schemas::{Envelope, TOPIC_DEAD, TOPIC_RAW};
 use regex::Regex;
 use serde::Serialize;
 
@@ -86,22 +87,75 @@ fn files(dir: &Path, ext: &str, out: &mut Vec<PathBuf>) -> Result<(), AuditError
     Ok(())
 }
 
-/// Cookie ids, user ids and IPs of the events still in the raw log.
-pub fn raw_log_identifiers(log_dir: &Path) -> Result<HashSet<String>, AuditError> {
-    let mut ids = HashSet::new();
-    let dir = log_dir.join(TOPIC_RAW);
-    if !dir.is_dir() {
-        return Ok(ids);
+/// What the local raw log still holds: the identifiers to look for in the tables, and the
+/// oldest record of each raw topic (to hold against the retention promise).
+#[derive(Debug, Default)]
+pub struct RawLogContents {
+    /// Cookie ids, user ids and IPs of the raw events.
+    pub identifiers: HashSet<String>,
+    /// Per topic holding raw data (raw events, dead letters): its oldest record.
+    pub oldest: Vec<OldestRecord>,
+}
+
+/// The oldest record a raw topic holds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OldestRecord {
+    /// The topic.
+    pub topic: String,
+    /// Records it holds.
+    pub records: u64,
+    /// When the oldest was written (raw events: received; dead letters: refused); `None` when
+    /// the topic is empty.
+    pub written_at: Option<DateTime<Utc>>,
+}
+
+/// When a raw-topic record was written: an envelope's `received_at`, a dead letter's `at`
+/// (or, for dead letters written before it was recorded, the envelope inside).
+pub fn record_time(payload: &[u8]) -> Option<DateTime<Utc>> {
+    if let Ok(env) = Envelope::from_bytes(payload) {
+        return Some(env.received_at);
     }
-    let mut segments = Vec::new();
-    files(&dir, "log", &mut segments)?;
-    for seg in segments {
-        marsad_eventlog::scan_segment(&seg, |payload| add_identifiers(payload, &mut ids)).map_err(|e| AuditError {
-            path: seg.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    let letter: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    if let Some(at) = letter.get("at").and_then(|a| a.as_str()) {
+        return at.parse().ok();
     }
-    Ok(ids)
+    let inner = letter.get("payload")?.as_str()?;
+    Envelope::from_bytes(inner.as_bytes()).ok().map(|e| e.received_at)
+}
+
+/// Reads every segment of the local log's raw and dead-letter topics.
+pub fn raw_log_contents(log_dir: &Path) -> Result<RawLogContents, AuditError> {
+    let mut contents = RawLogContents::default();
+    for topic in [TOPIC_RAW, TOPIC_DEAD] {
+        let dir = log_dir.join(topic);
+        let mut oldest = OldestRecord {
+            topic: topic.to_owned(),
+            records: 0,
+            written_at: None,
+        };
+        if dir.is_dir() {
+            let mut segments = Vec::new();
+            files(&dir, "log", &mut segments)?;
+            for seg in segments {
+                let scan = marsad_eventlog::scan_segment(&seg, |payload| {
+                    if topic == TOPIC_RAW {
+                        add_identifiers(payload, &mut contents.identifiers);
+                    }
+                    // a record whose time cannot be read counts as written at the epoch: the
+                    // audit then fails loudly rather than pass over it
+                    let at = record_time(payload).unwrap_or(DateTime::UNIX_EPOCH);
+                    oldest.written_at = Some(oldest.written_at.map_or(at, |o| o.min(at)));
+                })
+                .map_err(|e| AuditError {
+                    path: seg.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                oldest.records += scan.records;
+            }
+        }
+        contents.oldest.push(oldest);
+    }
+    Ok(contents)
 }
 
 /// Adds the cookie id, user id and IP of a raw-log record (an envelope) to `ids`.
@@ -229,7 +283,7 @@ fn redact(v: &str) -> String {
 }
 
 /// Scans every Parquet file at `tables` for personal data, and for the `known`
-/// identifiers of the raw log ([`raw_log_identifiers`] on the local log).
+/// identifiers of the raw log ([`raw_log_contents`] on the local log).
 pub async fn audit(tables: &TablesLocation, known: HashSet<String>) -> Result<AuditReport, AuditError> {
     let mut report = AuditReport {
         known_identifiers: known.len(),

@@ -24,8 +24,12 @@ pub struct EventLogConfig {
     pub segment_bytes: u64,
     /// Local log: appends waiting for the writer before ingest answers 503.
     pub max_pending_appends: usize,
-    /// Local log: delete processed segments older than this (the raw log holds IPs: keep it short).
-    pub retention_hours: u64,
+    /// Raw events (IPs, cookie ids, full URLs) are deleted this long after they arrive, plus a
+    /// quarter of it at most (the local log closes a segment when its first record is a quarter
+    /// of this old; Kafka topics get `segment.ms` a quarter of it). Fractions allowed.
+    pub retention_hours: f64,
+    /// Dead letters (the full raw payload of refused events) likewise [default: retention_hours].
+    pub dead_letter_retention_hours: Option<f64>,
     /// Local log: delete the oldest processed segments while the log is larger than this.
     pub retention_bytes: u64,
     /// Kafka: bootstrap brokers, `host:port,host:port`.
@@ -74,13 +78,18 @@ impl EventLogConfig {
     }
 }
 
+fn hours(h: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64(h * 3600.0)
+}
+
 impl Default for EventLogConfig {
     fn default() -> Self {
         EventLogConfig {
             kind: EventLogKind::Local,
             segment_bytes: 64 * 1024 * 1024,
             max_pending_appends: 4096,
-            retention_hours: 72,
+            retention_hours: 72.0,
+            dead_letter_retention_hours: None,
             retention_bytes: 20 * 1024 * 1024 * 1024,
             brokers: String::new(),
             partitions: 12,
@@ -97,7 +106,30 @@ impl Default for EventLogConfig {
 }
 
 impl EventLogConfig {
+    /// How long raw events are kept.
+    pub fn raw_retention(&self) -> std::time::Duration {
+        hours(self.retention_hours)
+    }
+
+    /// How long dead letters are kept.
+    pub fn dead_letter_retention(&self) -> std::time::Duration {
+        hours(self.dead_letter_retention_hours.unwrap_or(self.retention_hours))
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
+        for (key, value) in [
+            ("eventlog.retention_hours", Some(self.retention_hours)),
+            ("eventlog.dead_letter_retention_hours", self.dead_letter_retention_hours),
+        ] {
+            if let Some(v) = value
+                && !(v.is_finite() && v > 0.0 && v <= 24.0 * 365.0 * 10.0)
+            {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: format!("{v}: a positive number of hours (fractions allowed)"),
+                });
+            }
+        }
         positive("eventlog.max_pending_appends", self.max_pending_appends as u64)?;
         if self.kind == EventLogKind::Kafka {
             if self.brokers.trim().is_empty() {

@@ -23,6 +23,8 @@ impl DeadLetter {
             "partition": self.position.partition,
             "offset": self.position.offset,
             "reason": self.reason,
+            // when this copy of the raw payload was made: its retention counts from here
+            "at": chrono::Utc::now(),
             "payload": String::from_utf8_lossy(&self.payload),
         }))
         .unwrap_or_default()

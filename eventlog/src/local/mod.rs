@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::segment::MAX_RECORD_LEN;
 use crate::{Error, EventLog, Position, Record, Result, Subscription};
@@ -32,8 +32,12 @@ pub struct LocalLogOptions {
     pub max_pending_appends: usize,
     /// How long `append` waits for durability before answering [`Error::Busy`].
     pub append_timeout: Duration,
-    /// Processed segments older than this are deleted.
+    /// Processed segments older than this are deleted; a segment is closed when its first
+    /// record is a quarter of this old, so every record is gone within 1.25 × this (plus
+    /// the interval retention is enforced at, [`LocalLogOptions::retention_check_interval`]).
     pub retention: Duration,
+    /// Retention of topics that keep their own (the dead-letter topic), by topic name.
+    pub topic_retention: Vec<(String, Duration)>,
     /// The oldest processed segments are deleted while a topic is larger than this.
     pub retention_bytes: u64,
 }
@@ -45,8 +49,44 @@ impl Default for LocalLogOptions {
             max_pending_appends: 4096,
             append_timeout: Duration::from_secs(5),
             retention: Duration::from_secs(72 * 3600),
+            topic_retention: Vec::new(),
             retention_bytes: 20 * 1024 * 1024 * 1024,
         }
+    }
+}
+
+impl LocalLogOptions {
+    /// The retention of `topic`.
+    pub fn retention_of(&self, topic: &str) -> Duration {
+        self.topic_retention
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map_or(self.retention, |(_, r)| *r)
+    }
+
+    /// The shortest retention of any topic.
+    fn shortest_retention(&self) -> Duration {
+        self.topic_retention
+            .iter()
+            .map(|(_, r)| *r)
+            .fold(self.retention, Duration::min)
+    }
+
+    /// A segment is closed once its first record is this old: a quarter of the shortest
+    /// retention (at least 10 ms).
+    pub fn roll_age(&self) -> Duration {
+        (self.shortest_retention() / 4).max(Duration::from_millis(10))
+    }
+
+    /// How often retention should be enforced for its bound to hold: a quarter of the roll
+    /// age, at most a minute.
+    pub fn retention_check_interval(&self) -> Duration {
+        (self.roll_age() / 4).clamp(Duration::from_millis(10), Duration::from_secs(60))
+    }
+
+    /// Longest a record of `topic` outlives its retention: the roll age and one check.
+    pub fn retention_slack(&self) -> Duration {
+        self.roll_age() + self.retention_check_interval()
     }
 }
 
@@ -141,6 +181,11 @@ impl LocalLog {
         self.topic(topic)?.enforce_retention(now)
     }
 
+    /// Its tuning (retention, roll age).
+    pub fn options(&self) -> &LocalLogOptions {
+        &self.options
+    }
+
     /// The next offset that will be assigned in `topic` (its durable end), recovering the tail first.
     pub fn end_offset(&self, topic: &str) -> Result<u64> {
         let topic = self.topic(topic)?;
@@ -176,8 +221,8 @@ impl EventLog for LocalLog {
             .as_ref()
             .ok_or_else(|| Error::Closed("writer stopped".into()))?;
         queue.try_send(req).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Error::Busy("append queue full".into()),
-            mpsc::error::TrySendError::Closed(_) => Error::Closed("writer stopped".into()),
+            std::sync::mpsc::TrySendError::Full(_) => Error::Busy("append queue full".into()),
+            std::sync::mpsc::TrySendError::Disconnected(_) => Error::Closed("writer stopped".into()),
         })?;
         let first = tokio::time::timeout(self.options.append_timeout, wait)
             .await
@@ -360,6 +405,59 @@ mod tests {
         assert_eq!(read_all(&log, "t", 500).await?.len(), 500);
         assert_eq!(sub.retained_from(0).await?, oldest, "where the retained history starts");
         assert_eq!(read_all(&log, "t", oldest).await?.len() as u64, 1000 - oldest);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_quiet_site_loses_its_records_to_retention_too() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let options = LocalLogOptions {
+            retention: Duration::from_millis(800),
+            ..LocalLogOptions::default()
+        };
+        let log = LocalLog::open(dir.path(), options.clone())?;
+        assert_eq!(options.roll_age(), Duration::from_millis(200));
+        log.append("t", recs(0..5)).await?;
+        let mut sub = log.subscribe("t", "proc").await?;
+        sub.commit(0, 5).await?;
+        // nothing more is ever appended: the writer closes the segment on its own
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            list_segments(&dir.path().join("t"))?,
+            vec![0, 5],
+            "the segment was closed at the roll age"
+        );
+        // no deletion before retention
+        assert_eq!(log.enforce_retention("t", SystemTime::now())?, 0);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(log.enforce_retention("t", SystemTime::now())?, 1);
+        let err = read_all(&log, "t", 0).await.expect_err("nothing retained");
+        assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
+        // what a restart finds in the active segment is closed at once (its age is unknown)
+        log.append("t", recs(5..6)).await?;
+        drop(sub);
+        drop(log);
+        let log = LocalLog::open(dir.path(), options)?;
+        log.append("t", recs(6..7)).await?;
+        assert_eq!(list_segments(&dir.path().join("t"))?, vec![5, 6]);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dead_letters_keep_their_own_retention() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let options = LocalLogOptions {
+            retention: Duration::from_secs(3600),
+            topic_retention: vec![("dead".into(), Duration::from_millis(400))],
+            ..LocalLogOptions::default()
+        };
+        let log = LocalLog::open(dir.path(), options)?;
+        log.append("raw", recs(0..3)).await?;
+        log.append("dead", recs(0..3)).await?;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(log.enforce_retention("dead", SystemTime::now())?, 1);
+        assert_eq!(log.enforce_retention("raw", SystemTime::now())?, 0);
+        assert_eq!(read_all(&log, "raw", 0).await?.len(), 3);
         Ok(())
     }
 

@@ -22,7 +22,44 @@ impl Topic {
         Ok(out)
     }
 
+    /// Closes the last segment of a topic nobody writes to (no writer holds its lock, as
+    /// with dead letters on a quiet site), so its records can age out: a running writer closes
+    /// its own segments on its timer.
+    fn close_unwritten_segment(&self) -> Result<()> {
+        if self.writer.get().is_some() {
+            return Ok(());
+        }
+        let Some(&base) = list_segments(&self.dir)?.last() else {
+            return Ok(());
+        };
+        let path = self.dir.join(segment_name(base));
+        if std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len() == 0 {
+            return Ok(());
+        }
+        let lock_path = self.dir.join("writer.lock");
+        let lock = std::fs::File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        if lock.try_lock().is_err() {
+            // another process writes it, and closes it on its own timer
+            return Ok(());
+        }
+        let scan = crate::segment::scan_segment(&path, |_| {})?;
+        if scan.records == 0 || scan.outcome != crate::segment::ScanOutcome::Clean {
+            // a torn tail is the next writer's to recover, in place
+            return Ok(());
+        }
+        let next = self.dir.join(segment_name(base + scan.records));
+        std::fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .open(&next)
+            .map_err(|e| Error::io(&next, e))?;
+        super::sync_dir(&self.dir)?;
+        tracing::debug!(topic = %self.name, closed = base, "closed the segment of a topic nobody writes to");
+        Ok(())
+    }
+
     pub(super) fn enforce_retention(&self, now: SystemTime) -> Result<usize> {
+        self.close_unwritten_segment()?;
         let bases = list_segments(&self.dir)?;
         if bases.len() < 2 {
             return Ok(0);
@@ -45,7 +82,7 @@ impl Topic {
         for i in 0..bases.len() - 1 {
             let end = bases[i + 1];
             let (len, modified) = sizes[i];
-            let too_old = now.duration_since(modified).unwrap_or_default() > self.options.retention;
+            let too_old = now.duration_since(modified).unwrap_or_default() > self.options.retention_of(&self.name);
             let too_big = total > self.options.retention_bytes;
             if end > safe_end || !(too_old || too_big) {
                 break;

@@ -1,20 +1,24 @@
 //! The append path of the local log: one writer thread per topic takes every
 //! append waiting in its bounded queue, frames them, writes and fsyncs once
 //! (group commit), and only then acknowledges them. On start it recovers the
-//! last segment, truncating a torn tail and refusing corruption.
+//! last segment, truncating a torn tail and refusing corruption. A segment is
+//! closed when it is full or when its first record is older than the roll age,
+//! on a quiet site too (the writer wakes for it), so retention can delete it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use super::{Topic, list_segments, segment_name, sync_dir};
 use crate::segment::{ScanOutcome, frame, scan_segment};
 use crate::{Error, Result};
 
 pub(super) struct WriterHandle {
-    pub(super) queue: Option<mpsc::Sender<AppendRequest>>,
+    pub(super) queue: Option<mpsc::SyncSender<AppendRequest>>,
     pub(super) durable: watch::Receiver<u64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -58,9 +62,10 @@ impl Topic {
         })?;
         let segment = ActiveSegment::recover(&self.dir)?;
         let (durable_tx, durable_rx) = watch::channel(segment.next_offset);
-        let (tx, rx) = mpsc::channel(self.options.max_pending_appends);
+        let (tx, rx) = mpsc::sync_channel(self.options.max_pending_appends);
         let settings = WriterSettings {
             segment_bytes: self.options.segment_bytes,
+            roll_age: self.options.roll_age(),
             #[cfg(test)]
             paused: self.paused.clone(),
         };
@@ -90,6 +95,9 @@ struct ActiveSegment {
     path: PathBuf,
     len: u64,
     next_offset: u64,
+    /// When its first record was written; `None` while it is empty. A segment found on start
+    /// holding records counts as old (when they were written is not known): it is closed at once.
+    first_write: Option<SystemTime>,
 }
 
 impl ActiveSegment {
@@ -137,6 +145,7 @@ impl ActiveSegment {
             path,
             len: scan.valid_len,
             next_offset: base + scan.records,
+            first_write: (scan.valid_len > 0).then_some(SystemTime::UNIX_EPOCH),
         };
         seg.file
             .seek(SeekFrom::Start(seg.len))
@@ -158,14 +167,30 @@ impl ActiveSegment {
         self.file = file;
         self.path = path;
         self.len = 0;
+        self.first_write = None;
+        Ok(())
+    }
+
+    /// How long until the segment must be closed for its age; `None` while it is empty.
+    fn roll_due_in(&self, roll_age: Duration, now: SystemTime) -> Option<Duration> {
+        let first = self.first_write?;
+        Some(roll_age.saturating_sub(now.duration_since(first).unwrap_or_default()))
+    }
+
+    /// Closes the segment if it holds records older than `roll_age`.
+    fn roll_if_old(&mut self, roll_age: Duration) -> Result<()> {
+        if self.roll_due_in(roll_age, SystemTime::now()) == Some(Duration::ZERO) {
+            self.roll()?;
+        }
         Ok(())
     }
 
     /// Writes `buf` holding `count` framed records and makes them durable.
-    fn write_durably(&mut self, buf: &[u8], count: u64, segment_bytes: u64) -> Result<u64> {
-        if self.len > 0 && self.len + buf.len() as u64 > segment_bytes {
+    fn write_durably(&mut self, buf: &[u8], count: u64, settings: &WriterSettings) -> Result<u64> {
+        if self.len > 0 && self.len + buf.len() as u64 > settings.segment_bytes {
             self.roll()?;
         }
+        self.roll_if_old(settings.roll_age)?;
         let first = self.next_offset;
         let written = self.file.write_all(buf).and_then(|_| self.file.sync_data());
         if let Err(e) = written {
@@ -176,6 +201,7 @@ impl ActiveSegment {
         }
         self.len += buf.len() as u64;
         self.next_offset += count;
+        self.first_write.get_or_insert_with(SystemTime::now);
         Ok(first)
     }
 }
@@ -184,20 +210,38 @@ impl ActiveSegment {
 struct WriterSettings {
     /// Roll to a new segment past this size.
     segment_bytes: u64,
+    /// Roll to a new segment once its first record is this old.
+    roll_age: Duration,
     #[cfg(test)]
     paused: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 fn writer_loop(
     mut segment: ActiveSegment,
-    mut queue: mpsc::Receiver<AppendRequest>,
+    queue: mpsc::Receiver<AppendRequest>,
     durable: watch::Sender<u64>,
     settings: WriterSettings,
     _lock: File,
 ) {
     let mut buf = Vec::with_capacity(1 << 20);
     let mut group = Vec::with_capacity(256);
-    while let Some(first) = queue.blocking_recv() {
+    loop {
+        // wake when the segment comes of age even if nothing is appended (a quiet site)
+        let next = match segment.roll_due_in(settings.roll_age, SystemTime::now()) {
+            None => queue.recv().map_err(|_| ()),
+            Some(wait) => match queue.recv_timeout(wait) {
+                Ok(req) => Ok(req),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = segment.roll_if_old(settings.roll_age) {
+                        tracing::error!(error = %e, "could not close an old log segment; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            },
+        };
+        let Ok(first) = next else { break };
         group.push(first);
         #[cfg(test)]
         let _paused = settings.paused.lock();
@@ -215,7 +259,7 @@ fn writer_loop(
                 count += 1;
             }
         }
-        match segment.write_durably(&buf, count, settings.segment_bytes) {
+        match segment.write_durably(&buf, count, &settings) {
             Ok(first_offset) => {
                 let _ = durable.send(segment.next_offset);
                 let mut offset = first_offset;
