@@ -145,6 +145,7 @@ impl DeltaSink {
     }
 
     /// Replaces the whole table with `batch` in one commit carrying `metadata`; returns the new version.
+    /// The batch's schema replaces the table's (a column added in a newer Marsad).
     pub async fn overwrite(&mut self, batch: RecordBatch, metadata: Vec<(String, serde_json::Value)>) -> Result<u64> {
         let partitions: Vec<String> = self.partition_columns();
         let table = self
@@ -152,6 +153,7 @@ impl DeltaSink {
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Overwrite)
+            .with_schema_mode(deltalake::operations::write::SchemaMode::Overwrite)
             .with_partition_columns(partitions)
             .with_commit_properties(CommitProperties::default().with_metadata(metadata))
             .await
@@ -165,7 +167,18 @@ impl DeltaSink {
     /// Replaces the rows matching `predicate` (a SQL condition on partition columns) with
     /// `batch` in one commit; rows appended concurrently by others are kept.
     pub async fn replace_where(&mut self, batch: RecordBatch, predicate: String) -> Result<u64> {
+        self.replace_where_recording(batch, predicate, &[]).await
+    }
+
+    /// [`DeltaSink::replace_where`], recording `positions` (app id, position) in the same commit.
+    pub async fn replace_where_recording(
+        &mut self,
+        batch: RecordBatch,
+        predicate: String,
+        positions: &[(String, i64)],
+    ) -> Result<u64> {
         let partitions: Vec<String> = self.partition_columns();
+        let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
         let table = self
             .table
             .clone()
@@ -173,6 +186,7 @@ impl DeltaSink {
             .with_save_mode(SaveMode::Overwrite)
             .with_replace_where(predicate)
             .with_partition_columns(partitions)
+            .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
             .await
             .map_err(|e| self.delta(e))?;
         self.table = table;

@@ -59,7 +59,17 @@ impl Rollups {
         let commits = if lagging.is_empty() {
             Vec::new()
         } else {
-            uncounted_commits(events.table(), &lagging).await?
+            match uncounted_commits(events.table(), &lagging).await? {
+                Uncounted::Commits(commits) => commits,
+                Uncounted::Gone { version } => {
+                    tracing::warn!(
+                        gone_from = version,
+                        "the events commits the rollups have not counted are gone from the Delta log (cleaned \
+                         up after a checkpoint): rebuilding the rollups of every date from events"
+                    );
+                    return self.rebuild_from_events(events, events_positions).await;
+                }
+            }
         };
         let mut report = CatchUp {
             commits: commits.len(),
@@ -87,6 +97,78 @@ impl Rollups {
             }
             self.commit(&commit.positions, None).await?;
         }
+        Ok(report)
+    }
+
+    /// Rebuilds every rollup table from the whole of `events`, a date at a time in time order
+    /// (as the processor counted them), replacing the rows of the dates `events` holds and
+    /// recording `events_positions` in the same commit: no event is skipped and none counted
+    /// twice. Dates `events` no longer holds (past its retention) keep their rows.
+    async fn rebuild_from_events(
+        &mut self,
+        events: &DeltaSink,
+        events_positions: &HashMap<String, i64>,
+    ) -> Result<CatchUp> {
+        let query = |source| Error::Query {
+            table: "events",
+            source,
+        };
+        let mut report = CatchUp::default();
+        let mut dates = Vec::new();
+        let mut stream = events
+            .query_stream(&format!(
+                "SELECT DISTINCT {DATE_COLUMN} FROM events ORDER BY {DATE_COLUMN}"
+            ))
+            .await?;
+        while let Some(batch) = stream.next().await {
+            let batch = batch.map_err(query)?;
+            let column = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8)?;
+            let column = column
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .ok_or_else(|| arrow::error::ArrowError::SchemaError("dates as text".into()))?;
+            dates.extend(column.iter().flatten().map(str::to_owned));
+        }
+        for t in &mut self.tables {
+            t.rollup = super::new_rollup(t.name, self.max_per_visitor_day);
+            t.pending = None;
+        }
+        for date in &dates {
+            let mut rows = events
+                .query_stream(&format!(
+                    "SELECT * FROM events WHERE {DATE_COLUMN} = DATE '{date}' ORDER BY ts"
+                ))
+                .await?;
+            while let Some(batch) = rows.next().await {
+                let batch = batch.map_err(query)?;
+                report.max_rows_held = report.max_rows_held.max(batch.num_rows());
+                report.events += batch.num_rows();
+                let rows = EventRows::new(&batch)?;
+                let counted: Vec<usize> = (0..rows.len()).filter(|&i| rows.counted(i)).collect();
+                for t in &mut self.tables {
+                    t.rollup.add(&rows, &counted);
+                }
+            }
+        }
+        let positions: Vec<(String, i64)> = events_positions.iter().map(|(a, p)| (a.clone(), *p)).collect();
+        let predicate = match (dates.first(), dates.last()) {
+            (Some(first), Some(last)) => {
+                format!("{DATE_COLUMN} >= DATE '{first}' AND {DATE_COLUMN} <= DATE '{last}'")
+            }
+            _ => "false".to_owned(),
+        };
+        for t in &mut self.tables {
+            let batch = t.rollup.take()?;
+            t.sink
+                .replace_where_recording(batch, predicate.clone(), &positions)
+                .await?;
+            t.covered.extend(positions.iter().cloned());
+        }
+        tracing::info!(
+            dates = dates.len(),
+            events = report.events,
+            "rollups rebuilt from events"
+        );
         Ok(report)
     }
 
@@ -219,31 +301,30 @@ fn file_date(path: &str) -> Option<i32> {
     Some(crate::events_batch::days_since_epoch(day))
 }
 
+/// The `events` commits the rollups have not counted, or where the log no longer has them.
+enum Uncounted {
+    /// Oldest first.
+    Commits(Vec<Commit>),
+    /// Commit `version` and older are gone from the log.
+    Gone {
+        /// The newest version gone.
+        version: i64,
+    },
+}
+
 /// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,
 /// read from the log as typed actions, newest back to the first commit every app id has
 /// counted.
-async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -> Result<Vec<Commit>> {
+async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -> Result<Uncounted> {
     let Some(latest) = table.version() else {
-        return Ok(Vec::new());
+        return Ok(Uncounted::Commits(Vec::new()));
     };
     let mut found = Vec::new();
     let mut settled: HashSet<&str> = HashSet::new();
     let mut version = latest as i64;
     while version >= 0 && settled.len() < counted.len() {
         let Some(commit) = marsad_tables::read_commit(table, "events", version as u64).await? else {
-            let unsettled: Vec<&str> = counted
-                .keys()
-                .map(String::as_str)
-                .filter(|a| !settled.contains(a))
-                .collect();
-            return Err(Error::Delta {
-                table: "events",
-                source: deltalake::DeltaTableError::Generic(format!(
-                    "the rollups have not counted every events commit of {unsettled:?}, and commit {version} \
-                     and older are gone from the log (cleaned up after a checkpoint); the rollups cannot be \
-                     caught up from events without undercounting"
-                )),
-            });
+            return Ok(Uncounted::Gone { version });
         };
         version -= 1;
         if !commit.is_write() {
@@ -264,7 +345,7 @@ async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -
         }
     }
     found.reverse();
-    Ok(found)
+    Ok(Uncounted::Commits(found))
 }
 
 /// A reader of one data file of `events` (only `columns`, when given), batch by batch; `None`

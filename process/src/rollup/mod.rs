@@ -87,6 +87,7 @@ pub fn rollup_specs() -> [TableSpec; 3] {
 }
 
 struct RollupTable {
+    name: TableName,
     sink: DeltaSink,
     rollup: Box<dyn Rollup>,
     /// Last offset counted per log-position app id.
@@ -117,6 +118,8 @@ pub enum CrashPoint {
 /// The three rollup tables and what they have counted.
 pub struct Rollups {
     tables: Vec<RollupTable>,
+    /// Events of one visitor a day counted at most.
+    max_per_visitor_day: u32,
 }
 
 impl Rollups {
@@ -133,13 +136,17 @@ impl Rollups {
             let covered = sink.committed(app_ids).await?;
             let rollup = new_rollup(spec.name, max_per_visitor_day);
             tables.push(RollupTable {
+                name: spec.name,
                 sink,
                 rollup,
                 covered,
                 pending: None,
             });
         }
-        Ok(Rollups { tables })
+        Ok(Rollups {
+            tables,
+            max_per_visitor_day,
+        })
     }
 
     /// Adds the rows of an `events` commit covering `positions` to every table that has not
