@@ -9,13 +9,15 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, StringArray, StringBuilder, TimestampMicrosecondBuilder};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, BooleanBuilder, StringArray, StringBuilder, TimestampMicrosecondBuilder,
+};
 use arrow::datatypes::DataType;
 use arrow::record_batch::RecordBatch;
 use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
-use datafusion::functions_aggregate::expr_fn::sum;
+use datafusion::functions_aggregate::expr_fn::{bool_and, sum};
 use datafusion::logical_expr::{Expr, col, lit, not, when};
 use marsad_config::{AudienceConfig, SegmentDefinition};
 use marsad_privacy::optout::{OptOutRegistry, Purpose};
@@ -94,7 +96,7 @@ pub fn plan(events: DataFrame, def: &SegmentDefinition, now: DateTime<Utc>) -> R
             filter = filter.and(f);
         }
     }
-    let mut counts = Vec::new();
+    let mut counts = vec![bool_and(col("consent_marketing")).alias("marketing_consent")];
     let mut having: Option<Expr> = None;
     for (i, rule) in def.rules.iter().enumerate() {
         let mut matches = lit(true);
@@ -124,15 +126,24 @@ pub fn plan(events: DataFrame, def: &SegmentDefinition, now: DateTime<Utc>) -> R
     if let Some(h) = having {
         df = df.filter(h).map_err(df_err)?;
     }
-    df.select(vec![col("audience_id")]).map_err(df_err)
+    df.select(vec![col("audience_id"), col("marketing_consent")])
+        .map_err(df_err)
 }
 
-fn audience_ids(batches: &[RecordBatch]) -> Result<Vec<String>> {
+fn audience_ids(batches: &[RecordBatch]) -> Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
     for b in batches {
         let ids = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
-        if let Some(ids) = ids.as_any().downcast_ref::<StringArray>() {
-            out.extend(ids.iter().flatten().map(str::to_owned));
+        let consent = arrow::compute::cast(b.column(1), &DataType::Boolean)?;
+        if let (Some(ids), Some(consent)) = (
+            ids.as_any().downcast_ref::<StringArray>(),
+            consent.as_any().downcast_ref::<BooleanArray>(),
+        ) {
+            for i in 0..ids.len() {
+                if !ids.is_null(i) {
+                    out.push((ids.value(i).to_owned(), !consent.is_null(i) && consent.value(i)));
+                }
+            }
         }
     }
     Ok(out)
@@ -152,6 +163,7 @@ pub async fn refresh(
     let mut segment_id = StringBuilder::new();
     let mut audience_id = StringBuilder::new();
     let mut refreshed_at = TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let mut marketing_consent = BooleanBuilder::new();
     let mut outcomes = Vec::new();
     let total = audience.segments.len();
     for (n, def) in audience.segments.iter().enumerate() {
@@ -162,19 +174,20 @@ pub async fn refresh(
         let df = ctx.table("events").await.map_err(query)?;
         let batches = plan(df, def, now)?.collect().await.map_err(query)?;
         let mut ids = audience_ids(&batches)?;
-        ids.retain(|id| !opt_outs.is_opted_out(id, Purpose::Personalisation));
+        ids.retain(|(id, _)| !opt_outs.is_opted_out(id, Purpose::Personalisation));
         ids.sort_unstable();
-        ids.dedup();
+        ids.dedup_by(|a, b| a.0 == b.0);
         let outcome = SegmentOutcome {
             id: def.id.clone(),
             members: ids.len(),
             served: ids.len() >= audience.min_segment_size,
         };
         if outcome.served {
-            for id in &ids {
+            for (id, consent) in &ids {
                 segment_id.append_value(&def.id);
                 audience_id.append_value(id);
                 refreshed_at.append_value(now.timestamp_micros());
+                marketing_consent.append_value(*consent && !opt_outs.is_opted_out(id, Purpose::Marketing));
             }
         }
         progress(n + 1, total, &outcome);
@@ -184,6 +197,7 @@ pub async fn refresh(
         Arc::new(segment_id.finish()),
         Arc::new(audience_id.finish()),
         Arc::new(refreshed_at.finish()),
+        Arc::new(marketing_consent.finish()),
     ];
     let batch = RecordBatch::try_new(segment_members_schema(), columns)?;
     let summary = RefreshSummary {
@@ -228,6 +242,7 @@ mod tests {
             )
             .and_then(|d| d.with_column("date", lit(ScalarValue::Date32(Some(day)))))
             .and_then(|d| d.with_column("campaign_id", lit(ScalarValue::Utf8(None))))
+            .and_then(|d| d.with_column("consent_marketing", lit(true)))
             .expect("columns");
         let def = SegmentDefinition {
             id: "car-intenders-jo".into(),
@@ -247,6 +262,6 @@ mod tests {
         };
         let out = plan(events, &def, now).expect("plan").collect().await.expect("run");
         // b has too few views, c is not in JO, d is a bot
-        assert_eq!(audience_ids(&out).expect("ids"), vec!["a".to_owned()]);
+        assert_eq!(audience_ids(&out).expect("ids"), vec![("a".to_owned(), true)]);
     }
 }

@@ -55,6 +55,9 @@ pub struct ServedSegment {
     pub id: Arc<str>,
     /// Its members, sorted.
     pub members: Vec<Arc<str>>,
+    /// The members whose every event in the window had marketing consent, sorted: the only
+    /// ones a marketing export may name.
+    pub marketing_consent: Vec<Arc<str>>,
     /// A sketch of the members.
     pub sketch: CompactThetaSketch,
 }
@@ -115,9 +118,11 @@ pub struct Overlap {
 }
 
 impl ServedSegment {
-    fn new(id: Arc<str>, mut members: Vec<Arc<str>>) -> Result<Self, IndexError> {
-        members.sort_unstable();
-        members.dedup();
+    fn new(id: Arc<str>, mut listed: Vec<(Arc<str>, bool)>) -> Result<Self, IndexError> {
+        listed.sort_unstable();
+        listed.dedup_by(|a, b| a.0 == b.0);
+        let marketing_consent = listed.iter().filter(|(_, c)| *c).map(|(m, _)| m.clone()).collect();
+        let members: Vec<Arc<str>> = listed.into_iter().map(|(m, _)| m).collect();
         let mut sketch = ThetaSketchBuilder::default()
             .lg_k(12)
             .build()
@@ -128,6 +133,7 @@ impl ServedSegment {
         Ok(ServedSegment {
             id,
             members,
+            marketing_consent,
             sketch: sketch.compact(true),
         })
     }
@@ -231,14 +237,26 @@ async fn load(table: &DeltaTable) -> Result<AudienceIndex, IndexError> {
     marsad_tables::register(&ctx, "segment_members", table)
         .await
         .map_err(|e| err(&e))?;
+    // a table written before members carried their marketing consent: nobody has it
+    let has_consent = table
+        .snapshot()
+        .map_err(|e| err(&e))?
+        .schema()
+        .fields()
+        .any(|f| f.name() == "marketing_consent");
+    let sql = if has_consent {
+        "SELECT segment_id, audience_id, marketing_consent FROM segment_members"
+    } else {
+        "SELECT segment_id, audience_id, false AS marketing_consent FROM segment_members"
+    };
     let batches = ctx
-        .sql("SELECT segment_id, audience_id FROM segment_members")
+        .sql(sql)
         .await
         .map_err(|e| err(&e))?
         .collect()
         .await
         .map_err(|e| err(&e))?;
-    let mut members: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
+    let mut members: HashMap<Arc<str>, Vec<(Arc<str>, bool)>> = HashMap::new();
     let mut interned: HashMap<Arc<str>, ()> = HashMap::new();
     for b in &batches {
         let text = |i: usize| -> Result<StringArray, IndexError> {
@@ -249,6 +267,12 @@ async fn load(table: &DeltaTable) -> Result<AudienceIndex, IndexError> {
                 .ok_or_else(|| IndexError("expected text columns".into()))
         };
         let (segs, ids) = (text(0)?, text(1)?);
+        let consent = arrow::compute::cast(b.column(2), &DataType::Boolean).map_err(|e| err(&e))?;
+        let consent = consent
+            .as_any()
+            .downcast_ref::<arrow::array::BooleanArray>()
+            .cloned()
+            .ok_or_else(|| IndexError("expected a boolean marketing_consent".into()))?;
         for i in 0..b.num_rows() {
             if segs.is_null(i) || ids.is_null(i) {
                 continue;
@@ -261,7 +285,11 @@ async fn load(table: &DeltaTable) -> Result<AudienceIndex, IndexError> {
                     k
                 }
             };
-            members.entry(Arc::from(segs.value(i))).or_default().push(id);
+            let marketing = !consent.is_null(i) && consent.value(i);
+            members
+                .entry(Arc::from(segs.value(i)))
+                .or_default()
+                .push((id, marketing));
         }
     }
     let mut segments = Vec::new();

@@ -10,8 +10,9 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use marsad_config::Role;
-use marsad_privacy::optout::{Purpose, subject_key};
+use marsad_privacy::optout::Purpose;
 use marsad_privacy::pseudonym::Subject;
+use marsad_privacy::pseudonym::audience_id;
 use serde_json::json;
 
 use crate::QueryState;
@@ -44,9 +45,19 @@ pub async fn audience(
     state.keys.authorize(authorization(&headers), Role::Adserver)?;
     let subject = subject(&params)?;
     let privacy = &state.privacy;
-    // the opt-out subject key and the audience_id are the same keyed hash
-    let audience_id = subject_key(&privacy.targeting_key, subject);
-    let segments = if privacy.opt_outs.is_opted_out(&audience_id, Purpose::Personalisation) {
+    let audience_id = audience_id(&privacy.subject_keys.targeting, subject);
+    // by the identifier under the opt-out key (whatever the targeting key is now), and by the
+    // audience_id (an opt-out made before this was recorded under it)
+    let (cookie, user) = match subject {
+        Subject::Cookie(c) => (Some(c), None),
+        Subject::User(u) => (None, Some(u)),
+    };
+    let opted_out = privacy
+        .opt_outs
+        .of_identifiers(&privacy.subject_keys.optout, cookie, user)
+        .covers(Purpose::Personalisation)
+        || privacy.opt_outs.is_opted_out(&audience_id, Purpose::Personalisation);
+    let segments = if opted_out {
         state.metrics.audience("opted_out");
         Vec::new()
     } else {
@@ -133,7 +144,8 @@ pub async fn segment_members(
         }
     };
     let index = state.audiences.current();
-    let members = served(&state, &index, &id)?.members.clone();
+    // only members with marketing consent leave in an export
+    let members = served(&state, &index, &id)?.marketing_consent.clone();
     tracing::info!(key = %holder.name, segment = %id, members = members.len(), "segment export");
     let opt_outs = state.privacy.opt_outs.clone();
     let header_line = csv.then(|| bytes::Bytes::from_static(b"audience_id\n"));

@@ -182,6 +182,9 @@ pub fn segment_members_schema() -> SchemaRef {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
+        // every event of the member in the segment's window had marketing consent: only then
+        // may the member leave in a marketing export
+        Field::new("marketing_consent", DataType::Boolean, false),
     ]))
 }
 
