@@ -171,7 +171,7 @@ fn ingest_on(config: &Config, log: Arc<dyn EventLog>) -> axum::Router {
         marsad_ingest::IngestPrivacy {
             keys: Arc::default(),
             opt_outs: Arc::default(),
-            targeting_key: marsad_privacy::keys::SecretKey::random(),
+            subject_keys: marsad_privacy::keys::SubjectKeys::from_seed(3),
         },
     ))
 }

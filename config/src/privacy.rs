@@ -12,10 +12,14 @@ use crate::{ConfigError, Result};
 pub struct PrivacyConfig {
     /// Query parameters kept in stored page paths (`*` at the end matches a prefix).
     pub query_allowlist: Vec<String>,
-    /// A file holding the long-lived targeting key (hex, 32 bytes); else `MARSAD_SECRET_TARGETING_KEY`, else one generated in the data dir.
+    /// A file holding the long-lived targeting key (hex, 32 bytes); else `MARSAD_SECRET_TARGETING_KEY`, else (local log only) one generated in the data dir.
     pub targeting_key_file: Option<PathBuf>,
+    /// A file holding the opt-out key (hex, 32 bytes), never rotated; else `MARSAD_SECRET_OPTOUT_KEY`, else (local log only) one generated in the data dir.
+    pub optout_key_file: Option<PathBuf>,
     /// Hours after its day ends that a daily visitor key is kept, then destroyed.
     pub daily_key_grace_hours: u64,
+    /// How often every stage holding daily keys destroys the expired ones, traffic or not.
+    pub key_destruction_interval_ms: u64,
     /// Personalisation consent assumed when an event states none.
     pub default_personalisation_consent: bool,
     /// Truncate addresses before the GeoIP lookup (/24 for IPv4, /48 for IPv6), for stricter deployments.
@@ -27,7 +31,9 @@ impl Default for PrivacyConfig {
         PrivacyConfig {
             query_allowlist: vec!["utm_*".into(), "category".into(), "page".into()],
             targeting_key_file: None,
+            optout_key_file: None,
             daily_key_grace_hours: 48,
+            key_destruction_interval_ms: 60_000,
             default_personalisation_consent: false,
             truncate_ip: false,
         }
@@ -46,6 +52,7 @@ pub struct GeoIpConfig {
 
 impl PrivacyConfig {
     pub(crate) fn validate(&self) -> Result<()> {
+        crate::positive("privacy.key_destruction_interval_ms", self.key_destruction_interval_ms)?;
         for p in &self.query_allowlist {
             if p.is_empty() || p[..p.len() - 1].contains('*') {
                 return Err(ConfigError::Invalid {

@@ -12,7 +12,7 @@ use chrono::Utc;
 use marsad_config::Role;
 use marsad_eventlog::{Error as LogError, Record};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
-use marsad_privacy::optout::{OptOutRecord, OptOutScope, Purpose, subject_key};
+use marsad_privacy::optout::{OptOutRecord, OptOutScope, Purpose};
 use marsad_privacy::pseudonym::Subject;
 use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_OPTOUTS, TOPIC_RAW};
 use serde_json::{Value, json};
@@ -80,7 +80,7 @@ impl RequestContext {
         }
         // an `analytics` (or `all`) opt-out means nothing of this visitor is written
         if state.opt_outs.any_opted_out(
-            &state.targeting_key,
+            &state.subject_keys.optout,
             event.cookie_id.as_deref(),
             event.user_id.as_deref(),
             Purpose::Analytics,
@@ -438,11 +438,12 @@ pub async fn post_opt_out(
             ));
         }
     };
-    let record = OptOutRecord {
-        subject: subject_key(&state.targeting_key, subject),
+    let record = OptOutRecord::new(
+        &state.subject_keys.optout,
+        &state.subject_keys.targeting,
+        subject,
         scope,
-        at: Utc::now(),
-    };
+    );
     if let Err(e) = state
         .log
         .append(

@@ -13,7 +13,7 @@
 //! let privacy = marsad_ingest::IngestPrivacy {
 //!     keys: Arc::default(),
 //!     opt_outs: Arc::default(),
-//!     targeting_key: marsad_privacy::keys::SecretKey::random(),
+//!     subject_keys: marsad_privacy::keys::SubjectKeys::from_seed(1),
 //! };
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let listener = tokio::net::TcpListener::bind(config.ingest.addr).await.map_err(marsad_ingest::Error::Bind)?;
@@ -38,7 +38,7 @@ use marsad_config::Config;
 use marsad_eventlog::EventLog;
 use marsad_privacy::access::ApiKeys;
 use marsad_privacy::client_ip::TrustedProxies;
-use marsad_privacy::keys::SecretKey;
+use marsad_privacy::keys::SubjectKeys;
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
@@ -68,7 +68,7 @@ pub struct IngestState {
     pub(crate) metrics: Arc<IngestMetrics>,
     pub(crate) keys: Arc<ApiKeys>,
     pub(crate) opt_outs: Arc<OptOutRegistry>,
-    pub(crate) targeting_key: SecretKey,
+    pub(crate) subject_keys: SubjectKeys,
 }
 
 /// What ingest needs of the privacy mechanisms besides configuration.
@@ -77,8 +77,9 @@ pub struct IngestPrivacy {
     pub keys: Arc<ApiKeys>,
     /// The opt-outs in force, followed from the opt-out log.
     pub opt_outs: Arc<OptOutRegistry>,
-    /// Hashes identifiers for opt-out records and checks.
-    pub targeting_key: SecretKey,
+    /// Hash identifiers for opt-out records and checks (never a daily key: ingest faces the
+    /// internet and hashes no visitor).
+    pub subject_keys: SubjectKeys,
 }
 
 impl IngestState {
@@ -87,7 +88,7 @@ impl IngestState {
         IngestState {
             keys: privacy.keys,
             opt_outs: privacy.opt_outs,
-            targeting_key: privacy.targeting_key,
+            subject_keys: privacy.subject_keys,
             log,
             proxies: Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone())),
             body_limit: config.ingest.body_limit_bytes,

@@ -12,7 +12,7 @@ use http_body_util::BodyExt;
 use marsad_config::Config;
 use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
 use marsad_ingest::{IngestPrivacy, IngestState, app};
-use marsad_privacy::keys::SecretKey;
+use marsad_privacy::keys::SubjectKeys;
 use marsad_schemas::{Envelope, TOPIC_RAW};
 use tower::ServiceExt;
 
@@ -50,7 +50,7 @@ fn setup(options: LocalLogOptions) -> Result<(tempfile::TempDir, Arc<LocalLog>, 
     let privacy = IngestPrivacy {
         keys: Arc::default(),
         opt_outs: Arc::default(),
-        targeting_key: SecretKey::from_bytes([9; 32]),
+        subject_keys: SubjectKeys::from_seed(9),
     };
     let router = app(IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy));
     Ok((dir, log, router))

@@ -38,7 +38,7 @@ fn kafka(what: &'static str, e: impl std::fmt::Display) -> Error {
 #[derive(Default)]
 struct Keys {
     /// The winning key of each day still holding one.
-    winners: BTreeMap<NaiveDate, SecretKey>,
+    winners: BTreeMap<NaiveDate, Arc<SecretKey>>,
     /// Every proposal key seen per day (tombstoned on destruction).
     proposals: HashMap<NaiveDate, Vec<String>>,
     /// Days with a tombstone: never again given a key.
@@ -67,7 +67,7 @@ impl Keys {
                 if let Some(secret) = parsed
                     && !self.destroyed.contains(&day)
                 {
-                    self.winners.entry(day).or_insert(secret);
+                    self.winners.entry(day).or_insert(Arc::new(secret));
                 }
             }
         }
@@ -172,7 +172,7 @@ impl KafkaDailyKeyStore {
         }
     }
 
-    fn lookup(&self, day: NaiveDate) -> Result<Option<SecretKey>> {
+    fn lookup(&self, day: NaiveDate) -> Result<Option<Arc<SecretKey>>> {
         let keys = self.state.0.lock().map_err(|_| kafka("daily keys", "poisoned"))?;
         if keys.destroyed.contains(&day) {
             return Err(Error::KeyDestroyed { day });
@@ -213,7 +213,7 @@ fn follow(consumer: BaseConsumer, state: Arc<(Mutex<Keys>, Condvar)>, stop: Arc<
 }
 
 impl DailyKeyStore for KafkaDailyKeyStore {
-    fn key_for(&self, day: NaiveDate) -> Result<SecretKey> {
+    fn key_for(&self, day: NaiveDate) -> Result<Arc<SecretKey>> {
         if Utc::now() >= key_expiry(day, self.grace) {
             return Err(Error::KeyDestroyed { day });
         }
@@ -252,7 +252,7 @@ impl DailyKeyStore for KafkaDailyKeyStore {
         Ok(destroyed)
     }
 
-    fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>> {
+    fn existing(&self) -> Result<Vec<(NaiveDate, Arc<SecretKey>)>> {
         let keys = self.state.0.lock().map_err(|_| kafka("daily keys", "poisoned"))?;
         Ok(keys.winners.iter().map(|(d, k)| (*d, k.clone())).collect())
     }
@@ -269,7 +269,7 @@ mod tests {
         let mut keys = Keys::default();
         keys.apply(&format!("{day}/01"), Some(a.to_hex().as_bytes()));
         keys.apply(&format!("{day}/02"), Some(b.to_hex().as_bytes()));
-        assert_eq!(keys.winners.get(&day).map(SecretKey::to_hex), Some(a.to_hex()));
+        assert_eq!(keys.winners.get(&day).map(|k| k.to_hex()), Some(a.to_hex()));
         keys.apply(&format!("{day}/01"), None);
         assert!(keys.winners.is_empty() && keys.destroyed.contains(&day));
         keys.apply(&format!("{day}/03"), Some(SecretKey::random().to_hex().as_bytes()));

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use rand::RngCore;
@@ -16,9 +16,18 @@ use crate::{Error, Result};
 /// The environment variable holding the targeting key (64 hex characters).
 pub const TARGETING_KEY_ENV: &str = "MARSAD_SECRET_TARGETING_KEY";
 
-/// A 32-byte secret; its `Debug` never shows the bytes.
-#[derive(Clone, PartialEq, Eq)]
+/// A 32-byte secret; its `Debug` never shows the bytes, it cannot be copied (share it behind
+/// an `Arc`), and its bytes are overwritten when it is dropped, so a destroyed day's key does
+/// not linger in freed memory.
+#[derive(PartialEq, Eq)]
 pub struct SecretKey([u8; 32]);
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.0.zeroize();
+    }
+}
 
 impl std::fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,15 +50,19 @@ impl SecretKey {
 
     /// Parses 64 hex characters.
     pub fn from_hex(what: &'static str, text: &str) -> Result<Self> {
-        let bytes = hex::decode(text.trim()).map_err(|e| Error::BadKey {
+        let mut key = SecretKey([0; 32]);
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(Error::BadKey {
+                what,
+                reason: format!("{} hex characters; 64 expected", text.len()),
+            });
+        }
+        hex::decode_to_slice(text, &mut key.0).map_err(|e| Error::BadKey {
             what,
             reason: format!("not hex: {e}"),
         })?;
-        let arr: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| Error::BadKey {
-            what,
-            reason: format!("{} bytes; 32 expected", b.len()),
-        })?;
-        Ok(SecretKey(arr))
+        Ok(key)
     }
 
     /// The key's bytes, for the HMAC.
@@ -57,21 +70,32 @@ impl SecretKey {
         &self.0
     }
 
-    pub(crate) fn to_hex(&self) -> String {
-        hex::encode(self.0)
+    pub(crate) fn to_hex(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(hex::encode(self.0))
+    }
+
+    /// A short public fingerprint: tells keys apart (stages compare it at start) without
+    /// revealing anything usable about the key.
+    pub fn fingerprint(&self) -> String {
+        use hmac::{Hmac, KeyInit, Mac};
+        let Ok(mut mac) = Hmac::<sha2::Sha256>::new_from_slice(&self.0) else {
+            return String::new();
+        };
+        mac.update(b"marsad/key-fingerprint/v1");
+        hex::encode(&mac.finalize().into_bytes()[..8])
     }
 }
 
 /// Where the daily visitor keys live; shared by every processor instance.
 pub trait DailyKeyStore: Send + Sync {
     /// The key of `day`, created if the day has none yet; refused once destroyed.
-    fn key_for(&self, day: NaiveDate) -> Result<SecretKey>;
+    fn key_for(&self, day: NaiveDate) -> Result<Arc<SecretKey>>;
 
     /// Destroys the keys of days that ended more than `grace` before `now`; returns those days.
     fn destroy_expired(&self, now: DateTime<Utc>, grace: Duration) -> Result<Vec<NaiveDate>>;
 
     /// The keys that still exist, by day (erasure recomputes a cookie's `visitor_key`s with them).
-    fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>>;
+    fn existing(&self) -> Result<Vec<(NaiveDate, Arc<SecretKey>)>>;
 }
 
 /// The daily key store `config` calls for: a directory of the data dir with the local log, the
@@ -106,7 +130,7 @@ pub fn key_expiry(day: NaiveDate, grace: Duration) -> DateTime<Utc> {
 pub struct LocalDailyKeyStore {
     dir: PathBuf,
     grace: Duration,
-    cache: Mutex<HashMap<NaiveDate, SecretKey>>,
+    cache: Mutex<HashMap<NaiveDate, Arc<SecretKey>>>,
 }
 
 fn write_secret_file(path: &Path, contents: &str) -> std::io::Result<()> {
@@ -163,17 +187,17 @@ impl LocalDailyKeyStore {
     }
 
     fn read(&self, path: &Path) -> Result<SecretKey> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::Io {
             what: "daily key",
             path: path.into(),
             source: e,
-        })?;
+        })?);
         SecretKey::from_hex("daily key", &text)
     }
 }
 
 impl DailyKeyStore for LocalDailyKeyStore {
-    fn key_for(&self, day: NaiveDate) -> Result<SecretKey> {
+    fn key_for(&self, day: NaiveDate) -> Result<Arc<SecretKey>> {
         if let Some(k) = self.cache.lock().ok().and_then(|c| c.get(&day).cloned()) {
             return Ok(k);
         }
@@ -200,6 +224,7 @@ impl DailyKeyStore for LocalDailyKeyStore {
             }
             Err(e) => return Err(e),
         };
+        let key = Arc::new(key);
         if let Ok(mut c) = self.cache.lock() {
             c.insert(day, key.clone());
         }
@@ -234,11 +259,15 @@ impl DailyKeyStore for LocalDailyKeyStore {
                 destroyed.push(day);
             }
         }
+        // another process may have deleted the file first: forget this process's copy too
+        if let Ok(mut c) = self.cache.lock() {
+            c.retain(|day, _| now < key_expiry(*day, grace));
+        }
         destroyed.sort();
         Ok(destroyed)
     }
 
-    fn existing(&self) -> Result<Vec<(NaiveDate, SecretKey)>> {
+    fn existing(&self) -> Result<Vec<(NaiveDate, Arc<SecretKey>)>> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::Io {
             what: "daily key directory",
             path: self.dir.clone(),
@@ -252,7 +281,7 @@ impl DailyKeyStore for LocalDailyKeyStore {
                 .and_then(|n| n.strip_suffix(".key"))
                 .and_then(|d| d.parse::<NaiveDate>().ok())
             {
-                keys.push((day, self.read(&entry.path())?));
+                keys.push((day, Arc::new(self.read(&entry.path())?)));
             }
         }
         keys.sort_by_key(|(d, _)| *d);
@@ -260,25 +289,64 @@ impl DailyKeyStore for LocalDailyKeyStore {
     }
 }
 
-/// Loads the targeting key: `MARSAD_SECRET_TARGETING_KEY`, else `file`, else one generated
-/// once in `keys_dir` (mode 0600) for the embedded default.
-pub fn load_targeting_key(file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
-    load_secret_key(&TARGETING_KEY, file, keys_dir)
+/// Loads the targeting key (behind `audience_id`s): `MARSAD_SECRET_TARGETING_KEY`, else
+/// `privacy.targeting_key_file`, else — on the local log only — one generated once in the
+/// keys dir (mode 0600). On Kafka the stages run on several machines and must share the key,
+/// so one generated by a single stage would silently disagree with the others: refused.
+pub fn load_targeting_key(config: &marsad_config::Config) -> Result<SecretKey> {
+    load_secret_key(&TARGETING_KEY, config.privacy.targeting_key_file.as_deref(), config)
+}
+
+/// The two long-lived keys that turn a subject's identifiers into keyed hashes: the
+/// targeting key (`audience_id`s; may be rotated) and the opt-out key (opt-outs; never).
+#[derive(Debug, Clone)]
+pub struct SubjectKeys {
+    /// Behind every `audience_id`.
+    pub targeting: Arc<SecretKey>,
+    /// Behind every recorded opt-out.
+    pub optout: Arc<SecretKey>,
+}
+
+impl SubjectKeys {
+    /// Loads both (see [`load_targeting_key`] and [`load_optout_key`]).
+    pub fn load(config: &marsad_config::Config) -> Result<Self> {
+        Ok(SubjectKeys {
+            targeting: Arc::new(load_targeting_key(config)?),
+            optout: Arc::new(load_optout_key(config)?),
+        })
+    }
+
+    /// Fixed keys made from `seed` (tests and benches).
+    pub fn from_seed(seed: u8) -> Self {
+        SubjectKeys {
+            targeting: Arc::new(SecretKey::from_bytes([seed; 32])),
+            optout: Arc::new(SecretKey::from_bytes([seed.wrapping_add(1); 32])),
+        }
+    }
+}
+
+/// The environment variable holding the opt-out key (64 hex characters).
+pub const OPTOUT_KEY_ENV: &str = "MARSAD_SECRET_OPTOUT_KEY";
+
+/// Loads the opt-out key, under which opt-outs are recorded: never rotated (rotating the
+/// targeting key must not void an opt-out). Found like the targeting key.
+pub fn load_optout_key(config: &marsad_config::Config) -> Result<SecretKey> {
+    load_secret_key(&OPTOUT_KEY, config.privacy.optout_key_file.as_deref(), config)
 }
 
 /// The environment variable holding the noise key of released numbers (64 hex characters).
 pub const NOISE_KEY_ENV: &str = "MARSAD_SECRET_NOISE_KEY";
 
-/// Loads the noise key: `MARSAD_SECRET_NOISE_KEY`, else `file`, else one generated once in
-/// `keys_dir` (mode 0600) for the embedded default. Every query process must share it, or
+/// Loads the noise key: found like the targeting key. Every query process must share it, or
 /// the same cell would get different noise from different processes.
-pub fn load_noise_key(file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
-    load_secret_key(&NOISE_KEY, file, keys_dir)
+pub fn load_noise_key(config: &marsad_config::Config) -> Result<SecretKey> {
+    load_secret_key(&NOISE_KEY, config.release.noise_key_file.as_deref(), config)
 }
 
 /// A long-lived secret: where it comes from and what it is called in messages.
 struct LongLivedKey {
     env: &'static str,
+    file_key: &'static str,
     file_name: &'static str,
     from_env: &'static str,
     from_file: &'static str,
@@ -287,35 +355,53 @@ struct LongLivedKey {
 
 const TARGETING_KEY: LongLivedKey = LongLivedKey {
     env: TARGETING_KEY_ENV,
+    file_key: "privacy.targeting_key_file",
     file_name: "targeting.key",
     from_env: "targeting key (MARSAD_SECRET_TARGETING_KEY)",
     from_file: "targeting key file",
     generated: "generated targeting key",
 };
 
+const OPTOUT_KEY: LongLivedKey = LongLivedKey {
+    env: OPTOUT_KEY_ENV,
+    file_key: "privacy.optout_key_file",
+    file_name: "optout.key",
+    from_env: "opt-out key (MARSAD_SECRET_OPTOUT_KEY)",
+    from_file: "opt-out key file",
+    generated: "generated opt-out key",
+};
+
 const NOISE_KEY: LongLivedKey = LongLivedKey {
     env: NOISE_KEY_ENV,
+    file_key: "release.noise_key_file",
     file_name: "noise.key",
     from_env: "noise key (MARSAD_SECRET_NOISE_KEY)",
     from_file: "noise key file",
     generated: "generated noise key",
 };
 
-fn load_secret_key(which: &LongLivedKey, file: Option<&Path>, keys_dir: &Path) -> Result<SecretKey> {
+fn load_secret_key(which: &LongLivedKey, file: Option<&Path>, config: &marsad_config::Config) -> Result<SecretKey> {
     if let Ok(hex) = std::env::var(which.env) {
-        return SecretKey::from_hex(which.from_env, &hex);
+        return SecretKey::from_hex(which.from_env, &zeroize::Zeroizing::new(hex));
     }
     let read = |path: &Path, what: &'static str| -> Result<SecretKey> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+        let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| Error::Io {
             what,
             path: path.into(),
             source: e,
-        })?;
+        })?);
         SecretKey::from_hex(what, &text)
     };
     if let Some(path) = file {
         return read(path, which.from_file);
     }
+    if config.eventlog.kind == marsad_config::EventLogKind::Kafka {
+        return Err(Error::KeyNotGiven {
+            env: which.env,
+            file_key: which.file_key,
+        });
+    }
+    let keys_dir = &config.keys_dir();
     std::fs::create_dir_all(keys_dir).map_err(|e| Error::Io {
         what: "key directory",
         path: keys_dir.into(),
@@ -323,7 +409,7 @@ fn load_secret_key(which: &LongLivedKey, file: Option<&Path>, keys_dir: &Path) -
     })?;
     let path = keys_dir.join(which.file_name);
     match std::fs::read_to_string(&path) {
-        Ok(text) => SecretKey::from_hex(which.generated, &text),
+        Ok(text) => SecretKey::from_hex(which.generated, &zeroize::Zeroizing::new(text)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key = SecretKey::random();
             match create_secret_file(&path, &key.to_hex()) {

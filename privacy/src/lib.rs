@@ -54,6 +54,33 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A key every stage must share was neither in the environment nor in a file, on an event
+    /// log (Kafka) whose stages run on several machines: a key generated here would disagree.
+    #[error(
+        "no key given: set {env} (64 hex characters, the same on every machine) or {file_key}; \
+         on Kafka a stage never generates its own"
+    )]
+    KeyNotGiven {
+        /// The environment variable.
+        env: &'static str,
+        /// The config key naming a file.
+        file_key: &'static str,
+    },
+    /// A stage's key is not the one the other stages recorded in the opt-out log.
+    #[error(
+        "this stage's {what} (fingerprint {ours}) is not the one recorded in the opt-out log \
+         ({recorded}); every stage must use the same key. {advice}"
+    )]
+    KeyMismatch {
+        /// Which key.
+        what: &'static str,
+        /// Fingerprint of this stage's key.
+        ours: String,
+        /// Fingerprint recorded.
+        recorded: String,
+        /// What to do.
+        advice: &'static str,
+    },
     /// The daily key of a day past its grace period was asked for: it is destroyed for good.
     #[error("the visitor key of {day} has been destroyed")]
     KeyDestroyed {

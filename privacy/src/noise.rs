@@ -182,7 +182,7 @@ mod tests {
             let w = d.ci95() as i64;
             let inside = draws.iter().filter(|x| x.abs() <= w).count() as f64 / N as f64;
             assert!(
-                inside >= 0.95 && inside < 0.975,
+                (0.95..0.975).contains(&inside),
                 "scale {}: {inside} within ±{w}",
                 d.scale()
             );

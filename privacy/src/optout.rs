@@ -1,7 +1,10 @@
-//! Opt-outs. Each is recorded as a keyed hash of the identifier (the same
-//! keyed hash as the subject's `audience_id`, so stored rows can be matched)
-//! with a scope and a time, in the opt-out log; every service holds an
-//! [`OptOutRegistry`] that follows that log.
+//! Opt-outs. Each is recorded in the opt-out log as a keyed hash of the
+//! identifier under the opt-out key — a key that is never rotated, so an
+//! opt-out outlives any rotation of the targeting key — with the subject's
+//! `audience_id` of the time (to find the rows and segment memberships stored
+//! under it), a scope and a time. Every service holds an [`OptOutRegistry`]
+//! that follows that log. The log also records the fingerprints of the keys
+//! the stages share, so a stage started with another key refuses to start.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -11,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::SecretKey;
-use crate::pseudonym::{Subject, audience_id};
+use crate::pseudonym::{Subject, audience_id, keyed_hash};
 
 /// What an opt-out covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -60,12 +63,16 @@ impl OptOutScope {
     }
 }
 
-/// An opt-out as stored in the opt-out log: no identifier, only its keyed hash.
+/// An opt-out as stored in the opt-out log: no identifier, only its keyed hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptOutRecord {
-    /// Keyed hash of the identifier (see [`subject_key`]).
+    /// Keyed hash of the identifier under the opt-out key (see [`subject_key`]).
     pub subject: String,
+    /// The subject's `audience_id` under the targeting key in force when the opt-out was made:
+    /// rows and segment memberships stored under it stay covered after a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience_id: Option<String>,
     /// What it covers.
     pub scope: OptOutScope,
     /// When it was made.
@@ -88,9 +95,72 @@ impl OptOutRecord {
     }
 }
 
-/// The keyed hash an opt-out is recorded under: the subject's `audience_id`.
-pub fn subject_key(targeting_key: &SecretKey, subject: Subject<'_>) -> String {
-    audience_id(targeting_key, subject)
+/// The keyed hash an opt-out is recorded under: the identifier under the opt-out key.
+pub fn subject_key(optout_key: &SecretKey, subject: Subject<'_>) -> String {
+    match subject {
+        Subject::User(id) => keyed_hash(optout_key, b"marsad/optout/user/v1\0", id),
+        Subject::Cookie(id) => keyed_hash(optout_key, b"marsad/optout/cookie/v1\0", id),
+    }
+}
+
+impl OptOutRecord {
+    /// The opt-out of `subject` for `scope`, made now.
+    pub fn new(optout_key: &SecretKey, targeting_key: &SecretKey, subject: Subject<'_>, scope: OptOutScope) -> Self {
+        OptOutRecord {
+            subject: subject_key(optout_key, subject),
+            audience_id: Some(audience_id(targeting_key, subject)),
+            scope,
+            at: Utc::now(),
+        }
+    }
+}
+
+/// Which shared key a fingerprint is of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SharedKey {
+    /// The targeting key (`audience_id`s).
+    Targeting,
+    /// The opt-out key.
+    Optout,
+}
+
+impl SharedKey {
+    /// How messages name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            SharedKey::Targeting => "targeting key",
+            SharedKey::Optout => "opt-out key",
+        }
+    }
+}
+
+/// The fingerprint of a key every stage must share, as recorded in the opt-out log (the
+/// latest record of a key is the one in force).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFingerprintRecord {
+    /// Which key.
+    pub key_fingerprint: SharedKey,
+    /// [`SecretKey::fingerprint`] of it.
+    pub fingerprint: String,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+}
+
+impl KeyFingerprintRecord {
+    /// Encodes for the log.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Its key in the compacted opt-out log: one per shared key.
+    pub fn log_key(&self) -> Vec<u8> {
+        match self.key_fingerprint {
+            SharedKey::Targeting => b"fingerprint/targeting".to_vec(),
+            SharedKey::Optout => b"fingerprint/optout".to_vec(),
+        }
+    }
 }
 
 /// The opt-outs of one event's subjects, looked up once and asked per purpose.
@@ -98,6 +168,19 @@ pub fn subject_key(targeting_key: &SecretKey, subject: Subject<'_>) -> String {
 pub struct SubjectOptOuts(u8);
 
 impl SubjectOptOuts {
+    /// The scopes these opt-outs hold that `other` lacks.
+    pub fn scopes_missing_from(self, other: SubjectOptOuts) -> Vec<OptOutScope> {
+        [
+            OptOutScope::Analytics,
+            OptOutScope::Personalisation,
+            OptOutScope::Marketing,
+            OptOutScope::All,
+        ]
+        .into_iter()
+        .filter(|s| self.0 & s.bit() != 0 && other.0 & s.bit() == 0)
+        .collect()
+    }
+
     /// Whether these opt-outs rule out `purpose` (`analytics` and `all` rule out everything).
     pub fn covers(self, purpose: Purpose) -> bool {
         let everything = OptOutScope::All.bit() | OptOutScope::Analytics.bit();
@@ -135,21 +218,42 @@ fn subject_print(subject: &str) -> SubjectPrint {
 pub struct OptOutRegistry {
     entries: RwLock<HashMap<SubjectPrint, u8>>,
     caught_up: AtomicBool,
+    /// The latest recorded fingerprint of each shared key.
+    fingerprints: RwLock<HashMap<&'static str, String>>,
 }
 
 impl OptOutRegistry {
-    /// Adds a record; undecodable bytes are reported, not applied.
+    /// Adds a record of the opt-out log (an opt-out or a key fingerprint); undecodable bytes
+    /// are reported, not applied.
     pub fn apply_bytes(&self, bytes: &[u8]) -> Result<(), serde_json::Error> {
+        if let Ok(fp) = serde_json::from_slice::<KeyFingerprintRecord>(bytes) {
+            self.apply_fingerprint(&fp);
+            return Ok(());
+        }
         let rec: OptOutRecord = serde_json::from_slice(bytes)?;
         self.apply(&rec);
         Ok(())
     }
 
-    /// Adds a record.
+    /// Adds an opt-out: under its subject key and under its `audience_id` of the time.
     pub fn apply(&self, rec: &OptOutRecord) {
         if let Ok(mut e) = self.entries.write() {
-            *e.entry(subject_print(&rec.subject)).or_default() |= rec.scope.bit();
+            for key in std::iter::once(&rec.subject).chain(rec.audience_id.as_ref()) {
+                *e.entry(subject_print(key)).or_default() |= rec.scope.bit();
+            }
         }
+    }
+
+    /// Notes the fingerprint a key was recorded with (the latest wins).
+    pub fn apply_fingerprint(&self, rec: &KeyFingerprintRecord) {
+        if let Ok(mut f) = self.fingerprints.write() {
+            f.insert(rec.key_fingerprint.describe(), rec.fingerprint.clone());
+        }
+    }
+
+    /// The fingerprint recorded for `key`, if any stage recorded one.
+    pub fn recorded_fingerprint(&self, key: SharedKey) -> Option<String> {
+        self.fingerprints.read().ok()?.get(key.describe()).cloned()
     }
 
     /// Marks the registry as having read the whole log once (for `/readyz`).
@@ -176,9 +280,25 @@ impl OptOutRegistry {
         )
     }
 
-    /// Whether the subject with this keyed hash opted out of `purpose`.
+    /// Whether the subject with this keyed hash (a subject key or an `audience_id`) opted out
+    /// of `purpose`.
     pub fn is_opted_out(&self, subject: &str, purpose: Purpose) -> bool {
         self.lookup([subject]).covers(purpose)
+    }
+
+    /// The opt-outs of an event's identifiers (subject keys under the opt-out key).
+    pub fn of_identifiers(
+        &self,
+        optout_key: &SecretKey,
+        cookie_id: Option<&str>,
+        user_id: Option<&str>,
+    ) -> SubjectOptOuts {
+        if self.is_empty() {
+            return SubjectOptOuts::default();
+        }
+        let cookie = cookie_id.map(|c| subject_key(optout_key, Subject::Cookie(c)));
+        let user = user_id.map(|u| subject_key(optout_key, Subject::User(u)));
+        self.lookup(cookie.iter().chain(user.iter()).map(String::as_str))
     }
 
     /// Whether any of an event's identifiers opted out of `purpose`.
@@ -189,16 +309,10 @@ impl OptOutRegistry {
         user_id: Option<&str>,
         purpose: Purpose,
     ) -> bool {
-        if self.is_empty() {
-            return false;
-        }
-        let cookie = cookie_id.map(|c| subject_key(key, Subject::Cookie(c)));
-        let user = user_id.map(|u| subject_key(key, Subject::User(u)));
-        self.lookup(cookie.iter().chain(user.iter()).map(String::as_str))
-            .covers(purpose)
+        self.of_identifiers(key, cookie_id, user_id).covers(purpose)
     }
 
-    /// Subjects with at least one opt-out.
+    /// Keyed hashes (subject keys and `audience_id`s) with at least one opt-out.
     pub fn len(&self) -> usize {
         self.entries.read().map(|e| e.len()).unwrap_or(0)
     }
@@ -217,11 +331,7 @@ mod tests {
     fn scopes_cover_their_purposes() {
         let key = SecretKey::from_bytes([3; 32]);
         let r = OptOutRegistry::default();
-        let rec = |id: &str, scope| OptOutRecord {
-            subject: subject_key(&key, Subject::Cookie(id)),
-            scope,
-            at: Utc::now(),
-        };
+        let rec = |id: &str, scope| OptOutRecord::new(&key, &key, Subject::Cookie(id), scope);
         r.apply(&rec("p", OptOutScope::Personalisation));
         r.apply(&rec("m", OptOutScope::Marketing));
         r.apply(&rec("a", OptOutScope::Analytics));
@@ -237,5 +347,46 @@ mod tests {
             !r.any_opted_out(&key, None, Some("p"), Purpose::Personalisation),
             "users and cookies are different subjects"
         );
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    #[test]
+    fn an_opt_out_outlives_a_rotation_of_the_targeting_key() {
+        let optout_key = SecretKey::from_bytes([1; 32]);
+        let (old, new) = (SecretKey::from_bytes([2; 32]), SecretKey::from_bytes([3; 32]));
+        let r = OptOutRegistry::default();
+        let rec = OptOutRecord::new(&optout_key, &old, Subject::Cookie("c-1"), OptOutScope::Personalisation);
+        r.apply_bytes(&rec.to_bytes()).expect("decodes");
+        // by identifier: whatever the targeting key
+        assert!(r.any_opted_out(&optout_key, Some("c-1"), None, Purpose::Personalisation));
+        // rows stored under the old audience_id stay covered
+        assert!(r.is_opted_out(&audience_id(&old, Subject::Cookie("c-1")), Purpose::Personalisation));
+        // the opt-out key is not the targeting key: nothing else is covered
+        assert!(!r.is_opted_out(&audience_id(&new, Subject::Cookie("c-2")), Purpose::Personalisation));
+        assert_ne!(
+            subject_key(&optout_key, Subject::Cookie("c-1")),
+            audience_id(&optout_key, Subject::Cookie("c-1"))
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_read_from_the_log_and_the_latest_wins() {
+        let r = OptOutRegistry::default();
+        assert_eq!(r.recorded_fingerprint(SharedKey::Targeting), None);
+        for fp in ["aa", "bb"] {
+            let rec = KeyFingerprintRecord {
+                key_fingerprint: SharedKey::Targeting,
+                fingerprint: fp.into(),
+                at: Utc::now(),
+            };
+            r.apply_bytes(&rec.to_bytes()).expect("decodes");
+        }
+        assert_eq!(r.recorded_fingerprint(SharedKey::Targeting).as_deref(), Some("bb"));
+        assert_eq!(r.recorded_fingerprint(SharedKey::Optout), None);
+        assert!(r.is_empty(), "a fingerprint is no opt-out");
     }
 }

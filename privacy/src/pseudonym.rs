@@ -7,7 +7,7 @@ use sha2::Sha256;
 
 use crate::keys::SecretKey;
 
-fn keyed_hash(key: &SecretKey, domain: &[u8], id: &str) -> String {
+pub(crate) fn keyed_hash(key: &SecretKey, domain: &[u8], id: &str) -> String {
     // HMAC accepts keys of any length, so this cannot fail for a 32-byte key
     let mut mac = match Hmac::<Sha256>::new_from_slice(key.as_bytes()) {
         Ok(m) => m,

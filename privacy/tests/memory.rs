@@ -19,6 +19,8 @@ fn an_opt_out_costs_a_fixed_few_bytes() {
     for i in 0..SUBJECTS {
         registry.apply(&OptOutRecord {
             subject: subject(i),
+            // the audience_id of the time is kept too (rows stored under it stay covered)
+            audience_id: Some(subject(i + (1 << 100))),
             scope: if i % 2 == 0 {
                 OptOutScope::Personalisation
             } else {
@@ -30,9 +32,14 @@ fn an_opt_out_costs_a_fixed_few_bytes() {
     let held = dhat::HeapStats::get().curr_bytes - before;
     let per_subject = held as f64 / SUBJECTS as f64;
     println!("{SUBJECTS} opt-outs hold {held} bytes: {per_subject:.1} bytes each");
-    // the 32 characters of a hash alone take more than this as a String
+    // the 2 × 32 characters of the two hashes alone take more than this as Strings
     assert!(per_subject <= 32.0, "{per_subject:.1} bytes per opt-out");
-    assert_eq!(registry.len() as u128, SUBJECTS);
+    assert_eq!(
+        registry.len() as u128,
+        2 * SUBJECTS,
+        "a print per subject key and per audience_id"
+    );
+    assert!(registry.is_opted_out(&subject(4 + (1 << 100)), Purpose::Personalisation));
     assert!(registry.is_opted_out(&subject(4), Purpose::Personalisation));
     assert!(!registry.is_opted_out(&subject(4), Purpose::Analytics));
     assert!(registry.is_opted_out(&subject(5), Purpose::Analytics));

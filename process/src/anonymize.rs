@@ -5,8 +5,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::geoip::GeoIp;
-use marsad_privacy::keys::{DailyKeyStore, SecretKey};
-use marsad_privacy::optout::{OptOutRegistry, Purpose};
+use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
 use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
@@ -89,7 +89,7 @@ pub struct AnonymousEvent {
 pub struct Anonymizer {
     geoip: Arc<GeoIp>,
     daily_keys: Arc<dyn DailyKeyStore>,
-    targeting_key: SecretKey,
+    subject_keys: SubjectKeys,
     allow: QueryAllowList,
     consent_defaults: ConsentDefaults,
     user_agents: UserAgentCache,
@@ -134,7 +134,7 @@ impl Anonymizer {
     pub fn new(
         geoip: Arc<GeoIp>,
         daily_keys: Arc<dyn DailyKeyStore>,
-        targeting_key: SecretKey,
+        subject_keys: SubjectKeys,
         allow: QueryAllowList,
         consent_defaults: ConsentDefaults,
         opt_outs: Arc<OptOutRegistry>,
@@ -144,7 +144,7 @@ impl Anonymizer {
             truncate_ip: false,
             geoip,
             daily_keys,
-            targeting_key,
+            subject_keys,
             allow,
             consent_defaults,
             user_agents: UserAgentCache::default(),
@@ -175,6 +175,27 @@ impl Anonymizer {
         self.sessions.expire(now);
     }
 
+    /// When `env` carries a user id that opted out and the cookie it was sent with, the cookie's
+    /// opt-outs of the same scopes (applied here at once, to be recorded in the opt-out log by
+    /// the caller): the person's cookie-only visits are covered too, before and after login.
+    pub fn opt_outs_of_linked_cookie(&self, env: &Envelope) -> Vec<OptOutRecord> {
+        let (Some(user), Some(cookie)) = (env.event.user_id.as_deref(), env.event.cookie_id.as_deref()) else {
+            return Vec::new();
+        };
+        let optout = &self.subject_keys.optout;
+        let of_user = self.opt_outs.of_identifiers(optout, None, Some(user));
+        let of_cookie = self.opt_outs.of_identifiers(optout, Some(cookie), None);
+        of_user
+            .scopes_missing_from(of_cookie)
+            .into_iter()
+            .map(|scope| {
+                let record = OptOutRecord::new(optout, &self.subject_keys.targeting, Subject::Cookie(cookie), scope);
+                self.opt_outs.apply(&record);
+                record
+            })
+            .collect()
+    }
+
     /// Anonymizes one envelope; `None` when it must not be stored (analytics refused or opted out).
     /// The envelope's IP and ids are read here and nowhere after.
     pub fn anonymize(&mut self, env: &Envelope) -> Result<Option<AnonymousEvent>, NotAnonymized> {
@@ -202,14 +223,12 @@ impl Anonymizer {
         if !decision.analytics {
             return Ok(None);
         }
-        // the subjects' keyed hashes: looked up in the opt-outs once, and reused as the audience_id
-        let need_keys = decision.personalisation || !self.opt_outs.is_empty();
-        let key_of = |s| need_keys.then(|| audience_id(&self.targeting_key, s));
-        let cookie_key = ev.cookie_id.as_deref().and_then(|c| key_of(Subject::Cookie(c)));
-        let user_key = ev.user_id.as_deref().and_then(|u| key_of(Subject::User(u)));
-        let opt_outs = self
-            .opt_outs
-            .lookup(cookie_key.iter().chain(user_key.iter()).map(String::as_str));
+        // opt-outs are looked up by the identifiers under the opt-out key (never rotated)
+        let opt_outs = self.opt_outs.of_identifiers(
+            &self.subject_keys.optout,
+            ev.cookie_id.as_deref(),
+            ev.user_id.as_deref(),
+        );
         if opt_outs.covers(Purpose::Analytics) {
             return Ok(None);
         }
@@ -238,7 +257,11 @@ impl Anonymizer {
         };
         // a logged-in visitor is targeted as the account, else as the browser
         let audience_id = if decision.personalisation {
-            user_key.or(cookie_key)
+            let key_of = |s| audience_id(&self.subject_keys.targeting, s);
+            ev.user_id
+                .as_deref()
+                .map(|u| key_of(Subject::User(u)))
+                .or_else(|| ev.cookie_id.as_deref().map(|c| key_of(Subject::Cookie(c))))
         } else {
             None
         };
@@ -303,7 +326,7 @@ mod tests {
         Anonymizer::new(
             Arc::new(GeoIp::bundled().expect("geoip")),
             Arc::new(keys),
-            SecretKey::from_bytes([7; 32]),
+            SubjectKeys::from_seed(7),
             QueryAllowList::new(&["utm_*".into()]),
             ConsentDefaults::default(),
             Arc::new(OptOutRegistry::default()),

@@ -138,7 +138,11 @@ async fn dataset(seed: u64) -> Dataset {
 fn release(seed: u64) -> Release {
     let mut key = [0u8; 32];
     key[..8].copy_from_slice(&seed.to_le_bytes());
-    Release::new(&Config::default(), SecretKey::from_bytes(key), None)
+    Release::new(
+        &Config::default(),
+        std::sync::Arc::new(SecretKey::from_bytes(key)),
+        None,
+    )
 }
 
 async fn report(d: &Dataset, r: &Release, m: Mechanism, params: &[(&str, String)]) -> Value {

@@ -23,7 +23,7 @@ pub mod cell;
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use marsad_config::{AnalystRelease, Config};
@@ -64,7 +64,7 @@ pub struct Released {
 /// The release mechanism of one query service.
 pub struct Release {
     analysts: Mechanism,
-    noise_key: SecretKey,
+    noise_key: Arc<SecretKey>,
     epsilon: f64,
     epsilon_milli: u64,
     min_visitors: u64,
@@ -75,7 +75,7 @@ pub struct Release {
 
 impl Release {
     /// The mechanism `config` sets, with its noise key and the budgets kept under `state_dir`.
-    pub fn new(config: &Config, noise_key: SecretKey, state_dir: Option<PathBuf>) -> Self {
+    pub fn new(config: &Config, noise_key: Arc<SecretKey>, state_dir: Option<PathBuf>) -> Self {
         let epsilon = config.release.epsilon_per_measure;
         Release {
             analysts: match config.release.analysts {
@@ -192,7 +192,7 @@ mod tests {
     use super::*;
 
     fn release() -> Release {
-        Release::new(&Config::default(), SecretKey::from_bytes([5; 32]), None)
+        Release::new(&Config::default(), Arc::new(SecretKey::from_bytes([5; 32])), None)
     }
 
     #[test]
