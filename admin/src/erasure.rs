@@ -1,10 +1,16 @@
 //! Erasure: an `all` opt-out is recorded first (so nothing new is collected
-//! about the subject), then every row linkable to it is deleted from every
+//! about the subject), then the erasure waits until the processor has
+//! committed everything the raw log held at that moment (its positions in the
+//! `events` table's Delta `txn`s have passed the raw log's end on every
+//! partition), then every row linkable to the subject is deleted from every
 //! table — rows with the subject's `audience_id`, and for a cookie the rows
 //! with its `visitor_key` of every day whose key still exists — and the
-//! rewritten files are vacuumed at once, so older Delta versions do not keep
-//! them either.
+//! rewritten files are vacuumed at once. A user id also takes with it the
+//! cookies the site sent with it in the raw log still held. A second pass
+//! then checks that nothing of the subject landed meanwhile (a processor that
+//! had not yet seen the opt-out); only a pass that finds nothing says done.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use arrow::array::{Array, Int64Array};
@@ -13,10 +19,10 @@ use datafusion::prelude::SessionContext;
 use deltalake::operations::vacuum::VacuumMode;
 use marsad_config::TablesLocation;
 use marsad_eventlog::{EventLog, Record};
-use marsad_privacy::keys::{DailyKeyStore, SecretKey};
-use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, OptOutScope, subject_key};
+use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, OptOutScope};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
-use marsad_schemas::{TOPIC_OPTOUTS, TableName};
+use marsad_schemas::{Envelope, TOPIC_OPTOUTS, TOPIC_RAW, TableName};
 use serde::Serialize;
 
 /// Why an erasure could not finish; what was removed before stays removed, and repeating
@@ -26,6 +32,9 @@ pub enum ErasureError {
     /// The opt-out could not be recorded, so nothing was erased.
     #[error("could not record the opt-out, nothing was erased: {0}")]
     OptOut(marsad_eventlog::Error),
+    /// The raw log could not be read (its end, or the cookies sent with a user id).
+    #[error("reading the raw log: {0}")]
+    RawLog(marsad_eventlog::Error),
     /// A table could not be read or rewritten.
     #[error("erasure in table {table}: {reason}")]
     Table {
@@ -41,27 +50,101 @@ pub enum ErasureError {
 pub struct Erasure<'a> {
     /// Where the tables live.
     pub tables: &'a TablesLocation,
-    /// Where opt-outs are recorded.
+    /// Where opt-outs are recorded, and the raw log the processor reads.
     pub log: &'a dyn EventLog,
     /// This process's opt-outs in force, updated at once.
     pub opt_outs: &'a OptOutRegistry,
-    /// Hashes identifiers into `audience_id`s and opt-out subjects.
-    pub targeting_key: &'a SecretKey,
+    /// Hash identifiers into `audience_id`s and opt-out subjects.
+    pub subject_keys: &'a SubjectKeys,
     /// The daily visitor keys that still exist.
     pub daily_keys: &'a dyn DailyKeyStore,
-    /// How long the processor needs to see the opt-out and commit what it buffered before.
-    pub settle: Duration,
+    /// How often to look at the processor's committed positions while waiting.
+    pub poll: Duration,
 }
 
+/// Where the processor must have committed (per raw-log partition, the next offset) before
+/// the subject's rows can be deleted for good.
+pub type RawLogEnd = BTreeMap<u32, u64>;
+
 impl Erasure<'_> {
-    /// Records an `all` opt-out for `subject`, waits for the processor to see it, then deletes
-    /// every row linkable to the subject from every table.
+    /// Records an `all` opt-out for `subject` (and the cookies sent with a user id), waits
+    /// for the processor to commit everything logged before it, then deletes every row
+    /// linkable to them from every table, and checks once more.
     pub async fn erase(&self, subject: Subject<'_>) -> Result<ErasureReceipt, ErasureError> {
-        let record = OptOutRecord {
-            subject: subject_key(self.targeting_key, subject),
-            scope: OptOutScope::All,
-            at: Utc::now(),
+        let started = Instant::now();
+        let linked_cookies = match subject {
+            Subject::User(u) => cookies_sent_with(self.log, u).await?,
+            Subject::Cookie(_) => BTreeSet::new(),
         };
+        let mut subjects = vec![subject];
+        subjects.extend(linked_cookies.iter().map(|c| Subject::Cookie(c)));
+        for s in &subjects {
+            self.record_opt_out(*s).await?;
+        }
+        tracing::info!(
+            linked_cookies = linked_cookies.len(),
+            "erasure: opt-out recorded; waiting for the processor to commit what was logged before it"
+        );
+        let mut passes = Vec::new();
+        let mut waited_ms = 0;
+        loop {
+            let end = raw_log_end(self.log).await?;
+            let waited = Instant::now();
+            self.wait_for_processor(&end).await?;
+            waited_ms += waited.elapsed().as_millis() as u64;
+            let mut pass = Vec::new();
+            for s in &subjects {
+                pass.push(erase_rows(self.tables, self.daily_keys, self.subject_keys, *s).await?);
+            }
+            let removed: u64 = pass.iter().map(|r| r.rows_removed).sum();
+            passes.push(pass);
+            // done only when a pass over everything committed after the opt-out found nothing
+            if removed == 0 || passes.len() >= 10 {
+                break;
+            }
+        }
+        let mut tables: BTreeMap<&'static str, TableErasure> = BTreeMap::new();
+        let mut visitor_key_days = 0;
+        for pass in &passes {
+            for r in pass {
+                visitor_key_days = visitor_key_days.max(r.visitor_key_days);
+                for t in &r.tables {
+                    let entry = tables.entry(t.table).or_insert(TableErasure {
+                        table: t.table,
+                        rows_removed: 0,
+                        files_vacuumed: 0,
+                    });
+                    entry.rows_removed += t.rows_removed;
+                    entry.files_vacuumed += t.files_vacuumed;
+                }
+            }
+        }
+        let tables: Vec<TableErasure> = tables.into_values().collect();
+        Ok(ErasureReceipt {
+            receipt_id: String::new(),
+            subject_kind: match subject {
+                Subject::Cookie(_) => "cookie_id",
+                Subject::User(_) => "user_id",
+            },
+            opt_out_recorded: true,
+            linked_cookies: linked_cookies.len(),
+            visitor_key_days,
+            rows_removed: tables.iter().map(|t| t.rows_removed).sum(),
+            tables,
+            passes: passes.len(),
+            waited_for_processor_ms: waited_ms,
+            duration_ms: started.elapsed().as_millis() as u64,
+            completed_at: Utc::now(),
+        })
+    }
+
+    async fn record_opt_out(&self, subject: Subject<'_>) -> Result<(), ErasureError> {
+        let record = OptOutRecord::new(
+            &self.subject_keys.optout,
+            &self.subject_keys.targeting,
+            subject,
+            OptOutScope::All,
+        );
         self.log
             .append(
                 TOPIC_OPTOUTS,
@@ -73,10 +156,128 @@ impl Erasure<'_> {
             .await
             .map_err(ErasureError::OptOut)?;
         self.opt_outs.apply(&record);
-        tracing::info!("erasure: opt-out recorded; waiting for the processor to see it");
-        tokio::time::sleep(self.settle).await;
-        erase_rows(self.tables, self.daily_keys, self.targeting_key, subject, true).await
+        Ok(())
     }
+
+    /// Waits until the `events` table records positions at or past `end` on every partition.
+    pub async fn wait_for_processor(&self, end: &RawLogEnd) -> Result<(), ErasureError> {
+        let mut logged = Instant::now();
+        loop {
+            let behind = behind(self.tables, end).await?;
+            if behind.is_empty() {
+                return Ok(());
+            }
+            if logged.elapsed() > Duration::from_secs(10) {
+                tracing::info!(
+                    ?behind,
+                    "erasure: still waiting for the processor to commit past the opt-out"
+                );
+                logged = Instant::now();
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+/// The raw log's end now, per partition (the next offset to be written).
+pub async fn raw_log_end(log: &dyn EventLog) -> Result<RawLogEnd, ErasureError> {
+    let mut sub = log.read_all(TOPIC_RAW).await.map_err(ErasureError::RawLog)?;
+    let mut end = BTreeMap::new();
+    for p in sub.assignment() {
+        let e = match sub.end_offset(p).await.map_err(ErasureError::RawLog)? {
+            Some(e) => e,
+            None => {
+                // a log that cannot say: read to the end
+                sub.seek(p, 0).await.map_err(ErasureError::RawLog)?;
+                let mut next = 0;
+                loop {
+                    let got = sub
+                        .poll(10_000, Duration::from_millis(100))
+                        .await
+                        .map_err(ErasureError::RawLog)?;
+                    match got.last() {
+                        Some(r) => next = r.position.offset + 1,
+                        None => break,
+                    }
+                }
+                next
+            }
+        };
+        end.insert(p, e);
+    }
+    Ok(end)
+}
+
+/// The partitions whose committed position in `events` is short of `end`: (partition,
+/// committed next offset, wanted).
+async fn behind(tables: &TablesLocation, end: &RawLogEnd) -> Result<Vec<(u32, u64, u64)>, ErasureError> {
+    let err = |reason: String| ErasureError::Table {
+        table: "events",
+        reason,
+    };
+    let Some(table) = marsad_tables::open_table(tables, TableName::Events.as_str())
+        .await
+        .map_err(|e| err(e.to_string()))?
+    else {
+        // no events table yet: only if nothing was ever logged is nothing behind
+        return Ok(end.iter().filter(|(_, e)| **e > 0).map(|(p, e)| (*p, 0, *e)).collect());
+    };
+    let snapshot = table.snapshot().map_err(|e| err(e.to_string()))?;
+    let log_store = table.log_store();
+    let mut behind = Vec::new();
+    for (&partition, &wanted) in end {
+        if wanted == 0 {
+            continue;
+        }
+        let app = format!("marsad-{TOPIC_RAW}-{partition}");
+        let committed = snapshot
+            .transaction_version(log_store.as_ref(), &app)
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .map_or(0, |v| (v.max(-1) + 1) as u64);
+        if committed < wanted {
+            behind.push((partition, committed, wanted));
+        }
+    }
+    Ok(behind)
+}
+
+/// The cookie ids the raw log still holds sent together with `user_id`.
+pub async fn cookies_sent_with(log: &dyn EventLog, user_id: &str) -> Result<BTreeSet<String>, ErasureError> {
+    let end = raw_log_end(log).await?;
+    let mut sub = log.read_all(TOPIC_RAW).await.map_err(ErasureError::RawLog)?;
+    // the partitions still to read, each up to its end now
+    let mut open = BTreeMap::new();
+    for (&p, &e) in &end {
+        let from = sub.retained_from(p).await.map_err(ErasureError::RawLog)?;
+        sub.seek(p, from).await.map_err(ErasureError::RawLog)?;
+        if from < e {
+            open.insert(p, e);
+        }
+    }
+    let mut cookies = BTreeSet::new();
+    let mut idle = 0;
+    while !open.is_empty() && idle < 50 {
+        let got = sub
+            .poll(10_000, Duration::from_millis(200))
+            .await
+            .map_err(ErasureError::RawLog)?;
+        idle = if got.is_empty() { idle + 1 } else { 0 };
+        for r in got {
+            if let Some(e) = open.get(&r.position.partition)
+                && r.position.offset + 1 >= *e
+            {
+                open.remove(&r.position.partition);
+            }
+            if let Ok(env) = Envelope::from_bytes(&r.payload)
+                && env.event.user_id.as_deref() == Some(user_id)
+                && let Some(c) = env.event.cookie_id
+            {
+                cookies.insert(c);
+            }
+        }
+    }
+    Ok(cookies)
 }
 
 /// What one table gave up.
@@ -93,10 +294,18 @@ pub struct TableErasure {
 /// The answer to an erasure request.
 #[derive(Debug, Clone, Serialize)]
 pub struct ErasureReceipt {
+    /// Names this erasure in logs and in `/v1/subjects/erasures/{id}`.
+    pub receipt_id: String,
     /// `cookie_id` or `user_id` (the identifier itself is not repeated).
     pub subject_kind: &'static str,
     /// Whether an `all` opt-out was recorded first.
     pub opt_out_recorded: bool,
+    /// Cookies the raw log held sent with the user id, erased with it.
+    pub linked_cookies: usize,
+    /// Passes over the tables (the last found nothing left, or ten were made).
+    pub passes: usize,
+    /// How long the erasure waited for the processor to commit past the opt-out.
+    pub waited_for_processor_ms: u64,
     /// Days whose visitor key still existed and was used to find rows.
     pub visitor_key_days: usize,
     /// Per table.
@@ -109,17 +318,26 @@ pub struct ErasureReceipt {
     pub completed_at: DateTime<Utc>,
 }
 
-/// Deletes every row linkable to `subject` from every table at `location` (the opt-out is the
-/// caller's: [`Erasure::erase`] records it first).
+/// What one pass removed of one subject.
+#[derive(Debug, Clone)]
+pub struct RowsErased {
+    /// Days whose visitor key was used.
+    pub visitor_key_days: usize,
+    /// Per table.
+    pub tables: Vec<TableErasure>,
+    /// Sum over the tables.
+    pub rows_removed: u64,
+}
+
+/// Deletes every row linkable to `subject` from every table at `location` (the opt-out and
+/// the wait are the caller's: [`Erasure::erase`] does both first).
 pub async fn erase_rows(
     location: &TablesLocation,
     daily_keys: &dyn DailyKeyStore,
-    targeting_key: &SecretKey,
+    subject_keys: &SubjectKeys,
     subject: Subject<'_>,
-    opt_out_recorded: bool,
-) -> Result<ErasureReceipt, ErasureError> {
-    let started = Instant::now();
-    let aid = audience_id(targeting_key, subject);
+) -> Result<RowsErased, ErasureError> {
+    let aid = audience_id(&subject_keys.targeting, subject);
     let visitor_keys: Vec<String> = match subject {
         Subject::Cookie(c) => daily_keys
             .existing()
@@ -207,16 +425,9 @@ pub async fn erase_rows(
             files_vacuumed: vacuumed.files_deleted.len(),
         });
     }
-    Ok(ErasureReceipt {
-        subject_kind: match subject {
-            Subject::Cookie(_) => "cookie_id",
-            Subject::User(_) => "user_id",
-        },
-        opt_out_recorded,
+    Ok(RowsErased {
         visitor_key_days: visitor_keys.len(),
         rows_removed: tables.iter().map(|t| t.rows_removed).sum(),
         tables,
-        duration_ms: started.elapsed().as_millis() as u64,
-        completed_at: Utc::now(),
     })
 }

@@ -68,6 +68,9 @@ pub struct QueryConfig {
     /// Each table is checked for new commits at most this often (ms); queries in between read
     /// the version found last, without touching storage.
     pub table_refresh_ms: u64,
+    /// How long `DELETE /v1/subjects` waits for the erasure (which waits for the processor)
+    /// before answering 202 with a receipt to poll.
+    pub erasure_wait_ms: u64,
     /// Postgres wire protocol address for BI tools and `psql` (user = key name, password = API key).
     pub pg_addr: SocketAddr,
     /// Whether to serve the Postgres wire protocol at all.
@@ -89,6 +92,7 @@ impl Default for QueryConfig {
             timeout_secs: 60,
             memory_limit_mb: 1024,
             table_refresh_ms: 500,
+            erasure_wait_ms: 30_000,
             pg_addr: SocketAddr::from(([127, 0, 0, 1], 5433)),
             pg_enabled: true,
             pg_tls_cert: None,

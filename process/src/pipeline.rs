@@ -11,7 +11,7 @@ use marsad_config::{Config, TablesLocation};
 use marsad_eventlog::{Delivered, EventLog, Subscription};
 use marsad_privacy::consent::ConsentDefaults;
 use marsad_privacy::geoip::GeoIp;
-use marsad_privacy::keys::{DailyKeyStore, load_targeting_key};
+use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
 use marsad_privacy::optout::OptOutRegistry;
 use marsad_privacy::scrub::QueryAllowList;
 use marsad_schemas::{Envelope, TOPIC_RAW};
@@ -56,6 +56,8 @@ pub struct Processor {
     rollups: Option<Rollups>,
     /// Events of one visitor a day the rollups count at most.
     max_per_visitor_day: u32,
+    /// How often expired daily keys are destroyed and idle sessions closed.
+    maintenance_interval: Duration,
     crash: Option<(usize, CrashPoint)>,
     /// Cancelled when the processor is asked to stop (ends a wait for the key store).
     stopping: CancellationToken,
@@ -101,6 +103,7 @@ impl Processor {
             tables,
             rollups: None,
             max_per_visitor_day: config.process.max_events_per_visitor_day,
+            maintenance_interval: Duration::from_millis(config.privacy.key_destruction_interval_ms),
             crash: None,
             stopping: CancellationToken::new(),
         })
@@ -127,11 +130,20 @@ impl Processor {
         // the next offset expected per owned partition; records of other partitions are not ours
         let mut expected: BTreeMap<u32, u64> = BTreeMap::new();
         let mut flush_at: Option<Instant> = None;
-        let mut maintenance_at = Instant::now();
+        // expired daily keys are destroyed on this timer, whether or not events arrive
+        // (not at once: sessions resumed at start stay open until a period has passed)
+        let mut maintenance =
+            tokio::time::interval_at(Instant::now() + self.maintenance_interval, self.maintenance_interval);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let deadline = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = maintenance.tick() => {
+                    // (a key store on Kafka answers over the network)
+                    tokio::task::block_in_place(|| self.maintain());
+                    Ok(())
+                }
                 _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                     flush_at = None;
                     self.flush(&mut builder, &mut pending, &commands_tx).await
@@ -190,10 +202,6 @@ impl Processor {
                     let _ = commands_tx.send(ToLog::Resync);
                 }
                 Err(e) => break Err(e),
-            }
-            if maintenance_at.elapsed() > Duration::from_secs(60) {
-                self.maintain();
-                maintenance_at = Instant::now();
             }
         };
         // commit what is buffered: it is all read from the log and decided (not after a crash)
@@ -273,11 +281,13 @@ impl Processor {
         pending: &mut BTreeMap<u32, u64>,
     ) -> Result<()> {
         let mut dead = Vec::new();
+        let mut linked_opt_outs = Vec::new();
         let handled = tokio::task::block_in_place(|| {
             for rec in records {
                 let row = match Envelope::from_bytes(&rec.payload) {
                     Err(e) => Err(e.to_string()),
                     Ok(env) => {
+                        linked_opt_outs.extend(self.anonymizer.opt_outs_of_linked_cookie(&env));
                         let mut waited = 0u32;
                         loop {
                             match self.anonymizer.anonymize(&env) {
@@ -321,6 +331,21 @@ impl Processor {
             }
             Ok(())
         });
+        if !linked_opt_outs.is_empty() {
+            // in force here already; recorded so every stage and every restart honours them
+            let records = linked_opt_outs
+                .iter()
+                .map(|r| marsad_eventlog::Record {
+                    key: Some(r.log_key()),
+                    payload: r.to_bytes(),
+                })
+                .collect();
+            self.log.append(marsad_schemas::TOPIC_OPTOUTS, records).await?;
+            tracing::info!(
+                count = linked_opt_outs.len(),
+                "opted out the cookies sent with opted-out user ids"
+            );
+        }
         if !dead.is_empty() {
             tracing::warn!(count = dead.len(), first_reason = %dead[0].reason, "sending unprocessable events to the dead-letter topic");
             dead_letters::send(self.log.as_ref(), &dead).await?;
@@ -335,10 +360,12 @@ impl Processor {
         pending: &mut BTreeMap<u32, u64>,
         commands: &mpsc::UnboundedSender<ToLog>,
     ) -> Result<()> {
-        if builder.is_empty() {
-            // offsets of duplicates and dead letters ride along with the next real commit
+        if builder.is_empty() && pending.is_empty() {
             return Ok(());
         }
+        // positions of events that made no row (duplicates, opt-outs, dead letters) are
+        // committed too, in a commit without rows: an erasure waits for the processor to pass
+        // the opt-out's position, and must not wait for the next event that makes a row
         let rows = builder.len();
         let batch = builder.finish()?;
         let positions: Vec<(String, u64)> = pending.iter().map(|(p, o)| (app_id(TOPIC_RAW, *p), *o)).collect();
@@ -407,11 +434,11 @@ pub(crate) fn anonymizer_from_config(
     let geoip = Arc::new(GeoIp::from_config(&config.geoip.databases)?);
     tracing::info!(database = geoip.source(), "GeoIP database loaded");
     let daily_keys = marsad_privacy::keys::open_daily_key_store(config)?;
-    let targeting = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())?;
+    let subject_keys = SubjectKeys::load(config)?;
     let anonymizer = Anonymizer::new(
         geoip,
         daily_keys.clone(),
-        targeting,
+        subject_keys,
         QueryAllowList::new(&config.privacy.query_allowlist),
         ConsentDefaults {
             analytics: config.ingest.default_analytics_consent,

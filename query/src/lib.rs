@@ -12,6 +12,7 @@ pub mod audience;
 mod audience_routes;
 pub mod catalog;
 pub mod dashboard;
+mod erasures;
 mod error;
 mod metrics;
 pub mod pg;
@@ -29,7 +30,7 @@ use axum::routing::get;
 use marsad_config::Config;
 use marsad_eventlog::EventLog;
 use marsad_privacy::access::ApiKeys;
-use marsad_privacy::keys::{DailyKeyStore, SecretKey};
+use marsad_privacy::keys::{DailyKeyStore, SecretKey, SubjectKeys};
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
@@ -64,7 +65,8 @@ pub struct QueryState {
     pub(crate) metrics: Arc<QueryMetrics>,
     pub(crate) extra_metrics: Vec<MetricsSource>,
     pub(crate) privacy: Arc<QueryPrivacy>,
-    pub(crate) erasure_settle: Duration,
+    pub(crate) erasure_wait: Duration,
+    pub(crate) erasures: Arc<erasures::ErasureReceipts>,
     pub(crate) audiences: Arc<audience::Audiences>,
     pub(crate) audience: Arc<marsad_config::AudienceConfig>,
     pub(crate) release: Arc<release::Release>,
@@ -76,14 +78,14 @@ pub struct QueryState {
 pub struct QueryPrivacy {
     /// The opt-outs in force, followed from the opt-out log.
     pub opt_outs: Arc<OptOutRegistry>,
-    /// Hashes identifiers into `audience_id`s and opt-out subjects.
-    pub targeting_key: SecretKey,
+    /// Hash identifiers into `audience_id`s and opt-out subjects.
+    pub subject_keys: SubjectKeys,
     /// The daily visitor keys that still exist.
     pub daily_keys: Arc<dyn DailyKeyStore>,
     /// Where opt-outs are recorded.
     pub log: Arc<dyn EventLog>,
     /// Keys the noise of released numbers (the same in every query process).
-    pub noise_key: SecretKey,
+    pub noise_key: Arc<SecretKey>,
 }
 
 impl QueryState {
@@ -91,8 +93,8 @@ impl QueryState {
     pub fn new(config: &Config, keys: ApiKeys, privacy: QueryPrivacy) -> Result<Self, Error> {
         let tables = config.tables()?;
         Ok(QueryState {
-            // an erasure waits for the processor to see the opt-out and commit what it buffered
-            erasure_settle: Duration::from_millis(config.process.batch_max_interval_ms + 1_000),
+            erasure_wait: Duration::from_millis(config.query.erasure_wait_ms),
+            erasures: Arc::default(),
             keys: Arc::new(keys),
             catalog: Arc::new(
                 TableCatalog::new(tables.clone())
@@ -186,6 +188,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
         .routes(routes!(routes::list_tables))
         .routes(routes!(routes::report))
         .routes(routes!(routes::erase_subject))
+        .routes(routes!(routes::erasure_status))
         .routes(routes!(routes::privacy_budget))
         .routes(routes!(audience_routes::audience))
         .routes(routes!(audience_routes::list_segments))

@@ -1,6 +1,7 @@
 //! The query routes.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Query, State};
@@ -219,11 +220,16 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
 
-/// `DELETE /v1/subjects?cookie_id=…|user_id=…` (admin): records an `all` opt-out, then
-/// deletes every row linkable to the subject from every table and vacuums; answers the receipt.
+/// `DELETE /v1/subjects?cookie_id=…|user_id=…` (admin): records an `all` opt-out, waits
+/// until the processor has committed everything logged before it, deletes every row linkable
+/// to the subject (and to the cookies the raw log holds sent with a user id) from every table
+/// and vacuums. Answers the receipt when that finishes within `query.erasure_wait_ms`, else
+/// 202 with a receipt id to poll at `/v1/subjects/erasures/{id}` — never "done" before it is.
 #[utoipa::path(delete, path = "/v1/subjects", tag = "privacy", security(("api_key" = [])),
     params(("cookie_id" = Option<String>, Query, description = "the browser's cookie id"), ("user_id" = Option<String>, Query, description = "the account id")),
-    responses((status = 200, description = "The erasure receipt"), (status = 400, description = "Give exactly one id"),
+    responses((status = 200, description = "Done: the erasure receipt"),
+        (status = 202, description = "Still waiting for the processor: {\"receipt_id\", \"status\": \"waiting\", \"status_url\"}"),
+        (status = 400, description = "Give exactly one id"),
         (status = 503, description = "Could not finish; safe to repeat")))]
 pub async fn erase_subject(
     State(state): State<QueryState>,
@@ -231,35 +237,85 @@ pub async fn erase_subject(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let holder = state.keys.authorize(authorization(&headers), Role::Admin)?;
-    let subject = match (params.get("cookie_id"), params.get("user_id")) {
-        (Some(c), None) if !c.is_empty() => Subject::Cookie(c),
-        (None, Some(u)) if !u.is_empty() => Subject::User(u),
+    let (cookie, user) = match (params.get("cookie_id"), params.get("user_id")) {
+        (Some(c), None) if !c.is_empty() => (Some(c.clone()), None),
+        (None, Some(u)) if !u.is_empty() => (None, Some(u.clone())),
         _ => {
             return Err(ApiError::BadRequest(
                 "give exactly one of `cookie_id` or `user_id`".into(),
             ));
         }
     };
-    let privacy = &state.privacy;
     tracing::info!(key = %holder.name, "erasure requested");
-    let erasure = marsad_admin::erasure::Erasure {
-        tables: state.catalog.location(),
-        log: privacy.log.as_ref(),
-        opt_outs: &privacy.opt_outs,
-        targeting_key: &privacy.targeting_key,
-        daily_keys: privacy.daily_keys.as_ref(),
-        settle: state.erasure_settle,
-    };
-    let receipt = erasure.erase(subject).await.map_err(|e| {
-        tracing::error!(error = %e, "erasure failed");
-        match e {
+    let id = state.erasures.start();
+    let task_state = state.clone();
+    let task_id = id.clone();
+    let mut done = tokio::spawn(async move {
+        let privacy = &task_state.privacy;
+        let erasure = marsad_admin::erasure::Erasure {
+            tables: task_state.catalog.location(),
+            log: privacy.log.as_ref(),
+            opt_outs: &privacy.opt_outs,
+            subject_keys: &privacy.subject_keys,
+            daily_keys: privacy.daily_keys.as_ref(),
+            poll: Duration::from_millis(100),
+        };
+        let subject = match (&cookie, &user) {
+            (Some(c), _) => Subject::Cookie(c),
+            (_, Some(u)) => Subject::User(u),
+            _ => unreachable!("one of the two was checked above"),
+        };
+        let outcome = erasure.erase(subject).await;
+        task_state.catalog.invalidate();
+        match &outcome {
+            Ok(r) => tracing::info!(receipt = %task_id, rows = r.rows_removed, passes = r.passes, "erasure done"),
+            Err(e) => tracing::error!(receipt = %task_id, error = %e, "erasure failed"),
+        }
+        task_state.erasures.finish(&task_id, &outcome);
+        outcome
+    });
+    match tokio::time::timeout(state.erasure_wait, &mut done).await {
+        Ok(Ok(Ok(mut receipt))) => {
+            receipt.receipt_id = id;
+            Ok(Json(receipt).into_response())
+        }
+        Ok(Ok(Err(e))) => Err(match e {
             marsad_admin::erasure::ErasureError::OptOut(_) => ApiError::Unavailable(e.to_string()),
             _ => ApiError::Unavailable(format!("erasure did not finish ({e}); it is safe to repeat")),
-        }
-    })?;
-    state.catalog.invalidate();
-    tracing::info!(key = %holder.name, rows = receipt.rows_removed, "erasure done");
-    Ok(Json(receipt).into_response())
+        }),
+        Ok(Err(join)) => Err(ApiError::Unavailable(format!(
+            "erasure did not finish ({join}); it is safe to repeat"
+        ))),
+        Err(_) => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "receipt_id": id,
+                "status": "waiting",
+                "reason": "the processor has not yet committed everything logged before the opt-out",
+                "status_url": format!("/v1/subjects/erasures/{id}"),
+            })),
+        )
+            .into_response()),
+    }
+}
+
+/// `GET /v1/subjects/erasures/{id}` (admin): where an erasure answered with 202 stands.
+#[utoipa::path(get, path = "/v1/subjects/erasures/{id}", tag = "privacy", security(("api_key" = [])),
+    params(("id" = String, Path, description = "the receipt id")),
+    responses((status = 200, description = "{\"status\": \"waiting\"|\"done\"|\"failed\", …}"),
+        (status = 404, description = "No such receipt in this process (repeat the erasure: it is safe)")))]
+pub async fn erasure_status(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    state.keys.authorize(authorization(&headers), Role::Admin)?;
+    match state.erasures.status(&id) {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::NotFoundWhat(format!(
+            "no erasure `{id}` in this query process (receipts live in memory); repeating the erasure is safe"
+        ))),
+    }
 }
 
 /// `GET /healthz`.
