@@ -65,6 +65,18 @@ pub enum Command {
     /// Kafka topics of the event log.
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// The long-lived keys the stages share.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `marsad keys …`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// After rotating the targeting key on purpose: record the new key (from
+    /// MARSAD_SECRET_TARGETING_KEY or privacy.targeting_key_file) as the one every stage must
+    /// use. Opt-outs stay in force (they are recorded under the opt-out key).
+    AdoptTargeting(StageArgs),
 }
 
 /// `marsad topics …`.
@@ -86,9 +98,10 @@ pub struct TopicsCreateArgs {
     /// Copies of each partition [default: eventlog.replication_factor].
     #[arg(long)]
     pub replication: Option<u32>,
-    /// Hours the raw and dead-letter topics keep events [default: eventlog.retention_hours].
+    /// Hours the raw and dead-letter topics keep events [default: eventlog.retention_hours and
+    /// eventlog.dead_letter_retention_hours].
     #[arg(long)]
-    pub retention_hours: Option<u64>,
+    pub retention_hours: Option<f64>,
 }
 
 /// `marsad segments …`.

@@ -9,8 +9,9 @@ use marsad_config::EventLogKind;
 use marsad_eventlog::Followed;
 use marsad_eventlog::{EventLog, KafkaLog, KafkaLogOptions, LocalLog, LocalLogOptions};
 use marsad_privacy::access::{AdminKey, ApiKeys};
-use marsad_privacy::keys::{DailyKeyStore, SecretKey, load_targeting_key};
+use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
 use marsad_privacy::optout::OptOutRegistry;
+use marsad_privacy::optout::{KeyFingerprintRecord, SharedKey};
 use marsad_process::{ProcessMetrics, Processor};
 use marsad_query::{QueryPrivacy, QueryState};
 use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
@@ -33,13 +34,7 @@ pub(crate) struct Logs {
 pub(crate) fn open_log(config: &Config, role: &str) -> anyhow::Result<Logs> {
     match config.eventlog.kind {
         EventLogKind::Local => {
-            let options = LocalLogOptions {
-                segment_bytes: config.eventlog.segment_bytes,
-                max_pending_appends: config.eventlog.max_pending_appends,
-                append_timeout: Duration::from_millis(config.ingest.append_timeout_ms),
-                retention: Duration::from_secs(config.eventlog.retention_hours * 3600),
-                retention_bytes: config.eventlog.retention_bytes,
-            };
+            let options = local_log_options(config);
             let dir = config.log_dir();
             let local = LocalLog::open(&dir, options)
                 .map(Arc::new)
@@ -57,6 +52,18 @@ pub(crate) fn open_log(config: &Config, role: &str) -> anyhow::Result<Logs> {
                 local: None,
             })
         }
+    }
+}
+
+/// The local log's tuning from `[eventlog]`.
+pub(crate) fn local_log_options(config: &Config) -> LocalLogOptions {
+    LocalLogOptions {
+        segment_bytes: config.eventlog.segment_bytes,
+        max_pending_appends: config.eventlog.max_pending_appends,
+        append_timeout: Duration::from_millis(config.ingest.append_timeout_ms),
+        retention: config.eventlog.raw_retention(),
+        topic_retention: vec![(TOPIC_DEAD.to_owned(), config.eventlog.dead_letter_retention())],
+        retention_bytes: config.eventlog.retention_bytes,
     }
 }
 
@@ -127,12 +134,15 @@ async fn spawn_pg(
     Ok(Some(addr))
 }
 
-/// Deletes processed raw-log segments past retention, every few minutes.
+/// Deletes processed raw-log and dead-letter segments past their retention, checking every
+/// quarter of the roll age (at most a minute).
 fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Option<Arc<LocalLog>>, shutdown: CancellationToken) {
     // on Kafka the brokers apply the topics' retention
     let Some(log) = log else { return };
     set.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(300));
+        // often enough that no record outlives retention by more than the stated slack
+        let mut tick = tokio::time::interval(log.options().retention_check_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -152,21 +162,35 @@ fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Option<Arc<LocalL
 struct Privacy {
     keys: Arc<ApiKeys>,
     admin: AdminKey,
-    targeting_key: SecretKey,
+    subject_keys: SubjectKeys,
     opt_outs: Arc<OptOutRegistry>,
-    daily_keys: Arc<dyn DailyKeyStore>,
+    /// Only in stages that hash visitors or erase them (never ingest, which faces the internet).
+    daily_keys: Option<Arc<dyn DailyKeyStore>>,
+}
+
+/// Which of the privacy mechanisms a stage holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DailyKeys {
+    /// The stage computes visitor keys (erasure): it opens the daily key store.
+    Held,
+    /// It never hashes a visitor (ingest): the daily keys stay out of its memory.
+    NotHeld,
 }
 
 impl Privacy {
-    fn load(config: &Config) -> anyhow::Result<Self> {
+    fn load(config: &Config, daily: DailyKeys) -> anyhow::Result<Self> {
         let (keys, admin) = ApiKeys::load(&config.query.keys, &config.data_dir).context("loading API keys")?;
-        let targeting_key = load_targeting_key(config.privacy.targeting_key_file.as_deref(), &config.keys_dir())
-            .context("loading the targeting key")?;
-        let daily_keys = marsad_privacy::keys::open_daily_key_store(config).context("opening the daily key store")?;
+        let subject_keys = SubjectKeys::load(config).context("loading the targeting and opt-out keys")?;
+        let daily_keys = match daily {
+            DailyKeys::Held => {
+                Some(marsad_privacy::keys::open_daily_key_store(config).context("opening the daily key store")?)
+            }
+            DailyKeys::NotHeld => None,
+        };
         Ok(Privacy {
             keys: Arc::new(keys),
             admin,
-            targeting_key,
+            subject_keys,
             opt_outs: Arc::default(),
             daily_keys,
         })
@@ -176,21 +200,60 @@ impl Privacy {
         marsad_ingest::IngestPrivacy {
             keys: self.keys.clone(),
             opt_outs: self.opt_outs.clone(),
-            targeting_key: self.targeting_key.clone(),
+            subject_keys: self.subject_keys.clone(),
         }
     }
 
     fn query(&self, config: &Config, log: Arc<dyn EventLog>) -> anyhow::Result<QueryPrivacy> {
         let noise_key =
-            marsad_privacy::keys::load_noise_key(config.release.noise_key_file.as_deref(), &config.keys_dir())
-                .context("loading the noise key of released numbers")?;
+            marsad_privacy::keys::load_noise_key(config).context("loading the noise key of released numbers")?;
+        let daily_keys = self
+            .daily_keys
+            .clone()
+            .context("the query service needs the daily key store (erasure)")?;
         Ok(QueryPrivacy {
             opt_outs: self.opt_outs.clone(),
-            targeting_key: self.targeting_key.clone(),
-            daily_keys: self.daily_keys.clone(),
+            subject_keys: self.subject_keys.clone(),
+            daily_keys,
             log,
-            noise_key,
+            noise_key: Arc::new(noise_key),
         })
+    }
+
+    /// Checks that this stage's targeting and opt-out keys are the ones the other stages
+    /// recorded in the opt-out log (recording them if none did): a stage with another key
+    /// would compute other `audience_id`s and miss every opt-out. Call once the log is loaded.
+    async fn check_key_fingerprints(&self, log: &dyn EventLog) -> anyhow::Result<()> {
+        for (which, key, advice) in [
+            (
+                SharedKey::Targeting,
+                &self.subject_keys.targeting,
+                "Give every stage the same MARSAD_SECRET_TARGETING_KEY (or privacy.targeting_key_file); \
+                 after rotating it on purpose, run `marsad keys adopt-targeting` with the new key once.",
+            ),
+            (
+                SharedKey::Optout,
+                &self.subject_keys.optout,
+                "Give every stage the same MARSAD_SECRET_OPTOUT_KEY (or privacy.optout_key_file); it is \
+                 never rotated: every recorded opt-out is under it.",
+            ),
+        ] {
+            let ours = key.fingerprint();
+            match self.opt_outs.recorded_fingerprint(which) {
+                Some(recorded) if recorded == ours => {}
+                Some(recorded) => {
+                    return Err(marsad_privacy::Error::KeyMismatch {
+                        what: which.describe(),
+                        ours,
+                        recorded,
+                        advice,
+                    }
+                    .into());
+                }
+                None => record_fingerprint(log, &self.opt_outs, which, ours).await?,
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every opt-out recorded so far is loaded: nothing is served before.
@@ -231,6 +294,61 @@ impl Privacy {
                 .context("following opt-outs")
         });
     }
+}
+
+/// Records in the opt-out log that `which` has the fingerprint `fingerprint` from now on.
+pub(crate) async fn record_fingerprint(
+    log: &dyn EventLog,
+    opt_outs: &OptOutRegistry,
+    which: SharedKey,
+    fingerprint: String,
+) -> anyhow::Result<()> {
+    let record = KeyFingerprintRecord {
+        key_fingerprint: which,
+        fingerprint,
+        at: chrono::Utc::now(),
+    };
+    log.append(
+        TOPIC_OPTOUTS,
+        vec![marsad_eventlog::Record {
+            key: Some(record.log_key()),
+            payload: record.to_bytes(),
+        }],
+    )
+    .await
+    .with_context(|| format!("recording the {}'s fingerprint in the opt-out log", which.describe()))?;
+    opt_outs.apply_fingerprint(&record);
+    Ok(())
+}
+
+/// Destroys the daily keys past their grace every `privacy.key_destruction_interval_ms`,
+/// whether or not events arrive (and forgets this process's copies of them).
+fn spawn_key_destruction(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    daily_keys: Option<Arc<dyn DailyKeyStore>>,
+    shutdown: CancellationToken,
+) {
+    let Some(store) = daily_keys else { return };
+    let grace = chrono::Duration::hours(config.privacy.daily_key_grace_hours as i64);
+    let every = Duration::from_millis(config.privacy.key_destruction_interval_ms);
+    set.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.destroy_expired(chrono::Utc::now(), grace)).await? {
+                        Ok(days) if !days.is_empty() => tracing::info!(?days, "destroyed daily visitor keys past their grace period"),
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, "could not destroy expired daily keys; retrying"),
+                    }
+                }
+            }
+        }
+    });
 }
 
 /// Re-materializes the audience segments every `audience.refresh_interval_secs` (first soon after
@@ -313,6 +431,47 @@ async fn supervise(mut set: JoinSet<anyhow::Result<()>>, shutdown: CancellationT
     first_error.map_or(Ok(()), Err)
 }
 
+/// `marsad keys adopt-targeting`: records the (rotated) targeting key's fingerprint in the
+/// opt-out log, so stages restarted with it start, and stages still holding the old key
+/// refuse to.
+pub async fn adopt_targeting_key(args: StageArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let Logs { log, .. } = open_log(&config, "keys")?;
+    let keys = SubjectKeys::load(&config).context("loading the new targeting key")?;
+    let opt_outs = Arc::new(OptOutRegistry::default());
+    let caught_up = CancellationToken::new();
+    let done = caught_up.clone();
+    let registry = opt_outs.clone();
+    marsad_eventlog::follow(
+        log.as_ref(),
+        TOPIC_OPTOUTS,
+        |f| match f {
+            Followed::Record(r) => {
+                let _ = registry.apply_bytes(&r.payload);
+            }
+            Followed::CaughtUp => done.cancel(),
+        },
+        caught_up.cancelled(),
+    )
+    .await
+    .context("reading the opt-out log")?;
+    let new = keys.targeting.fingerprint();
+    let old = opt_outs.recorded_fingerprint(SharedKey::Targeting);
+    if old.as_deref() == Some(new.as_str()) {
+        println!("the targeting key {new} is already the recorded one; nothing to do");
+        return Ok(());
+    }
+    record_fingerprint(log.as_ref(), &opt_outs, SharedKey::Targeting, new.clone()).await?;
+    println!(
+        "recorded targeting key {new} (was {}). Restart every stage with it; stages holding the old key \
+         now refuse to start. Opt-outs stay in force ({} subjects, recorded under the opt-out key). \
+         audience_ids change with the key: segments are re-materialized under it at their next refresh.",
+        old.as_deref().unwrap_or("none"),
+        opt_outs.len()
+    );
+    Ok(())
+}
+
 /// `marsad up`: the three stages on one data dir.
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut config = args.stage.config()?;
@@ -320,7 +479,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         config.ingest.trusted_proxies.push("127.0.0.1/32".parse()?);
     }
     let Logs { log, local } = open_log(&config, "up")?;
-    let privacy = Privacy::load(&config)?;
+    let privacy = Privacy::load(&config, DailyKeys::Held)?;
     let ingest_listener = bind(config.ingest.addr, "ingest").await?;
     let query_listener = bind(config.query.addr, "query").await?;
     let ingest_addr = ingest_listener.local_addr()?;
@@ -334,6 +493,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
+    privacy.check_key_fingerprints(log.as_ref()).await?;
+    spawn_key_destruction(&mut set, &config, privacy.daily_keys.clone(), shutdown.clone());
     let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move {
@@ -392,12 +553,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let Logs { log, local } = open_log(&config, "ingest")?;
-    let privacy = Privacy::load(&config)?;
+    let privacy = Privacy::load(&config, DailyKeys::NotHeld)?;
     let listener = bind(config.ingest.addr, "ingest").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
+    privacy.check_key_fingerprints(log.as_ref()).await?;
     let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
@@ -409,7 +571,8 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
 pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let Logs { log, .. } = open_log(&config, "process")?;
-    let privacy = Privacy::load(&config)?;
+    // the processor holds its own daily key store, and destroys expired keys on its own timer
+    let privacy = Privacy::load(&config, DailyKeys::NotHeld)?;
     let metrics = Arc::new(ProcessMetrics::new());
     let processor = Processor::new(&config, log.clone(), privacy.opt_outs.clone(), metrics.clone())
         .await
@@ -417,8 +580,9 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let listener = bind(config.process.metrics_addr, "process-metrics").await?;
     let shutdown = shutdown_on_signal();
     let mut set = JoinSet::new();
-    privacy.follow_opt_outs(&mut set, log, shutdown.clone());
+    privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
+    privacy.check_key_fingerprints(log.as_ref()).await?;
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
@@ -447,7 +611,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
 pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let Logs { log, .. } = open_log(&config, "query")?;
-    let privacy = Privacy::load(&config)?;
+    let privacy = Privacy::load(&config, DailyKeys::Held)?;
     if privacy.admin.created {
         println!(
             "admin key (shown once, also in {}): {}",
@@ -460,6 +624,8 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let mut set = JoinSet::new();
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
+    privacy.check_key_fingerprints(log.as_ref()).await?;
+    spawn_key_destruction(&mut set, &config, privacy.daily_keys.clone(), shutdown.clone());
     let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(&config, log)?)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();

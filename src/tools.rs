@@ -1,12 +1,13 @@
 //! Operator commands: `marsad audit`, `marsad erase`, `marsad opt-out`, `marsad segments refresh`.
 
-use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use marsad_admin::audit::{OldestRecord, RawLogContents};
 use marsad_eventlog::Followed;
-use marsad_schemas::TOPIC_RAW;
+use marsad_schemas::{TOPIC_DEAD, TOPIC_RAW};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -23,19 +24,71 @@ pub struct AuditArgs {
     pub json: bool,
 }
 
-/// Scans every table file for personal data; fails on any finding.
+/// Scans every table file for personal data and holds the raw log's oldest records against
+/// the retention promise; fails on any finding and on any record kept past the promise.
 pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     let config = args.stage.config()?;
-    let known = raw_identifiers(&config).await?;
-    let report = marsad_admin::audit::audit(&config.tables()?, known).await?;
+    let raw = raw_log_contents(&config).await?;
+    let report = marsad_admin::audit::audit(&config.tables()?, raw.identifiers).await?;
+    let now = chrono::Utc::now();
+    let retention = retention_promises(&config);
+    let mut kept_too_long = Vec::new();
+    let ages: Vec<Value> = raw
+        .oldest
+        .iter()
+        .map(|o| {
+            let (promise, deleted_within) = retention
+                .iter()
+                .find(|(t, ..)| *t == o.topic)
+                .map(|(_, p, w)| (*p, *w))
+                .unwrap_or_default();
+            let age = o.written_at.map(|at| (now - at).to_std().unwrap_or_default());
+            if age.is_some_and(|a| a > deleted_within) {
+                kept_too_long.push(o.topic.clone());
+            }
+            json!({
+                "topic": o.topic,
+                "records": o.records,
+                "oldest_written_at": o.written_at,
+                "oldest_age_s": age.map(|a| a.as_secs_f64()),
+                "retention_s": promise.as_secs_f64(),
+                "deleted_within_s": deleted_within.as_secs_f64(),
+            })
+        })
+        .collect();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut value = serde_json::to_value(&report)?;
+        value["raw_log"] = Value::Array(ages);
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         for hit in &report.hits {
             println!(
                 "{:<10} table {} column {} value {} in {}",
                 hit.kind, hit.table, hit.column, hit.redacted, hit.file
             );
+        }
+        for o in &raw.oldest {
+            let (_, promise, within) = retention
+                .iter()
+                .find(|(t, ..)| *t == o.topic)
+                .copied()
+                .unwrap_or_default();
+            match o.written_at {
+                Some(at) => println!(
+                    "{:<24} {} records, the oldest {} old (retention {}, deleted within {}){}",
+                    o.topic,
+                    o.records,
+                    human((now - at).to_std().unwrap_or_default()),
+                    human(promise),
+                    human(within),
+                    if kept_too_long.contains(&o.topic) {
+                        ": KEPT PAST THE PROMISE"
+                    } else {
+                        ""
+                    }
+                ),
+                None => println!("{:<24} empty", o.topic),
+            }
         }
         println!(
             "audited {} values in {} files against {} identifiers from the raw log: {} findings",
@@ -48,35 +101,76 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     if !report.hits.is_empty() {
         bail!("personal data found in {} places", report.hits.len());
     }
+    if !kept_too_long.is_empty() {
+        bail!(
+            "raw records kept past the retention promise in {}: is retention running (marsad up or \
+             marsad ingest) and is every consumer processing?",
+            kept_too_long.join(", ")
+        );
+    }
     Ok(())
 }
 
-/// The cookie ids, user ids and IPs of every event the raw log still holds: on the local log
-/// from its segments, on Kafka by reading `marsad.events.raw` to its end.
-async fn raw_identifiers(config: &marsad_config::Config) -> anyhow::Result<HashSet<String>> {
+/// Per raw topic: its retention and how long after arrival a record is gone at the latest.
+fn retention_promises(config: &marsad_config::Config) -> Vec<(&'static str, Duration, Duration)> {
+    let e = &config.eventlog;
+    [(TOPIC_RAW, e.raw_retention()), (TOPIC_DEAD, e.dead_letter_retention())]
+        .into_iter()
+        .map(|(topic, retention)| {
+            let slack = match e.kind {
+                marsad_config::EventLogKind::Local => crate::stages::local_log_options(config).retention_slack(),
+                // segment.ms is a quarter of retention; brokers check retention every 5 minutes
+                marsad_config::EventLogKind::Kafka => retention / 4 + Duration::from_secs(300),
+            };
+            (topic, retention, retention + slack)
+        })
+        .collect()
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+/// What the raw log still holds: on the local log from its segments (raw events and dead
+/// letters), on Kafka by reading `marsad.events.raw` to its end.
+async fn raw_log_contents(config: &marsad_config::Config) -> anyhow::Result<RawLogContents> {
     if config.eventlog.kind == marsad_config::EventLogKind::Local {
         let log_dir = config.log_dir();
-        return Ok(tokio::task::spawn_blocking(move || marsad_admin::audit::raw_log_identifiers(&log_dir)).await??);
+        return Ok(tokio::task::spawn_blocking(move || marsad_admin::audit::raw_log_contents(&log_dir)).await??);
     }
     let logs = crate::stages::open_log(config, "audit")?;
-    let mut ids = HashSet::new();
+    let mut contents = RawLogContents::default();
+    let mut oldest = OldestRecord {
+        topic: TOPIC_RAW.to_owned(),
+        records: 0,
+        written_at: None,
+    };
     let caught_up = CancellationToken::new();
     let done = caught_up.clone();
-    let mut records = 0u64;
     let apply = |f: Followed<'_>| match f {
         Followed::Record(r) => {
-            records += 1;
-            if records.is_multiple_of(100_000) {
-                eprintln!("audit: {records} raw events read from Kafka");
+            oldest.records += 1;
+            if oldest.records.is_multiple_of(100_000) {
+                eprintln!("audit: {} raw events read from Kafka", oldest.records);
             }
-            marsad_admin::audit::add_identifiers(&r.payload, &mut ids);
+            let at = marsad_admin::audit::record_time(&r.payload).unwrap_or(chrono::DateTime::UNIX_EPOCH);
+            oldest.written_at = Some(oldest.written_at.map_or(at, |o| o.min(at)));
+            marsad_admin::audit::add_identifiers(&r.payload, &mut contents.identifiers);
         }
         Followed::CaughtUp => done.cancel(),
     };
     marsad_eventlog::follow(logs.log.as_ref(), TOPIC_RAW, apply, caught_up.cancelled())
         .await
         .context("reading the raw events from Kafka")?;
-    Ok(ids)
+    contents.oldest.push(oldest);
+    Ok(contents)
 }
 
 /// Who a request is about.
@@ -282,18 +376,29 @@ pub async fn opt_outs_recorded(
 /// compacted promptly so destroyed keys leave the brokers' disks).
 pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result<()> {
     use marsad_eventlog::{KafkaLog, TopicSpec};
-    use marsad_schemas::{TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW};
+    use marsad_schemas::TOPIC_OPTOUTS;
     let config = args.stage.config()?;
     if config.eventlog.kind != marsad_config::EventLogKind::Kafka {
         bail!("the event log is local, which needs no topics; set [eventlog] kind = \"kafka\" and brokers");
     }
     let partitions = args.partitions.unwrap_or(config.eventlog.partitions);
     let replication = args.replication.unwrap_or(config.eventlog.replication_factor);
-    let retention_ms = (args.retention_hours.unwrap_or(config.eventlog.retention_hours) * 3_600_000).to_string();
-    let deleted_after = |ms: &str| {
+    let raw_retention = args
+        .retention_hours
+        .map_or(config.eventlog.raw_retention(), |h| Duration::from_secs_f64(h * 3600.0));
+    let dead_retention = args
+        .retention_hours
+        .map_or(config.eventlog.dead_letter_retention(), |h| {
+            Duration::from_secs_f64(h * 3600.0)
+        });
+    // a record is deleted once its segment is closed and older than retention: closing
+    // segments at a quarter of retention keeps every record at most 1.25 × retention
+    let deleted_after = |retention: Duration| {
+        let ms = retention.as_millis().max(1);
         vec![
             ("cleanup.policy".to_owned(), "delete".to_owned()),
-            ("retention.ms".to_owned(), ms.to_owned()),
+            ("retention.ms".to_owned(), ms.to_string()),
+            ("segment.ms".to_owned(), (ms / 4).max(1).to_string()),
         ]
     };
     let topics = [
@@ -301,15 +406,17 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             name: TOPIC_RAW.into(),
             partitions,
             replication,
-            config: deleted_after(&retention_ms),
+            config: deleted_after(raw_retention),
         },
         TopicSpec {
             name: TOPIC_DEAD.into(),
             partitions,
             replication,
-            config: deleted_after(&retention_ms),
+            config: deleted_after(dead_retention),
         },
-        // a day's key must really be gone soon after its tombstones: compact promptly
+        // a destroyed day's key must leave the brokers' disks soon after its tombstone: the
+        // segment holding it closes within 10 minutes and the cleaner must compact it within 10
+        // more; the tombstone itself goes 10 minutes later (see DAILY_KEY_GONE_WITHIN)
         TopicSpec {
             name: marsad_schemas::TOPIC_DAILY_KEYS.into(),
             partitions: 1,
@@ -317,8 +424,9 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             config: vec![
                 ("cleanup.policy".to_owned(), "compact".to_owned()),
                 ("retention.ms".to_owned(), "-1".to_owned()),
-                ("segment.ms".to_owned(), "3600000".to_owned()),
-                ("delete.retention.ms".to_owned(), "3600000".to_owned()),
+                ("segment.ms".to_owned(), "600000".to_owned()),
+                ("max.compaction.lag.ms".to_owned(), "600000".to_owned()),
+                ("delete.retention.ms".to_owned(), "600000".to_owned()),
                 ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
             ],
         },

@@ -59,6 +59,8 @@ struct Visitor {
     ip: &'static str,
     ua: &'static str,
     personalisation: bool,
+    /// Consent to marketing (only then may a member export name the visitor).
+    marketing: bool,
     gpc: bool,
     car_views: usize,
     job_views: usize,
@@ -71,6 +73,7 @@ fn visitor(cookie: String, ip: &'static str, car_views: usize) -> Visitor {
         ip,
         ua: DESKTOP,
         personalisation: true,
+        marketing: true,
         gpc: false,
         car_views,
         job_views: 0,
@@ -80,7 +83,7 @@ fn visitor(cookie: String, ip: &'static str, car_views: usize) -> Visitor {
 
 fn send(client: &Client, m: &Marsad, v: &Visitor) -> Result<usize> {
     let mut events = Vec::new();
-    let consent = json!({"analytics": true, "personalisation": v.personalisation});
+    let consent = json!({"analytics": true, "personalisation": v.personalisation, "marketing": v.marketing});
     for i in 0..v.car_views {
         events.push(
             json!({"type": "page_view", "url": format!("https://kulshi.example/ar/سيارات/{i}"),
@@ -167,7 +170,9 @@ fn segments_hold_exactly_the_expected_visitors_and_opt_outs_count_at_once() -> R
     let mut population = Vec::new();
     let mut expected: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
     for i in 0..12 {
-        let v = visitor(format!("jo-intender-{i}"), JO, 3 + i % 3);
+        let mut v = visitor(format!("jo-intender-{i}"), JO, 3 + i % 3);
+        // a quarter never agreed to marketing: in the segment, never in an export
+        v.marketing = i % 4 != 3;
         expected.insert(v.cookie.clone(), ["car-intenders-jo", "car-intenders"].into());
         population.push(v);
     }
@@ -278,14 +283,18 @@ fn segments_hold_exactly_the_expected_visitors_and_opt_outs_count_at_once() -> R
     assert_eq!(status, 200);
     let lines: Vec<&str> = body.lines().collect();
     assert_eq!(lines.first(), Some(&"audience_id"));
-    assert_eq!(lines.len(), 13, "header and 12 members");
+    assert_eq!(
+        lines.len(),
+        10,
+        "header and the 9 of the 12 members with marketing consent"
+    );
     assert!(
         !body.contains("jo-intender"),
         "exports carry keyed hashes, never cookie ids"
     );
     let (status, body) = get(&client, &m, "/v1/segments/car-intenders-jo/members")?;
     assert_eq!(status, 200);
-    assert_eq!(body.lines().count(), 12);
+    assert_eq!(body.lines().count(), 9);
     let (status, body) = get(&client, &m, "/v1/segments/overlap?a=car-intenders-jo&b=car-intenders")?;
     assert_eq!(status, 200, "{body}");
     let overlap: Value = serde_json::from_str(&body)?;
@@ -321,7 +330,7 @@ fn segments_hold_exactly_the_expected_visitors_and_opt_outs_count_at_once() -> R
     let (_, body) = get(&client, &m, "/v1/segments/car-intenders-jo/members")?;
     assert_eq!(
         body.lines().count(),
-        11,
+        8,
         "the export leaves the opted-out visitor out too"
     );
     assert_eq!(segments_of(&client, &m, "jo-intender-2")?.len(), 2, "others unaffected");

@@ -310,12 +310,13 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
     )?;
 
     // an `all` opt-out recorded since: the backfill leaves that visitor out of the rebuilt dates
-    let targeting = marsad_privacy::keys::load_targeting_key(None, &config.keys_dir())?;
-    let opt_out = marsad_privacy::optout::OptOutRecord {
-        subject: marsad_privacy::optout::subject_key(&targeting, marsad_privacy::pseudonym::Subject::Cookie("c-7")),
-        scope: marsad_privacy::optout::OptOutScope::All,
-        at: Utc::now(),
-    };
+    let keys = marsad_privacy::keys::SubjectKeys::load(&config)?;
+    let opt_out = marsad_privacy::optout::OptOutRecord::new(
+        &keys.optout,
+        &keys.targeting,
+        marsad_privacy::pseudonym::Subject::Cookie("c-7"),
+        marsad_privacy::optout::OptOutScope::All,
+    );
     let log = LocalLog::open(config.log_dir(), LocalLogOptions::default())?;
     log.append(
         marsad_schemas::TOPIC_OPTOUTS,

@@ -26,6 +26,14 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The keys every stage on Kafka shares (as hex pairs repeated 32 times); an env entry with an
+/// empty value removes one.
+const SHARED_KEYS: [(&str, &str); 3] = [
+    ("MARSAD_SECRET_TARGETING_KEY", "5e"),
+    ("MARSAD_SECRET_OPTOUT_KEY", "0f"),
+    ("MARSAD_SECRET_NOISE_KEY", "a1"),
+];
+
 /// A `marsad` stage as a child process, killed when dropped.
 struct Stage {
     child: Child,
@@ -45,10 +53,19 @@ impl Stage {
                 "RUST_LOG",
                 "info,deltalake=warn,deltalake_core=warn,buoyant_kernel=warn,delta_kernel=warn,datafusion=warn,rdkafka=warn",
             )
+            .env("RUST_LIB_BACKTRACE", "0")
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out));
+        // on Kafka every stage must be given the shared keys (none generates its own)
+        for (k, v) in SHARED_KEYS {
+            cmd.env(k, v.repeat(32));
+        }
         for (k, v) in env {
-            cmd.env(k, v);
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v);
+            }
         }
         Ok(Stage {
             child: cmd.spawn().context("starting a marsad stage")?,
@@ -820,5 +837,154 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
         "tansu: {acknowledged} events through ingest → Kafka → two processors (one stopped, the other replaced) → Delta; {} batches refused while frozen",
         refused.len()
     );
+    Ok(())
+}
+
+/// On Kafka the stages run on several machines: one started without the shared keys would
+/// generate its own and disagree with the others, so it refuses to start, saying what to set.
+#[test]
+fn a_stage_without_the_shared_targeting_key_refuses_to_start() -> Result<()> {
+    let _serial = one_at_a_time();
+    let run = OnMockCluster::new()?;
+    let mut p = run.processor("no-key", &[("MARSAD_SECRET_TARGETING_KEY", String::new())])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = p.child.try_wait()? {
+            break status;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "started without a targeting key:\n{}",
+            p.output()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    ensure!(!status.success(), "{status}");
+    ensure!(
+        p.output().contains("MARSAD_SECRET_TARGETING_KEY") && p.output().contains("never generates"),
+        "{}",
+        p.output()
+    );
+    Ok(())
+}
+
+/// An erasure while the processor lags (stopped after reading the subject's events, before
+/// committing them): the erasure answers 202 and stays "waiting" while the processor is
+/// stopped, and says "done" only once the processor has committed past the opt-out and the
+/// rows are deleted — then no file of any table holds them.
+#[test]
+fn erasure_waits_for_a_lagging_processor() -> Result<()> {
+    let _serial = one_at_a_time();
+    let run = OnMockCluster::new()?;
+    let (ingest_port, query_port) = (free_port()?, free_port()?);
+    let env = vec![
+        ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "2500".to_owned()),
+        ("MARSAD_QUERY__ERASURE_WAIT_MS", "1000".to_owned()),
+        ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{}", free_port()?)),
+    ];
+    let stage = |args: &[&str], name: &str| {
+        Stage::start(
+            args,
+            &run.config,
+            &run.data,
+            run.tmp.path().join(format!("{name}.log")),
+            &env,
+        )
+    };
+    let ingest = stage(
+        &["ingest", "--ingest-addr", &format!("127.0.0.1:{ingest_port}")],
+        "ingest",
+    )?;
+    let mut processor = run.processor("p1", &env)?;
+    let query = stage(&["query", "--query-addr", &format!("127.0.0.1:{query_port}")], "query")?;
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let (ingest_url, query_url) = (
+        format!("http://127.0.0.1:{ingest_port}"),
+        format!("http://127.0.0.1:{query_port}"),
+    );
+    wait_for("the stages to serve", Duration::from_secs(60), || {
+        let ready = |url: &str| {
+            client
+                .get(format!("{url}/readyz"))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        };
+        Ok(ready(&ingest_url) && ready(&query_url) && assigned_partitions(&processor.output()))
+    })
+    .with_context(|| format!("{}\n{}\n{}", ingest.output(), query.output(), processor.output()))?;
+    // a first commit, so the tables exist
+    let warmup: Vec<serde_json::Value> = (0..5)
+        .map(|i| {
+            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars",
+            "event_id": format!("warm-{i}"), "cookie_id": "ck-warm"})
+        })
+        .collect();
+    let post = |events: &[serde_json::Value]| -> Result<()> {
+        let resp = client.post(format!("{ingest_url}/v1/batch")).json(&events).send()?;
+        ensure!(resp.status().is_success(), "{}: {}", resp.status(), resp.text()?);
+        Ok(())
+    };
+    post(&warmup)?;
+    wait_for("the first commit", Duration::from_secs(60), || {
+        Ok(run.count("SELECT count(*) FROM events").unwrap_or(0) == 5)
+    })?;
+    // the subject's events and others', read by the processor, which is then stopped
+    let mut batch = Vec::new();
+    for i in 0..10 {
+        batch.push(
+            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars",
+            "event_id": format!("erase-{i}"), "cookie_id": "ck-erase", "consent": {"personalisation": true}}),
+        );
+        batch.push(
+            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars",
+            "event_id": format!("keep-{i}"), "cookie_id": format!("ck-keep-{i}")}),
+        );
+    }
+    post(&batch)?;
+    std::thread::sleep(Duration::from_millis(700));
+    Command::new("kill")
+        .args(["-STOP", &processor.child.id().to_string()])
+        .status()?;
+    ensure!(
+        run.count("SELECT count(*) FROM events")? == 5,
+        "the processor committed before it was stopped: nothing lags"
+    );
+    let key = std::fs::read_to_string(run.data.join("admin.key"))?;
+    let resp = client
+        .delete(format!("{query_url}/v1/subjects"))
+        .query(&[("cookie_id", "ck-erase")])
+        .bearer_auth(key.trim())
+        .send()?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json()?;
+    ensure!(status == 202, "{status}: {body}");
+    let url = format!("{query_url}{}", body["status_url"].as_str().context("status_url")?);
+    let poll = || -> Result<serde_json::Value> { Ok(client.get(&url).bearer_auth(key.trim()).send()?.json()?) };
+    std::thread::sleep(Duration::from_secs(4));
+    let waiting = poll()?;
+    ensure!(
+        waiting["status"] == "waiting",
+        "done while the processor had not committed: {waiting}"
+    );
+    Command::new("kill")
+        .args(["-CONT", &processor.child.id().to_string()])
+        .status()?;
+    let mut done = serde_json::Value::Null;
+    wait_for("the erasure to finish", Duration::from_secs(60), || {
+        done = poll()?;
+        Ok(done["status"] != "waiting")
+    })?;
+    ensure!(done["status"] == "done", "{done}");
+    ensure!(done["receipt"]["rows_removed"] == 10, "{done}");
+    ensure!(run.count("SELECT count(*) FROM events WHERE event_id LIKE 'erase-%'")? == 0);
+    ensure!(run.count("SELECT count(*) FROM events WHERE event_id LIKE 'keep-%'")? == 10);
+    let leftovers: Vec<_> = crate::common::parquet_strings(&run.data.join("tables"))?
+        .into_iter()
+        .filter(|(_, _, v)| v.starts_with("erase-"))
+        .collect();
+    ensure!(leftovers.is_empty(), "erased rows in files: {leftovers:?}");
+    processor.stop()?;
     Ok(())
 }

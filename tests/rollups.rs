@@ -350,3 +350,50 @@ async fn a_busy_visitor_adds_at_most_the_clamp_to_the_rollups() -> Result<()> {
     check("after a restart").await?;
     Ok(())
 }
+
+/// The processor dies after an `events` commit, before the rollups count it; then that commit
+/// leaves the Delta log (a checkpoint is written and the log cleaned up before it, as Delta's
+/// log retention does). The next processor cannot read what the rollups missed commit by
+/// commit: it rebuilds the rollups from `events`, and every total still equals `events`'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_after_the_log_was_cleaned_counts_every_event_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    config.process.batch_max_interval_ms = 100;
+    config.process.max_events_per_visitor_day = 1_000_000;
+    let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let records = population(Utc::now());
+    let third = records.len() / 3;
+    let mut parts = records.chunks(third + 1);
+    let first = parts.next().context("part")?.to_vec();
+    let want = first.len() as u64;
+    log.append(TOPIC_RAW, first).await?;
+    run_processor(&config, log.clone(), want, None).await?;
+    log.append(TOPIC_RAW, parts.next().context("part")?.to_vec()).await?;
+    run_processor(&config, log.clone(), 1, Some(CrashPoint::AfterEvents)).await?;
+
+    // a later commit (a compaction of the small files), a checkpoint at it, and every commit
+    // before it gone from the log, as Delta's log cleanup leaves it
+    let table = marsad_tables::open_table(&config.tables()?, "events")
+        .await?
+        .context("events")?;
+    let uncounted = table.version().context("a version")?;
+    let (table, _) = table.optimize().await?;
+    let newest = table.version().context("a version")?;
+    ensure!(newest > uncounted, "the compaction committed");
+    deltalake::checkpoints::create_checkpoint(&table, None).await?;
+    let log_dir = dir.path().join("tables").join("events").join("_delta_log");
+    for version in 0..newest {
+        std::fs::remove_file(log_dir.join(format!("{version:020}.json")))?;
+    }
+
+    let last = parts.next().context("part")?.to_vec();
+    let want = last.len() as u64;
+    log.append(TOPIC_RAW, last).await?;
+    run_processor(&config, log.clone(), want, None).await?;
+    let catalog = TableCatalog::new(config.tables()?);
+    check_totals(&catalog, records.len() as i64).await
+}

@@ -49,5 +49,9 @@ mod interop;
 /// The OpenAPI documents match the routes actually served.
 mod openapi;
 
+/// Promises over time: retention on a quiet site, keys destroyed while idle, opt-outs across a
+/// key rotation, a user id's erasure taking its cookie.
+mod over_time;
+
 /// Tables on object storage (an S3 server): written, read, audited and erased there.
 mod object_storage;
