@@ -224,36 +224,24 @@ impl Privacy {
     /// recorded in the opt-out log (recording them if none did): a stage with another key
     /// would compute other `audience_id`s and miss every opt-out. Call once the log is loaded.
     async fn check_key_fingerprints(&self, log: &dyn EventLog) -> anyhow::Result<()> {
-        for (which, key, advice) in [
-            (
-                SharedKey::Targeting,
-                &self.subject_keys.targeting,
-                "Give every stage the same MARSAD_SECRET_TARGETING_KEY (or privacy.targeting_key_file); \
-                 after rotating it on purpose, run `marsad keys adopt-targeting` with the new key once.",
-            ),
-            (
-                SharedKey::Optout,
-                &self.subject_keys.optout,
-                "Give every stage the same MARSAD_SECRET_OPTOUT_KEY (or privacy.optout_key_file); it is \
-                 never rotated: every recorded opt-out is under it.",
-            ),
-        ] {
-            let ours = key.fingerprint();
-            match self.opt_outs.recorded_fingerprint(which) {
-                Some(recorded) if recorded == ours => {}
-                Some(recorded) => {
-                    return Err(marsad_privacy::Error::KeyMismatch {
-                        what: which.describe(),
-                        ours,
-                        recorded,
-                        advice,
-                    }
-                    .into());
-                }
-                None => record_fingerprint(log, &self.opt_outs, which, ours).await?,
-            }
-        }
-        Ok(())
+        check_fingerprint(
+            log,
+            &self.opt_outs,
+            SharedKey::Targeting,
+            &self.subject_keys.targeting,
+            "Give every stage the same MARSAD_SECRET_TARGETING_KEY (or privacy.targeting_key_file); \
+             after rotating it on purpose, run `marsad keys adopt-targeting` with the new key once.",
+        )
+        .await?;
+        check_fingerprint(
+            log,
+            &self.opt_outs,
+            SharedKey::Optout,
+            &self.subject_keys.optout,
+            "Give every stage the same MARSAD_SECRET_OPTOUT_KEY (or privacy.optout_key_file); it is \
+             never rotated: every recorded opt-out is under it.",
+        )
+        .await
     }
 
     /// Waits until every opt-out recorded so far is loaded: nothing is served before.
@@ -294,6 +282,42 @@ impl Privacy {
                 .context("following opt-outs")
         });
     }
+}
+
+/// Refuses to go on when `key` is not the `which` key recorded in the opt-out log; records it
+/// when none is.
+async fn check_fingerprint(
+    log: &dyn EventLog,
+    opt_outs: &OptOutRegistry,
+    which: SharedKey,
+    key: &marsad_privacy::keys::SecretKey,
+    advice: &'static str,
+) -> anyhow::Result<()> {
+    let ours = key.fingerprint();
+    match opt_outs.recorded_fingerprint(which) {
+        Some(recorded) if recorded == ours => Ok(()),
+        Some(recorded) => Err(marsad_privacy::Error::KeyMismatch {
+            what: which.describe(),
+            ours,
+            recorded,
+            advice,
+        }
+        .into()),
+        None => record_fingerprint(log, opt_outs, which, ours).await,
+    }
+}
+
+/// Every query process must draw the same noise for a cell, or asking two of them would
+/// average it away: their noise keys must agree.
+async fn check_noise_key(log: &dyn EventLog, privacy: &Privacy, query: &QueryPrivacy) -> anyhow::Result<()> {
+    check_fingerprint(
+        log,
+        &privacy.opt_outs,
+        SharedKey::Noise,
+        &query.noise_key,
+        "Give every query process the same MARSAD_SECRET_NOISE_KEY (or release.noise_key_file).",
+    )
+    .await
 }
 
 /// Records in the opt-out log that `which` has the fingerprint `fingerprint` from now on.
@@ -507,7 +531,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_rollup_compaction(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
-    let query_state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(&config, log.clone())?)?
+    let query_privacy = privacy.query(&config, log.clone())?;
+    check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
+    let query_state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?
         .with_metrics_source(Arc::new(move || pm.render()));
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
@@ -626,7 +652,9 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     privacy.opt_outs_loaded().await?;
     privacy.check_key_fingerprints(log.as_ref()).await?;
     spawn_key_destruction(&mut set, &config, privacy.daily_keys.clone(), shutdown.clone());
-    let state = QueryState::new(&config, (*privacy.keys).clone(), privacy.query(&config, log)?)?;
+    let query_privacy = privacy.query(&config, log.clone())?;
+    check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
+    let state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });

@@ -233,17 +233,57 @@ pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
     let resp = reqwest::Client::new()
         .delete(format!("{}/v1/subjects", args.url.trim_end_matches('/')))
         .query(&[(kind, id)])
-        .bearer_auth(key)
+        .bearer_auth(&key)
         .send()
         .await
         .with_context(|| format!("calling {}", args.url))?;
     let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let mut body: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
         bail!(
             "erasure refused ({status}): {}",
             body["error"].as_str().unwrap_or("no reason given")
         );
+    }
+    if status == reqwest::StatusCode::ACCEPTED {
+        // still waiting for the processor: follow the receipt until it says how it ended
+        let url = format!(
+            "{}{}",
+            args.url.trim_end_matches('/'),
+            body["status_url"].as_str().context("a 202 without a status_url")?
+        );
+        eprintln!(
+            "waiting for the processor to commit past the opt-out (receipt {})…",
+            body["receipt_id"]
+        );
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let resp = reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&key)
+                .send()
+                .await
+                .with_context(|| format!("polling {url}"))?;
+            let status = resp.status();
+            let polled: Value = resp.json().await.unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!(
+                    "erasure status ({status}): {}",
+                    polled["error"].as_str().unwrap_or("none")
+                );
+            }
+            match polled["status"].as_str() {
+                Some("waiting") => continue,
+                Some("done") => {
+                    body = polled["receipt"].clone();
+                    break;
+                }
+                _ => bail!(
+                    "erasure failed: {}",
+                    polled["error"].as_str().unwrap_or("no reason given")
+                ),
+            }
+        }
     }
     println!("{}", serde_json::to_string_pretty(&body)?);
     Ok(())
@@ -416,7 +456,7 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
         },
         // a destroyed day's key must leave the brokers' disks soon after its tombstone: the
         // segment holding it closes within 10 minutes and the cleaner must compact it within 10
-        // more; the tombstone itself goes 10 minutes later (see DAILY_KEY_GONE_WITHIN)
+        // more; the tombstone itself goes 10 minutes later (README: Data lifecycle)
         TopicSpec {
             name: marsad_schemas::TOPIC_DAILY_KEYS.into(),
             partitions: 1,
@@ -453,6 +493,15 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             spec.map(|t| t.partitions).unwrap_or(0),
             replication
         );
+        if !new && let Some(spec) = spec {
+            // an existing topic keeps its settings: say what the retention promise needs
+            let settings: Vec<String> = spec.config.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!(
+                "    left as it is; for the retention promise apply: kafka-configs.sh --alter --entity-type topics \
+                 --entity-name {name} --add-config {}",
+                settings.join(",")
+            );
+        }
     }
     println!(
         "{} topics created, {} existed, on {}",

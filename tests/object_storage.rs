@@ -29,6 +29,8 @@ fn tables_on_s3_are_written_read_audited_and_erased() -> Result<()> {
     let mut env = s3_env(&s3, BUCKET);
     // old days' visitor keys are kept, so their rows can be written (and later aged out)
     env.push(("MARSAD_PRIVACY__DAILY_KEY_GRACE_HOURS", "240".to_owned()));
+    // and the raw log keeps them (received five days ago): the audit holds them to this retention
+    env.push(("MARSAD_EVENTLOG__RETENTION_HOURS", "240".to_owned()));
     env.push(crate::common::no_clamp());
     let data = tmp.path().join("data");
     // two events of each cookie five days ago, already in the raw log when Marsad starts

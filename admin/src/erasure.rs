@@ -35,6 +35,13 @@ pub enum ErasureError {
     /// The raw log could not be read (its end, or the cookies sent with a user id).
     #[error("reading the raw log: {0}")]
     RawLog(marsad_eventlog::Error),
+    /// Rows of the subject kept landing pass after pass (a processor that has not seen the
+    /// opt-out): never reported as done.
+    #[error("rows of the subject were still being written after {passes} passes; repeat the erasure")]
+    StillLanding {
+        /// Passes made.
+        passes: usize,
+    },
     /// A table could not be read or rewritten.
     #[error("erasure in table {table}: {reason}")]
     Table {
@@ -61,6 +68,9 @@ pub struct Erasure<'a> {
     /// How often to look at the processor's committed positions while waiting.
     pub poll: Duration,
 }
+
+/// Passes over the tables before an erasure that keeps finding new rows gives up.
+const MAX_PASSES: usize = 10;
 
 /// Where the processor must have committed (per raw-log partition, the next offset) before
 /// the subject's rows can be deleted for good.
@@ -99,8 +109,11 @@ impl Erasure<'_> {
             let removed: u64 = pass.iter().map(|r| r.rows_removed).sum();
             passes.push(pass);
             // done only when a pass over everything committed after the opt-out found nothing
-            if removed == 0 || passes.len() >= 10 {
+            if removed == 0 {
                 break;
+            }
+            if passes.len() >= MAX_PASSES {
+                return Err(ErasureError::StillLanding { passes: passes.len() });
             }
         }
         let mut tables: BTreeMap<&'static str, TableErasure> = BTreeMap::new();
@@ -302,7 +315,7 @@ pub struct ErasureReceipt {
     pub opt_out_recorded: bool,
     /// Cookies the raw log held sent with the user id, erased with it.
     pub linked_cookies: usize,
-    /// Passes over the tables (the last found nothing left, or ten were made).
+    /// Passes over the tables (the last found nothing left).
     pub passes: usize,
     /// How long the erasure waited for the processor to commit past the opt-out.
     pub waited_for_processor_ms: u64,

@@ -80,7 +80,7 @@ impl RequestContext {
         }
         // an `analytics` (or `all`) opt-out means nothing of this visitor is written
         if state.opt_outs.any_opted_out(
-            &state.subject_keys.optout,
+            &state.subject_keys,
             event.cookie_id.as_deref(),
             event.user_id.as_deref(),
             Purpose::Analytics,

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::SecretKey;
+use crate::keys::{SecretKey, SubjectKeys};
 use crate::pseudonym::{Subject, audience_id, keyed_hash};
 
 /// What an opt-out covers.
@@ -85,13 +85,19 @@ impl OptOutRecord {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Its key in the (compacted) opt-out log: one record is kept per subject and scope.
+    /// Its key in the (compacted) opt-out log: one record is kept per subject, scope and
+    /// targeting key.
     pub fn log_key(&self) -> Vec<u8> {
         let scope = serde_json::to_value(self.scope)
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        format!("{}/{scope}", self.subject).into_bytes()
+        // with the audience_id of the time: an opt-out repeated after a rotation of the targeting
+        // key must not let compaction drop the record that covers the rows under the old one
+        match &self.audience_id {
+            Some(aid) => format!("{}/{scope}/{}", self.subject, &aid[..aid.len().min(16)]).into_bytes(),
+            None => format!("{}/{scope}", self.subject).into_bytes(),
+        }
     }
 }
 
@@ -123,6 +129,8 @@ pub enum SharedKey {
     Targeting,
     /// The opt-out key.
     Optout,
+    /// The noise key of released numbers (query processes).
+    Noise,
 }
 
 impl SharedKey {
@@ -131,6 +139,7 @@ impl SharedKey {
         match self {
             SharedKey::Targeting => "targeting key",
             SharedKey::Optout => "opt-out key",
+            SharedKey::Noise => "noise key",
         }
     }
 }
@@ -159,6 +168,7 @@ impl KeyFingerprintRecord {
         match self.key_fingerprint {
             SharedKey::Targeting => b"fingerprint/targeting".to_vec(),
             SharedKey::Optout => b"fingerprint/optout".to_vec(),
+            SharedKey::Noise => b"fingerprint/noise".to_vec(),
         }
     }
 }
@@ -286,30 +296,32 @@ impl OptOutRegistry {
         self.lookup([subject]).covers(purpose)
     }
 
-    /// The opt-outs of an event's identifiers (subject keys under the opt-out key).
-    pub fn of_identifiers(
-        &self,
-        optout_key: &SecretKey,
-        cookie_id: Option<&str>,
-        user_id: Option<&str>,
-    ) -> SubjectOptOuts {
+    /// The opt-outs of an event's identifiers: looked up under the opt-out key, and as
+    /// `audience_id`s under the targeting key (opt-outs recorded before the opt-out key existed
+    /// were recorded under those).
+    pub fn of_identifiers(&self, keys: &SubjectKeys, cookie_id: Option<&str>, user_id: Option<&str>) -> SubjectOptOuts {
         if self.is_empty() {
             return SubjectOptOuts::default();
         }
-        let cookie = cookie_id.map(|c| subject_key(optout_key, Subject::Cookie(c)));
-        let user = user_id.map(|u| subject_key(optout_key, Subject::User(u)));
-        self.lookup(cookie.iter().chain(user.iter()).map(String::as_str))
+        let subjects = cookie_id
+            .map(Subject::Cookie)
+            .into_iter()
+            .chain(user_id.map(Subject::User));
+        let hashes: Vec<String> = subjects
+            .flat_map(|s| [subject_key(&keys.optout, s), audience_id(&keys.targeting, s)])
+            .collect();
+        self.lookup(hashes.iter().map(String::as_str))
     }
 
     /// Whether any of an event's identifiers opted out of `purpose`.
     pub fn any_opted_out(
         &self,
-        key: &SecretKey,
+        keys: &SubjectKeys,
         cookie_id: Option<&str>,
         user_id: Option<&str>,
         purpose: Purpose,
     ) -> bool {
-        self.of_identifiers(key, cookie_id, user_id).covers(purpose)
+        self.of_identifiers(keys, cookie_id, user_id).covers(purpose)
     }
 
     /// Keyed hashes (subject keys and `audience_id`s) with at least one opt-out.
@@ -329,22 +341,22 @@ mod tests {
 
     #[test]
     fn scopes_cover_their_purposes() {
-        let key = SecretKey::from_bytes([3; 32]);
+        let keys = SubjectKeys::from_seed(3);
         let r = OptOutRegistry::default();
-        let rec = |id: &str, scope| OptOutRecord::new(&key, &key, Subject::Cookie(id), scope);
+        let rec = |id: &str, scope| OptOutRecord::new(&keys.optout, &keys.targeting, Subject::Cookie(id), scope);
         r.apply(&rec("p", OptOutScope::Personalisation));
         r.apply(&rec("m", OptOutScope::Marketing));
         r.apply(&rec("a", OptOutScope::Analytics));
         r.apply_bytes(&rec("x", OptOutScope::All).to_bytes()).expect("decodes");
-        let out = |id: &str, p| r.any_opted_out(&key, Some(id), None, p);
+        let out = |id: &str, p| r.any_opted_out(&keys, Some(id), None, p);
         assert!(out("p", Purpose::Personalisation) && !out("p", Purpose::Analytics) && !out("p", Purpose::Marketing));
         assert!(out("m", Purpose::Marketing) && !out("m", Purpose::Personalisation));
         assert!(out("a", Purpose::Analytics) && out("a", Purpose::Personalisation) && out("a", Purpose::Marketing));
         assert!(out("x", Purpose::Analytics) && out("x", Purpose::Marketing));
         assert!(!out("nobody", Purpose::Personalisation));
-        assert!(!r.any_opted_out(&key, Some("nobody"), None, Purpose::Analytics));
+        assert!(!r.any_opted_out(&keys, Some("nobody"), None, Purpose::Analytics));
         assert!(
-            !r.any_opted_out(&key, None, Some("p"), Purpose::Personalisation),
+            !r.any_opted_out(&keys, None, Some("p"), Purpose::Personalisation),
             "users and cookies are different subjects"
         );
     }
@@ -362,7 +374,11 @@ mod rotation_tests {
         let rec = OptOutRecord::new(&optout_key, &old, Subject::Cookie("c-1"), OptOutScope::Personalisation);
         r.apply_bytes(&rec.to_bytes()).expect("decodes");
         // by identifier: whatever the targeting key
-        assert!(r.any_opted_out(&optout_key, Some("c-1"), None, Purpose::Personalisation));
+        let rotated = SubjectKeys {
+            targeting: std::sync::Arc::new(SecretKey::from_bytes([3; 32])),
+            optout: std::sync::Arc::new(SecretKey::from_bytes([1; 32])),
+        };
+        assert!(r.any_opted_out(&rotated, Some("c-1"), None, Purpose::Personalisation));
         // rows stored under the old audience_id stay covered
         assert!(r.is_opted_out(&audience_id(&old, Subject::Cookie("c-1")), Purpose::Personalisation));
         // the opt-out key is not the targeting key: nothing else is covered
@@ -371,6 +387,20 @@ mod rotation_tests {
             subject_key(&optout_key, Subject::Cookie("c-1")),
             audience_id(&optout_key, Subject::Cookie("c-1"))
         );
+    }
+
+    #[test]
+    fn an_opt_out_recorded_before_the_opt_out_key_still_counts() {
+        let keys = SubjectKeys::from_seed(5);
+        let r = OptOutRegistry::default();
+        // the old form: the subject is the audience_id under the targeting key
+        let legacy = format!(
+            r#"{{"subject":"{}","scope":"analytics","at":"2026-11-01T00:00:00Z"}}"#,
+            audience_id(&keys.targeting, Subject::Cookie("c-old"))
+        );
+        r.apply_bytes(legacy.as_bytes()).expect("decodes");
+        assert!(r.any_opted_out(&keys, Some("c-old"), None, Purpose::Analytics));
+        assert!(!r.any_opted_out(&keys, Some("c-new"), None, Purpose::Analytics));
     }
 
     #[test]

@@ -183,8 +183,8 @@ impl Anonymizer {
             return Vec::new();
         };
         let optout = &self.subject_keys.optout;
-        let of_user = self.opt_outs.of_identifiers(optout, None, Some(user));
-        let of_cookie = self.opt_outs.of_identifiers(optout, Some(cookie), None);
+        let of_user = self.opt_outs.of_identifiers(&self.subject_keys, None, Some(user));
+        let of_cookie = self.opt_outs.of_identifiers(&self.subject_keys, Some(cookie), None);
         of_user
             .scopes_missing_from(of_cookie)
             .into_iter()
@@ -224,11 +224,9 @@ impl Anonymizer {
             return Ok(None);
         }
         // opt-outs are looked up by the identifiers under the opt-out key (never rotated)
-        let opt_outs = self.opt_outs.of_identifiers(
-            &self.subject_keys.optout,
-            ev.cookie_id.as_deref(),
-            ev.user_id.as_deref(),
-        );
+        let opt_outs = self
+            .opt_outs
+            .of_identifiers(&self.subject_keys, ev.cookie_id.as_deref(), ev.user_id.as_deref());
         if opt_outs.covers(Purpose::Analytics) {
             return Ok(None);
         }

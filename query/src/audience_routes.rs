@@ -54,7 +54,7 @@ pub async fn audience(
     };
     let opted_out = privacy
         .opt_outs
-        .of_identifiers(&privacy.subject_keys.optout, cookie, user)
+        .of_identifiers(&privacy.subject_keys, cookie, user)
         .covers(Purpose::Personalisation)
         || privacy.opt_outs.is_opted_out(&audience_id, Purpose::Personalisation);
     let segments = if opted_out {

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// It exists but cannot be given now (e.g. a held-back segment).
     #[error("{0}")]
     Conflict(String),
+    /// The key may not see this (an advertiser asking beyond its campaigns).
+    #[error("{0}")]
+    ForbiddenWhat(String),
     /// The key's privacy budget for today is spent.
     #[error(
         "this key's privacy budget for today is spent ({remaining:.2} ε left, the answer needs {needed:.2}); \
@@ -52,7 +55,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
             ApiError::Access(AccessError::Unauthorized) => StatusCode::UNAUTHORIZED,
-            ApiError::Access(AccessError::Forbidden { .. }) => StatusCode::FORBIDDEN,
+            ApiError::Access(AccessError::Forbidden { .. }) | ApiError::ForbiddenWhat(_) => StatusCode::FORBIDDEN,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,

@@ -10,14 +10,13 @@ use std::collections::HashMap;
 
 use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::DataType;
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::prelude::SessionContext;
 use serde_json::{Map, Value, json};
 
-use chrono::Datelike;
-
 use crate::error::ApiError;
-use crate::release::{Cell, Constraint, Hours, Mechanism, Release};
+use crate::release::extent::Extent;
+use crate::release::{Cell, Mechanism, Release};
 
 /// The reports there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,31 +217,25 @@ impl ReportRequest {
     /// Restricts the request to an advertiser's `campaigns`: refused unless it is the campaigns
     /// report and any campaign it names is one of them.
     pub fn for_advertiser(mut self, campaigns: &[String]) -> Result<Self, ApiError> {
-        let forbidden = |what: String| {
-            ApiError::Access(marsad_privacy::access::AccessError::Forbidden {
-                key: what,
-                role: "analyst",
-            })
-        };
         if self.kind != ReportKind::Campaigns {
-            return Err(forbidden(
-                "an advertiser's key sees the campaigns report only, and".into(),
+            return Err(ApiError::ForbiddenWhat(
+                "an advertiser's key sees the campaigns report only".into(),
             ));
         }
         if let Some((_, c)) = self.filters.iter().find(|(f, _)| *f == "campaign_id")
             && !campaigns.contains(c)
         {
-            return Err(forbidden(format!(
-                "campaign `{c}` is not this advertiser's, so the key"
+            return Err(ApiError::ForbiddenWhat(format!(
+                "campaign `{c}` is not one of this advertiser's campaigns"
             )));
         }
         self.campaigns = Some(campaigns.to_vec());
         Ok(self)
     }
 
-    /// The canonical text of the question, for the budget.
-    pub fn identity(&self) -> String {
-        format!(
+    /// The canonical text of the question asked at `now`, for the budget.
+    pub fn identity(&self, now: DateTime<Utc>) -> String {
+        let question = format!(
             "report|{:?}|{}|{}|{}|{:?}|{:?}|{:?}",
             self.kind,
             self.from,
@@ -251,7 +244,8 @@ impl ReportRequest {
             self.filters,
             self.by,
             self.campaigns
-        )
+        );
+        crate::release::budget_identity(question, crate::release::day_unsettled(self.to, now), now)
     }
 
     /// Measures released: the report's and the visitor count, for its rows and its total.
@@ -287,7 +281,7 @@ impl ReportRequest {
         }
     }
 
-    fn sql(&self, grouped: bool) -> String {
+    fn sql(&self, grouped: bool, extent: &Extent) -> String {
         let quote = |v: &str| format!("'{}'", v.replace('\'', "''"));
         let mut conditions = vec![
             format!("date >= DATE {}", quote(&self.from.to_string())),
@@ -310,6 +304,11 @@ impl ReportRequest {
                 .map(|(expr, name)| format!("{expr} AS {name}")),
         );
         select.push("hll_estimate(hll_merge(visitors)) AS visitors".into());
+        // what each row's rows hold (and its page views' rows): their canonical cells
+        select.extend(extent.sql_items(EXTENT, None));
+        if self.kind.measures().iter().any(|(_, n)| *n == "page_views") {
+            select.extend(extent.sql_items(PAGE_VIEW_EXTENT, Some(PAGE_VIEW)));
+        }
         let mut sql = format!(
             "SELECT {} FROM {} WHERE {}",
             select.join(", "),
@@ -324,39 +323,43 @@ impl ReportRequest {
     }
 }
 
-/// A row of a report as computed: its dimension values (as text, for the cell) and every
-/// column as JSON, with the true measures.
+/// Prefix of the columns measuring a row's canonical cell.
+const EXTENT: &str = "__e_";
+/// Prefix of the columns measuring the canonical cell of a row's page views.
+const PAGE_VIEW_EXTENT: &str = "__pv_";
+/// The rows `page_views` counts.
+const PAGE_VIEW: &str = "event_type = 'page_view'";
+
+/// A row of a report as computed: every column as JSON with the true measures, and the
+/// canonical cells of its rows (and of its page views' rows).
 struct Computed {
     values: Map<String, Value>,
-    text: Vec<(&'static str, Option<String>)>,
-    period: Option<chrono::DateTime<chrono::Utc>>,
+    cell: Cell,
+    page_view_cell: Option<Cell>,
 }
 
-fn computed(batches: &[arrow::record_batch::RecordBatch], dims: &[&'static str]) -> Result<Vec<Computed>, ApiError> {
+fn computed(batches: &[arrow::record_batch::RecordBatch], extent: &Extent) -> Result<Vec<Computed>, ApiError> {
     let mut out = Vec::new();
     for b in batches {
         let schema = b.schema();
         for row in 0..b.num_rows() {
             let mut values = Map::new();
-            let mut text = Vec::new();
-            let mut period = None;
+            let cell = extent.cell(b, row, EXTENT)?;
+            let page_view_cell = match b.column_by_name(&format!("{PAGE_VIEW_EXTENT}tmin")) {
+                Some(_) => Some(extent.cell(b, row, PAGE_VIEW_EXTENT)?),
+                None => None,
+            };
             for (i, field) in schema.fields().iter().enumerate() {
-                let value = cell_value(b.column(i), row)?;
-                if let Some(dim) = dims.iter().find(|d| **d == field.name()) {
-                    if *dim == "period" || *dim == "day" {
-                        period = value
-                            .as_str()
-                            .and_then(|t| {
-                                chrono::NaiveDateTime::parse_from_str(&t[..t.len().min(19)], "%Y-%m-%dT%H:%M:%S").ok()
-                            })
-                            .map(|t| t.and_utc());
-                    } else {
-                        text.push((*dim, value.as_str().map(str::to_owned)));
-                    }
+                if field.name().starts_with("__") {
+                    continue;
                 }
-                values.insert(field.name().clone(), value);
+                values.insert(field.name().clone(), cell_value(b.column(i), row)?);
             }
-            out.push(Computed { values, text, period });
+            out.push(Computed {
+                values,
+                cell,
+                page_view_cell,
+            });
         }
     }
     Ok(out)
@@ -384,71 +387,32 @@ fn cell_value(column: &ArrayRef, row: usize) -> Result<Value, ApiError> {
     })
 }
 
-impl ReportRequest {
-    /// The cell every row of this report lies in: the rollup, the filters, the dates (and an
-    /// advertiser's campaigns).
-    fn base_cell(&self) -> Cell {
-        let mut cell = Cell::of(self.kind.table()).within(Hours::days(self.from, self.to));
-        for (f, v) in &self.filters {
-            cell = cell.with_value(f, Some(v));
-        }
-        if let Some(campaigns) = &self.campaigns {
-            cell = cell.with("campaign_id", Constraint::OneOf(campaigns.iter().cloned().collect()));
-        }
-        cell
-    }
-
-    /// The cell of one computed row.
-    fn row_cell(&self, row: &Computed) -> Cell {
-        let mut cell = self.base_cell();
-        for (dim, value) in &row.text {
-            cell = cell.with_value(dim, value.as_deref());
-        }
-        if let Some(start) = row.period {
-            let end = match (self.kind, self.granularity) {
-                (ReportKind::Traffic, Granularity::Hour) => start + chrono::Duration::hours(1),
-                (ReportKind::Traffic, Granularity::Week) => start + chrono::Duration::days(7),
-                (ReportKind::Traffic, Granularity::Month) => {
-                    let d = start.date_naive();
-                    let next = if d.month() == 12 {
-                        NaiveDate::from_ymd_opt(d.year() + 1, 1, 1)
-                    } else {
-                        NaiveDate::from_ymd_opt(d.year(), d.month() + 1, 1)
-                    };
-                    next.and_then(|n| n.and_hms_opt(0, 0, 0))
-                        .map(|n| n.and_utc())
-                        .unwrap_or(start)
-                }
-                _ => start + chrono::Duration::days(1),
-            };
-            cell = cell.within(Hours::between(start, end));
-        }
-        cell
+/// The identity of one report measure: `page_views` are `events` over the page views' rows.
+fn measure_of(name: &str, row: &Computed) -> (String, Cell) {
+    match (name, &row.page_view_cell) {
+        ("page_views", Some(page_views)) => ("sum(events)".into(), page_views.clone()),
+        (other, _) => (format!("sum({other})"), row.cell.clone()),
     }
 }
 
-/// The identity of one report measure: `page_views` are the events of type `page_view`.
-fn measure_of(name: &str, cell: &Cell) -> (String, Cell) {
+/// The measure name of one report measure (for its noise scale).
+fn measure_name(name: &str) -> String {
     match name {
-        "page_views" => (
-            "sum(events)".into(),
-            cell.clone().with_value("event_type", Some("page_view")),
-        ),
-        other => (format!("sum({other})"), cell.clone()),
+        "page_views" => "sum(events)".into(),
+        other => format!("sum({other})"),
     }
 }
 
 /// Releases one computed row (or the total): `None` when its noisy visitors are too few.
 fn release_row(
     row: Computed,
-    cell: &Cell,
     kind: ReportKind,
     release: &Release,
     mechanism: Mechanism,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<Value> {
     let truth = |name: &str| row.values.get(name).and_then(Value::as_f64).unwrap_or(0.0);
-    let visitors = release.release(mechanism, cell, "visitors", truth("visitors"), now);
+    let visitors = release.release(mechanism, &row.cell, "visitors", truth("visitors"), now);
     if (visitors.value as u64) < release.min_visitors() {
         return None;
     }
@@ -461,7 +425,7 @@ fn release_row(
         }
     }
     for (_, name) in kind.measures() {
-        let (measure, measured) = measure_of(name, cell);
+        let (measure, measured) = measure_of(name, &row);
         let r = release.release(mechanism, &measured, &measure, truth(name), now);
         out.insert((*name).to_owned(), json!(r.value));
         ci95.insert((*name).to_owned(), json!(r.ci95));
@@ -503,25 +467,37 @@ pub async fn run(
             ApiError::Internal
         })
     };
+    let schema = ctx
+        .table(table)
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "report table");
+            ApiError::Internal
+        })?
+        .schema()
+        .as_arrow()
+        .clone();
+    let extent = Extent::of(table, &schema);
     let dims: Vec<&'static str> = req.dimensions().iter().map(|(_, n)| *n).collect();
-    let rows = computed(&query(req.sql(true)).await?, &dims)?;
-    let total = computed(&query(req.sql(false)).await?, &[])?.into_iter().next();
+    let rows = computed(&query(req.sql(true, &extent)).await?, &extent)?;
+    let total = computed(&query(req.sql(false, &extent)).await?, &extent)?
+        .into_iter()
+        .next();
     let mut shown = Vec::new();
     for row in rows {
-        let cell = req.row_cell(&row);
-        if let Some(released) = release_row(row, &cell, req.kind, release, mechanism, now) {
+        if let Some(released) = release_row(row, req.kind, release, mechanism, now) {
             shown.push(released);
         }
     }
     let total = total
-        .and_then(|t| release_row(t, &req.base_cell(), req.kind, release, mechanism, now))
+        .and_then(|t| release_row(t, req.kind, release, mechanism, now))
         .unwrap_or(Value::Null);
     let mut scale = Map::new();
     for (_, name) in req.kind.measures().iter().chain([&("", "visitors")]) {
         let measure = if *name == "visitors" {
             "visitors".to_owned()
         } else {
-            measure_of(name, &req.base_cell()).0
+            measure_name(name)
         };
         let b = if mechanism == Mechanism::Noise {
             release.distribution(&measure).scale()
@@ -559,7 +535,8 @@ mod tests {
         assert!(ReportRequest::parse(ReportKind::Geo, &params(&[("from", "yesterday")]), today).is_err());
         assert!(ReportRequest::parse(ReportKind::Traffic, &params(&[("granularity", "minute")]), today).is_err());
         let ok = ReportRequest::parse(ReportKind::Geo, &params(&[("country", "JO'; DROP")]), today);
-        let sql = ok.map(|r| r.sql(true)).unwrap_or_default();
+        let extent = Extent::of("traffic_hourly", &arrow::datatypes::Schema::empty());
+        let sql = ok.map(|r| r.sql(true, &extent)).unwrap_or_default();
         assert!(sql.contains("country = 'JO''; DROP'"), "{sql}");
     }
 }

@@ -136,7 +136,7 @@ pub async fn report(
     if mechanism == Mechanism::Noise {
         state
             .release
-            .charge(key, &req.identity(), req.measures_released(), now)?;
+            .charge(key, &req.identity(now), req.measures_released(), now)?;
     }
     let ctx = state.catalog.session().await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");

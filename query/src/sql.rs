@@ -154,7 +154,7 @@ pub async fn run_with_params(
         && let Some(query) = crate::release::analyst_sql::check(df.logical_plan(), &ROLLUPS)?
     {
         let now = chrono::Utc::now();
-        let spent = release.charge(key, &query.identity(), query.measures_released(), now)?;
+        let spent = release.charge(key, &query.identity(now), query.measures_released(), now)?;
         let answer = query.run(ctx, release, *mechanism, max_rows, now).await?;
         return Ok(QueryResult {
             schema: answer.batch.schema(),

@@ -27,6 +27,9 @@ use crate::dedup::IdFingerprints;
 use crate::table::DeltaSink;
 use crate::{Error, Result};
 
+/// Partitions of the raw topic a rebuild looks for positions of other processors in.
+const MAX_PROBED_PARTITIONS: u32 = 256;
+
 /// Rows read from a data file at a time.
 const READ_BATCH_ROWS: usize = 8192;
 
@@ -113,6 +116,41 @@ impl Rollups {
             table: "events",
             source,
         };
+        // the rebuild counts the rows of every partition: it may record every partition's
+        // position only if they are all this processor's (the local log, or a lone processor)
+        let table = events.table();
+        let snapshot = table.snapshot().map_err(|e| Error::Delta {
+            table: "events",
+            source: e,
+        })?;
+        let mut others = Vec::new();
+        for partition in 0..MAX_PROBED_PARTITIONS {
+            let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, partition);
+            if events_positions.contains_key(&app) {
+                continue;
+            }
+            let version = snapshot
+                .transaction_version(table.log_store().as_ref(), &app)
+                .await
+                .map_err(|e| Error::Delta {
+                    table: "events",
+                    source: e,
+                })?;
+            if version.is_some() {
+                others.push(partition);
+            }
+        }
+        if !others.is_empty() {
+            return Err(Error::Delta {
+                table: "events",
+                source: deltalake::DeltaTableError::Generic(format!(
+                    "the events commits the rollups have not counted are gone from the Delta log, so the \
+                     rollups must be rebuilt from events; that counts every partition, and partitions \
+                     {others:?} are other processors': stop every processor but one (it then owns all \
+                     partitions and rebuilds), or rebuild the dates with `marsad backfill`"
+                )),
+            });
+        }
         let mut report = CatchUp::default();
         let mut dates = Vec::new();
         let mut stream = events

@@ -21,9 +21,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray, UInt32Array};
+use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch, UInt32Array};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use chrono::{DateTime, Datelike, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::common::{Column, ScalarValue};
 use datafusion::execution::FunctionRegistry;
@@ -223,6 +223,17 @@ fn flipped(op: Operator) -> Operator {
 fn narrow(cell: Cell, conjunct: &Expr, columns: &Columns) -> Result<Cell, ApiError> {
     const RULE: &str = "dimension filters";
     let dimension = |e: &Expr| -> Result<String, ApiError> {
+        // the column itself: a cast would filter other rows than the cell's identity says
+        let bare = match e {
+            Expr::Alias(a) => a.expr.as_ref(),
+            other => other,
+        };
+        if matches!(bare, Expr::Cast(_) | Expr::TryCast(_)) {
+            return Err(refuse(
+                RULE,
+                "WHERE compares a column itself with values: no CAST around the column",
+            ));
+        }
         match strip(e) {
             Expr::Column(c) if columns.dimensions.contains(&c.name) => Ok(c.name.clone()),
             Expr::Column(c) => Err(refuse(
@@ -479,9 +490,11 @@ pub fn check(plan: &LogicalPlan, rollups: &[&str]) -> Result<Option<AnalystQuery
             Expr::ScalarFunction(ScalarFunction { func, args }) if func.name() == "date_trunc" => match args.as_slice()
             {
                 [unit, column] => match (literal_text(unit), strip(column)) {
+                    // `date` holds whole days: an hour bucket of it would sum a day under an
+                    // hour's identity
                     (Some(unit), Expr::Column(c))
-                        if (c.name == "hour" || c.name == "date")
-                            && ["hour", "day", "week", "month", "year"].contains(&unit.as_str()) =>
+                        if (c.name == "hour" && ["hour", "day", "week", "month", "year"].contains(&unit.as_str()))
+                            || (c.name == "date" && ["day", "week", "month", "year"].contains(&unit.as_str())) =>
                     {
                         Group::Period {
                             unit,
@@ -491,7 +504,7 @@ pub fn check(plan: &LogicalPlan, rollups: &[&str]) -> Result<Option<AnalystQuery
                     _ => {
                         return Err(refuse(
                             "grouping",
-                            "date_trunc('hour'|'day'|'week'|'month'|'year', hour or date)",
+                            "date_trunc('hour'|'day'|'week'|'month'|'year', hour) or date_trunc('day'|'week'|'month'|'year', date)",
                         ));
                     }
                 },
@@ -632,55 +645,6 @@ pub struct Answer {
     pub epsilon_spent: f64,
 }
 
-fn hours_of_period(unit: &str, start: DateTime<Utc>) -> Hours {
-    let end = match unit {
-        "hour" => start + chrono::Duration::hours(1),
-        "day" => start + chrono::Duration::days(1),
-        "week" => start + chrono::Duration::days(7),
-        "month" => {
-            let d = start.date_naive();
-            let (y, m) = if d.month() == 12 {
-                (d.year() + 1, 1)
-            } else {
-                (d.year(), d.month() + 1)
-            };
-            NaiveDate::from_ymd_opt(y, m, 1)
-                .and_then(|n| n.and_hms_opt(0, 0, 0))
-                .map(|n| n.and_utc())
-                .unwrap_or(start)
-        }
-        _ => NaiveDate::from_ymd_opt(start.year() + 1, 1, 1)
-            .and_then(|n| n.and_hms_opt(0, 0, 0))
-            .map(|n| n.and_utc())
-            .unwrap_or(start),
-    };
-    Hours::between(start, end)
-}
-
-fn text(column: &ArrayRef, row: usize) -> Option<String> {
-    if column.is_null(row) {
-        return None;
-    }
-    let cast = arrow::compute::cast(column, &DataType::Utf8).ok()?;
-    cast.as_any()
-        .downcast_ref::<StringArray>()
-        .map(|a| a.value(row).to_owned())
-}
-
-fn instant(column: &ArrayRef, row: usize) -> Option<DateTime<Utc>> {
-    let cast = arrow::compute::cast(
-        column,
-        &DataType::Timestamp(arrow::datatypes::TimeUnit::Microsecond, None),
-    )
-    .ok()?;
-    let a = cast
-        .as_any()
-        .downcast_ref::<arrow::array::TimestampMicrosecondArray>()?;
-    (!a.is_null(row))
-        .then(|| DateTime::from_timestamp_micros(a.value(row)))
-        .flatten()
-}
-
 fn number(column: &ArrayRef, row: usize) -> f64 {
     if column.is_null(row) {
         return 0.0;
@@ -711,32 +675,41 @@ fn hidden(e: datafusion::error::DataFusionError) -> ApiError {
 }
 
 impl AnalystQuery {
-    /// The canonical text of the question, for the budget: asked again today, it costs nothing.
-    pub fn identity(&self) -> String {
-        let measures: Vec<String> = self
-            .outputs
+    /// The sums released: in the output, or compared by `HAVING` (which answers a question
+    /// about them too), each once.
+    fn released_sums(&self) -> BTreeSet<String> {
+        self.outputs
             .iter()
             .filter_map(|(_, o)| match o {
-                Output::Number(n) => Some(n.measure()),
-                Output::Group(_) => None,
+                Output::Number(n @ Released::Sum(_)) => Some(n.measure()),
+                _ => None,
             })
-            .collect();
+            .chain(self.having.iter().filter_map(|(n, _, _)| match n {
+                Released::Sum(_) => Some(n.measure()),
+                Released::Visitors => None,
+            }))
+            .collect()
+    }
+
+    /// The canonical text of the question asked at `now`, for the budget: asked again it
+    /// costs nothing (within the hour while it reaches into the last 48 hours, else that day).
+    pub fn identity(&self, now: DateTime<Utc>) -> String {
+        let measures: Vec<String> = self.released_sums().into_iter().collect();
         let groups: Vec<String> = self.groups.iter().map(|(g, _)| format!("{g:?}")).collect();
-        format!(
+        let question = format!(
             "sql|{}|groups={}|measures={}",
             String::from_utf8_lossy(&self.cell.identity("*")),
             groups.join(","),
             measures.join(",")
-        )
+        );
+        let unsettled = self.cell.hours().reaches_after(now, super::UNSETTLED_HOURS);
+        super::budget_identity(question, unsettled, now)
     }
 
-    /// Released measures: the output's numbers and the visitor count the threshold reads.
+    /// Released measures: the sums in the output or in `HAVING`, and the visitor count the
+    /// threshold reads.
     pub fn measures_released(&self) -> usize {
-        1 + self
-            .outputs
-            .iter()
-            .filter(|(_, o)| matches!(o, Output::Number(Released::Sum(_))))
-            .count()
+        1 + self.released_sums().len()
     }
 
     /// Computes the groups and releases them through `release` with `mechanism`.
@@ -759,6 +732,7 @@ impl AnalystQuery {
                 self.table
             ))
         })?;
+        let extent = super::extent::Extent::of(&self.table, df.schema().as_arrow());
         if let Some(p) = &self.predicate {
             df = df
                 .filter(p.clone())
@@ -787,6 +761,8 @@ impl AnalystQuery {
                 .call(vec![merge.call(vec![col("visitors")])])
                 .alias("__visitors"),
         );
+        // what the rows of each group hold: their canonical cell, whatever the question's words
+        aggregates.extend(extent.exprs("__e_")?);
         let group_exprs: Vec<Expr> = self
             .groups
             .iter()
@@ -815,19 +791,7 @@ impl AnalystQuery {
         }
         let mut rows = Vec::new();
         for r in 0..all.num_rows() {
-            let mut cell = self.cell.clone();
-            for (i, (group, _)) in self.groups.iter().enumerate() {
-                let Some(column) = all.column_by_name(&format!("__g{i}")) else {
-                    return Err(ApiError::Internal);
-                };
-                cell = match group {
-                    Group::Dimension(d) => cell.with_value(d, text(column, r).as_deref()),
-                    Group::Period { unit, .. } => match instant(column, r) {
-                        Some(start) => cell.within(hours_of_period(unit, start)),
-                        None => cell.with_value("__period", None),
-                    },
-                };
-            }
+            let cell = extent.cell(&all, r, "__e_")?;
             let value_of = |name: &str| all.column_by_name(name).map(|c| number(c, r)).unwrap_or(0.0);
             let visitors = release.release(mechanism, &cell, "visitors", value_of("__visitors"), now);
             if (visitors.value as u64) < release.min_visitors() {
@@ -950,6 +914,14 @@ mod tests {
                 "one aggregation of one rollup",
             ),
             ("SELECT count(*) FROM events", "rollups only"),
+            (
+                "SELECT sum(events) FROM traffic_hourly WHERE CAST(hour AS DATE) <= '2026-11-10'",
+                "dimension filters",
+            ),
+            (
+                "SELECT date_trunc('hour', date), sum(events) FROM traffic_hourly GROUP BY date_trunc('hour', date)",
+                "grouping",
+            ),
             (
                 "SELECT country, hll_merge(visitors) FROM traffic_hourly GROUP BY country",
                 "no sketches",

@@ -20,6 +20,7 @@
 pub mod analyst_sql;
 pub mod budget;
 pub mod cell;
+pub mod extent;
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
@@ -37,6 +38,28 @@ pub use cell::{Cell, Constraint, Hours};
 
 /// Hours back from now in which data may still change (late events, the processor's lag).
 const UNSETTLED_HOURS: i64 = 48;
+
+/// The budget's name for a question asked at `now`: a question that reaches into the hours
+/// still changing gets fresh noise every hour (see [`Release::release`]), so every hour it is
+/// a new question and costs its ε again; a settled one costs once a day.
+pub(crate) fn budget_identity(question: String, unsettled: bool, now: DateTime<Utc>) -> String {
+    if unsettled {
+        format!("{question}|asked-hour={}", now.timestamp().div_euclid(3600))
+    } else {
+        question
+    }
+}
+
+/// Whether a question ending on `last_day` reaches into the hours still changing at `now`.
+pub(crate) fn day_unsettled(last_day: chrono::NaiveDate, now: DateTime<Utc>) -> bool {
+    let end = last_day
+        .succ_opt()
+        .unwrap_or(last_day)
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default()
+        .and_utc();
+    end > now - chrono::Duration::hours(UNSETTLED_HOURS)
+}
 /// Frozen recent answers kept.
 const FROZEN_ANSWERS: usize = 200_000;
 /// Most a counted event can add to `session_seconds`: the session gap.
