@@ -26,6 +26,12 @@ impl Topic {
     /// with dead letters on a quiet site), so its records can age out: a running writer closes
     /// its own segments on its timer.
     fn close_unwritten_segment(&self) -> Result<()> {
+        // a writer of this process starting meanwhile would find the lock file taken: hold
+        // off its start while the segment is closed
+        let _starting = self
+            .starting
+            .lock()
+            .map_err(|_| Error::Closed("writer start poisoned".into()))?;
         if self.writer.get().is_some() {
             return Ok(());
         }
