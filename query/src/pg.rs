@@ -391,6 +391,7 @@ impl QueryParser for PgParser {
             return Ok(Some(PgStatement::Command(command)));
         }
         let grant = Grant::of(client, self.state.release.for_analysts())?;
+        let released = matches!(grant.access, Access::Released { .. });
         let ctx = context(&self.state, client, grant).await?;
         let sql = statement.to_string();
         let read_only = SQLOptions::new()
@@ -410,9 +411,26 @@ impl QueryParser for PgParser {
             let n = name.trim_start_matches('$').parse::<usize>().unwrap_or(usize::MAX);
             params.insert(n, field.map(|f| f.data_type().clone()));
         }
+        let mut schema = df.schema().inner().clone();
+        if released {
+            // released numbers are integers (a visitor estimate too): describe them as the
+            // answer will carry them, or a client reading binary rows would misread them
+            let fields: Vec<arrow::datatypes::FieldRef> = schema
+                .fields()
+                .iter()
+                .map(|f| match f.data_type() {
+                    DataType::Float64 | DataType::Float32 => {
+                        Arc::new(f.as_ref().clone().with_data_type(DataType::Int64).with_nullable(true))
+                    }
+                    DataType::Int64 => Arc::new(f.as_ref().clone().with_nullable(true)),
+                    _ => f.clone(),
+                })
+                .collect();
+            schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        }
         Ok(Some(PgStatement::Query {
             sql,
-            schema: df.schema().inner().clone(),
+            schema,
             params: params.into_values().collect(),
         }))
     }
