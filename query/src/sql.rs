@@ -154,7 +154,12 @@ pub async fn run_with_params(
         && let Some(query) = crate::release::analyst_sql::check(df.logical_plan(), &ROLLUPS)?
     {
         let now = chrono::Utc::now();
-        let spent = release.charge(key, &query.identity(now), query.measures_released(), now)?;
+        // exact numbers (threshold-only, internal use) spend nothing, as with reports
+        let spent = if *mechanism == crate::release::Mechanism::Noise {
+            release.charge(key, &query.identity(now), query.measures_released(), now)?
+        } else {
+            0.0
+        };
         let answer = query.run(ctx, release, *mechanism, max_rows, now).await?;
         return Ok(QueryResult {
             schema: answer.batch.schema(),
