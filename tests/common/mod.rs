@@ -358,8 +358,22 @@ pub struct S3Server {
 }
 
 impl S3Server {
-    /// Starts the server, logging to `log`.
+    /// Starts the server, logging to `log`. The free port can be taken by another test's
+    /// server between the probe and moto's bind: then the answer on it is not ours (and dies
+    /// with the other test), so the start is tried again on another port.
     pub fn start(log: &Path) -> Result<Self> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Self::start_once(log)? {
+                Some(server) => return Ok(server),
+                None if attempt < 5 => continue,
+                None => bail!("moto's S3 server could not bind a free port in {attempt} tries"),
+            }
+        }
+    }
+
+    fn start_once(log: &Path) -> Result<Option<Self>> {
         let port = free_port()?;
         let log = std::fs::File::create(log)?;
         let child = Command::new("python3")
@@ -373,9 +387,22 @@ impl S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while Client::new().get(&server.endpoint).send().is_err() {
+        loop {
+            let answered = Client::new().get(&server.endpoint).send().is_ok();
             if let Some(status) = server.child.try_wait()? {
-                bail!("moto's S3 server exited ({status}); pip install 'moto[server]' (.ci/run does)");
+                if answered {
+                    // someone else's server answers on the port ours could not bind
+                    return Ok(None);
+                }
+                bail!("moto's S3 server exited ({status}); pip install 'moto[server]' (./test does)");
+            }
+            if answered {
+                // ours is alive and something answers: make sure ours holds the port
+                std::thread::sleep(Duration::from_millis(300));
+                if server.child.try_wait()?.is_some() {
+                    return Ok(None);
+                }
+                return Ok(Some(server));
             }
             ensure!(
                 Instant::now() < deadline,
@@ -384,7 +411,6 @@ impl S3Server {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Ok(server)
     }
 
     /// Creates `bucket`.
