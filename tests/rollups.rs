@@ -159,17 +159,23 @@ async fn sessions_from_events(catalog: &TableCatalog) -> Result<(i64, i64, i64)>
     Ok((spans.len() as i64, bounces, seconds))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
-    let dir = tempfile::tempdir()?;
+/// A processor's config on `dir` that commits often and counts every event once (the clamp
+/// is not what the crash tests are about), and its local log.
+fn counting_every_event(dir: &std::path::Path) -> Result<(Config, Arc<LocalLog>)> {
     let mut config = Config {
-        data_dir: dir.path().to_owned(),
+        data_dir: dir.to_owned(),
         ..Config::default()
     };
     config.process.batch_max_interval_ms = 100;
-    // every event counted once: the clamp is not what this test is about
     config.process.max_events_per_visitor_day = 1_000_000;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    Ok((config, log))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (config, log) = counting_every_event(dir.path())?;
     let records = population(Utc::now());
     let third = records.len() / 3;
     let mut parts = records.chunks(third + 1);
@@ -358,13 +364,7 @@ async fn a_busy_visitor_adds_at_most_the_clamp_to_the_rollups() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catch_up_after_the_log_was_cleaned_counts_every_event_once() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.process.batch_max_interval_ms = 100;
-    config.process.max_events_per_visitor_day = 1_000_000;
-    let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let (config, log) = counting_every_event(dir.path())?;
     let records = population(Utc::now());
     let third = records.len() / 3;
     let mut parts = records.chunks(third + 1);

@@ -242,7 +242,7 @@ async fn behind(tables: &TablesLocation, end: &RawLogEnd) -> Result<Vec<(u32, u6
         if wanted == 0 {
             continue;
         }
-        let app = format!("marsad-{TOPIC_RAW}-{partition}");
+        let app = marsad_schemas::log_position_app_id(TOPIC_RAW, partition);
         let committed = snapshot
             .transaction_version(log_store.as_ref(), &app)
             .await

@@ -178,6 +178,11 @@ impl KeyFingerprintRecord {
 pub struct SubjectOptOuts(u8);
 
 impl SubjectOptOuts {
+    /// These opt-outs and `other`'s.
+    pub fn union(self, other: SubjectOptOuts) -> SubjectOptOuts {
+        SubjectOptOuts(self.0 | other.0)
+    }
+
     /// The scopes these opt-outs hold that `other` lacks.
     pub fn scopes_missing_from(self, other: SubjectOptOuts) -> Vec<OptOutScope> {
         [

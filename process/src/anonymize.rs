@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::geoip::GeoIp;
 use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
-use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose, SubjectOptOuts};
 use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
 use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
@@ -95,6 +95,8 @@ pub struct Anonymizer {
     user_agents: UserAgentCache,
     sessions: SessionTracker,
     opt_outs: Arc<OptOutRegistry>,
+    /// Opt-outs made for cookies sent with opted-out user ids, not yet handed to the caller.
+    linked_opt_outs: Vec<OptOutRecord>,
     truncate_ip: bool,
     categories: PageCategories,
 }
@@ -141,6 +143,7 @@ impl Anonymizer {
     ) -> Self {
         Anonymizer {
             opt_outs,
+            linked_opt_outs: Vec::new(),
             truncate_ip: false,
             geoip,
             daily_keys,
@@ -175,25 +178,30 @@ impl Anonymizer {
         self.sessions.expire(now);
     }
 
-    /// When `env` carries a user id that opted out and the cookie it was sent with, the cookie's
-    /// opt-outs of the same scopes (applied here at once, to be recorded in the opt-out log by
-    /// the caller): the person's cookie-only visits are covered too, before and after login.
-    pub fn opt_outs_of_linked_cookie(&self, env: &Envelope) -> Vec<OptOutRecord> {
-        let (Some(user), Some(cookie)) = (env.event.user_id.as_deref(), env.event.cookie_id.as_deref()) else {
-            return Vec::new();
-        };
-        let optout = &self.subject_keys.optout;
-        let of_user = self.opt_outs.of_identifiers(&self.subject_keys, None, Some(user));
-        let of_cookie = self.opt_outs.of_identifiers(&self.subject_keys, Some(cookie), None);
-        of_user
-            .scopes_missing_from(of_cookie)
-            .into_iter()
-            .map(|scope| {
-                let record = OptOutRecord::new(optout, &self.subject_keys.targeting, Subject::Cookie(cookie), scope);
+    /// The opt-outs recorded for cookies sent with opted-out user ids since the last call, for
+    /// the caller to record in the opt-out log (they are in force here already).
+    pub fn take_linked_opt_outs(&mut self) -> Vec<OptOutRecord> {
+        std::mem::take(&mut self.linked_opt_outs)
+    }
+
+    /// The opt-outs of an event's identifiers, each looked up once. A cookie sent with a user id
+    /// that opted out takes on the user's opt-outs at once (the person's cookie-only visits are
+    /// covered too, before and after login); those are kept for [`Self::take_linked_opt_outs`].
+    fn opt_outs_of(&mut self, cookie: Option<&str>, user: Option<&str>) -> SubjectOptOuts {
+        if self.opt_outs.is_empty() {
+            return SubjectOptOuts::default();
+        }
+        let of_user = self.opt_outs.of_identifiers(&self.subject_keys, None, user);
+        let of_cookie = self.opt_outs.of_identifiers(&self.subject_keys, cookie, None);
+        if let (Some(_), Some(cookie)) = (user, cookie) {
+            for scope in of_user.scopes_missing_from(of_cookie) {
+                let keys = &self.subject_keys;
+                let record = OptOutRecord::new(&keys.optout, &keys.targeting, Subject::Cookie(cookie), scope);
                 self.opt_outs.apply(&record);
-                record
-            })
-            .collect()
+                self.linked_opt_outs.push(record);
+            }
+        }
+        of_user.union(of_cookie)
     }
 
     /// Anonymizes one envelope; `None` when it must not be stored (analytics refused or opted out).
@@ -219,14 +227,12 @@ impl Anonymizer {
             personalisation: c.personalisation,
             marketing: c.marketing,
         };
+        // (before the consent decision: a user id's opt-out reaches its cookie either way)
+        let opt_outs = self.opt_outs_of(ev.cookie_id.as_deref(), ev.user_id.as_deref());
         let mut decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
         if !decision.analytics {
             return Ok(None);
         }
-        // opt-outs are looked up by the identifiers under the opt-out key (never rotated)
-        let opt_outs = self
-            .opt_outs
-            .of_identifiers(&self.subject_keys, ev.cookie_id.as_deref(), ev.user_id.as_deref());
         if opt_outs.covers(Purpose::Analytics) {
             return Ok(None);
         }

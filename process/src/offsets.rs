@@ -4,7 +4,7 @@
 
 /// The Delta `txn` app id of a topic-partition in a table.
 pub fn app_id(topic: &str, partition: u32) -> String {
-    format!("marsad-{topic}-{partition}")
+    marsad_schemas::log_position_app_id(topic, partition)
 }
 
 /// Where to resume reading a partition, given the last committed offset.

@@ -281,13 +281,11 @@ impl Processor {
         pending: &mut BTreeMap<u32, u64>,
     ) -> Result<()> {
         let mut dead = Vec::new();
-        let mut linked_opt_outs = Vec::new();
         let handled = tokio::task::block_in_place(|| {
             for rec in records {
                 let row = match Envelope::from_bytes(&rec.payload) {
                     Err(e) => Err(e.to_string()),
                     Ok(env) => {
-                        linked_opt_outs.extend(self.anonymizer.opt_outs_of_linked_cookie(&env));
                         let mut waited = 0u32;
                         loop {
                             match self.anonymizer.anonymize(&env) {
@@ -331,6 +329,7 @@ impl Processor {
             }
             Ok(())
         });
+        let linked_opt_outs = self.anonymizer.take_linked_opt_outs();
         if !linked_opt_outs.is_empty() {
             // in force here already; recorded so every stage and every restart honours them
             let records = linked_opt_outs

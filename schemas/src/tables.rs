@@ -13,6 +13,12 @@ pub const TOPIC_OPTOUTS: &str = "marsad.optouts";
 /// Daily visitor keys when the log is Kafka (compacted; tombstoned past their grace period).
 pub const TOPIC_DAILY_KEYS: &str = "marsad.keys.daily";
 
+/// The Delta `txn` app id under which a table records the last offset of a topic-partition it
+/// holds: the processor resumes after it, and an erasure waits for it to pass the opt-out.
+pub fn log_position_app_id(topic: &str, partition: u32) -> String {
+    format!("marsad-{topic}-{partition}")
+}
+
 /// The tables under `<data_dir>/tables/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TableName {

@@ -181,11 +181,7 @@ impl Rollups {
                 let batch = batch.map_err(query)?;
                 report.max_rows_held = report.max_rows_held.max(batch.num_rows());
                 report.events += batch.num_rows();
-                let rows = EventRows::new(&batch)?;
-                let counted: Vec<usize> = (0..rows.len()).filter(|&i| rows.counted(i)).collect();
-                for t in &mut self.tables {
-                    t.rollup.add(&rows, &counted);
-                }
+                self.add_to(&batch, |_| true)?;
             }
         }
         let positions: Vec<(String, i64)> = events_positions.iter().map(|(a, p)| (a.clone(), *p)).collect();

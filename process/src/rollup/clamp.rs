@@ -53,13 +53,9 @@ impl VisitorDayClamp {
             // a new day: forget all but the day before it
             self.days.retain(|d, _| *d >= day - 1);
         }
-        let count = self
-            .days
-            .entry(day)
-            .or_default()
-            .entry(visitor_print(visitor))
-            .or_default();
-        if *count >= self.limit {
+        let limit = self.limit;
+        let count = self.count_of(day, visitor);
+        if *count >= limit {
             return false;
         }
         *count += 1;
@@ -69,13 +65,17 @@ impl VisitorDayClamp {
     /// Starts `visitor`'s count on `day` (days since 1970) at `events` (capped at the limit):
     /// what the table counted before a restart.
     pub(crate) fn preload(&mut self, day: i32, visitor: &str, events: u64) {
-        let count = self
-            .days
+        let limit = self.limit;
+        let count = self.count_of(day, visitor);
+        *count = (*count).max(events.min(u64::from(limit)) as u32);
+    }
+
+    fn count_of(&mut self, day: i32, visitor: &str) -> &mut u32 {
+        self.days
             .entry(day)
             .or_default()
             .entry(visitor_print(visitor))
-            .or_default();
-        *count = (*count).max(events.min(u64::from(self.limit)) as u32);
+            .or_default()
     }
 
     /// Visitor-days followed now.

@@ -152,10 +152,15 @@ impl Rollups {
     /// Adds the rows of an `events` commit covering `positions` to every table that has not
     /// counted them.
     pub fn add(&mut self, batch: &RecordBatch, positions: &[(String, i64)]) -> Result<()> {
+        self.add_to(batch, |t| t.behind(positions))
+    }
+
+    /// Adds the rows of `batch` to every table `which` picks.
+    fn add_to(&mut self, batch: &RecordBatch, which: impl Fn(&RollupTable) -> bool) -> Result<()> {
         let rows = EventRows::new(batch)?;
         let counted: Vec<usize> = (0..rows.len()).filter(|&i| rows.counted(i)).collect();
         for t in &mut self.tables {
-            if t.behind(positions) {
+            if which(t) {
                 t.rollup.add(&rows, &counted);
             }
         }
