@@ -328,3 +328,21 @@ fn a_user_id_opt_out_covers_the_cookie_sent_with_it() -> Result<()> {
     ensure!(audience_of(&client, &m, "ck-of-u-out")?["segments"] == json!([]));
     Ok(())
 }
+
+/// Query processes must draw the same noise for a cell, or asking two of them would average it
+/// away: one started with another noise key than the one recorded refuses to start.
+#[test]
+fn a_query_process_with_another_noise_key_refuses_to_start() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let key = |k: &str| vec![("MARSAD_SECRET_NOISE_KEY", k.repeat(32))];
+    drop(Marsad::start_with_env(&data, None, None, &key("33"))?);
+    match Marsad::start_with_env(&data, None, None, &key("44")) {
+        Ok(_) => bail!("a query process with another noise key started"),
+        Err(e) => {
+            let why = format!("{e:#}");
+            ensure!(why.contains("noise key") && why.contains("fingerprint"), "{why}");
+        }
+    }
+    Ok(())
+}
