@@ -190,7 +190,10 @@ impl RowWriter {
                 Ok(take)
             }
             RowWriter::Csv(w) => {
-                w.write(batch)?;
+                // the same defusing as the HTTP export: these files open in spreadsheets too
+                let defused = marsad_query::sql::defuse_formulas(batch)
+                    .map_err(|e| anyhow::anyhow!("cannot render the result as CSV: {e}"))?;
+                w.write(&defused)?;
                 Ok(batch.num_rows())
             }
             RowWriter::Ndjson(w) => {

@@ -50,6 +50,10 @@ pub struct SimulateArgs {
     /// Append the id of every acknowledged event to this file (one per line).
     #[arg(long)]
     pub ack_log: Option<PathBuf>,
+    /// Signs logged-in visitors' identity tokens as the site's backend would (from
+    /// `MARSAD_SECRET_IDENTITY_KEY` when run alone); without it they stay anonymous.
+    #[arg(skip)]
+    pub identity_key: Option<Arc<marsad_privacy::keys::SecretKey>>,
 }
 
 impl SimulateArgs {
@@ -64,6 +68,7 @@ impl SimulateArgs {
             concurrency: 16,
             retry_for: 60,
             ack_log: None,
+            identity_key: None,
         }
     }
 }
@@ -225,7 +230,7 @@ fn make_visitor(rng: &mut StdRng, geoip: Option<&GeoIp>, n: u32) -> Visitor {
     }
 }
 
-fn make_event(rng: &mut StdRng, v: &Visitor, seq: u64) -> Value {
+fn make_event(rng: &mut StdRng, v: &Visitor, seq: u64, identity_key: Option<&marsad_privacy::keys::SecretKey>) -> Value {
     let category = if rng.random_bool(0.6) {
         v.favourite
     } else {
@@ -262,9 +267,15 @@ fn make_event(rng: &mut StdRng, v: &Visitor, seq: u64) -> Value {
     if !referrer.is_empty() {
         ev["referrer"] = referrer.into();
     }
-    if let Some(u) = &v.user_id {
-        ev["user_id"] = u.clone().into();
-        ev["demographics"] = json!({"age_band": v.age_band, "gender": v.gender});
+    if let (Some(u), Some(key)) = (&v.user_id, identity_key) {
+        // what the site's backend does for a logged-in visitor: sign who it is and what it declared
+        let claims = marsad_privacy::identity::IdentityClaims {
+            uid: u.clone(),
+            exp: chrono::Utc::now().timestamp() + 3600,
+            age_band: v.age_band.map(str::to_owned),
+            gender: v.gender.map(str::to_owned),
+        };
+        ev["identity"] = marsad_privacy::identity::sign(key, &claims).into();
     }
     if event_type == "ad_impression" || event_type == "ad_click" {
         let campaign = rng.random_range(1..8);
@@ -438,6 +449,14 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
         ack_log,
     });
     let mut rng = StdRng::seed_from_u64(args.seed);
+    let identity_key = match &args.identity_key {
+        Some(k) => Some(k.clone()),
+        None => std::env::var(marsad_privacy::keys::IDENTITY_KEY_ENV)
+            .ok()
+            .map(|hex| marsad_privacy::keys::SecretKey::from_hex("identity key", &hex))
+            .transpose()?
+            .map(Arc::new),
+    };
     let geoip = GeoIp::bundled().ok();
     let visitors: Vec<Arc<Visitor>> = (0..args.visitors.max(1))
         .map(|n| Arc::new(make_visitor(&mut rng, geoip.as_ref(), n)))
@@ -468,7 +487,7 @@ pub async fn run(args: SimulateArgs) -> anyhow::Result<Summary> {
         let mut events: Vec<Value> = (0..size)
             .map(|_| {
                 let seq = seqs[vi].fetch_add(1, Ordering::Relaxed);
-                let mut e = make_event(&mut rng, &v, seq);
+                let mut e = make_event(&mut rng, &v, seq, identity_key.as_deref());
                 e["event_id"] = format!("{run_id:08x}-{}", e["event_id"].as_str().unwrap_or_default()).into();
                 e
             })

@@ -110,6 +110,22 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// The certificate of a listener, re-read when its files change, when it has one.
+fn tls_files(
+    pair: Option<(&std::path::PathBuf, &std::path::PathBuf)>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<Arc<marsad_net::TlsFiles>>> {
+    let Some((cert, key)) = pair else { return Ok(None) };
+    let files = marsad_net::TlsFiles::load(cert, key)?;
+    files.watch(shutdown.clone());
+    Ok(Some(files))
+}
+
+/// The scheme a listener serves, for the addresses printed at start.
+fn scheme(tls: &Option<Arc<marsad_net::TlsFiles>>) -> &'static str {
+    if tls.is_some() { "https" } else { "http" }
+}
+
 /// Serves the Postgres wire protocol beside the query service, when enabled.
 async fn spawn_pg(
     set: &mut JoinSet<anyhow::Result<()>>,
@@ -120,15 +136,13 @@ async fn spawn_pg(
     if !config.query.pg_enabled {
         return Ok(None);
     }
-    let tls = match (&config.query.pg_tls_cert, &config.query.pg_tls_key) {
-        (Some(cert), Some(key)) => Some(marsad_query::pg::tls_acceptor(cert, key)?),
-        _ => None,
-    };
+    let tls = tls_files(config.query.pg_tls(), &shutdown).context("query.pg_tls_cert")?;
     let listener = bind(config.query.pg_addr, "pg").await?;
     let addr = listener.local_addr()?;
     let max = config.query.pg_max_connections;
+    let idle = Duration::from_secs(config.query.pg_idle_timeout_secs);
     set.spawn(async move {
-        marsad_query::pg::serve_pg(listener, state, tls, max, shutdown).await;
+        marsad_query::pg::serve_pg(listener, state, tls, max, idle, shutdown).await;
         Ok(())
     });
     Ok(Some(addr))
@@ -196,12 +210,16 @@ impl Privacy {
         })
     }
 
-    fn ingest(&self) -> marsad_ingest::IngestPrivacy {
-        marsad_ingest::IngestPrivacy {
+    fn ingest(&self, config: &Config) -> anyhow::Result<marsad_ingest::IngestPrivacy> {
+        let identity_key = marsad_privacy::keys::load_identity_key(config)
+            .context("loading the identity key (MARSAD_SECRET_IDENTITY_KEY)")?
+            .map(Arc::new);
+        Ok(marsad_ingest::IngestPrivacy {
             keys: self.keys.clone(),
             opt_outs: self.opt_outs.clone(),
             subject_keys: self.subject_keys.clone(),
-        }
+            identity_key,
+        })
     }
 
     fn query(&self, config: &Config, log: Arc<dyn EventLog>) -> anyhow::Result<QueryPrivacy> {
@@ -519,10 +537,23 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     privacy.opt_outs_loaded().await?;
     privacy.check_key_fingerprints(log.as_ref()).await?;
     spawn_key_destruction(&mut set, &config, privacy.daily_keys.clone(), shutdown.clone());
-    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
+    let ingest_privacy = privacy.ingest(&config)?;
+    let simulate_identity = ingest_privacy.identity_key.clone();
+    let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), ingest_privacy);
+    let ingest_tls = tls_files(
+        config.ingest.tls_cert.as_ref().zip(config.ingest.tls_key.as_ref()),
+        &shutdown,
+    )
+    .context("ingest.tls_cert")?;
+    let query_tls = tls_files(
+        config.query.tls_cert.as_ref().zip(config.query.tls_key.as_ref()),
+        &shutdown,
+    )
+    .context("query.tls_cert")?;
+    let (ingest_scheme, query_scheme) = (scheme(&ingest_tls), scheme(&query_tls));
     let s = shutdown.clone();
     set.spawn(async move {
-        marsad_ingest::serve(ingest_listener, ingest_state, s)
+        marsad_ingest::serve(ingest_listener, ingest_state, ingest_tls, s)
             .await
             .context("ingest")
     });
@@ -538,15 +569,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move {
-        marsad_query::serve(query_listener, query_state, s)
+        marsad_query::serve(query_listener, query_state, query_tls, s)
             .await
             .context("query")
     });
     spawn_retention(&mut set, local, shutdown.clone());
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
-    println!("  ingest  http://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
-    println!("  query   http://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects");
+    println!("  ingest  {ingest_scheme}://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
+    println!("  query   {query_scheme}://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects");
     println!("          (Authorization: Bearer <key>)");
     if let Some(pg) = pg_addr {
         println!("  pg      postgres://<key name>@{pg}/marsad   psql, Metabase, Grafana, Superset (password: the key)");
@@ -568,7 +599,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         set.spawn(async move {
             tokio::select! {
                 _ = s.cancelled() => Ok(()),
-                r = crate::simulate::run(crate::simulate::SimulateArgs::background(url, rate)) => r.map(|_| ()),
+                r = crate::simulate::run(crate::simulate::SimulateArgs {
+                    identity_key: simulate_identity,
+                    ..crate::simulate::SimulateArgs::background(url, rate)
+                }) => r.map(|_| ()),
             }
         });
     }
@@ -586,9 +620,14 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
     privacy.check_key_fingerprints(log.as_ref()).await?;
-    let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest());
+    let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest(&config)?);
+    let tls = tls_files(
+        config.ingest.tls_cert.as_ref().zip(config.ingest.tls_key.as_ref()),
+        &shutdown,
+    )
+    .context("ingest.tls_cert")?;
     let s = shutdown.clone();
-    set.spawn(async move { marsad_ingest::serve(listener, state, s).await.context("ingest") });
+    set.spawn(async move { marsad_ingest::serve(listener, state, tls, s).await.context("ingest") });
     spawn_retention(&mut set, local, shutdown.clone());
     supervise(set, shutdown).await
 }
@@ -656,7 +695,12 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
+    let tls = tls_files(
+        config.query.tls_cert.as_ref().zip(config.query.tls_key.as_ref()),
+        &shutdown,
+    )
+    .context("query.tls_cert")?;
     let s = shutdown.clone();
-    set.spawn(async move { marsad_query::serve(listener, state, s).await.context("query") });
+    set.spawn(async move { marsad_query::serve(listener, state, tls, s).await.context("query") });
     supervise(set, shutdown).await
 }

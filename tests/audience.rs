@@ -228,7 +228,8 @@ fn segments_hold_exactly_the_expected_visitors_and_opt_outs_count_at_once() -> R
     for c in &opted_out_before {
         let resp = client
             .post(format!("{}/v1/opt-outs", m.ingest))
-            .json(&json!({"cookie_id": c, "scope": "personalisation"}))
+            .header("cookie", format!("_mid={c}"))
+            .json(&json!({"scope": "personalisation"}))
             .send()?;
         ensure!(resp.status().as_u16() == 202, "opt-out: {}", resp.status());
     }
@@ -316,7 +317,8 @@ fn segments_hold_exactly_the_expected_visitors_and_opt_outs_count_at_once() -> R
     let started = Instant::now();
     let resp = client
         .post(format!("{}/v1/opt-outs", m.ingest))
-        .json(&json!({"cookie_id": "jo-intender-1", "scope": "personalisation"}))
+        .header("cookie", "_mid=jo-intender-1")
+        .json(&json!({"scope": "personalisation"}))
         .send()?;
     assert_eq!(resp.status().as_u16(), 202);
     while !segments_of(&client, &m, "jo-intender-1")?.is_empty() {

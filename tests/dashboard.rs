@@ -53,8 +53,16 @@ fn simulate(m: &Marsad) -> Result<usize> {
                 Value::Null
             };
             for (i, page) in PAGES.iter().enumerate().take(1 + visitor % 3) {
+                // declared demographics count only inside the site's signed identity token
+                let identity = demographics.as_object().map(|d| {
+                    crate::common::identity_token(
+                        &format!("u-dash-{visitor}"),
+                        d.get("age_band").and_then(Value::as_str),
+                        d.get("gender").and_then(Value::as_str),
+                    )
+                });
                 events.push(json!({"type": "page_view", "url": page, "cookie_id": cookie,
-                    "event_id": format!("{cookie}-v{i}"), "demographics": demographics, "consent": consent}));
+                    "event_id": format!("{cookie}-v{i}"), "identity": identity, "consent": consent}));
             }
             for (i, campaign) in ["ramadan-cars", "summer-jobs"].iter().enumerate() {
                 events.push(json!({"type": "ad_impression", "url": PAGES[0], "cookie_id": cookie,

@@ -47,7 +47,7 @@ fn event(i: usize, v: &Visitor) -> Value {
         "consent": {"analytics": true, "personalisation": !i.is_multiple_of(3)},
     });
     if let Some(u) = &v.user {
-        e["user_id"] = u.clone().into();
+        e["identity"] = crate::common::identity_token(u, None, None).into();
     }
     if i.is_multiple_of(10) {
         e["ad"] = json!({"ad_id": "ad-1", "campaign_id": "cmp-1", "placement": "top-banner"});

@@ -60,6 +60,7 @@ impl Stage {
         for (k, v) in SHARED_KEYS {
             cmd.env(k, v.repeat(32));
         }
+        cmd.envs(crate::common::test_env());
         for (k, v) in env {
             if v.is_empty() {
                 cmd.env_remove(k);

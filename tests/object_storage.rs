@@ -48,7 +48,7 @@ fn tables_on_s3_are_written_read_audited_and_erased() -> Result<()> {
     let events: Vec<Value> = (0..400)
         .map(|i| {
             json!({"type": "page_view", "url": format!("https://kulshi.example{}", paths[i % 4]),
-                   "cookie_id": format!("s3-cookie-{}", i % 37), "user_id": format!("s3-user-{}", i % 11),
+                   "cookie_id": format!("s3-cookie-{}", i % 37), "identity": crate::common::identity_token(&format!("s3-user-{}", i % 11), None, None),
                    "event_id": format!("s3-{i}")})
         })
         .collect();

@@ -207,7 +207,8 @@ fn opt_outs_outlive_a_rotation_of_the_targeting_key() -> Result<()> {
         m.wait_for_count("SELECT count(*) FROM events", 10, Duration::from_secs(60))?;
         let resp = client
             .post(format!("{}/v1/opt-outs", m.ingest))
-            .json(&json!({"cookie_id": "ck-opted", "scope": "personalisation"}))
+            .header("cookie", "_mid=ck-opted")
+            .json(&json!({"scope": "personalisation"}))
             .send()?;
         ensure!(resp.status().as_u16() == 202, "{}", resp.text()?);
         ensure!(audience_of(&client, &m, "ck-opted")?["segments"] == json!([]));
@@ -264,7 +265,8 @@ fn a_user_id_erasure_takes_the_cookie_it_was_sent_with() -> Result<()> {
     for i in 0..3 {
         events.push(
             json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": format!("login-{i}"),
-            "cookie_id": "ck-linked", "user_id": "u-erase", "consent": {"personalisation": true}}),
+            "cookie_id": "ck-linked", "identity": crate::common::identity_token("u-erase", None, None),
+            "consent": {"personalisation": true}}),
         );
     }
     for i in 0..5 {
@@ -315,7 +317,8 @@ fn a_user_id_opt_out_covers_the_cookie_sent_with_it() -> Result<()> {
     ensure!(resp.status().as_u16() == 202, "{}", resp.text()?);
     let event = |id: &str, user: Option<&str>| {
         json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": id,
-            "cookie_id": "ck-of-u-out", "user_id": user, "consent": {"personalisation": true}})
+            "cookie_id": "ck-of-u-out", "identity": user.map(|u| crate::common::identity_token(u, None, None)),
+            "consent": {"personalisation": true}})
     };
     post_batch(&client, &m, &[event("logged-in", Some("u-out"))])?;
     m.wait_for_count("SELECT count(*) FROM events", 1, Duration::from_secs(60))?;

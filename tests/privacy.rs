@@ -80,7 +80,7 @@ fn pii_in_every_form_never_reaches_a_table() -> Result<()> {
     for (i, (url, _, _)) in pii_urls.iter().enumerate() {
         let event = json!({
             "type": "page_view", "url": url, "event_id": format!("pii-{i}"),
-            "cookie_id": format!("ck-pii-{i}"), "user_id": format!("usr-pii-{i}"),
+            "cookie_id": format!("ck-pii-{i}"), "identity": crate::common::identity_token(&format!("usr-pii-{i}"), Some("25-34"), Some("female")),
             "referrer": "https://mail.example.com/inbox?to=someone@example.com&phone=0791234567",
             "props": {"search_query": "اتصل ٠٧٩١٢٣٤٥٦٧ or mail me@example.com"},
             "consent": {"personalisation": true},
@@ -154,11 +154,18 @@ fn opt_outs_take_effect_within_a_second() -> Result<()> {
     // before: an audience id
     post_event(&client, &m, &event("before", "c-perso"), "127.0.0.1")?;
     m.wait_for_count("SELECT count(*) FROM events", 1, Duration::from_secs(60))?;
-    let opt_out = |body: Value| client.post(format!("{}/v1/opt-outs", m.ingest)).json(&body).send();
+    // an opt-out applies to the caller's own `_mid` cookie
+    let opt_out = |own_cookie: &str, body: Value| {
+        client
+            .post(format!("{}/v1/opt-outs", m.ingest))
+            .header("cookie", format!("_mid={own_cookie}"))
+            .json(&body)
+            .send()
+    };
     let started = Instant::now();
-    let resp = opt_out(json!({"cookie_id": "c-perso", "scope": "personalisation"}))?;
+    let resp = opt_out("c-perso", json!({"scope": "personalisation"}))?;
     assert_eq!(resp.status().as_u16(), 202);
-    let resp = opt_out(json!({"cookie_id": "c-gone", "scope": "analytics"}))?;
+    let resp = opt_out("c-gone", json!({"scope": "analytics"}))?;
     assert_eq!(resp.status().as_u16(), 202);
     post_event(&client, &m, &event("after", "c-perso"), "127.0.0.1")?;
     let answer = post_event(&client, &m, &event("dropped", "c-gone"), "127.0.0.1")?;
@@ -176,7 +183,7 @@ fn opt_outs_take_effect_within_a_second() -> Result<()> {
     assert_eq!(rows.get("dropped"), None);
 
     // user ids need the admin key; bad scopes are refused
-    let resp = opt_out(json!({"user_id": "u-1", "scope": "all"}))?;
+    let resp = opt_out("c-1", json!({"user_id": "u-1", "scope": "all"}))?;
     assert_eq!(resp.status().as_u16(), 401);
     let resp = client
         .post(format!("{}/v1/opt-outs", m.ingest))
@@ -184,8 +191,26 @@ fn opt_outs_take_effect_within_a_second() -> Result<()> {
         .json(&json!({"user_id": "u-1", "scope": "all"}))
         .send()?;
     assert_eq!(resp.status().as_u16(), 202);
-    let resp = opt_out(json!({"cookie_id": "c-1", "scope": "everything"}))?;
+    let resp = opt_out("c-1", json!({"scope": "everything"}))?;
     assert_eq!(resp.status().as_u16(), 400);
+
+    // an attacker posting someone else's cookie id opts out only their own cookie
+    let resp = opt_out("c-attacker", json!({"cookie_id": "c-victim", "scope": "analytics"}))?;
+    assert_eq!(resp.status().as_u16(), 202);
+    let answer: Value = resp.json()?;
+    assert_eq!(answer["ignored"], json!(["cookie_id"]), "{answer}");
+    let victim = post_event(&client, &m, &event("victim-still-counted", "c-victim"), "127.0.0.1")?;
+    assert_eq!(victim["accepted"], 1, "the victim's cookie is not opted out: {victim}");
+    let attacker = post_event(&client, &m, &event("attacker-gone", "c-attacker"), "127.0.0.1")?;
+    assert_eq!(attacker["not_collected"], 1, "the caller's own cookie is: {attacker}");
+    // without a cookie of its own, a body cookie id records nothing
+    let resp = client
+        .post(format!("{}/v1/opt-outs", m.ingest))
+        .json(&json!({"cookie_id": "c-victim", "scope": "all"}))
+        .send()?;
+    assert_eq!(resp.status().as_u16(), 400);
+    let victim = post_event(&client, &m, &event("victim-again", "c-victim"), "127.0.0.1")?;
+    assert_eq!(victim["accepted"], 1, "{victim}");
 
     // opt-outs survive a restart: they are read back from the opt-out log
     drop(m);
@@ -216,7 +241,7 @@ fn erasure_removes_the_subject_everywhere_and_nothing_else() -> Result<()> {
     }
     // logged-in events of another subject by user id only
     for i in 0..5 {
-        batch.push(json!({"type": "search", "event_id": format!("user-{i}"), "user_id": "usr-erase", "cookie_id": format!("ck-user-{i}"),
+        batch.push(json!({"type": "search", "event_id": format!("user-{i}"), "identity": crate::common::identity_token("usr-erase", None, None), "cookie_id": format!("ck-user-{i}"),
             "consent": {"personalisation": true}}));
     }
     // several commits, so older Delta versions hold the subject's rows too

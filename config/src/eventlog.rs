@@ -57,6 +57,9 @@ pub struct EventLogConfig {
     /// `MARSAD_SECRET_KAFKA_SSL_KEY_PASSWORD`, never from this file.
     #[serde(deserialize_with = "settings_as_text")]
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// Kafka: allow brokers off loopback without TLS (`security.protocol` other than `SSL` or
+    /// `SASL_SSL`), for a network that encrypts by other means. Events carry IPs and cookies.
+    pub kafka_allow_plaintext: bool,
 }
 
 impl EventLogConfig {
@@ -101,6 +104,7 @@ impl Default for EventLogConfig {
             session_timeout_ms: 10_000,
             seek_from_log_start: false,
             kafka: std::collections::BTreeMap::new(),
+            kafka_allow_plaintext: false,
         }
     }
 }
@@ -114,6 +118,33 @@ impl EventLogConfig {
     /// How long dead letters are kept.
     pub fn dead_letter_retention(&self) -> std::time::Duration {
         hours(self.dead_letter_retention_hours.unwrap_or(self.retention_hours))
+    }
+
+    /// Refuses brokers off loopback without TLS unless `kafka_allow_plaintext` says so.
+    fn check_kafka_transport(&self) -> Result<()> {
+        let protocol = self
+            .kafka
+            .get("security.protocol")
+            .map(|p| p.trim().to_ascii_uppercase())
+            .unwrap_or_else(|| "PLAINTEXT".into());
+        if protocol == "SSL" || protocol == "SASL_SSL" || self.kafka_allow_plaintext {
+            return Ok(());
+        }
+        let off_loopback = self.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()).find(|b| {
+            let host = b.rsplit_once(':').map_or(*b, |(h, _)| h).trim_matches(['[', ']']);
+            !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+        });
+        match off_loopback {
+            None => Ok(()),
+            Some(broker) => Err(ConfigError::Invalid {
+                key: "eventlog.kafka",
+                reason: format!(
+                    "broker `{broker}` is off this machine and `security.protocol` is {protocol}: events carry \
+                     IP addresses and cookies, so set eventlog.kafka.\"security.protocol\" = \"SSL\" or \"SASL_SSL\", \
+                     or eventlog.kafka_allow_plaintext = true if the network encrypts by other means"
+                ),
+            }),
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -146,6 +177,7 @@ impl EventLogConfig {
                     reason: format!("`{}`: one of zstd, lz4, gzip, snappy, none", self.compression),
                 });
             }
+            self.check_kafka_transport()?;
             if let Some(k) = self
                 .kafka
                 .keys()

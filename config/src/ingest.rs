@@ -1,10 +1,12 @@
 //! `[ingest]`: the collection endpoint.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+use crate::listener::{HttpLimits, TlsMode, check_transport};
 use crate::{Result, positive};
 
 /// The collection endpoint (`marsad ingest`).
@@ -25,6 +27,16 @@ pub struct IngestConfig {
     pub retry_after_secs: u64,
     /// Whether events without a stated analytics consent are collected.
     pub default_analytics_consent: bool,
+    /// Where TLS ends: here (with `tls_cert` and `tls_key`) or at a proxy in front.
+    pub tls: TlsMode,
+    /// PEM certificate chain; re-read when the file changes.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key; re-read when the file changes.
+    pub tls_key: Option<PathBuf>,
+    /// Connections, timeouts and the per-client rate of events.
+    pub limits: HttpLimits,
+    /// Opt-outs one client address may record per minute.
+    pub opt_out_rate_per_minute: u32,
 }
 
 impl Default for IngestConfig {
@@ -37,6 +49,17 @@ impl Default for IngestConfig {
             append_timeout_ms: 5_000,
             retry_after_secs: 1,
             default_analytics_consent: true,
+            tls: TlsMode::Builtin,
+            tls_cert: None,
+            tls_key: None,
+            limits: HttpLimits {
+                max_connections: 4096,
+                header_timeout_ms: 10_000,
+                request_timeout_ms: 30_000,
+                rate_per_second: 50,
+                rate_burst: 500,
+            },
+            opt_out_rate_per_minute: 10,
         }
     }
 }
@@ -45,6 +68,14 @@ impl IngestConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         positive("ingest.body_limit_bytes", self.body_limit_bytes as u64)?;
         positive("ingest.max_batch_events", self.max_batch_events as u64)?;
-        positive("ingest.append_timeout_ms", self.append_timeout_ms)
+        positive("ingest.append_timeout_ms", self.append_timeout_ms)?;
+        positive("ingest.opt_out_rate_per_minute", u64::from(self.opt_out_rate_per_minute))?;
+        self.limits.validate([
+            "ingest.limits.max_connections",
+            "ingest.limits.header_timeout_ms",
+            "ingest.limits.request_timeout_ms",
+            "ingest.limits.rate_burst",
+        ])?;
+        check_transport("ingest", &self.addr, self.tls, &self.tls_cert, &self.tls_key)
     }
 }

@@ -10,6 +10,7 @@
 mod audience;
 mod eventlog;
 mod ingest;
+mod listener;
 mod privacy;
 mod process;
 mod query;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 pub use audience::{AudienceConfig, SegmentDefinition, SegmentRule};
 pub use eventlog::{EventLogConfig, EventLogKind};
 pub use ingest::IngestConfig;
+pub use listener::{HttpLimits, TlsMode};
 pub use privacy::{GeoIpConfig, PrivacyConfig};
 pub use process::{PageCategoryRule, ProcessConfig, default_page_categories};
 pub use query::{ApiKeyConfig, QueryConfig, Role};

@@ -16,6 +16,9 @@ pub struct PrivacyConfig {
     pub targeting_key_file: Option<PathBuf>,
     /// A file holding the opt-out key (hex, 32 bytes), never rotated; else `MARSAD_SECRET_OPTOUT_KEY`, else (local log only) one generated in the data dir.
     pub optout_key_file: Option<PathBuf>,
+    /// A file holding the key the site's backend signs identity tokens with (hex, 32 bytes);
+    /// else `MARSAD_SECRET_IDENTITY_KEY`. Without one, every `user_id` counts as anonymous.
+    pub identity_key_file: Option<PathBuf>,
     /// Hours after its day ends that a daily visitor key is kept, then destroyed.
     pub daily_key_grace_hours: u64,
     /// How often every stage holding daily keys destroys the expired ones, traffic or not.
@@ -32,6 +35,7 @@ impl Default for PrivacyConfig {
             query_allowlist: vec!["utm_*".into(), "category".into(), "page".into()],
             targeting_key_file: None,
             optout_key_file: None,
+            identity_key_file: None,
             daily_key_grace_hours: 48,
             key_destruction_interval_ms: 60_000,
             default_personalisation_consent: false,

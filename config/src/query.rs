@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::listener::{HttpLimits, TlsMode, check_transport};
 use crate::{ConfigError, Result, positive};
 
 /// A role an API key can hold.
@@ -81,6 +82,22 @@ pub struct QueryConfig {
     pub pg_tls_key: Option<PathBuf>,
     /// Postgres connections served at once; more wait for a free one.
     pub pg_max_connections: usize,
+    /// A Postgres connection silent this long (between queries) is closed, freeing its slot.
+    pub pg_idle_timeout_secs: u64,
+    /// Where TLS of the HTTP API ends: here (with `tls_cert` and `tls_key`) or at a proxy in front.
+    pub tls: TlsMode,
+    /// PEM certificate chain of the HTTP API (and of Postgres when `pg_tls_cert` is unset).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the HTTP API (and of Postgres when `pg_tls_key` is unset).
+    pub tls_key: Option<PathBuf>,
+    /// Connections, timeouts and the per-client request rate of the HTTP API.
+    pub limits: HttpLimits,
+    /// Audience lookups one client address may make per second (the ad system asks often).
+    pub audience_rate_per_second: u32,
+    /// SQL queries (HTTP and Postgres) running at once; more wait `query_queue_ms`, then get 503.
+    pub max_concurrent_queries: usize,
+    /// How long a query waits for a free slot before it is refused with 503.
+    pub query_queue_ms: u64,
 }
 
 impl Default for QueryConfig {
@@ -98,23 +115,55 @@ impl Default for QueryConfig {
             pg_tls_cert: None,
             pg_tls_key: None,
             pg_max_connections: 64,
+            pg_idle_timeout_secs: 900,
+            tls: TlsMode::Builtin,
+            tls_cert: None,
+            tls_key: None,
+            limits: HttpLimits {
+                max_connections: 1024,
+                header_timeout_ms: 10_000,
+                request_timeout_ms: 300_000,
+                rate_per_second: 20,
+                rate_burst: 100,
+            },
+            audience_rate_per_second: 5_000,
+            max_concurrent_queries: 8,
+            query_queue_ms: 2_000,
         }
     }
 }
 
 impl QueryConfig {
+    /// The certificate and key of the Postgres port: its own, else the HTTP API's.
+    pub fn pg_tls(&self) -> Option<(&PathBuf, &PathBuf)> {
+        match (&self.pg_tls_cert, &self.pg_tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => self.tls_cert.as_ref().zip(self.tls_key.as_ref()),
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         positive("query.max_result_rows", self.max_result_rows as u64)?;
         positive("query.timeout_secs", self.timeout_secs)?;
         positive("query.memory_limit_mb", self.memory_limit_mb)?;
         positive("query.pg_max_connections", self.pg_max_connections as u64)?;
+        positive("query.pg_idle_timeout_secs", self.pg_idle_timeout_secs)?;
+        positive("query.max_concurrent_queries", self.max_concurrent_queries as u64)?;
+        positive("query.audience_rate_per_second", u64::from(self.audience_rate_per_second))?;
+        self.limits.validate([
+            "query.limits.max_connections",
+            "query.limits.header_timeout_ms",
+            "query.limits.request_timeout_ms",
+            "query.limits.rate_burst",
+        ])?;
+        check_transport("query", &self.addr, self.tls, &self.tls_cert, &self.tls_key)?;
         if self.pg_tls_cert.is_some() != self.pg_tls_key.is_some() {
             return Err(ConfigError::Invalid {
                 key: "query.pg_tls_cert",
                 reason: "TLS needs both query.pg_tls_cert and query.pg_tls_key".into(),
             });
         }
-        if self.pg_enabled && !self.pg_addr.ip().is_loopback() && self.pg_tls_cert.is_none() {
+        if self.pg_enabled && !self.pg_addr.ip().is_loopback() && self.pg_tls().is_none() {
             return Err(ConfigError::Invalid {
                 key: "query.pg_addr",
                 reason: format!(

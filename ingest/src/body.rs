@@ -37,10 +37,13 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
     if seen > limit || declared.is_some_and(|d| d > limit) {
         return Err(ApiError::TooLarge { limit });
     }
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase());
+    let encoding = headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    decode_body(encoding, raw, limit)
+}
+
+/// Inflates a body by its `Content-Encoding`, refusing more than `limit` bytes once inflated.
+pub fn decode_body(encoding: Option<&str>, raw: Vec<u8>, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let encoding = encoding.map(|v| v.trim().to_ascii_lowercase());
     match encoding.as_deref() {
         None | Some("") | Some("identity") => Ok(raw),
         Some("gzip") | Some("x-gzip") => {
@@ -55,7 +58,8 @@ pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Resu
             Ok(out)
         }
         Some(other) => Err(ApiError::Unsupported(format!(
-            "Content-Encoding `{other}` is not supported; send gzip or nothing"
+            "Content-Encoding `{}` is not supported; send gzip or nothing",
+            other.chars().filter(|c| c.is_ascii_graphic()).take(32).collect::<String>()
         ))),
     }
 }

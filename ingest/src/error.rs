@@ -32,12 +32,16 @@ pub enum ApiError {
     /// The call needs a key with a role.
     #[error("{0}")]
     Access(#[from] marsad_privacy::access::AccessError),
-    /// The log cannot make events durable right now.
-    #[error("event log unavailable, retry later: {reason}")]
+    /// The log cannot make events durable right now (why goes to the log, not the client).
+    #[error("event log unavailable, retry later")]
     Unavailable {
-        /// What the log said (no event data).
-        reason: String,
         /// Suggested wait.
+        retry_after: Duration,
+    },
+    /// This client sent more than its rate allows.
+    #[error("too many requests from this address; retry later")]
+    TooMany {
+        /// How long until the next request is allowed.
         retry_after: Duration,
     },
 }
@@ -52,14 +56,15 @@ impl IntoResponse for ApiError {
             ApiError::Access(marsad_privacy::access::AccessError::Unauthorized) => StatusCode::UNAUTHORIZED,
             ApiError::Access(marsad_privacy::access::AccessError::Forbidden { .. }) => StatusCode::FORBIDDEN,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
         let body = match &self {
             ApiError::AllRejected(rejected) => json!({"error": self.to_string(), "accepted": 0, "rejected": rejected}),
             _ => json!({"error": self.to_string()}),
         };
         let mut resp = (status, Json(body)).into_response();
-        if let ApiError::Unavailable { retry_after, .. } = &self {
-            let secs = retry_after.as_secs().max(1);
+        if let ApiError::Unavailable { retry_after } | ApiError::TooMany { retry_after } = &self {
+            let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }

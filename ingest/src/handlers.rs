@@ -11,14 +11,18 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use marsad_config::Role;
 use marsad_eventlog::{Error as LogError, Record};
+use marsad_config::TlsMode;
+use marsad_net::ConnectionSecurity;
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
+use marsad_privacy::identity::IdentityClaims;
 use marsad_privacy::optout::{OptOutRecord, OptOutScope, Purpose};
 use marsad_privacy::pseudonym::Subject;
-use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, EventType, TOPIC_OPTOUTS, TOPIC_RAW};
+use marsad_schemas::{ENVELOPE_VERSION, Envelope, Event, TOPIC_OPTOUTS, TOPIC_RAW};
 use serde_json::{Value, json};
 
 use crate::IngestState;
 use crate::body::{read_limited, utf8};
+use crate::decode::{batch_items, parse_event, pixel_event};
 use crate::error::ApiError;
 
 /// The transparent 1×1 GIF the pixel answers with.
@@ -65,6 +69,7 @@ fn context(state: &IngestState, peer: SocketAddr, headers: &HeaderMap) -> Reques
 impl RequestContext {
     /// Wraps a valid event, or `None` when the visitor refused analytics (not collected at all).
     fn envelope(&self, state: &IngestState, mut event: Event) -> Option<Envelope> {
+        vouch_identity(state, &mut event);
         let c = event.consent.unwrap_or_default();
         let stated = StatedConsent {
             analytics: c.analytics,
@@ -103,11 +108,36 @@ impl RequestContext {
     }
 }
 
-/// Parses and validates one event; the error is the client's message.
-fn parse_event(value: Value) -> Result<Event, String> {
-    let event: Event = serde_json::from_value(value).map_err(|e| format!("invalid event: {e}"))?;
-    event.validate().map_err(|e| format!("invalid event: {e}"))?;
-    Ok(event)
+/// Keeps the `user_id` and demographics only as a valid identity token states them: anything
+/// else a client claims about an account is dropped, and the event counts as anonymous.
+fn vouch_identity(state: &IngestState, event: &mut Event) {
+    let claims = match (&state.identity_key, event.identity.take()) {
+        (Some(key), Some(token)) => {
+            match marsad_privacy::identity::verify(key, &token, Utc::now()) {
+                Ok(claims) => Some(claims),
+                Err(e) => {
+                    state.metrics.identity_refused(&e);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    match claims {
+        // the token, not the body, says who this is: a body `user_id` for someone else is ignored
+        Some(IdentityClaims { uid, age_band, gender, .. }) => {
+            event.user_id = Some(uid);
+            event.demographics = (age_band.is_some() || gender.is_some())
+                .then_some(marsad_schemas::Demographics { age_band, gender });
+        }
+        None => {
+            if event.user_id.is_some() || event.demographics.is_some() {
+                state.metrics.unsigned_identity.inc();
+            }
+            event.user_id = None;
+            event.demographics = None;
+        }
+    }
 }
 
 /// Appends to the raw log; only `Ok` may be answered 2xx.
@@ -135,7 +165,6 @@ async fn append(state: &IngestState, envelopes: Vec<Envelope>) -> Result<usize, 
             state.metrics.unavailable.inc();
             tracing::warn!(error = %e, events = n, "event log refused an append; answering 503");
             Err(ApiError::Unavailable {
-                reason: e.to_string(),
                 retry_after: state.retry_after,
             })
         }
@@ -184,44 +213,6 @@ pub async fn post_event(
     Ok((StatusCode::ACCEPTED, Json(json!({"accepted": accepted}))).into_response())
 }
 
-/// Splits a batch body into its events, keeping each one's index for error reports.
-fn batch_items(headers: &HeaderMap, text: &str) -> Result<Vec<Result<Value, String>>, ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if content_type.contains("ndjson") || content_type.contains("jsonlines") {
-        return Ok(text
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|line| serde_json::from_str::<Value>(line).map_err(|e| format!("malformed JSON line: {e}")))
-            .collect());
-    }
-    let value: Value = serde_json::from_str(text).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
-    let items = match value {
-        Value::Array(items) => items,
-        Value::Object(mut map) => {
-            if let Some(other) = map.keys().find(|k| *k != "events") {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown field `{other}` in batch; expected `events`"
-                )));
-            }
-            match map.remove("events") {
-                Some(Value::Array(items)) => items,
-                Some(_) => return Err(ApiError::BadRequest("`events` must be an array of events".into())),
-                None => return Err(ApiError::BadRequest("missing field `events`".into())),
-            }
-        }
-        _ => {
-            return Err(ApiError::BadRequest(
-                "a batch is {\"events\":[…]}, a JSON array, or NDJSON".into(),
-            ));
-        }
-    };
-    Ok(items.into_iter().map(Ok).collect())
-}
-
 /// `POST /v1/batch`: many events; each refused one is reported by index.
 #[utoipa::path(post, path = "/v1/batch", tag = "ingest",
     request_body(content = serde_json::Value, description = "{\"events\":[…]}, a JSON array, or NDJSON; gzip accepted"),
@@ -236,7 +227,8 @@ pub async fn post_batch(
 ) -> Result<Response, ApiError> {
     let bytes = read_limited(&headers, body, state.body_limit).await?;
     let text = utf8(&bytes)?;
-    let items = batch_items(&headers, text).inspect_err(|_| state.metrics.reject("malformed"))?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let items = batch_items(content_type, text).inspect_err(|_| state.metrics.reject("malformed"))?;
     if items.is_empty() {
         state.metrics.reject("empty");
         return Err(ApiError::BadRequest("the batch has no events".into()));
@@ -298,36 +290,26 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 pub async fn pixel(
     State(state): State<IngestState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    security: Option<axum::Extension<ConnectionSecurity>>,
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let type_name = params.get("t").map(String::as_str).unwrap_or("page_view");
-    let event_type = EventType::parse(type_name).ok_or_else(|| {
+    let parts = RequestTransport {
+        peer,
+        security: security.map(|s| s.0),
+        forwarded_proto: header_text(&headers, "x-forwarded-proto", 16),
+    };
+    let mut event = pixel_event(&params, header_text(&headers, "referer", 8192)).map_err(|e| {
         state.metrics.reject("invalid");
-        ApiError::BadRequest(format!("unknown event type `{type_name}` in `t`"))
+        ApiError::BadRequest(e)
     })?;
     // the tracker's fallback passes its first-party cookie as `c`; plain pixels rely on `_mid`
-    let from_param = params.get("c").filter(|c| !c.is_empty() && c.len() <= 128).cloned();
+    let from_param = params.get("c").filter(|c| !c.is_empty()).cloned();
     let (cookie_id, new_cookie) = match from_param.or_else(|| cookie(&headers, COOKIE_NAME)) {
         Some(c) => (c, false),
         None => (format!("c-{}", uuid::Uuid::new_v4().simple()), true),
     };
-    let event = Event {
-        event_type,
-        url: params
-            .get("u")
-            .cloned()
-            .or_else(|| header_text(&headers, "referer", 8192)),
-        referrer: params.get("r").cloned().filter(|r| !r.is_empty()),
-        cookie_id: Some(cookie_id.clone()),
-        user_id: None,
-        event_id: params.get("e").cloned(),
-        ts: None,
-        ad: None,
-        consent: None,
-        demographics: None,
-        props: None,
-    };
+    event.cookie_id = Some(cookie_id.clone());
     event.validate().map_err(|e| {
         state.metrics.reject("invalid");
         ApiError::BadRequest(format!("invalid event: {e}"))
@@ -348,12 +330,32 @@ pub async fn pixel(
     )
         .into_response();
     if new_cookie {
-        let value = format!("{COOKIE_NAME}={cookie_id}; Path=/; Max-Age=31536000; SameSite=Lax; HttpOnly");
+        let secure = if secure_request(&state, &parts) { "; Secure" } else { "" };
+        let value = format!("{COOKIE_NAME}={cookie_id}; Path=/; Max-Age=31536000; SameSite=Lax; HttpOnly{secure}");
         if let Ok(v) = HeaderValue::from_str(&value) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
     }
     Ok(resp)
+}
+
+/// How a request reached this process, to decide whether cookies may be marked `Secure`.
+struct RequestTransport {
+    peer: SocketAddr,
+    security: Option<ConnectionSecurity>,
+    forwarded_proto: Option<String>,
+}
+
+/// Whether the visitor's connection was encrypted: TLS ended here, or (behind a proxy that
+/// ends it) a trusted proxy says `X-Forwarded-Proto: https`.
+fn secure_request(state: &IngestState, t: &RequestTransport) -> bool {
+    match state.tls_mode {
+        TlsMode::Builtin => t.security == Some(ConnectionSecurity::Tls),
+        TlsMode::TerminatedUpstream => {
+            state.proxies.trusts(t.peer.ip())
+                && t.forwarded_proto.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("https"))
+        }
+    }
 }
 
 /// `GET /healthz`: the process is alive.
@@ -396,45 +398,70 @@ pub async fn not_found() -> ApiError {
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptOutRequest {
-    /// The browser's `_mid` cookie (open: an opt-out only reduces collection).
+    /// Ignored: a cookie opt-out applies to the caller's own `_mid` cookie, never to an id
+    /// someone typed (accepted so older trackers are not refused).
     #[serde(default)]
     pub cookie_id: Option<String>,
     /// An account id (admin key required).
     #[serde(default)]
     pub user_id: Option<String>,
+    /// A token the site's backend signed for the logged-in visitor: opts out that account.
+    #[serde(default)]
+    pub identity: Option<String>,
     /// `analytics`, `personalisation`, `marketing` or `all`.
     pub scope: String,
 }
 
 /// `POST /v1/opt-outs`: records an opt-out in the opt-out log; in force here at once.
 #[utoipa::path(post, path = "/v1/opt-outs", tag = "privacy",
-    request_body(content = serde_json::Value, description = "{\"cookie_id\"|\"user_id\": …, \"scope\": \"analytics\"|\"personalisation\"|\"marketing\"|\"all\"}"),
-    responses((status = 202, description = "Recorded"), (status = 400, description = "Bad scope or subject"),
-        (status = 401, description = "A user id needs the admin key")))]
+    request_body(content = serde_json::Value, description = "{\"scope\": \"analytics\"|\"personalisation\"|\"marketing\"|\"all\"} for the caller's own `_mid` cookie; with \"identity\": a signed token, for that account; with \"user_id\" and the admin key, for any account"),
+    responses((status = 202, description = "Recorded"), (status = 400, description = "Bad scope, no cookie, or an invalid token"),
+        (status = 401, description = "A user id needs the admin key"), (status = 429, description = "Too many opt-outs from this address")))]
 pub async fn post_opt_out(
     State(state): State<IngestState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let client = context(&state, peer, &headers).client_ip;
+    if let Err(wait) = state.opt_out_limit.check(client) {
+        return Err(ApiError::TooMany { retry_after: wait });
+    }
     let bytes = read_limited(&headers, body, 16 * 1024).await?;
     let req: OptOutRequest =
         serde_json::from_slice(&bytes).map_err(|e| ApiError::BadRequest(format!("invalid opt-out: {e}")))?;
     let scope = OptOutScope::parse(&req.scope).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "unknown scope `{}`; use analytics, personalisation, marketing or all",
-            req.scope
-        ))
+        ApiError::BadRequest("unknown scope; use analytics, personalisation, marketing or all".into())
     })?;
-    let subject = match (&req.cookie_id, &req.user_id) {
-        (Some(c), None) if !c.is_empty() => Subject::Cookie(c),
-        (None, Some(u)) if !u.is_empty() => {
+    let own_cookie = cookie(&headers, COOKIE_NAME);
+    let vouched;
+    let (subject, kind) = match (&req.user_id, &req.identity) {
+        (Some(u), None) if !u.is_empty() => {
             let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
             state.keys.authorize(auth, Role::Admin)?;
-            Subject::User(u)
+            (Subject::User(u), "user")
         }
+        (None, Some(token)) => {
+            let key = state.identity_key.as_ref().ok_or_else(|| {
+                ApiError::BadRequest("this site signs no identity tokens; opt out with the `_mid` cookie".into())
+            })?;
+            vouched = marsad_privacy::identity::verify(key, token, Utc::now())
+                .map_err(|e| ApiError::BadRequest(format!("{e}: nothing recorded")))?;
+            (Subject::User(&vouched.uid), "user")
+        }
+        (None, None) => match &own_cookie {
+            Some(c) => (Subject::Cookie(c), "cookie"),
+            None => {
+                return Err(ApiError::BadRequest(
+                    "no `_mid` cookie came with this request: an opt-out applies to the caller's own cookie \
+                     (send it with credentials) or to a signed identity token"
+                        .into(),
+                ));
+            }
+        },
         _ => {
             return Err(ApiError::BadRequest(
-                "send exactly one of `cookie_id` or `user_id`".into(),
+                "send at most one of `user_id` (admin key) or `identity`".into(),
             ));
         }
     };
@@ -456,17 +483,18 @@ pub async fn post_opt_out(
         .await
     {
         state.metrics.unavailable.inc();
+        tracing::warn!(error = %e, "event log refused an opt-out; answering 503");
         return Err(ApiError::Unavailable {
-            reason: e.to_string(),
             retry_after: state.retry_after,
         });
     }
     state.opt_outs.apply(&record);
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"recorded": true, "scope": req.scope})),
-    )
-        .into_response())
+    let mut answer = json!({"recorded": true, "scope": req.scope, "subject": kind});
+    if req.cookie_id.is_some() && (kind != "cookie" || req.cookie_id != own_cookie) {
+        // say so: a caller who meant another cookie must not believe it opted out
+        answer["ignored"] = json!(["cookie_id"]);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 /// `GET /s.js`: the tracker snippet.

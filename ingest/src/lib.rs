@@ -14,16 +14,18 @@
 //!     keys: Arc::default(),
 //!     opt_outs: Arc::default(),
 //!     subject_keys: marsad_privacy::keys::SubjectKeys::from_seed(1),
+//!     identity_key: None,
 //! };
 //! let shutdown = tokio_util::sync::CancellationToken::new();
 //! let listener = tokio::net::TcpListener::bind(config.ingest.addr).await.map_err(marsad_ingest::Error::Bind)?;
-//! marsad_ingest::serve(listener, marsad_ingest::IngestState::new(&config, log, privacy), shutdown).await
+//! marsad_ingest::serve(listener, marsad_ingest::IngestState::new(&config, log, privacy), None, shutdown).await
 //! # }
 //! ```
 
 #![deny(missing_docs)]
 
 mod body;
+pub mod decode;
 mod error;
 mod handlers;
 mod metrics;
@@ -34,11 +36,12 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use marsad_config::Config;
+use marsad_config::{Config, HttpLimits, TlsMode};
 use marsad_eventlog::EventLog;
 use marsad_privacy::access::ApiKeys;
 use marsad_privacy::client_ip::TrustedProxies;
-use marsad_privacy::keys::SubjectKeys;
+use marsad_net::RateLimit;
+use marsad_privacy::keys::{SecretKey, SubjectKeys};
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
 
@@ -53,7 +56,7 @@ pub enum Error {
     Bind(std::io::Error),
     /// The server failed while running.
     #[error("ingest server: {0}")]
-    Serve(std::io::Error),
+    Serve(marsad_net::NetError),
 }
 
 /// Everything a request handler needs; cheap to clone.
@@ -69,6 +72,10 @@ pub struct IngestState {
     pub(crate) keys: Arc<ApiKeys>,
     pub(crate) opt_outs: Arc<OptOutRegistry>,
     pub(crate) subject_keys: SubjectKeys,
+    pub(crate) identity_key: Option<Arc<SecretKey>>,
+    pub(crate) tls_mode: TlsMode,
+    pub(crate) opt_out_limit: Arc<RateLimit>,
+    limits: HttpLimits,
 }
 
 /// What ingest needs of the privacy mechanisms besides configuration.
@@ -80,17 +87,30 @@ pub struct IngestPrivacy {
     /// Hash identifiers for opt-out records and checks (never a daily key: ingest faces the
     /// internet and hashes no visitor).
     pub subject_keys: SubjectKeys,
+    /// Checks the identity tokens the site's backend signs; without it every `user_id` is anonymous.
+    pub identity_key: Option<Arc<SecretKey>>,
 }
 
 impl IngestState {
     /// Builds the state from configuration, the log to append to, and the privacy mechanisms.
     pub fn new(config: &Config, log: Arc<dyn EventLog>, privacy: IngestPrivacy) -> Self {
+        let proxies = Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone()));
+        let opt_out_limit = RateLimit::per_minute(
+            config.ingest.opt_out_rate_per_minute,
+            "opt-outs",
+            client_of(proxies.clone()),
+        )
+        .unwrap_or_else(|| unreachable!("validated: ingest.opt_out_rate_per_minute > 0"));
         IngestState {
+            identity_key: privacy.identity_key,
+            tls_mode: config.ingest.tls,
+            opt_out_limit,
+            limits: config.ingest.limits.clone(),
             keys: privacy.keys,
             opt_outs: privacy.opt_outs,
             subject_keys: privacy.subject_keys,
             log,
-            proxies: Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone())),
+            proxies,
             body_limit: config.ingest.body_limit_bytes,
             max_batch_events: config.ingest.max_batch_events,
             retry_after: Duration::from_secs(config.ingest.retry_after_secs),
@@ -100,11 +120,35 @@ impl IngestState {
     }
 }
 
-/// The ingest routes, testable without a socket.
+/// Who a request is from: the peer, or the visitor behind trusted proxies.
+fn client_of(proxies: Arc<TrustedProxies>) -> marsad_net::limit::ClientOf {
+    Arc::new(move |req: &axum::extract::Request| {
+        let peer = req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        proxies.client_ip(peer, forwarded)
+    })
+}
+
+/// The ingest routes, testable without a socket: rate-limited per client and with a
+/// deadline per request.
 pub fn app(state: IngestState) -> Router {
     let (router, api) = routes().split_for_parts();
     let api = std::sync::Arc::new(api);
-    router
+    let limits = state.limits.clone();
+    let rate = RateLimit::new(
+        limits.rate_per_second,
+        limits.rate_burst,
+        "requests",
+        client_of(state.proxies.clone()),
+    );
+    let router = router
         .route(
             "/v1/openapi.json",
             get(move || {
@@ -113,7 +157,15 @@ pub fn app(state: IngestState) -> Router {
             }),
         )
         .fallback(handlers::not_found)
-        .with_state(state)
+        .with_state(state);
+    let router = match rate {
+        Some(rate) => router.layer(axum::middleware::from_fn_with_state(rate, marsad_net::enforce_rate_limit)),
+        None => router,
+    };
+    router.layer(axum::middleware::from_fn_with_state(
+        Duration::from_millis(limits.request_timeout_ms),
+        marsad_net::enforce_request_timeout,
+    ))
 }
 
 /// The documented routes: each handler's `#[utoipa::path]` gives both its route and its OpenAPI entry.
@@ -150,16 +202,21 @@ fn openapi_info() -> utoipa::openapi::OpenApi {
         .build()
 }
 
-/// Serves until `shutdown` is cancelled, finishing requests in flight.
+/// Serves until `shutdown` is cancelled, finishing requests in flight: over TLS when `tls`
+/// is given, with the configured connection cap and header deadline.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: IngestState,
+    tls: Option<Arc<marsad_net::TlsFiles>>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let addr = listener.local_addr().map_err(Error::Bind)?;
-    tracing::info!(%addr, "ingest listening");
-    axum::serve(listener, app(state).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    let options = marsad_net::ServeOptions {
+        tls,
+        max_connections: state.limits.max_connections,
+        header_timeout: Duration::from_millis(state.limits.header_timeout_ms),
+        drain_timeout: Duration::from_millis(state.limits.request_timeout_ms),
+    };
+    marsad_net::serve(listener, app(state), options, shutdown)
         .await
         .map_err(Error::Serve)
 }

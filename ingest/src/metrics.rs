@@ -18,6 +18,10 @@ pub struct IngestMetrics {
     pub not_collected: Counter,
     /// Requests answered 503 because the log could not take them.
     pub unavailable: Counter,
+    /// Events whose `user_id` or demographics came without a valid identity token (kept anonymous).
+    pub unsigned_identity: Counter,
+    /// Identity tokens that did not verify, by reason.
+    pub identity_refused: Family<Labels, Counter>,
 }
 
 impl Default for IngestMetrics {
@@ -34,6 +38,18 @@ impl IngestMetrics {
         let rejected = Family::<Labels, Counter>::default();
         let not_collected = Counter::default();
         let unavailable = Counter::default();
+        let unsigned_identity = Counter::default();
+        let identity_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "identities_unsigned",
+            "Events whose user_id or demographics came without a valid identity token",
+            unsigned_identity.clone(),
+        );
+        registry.register(
+            "identity_tokens_refused",
+            "Identity tokens that did not verify, by reason",
+            identity_refused.clone(),
+        );
         registry.register(
             "events_accepted",
             "Events made durable in the event log",
@@ -60,12 +76,25 @@ impl IngestMetrics {
             rejected,
             not_collected,
             unavailable,
+            unsigned_identity,
+            identity_refused,
         }
     }
 
     /// Counts a refused event.
     pub fn reject(&self, reason: &'static str) {
         self.rejected.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    /// Counts an identity token that did not verify.
+    pub fn identity_refused(&self, e: &marsad_privacy::identity::IdentityError) {
+        use marsad_privacy::identity::IdentityError;
+        let reason = match e {
+            IdentityError::Malformed => "malformed",
+            IdentityError::BadSignature => "bad_signature",
+            IdentityError::Expired => "expired",
+        };
+        self.identity_refused.get_or_create(&vec![("reason", reason)]).inc();
     }
 
     /// The Prometheus text exposition.

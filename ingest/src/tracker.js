@@ -3,7 +3,9 @@
  * The site states consent in window.marsadConsent = {analytics, personalisation, marketing}
  * (analytics defaults to true, the others to false); GPC or DNT turn personalisation and
  * marketing off before anything is sent. data-manual on the script tag stops the automatic
- * page view. API: marsad.pageView(), marsad.track(type, {ad, props, user_id}), marsad.optOut(scope).
+ * page view. API: marsad.pageView(), marsad.track(type, {ad, props, identity}), marsad.optOut(scope).
+ * A logged-in visitor counts as such only with `identity`, a token the site's backend signed
+ * (user id, expiry, declared demographics); window.marsadIdentity is used when set.
  */
 (function (w, d) {
   'use strict';
@@ -67,8 +69,8 @@
     if (d.referrer) ev.referrer = d.referrer;
     if (extra.ad) ev.ad = extra.ad;
     if (extra.props) ev.props = extra.props;
-    if (extra.user_id) ev.user_id = extra.user_id;
-    if (extra.demographics && c.personalisation) ev.demographics = extra.demographics;
+    var identity = extra.identity || w.marsadIdentity;
+    if (identity) ev.identity = identity;
     var body = JSON.stringify(ev);
     if (navigator.sendBeacon && navigator.sendBeacon(base + '/v1/events', new Blob([body], { type: 'text/plain' }))) {
       return true;
@@ -83,9 +85,11 @@
     scope = scope || 'all';
     var previous = readCookie(OPTOUT);
     writeCookie(OPTOUT, previous ? previous + ',' + scope : scope);
-    var body = JSON.stringify({ cookie_id: cookieId(), scope: scope });
-    // text/plain keeps this a simple cross-origin request (no preflight); the answer is not needed
-    return fetch(base + '/v1/opt-outs', { method: 'POST', body: body, keepalive: true, mode: 'no-cors',
+    cookieId();
+    // the opt-out applies to the `_mid` cookie the request carries (served from the site's own
+    // origin, it is this one); text/plain keeps it a simple request (no preflight)
+    var body = JSON.stringify({ scope: scope });
+    return fetch(base + '/v1/opt-outs', { method: 'POST', body: body, keepalive: true, mode: 'no-cors', credentials: 'include',
       headers: { 'Content-Type': 'text/plain' } }).then(function () { return true; }, function () { return false; });
   }
 

@@ -12,7 +12,8 @@ use http_body_util::BodyExt;
 use marsad_config::Config;
 use marsad_eventlog::{EventLog, LocalLog, LocalLogOptions};
 use marsad_ingest::{IngestPrivacy, IngestState, app};
-use marsad_privacy::keys::SubjectKeys;
+use marsad_privacy::identity::{IdentityClaims, sign};
+use marsad_privacy::keys::{SecretKey, SubjectKeys};
 use marsad_schemas::{Envelope, TOPIC_RAW};
 use tower::ServiceExt;
 
@@ -39,18 +40,30 @@ async fn logged(log: &LocalLog) -> Result<Vec<Envelope>> {
         .collect::<std::result::Result<_, _>>()?)
 }
 
+const IDENTITY_KEY: [u8; 32] = [0x5a; 32];
+
 fn setup(options: LocalLogOptions) -> Result<(tempfile::TempDir, Arc<LocalLog>, axum::Router)> {
+    setup_with(options, |_| {})
+}
+
+fn setup_with(
+    options: LocalLogOptions,
+    adjust: impl FnOnce(&mut Config),
+) -> Result<(tempfile::TempDir, Arc<LocalLog>, axum::Router)> {
     let dir = tempfile::tempdir()?;
     let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
     config.ingest.trusted_proxies = vec!["10.0.0.0/8".parse()?];
+    config.ingest.limits.rate_per_second = 0;
+    adjust(&mut config);
     let log = Arc::new(LocalLog::open(config.log_dir(), options)?);
     let privacy = IngestPrivacy {
         keys: Arc::default(),
         opt_outs: Arc::default(),
         subject_keys: SubjectKeys::from_seed(9),
+        identity_key: Some(Arc::new(SecretKey::from_bytes(IDENTITY_KEY))),
     };
     let router = app(IngestState::new(&config, log.clone() as Arc<dyn EventLog>, privacy));
     Ok((dir, log, router))
@@ -107,11 +120,100 @@ async fn a_log_that_cannot_write_means_503_with_retry_after() -> Result {
         Some("1")
     );
     let answer: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
-    assert!(
-        answer["error"].as_str().unwrap_or_default().contains("retry later"),
-        "{answer}"
-    );
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(error.contains("retry later"), "{answer}");
+    // the caller is anonymous: no path, lock or log detail in what it is told
+    for detail in ["lock", "/", "raw", "writer", "errno"] {
+        assert!(!error.contains(detail), "`{detail}` leaked: {answer}");
+    }
     drop(lock);
     assert!(logged(&log).await?.is_empty(), "nothing was written");
+    Ok(())
+}
+
+fn token(uid: &str, exp_in_secs: i64, key: [u8; 32]) -> String {
+    let claims = IdentityClaims {
+        uid: uid.to_owned(),
+        exp: chrono::Utc::now().timestamp() + exp_in_secs,
+        age_band: Some("25-34".into()),
+        gender: Some("female".into()),
+    };
+    sign(&SecretKey::from_bytes(key), &claims)
+}
+
+/// An account, and an age and gender with it, count only inside a token the site signed.
+#[tokio::test(flavor = "multi_thread")]
+async fn forged_identities_are_anonymous_and_signed_ones_count() -> Result {
+    let (_dir, log, router) = setup(LocalLogOptions::default())?;
+    let valid = token("u-real", 3600, IDENTITY_KEY);
+    let expired = token("u-real", -10, IDENTITY_KEY);
+    let other_key = token("u-real", 3600, [0x11; 32]);
+    // the valid token's payload with another account's claims, under the valid signature
+    let valid_signature = valid.rsplit_once('.').map(|(_, s)| s).unwrap_or_default();
+    let forged_payload = token("u-victim", 3600, [0x11; 32]);
+    let tampered = format!(
+        "{}.{valid_signature}",
+        forged_payload.rsplit_once('.').map(|(p, _)| p).unwrap_or_default()
+    );
+    let cases = [
+        ("forged", serde_json::json!({"user_id": "u-victim", "demographics": {"age_band": "55-64", "gender": "male"}})),
+        ("signed", serde_json::json!({"identity": valid})),
+        ("signed-other-body-user", serde_json::json!({"identity": valid, "user_id": "u-victim"})),
+        ("expired", serde_json::json!({"identity": expired, "user_id": "u-real"})),
+        ("other-key", serde_json::json!({"identity": other_key})),
+        ("tampered", serde_json::json!({"identity": tampered})),
+        ("garbage", serde_json::json!({"identity": "v1.bm90.aGk"})),
+    ];
+    for (id, extra) in &cases {
+        let mut event = serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": id});
+        if let (Some(e), Some(x)) = (event.as_object_mut(), extra.as_object()) {
+            e.extend(x.clone());
+        }
+        let resp = router.clone().oneshot(request("127.0.0.1:1", None, &event.to_string())?).await?;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED, "{id}: sent as anonymous, not refused");
+    }
+    let envs = logged(&log).await?;
+    assert_eq!(envs.len(), cases.len());
+    for env in &envs {
+        let id = env.event.event_id.as_deref().unwrap_or_default();
+        assert!(env.event.identity.is_none(), "{id}: the token itself is not kept");
+        if id.starts_with("signed") {
+            assert_eq!(env.event.user_id.as_deref(), Some("u-real"), "{id}");
+            let d = env.event.demographics.clone().unwrap_or_default();
+            assert_eq!((d.age_band.as_deref(), d.gender.as_deref()), (Some("25-34"), Some("female")), "{id}");
+        } else {
+            assert_eq!(env.event.user_id, None, "{id}: no account without a valid token");
+            assert_eq!(env.event.demographics, None, "{id}: no demographics without a valid token");
+        }
+    }
+    Ok(())
+}
+
+/// One address past its rate gets 429 with `Retry-After`; another address is served meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_past_the_rate_gets_429_while_others_are_served() -> Result {
+    let (_dir, _log, router) = setup_with(LocalLogOptions::default(), |c| {
+        c.ingest.limits.rate_per_second = 2;
+        c.ingest.limits.rate_burst = 5;
+    })?;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..20 {
+        let resp = router.clone().oneshot(request("198.51.100.7:1", None, EVENT)?).await?;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        }
+        statuses.push(resp.status().as_u16());
+    }
+    let served = statuses.iter().filter(|s| **s == 202).count();
+    assert!((5..=7).contains(&served), "the burst and no more: {statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let secs: u64 = retry_after.as_deref().unwrap_or("").parse()?;
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    // behind a trusted proxy, each visitor has its own allowance
+    let other = router.clone().oneshot(request("10.0.0.1:1", Some("176.29.1.2"), EVENT)?).await?;
+    assert_eq!(other.status(), StatusCode::ACCEPTED);
+    let other = router.clone().oneshot(request("203.0.113.9:1", None, EVENT)?).await?;
+    assert_eq!(other.status(), StatusCode::ACCEPTED);
     Ok(())
 }

@@ -70,6 +70,62 @@ pub struct KeyHolder {
 #[derive(Debug, Default, Clone)]
 pub struct ApiKeys {
     by_hash: HashMap<[u8; 32], KeyHolder>,
+    /// SCRAM-SHA-256 verifiers by key name, for the keys whose text this process read (key
+    /// files, the admin key): Postgres clients prove the key without sending it.
+    scram: HashMap<String, ScramVerifier>,
+}
+
+/// The iterations of SCRAM-SHA-256's key derivation (RFC 7677's minimum, Postgres' default).
+pub const SCRAM_ITERATIONS: u32 = 4096;
+
+/// What a SCRAM-SHA-256 server keeps of a password: a salt and `Hi(password, salt, i)`.
+#[derive(Clone)]
+pub struct ScramVerifier {
+    /// Random per key and process.
+    pub salt: [u8; 16],
+    /// PBKDF2-HMAC-SHA256 of the key with the salt, [`SCRAM_ITERATIONS`] rounds.
+    pub salted_password: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramVerifier(..)")
+    }
+}
+
+impl ScramVerifier {
+    /// The verifier of `key` under a fresh salt.
+    pub fn of(key: &str) -> Self {
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        ScramVerifier {
+            salt,
+            salted_password: pbkdf2_sha256(key.as_bytes(), &salt, SCRAM_ITERATIONS),
+        }
+    }
+}
+
+/// PBKDF2-HMAC-SHA256 with one block of output (RFC 5802's `Hi`).
+fn pbkdf2_sha256(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    use hmac::{KeyInit, Mac};
+    type H = hmac::Hmac<Sha256>;
+    let mac = |data: &[&[u8]]| -> [u8; 32] {
+        // an HMAC takes keys of any length: this cannot fail
+        let mut m = <H as KeyInit>::new_from_slice(password).unwrap_or_else(|_| unreachable!());
+        for d in data {
+            m.update(d);
+        }
+        m.finalize().into_bytes().into()
+    };
+    let mut u = mac(&[salt, &1u32.to_be_bytes()]);
+    let mut out = u;
+    for _ in 1..iterations {
+        u = mac(&[&u]);
+        for (o, b) in out.iter_mut().zip(u) {
+            *o ^= b;
+        }
+    }
+    out
 }
 
 fn hash(key: &str) -> [u8; 32] {
@@ -107,6 +163,7 @@ impl ApiKeys {
                         path: path.clone(),
                         source: e,
                     })?;
+                    out.scram.insert(k.name.clone(), ScramVerifier::of(text.trim()));
                     hash(text.trim())
                 }
                 (None, None) => {
@@ -130,7 +187,13 @@ impl ApiKeys {
 
     /// Adds a key by its plain text.
     pub fn insert(&mut self, key: &str, holder: KeyHolder) {
+        self.scram.insert(holder.name.clone(), ScramVerifier::of(key));
         self.by_hash.insert(hash(key), holder);
+    }
+
+    /// The SCRAM verifier of the key called `name`, when this process read its text.
+    pub fn scram_verifier(&self, name: &str) -> Option<&ScramVerifier> {
+        self.scram.get(name)
     }
 
     /// Checks that the key from an `Authorization` header value has `role`.
@@ -145,6 +208,11 @@ impl ApiKeys {
                 role: role_name(role),
             })
         }
+    }
+
+    /// The holder of the key called `name` (once its key was proven another way, e.g. SCRAM).
+    pub fn holder_named(&self, name: &str) -> Option<&KeyHolder> {
+        self.by_hash.values().find(|h| h.name == name)
     }
 
     /// The holder of a plain key, for protocols that carry it as a password (Postgres: user = key name).
@@ -274,5 +342,20 @@ mod tests {
         let again = ensure_admin_key(dir.path()).expect("read");
         assert!(!again.created);
         assert_eq!(again.key, first.key);
+    }
+}
+
+#[cfg(test)]
+mod scram_tests {
+    use super::*;
+
+    #[test]
+    fn pbkdf2_matches_rfc_7914_test_vector() {
+        // RFC 7914 §11: PBKDF2-HMAC-SHA256("passwd", "salt", 1), first 32 bytes
+        let got = pbkdf2_sha256(b"passwd", b"salt", 1);
+        assert_eq!(
+            hex::encode(got),
+            "55ac046e56e3089fec1691c22544b605f94185216dde0465e68b9d57c20dacbc"
+        );
     }
 }

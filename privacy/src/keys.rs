@@ -343,6 +343,25 @@ pub fn load_noise_key(config: &marsad_config::Config) -> Result<SecretKey> {
     load_secret_key(&NOISE_KEY, config.release.noise_key_file.as_deref(), config)
 }
 
+/// The environment variable holding the key the site's backend signs identity tokens with.
+pub const IDENTITY_KEY_ENV: &str = "MARSAD_SECRET_IDENTITY_KEY";
+
+/// Loads the identity key (see [`crate::identity`]): found like the targeting key, but on
+/// Kafka none given is no error: every `user_id` then counts as anonymous.
+pub fn load_identity_key(config: &marsad_config::Config) -> Result<Option<SecretKey>> {
+    match load_secret_key(&IDENTITY_KEY, config.privacy.identity_key_file.as_deref(), config) {
+        Ok(key) => Ok(Some(key)),
+        Err(Error::KeyNotGiven { .. }) => {
+            tracing::warn!(
+                env = IDENTITY_KEY_ENV,
+                "no identity key: every user_id counts as anonymous until the site's backend signs tokens"
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A long-lived secret: where it comes from and what it is called in messages.
 struct LongLivedKey {
     env: &'static str,
@@ -369,6 +388,15 @@ const OPTOUT_KEY: LongLivedKey = LongLivedKey {
     from_env: "opt-out key (MARSAD_SECRET_OPTOUT_KEY)",
     from_file: "opt-out key file",
     generated: "generated opt-out key",
+};
+
+const IDENTITY_KEY: LongLivedKey = LongLivedKey {
+    env: IDENTITY_KEY_ENV,
+    file_key: "privacy.identity_key_file",
+    file_name: "identity.key",
+    from_env: "identity key (MARSAD_SECRET_IDENTITY_KEY)",
+    from_file: "identity key file",
+    generated: "generated identity key",
 };
 
 const NOISE_KEY: LongLivedKey = LongLivedKey {

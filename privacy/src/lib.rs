@@ -21,6 +21,7 @@ pub mod access;
 pub mod client_ip;
 pub mod consent;
 pub mod geoip;
+pub mod identity;
 pub mod kafka_keys;
 pub mod keys;
 #[cfg(any(test, feature = "test-support"))]

@@ -346,7 +346,9 @@ function drawTable(view, section, report, rows) {
 
 function csvField(value) {
   if (value === null || value === undefined) return '';
-  const text = String(value);
+  let text = String(value);
+  // a text cell a spreadsheet would run as a formula (ids and paths come from the public ingest)
+  if (typeof value === 'string' && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\n\r]/.test(text) ? `"${text.replace(/"/g, '""')}"` : text;
 }
 

@@ -43,7 +43,25 @@ pub async fn audience(
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Adserver)?;
-    let subject = subject(&params)?;
+    audience_of(&state, &params)
+}
+
+/// `POST /v1/audience`: the lookup with the id in the body, out of URLs and proxy logs.
+#[utoipa::path(post, path = "/v1/audience", tag = "audiences", security(("api_key" = [])),
+    request_body(content = serde_json::Value, description = "{\"cookie_id\": …} or {\"user_id\": …}"),
+    responses((status = 200, description = "{\"segments\":[…]}; empty for anyone opted out"), (status = 400, description = "Give exactly one id")))]
+pub async fn audience_by_body(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    state.keys.authorize(authorization(&headers), Role::Adserver)?;
+    let params = crate::routes::subject_body(&body)?;
+    audience_of(&state, &params)
+}
+
+fn audience_of(state: &QueryState, params: &HashMap<String, String>) -> Result<Response, ApiError> {
+    let subject = subject(params)?;
     let privacy = &state.privacy;
     let audience_id = audience_id(&privacy.subject_keys.targeting, subject);
     // by the identifier under the opt-out key (whatever the targeting key is now), and by the

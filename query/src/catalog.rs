@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use datafusion::catalog::TableProvider;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryPool, TrackConsumersPool};
 use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -82,7 +83,8 @@ struct TableSlot {
 pub struct TableCatalog {
     location: TablesLocation,
     slots: HashMap<&'static str, TableSlot>,
-    memory_limit: Option<usize>,
+    /// One memory pool for every session: the cap holds for all queries together, not each.
+    memory_pool: Option<Arc<dyn MemoryPool>>,
     refresh: Duration,
     /// One object-store registry for every session, so a table's store is registered once.
     stores: Arc<dyn ObjectStoreRegistry>,
@@ -108,16 +110,19 @@ impl TableCatalog {
         TableCatalog {
             location,
             slots,
-            memory_limit: None,
+            memory_pool: None,
             // a batch job or a test reads what was just written; the service sets its interval
             refresh: Duration::ZERO,
             stores: Arc::new(DefaultObjectStoreRegistry::new()),
         }
     }
 
-    /// Caps the memory of each query's session; a query needing more fails instead of spilling to disk.
+    /// Caps the memory of all queries together; a query needing more than is left fails
+    /// instead of spilling to disk (and the process stays within the cap).
     pub fn with_memory_limit(mut self, bytes: usize) -> Self {
-        self.memory_limit = Some(bytes);
+        let pool = GreedyMemoryPool::new(bytes);
+        let tracked = TrackConsumersPool::new(pool, std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN));
+        self.memory_pool = Some(Arc::new(tracked));
         self
     }
 
@@ -173,9 +178,9 @@ impl TableCatalog {
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
         let mut runtime = RuntimeEnvBuilder::new().with_object_store_registry(self.stores.clone());
-        if let Some(bytes) = self.memory_limit {
+        if let Some(pool) = &self.memory_pool {
             runtime = runtime
-                .with_memory_limit(bytes, 1.0)
+                .with_memory_pool(pool.clone())
                 .with_disk_manager_builder(DiskManagerBuilder::default().with_mode(DiskManagerMode::Disabled));
         }
         let runtime = runtime.build_arc().map_err(|e| CatalogError {

@@ -46,6 +46,9 @@ pub enum ApiError {
         /// Seconds until the budget refills.
         retry_after: u64,
     },
+    /// Every query slot is taken and none freed up in time.
+    #[error("too many queries are running; retry in a moment")]
+    Busy,
     /// Something failed that the client cannot fix; details are logged, not sent.
     #[error("internal error; see the service log")]
     Internal,
@@ -56,7 +59,7 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Access(AccessError::Unauthorized) => StatusCode::UNAUTHORIZED,
             ApiError::Access(AccessError::Forbidden { .. }) | ApiError::ForbiddenWhat(_) => StatusCode::FORBIDDEN,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotFound | ApiError::NotFoundWhat(_) => StatusCode::NOT_FOUND,
@@ -69,6 +72,10 @@ impl IntoResponse for ApiError {
             && let Ok(value) = HeaderValue::from_str(&retry_after.to_string())
         {
             resp.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        if matches!(self, ApiError::Busy) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if matches!(self, ApiError::Access(AccessError::Unauthorized)) {
             resp.headers_mut()

@@ -46,7 +46,7 @@ pub enum Error {
     Bind(std::io::Error),
     /// The server failed while running.
     #[error("query server: {0}")]
-    Serve(std::io::Error),
+    Serve(marsad_net::NetError),
     /// The tables' location in the configuration is unusable.
     #[error("{0}")]
     Location(#[from] marsad_config::ConfigError),
@@ -71,6 +71,11 @@ pub struct QueryState {
     pub(crate) audience: Arc<marsad_config::AudienceConfig>,
     pub(crate) release: Arc<release::Release>,
     pub(crate) geoip_attribution: Arc<str>,
+    /// Queries running at once, across HTTP and Postgres.
+    pub(crate) query_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) query_queue: Duration,
+    pub(crate) limits: marsad_config::HttpLimits,
+    pub(crate) audience_rate: u32,
 }
 
 /// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
@@ -114,7 +119,23 @@ impl QueryState {
             )),
             geoip_attribution: dashboard::geoip_attribution(&config.geoip.databases).into(),
             privacy: Arc::new(privacy),
+            query_slots: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrent_queries)),
+            query_queue: Duration::from_millis(config.query.query_queue_ms),
+            limits: config.query.limits.clone(),
+            audience_rate: config.query.audience_rate_per_second,
         })
+    }
+
+    /// A slot to run one query in: waits up to `query.query_queue_ms` for one to free up,
+    /// then refuses with 503, so a flood of queries queues briefly instead of exhausting memory.
+    pub(crate) async fn query_slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, error::ApiError> {
+        match tokio::time::timeout(self.query_queue, self.query_slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            _ => {
+                self.metrics.count("busy");
+                Err(error::ApiError::Busy)
+            }
+        }
     }
 
     /// Runs one read-only statement as `access` allows, within the service's time limit and row
@@ -126,6 +147,7 @@ impl QueryState {
         params: Option<datafusion::common::ParamValues>,
         access: &sql::Access,
     ) -> Result<sql::QueryResult, error::ApiError> {
+        let _slot = self.query_slot().await?;
         let run = sql::run_with_params(ctx, statement, params, self.max_rows, access, Some(&self.release));
         match tokio::time::timeout(self.timeout, run).await {
             Ok(Ok(r)) => {
@@ -159,11 +181,47 @@ impl QueryState {
     }
 }
 
-/// The query routes, testable without a socket.
+/// The per-address rates of the API: audience lookups (the ad system asks often) and the rest.
+struct QueryRates {
+    audience: Option<Arc<marsad_net::RateLimit>>,
+    rest: Option<Arc<marsad_net::RateLimit>>,
+}
+
+/// The peer's address (the query service trusts no forwarding header).
+fn peer_of(req: &axum::extract::Request) -> std::net::IpAddr {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+async fn enforce_rates(
+    axum::extract::State(rates): axum::extract::State<Arc<QueryRates>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let limit = if request.uri().path() == "/v1/audience" {
+        &rates.audience
+    } else {
+        &rates.rest
+    };
+    match limit {
+        Some(limit) => marsad_net::enforce_rate_limit(axum::extract::State(limit.clone()), request, next).await,
+        None => next.run(request).await,
+    }
+}
+
+/// The query routes, testable without a socket: rate-limited per address, with a deadline
+/// per request.
 pub fn app(state: QueryState) -> Router {
     let (router, api) = routes().split_for_parts();
     let api = Arc::new(api);
-    router
+    let limits = state.limits.clone();
+    let peer: marsad_net::limit::ClientOf = Arc::new(peer_of);
+    let rates = Arc::new(QueryRates {
+        audience: marsad_net::RateLimit::new(state.audience_rate, state.audience_rate.saturating_mul(2), "audience lookups", peer.clone()),
+        rest: marsad_net::RateLimit::new(limits.rate_per_second, limits.rate_burst, "requests", peer),
+    });
+    let router = router
         .route(
             "/v1/openapi.json",
             get(move || {
@@ -178,6 +236,11 @@ pub fn app(state: QueryState) -> Router {
         .route("/assets/chart.js-LICENSE.md", get(dashboard::chart_js_license))
         .fallback(routes::not_found)
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(rates, enforce_rates));
+    router.layer(axum::middleware::from_fn_with_state(
+        Duration::from_millis(limits.request_timeout_ms),
+        marsad_net::enforce_request_timeout,
+    ))
 }
 
 /// The documented routes: each handler's `#[utoipa::path]` gives both its route and its OpenAPI entry.
@@ -191,6 +254,8 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
         .routes(routes!(routes::erasure_status))
         .routes(routes!(routes::privacy_budget))
         .routes(routes!(audience_routes::audience))
+        .routes(routes!(audience_routes::audience_by_body))
+        .routes(routes!(routes::erase_subject_by_body))
         .routes(routes!(audience_routes::list_segments))
         .routes(routes!(audience_routes::overlap))
         .routes(routes!(audience_routes::segment_members))
@@ -242,21 +307,26 @@ async fn follow_segment_members(audiences: Arc<audience::Audiences>, shutdown: C
     }
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled: over TLS when `tls` is given, with the configured
+/// connection cap and header deadline.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: QueryState,
+    tls: Option<Arc<marsad_net::TlsFiles>>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let addr = listener.local_addr().map_err(Error::Bind)?;
     let audiences = state.audiences();
     if let Err(e) = audiences.reload().await {
         tracing::warn!(error = %e, "no audience index yet; segments are served once it loads");
     }
     tokio::spawn(follow_segment_members(audiences, shutdown.clone()));
-    tracing::info!(%addr, "query listening");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    let options = marsad_net::ServeOptions {
+        tls,
+        max_connections: state.limits.max_connections,
+        header_timeout: Duration::from_millis(state.limits.header_timeout_ms),
+        drain_timeout: Duration::from_secs(10),
+    };
+    marsad_net::serve(listener, app(state), options, shutdown)
         .await
         .map_err(Error::Serve)
 }

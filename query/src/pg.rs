@@ -20,8 +20,9 @@ use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use futures::Sink;
 use futures::stream;
 use marsad_config::Role;
+use pgwire::api::auth::sasl::scram::{ScramServerAuth, ScramServerAuthWaitingForClientFinal};
 use pgwire::api::auth::{
-    DefaultServerParameterProvider, LoginInfo, StartupHandler, finish_authentication, protocol_negotiation,
+    DefaultServerParameterProvider, LoginInfo, Password, StartupHandler, finish_authentication, protocol_negotiation,
     save_startup_parameters_to_metadata,
 };
 use pgwire::api::portal::{Format, Portal};
@@ -99,11 +100,57 @@ impl Grant {
     }
 }
 
-/// Checks the password (an API key) against the user (its name) and the key's roles.
+/// Checks the password (an API key) against the user (its name) and the key's roles: by
+/// SCRAM-SHA-256 when this process knows the key's verifier (key files, the admin key), so
+/// the key never crosses the wire; else as a password, and then only over TLS when TLS is
+/// configured.
 struct KeyAuth {
     state: QueryState,
     parameters: DefaultServerParameterProvider,
     pids: RandomPidSecretKeyGenerator,
+    /// Whether this server offers TLS: then no password crosses a plain connection.
+    tls: bool,
+    /// SCRAM exchanges between their first and final message, by client address.
+    scram: std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, ScramServerAuthWaitingForClientFinal>>,
+}
+
+fn fatal(code: &str, message: String) -> PgWireError {
+    PgWireError::UserError(Box::new(ErrorInfo::new("FATAL".into(), code.into(), message)))
+}
+
+impl KeyAuth {
+    fn refuse(&self, user: &str) -> PgWireError {
+        self.state.metrics.count("pg_auth_refused");
+        tracing::info!(user = %user, "postgres sign-in refused");
+        PgWireError::InvalidPassword(user.to_owned())
+    }
+
+    /// Signs in `user` (whose key was proven) if its key may query.
+    async fn sign_in<C>(&self, client: &mut C, user: &str) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        let Some(holder) = self.state.keys.holder_named(user).cloned() else {
+            return Err(self.refuse(user));
+        };
+        let access = if holder.roles.contains(&Role::Engineer) {
+            "engineer"
+        } else if holder.roles.contains(&Role::Analyst) {
+            "analyst"
+        } else {
+            return Err(fatal(
+                "42501",
+                format!("key `{user}` has neither the engineer nor the analyst role"),
+            ));
+        };
+        client.metadata_mut().insert(ACCESS_KEY.into(), access.into());
+        let (pid, secret) = self.pids.generate(client);
+        client.set_pid_and_secret_key(pid, secret);
+        tracing::info!(user = %user, access, "postgres client signed in");
+        finish_authentication(client, &self.parameters).await
+    }
 }
 
 #[async_trait]
@@ -115,43 +162,81 @@ impl StartupHandler for KeyAuth {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         use futures::SinkExt;
+        fn user<C: ClientInfo>(client: &C) -> String {
+            LoginInfo::from_client_info(client)
+                .user()
+                .unwrap_or_default()
+                .to_owned()
+        }
         match message {
             PgWireFrontendMessage::Startup(ref startup) => {
                 protocol_negotiation(client, startup).await?;
                 save_startup_parameters_to_metadata(client, startup);
+                if self.tls && !client.is_secure() {
+                    self.state.metrics.count("pg_plaintext_refused");
+                    return Err(fatal(
+                        "28000",
+                        "this server takes API keys only over TLS: connect with sslmode=require".into(),
+                    ));
+                }
                 client.set_state(PgWireConnectionState::AuthenticationInProgress);
-                client
-                    .send(PgWireBackendMessage::Authentication(Authentication::CleartextPassword))
-                    .await?;
-            }
-            PgWireFrontendMessage::PasswordMessageFamily(pwd) => {
-                let password = pwd.into_password()?;
-                let user = LoginInfo::from_client_info(client)
-                    .user()
-                    .unwrap_or_default()
-                    .to_owned();
-                let holder = self.state.keys.holder_of(password.password.trim()).cloned();
-                let Some(holder) = holder.filter(|h| h.name == user) else {
-                    self.state.metrics.count("pg_auth_refused");
-                    tracing::info!(user = %user, "postgres sign-in refused");
-                    return Err(PgWireError::InvalidPassword(user));
-                };
-                let access = if holder.roles.contains(&Role::Engineer) {
-                    "engineer"
-                } else if holder.roles.contains(&Role::Analyst) {
-                    "analyst"
+                let scram = self.state.keys.scram_verifier(&user(client)).is_some();
+                let method = if scram {
+                    Authentication::SASL(vec!["SCRAM-SHA-256".to_owned()])
                 } else {
-                    return Err(PgWireError::UserError(Box::new(ErrorInfo::new(
-                        "FATAL".into(),
-                        "42501".into(),
-                        format!("key `{user}` has neither the engineer nor the analyst role"),
-                    ))));
+                    Authentication::CleartextPassword
                 };
-                client.metadata_mut().insert(ACCESS_KEY.into(), access.into());
-                let (pid, secret) = self.pids.generate(client);
-                client.set_pid_and_secret_key(pid, secret);
-                tracing::info!(user = %user, access, "postgres client signed in");
-                finish_authentication(client, &self.parameters).await?;
+                client.send(PgWireBackendMessage::Authentication(method)).await?;
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(msg) => {
+                let user = user(client);
+                let peer = client.socket_addr();
+                let verifier = self.state.keys.scram_verifier(&user).cloned();
+                let Some(verifier) = verifier else {
+                    let password = msg.into_password()?;
+                    let holder = self.state.keys.holder_of(password.password.trim()).cloned();
+                    if holder.is_none_or(|h| h.name != user) {
+                        return Err(self.refuse(&user));
+                    }
+                    return self.sign_in(client, &user).await;
+                };
+                let waiting = self.scram.lock().ok().and_then(|mut m| m.remove(&peer));
+                match waiting {
+                    None => {
+                        let first = msg.into_sasl_initial_response()?;
+                        if first.auth_method != "SCRAM-SHA-256" {
+                            return Err(fatal("28000", "use SCRAM-SHA-256".into()));
+                        }
+                        let data = first.data.as_ref().map(|d| d.to_vec()).unwrap_or_default();
+                        let expected = Password::new(
+                            Some(verifier.salt.to_vec()),
+                            verifier.salted_password.to_vec(),
+                        );
+                        let mut server = ScramServerAuth::new();
+                        server.set_iterations(marsad_privacy::access::SCRAM_ITERATIONS as usize);
+                        let (server_first, next) = server.on_client_first_message(&data, expected)?;
+                        if let Ok(mut m) = self.scram.lock() {
+                            m.insert(peer, next);
+                        }
+                        client
+                            .send(PgWireBackendMessage::Authentication(Authentication::SASLContinue(
+                                server_first.into_bytes().into(),
+                            )))
+                            .await?;
+                    }
+                    Some(waiting) => {
+                        let last = msg.into_sasl_response()?;
+                        let Ok(server_final) = waiting.on_client_final_message(&last.data) else {
+                            return Err(self.refuse(&user));
+                        };
+                        client
+                            .send(PgWireBackendMessage::Authentication(Authentication::SASLFinal(
+                                server_final.into_bytes().into(),
+                            )))
+                            .await?;
+                        self.sign_in(client, &user).await?;
+                    }
+                }
             }
             _ => {}
         }
@@ -256,6 +341,7 @@ fn command_response(command: &Command) -> PgWireResult<Response> {
 pub struct PgService {
     state: QueryState,
     parser: Arc<PgParser>,
+    activity: Arc<Activity>,
 }
 
 /// Parses with the Postgres compatibility rewrites (so `psql`'s catalog queries run) and plans
@@ -524,6 +610,7 @@ impl SimpleQueryHandler for PgService {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        self.activity.touch(client.socket_addr());
         let statements = self.parser.statements(query)?;
         if statements.is_empty() {
             return Ok(vec![Response::EmptyQuery]);
@@ -572,6 +659,7 @@ impl ExtendedQueryHandler for PgService {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        self.activity.touch(client.socket_addr());
         match &portal.statement.statement {
             PgStatement::Command(command) => command_response(command),
             PgStatement::Query { sql, params, .. } => {
@@ -588,11 +676,13 @@ impl ExtendedQueryHandler for PgService {
 pub struct PgHandlers {
     service: Arc<PgService>,
     auth: Arc<KeyAuth>,
+    activity: Arc<Activity>,
 }
 
 impl PgHandlers {
-    /// Handlers answering from `state`.
-    pub fn new(state: QueryState) -> Self {
+    /// Handlers answering from `state`; `tls` says whether the server offers TLS (then no
+    /// password is taken over a plain connection).
+    pub fn new(state: QueryState, tls: bool) -> Self {
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = "16.6 (Marsad)".into();
         parameters.is_superuser = false;
@@ -601,15 +691,20 @@ impl PgHandlers {
             state: state.clone(),
             sql: PostgresCompatibilityParser::new(),
         });
+        let activity = Arc::new(Activity::default());
         PgHandlers {
+            activity: activity.clone(),
             service: Arc::new(PgService {
                 state: state.clone(),
                 parser,
+                activity,
             }),
             auth: Arc::new(KeyAuth {
                 state,
                 parameters,
                 pids: RandomPidSecretKeyGenerator::default(),
+                tls,
+                scram: Default::default(),
             }),
         }
     }
@@ -629,51 +724,18 @@ impl PgWireServerHandlers for PgHandlers {
     }
 }
 
-/// Why the Postgres server could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum PgError {
-    /// The TLS certificate or key could not be read.
-    #[error("postgres TLS: {path}: {reason}")]
-    Tls {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// A TLS acceptor from PEM files, for `query.pg_tls_cert` and `query.pg_tls_key`.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<pgwire::tokio::TlsAcceptor, PgError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |path: &std::path::Path, reason: String| PgError::Tls {
-        path: path.to_owned(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| bad(cert, e.to_string()))?;
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(cert, e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, private)
-        .map_err(|e| bad(cert, e.to_string()))?;
-    Ok(pgwire::tokio::TlsAcceptor::from(Arc::new(config)))
-}
-
 /// Serves the Postgres wire protocol on `listener` until `shutdown`, at most
-/// `max_connections` at once (later ones wait for a free slot).
+/// `max_connections` at once (later ones wait for a free slot); TLS from `tls` (reloaded with
+/// its files); a connection silent for `idle_timeout` is closed, freeing its slot.
 pub async fn serve_pg(
     listener: TcpListener,
     state: QueryState,
-    tls: Option<pgwire::tokio::TlsAcceptor>,
+    tls: Option<Arc<marsad_net::TlsFiles>>,
     max_connections: usize,
+    idle_timeout: std::time::Duration,
     shutdown: CancellationToken,
 ) {
-    let handlers = Arc::new(PgHandlers::new(state));
+    let handlers = Arc::new(PgHandlers::new(state, tls.is_some()));
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, tls = tls.is_some(), "postgres protocol listening");
@@ -695,19 +757,62 @@ pub async fn serve_pg(
             },
         };
         let handlers = handlers.clone();
-        let tls = tls.clone();
+        let acceptor = tls.as_ref().map(|t| pgwire::tokio::TlsAcceptor::from(t.server_config()));
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let activity = handlers.activity.clone();
             tokio::select! {
                 _ = stop.cancelled() => {}
-                r = pgwire::tokio::process_socket(socket, tls, handlers) => {
+                _ = activity.silent(peer, idle_timeout) => {
+                    tracing::info!(%peer, "postgres connection idle too long; closed");
+                }
+                r = pgwire::tokio::process_socket(socket, acceptor, handlers) => {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "postgres connection ended with an error");
                     }
                 }
             }
+            activity.forget(peer);
         });
+    }
+}
+
+/// When each connection last started a query or signed in, so silent ones can be closed.
+#[derive(Default)]
+pub struct Activity(std::sync::Mutex<std::collections::HashMap<std::net::SocketAddr, std::time::Instant>>);
+
+impl Activity {
+    fn touch(&self, peer: std::net::SocketAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(peer, std::time::Instant::now());
+        }
+    }
+
+    fn idle_for(&self, peer: std::net::SocketAddr) -> std::time::Duration {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&peer).map(|t| t.elapsed()))
+            .unwrap_or_default()
+    }
+
+    fn forget(&self, peer: std::net::SocketAddr) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(&peer);
+        }
+    }
+
+    /// Ends once `peer` has started nothing for `timeout`.
+    async fn silent(&self, peer: std::net::SocketAddr, timeout: std::time::Duration) {
+        self.touch(peer);
+        loop {
+            let idle = self.idle_for(peer);
+            if idle >= timeout {
+                return;
+            }
+            tokio::time::sleep(timeout - idle).await;
+        }
     }
 }
 

@@ -236,6 +236,60 @@ pub async fn erase_subject(
     headers: HeaderMap,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    erase(state, headers, params).await
+}
+
+/// The body of the POST forms that name a subject, so its id stays out of URLs and proxy logs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectRequest {
+    /// The browser's cookie id.
+    #[serde(default)]
+    pub cookie_id: Option<String>,
+    /// The account id.
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+impl SubjectRequest {
+    /// As the query parameters of the GET/DELETE forms.
+    pub(crate) fn into_params(self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        if let Some(c) = self.cookie_id {
+            out.insert("cookie_id".to_owned(), c);
+        }
+        if let Some(u) = self.user_id {
+            out.insert("user_id".to_owned(), u);
+        }
+        out
+    }
+}
+
+/// Reads a [`SubjectRequest`] body.
+pub(crate) fn subject_body(body: &[u8]) -> Result<HashMap<String, String>, ApiError> {
+    serde_json::from_slice::<SubjectRequest>(body)
+        .map(SubjectRequest::into_params)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"cookie_id\": …}} or {{\"user_id\": …}}: {e}")))
+}
+
+/// `POST /v1/subjects/erase`: `DELETE /v1/subjects` with the id in the body, out of URLs.
+#[utoipa::path(post, path = "/v1/subjects/erase", tag = "privacy", security(("api_key" = [])),
+    request_body(content = serde_json::Value, description = "{\"cookie_id\": …} or {\"user_id\": …}"),
+    responses((status = 200, description = "Done: the erasure receipt"),
+        (status = 202, description = "Still waiting for the processor: {\"receipt_id\", \"status\": \"waiting\", \"status_url\"}"),
+        (status = 400, description = "Give exactly one id"),
+        (status = 503, description = "Could not finish; safe to repeat")))]
+pub async fn erase_subject_by_body(
+    State(state): State<QueryState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    state.keys.authorize(authorization(&headers), Role::Admin)?;
+    let params = subject_body(&body)?;
+    erase(state, headers, params).await
+}
+
+async fn erase(state: QueryState, headers: HeaderMap, params: HashMap<String, String>) -> Result<Response, ApiError> {
     let holder = state.keys.authorize(authorization(&headers), Role::Admin)?;
     let (cookie, user) = match (params.get("cookie_id"), params.get("user_id")) {
         (Some(c), None) if !c.is_empty() => (Some(c.clone()), None),
@@ -329,7 +383,11 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(state): State<QueryState>) -> Response {
     match state.catalog.session().await {
         Ok(_) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+        Err(e) => {
+            // the reason names paths and stores: for the log, not for whoever asks
+            tracing::warn!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "tables not readable yet").into_response()
+        }
     }
 }
 

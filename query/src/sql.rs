@@ -84,13 +84,53 @@ pub struct QueryResult {
     pub release: Option<ReleaseInfo>,
 }
 
+/// Whether a spreadsheet would run a text cell as a formula (or a DDE command).
+pub fn starts_formula(text: &str) -> bool {
+    matches!(text.as_bytes().first(), Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r'))
+}
+
+/// The batch with every text cell that would start a spreadsheet formula prefixed with `'`,
+/// for CSV: campaign ids and page paths come from the public ingest.
+pub fn defuse_formulas(batch: &RecordBatch) -> Result<RecordBatch, ApiError> {
+    use arrow::array::{Array, ArrayRef, StringArray};
+    use arrow::datatypes::DataType;
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+            continue;
+        }
+        let text = arrow::compute::cast(column, &DataType::Utf8).map_err(|_| ApiError::Internal)?;
+        let text = text
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .ok_or(ApiError::Internal)?;
+        if !text.iter().flatten().any(starts_formula) {
+            columns.push(column.clone());
+            fields.push(field.as_ref().clone());
+            continue;
+        }
+        let defused: StringArray = text
+            .iter()
+            .map(|v| v.map(|t| if starts_formula(t) { format!("'{t}") } else { t.to_owned() }))
+            .collect();
+        columns.push(std::sync::Arc::new(defused) as ArrayRef);
+        fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));
+        debug_assert_eq!(columns.last().map(|c| c.len()), Some(batch.num_rows()));
+    }
+    let schema = std::sync::Arc::new(arrow::datatypes::Schema::new(fields));
+    RecordBatch::try_new(schema, columns).map_err(|_| ApiError::Internal)
+}
+
 /// A DataFusion error as the client should see it.
 pub fn user_error(e: DataFusionError) -> ApiError {
     let message = e.strip_backtrace();
     match e.find_root() {
         DataFusionError::ResourcesExhausted(msg) => ApiError::BadRequest(format!(
-            "the query needs more memory than one query may use (query.memory_limit_mb); filter or aggregate \
-             more, or ask for fewer columns: {msg}"
+            "the queries running now need more memory than the service allows them together \
+             (query.memory_limit_mb); filter or aggregate more, ask for fewer columns, or retry later: {msg}"
         )),
         DataFusionError::Plan(msg) if msg.contains("not supported") => {
             ApiError::BadRequest(format!("the SQL endpoint is read-only: {msg}"))
@@ -255,7 +295,7 @@ pub fn render(result: &QueryResult, format: Format) -> Result<Vec<u8>, ApiError>
                     w.write(&empty).map_err(|e| ApiError::BadRequest(e.to_string()))?;
                 }
                 for b in &result.batches {
-                    w.write(b)
+                    w.write(&defuse_formulas(b)?)
                         .map_err(|e| ApiError::BadRequest(format!("cannot render the result as CSV: {e}")))?;
                 }
             }

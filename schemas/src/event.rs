@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_URL_LEN: usize = 8 * 1024;
 /// Longest identifier (cookie, user, event, ad) accepted.
 pub const MAX_ID_LEN: usize = 256;
+/// Longest identity token accepted.
+pub const MAX_IDENTITY_LEN: usize = 2048;
 /// Most entries accepted in `props`.
 pub const MAX_PROPS: usize = 64;
 
@@ -109,9 +111,14 @@ pub struct Event {
     /// The first-party cookie `_mid`; never stored in a table.
     #[serde(default)]
     pub cookie_id: Option<String>,
-    /// The account id of a logged-in visitor; never stored in a table.
+    /// The account id of a logged-in visitor; counts only when `identity` vouches for it;
+    /// never stored in a table.
     #[serde(default)]
     pub user_id: Option<String>,
+    /// A token the site's backend signed for the logged-in visitor (user id, expiry,
+    /// declared demographics); ingest checks it and keeps only what it vouches for.
+    #[serde(default)]
+    pub identity: Option<String>,
     /// A client-made id, used to drop duplicates of retried sends.
     #[serde(default)]
     pub event_id: Option<String>,
@@ -159,6 +166,12 @@ pub enum ValidationError {
         /// The field.
         field: &'static str,
     },
+    /// An id holds a character outside letters, digits and `-_.:`.
+    #[error("field `{field}` may hold only ASCII letters, digits and `-_.:`")]
+    BadCharacter {
+        /// The field.
+        field: &'static str,
+    },
     /// A field is present but empty.
     #[error("field `{field}` is empty")]
     Empty {
@@ -186,6 +199,10 @@ fn check_id(field: &'static str, value: &Option<String>) -> Result<(), Validatio
                 len: v.len(),
                 max: MAX_ID_LEN,
             });
+        }
+        // ids reach CSV exports, logs and URLs: no formula starts, separators or controls
+        if !v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
+            return Err(ValidationError::BadCharacter { field });
         }
     }
     Ok(())
@@ -222,6 +239,19 @@ impl Event {
         check_id("cookie_id", &self.cookie_id)?;
         check_id("user_id", &self.user_id)?;
         check_id("event_id", &self.event_id)?;
+        if let Some(token) = &self.identity
+            && token.len() > MAX_IDENTITY_LEN
+        {
+            return Err(ValidationError::TooLong {
+                field: "identity",
+                len: token.len(),
+                max: MAX_IDENTITY_LEN,
+            });
+        }
+        if let Some(d) = &self.demographics {
+            check_id("demographics.age_band", &d.age_band)?;
+            check_id("demographics.gender", &d.gender)?;
+        }
         if matches!(self.event_type, EventType::PageView) && self.url.is_none() {
             return Err(ValidationError::Missing {
                 field: "url",

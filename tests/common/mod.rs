@@ -80,6 +80,33 @@ pub fn fixture_envelope(event: Value, received_at: chrono::DateTime<chrono::Utc>
     }
 }
 
+/// The identity key every test process signs and checks identity tokens with.
+pub const TEST_IDENTITY_KEY: [u8; 32] = [0x1d; 32];
+
+/// What every test process gets before its own settings: no per-address rates (the tests all
+/// come from 127.0.0.1; the rate-limit tests set their own) and the test identity key.
+pub fn test_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("MARSAD_INGEST__LIMITS__RATE_PER_SECOND", "0".into()),
+        ("MARSAD_INGEST__OPT_OUT_RATE_PER_MINUTE", "1000000".into()),
+        ("MARSAD_QUERY__LIMITS__RATE_PER_SECOND", "0".into()),
+        ("MARSAD_QUERY__AUDIENCE_RATE_PER_SECOND", "1000000".into()),
+        ("MARSAD_SECRET_IDENTITY_KEY", hex::encode(TEST_IDENTITY_KEY)),
+    ]
+}
+
+/// An identity token for `uid` as the site's backend signs it, valid for an hour.
+pub fn identity_token(uid: &str, age_band: Option<&str>, gender: Option<&str>) -> String {
+    let key = marsad_privacy::keys::SecretKey::from_bytes(TEST_IDENTITY_KEY);
+    let claims = marsad_privacy::identity::IdentityClaims {
+        uid: uid.to_owned(),
+        exp: chrono::Utc::now().timestamp() + 3600,
+        age_band: age_band.map(str::to_owned),
+        gender: gender.map(str::to_owned),
+    };
+    marsad_privacy::identity::sign(&key, &claims)
+}
+
 pub fn marsad_bin() -> &'static str {
     env!("CARGO_BIN_EXE_marsad")
 }
@@ -162,6 +189,7 @@ impl Marsad {
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
         }
+        cmd.envs(test_env());
         cmd.envs(env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().context("spawning marsad up")?;
         let mut m = Marsad {
