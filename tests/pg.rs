@@ -80,30 +80,9 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let geoip = tmp.path().join("geo.mmdb");
     write_fixture_geoip(&geoip)?;
-    // a self-signed certificate: the Postgres port speaks TLS to clients that ask for it
-    let (cert, key) = (tmp.path().join("pg.crt"), tmp.path().join("pg.key"));
-    let made = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()?;
-    ensure!(
-        made.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    // a certificate from a test authority: the Postgres port speaks TLS, and takes keys only over it
+    let tls = crate::common::TestCertificate::write(tmp.path())?;
+    let (cert, key) = (tls.cert.clone(), tls.key.clone());
     let config = tmp.path().join("marsad.toml");
     std::fs::write(
         &config,
@@ -167,7 +146,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
     ensure!(lines.contains(&"(3 rows)"), "{}", grouped.out);
 
     // analysts: only the rollups exist for them, and their numbers come with noise
-    let tables = psql(&m, "marketing", ANALYST_KEY, "disable", "\\dt")?;
+    let tables = psql(&m, "marketing", ANALYST_KEY, "require", "\\dt")?;
     ensure!(tables.ok, "{}", tables.err);
     ensure!(
         tables.out.contains(",traffic_hourly,") && !tables.out.contains(",events,"),
@@ -178,7 +157,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         &m,
         "marketing",
         ANALYST_KEY,
-        "disable",
+        "require",
         "SELECT country, sum(events) AS events, round(hll_estimate(hll_merge(visitors))) AS visitors \
          FROM traffic_hourly GROUP BY country ORDER BY country",
     )?;
@@ -197,7 +176,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         &m,
         "marketing",
         ANALYST_KEY,
-        "disable",
+        "require",
         "SELECT country, hll_merge(visitors) FROM traffic_hourly GROUP BY country",
     )?;
     ensure!(
@@ -205,7 +184,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         "a sketch never leaves, over Postgres either: {}",
         refused.err
     );
-    let raw = psql(&m, "marketing", ANALYST_KEY, "disable", "SELECT * FROM events")?;
+    let raw = psql(&m, "marketing", ANALYST_KEY, "require", "SELECT * FROM events")?;
     ensure!(
         !raw.ok && raw.err.contains("events"),
         "raw events refused to analysts: {}",
@@ -218,7 +197,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         "DROP TABLE events",
         "INSERT INTO events (event_id) VALUES ('x')",
     ] {
-        let refused = psql(&m, "data-eng", ENGINEER_KEY, "disable", statement)?;
+        let refused = psql(&m, "data-eng", ENGINEER_KEY, "require", statement)?;
         ensure!(
             !refused.ok && refused.err.contains("read-only"),
             "{statement}: {}",
@@ -226,11 +205,15 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         );
     }
     ensure!(
-        psql(&m, "data-eng", ENGINEER_KEY, "disable", "SELECT count(*) FROM events")?
+        psql(&m, "data-eng", ENGINEER_KEY, "require", "SELECT count(*) FROM events")?
             .out
             .contains(&sent.to_string()),
         "nothing changed"
     );
+
+    // no key over a plain connection: refused before a password is asked
+    let plain = psql(&m, "data-eng", ENGINEER_KEY, "disable", "SELECT 1")?;
+    ensure!(!plain.ok && plain.err.contains("sslmode=require"), "{}", plain.err);
 
     // wrong password, a key under another name, a key without a SQL role
     for (user, password, why) in [
@@ -238,7 +221,7 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
         ("marketing", ENGINEER_KEY, "authentication failed"),
         ("ads", ADSERVER_KEY, "neither the engineer nor the analyst role"),
     ] {
-        let refused = psql(&m, user, password, "disable", "SELECT 1")?;
+        let refused = psql(&m, user, password, "require", "SELECT 1")?;
         ensure!(!refused.ok && refused.err.contains(why), "{user}: {}", refused.err);
     }
 
@@ -247,10 +230,10 @@ fn psql_lists_tables_groups_and_is_refused_what_it_may_not_do() -> Result<()> {
     let counted: i64 = runtime.block_on(async {
         let (client, connection) = tokio_postgres::connect(
             &format!(
-                "host=127.0.0.1 port={} user=data-eng password={ENGINEER_KEY} dbname=marsad",
+                "host=127.0.0.1 port={} user=data-eng password={ENGINEER_KEY} dbname=marsad sslmode=require",
                 m.pg_port
             ),
-            tokio_postgres::NoTls,
+            tls.postgres_tls()?,
         )
         .await?;
         let conn = tokio::spawn(connection);

@@ -22,6 +22,9 @@ mod browser;
 /// The marketing dashboard in a real headless Chromium: sign-in, charts, date range, language, CSV.
 mod dashboard;
 
+/// Safe on the open internet: TLS, refusals off loopback, query floods, CSV formulas.
+mod security;
+
 /// The Postgres wire protocol with the real `psql`: tables, GROUP BY, refusals, TLS.
 mod pg;
 

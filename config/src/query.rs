@@ -95,6 +95,7 @@ pub struct QueryConfig {
     /// Audience lookups one client address may make per second (the ad system asks often).
     pub audience_rate_per_second: u32,
     /// SQL queries (HTTP and Postgres) running at once; more wait `query_queue_ms`, then get 503.
+    /// 0: one less than the cores (at least 1), so a core stays free to accept and refuse.
     pub max_concurrent_queries: usize,
     /// How long a query waits for a free slot before it is refused with 503.
     pub query_queue_ms: u64,
@@ -127,7 +128,7 @@ impl Default for QueryConfig {
                 rate_burst: 100,
             },
             audience_rate_per_second: 5_000,
-            max_concurrent_queries: 8,
+            max_concurrent_queries: 0,
             query_queue_ms: 2_000,
         }
     }
@@ -142,13 +143,20 @@ impl QueryConfig {
         }
     }
 
+    /// Queries that may run at once: as configured, or one less than the cores.
+    pub fn query_slots(&self) -> usize {
+        match self.max_concurrent_queries {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            n => n,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         positive("query.max_result_rows", self.max_result_rows as u64)?;
         positive("query.timeout_secs", self.timeout_secs)?;
         positive("query.memory_limit_mb", self.memory_limit_mb)?;
         positive("query.pg_max_connections", self.pg_max_connections as u64)?;
         positive("query.pg_idle_timeout_secs", self.pg_idle_timeout_secs)?;
-        positive("query.max_concurrent_queries", self.max_concurrent_queries as u64)?;
         positive("query.audience_rate_per_second", u64::from(self.audience_rate_per_second))?;
         self.limits.validate([
             "query.limits.max_connections",

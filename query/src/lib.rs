@@ -119,7 +119,7 @@ impl QueryState {
             )),
             geoip_attribution: dashboard::geoip_attribution(&config.geoip.databases).into(),
             privacy: Arc::new(privacy),
-            query_slots: Arc::new(tokio::sync::Semaphore::new(config.query.max_concurrent_queries)),
+            query_slots: Arc::new(tokio::sync::Semaphore::new(config.query.query_slots())),
             query_queue: Duration::from_millis(config.query.query_queue_ms),
             limits: config.query.limits.clone(),
             audience_rate: config.query.audience_rate_per_second,

@@ -585,3 +585,58 @@ pub fn tools_for(test: &str, tools: &[Tool]) -> Result<bool> {
     eprintln!("SKIPPED {test}: needs {needs}; `./test` installs everything and runs all tests");
     Ok(false)
 }
+
+/// A test certificate authority and a server certificate it signed for 127.0.0.1 and
+/// localhost, written as PEM files.
+pub struct TestCertificate {
+    /// The authority's certificate (PEM), for clients to trust.
+    pub ca_pem: String,
+    /// The server's certificate chain file.
+    pub cert: PathBuf,
+    /// The server's private key file.
+    pub key: PathBuf,
+}
+
+impl TestCertificate {
+    pub fn write(dir: &Path) -> Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
+        let key = KeyPair::generate()?;
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+            .signed_by(&key, &ca)?;
+        let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert_path, server.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok(TestCertificate {
+            ca_pem: ca.pem(),
+            cert: cert_path,
+            key: key_path,
+        })
+    }
+
+    /// A blocking HTTP client that trusts only this authority.
+    pub fn client(&self) -> Result<reqwest::blocking::Client> {
+        Ok(reqwest::blocking::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca_pem.as_bytes())?)
+            .timeout(Duration::from_secs(30))
+            .build()?)
+    }
+
+    /// A Postgres TLS connector that trusts only this authority.
+    pub fn postgres_tls(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(self.ca_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("CA PEM: {e}"))?;
+        roots.add(der)?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    }
+}

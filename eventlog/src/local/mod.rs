@@ -138,11 +138,26 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))
 }
 
+/// Creates `dir` and its missing parents readable by this user only (0700).
+pub(crate) fn private_dir_all(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))
+}
+
 impl LocalLog {
     /// Opens (creating if needed) a log under `dir`.
     pub fn open(dir: impl Into<PathBuf>, options: LocalLogOptions) -> Result<Self> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        private_dir_all(&dir)?;
+        // raw events hold IP addresses and cookies: only this user may list or read them
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| Error::io(&dir, e))?;
+        }
         Ok(LocalLog {
             dir,
             options,
@@ -162,7 +177,7 @@ impl LocalLog {
             return Ok(t.clone());
         }
         let dir = self.dir.join(name);
-        std::fs::create_dir_all(dir.join("consumers")).map_err(|e| Error::io(&dir, e))?;
+        private_dir_all(&dir.join("consumers"))?;
         let topic = Arc::new(Topic {
             name: name.to_owned(),
             dir,
@@ -308,6 +323,28 @@ mod tests {
         let log = LocalLog::open(dir.path(), opts())?;
         let pos = log.append("t", recs(1000..1001)).await?;
         assert_eq!(pos[0].offset, 1000);
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn segments_and_their_directories_are_private_to_this_user() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tmp", e))?;
+        let root = dir.path().join("log");
+        let log = LocalLog::open(&root, opts())?;
+        for chunk in 0..5 {
+            log.append("t", recs(chunk * 100..(chunk + 1) * 100)).await?;
+        }
+        let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+        assert_eq!(mode(&root).map_err(|e| Error::io(&root, e))?, 0o700);
+        let topic = root.join("t");
+        assert_eq!(mode(&topic).map_err(|e| Error::io(&topic, e))?, 0o700);
+        let segments = list_segments(&topic)?;
+        assert!(segments.len() > 1, "rolled at least once");
+        for base in segments {
+            let path = topic.join(segment_name(base));
+            assert_eq!(mode(&path).map_err(|e| Error::io(&path, e))?, 0o600, "{}", path.display());
+        }
         Ok(())
     }
 

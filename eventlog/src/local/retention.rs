@@ -1,6 +1,7 @@
 //! Retention of the local log: processed segments past the retention age or
 //! size are deleted; nothing a consumer has not processed ever is.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::SystemTime;
 
 use super::{Topic, list_segments, segment_name};
@@ -57,6 +58,7 @@ impl Topic {
         std::fs::OpenOptions::new()
             .create_new(true)
             .write(true)
+            .mode(0o600)
             .open(&next)
             .map_err(|e| Error::io(&next, e))?;
         super::sync_dir(&self.dir)?;

@@ -5,6 +5,7 @@
 //! closed when it is full or when its first record is older than the roll age,
 //! on a quiet site too (the writer wakes for it), so retention can delete it.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -111,6 +112,7 @@ impl ActiveSegment {
             .read(true)
             .write(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         let scan = scan_segment(&path, |_| {})?;
@@ -160,6 +162,7 @@ impl ActiveSegment {
             .create_new(true)
             .write(true)
             .read(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
         sync_dir(&self.dir)?;
