@@ -169,6 +169,7 @@ fn ingest_on(config: &Config, log: Arc<dyn EventLog>) -> axum::Router {
         config,
         log,
         marsad_ingest::IngestPrivacy {
+            identity_key: None,
             keys: Arc::default(),
             opt_outs: Arc::default(),
             subject_keys: marsad_privacy::keys::SubjectKeys::from_seed(3),

@@ -230,7 +230,12 @@ fn make_visitor(rng: &mut StdRng, geoip: Option<&GeoIp>, n: u32) -> Visitor {
     }
 }
 
-fn make_event(rng: &mut StdRng, v: &Visitor, seq: u64, identity_key: Option<&marsad_privacy::keys::SecretKey>) -> Value {
+fn make_event(
+    rng: &mut StdRng,
+    v: &Visitor,
+    seq: u64,
+    identity_key: Option<&marsad_privacy::keys::SecretKey>,
+) -> Value {
     let category = if rng.random_bool(0.6) {
         v.favourite
     } else {

@@ -576,8 +576,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     spawn_retention(&mut set, local, shutdown.clone());
 
     println!("Marsad is up (data dir {})", config.data_dir.display());
-    println!("  ingest  {ingest_scheme}://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs");
-    println!("  query   {query_scheme}://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects");
+    println!(
+        "  ingest  {ingest_scheme}://{ingest_addr}   POST /v1/events, POST /v1/batch, GET /v1/p.gif, POST /v1/opt-outs"
+    );
+    println!(
+        "  query   {query_scheme}://{query_addr}   POST /v1/sql, GET /v1/audience, GET /v1/segments, DELETE /v1/subjects"
+    );
     println!("          (Authorization: Bearer <key>)");
     if let Some(pg) = pg_addr {
         println!("  pg      postgres://<key name>@{pg}/marsad   psql, Metabase, Grafana, Superset (password: the key)");

@@ -70,7 +70,11 @@ impl TlsMarsad {
             if ok(format!("{}/healthz", m.ingest)) && ok(format!("{}/healthz", m.query)) {
                 return Ok(m);
             }
-            ensure!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&m.log)?);
+            ensure!(
+                Instant::now() < deadline,
+                "not ready: {}",
+                std::fs::read_to_string(&m.log)?
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -89,7 +93,9 @@ fn every_listener_speaks_tls_and_no_key_crosses_a_plain_connection() -> Result<(
         .json(&json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "cookie_id": "c-tls"}))
         .send()?;
     ensure!(resp.status().as_u16() == 202, "{}", resp.text()?);
-    let pixel = client.get(format!("{}/v1/p.gif?u=https://kulshi.example/", m.ingest)).send()?;
+    let pixel = client
+        .get(format!("{}/v1/p.gif?u=https://kulshi.example/", m.ingest))
+        .send()?;
     let set_cookie = pixel
         .headers()
         .get("set-cookie")
@@ -240,7 +246,11 @@ fn a_flood_of_heavy_queries_stays_under_the_memory_cap_and_gets_503s() -> Result
     // the process as a whole: the pool plus the service's own working set, far from 50 × a query
     ensure!(peak < 1024.0, "peak RSS {peak:.0} MiB");
     ensure!(
-        reqwest::blocking::Client::new().get(format!("{}/healthz", m.query)).send()?.status().is_success(),
+        reqwest::blocking::Client::new()
+            .get(format!("{}/healthz", m.query))
+            .send()?
+            .status()
+            .is_success(),
         "still serving"
     );
     Ok(())

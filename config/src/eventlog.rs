@@ -130,10 +130,15 @@ impl EventLogConfig {
         if protocol == "SSL" || protocol == "SASL_SSL" || self.kafka_allow_plaintext {
             return Ok(());
         }
-        let off_loopback = self.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()).find(|b| {
-            let host = b.rsplit_once(':').map_or(*b, |(h, _)| h).trim_matches(['[', ']']);
-            !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
-        });
+        let off_loopback = self
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .find(|b| {
+                let host = b.rsplit_once(':').map_or(*b, |(h, _)| h).trim_matches(['[', ']']);
+                !(host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+            });
         match off_loopback {
             None => Ok(()),
             Some(broker) => Err(ConfigError::Invalid {

@@ -69,7 +69,10 @@ impl IngestConfig {
         positive("ingest.body_limit_bytes", self.body_limit_bytes as u64)?;
         positive("ingest.max_batch_events", self.max_batch_events as u64)?;
         positive("ingest.append_timeout_ms", self.append_timeout_ms)?;
-        positive("ingest.opt_out_rate_per_minute", u64::from(self.opt_out_rate_per_minute))?;
+        positive(
+            "ingest.opt_out_rate_per_minute",
+            u64::from(self.opt_out_rate_per_minute),
+        )?;
         self.limits.validate([
             "ingest.limits.max_connections",
             "ingest.limits.header_timeout_ms",

@@ -157,7 +157,10 @@ impl QueryConfig {
         positive("query.memory_limit_mb", self.memory_limit_mb)?;
         positive("query.pg_max_connections", self.pg_max_connections as u64)?;
         positive("query.pg_idle_timeout_secs", self.pg_idle_timeout_secs)?;
-        positive("query.audience_rate_per_second", u64::from(self.audience_rate_per_second))?;
+        positive(
+            "query.audience_rate_per_second",
+            u64::from(self.audience_rate_per_second),
+        )?;
         self.limits.validate([
             "query.limits.max_connections",
             "query.limits.header_timeout_ms",
@@ -180,6 +183,19 @@ impl QueryConfig {
                     self.pg_addr
                 ),
             });
+        }
+        let mut names = std::collections::HashSet::from(["admin"]);
+        for key in &self.keys {
+            if !names.insert(key.name.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "query.keys.name",
+                    reason: format!(
+                        "two keys are called `{}` (or one is called `admin`, the generated key's name): \
+                         Postgres signs a key in by its name",
+                        key.name
+                    ),
+                });
+            }
         }
         for (i, key) in self.keys.iter().enumerate() {
             if key.name.trim().is_empty() {

@@ -59,7 +59,11 @@ pub fn decode_body(encoding: Option<&str>, raw: Vec<u8>, limit: usize) -> Result
         }
         Some(other) => Err(ApiError::Unsupported(format!(
             "Content-Encoding `{}` is not supported; send gzip or nothing",
-            other.chars().filter(|c| c.is_ascii_graphic()).take(32).collect::<String>()
+            other
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect::<String>()
         ))),
     }
 }

@@ -74,7 +74,11 @@ pub fn pixel_event(params: &HashMap<String, String>, referer: Option<String>) ->
     let event_type = EventType::parse(type_name).ok_or_else(|| {
         format!(
             "unknown event type `{}` in `t`",
-            type_name.chars().filter(|c| c.is_ascii_graphic()).take(32).collect::<String>()
+            type_name
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect::<String>()
         )
     })?;
     let event = Event {
@@ -119,10 +123,10 @@ mod tests {
 
         #[test]
         fn any_query_string_gives_an_event_or_a_reason(query in ".{0,300}") {
-            if let Ok(params) = pixel_params(&query) {
-                if let Ok(event) = pixel_event(&params, None) {
-                    prop_assert!(event.validate().is_ok());
-                }
+            if let Ok(params) = pixel_params(&query)
+                && let Ok(event) = pixel_event(&params, None)
+            {
+                prop_assert!(event.validate().is_ok());
             }
         }
     }

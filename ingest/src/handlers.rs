@@ -10,8 +10,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use marsad_config::Role;
-use marsad_eventlog::{Error as LogError, Record};
 use marsad_config::TlsMode;
+use marsad_eventlog::{Error as LogError, Record};
 use marsad_net::ConnectionSecurity;
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::identity::IdentityClaims;
@@ -112,23 +112,23 @@ impl RequestContext {
 /// else a client claims about an account is dropped, and the event counts as anonymous.
 fn vouch_identity(state: &IngestState, event: &mut Event) {
     let claims = match (&state.identity_key, event.identity.take()) {
-        (Some(key), Some(token)) => {
-            match marsad_privacy::identity::verify(key, &token, Utc::now()) {
-                Ok(claims) => Some(claims),
-                Err(e) => {
-                    state.metrics.identity_refused(&e);
-                    None
-                }
+        (Some(key), Some(token)) => match marsad_privacy::identity::verify(key, &token, Utc::now()) {
+            Ok(claims) => Some(claims),
+            Err(e) => {
+                state.metrics.identity_refused(&e);
+                None
             }
-        }
+        },
         _ => None,
     };
     match claims {
         // the token, not the body, says who this is: a body `user_id` for someone else is ignored
-        Some(IdentityClaims { uid, age_band, gender, .. }) => {
+        Some(IdentityClaims {
+            uid, age_band, gender, ..
+        }) => {
             event.user_id = Some(uid);
-            event.demographics = (age_band.is_some() || gender.is_some())
-                .then_some(marsad_schemas::Demographics { age_band, gender });
+            event.demographics =
+                (age_band.is_some() || gender.is_some()).then_some(marsad_schemas::Demographics { age_band, gender });
         }
         None => {
             if event.user_id.is_some() || event.demographics.is_some() {
@@ -353,7 +353,9 @@ fn secure_request(state: &IngestState, t: &RequestTransport) -> bool {
         TlsMode::Builtin => t.security == Some(ConnectionSecurity::Tls),
         TlsMode::TerminatedUpstream => {
             state.proxies.trusts(t.peer.ip())
-                && t.forwarded_proto.as_deref().is_some_and(|p| p.eq_ignore_ascii_case("https"))
+                && t.forwarded_proto
+                    .as_deref()
+                    .is_some_and(|p| p.eq_ignore_ascii_case("https"))
         }
     }
 }

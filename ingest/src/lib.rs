@@ -38,9 +38,9 @@ use axum::Router;
 use axum::routing::get;
 use marsad_config::{Config, HttpLimits, TlsMode};
 use marsad_eventlog::EventLog;
+use marsad_net::RateLimit;
 use marsad_privacy::access::ApiKeys;
 use marsad_privacy::client_ip::TrustedProxies;
-use marsad_net::RateLimit;
 use marsad_privacy::keys::{SecretKey, SubjectKeys};
 use marsad_privacy::optout::OptOutRegistry;
 use tokio_util::sync::CancellationToken;
@@ -159,7 +159,10 @@ pub fn app(state: IngestState) -> Router {
         .fallback(handlers::not_found)
         .with_state(state);
     let router = match rate {
-        Some(rate) => router.layer(axum::middleware::from_fn_with_state(rate, marsad_net::enforce_rate_limit)),
+        Some(rate) => router.layer(axum::middleware::from_fn_with_state(
+            rate,
+            marsad_net::enforce_rate_limit,
+        )),
         None => router,
     };
     router.layer(axum::middleware::from_fn_with_state(

@@ -156,21 +156,35 @@ async fn forged_identities_are_anonymous_and_signed_ones_count() -> Result {
         forged_payload.rsplit_once('.').map(|(p, _)| p).unwrap_or_default()
     );
     let cases = [
-        ("forged", serde_json::json!({"user_id": "u-victim", "demographics": {"age_band": "55-64", "gender": "male"}})),
+        (
+            "forged",
+            serde_json::json!({"user_id": "u-victim", "demographics": {"age_band": "55-64", "gender": "male"}}),
+        ),
         ("signed", serde_json::json!({"identity": valid})),
-        ("signed-other-body-user", serde_json::json!({"identity": valid, "user_id": "u-victim"})),
+        (
+            "signed-other-body-user",
+            serde_json::json!({"identity": valid, "user_id": "u-victim"}),
+        ),
         ("expired", serde_json::json!({"identity": expired, "user_id": "u-real"})),
         ("other-key", serde_json::json!({"identity": other_key})),
         ("tampered", serde_json::json!({"identity": tampered})),
         ("garbage", serde_json::json!({"identity": "v1.bm90.aGk"})),
     ];
     for (id, extra) in &cases {
-        let mut event = serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": id});
+        let mut event =
+            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": id});
         if let (Some(e), Some(x)) = (event.as_object_mut(), extra.as_object()) {
             e.extend(x.clone());
         }
-        let resp = router.clone().oneshot(request("127.0.0.1:1", None, &event.to_string())?).await?;
-        assert_eq!(resp.status(), StatusCode::ACCEPTED, "{id}: sent as anonymous, not refused");
+        let resp = router
+            .clone()
+            .oneshot(request("127.0.0.1:1", None, &event.to_string())?)
+            .await?;
+        assert_eq!(
+            resp.status(),
+            StatusCode::ACCEPTED,
+            "{id}: sent as anonymous, not refused"
+        );
     }
     let envs = logged(&log).await?;
     assert_eq!(envs.len(), cases.len());
@@ -180,10 +194,17 @@ async fn forged_identities_are_anonymous_and_signed_ones_count() -> Result {
         if id.starts_with("signed") {
             assert_eq!(env.event.user_id.as_deref(), Some("u-real"), "{id}");
             let d = env.event.demographics.clone().unwrap_or_default();
-            assert_eq!((d.age_band.as_deref(), d.gender.as_deref()), (Some("25-34"), Some("female")), "{id}");
+            assert_eq!(
+                (d.age_band.as_deref(), d.gender.as_deref()),
+                (Some("25-34"), Some("female")),
+                "{id}"
+            );
         } else {
             assert_eq!(env.event.user_id, None, "{id}: no account without a valid token");
-            assert_eq!(env.event.demographics, None, "{id}: no demographics without a valid token");
+            assert_eq!(
+                env.event.demographics, None,
+                "{id}: no demographics without a valid token"
+            );
         }
     }
     Ok(())
@@ -201,7 +222,11 @@ async fn a_burst_past_the_rate_gets_429_while_others_are_served() -> Result {
     for _ in 0..20 {
         let resp = router.clone().oneshot(request("198.51.100.7:1", None, EVENT)?).await?;
         if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            retry_after = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
         }
         statuses.push(resp.status().as_u16());
     }
@@ -211,7 +236,10 @@ async fn a_burst_past_the_rate_gets_429_while_others_are_served() -> Result {
     let secs: u64 = retry_after.as_deref().unwrap_or("").parse()?;
     assert!((1..=60).contains(&secs), "Retry-After {secs}");
     // behind a trusted proxy, each visitor has its own allowance
-    let other = router.clone().oneshot(request("10.0.0.1:1", Some("176.29.1.2"), EVENT)?).await?;
+    let other = router
+        .clone()
+        .oneshot(request("10.0.0.1:1", Some("176.29.1.2"), EVENT)?)
+        .await?;
     assert_eq!(other.status(), StatusCode::ACCEPTED);
     let other = router.clone().oneshot(request("203.0.113.9:1", None, EVENT)?).await?;
     assert_eq!(other.status(), StatusCode::ACCEPTED);

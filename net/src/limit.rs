@@ -34,7 +34,11 @@ impl RateLimit {
     pub fn new(per_second: u32, burst: u32, what: &'static str, client_of: ClientOf) -> Option<Arc<Self>> {
         let rate = NonZeroU32::new(per_second)?;
         let burst = NonZeroU32::new(burst).unwrap_or(rate);
-        Some(Self::with_quota(Quota::per_second(rate).allow_burst(burst), what, client_of))
+        Some(Self::with_quota(
+            Quota::per_second(rate).allow_burst(burst),
+            what,
+            client_of,
+        ))
     }
 
     /// `per_minute` with as many at once, per address.
@@ -101,7 +105,10 @@ pub async fn enforce_request_timeout(State(deadline): State<Duration>, request: 
         Ok(resp) => resp,
         Err(_) => (
             StatusCode::REQUEST_TIMEOUT,
-            [(header::CONNECTION, "close"), (header::CONTENT_TYPE, "application/json")],
+            [
+                (header::CONNECTION, "close"),
+                (header::CONTENT_TYPE, "application/json"),
+            ],
             "{\"error\":\"the request took too long; send it again, faster or smaller\"}",
         )
             .into_response(),

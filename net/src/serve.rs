@@ -81,7 +81,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(options.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(%addr, "requests still in flight after the drain timeout; closing them");
     }
     Ok(())

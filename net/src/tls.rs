@@ -156,7 +156,9 @@ mod tests {
         let (cert, _) = write_pair(dir.path(), "one.test");
         let other = tempfile::tempdir().expect("tempdir");
         let (_, key) = write_pair(other.path(), "two.test");
-        let err = TlsFiles::load(&cert, &dir.path().join("absent.pem")).err().expect("refused");
+        let err = TlsFiles::load(&cert, &dir.path().join("absent.pem"))
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("absent.pem"), "{err}");
         let err = TlsFiles::load(&cert, &key).err().expect("mismatched pair refused");
         assert!(err.to_string().contains("cert.pem"), "{err}");

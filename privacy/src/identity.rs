@@ -128,8 +128,7 @@ mod tests {
 
     #[test]
     fn the_documented_python_example_signs_the_same_bytes() {
-        // the payload and signature of the README's example, for key 07…07 (see the test
-        // `identity_tokens_from_the_documented_python` in tests/privacy.rs, which runs it)
+        // the shape of the README's Python example (compact JSON, base64url without padding)
         let key = SecretKey::from_bytes([7; 32]);
         let payload = URL_SAFE_NO_PAD.encode(br#"{"uid":"u-42","exp":4102444800}"#);
         let tag = URL_SAFE_NO_PAD.encode(signature(&key, &payload).finalize().into_bytes());

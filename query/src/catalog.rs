@@ -121,7 +121,10 @@ impl TableCatalog {
     /// instead of spilling to disk (and the process stays within the cap).
     pub fn with_memory_limit(mut self, bytes: usize) -> Self {
         let pool = GreedyMemoryPool::new(bytes);
-        let tracked = TrackConsumersPool::new(pool, std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN));
+        let tracked = TrackConsumersPool::new(
+            pool,
+            std::num::NonZeroUsize::new(3).unwrap_or(std::num::NonZeroUsize::MIN),
+        );
         self.memory_pool = Some(Arc::new(tracked));
         self
     }

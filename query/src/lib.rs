@@ -218,7 +218,12 @@ pub fn app(state: QueryState) -> Router {
     let limits = state.limits.clone();
     let peer: marsad_net::limit::ClientOf = Arc::new(peer_of);
     let rates = Arc::new(QueryRates {
-        audience: marsad_net::RateLimit::new(state.audience_rate, state.audience_rate.saturating_mul(2), "audience lookups", peer.clone()),
+        audience: marsad_net::RateLimit::new(
+            state.audience_rate,
+            state.audience_rate.saturating_mul(2),
+            "audience lookups",
+            peer.clone(),
+        ),
         rest: marsad_net::RateLimit::new(limits.rate_per_second, limits.rate_burst, "requests", peer),
     });
     let router = router

@@ -208,10 +208,7 @@ impl StartupHandler for KeyAuth {
                             return Err(fatal("28000", "use SCRAM-SHA-256".into()));
                         }
                         let data = first.data.as_ref().map(|d| d.to_vec()).unwrap_or_default();
-                        let expected = Password::new(
-                            Some(verifier.salt.to_vec()),
-                            verifier.salted_password.to_vec(),
-                        );
+                        let expected = Password::new(Some(verifier.salt.to_vec()), verifier.salted_password.to_vec());
                         let mut server = ScramServerAuth::new();
                         server.set_iterations(marsad_privacy::access::SCRAM_ITERATIONS as usize);
                         let (server_first, next) = server.on_client_first_message(&data, expected)?;
@@ -757,11 +754,18 @@ pub async fn serve_pg(
             },
         };
         let handlers = handlers.clone();
-        let acceptor = tls.as_ref().map(|t| pgwire::tokio::TlsAcceptor::from(t.server_config()));
+        // the HTTP listeners' protocols are not offered here: libpq 17 sends ALPN `postgresql`
+        let acceptor = tls.as_ref().map(|t| {
+            let mut config = (*t.server_config()).clone();
+            config.alpn_protocols.clear();
+            pgwire::tokio::TlsAcceptor::from(Arc::new(config))
+        });
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let activity = handlers.activity.clone();
+            let scram = handlers.auth.clone();
+            let scram = &scram.scram;
             tokio::select! {
                 _ = stop.cancelled() => {}
                 _ = activity.silent(peer, idle_timeout) => {
@@ -774,6 +778,11 @@ pub async fn serve_pg(
                 }
             }
             activity.forget(peer);
+            // an exchange the client abandoned must not stay behind (nor meet a later client
+            // that reuses the address)
+            if let Ok(mut waiting) = scram.lock() {
+                waiting.remove(&peer);
+            }
         });
     }
 }

@@ -97,16 +97,16 @@ pub fn defuse_formulas(batch: &RecordBatch) -> Result<RecordBatch, ApiError> {
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     let mut fields = Vec::with_capacity(batch.num_columns());
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
+        if !matches!(
+            field.data_type(),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
+        ) {
             columns.push(column.clone());
             fields.push(field.as_ref().clone());
             continue;
         }
         let text = arrow::compute::cast(column, &DataType::Utf8).map_err(|_| ApiError::Internal)?;
-        let text = text
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .ok_or(ApiError::Internal)?;
+        let text = text.as_any().downcast_ref::<StringArray>().ok_or(ApiError::Internal)?;
         if !text.iter().flatten().any(starts_formula) {
             columns.push(column.clone());
             fields.push(field.as_ref().clone());
@@ -114,7 +114,15 @@ pub fn defuse_formulas(batch: &RecordBatch) -> Result<RecordBatch, ApiError> {
         }
         let defused: StringArray = text
             .iter()
-            .map(|v| v.map(|t| if starts_formula(t) { format!("'{t}") } else { t.to_owned() }))
+            .map(|v| {
+                v.map(|t| {
+                    if starts_formula(t) {
+                        format!("'{t}")
+                    } else {
+                        t.to_owned()
+                    }
+                })
+            })
             .collect();
         columns.push(std::sync::Arc::new(defused) as ArrayRef);
         fields.push(field.as_ref().clone().with_data_type(DataType::Utf8));

@@ -604,8 +604,8 @@ impl TestCertificate {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
         let key = KeyPair::generate()?;
-        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
-            .signed_by(&key, &ca)?;
+        let server =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?.signed_by(&key, &ca)?;
         let (cert_path, key_path) = (dir.join("server.crt"), dir.join("server.key"));
         std::fs::write(&cert_path, server.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;

@@ -343,7 +343,12 @@ mod tests {
         assert!(segments.len() > 1, "rolled at least once");
         for base in segments {
             let path = topic.join(segment_name(base));
-            assert_eq!(mode(&path).map_err(|e| Error::io(&path, e))?, 0o600, "{}", path.display());
+            assert_eq!(
+                mode(&path).map_err(|e| Error::io(&path, e))?,
+                0o600,
+                "{}",
+                path.display()
+            );
         }
         Ok(())
     }

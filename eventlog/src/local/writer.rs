@@ -5,9 +5,9 @@
 //! closed when it is full or when its first record is older than the roll age,
 //! on a quiet site too (the writer wakes for it), so retention can delete it.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime};
