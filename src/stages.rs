@@ -540,16 +540,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let ingest_privacy = privacy.ingest(&config)?;
     let simulate_identity = ingest_privacy.identity_key.clone();
     let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), ingest_privacy);
-    let ingest_tls = tls_files(
-        config.ingest.tls_cert.as_ref().zip(config.ingest.tls_key.as_ref()),
-        &shutdown,
-    )
-    .context("ingest.tls_cert")?;
-    let query_tls = tls_files(
-        config.query.tls_cert.as_ref().zip(config.query.tls_key.as_ref()),
-        &shutdown,
-    )
-    .context("query.tls_cert")?;
+    let ingest_tls = tls_files(config.ingest.tls_files(), &shutdown).context("ingest.tls_cert")?;
+    let query_tls = tls_files(config.query.tls_files(), &shutdown).context("query.tls_cert")?;
     let (ingest_scheme, query_scheme) = (scheme(&ingest_tls), scheme(&query_tls));
     let s = shutdown.clone();
     set.spawn(async move {
@@ -625,11 +617,7 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     privacy.opt_outs_loaded().await?;
     privacy.check_key_fingerprints(log.as_ref()).await?;
     let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest(&config)?);
-    let tls = tls_files(
-        config.ingest.tls_cert.as_ref().zip(config.ingest.tls_key.as_ref()),
-        &shutdown,
-    )
-    .context("ingest.tls_cert")?;
+    let tls = tls_files(config.ingest.tls_files(), &shutdown).context("ingest.tls_cert")?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, tls, s).await.context("ingest") });
     spawn_retention(&mut set, local, shutdown.clone());
@@ -699,11 +687,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
-    let tls = tls_files(
-        config.query.tls_cert.as_ref().zip(config.query.tls_key.as_ref()),
-        &shutdown,
-    )
-    .context("query.tls_cert")?;
+    let tls = tls_files(config.query.tls_files(), &shutdown).context("query.tls_cert")?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, tls, s).await.context("query") });
     supervise(set, shutdown).await

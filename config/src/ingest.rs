@@ -65,6 +65,11 @@ impl Default for IngestConfig {
 }
 
 impl IngestConfig {
+    /// The certificate and key, when TLS ends here.
+    pub fn tls_files(&self) -> Option<(&PathBuf, &PathBuf)> {
+        self.tls_cert.as_ref().zip(self.tls_key.as_ref())
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         positive("ingest.body_limit_bytes", self.body_limit_bytes as u64)?;
         positive("ingest.max_batch_events", self.max_batch_events as u64)?;

@@ -135,12 +135,17 @@ impl Default for QueryConfig {
 }
 
 impl QueryConfig {
+    /// The certificate and key of the HTTP API, when TLS ends here.
+    pub fn tls_files(&self) -> Option<(&PathBuf, &PathBuf)> {
+        self.tls_cert.as_ref().zip(self.tls_key.as_ref())
+    }
+
     /// The certificate and key of the Postgres port: its own, else the HTTP API's.
     pub fn pg_tls(&self) -> Option<(&PathBuf, &PathBuf)> {
-        match (&self.pg_tls_cert, &self.pg_tls_key) {
-            (Some(c), Some(k)) => Some((c, k)),
-            _ => self.tls_cert.as_ref().zip(self.tls_key.as_ref()),
-        }
+        self.pg_tls_cert
+            .as_ref()
+            .zip(self.pg_tls_key.as_ref())
+            .or_else(|| self.tls_files())
     }
 
     /// Queries that may run at once: as configured, or one less than the cores.

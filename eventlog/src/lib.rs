@@ -22,7 +22,7 @@ use async_trait::async_trait;
 
 pub use kafka::{KafkaLog, KafkaLogOptions, TopicSpec};
 pub use local::{LocalLog, LocalLogOptions};
-pub use segment::{FRAME_HEADER_LEN, ScanOutcome, frame, scan_segment};
+pub use segment::{FRAME_HEADER_LEN, Scan, ScanOutcome, frame, scan_bytes, scan_segment};
 
 /// Why the log could not do what was asked.
 #[derive(Debug, thiserror::Error)]

@@ -77,7 +77,8 @@ pub fn scan_segment(path: &Path, mut each: impl FnMut(&[u8])) -> Result<Scan> {
     Ok(scan_bytes(&bytes, &mut each))
 }
 
-pub(crate) fn scan_bytes(bytes: &[u8], each: &mut dyn FnMut(&[u8])) -> Scan {
+/// Classifies a segment's bytes as [`scan_segment`] does a file's (for fuzzing and tests).
+pub fn scan_bytes(bytes: &[u8], each: &mut dyn FnMut(&[u8])) -> Scan {
     let mut pos = 0usize;
     let mut records = 0u64;
     loop {

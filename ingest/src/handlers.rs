@@ -53,12 +53,8 @@ fn header_text(headers: &HeaderMap, name: &str, max: usize) -> Option<String> {
 }
 
 fn context(state: &IngestState, peer: SocketAddr, headers: &HeaderMap) -> RequestContext {
-    let forwarded = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok());
     RequestContext {
-        client_ip: state.proxies.client_ip(peer.ip(), forwarded),
+        client_ip: crate::client_ip(&state.proxies, peer.ip(), headers),
         user_agent: header_text(headers, "user-agent", 512),
         accept_language: header_text(headers, "accept-language", 128),
         dnt: headers.get("dnt").is_some_and(|v| v.as_bytes() == b"1"),

@@ -95,12 +95,12 @@ impl IngestState {
     /// Builds the state from configuration, the log to append to, and the privacy mechanisms.
     pub fn new(config: &Config, log: Arc<dyn EventLog>, privacy: IngestPrivacy) -> Self {
         let proxies = Arc::new(TrustedProxies::new(config.ingest.trusted_proxies.clone()));
+        // validated positive; an unvalidated 0 still limits rather than panics
         let opt_out_limit = RateLimit::per_minute(
-            config.ingest.opt_out_rate_per_minute,
+            config.ingest.opt_out_rate_per_minute.max(1),
             "opt-outs",
             client_of(proxies.clone()),
-        )
-        .unwrap_or_else(|| unreachable!("validated: ingest.opt_out_rate_per_minute > 0"));
+        );
         IngestState {
             identity_key: privacy.identity_key,
             tls_mode: config.ingest.tls,
@@ -127,13 +127,21 @@ fn client_of(proxies: Arc<TrustedProxies>) -> marsad_net::limit::ClientOf {
             .extensions()
             .get::<axum::extract::ConnectInfo<SocketAddr>>()
             .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        let forwarded = req
-            .headers()
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        proxies.client_ip(peer, forwarded)
+        client_ip(&proxies, peer, req.headers())
     })
+}
+
+/// The visitor's address: the peer, or the client behind trusted proxies' `X-Forwarded-For`.
+pub(crate) fn client_ip(
+    proxies: &TrustedProxies,
+    peer: std::net::IpAddr,
+    headers: &axum::http::HeaderMap,
+) -> std::net::IpAddr {
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    proxies.client_ip(peer, forwarded)
 }
 
 /// The ingest routes, testable without a socket: rate-limited per client and with a

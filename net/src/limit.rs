@@ -41,10 +41,10 @@ impl RateLimit {
         ))
     }
 
-    /// `per_minute` with as many at once, per address.
-    pub fn per_minute(per_minute: u32, what: &'static str, client_of: ClientOf) -> Option<Arc<Self>> {
-        let rate = NonZeroU32::new(per_minute)?;
-        Some(Self::with_quota(Quota::per_minute(rate), what, client_of))
+    /// `per_minute` (at least 1) with as many at once, per address.
+    pub fn per_minute(per_minute: u32, what: &'static str, client_of: ClientOf) -> Arc<Self> {
+        let rate = NonZeroU32::new(per_minute).unwrap_or(NonZeroU32::MIN);
+        Self::with_quota(Quota::per_minute(rate), what, client_of)
     }
 
     fn with_quota(quota: Quota, what: &'static str, client_of: ClientOf) -> Arc<Self> {
@@ -65,11 +65,6 @@ impl RateLimit {
         self.limiter
             .check_key(&client)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
-    }
-
-    /// Addresses remembered now.
-    pub fn clients(&self) -> usize {
-        self.limiter.len()
     }
 }
 

@@ -18,9 +18,6 @@ use crate::keys::SecretKey;
 
 type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
-/// The longest token read; anything longer is not one of ours.
-pub const MAX_TOKEN_LEN: usize = 2048;
-
 /// What a valid token vouches for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,7 +66,8 @@ pub fn sign(key: &SecretKey, claims: &IdentityClaims) -> String {
 
 /// Checks a token's signature (in constant time) and expiry at `now`.
 pub fn verify(key: &SecretKey, token: &str, now: DateTime<Utc>) -> Result<IdentityClaims, IdentityError> {
-    if token.len() > MAX_TOKEN_LEN {
+    // anything longer than the event contract allows is not one of ours
+    if token.len() > marsad_schemas::event::MAX_IDENTITY_LEN {
         return Err(IdentityError::Malformed);
     }
     let rest = token.strip_prefix("v1.").ok_or(IdentityError::Malformed)?;
