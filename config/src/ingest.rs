@@ -84,6 +84,15 @@ impl IngestConfig {
             "ingest.limits.request_timeout_ms",
             "ingest.limits.rate_burst",
         ])?;
+        if self.tls == TlsMode::TerminatedUpstream && self.trusted_proxies.is_empty() {
+            return Err(crate::ConfigError::Invalid {
+                key: "ingest.trusted_proxies",
+                reason: "ingest.tls = \"terminated_upstream\" needs the proxies in front: without them every \
+                         visitor would share the proxy's address (one rate limit, one GeoIP) and no \
+                         X-Forwarded-Proto could be believed"
+                    .into(),
+            });
+        }
         check_transport("ingest", &self.addr, self.tls, &self.tls_cert, &self.tls_key)
     }
 }

@@ -125,6 +125,14 @@ fn vouch_identity(state: &IngestState, event: &mut Event) {
             event.user_id = Some(uid);
             event.demographics =
                 (age_band.is_some() || gender.is_some()).then_some(marsad_schemas::Demographics { age_band, gender });
+            // signed is not well-formed: what the token says meets the event contract's id rules
+            if event.validate().is_err() {
+                state
+                    .metrics
+                    .identity_refused(&marsad_privacy::identity::IdentityError::Malformed);
+                event.user_id = None;
+                event.demographics = None;
+            }
         }
         None => {
             if event.user_id.is_some() || event.demographics.is_some() {

@@ -97,16 +97,11 @@ async fn connection(
     options: &ServeOptions,
     watcher: hyper_util::server::graceful::Watcher,
 ) {
-    let mut builder = Builder::new(TokioExecutor::new());
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(options.header_timeout))
-        .max_concurrent_streams(64);
     match &options.tls {
         Some(files) => {
             let acceptor = files.acceptor();

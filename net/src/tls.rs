@@ -49,7 +49,8 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig, NetError> 
         .with_no_client_auth()
         .with_single_cert(certs, private)
         .map_err(|e| bad(cert, e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: its header deadline also ends idle keep-alives (HTTP/2 has no such bound)
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

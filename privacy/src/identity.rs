@@ -20,7 +20,7 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 
 /// What a valid token vouches for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// claims the backend adds that Marsad does not read (`iat`, …) are signed and ignored
 pub struct IdentityClaims {
     /// The account id.
     pub uid: String,

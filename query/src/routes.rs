@@ -133,6 +133,8 @@ pub async fn report(
     };
     let key = reader.key();
     tracing::info!(key, ?kind, ?mechanism, "report");
+    // a slot before the budget: a report refused for load spends nothing
+    let _slot = state.query_slot().await?;
     if mechanism == Mechanism::Noise {
         state
             .release
