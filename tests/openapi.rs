@@ -91,3 +91,104 @@ fn the_openapi_documents_match_the_served_routes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Operations anyone may call; any other operation must declare its roles in its document.
+const PUBLIC: &[(&str, &str)] = &[
+    ("post", "/v1/events"),
+    ("post", "/v1/batch"),
+    ("get", "/v1/p.gif"),
+    ("post", "/v1/opt-outs"),
+    ("get", "/s.js"),
+    ("get", "/demo"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+];
+
+/// The roles an operation's document grants (`None`: open to anyone).
+fn granted(op: &Value) -> Option<Vec<String>> {
+    let requirements = op.get("security")?.as_array()?;
+    // an empty requirement (`{}`) means the operation also runs without a key
+    if requirements.iter().any(|r| r.as_object().is_some_and(|o| o.is_empty())) {
+        return None;
+    }
+    Some(
+        requirements
+            .iter()
+            .filter_map(|r| r.get("api_key")?.as_array().cloned())
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+    )
+}
+
+/// Every operation of both documents × no key, a wrong key and a key of each single role gets
+/// the status its declared roles imply: a new route without a role check, or documented with
+/// roles it does not check, fails here.
+#[test]
+fn every_operation_answers_each_role_as_its_document_says() -> Result<()> {
+    use crate::common::key_entry;
+    const ROLES: [&str; 5] = ["analyst", "adserver", "engineer", "admin", "advertiser"];
+    let tmp = tempfile::tempdir()?;
+    let mut config = String::new();
+    for role in ROLES {
+        let entry = key_entry(&format!("only-{role}"), role, &format!("key-of-{role}-0123456789"));
+        config.push_str(&entry);
+        if role == "advertiser" {
+            config.push_str("campaigns = [\"cmp-1\"]\n");
+        }
+    }
+    let config_path = tmp.path().join("marsad.toml");
+    std::fs::write(&config_path, config)?;
+    let m = Marsad::start_with_config(&tmp.path().join("data"), None, Some(&config_path))?;
+    let client = Client::new();
+    let mut cases = 0;
+    for base in [&m.ingest, &m.query] {
+        let doc: Value = client.get(format!("{base}/v1/openapi.json")).send()?.json()?;
+        for (path, item) in doc["paths"].as_object().context("paths")? {
+            // an advertiser's own report; ids nobody has
+            let concrete = path.replace("{kind}", "campaigns").replace("{id}", "no-such-id");
+            for (method, op) in item.as_object().context("path item")? {
+                let send = |key: Option<&str>| -> Result<u16> {
+                    let url = format!("{base}{concrete}");
+                    let req = match method.as_str() {
+                        "get" => client.get(&url),
+                        "post" => client.post(&url).body("{}"),
+                        "delete" => client.delete(&url),
+                        other => anyhow::bail!("undocumented method {other}"),
+                    };
+                    let req = match key {
+                        Some(k) => req.bearer_auth(k),
+                        None => req,
+                    };
+                    Ok(req.send()?.status().as_u16())
+                };
+                let Some(roles) = granted(op) else {
+                    assert!(
+                        PUBLIC.contains(&(method.as_str(), path.as_str())),
+                        "{method} {path} declares no role: say which roles may call it"
+                    );
+                    let status = send(None)?;
+                    assert!(![401, 403].contains(&status), "{method} {path} is public, got {status}");
+                    cases += 1;
+                    continue;
+                };
+                assert!(!roles.is_empty(), "{method} {path}: a key, but no role named");
+                assert_eq!(send(None)?, 401, "{method} {path} without a key");
+                assert_eq!(send(Some("not-a-key"))?, 401, "{method} {path} with a wrong key");
+                for role in ROLES {
+                    let status = send(Some(&format!("key-of-{role}-0123456789")))?;
+                    if roles.iter().any(|r| r == role) {
+                        assert!(![401, 403].contains(&status), "{method} {path}: {role} may call it, got {status}");
+                    } else {
+                        assert_eq!(status, 403, "{method} {path}: {role} may not call it");
+                    }
+                }
+                cases += 2 + ROLES.len();
+            }
+        }
+    }
+    println!("authorization matrix: {cases} cases");
+    assert!(cases > 80, "{cases}");
+    Ok(())
+}

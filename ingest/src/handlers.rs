@@ -419,7 +419,7 @@ pub struct OptOutRequest {
 }
 
 /// `POST /v1/opt-outs`: records an opt-out in the opt-out log; in force here at once.
-#[utoipa::path(post, path = "/v1/opt-outs", tag = "privacy",
+#[utoipa::path(post, path = "/v1/opt-outs", tag = "privacy", security((), ("api_key" = ["admin"])),
     request_body(content = serde_json::Value, description = "{\"scope\": \"analytics\"|\"personalisation\"|\"marketing\"|\"all\"} for the caller's own `_mid` cookie; with \"identity\": a signed token, for that account; with \"user_id\" and the admin key, for any account"),
     responses((status = 202, description = "Recorded"), (status = 400, description = "Bad scope, no cookie, or an invalid token"),
         (status = 401, description = "A user id needs the admin key"), (status = 429, description = "Too many opt-outs from this address")))]

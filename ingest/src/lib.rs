@@ -200,7 +200,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 fn openapi_info() -> utoipa::openapi::OpenApi {
-    utoipa::openapi::OpenApiBuilder::new()
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut api = utoipa::openapi::OpenApiBuilder::new()
         .info(
             utoipa::openapi::InfoBuilder::new()
                 .title("Marsad ingest")
@@ -210,7 +211,14 @@ fn openapi_info() -> utoipa::openapi::OpenApi {
                 ))
                 .build(),
         )
-        .build()
+        .build();
+    // only recording an opt-out by user id takes a key (admin)
+    let components = api.components.get_or_insert_with(Default::default);
+    components.add_security_scheme(
+        "api_key",
+        SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+    );
+    api
 }
 
 /// Serves until `shutdown` is cancelled, finishing requests in flight: over TLS when `tls`

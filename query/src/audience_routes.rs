@@ -34,7 +34,7 @@ fn subject(params: &HashMap<String, String>) -> Result<Subject<'_>, ApiError> {
 
 /// `GET /v1/audience?cookie_id=…|user_id=…`: the served segments of a visitor; empty for
 /// anyone who opted out of personalisation, checked on every call.
-#[utoipa::path(get, path = "/v1/audience", tag = "audiences", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/audience", tag = "audiences", security(("api_key" = ["adserver"])),
     params(("cookie_id" = Option<String>, Query, description = "the browser's cookie id"), ("user_id" = Option<String>, Query, description = "the account id")),
     responses((status = 200, description = "{\"segments\":[…]}; empty for anyone opted out"), (status = 400, description = "Give exactly one id")))]
 pub async fn audience(
@@ -47,7 +47,7 @@ pub async fn audience(
 }
 
 /// `POST /v1/audience`: the lookup with the id in the body, out of URLs and proxy logs.
-#[utoipa::path(post, path = "/v1/audience", tag = "audiences", security(("api_key" = [])),
+#[utoipa::path(post, path = "/v1/audience", tag = "audiences", security(("api_key" = ["adserver"])),
     request_body(content = serde_json::Value, description = "{\"cookie_id\": …} or {\"user_id\": …}"),
     responses((status = 200, description = "{\"segments\":[…]}; empty for anyone opted out"), (status = 400, description = "Give exactly one id")))]
 pub async fn audience_by_body(
@@ -87,7 +87,7 @@ fn audience_of(state: &QueryState, params: &HashMap<String, String>) -> Result<R
 }
 
 /// `GET /v1/segments`: every configured segment with its rules and its last refresh.
-#[utoipa::path(get, path = "/v1/segments", tag = "audiences", security(("api_key" = [])), responses((status = 200, description = "Definitions with status and size")))]
+#[utoipa::path(get, path = "/v1/segments", tag = "audiences", security(("api_key" = ["adserver"])), responses((status = 200, description = "Definitions with status and size")))]
 pub async fn list_segments(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Adserver)?;
     let index = state.audiences.current();
@@ -141,7 +141,7 @@ fn served<'a>(
 
 /// `GET /v1/segments/{id}/members?format=ndjson|csv`: the members of a served segment,
 /// streamed; anyone opted out of personalisation or marketing since the refresh is left out.
-#[utoipa::path(get, path = "/v1/segments/{id}/members", tag = "audiences", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/segments/{id}/members", tag = "audiences", security(("api_key" = ["adserver"])),
     params(("id" = String, Path, description = "segment id"), ("format" = Option<String>, Query, description = "ndjson (default) or csv")),
     responses((status = 200, description = "Streamed audience_ids"), (status = 404, description = "No such segment"),
         (status = 409, description = "Held back or not refreshed yet")))]
@@ -197,7 +197,7 @@ pub async fn segment_members(
 }
 
 /// `GET /v1/segments/overlap?a=…&b=…`: estimated reach and overlap of two served segments.
-#[utoipa::path(get, path = "/v1/segments/overlap", tag = "audiences", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/segments/overlap", tag = "audiences", security(("api_key" = ["adserver"])),
     params(("a" = String, Query, description = "segment id"), ("b" = String, Query, description = "segment id")),
     responses((status = 200, description = "Estimated union and intersection (theta sketches)")))]
 pub async fn overlap(

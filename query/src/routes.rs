@@ -29,7 +29,7 @@ pub struct SqlRequest {
 }
 
 /// `POST /v1/sql`: read-only SQL; engineers read every table, analysts aggregate the rollups under the k rule.
-#[utoipa::path(post, path = "/v1/sql", tag = "sql", security(("api_key" = [])),
+#[utoipa::path(post, path = "/v1/sql", tag = "sql", security(("api_key" = ["engineer", "analyst"])),
     params(("format" = Option<String>, Query, description = "json (default), ndjson or csv")),
     request_body(content = serde_json::Value, description = "{\"sql\": \"SELECT …\"}"),
     responses((status = 200, description = "Rows"), (status = 400, description = "Bad or non-read-only SQL"),
@@ -101,7 +101,7 @@ pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Res
 /// `GET /v1/reports/{kind}` (analyst, or an advertiser for its campaigns): a report from the
 /// rollups, every number released with noise (or exact above the threshold, for analysts when
 /// configured so).
-#[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = ["analyst", "advertiser"])),
     params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns or demographics"),
         ("from" = Option<String>, Query, description = "first date, inclusive (default: 29 days before `to`)"),
         ("to" = Option<String>, Query, description = "last date, inclusive (default: today)"),
@@ -194,7 +194,7 @@ pub(crate) fn report_reader(state: &QueryState, authorization: Option<&str>) -> 
 }
 
 /// `GET /v1/privacy/budget` (analyst or advertiser): what the key has left of today's ε.
-#[utoipa::path(get, path = "/v1/privacy/budget", tag = "reports", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/privacy/budget", tag = "reports", security(("api_key" = ["analyst", "advertiser"])),
     responses((status = 200, description = "ε per day, spent, left, and when it refills"),
         (status = 401, description = "No or wrong key"), (status = 403, description = "Neither an analyst nor an advertiser key")))]
 pub async fn privacy_budget(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -212,7 +212,7 @@ pub async fn privacy_budget(State(state): State<QueryState>, headers: HeaderMap)
 }
 
 /// `GET /v1/tables`: the tables that exist (engineer role).
-#[utoipa::path(get, path = "/v1/tables", tag = "sql", security(("api_key" = [])), responses((status = 200, description = "The tables that exist")))]
+#[utoipa::path(get, path = "/v1/tables", tag = "sql", security(("api_key" = ["engineer"])), responses((status = 200, description = "The tables that exist")))]
 pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) -> Result<Response, ApiError> {
     state.keys.authorize(authorization(&headers), Role::Engineer)?;
     Ok(Json(json!({"tables": state.catalog.existing().await})).into_response())
@@ -227,7 +227,7 @@ fn authorization(headers: &HeaderMap) -> Option<&str> {
 /// to the subject (and to the cookies the raw log holds sent with a user id) from every table
 /// and vacuums. Answers the receipt when that finishes within `query.erasure_wait_ms`, else
 /// 202 with a receipt id to poll at `/v1/subjects/erasures/{id}` — never "done" before it is.
-#[utoipa::path(delete, path = "/v1/subjects", tag = "privacy", security(("api_key" = [])),
+#[utoipa::path(delete, path = "/v1/subjects", tag = "privacy", security(("api_key" = ["admin"])),
     params(("cookie_id" = Option<String>, Query, description = "the browser's cookie id"), ("user_id" = Option<String>, Query, description = "the account id")),
     responses((status = 200, description = "Done: the erasure receipt"),
         (status = 202, description = "Still waiting for the processor: {\"receipt_id\", \"status\": \"waiting\", \"status_url\"}"),
@@ -275,7 +275,7 @@ pub(crate) fn subject_body(body: &[u8]) -> Result<HashMap<String, String>, ApiEr
 }
 
 /// `POST /v1/subjects/erase`: `DELETE /v1/subjects` with the id in the body, out of URLs.
-#[utoipa::path(post, path = "/v1/subjects/erase", tag = "privacy", security(("api_key" = [])),
+#[utoipa::path(post, path = "/v1/subjects/erase", tag = "privacy", security(("api_key" = ["admin"])),
     request_body(content = serde_json::Value, description = "{\"cookie_id\": …} or {\"user_id\": …}"),
     responses((status = 200, description = "Done: the erasure receipt"),
         (status = 202, description = "Still waiting for the processor: {\"receipt_id\", \"status\": \"waiting\", \"status_url\"}"),
@@ -356,7 +356,7 @@ async fn erase(state: QueryState, headers: HeaderMap, params: HashMap<String, St
 }
 
 /// `GET /v1/subjects/erasures/{id}` (admin): where an erasure answered with 202 stands.
-#[utoipa::path(get, path = "/v1/subjects/erasures/{id}", tag = "privacy", security(("api_key" = [])),
+#[utoipa::path(get, path = "/v1/subjects/erasures/{id}", tag = "privacy", security(("api_key" = ["admin"])),
     params(("id" = String, Path, description = "the receipt id")),
     responses((status = 200, description = "{\"status\": \"waiting\"|\"done\"|\"failed\", …}"),
         (status = 404, description = "No such receipt in this process (repeat the erasure: it is safe)")))]
