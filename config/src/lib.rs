@@ -309,7 +309,10 @@ mod tests {
         let kafka = "[eventlog]\nkind = \"kafka\"\nbrokers = \"kafka-1.internal:9092\"\n";
         let e = refused(kafka);
         assert!(e.contains("eventlog.kafka") && e.contains("SASL_SSL"), "{e}");
-        assert_eq!(refused(&format!("{kafka}kafka = {{ \"security.protocol\" = \"SASL_SSL\" }}\n")), "accepted");
+        assert_eq!(
+            refused(&format!("{kafka}kafka = {{ \"security.protocol\" = \"SASL_SSL\" }}\n")),
+            "accepted"
+        );
         assert_eq!(refused(&format!("{kafka}kafka_allow_plaintext = true\n")), "accepted");
         assert_eq!(
             refused("[eventlog]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092,localhost:9093\"\n"),
@@ -318,7 +321,11 @@ mod tests {
         // two keys of one name: Postgres finds a key by its name
         let twice = "[[query.keys]]\nname = \"bi\"\nroles = [\"analyst\"]\nsha256 = \"{h}\"\n";
         let h = "a".repeat(64);
-        let e = refused(&format!("{}{}", twice.replace("{h}", &h), twice.replace("{h}", &"b".repeat(64))));
+        let e = refused(&format!(
+            "{}{}",
+            twice.replace("{h}", &h),
+            twice.replace("{h}", &"b".repeat(64))
+        ));
         assert!(e.contains("query.keys.name"), "{e}");
     }
 

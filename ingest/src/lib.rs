@@ -147,8 +147,8 @@ pub(crate) fn client_ip(
 /// The ingest routes, testable without a socket: rate-limited per client and with a
 /// deadline per request.
 pub fn app(state: IngestState) -> Router {
-    let (router, api) = routes().split_for_parts();
-    let api = std::sync::Arc::new(api);
+    let (router, _) = routes().split_for_parts();
+    let api = std::sync::Arc::new(openapi());
     let limits = state.limits.clone();
     let rate = RateLimit::new(
         limits.rate_per_second,
@@ -196,7 +196,9 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<IngestState> {
 
 /// The OpenAPI document of the ingest service, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    let mut api = routes().split_for_parts().1;
+    marsad_net::openapi::document_common_answers(&mut api);
+    api
 }
 
 fn openapi_info() -> utoipa::openapi::OpenApi {

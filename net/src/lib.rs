@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod limit;
+pub mod openapi;
 mod serve;
 mod tls;
 

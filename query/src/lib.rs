@@ -213,8 +213,8 @@ async fn enforce_rates(
 /// The query routes, testable without a socket: rate-limited per address, with a deadline
 /// per request.
 pub fn app(state: QueryState) -> Router {
-    let (router, api) = routes().split_for_parts();
-    let api = Arc::new(api);
+    let (router, _) = routes().split_for_parts();
+    let api = Arc::new(openapi());
     let limits = state.limits.clone();
     let peer: marsad_net::limit::ClientOf = Arc::new(peer_of);
     let rates = Arc::new(QueryRates {
@@ -271,7 +271,9 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
 
 /// The OpenAPI document of the query service, as `/v1/openapi.json` serves it.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    let mut api = routes().split_for_parts().1;
+    marsad_net::openapi::document_common_answers(&mut api);
+    api
 }
 
 fn openapi_info() -> utoipa::openapi::OpenApi {

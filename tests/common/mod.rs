@@ -534,6 +534,8 @@ pub enum Tool {
     Moto,
     /// The Kafka-protocol broker `tansu`.
     Tansu,
+    /// schemathesis (PyPI), the property-based tester of OpenAPI documents.
+    Schemathesis,
 }
 
 impl Tool {
@@ -554,6 +556,7 @@ impl Tool {
             Tool::PythonEngines => runs("python3", &["-c", "import deltalake, duckdb, pyarrow"]),
             Tool::Moto => runs("python3", &["-c", "import moto.server"]),
             Tool::Tansu => crate::kafka::tansu_binary().is_ok(),
+            Tool::Schemathesis => runs("python3", &["-c", "import schemathesis.cli"]),
         }
     }
 
@@ -565,6 +568,7 @@ impl Tool {
             Tool::PythonEngines => "Python's deltalake, duckdb and pyarrow (pip install deltalake duckdb pyarrow)",
             Tool::Moto => "moto's S3 server (pip install 'moto[server]')",
             Tool::Tansu => "the Kafka broker tansu (cargo install tansu --features dynostore)",
+            Tool::Schemathesis => "schemathesis (pip install schemathesis)",
         }
     }
 }
