@@ -338,6 +338,24 @@ async fn check_noise_key(log: &dyn EventLog, privacy: &Privacy, query: &QueryPri
     .await
 }
 
+/// Refuses an ingest process whose identity key differs from the one the other ingest
+/// processes recorded: it would count every signed-in visitor as anonymous, silently.
+async fn check_identity_key(
+    log: &dyn EventLog,
+    privacy: &Privacy,
+    ingest: &marsad_ingest::IngestPrivacy,
+) -> anyhow::Result<()> {
+    let Some(key) = &ingest.identity_key else { return Ok(()) };
+    check_fingerprint(
+        log,
+        &privacy.opt_outs,
+        SharedKey::Identity,
+        key,
+        "Give every ingest process the same MARSAD_SECRET_IDENTITY_KEY (or privacy.identity_key_file), the one the site's backend signs with.",
+    )
+    .await
+}
+
 /// Records in the opt-out log that `which` has the fingerprint `fingerprint` from now on.
 pub(crate) async fn record_fingerprint(
     log: &dyn EventLog,
@@ -538,6 +556,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     privacy.check_key_fingerprints(log.as_ref()).await?;
     spawn_key_destruction(&mut set, &config, privacy.daily_keys.clone(), shutdown.clone());
     let ingest_privacy = privacy.ingest(&config)?;
+    check_identity_key(log.as_ref(), &privacy, &ingest_privacy).await?;
     let simulate_identity = ingest_privacy.identity_key.clone();
     let ingest_state = marsad_ingest::IngestState::new(&config, log.clone(), ingest_privacy);
     let ingest_tls = tls_files(config.ingest.tls_files(), &shutdown).context("ingest.tls_cert")?;
@@ -616,7 +635,9 @@ pub async fn ingest(args: StageArgs) -> anyhow::Result<()> {
     privacy.follow_opt_outs(&mut set, log.clone(), shutdown.clone());
     privacy.opt_outs_loaded().await?;
     privacy.check_key_fingerprints(log.as_ref()).await?;
-    let state = marsad_ingest::IngestState::new(&config, log.clone(), privacy.ingest(&config)?);
+    let ingest_privacy = privacy.ingest(&config)?;
+    check_identity_key(log.as_ref(), &privacy, &ingest_privacy).await?;
+    let state = marsad_ingest::IngestState::new(&config, log.clone(), ingest_privacy);
     let tls = tls_files(config.ingest.tls_files(), &shutdown).context("ingest.tls_cert")?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_ingest::serve(listener, state, tls, s).await.context("ingest") });

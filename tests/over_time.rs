@@ -332,20 +332,32 @@ fn a_user_id_opt_out_covers_the_cookie_sent_with_it() -> Result<()> {
     Ok(())
 }
 
+/// Starts once with `first` as the key in `env`, then with `second`, which must be refused.
+fn another_key_refused(env: &'static str, describe: &str, first: &str, second: &str) -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let key = |k: &str| vec![(env, k.repeat(32))];
+    drop(Marsad::start_with_env(&data, None, None, &key(first))?);
+    match Marsad::start_with_env(&data, None, None, &key(second)) {
+        Ok(_) => bail!("a process with another {describe} started"),
+        Err(e) => {
+            let why = format!("{e:#}");
+            ensure!(why.contains(describe) && why.contains("fingerprint"), "{why}");
+        }
+    }
+    Ok(())
+}
+
 /// Query processes must draw the same noise for a cell, or asking two of them would average it
 /// away: one started with another noise key than the one recorded refuses to start.
 #[test]
 fn a_query_process_with_another_noise_key_refuses_to_start() -> Result<()> {
-    let tmp = tempfile::tempdir()?;
-    let data = tmp.path().join("data");
-    let key = |k: &str| vec![("MARSAD_SECRET_NOISE_KEY", k.repeat(32))];
-    drop(Marsad::start_with_env(&data, None, None, &key("33"))?);
-    match Marsad::start_with_env(&data, None, None, &key("44")) {
-        Ok(_) => bail!("a query process with another noise key started"),
-        Err(e) => {
-            let why = format!("{e:#}");
-            ensure!(why.contains("noise key") && why.contains("fingerprint"), "{why}");
-        }
-    }
-    Ok(())
+    another_key_refused("MARSAD_SECRET_NOISE_KEY", "noise key", "33", "44")
+}
+
+/// An ingest process with another identity key than the site signs with would count every
+/// signed-in visitor as anonymous, silently: it refuses to start.
+#[test]
+fn an_ingest_process_with_another_identity_key_refuses_to_start() -> Result<()> {
+    another_key_refused("MARSAD_SECRET_IDENTITY_KEY", "identity key", "55", "66")
 }

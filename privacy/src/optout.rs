@@ -131,6 +131,8 @@ pub enum SharedKey {
     Optout,
     /// The noise key of released numbers (query processes).
     Noise,
+    /// The key identity tokens are signed with (ingest processes).
+    Identity,
 }
 
 impl SharedKey {
@@ -140,6 +142,7 @@ impl SharedKey {
             SharedKey::Targeting => "targeting key",
             SharedKey::Optout => "opt-out key",
             SharedKey::Noise => "noise key",
+            SharedKey::Identity => "identity key",
         }
     }
 }
@@ -169,6 +172,7 @@ impl KeyFingerprintRecord {
             SharedKey::Targeting => b"fingerprint/targeting".to_vec(),
             SharedKey::Optout => b"fingerprint/optout".to_vec(),
             SharedKey::Noise => b"fingerprint/noise".to_vec(),
+            SharedKey::Identity => b"fingerprint/identity".to_vec(),
         }
     }
 }
@@ -227,11 +231,33 @@ fn subject_print(subject: &str) -> SubjectPrint {
     out
 }
 
+/// Hashes a print by its own bytes: they are already a keyed hash, uniform and unknown to
+/// anyone without the keys, so hashing them again (SipHash) buys nothing but time.
+#[derive(Default)]
+struct PrintHasher(u64);
+
+impl std::hash::Hasher for PrintHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // a print is 8 bytes; anything else (never, by the type) still mixes in
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
+    }
+}
+
+type BuildPrintHasher = std::hash::BuildHasherDefault<PrintHasher>;
+
 /// The opt-outs in force, as far as this process has read the log: about 10 bytes per
 /// subject (a fixed-size print and the scopes), never the identifiers' text.
 #[derive(Debug, Default)]
 pub struct OptOutRegistry {
-    entries: RwLock<HashMap<SubjectPrint, u8>>,
+    entries: RwLock<HashMap<SubjectPrint, u8, BuildPrintHasher>>,
     caught_up: AtomicBool,
     /// The latest recorded fingerprint of each shared key.
     fingerprints: RwLock<HashMap<&'static str, String>>,
@@ -241,13 +267,21 @@ impl OptOutRegistry {
     /// Adds a record of the opt-out log (an opt-out or a key fingerprint); undecodable bytes
     /// are reported, not applied.
     pub fn apply_bytes(&self, bytes: &[u8]) -> Result<(), serde_json::Error> {
-        if let Ok(fp) = serde_json::from_slice::<KeyFingerprintRecord>(bytes) {
-            self.apply_fingerprint(&fp);
-            return Ok(());
+        // opt-outs are nearly every record: tried first (a fingerprint record fails at its
+        // first field name)
+        match serde_json::from_slice::<OptOutRecord>(bytes) {
+            Ok(rec) => {
+                self.apply(&rec);
+                Ok(())
+            }
+            Err(e) => match serde_json::from_slice::<KeyFingerprintRecord>(bytes) {
+                Ok(fp) => {
+                    self.apply_fingerprint(&fp);
+                    Ok(())
+                }
+                Err(_) => Err(e),
+            },
         }
-        let rec: OptOutRecord = serde_json::from_slice(bytes)?;
-        self.apply(&rec);
-        Ok(())
     }
 
     /// Adds an opt-out: under its subject key and under its `audience_id` of the time.

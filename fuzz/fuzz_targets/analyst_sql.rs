@@ -1,0 +1,33 @@
+//! The analyst SQL checker: any statement over the rollups is planned and checked without a
+//! panic, and whatever it accepts is one aggregation of one rollup.
+#![no_main]
+
+use std::sync::{Arc, LazyLock};
+
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use marsad_schemas::TableName;
+
+static CONTEXT: LazyLock<SessionContext> = LazyLock::new(|| {
+    let ctx = SessionContext::new();
+    for (table, schema) in [
+        (TableName::TrafficHourly, marsad_schemas::traffic_hourly_schema()),
+        (TableName::AdPerformanceHourly, marsad_schemas::ad_performance_hourly_schema()),
+        (TableName::DemographicsDaily, marsad_schemas::demographics_daily_schema()),
+    ] {
+        let mem = MemTable::try_new(schema, vec![vec![]]).expect("an empty table");
+        ctx.register_table(table.as_str(), Arc::new(mem)).expect("registered");
+    }
+    ctx
+});
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let Ok(sql) = std::str::from_utf8(data) else { return };
+    if sql.len() > 4096 {
+        return;
+    }
+    let state = CONTEXT.state();
+    let Ok(plan) = futures::executor::block_on(state.create_logical_plan(sql)) else { return };
+    let rollups = TableName::ROLLUPS.map(TableName::as_str);
+    let _ = marsad_query::release::analyst_sql::check(&plan, &rollups);
+});

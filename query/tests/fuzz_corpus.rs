@@ -1,0 +1,47 @@
+//! The analyst SQL checker fuzzer's corpus replayed in the normal suite: every statement is
+//! planned and checked without a panic, and what the checker accepts reads one rollup.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::datasource::MemTable;
+use datafusion::prelude::SessionContext;
+use marsad_schemas::TableName;
+
+#[tokio::test]
+async fn the_analyst_sql_corpus_is_checked_without_a_panic() {
+    let ctx = SessionContext::new();
+    for (table, schema) in [
+        (TableName::TrafficHourly, marsad_schemas::traffic_hourly_schema()),
+        (
+            TableName::AdPerformanceHourly,
+            marsad_schemas::ad_performance_hourly_schema(),
+        ),
+        (
+            TableName::DemographicsDaily,
+            marsad_schemas::demographics_daily_schema(),
+        ),
+    ] {
+        let mem = MemTable::try_new(schema, vec![vec![]]).unwrap_or_else(|e| panic!("{e}"));
+        ctx.register_table(table.as_str(), Arc::new(mem))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let rollups = TableName::ROLLUPS.map(TableName::as_str);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/analyst_sql");
+    let (mut replayed, mut accepted) = (0, 0);
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.map(|e| e.path()).unwrap_or_default();
+        let Ok(sql) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        replayed += 1;
+        let Ok(plan) = ctx.state().create_logical_plan(&sql).await else {
+            continue;
+        };
+        if let Ok(Some(_)) = marsad_query::release::analyst_sql::check(&plan, &rollups) {
+            accepted += 1;
+        }
+    }
+    assert!(replayed > 0, "{} holds no inputs", dir.display());
+    println!("{replayed} statements replayed, {accepted} accepted as one aggregation of one rollup");
+}
