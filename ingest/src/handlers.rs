@@ -477,16 +477,21 @@ pub async fn post_opt_out(
         subject,
         scope,
     );
-    if let Err(e) = state
-        .log
-        .append(
-            TOPIC_OPTOUTS,
-            vec![Record {
-                key: Some(record.log_key()),
-                payload: record.to_bytes(),
-            }],
-        )
-        .await
+    // the log keeps one record per opt-out in force (what compaction by key would keep): a
+    // repeat is answered, not appended, so replaying the log at start stays bounded by the
+    // number of distinct opt-outs however often one is sent
+    let already = state.opt_outs.is_recorded(&record);
+    if !already
+        && let Err(e) = state
+            .log
+            .append(
+                TOPIC_OPTOUTS,
+                vec![Record {
+                    key: Some(record.log_key()),
+                    payload: record.to_bytes(),
+                }],
+            )
+            .await
     {
         state.metrics.unavailable.inc();
         tracing::warn!(error = %e, "event log refused an opt-out; answering 503");
@@ -495,7 +500,7 @@ pub async fn post_opt_out(
         });
     }
     state.opt_outs.apply(&record);
-    let mut answer = json!({"recorded": true, "scope": req.scope, "subject": kind});
+    let mut answer = json!({"recorded": true, "scope": req.scope, "subject": kind, "already_in_force": already});
     if req.cookie_id.is_some() && (kind != "cookie" || req.cookie_id != own_cookie) {
         // say so: a caller who meant another cookie must not believe it opted out
         answer["ignored"] = json!(["cookie_id"]);

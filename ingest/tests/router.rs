@@ -245,3 +245,33 @@ async fn a_burst_past_the_rate_gets_429_while_others_are_served() -> Result {
     assert_eq!(other.status(), StatusCode::ACCEPTED);
     Ok(())
 }
+
+/// An opt-out sent again and again is recorded once: the opt-out log every stage replays at
+/// start grows with distinct opt-outs only, however often a client repeats one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repeated_opt_out_is_recorded_once() -> Result {
+    let (_dir, log, router) = setup_with(LocalLogOptions::default(), |c| c.ingest.opt_out_rate_per_minute = 1000)?;
+    let opt_out = |scope: &str| -> Result<Request<Body>> {
+        let mut req = Request::post("/v1/opt-outs")
+            .header("cookie", "_mid=c-repeater")
+            .body(Body::from(format!("{{\"scope\":\"{scope}\"}}")))?;
+        req.extensions_mut()
+            .insert(ConnectInfo("198.51.100.20:1".parse::<SocketAddr>()?));
+        Ok(req)
+    };
+    for i in 0..50 {
+        let resp = router.clone().oneshot(opt_out("personalisation")?).await?;
+        assert_eq!(resp.status(), StatusCode::ACCEPTED);
+        let answer: serde_json::Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+        assert_eq!(answer["already_in_force"], i > 0, "{answer}");
+    }
+    assert_eq!(
+        log.end_offset(marsad_schemas::TOPIC_OPTOUTS)?,
+        1,
+        "one record for fifty requests"
+    );
+    // another scope is another opt-out
+    router.clone().oneshot(opt_out("all")?).await?;
+    assert_eq!(log.end_offset(marsad_schemas::TOPIC_OPTOUTS)?, 2);
+    Ok(())
+}

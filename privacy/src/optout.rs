@@ -293,6 +293,18 @@ impl OptOutRegistry {
         }
     }
 
+    /// Whether `rec` is already in force, under its subject and its `audience_id` alike: then
+    /// recording it again would only lengthen the log every stage replays at start.
+    pub fn is_recorded(&self, rec: &OptOutRecord) -> bool {
+        let Ok(e) = self.entries.read() else { return false };
+        std::iter::once(&rec.subject)
+            .chain(rec.audience_id.as_ref())
+            .all(|key| {
+                e.get(&subject_print(key))
+                    .is_some_and(|bits| bits & rec.scope.bit() != 0)
+            })
+    }
+
     /// Notes the fingerprint a key was recorded with (the latest wins).
     pub fn apply_fingerprint(&self, rec: &KeyFingerprintRecord) {
         if let Ok(mut f) = self.fingerprints.write() {
