@@ -129,7 +129,7 @@ impl Default for QueryConfig {
             },
             audience_rate_per_second: 5_000,
             max_concurrent_queries: 0,
-            query_queue_ms: 2_000,
+            query_queue_ms: 10_000,
         }
     }
 }

@@ -74,10 +74,15 @@ impl RequestContext {
         };
         let defaults = ConsentDefaults {
             analytics: state.default_analytics,
-            ..ConsentDefaults::default()
+            personalisation: state.default_personalisation,
         };
-        if !decide(stated, self.dnt, self.gpc, defaults).analytics {
+        let decision = decide(stated, self.dnt, self.gpc, defaults);
+        if !decision.analytics {
             return None;
+        }
+        // declared demographics serve personalisation only: without it they are not even logged
+        if !decision.personalisation {
+            event.demographics = None;
         }
         // an `analytics` (or `all`) opt-out means nothing of this visitor is written
         if state.opt_outs.any_opted_out(

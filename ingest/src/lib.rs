@@ -68,6 +68,7 @@ pub struct IngestState {
     pub(crate) max_batch_events: usize,
     pub(crate) retry_after: Duration,
     pub(crate) default_analytics: bool,
+    pub(crate) default_personalisation: bool,
     pub(crate) metrics: Arc<IngestMetrics>,
     pub(crate) keys: Arc<ApiKeys>,
     pub(crate) opt_outs: Arc<OptOutRegistry>,
@@ -115,6 +116,7 @@ impl IngestState {
             max_batch_events: config.ingest.max_batch_events,
             retry_after: Duration::from_secs(config.ingest.retry_after_secs),
             default_analytics: config.ingest.default_analytics_consent,
+            default_personalisation: config.privacy.default_personalisation_consent,
             metrics: Arc::new(IngestMetrics::new()),
         }
     }

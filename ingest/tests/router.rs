@@ -31,6 +31,11 @@ fn request(peer: &str, xff: Option<&str>, body: &str) -> Result<Request<Body>> {
     Ok(req)
 }
 
+fn without_gpc(mut req: Request<Body>) -> Request<Body> {
+    req.headers_mut().remove("sec-gpc");
+    req
+}
+
 async fn logged(log: &LocalLog) -> Result<Vec<Envelope>> {
     let mut sub = log.subscribe(TOPIC_RAW, "test").await?;
     let records = sub.poll(100, Duration::from_millis(100)).await?;
@@ -171,14 +176,15 @@ async fn forged_identities_are_anonymous_and_signed_ones_count() -> Result {
         ("garbage", serde_json::json!({"identity": "v1.bm90.aGk"})),
     ];
     for (id, extra) in &cases {
-        let mut event =
-            serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars", "event_id": id});
+        // with personalisation consent and no GPC: declared demographics are kept only then
+        let mut event = serde_json::json!({"type": "page_view", "url": "https://kulshi.example/en/cars",
+            "event_id": id, "consent": {"personalisation": true}});
         if let (Some(e), Some(x)) = (event.as_object_mut(), extra.as_object()) {
             e.extend(x.clone());
         }
         let resp = router
             .clone()
-            .oneshot(request("127.0.0.1:1", None, &event.to_string())?)
+            .oneshot(without_gpc(request("127.0.0.1:1", None, &event.to_string())?))
             .await?;
         assert_eq!(
             resp.status(),
@@ -186,12 +192,22 @@ async fn forged_identities_are_anonymous_and_signed_ones_count() -> Result {
             "{id}: sent as anonymous, not refused"
         );
     }
+    // a signed visitor whose browser sends GPC: the account counts, the demographics are not logged
+    let gpc = serde_json::json!({"type": "page_view", "url": "https://kulshi.example/", "event_id": "signed-gpc",
+        "identity": token("u-real", 3600, IDENTITY_KEY), "consent": {"personalisation": true}});
+    router
+        .clone()
+        .oneshot(request("127.0.0.1:1", None, &gpc.to_string())?)
+        .await?;
     let envs = logged(&log).await?;
-    assert_eq!(envs.len(), cases.len());
+    assert_eq!(envs.len(), cases.len() + 1);
     for env in &envs {
         let id = env.event.event_id.as_deref().unwrap_or_default();
         assert!(env.event.identity.is_none(), "{id}: the token itself is not kept");
-        if id.starts_with("signed") {
+        if id == "signed-gpc" {
+            assert_eq!(env.event.user_id.as_deref(), Some("u-real"));
+            assert_eq!(env.event.demographics, None, "GPC: no demographics even in the raw log");
+        } else if id.starts_with("signed") {
             assert_eq!(env.event.user_id.as_deref(), Some("u-real"), "{id}");
             let d = env.event.demographics.clone().unwrap_or_default();
             assert_eq!(

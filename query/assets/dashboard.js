@@ -136,8 +136,15 @@ function params(view) {
   return p;
 }
 
-async function api(path) {
+async function api(path, attempt = 0) {
   const resp = await fetch(path, { headers: { Authorization: `Bearer ${state.key}` } });
+  // the service runs a few queries at once and asks the rest to come back: do so, a few times
+  // (a spent privacy budget is a 429 too, with hours to wait: that one is shown, not retried)
+  const wait = Number(resp.headers.get('Retry-After')) || 1;
+  if ((resp.status === 503 || resp.status === 429) && wait <= 10 && attempt < 5) {
+    await new Promise((done) => setTimeout(done, wait * 1000));
+    return api(path, attempt + 1);
+  }
   const body = await resp.json().catch(() => ({}));
   if (!resp.ok) {
     const err = new Error(body.error || `${resp.status}`);
