@@ -14,7 +14,12 @@ use crate::cli::{Cli, Command, KeysCommand, SegmentsCommand, TopicsCommand};
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     cli::init_tracing(cli.log_format, cli.verbose);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // 8 MiB per worker, as a main thread has: planning a deeply nested statement recurses, and
+    // the analyst SQL fuzzer ran on such a stack without overflowing (tokio's default is 2 MiB)
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .thread_stack_size(8 << 20)
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Up(args) => stages::up(args).await,

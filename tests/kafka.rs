@@ -492,9 +492,10 @@ fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged
     let cluster = mock_cluster()?;
     let config = kafka_config(tmp.path(), &cluster.bootstrap_servers(), 6000)?;
     let port = free_port()?;
+    let metrics_port = free_port()?;
     let env = vec![
         ("MARSAD_INGEST__APPEND_TIMEOUT_MS", "1500".to_owned()),
-        ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{}", free_port()?)),
+        ("MARSAD_PROCESS__METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
     ];
     let ingest = Stage::start(
         &["ingest", "--ingest-addr", &format!("127.0.0.1:{port}")],
@@ -515,6 +516,15 @@ fn ingest_answers_503_while_the_broker_is_down_and_loses_nothing_it_acknowledged
             .is_ok_and(|r| r.status().is_success()))
     })
     .with_context(|| ingest.output())?;
+    // the processor serves its metrics once it has loaded the opt-outs: the outage comes after
+    // (on a busy machine it could otherwise start before the processor read the opt-out log)
+    wait_for("the processor to be ready", Duration::from_secs(60), || {
+        Ok(client
+            .get(format!("http://127.0.0.1:{metrics_port}/readyz"))
+            .send()
+            .is_ok_and(|r| r.status().is_success()))
+    })
+    .with_context(|| process.output())?;
 
     // batches of 50 with client-made ids; a 503 is retried after Retry-After, as clients do
     let mut acknowledged: HashSet<String> = HashSet::new();
