@@ -281,52 +281,56 @@ mod tests {
     /// What an operator might leave open on a network, refused with the key that fixes it.
     #[test]
     fn plain_transports_off_loopback_are_refused() {
-        let refused = |toml: &str| -> String {
-            let fig = Config::figment(None).merge(figment::providers::Toml::string(toml));
-            Config::from_figment(fig).map_or_else(|e| e.to_string(), |_| "accepted".into())
-        };
-        // HTTP off loopback: TLS here, or a proxy in front that ends it
-        let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\n");
-        assert!(e.contains("ingest.addr") && e.contains("ingest.tls_cert"), "{e}");
-        let e = refused("[query]\naddr = \"10.0.0.5:8081\"\n");
-        assert!(e.contains("query.addr") && e.contains("terminated_upstream"), "{e}");
-        assert_eq!(
-            refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n"),
-            "accepted"
-        );
-        let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls_cert = \"c.pem\"\n");
-        assert!(e.contains("both"), "{e}");
-        // behind a proxy: only with the proxies named
-        let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls = \"terminated_upstream\"\n");
-        assert!(e.contains("ingest.trusted_proxies"), "{e}");
-        assert_eq!(
-            refused(
-                "[ingest]\naddr = \"0.0.0.0:8080\"\ntls = \"terminated_upstream\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n"
-            ),
-            "accepted"
-        );
-        // Kafka: brokers elsewhere need SSL or SASL_SSL, or the explicit allowance
-        let kafka = "[eventlog]\nkind = \"kafka\"\nbrokers = \"kafka-1.internal:9092\"\n";
-        let e = refused(kafka);
-        assert!(e.contains("eventlog.kafka") && e.contains("SASL_SSL"), "{e}");
-        assert_eq!(
-            refused(&format!("{kafka}kafka = {{ \"security.protocol\" = \"SASL_SSL\" }}\n")),
-            "accepted"
-        );
-        assert_eq!(refused(&format!("{kafka}kafka_allow_plaintext = true\n")), "accepted");
-        assert_eq!(
-            refused("[eventlog]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092,localhost:9093\"\n"),
-            "accepted"
-        );
-        // two keys of one name: Postgres finds a key by its name
-        let twice = "[[query.keys]]\nname = \"bi\"\nroles = [\"analyst\"]\nsha256 = \"{h}\"\n";
-        let h = "a".repeat(64);
-        let e = refused(&format!(
-            "{}{}",
-            twice.replace("{h}", &h),
-            twice.replace("{h}", &"b".repeat(64))
-        ));
-        assert!(e.contains("query.keys.name"), "{e}");
+        // in a jail: other tests set `MARSAD_*` variables in theirs, and figment reads them
+        Jail::expect_with(|_jail| {
+            let refused = |toml: &str| -> String {
+                let fig = Config::figment(None).merge(figment::providers::Toml::string(toml));
+                Config::from_figment(fig).map_or_else(|e| e.to_string(), |_| "accepted".into())
+            };
+            // HTTP off loopback: TLS here, or a proxy in front that ends it
+            let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\n");
+            assert!(e.contains("ingest.addr") && e.contains("ingest.tls_cert"), "{e}");
+            let e = refused("[query]\naddr = \"10.0.0.5:8081\"\n");
+            assert!(e.contains("query.addr") && e.contains("terminated_upstream"), "{e}");
+            assert_eq!(
+                refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n"),
+                "accepted"
+            );
+            let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls_cert = \"c.pem\"\n");
+            assert!(e.contains("both"), "{e}");
+            // behind a proxy: only with the proxies named
+            let e = refused("[ingest]\naddr = \"0.0.0.0:8080\"\ntls = \"terminated_upstream\"\n");
+            assert!(e.contains("ingest.trusted_proxies"), "{e}");
+            assert_eq!(
+                refused(
+                    "[ingest]\naddr = \"0.0.0.0:8080\"\ntls = \"terminated_upstream\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n"
+                ),
+                "accepted"
+            );
+            // Kafka: brokers elsewhere need SSL or SASL_SSL, or the explicit allowance
+            let kafka = "[eventlog]\nkind = \"kafka\"\nbrokers = \"kafka-1.internal:9092\"\n";
+            let e = refused(kafka);
+            assert!(e.contains("eventlog.kafka") && e.contains("SASL_SSL"), "{e}");
+            assert_eq!(
+                refused(&format!("{kafka}kafka = {{ \"security.protocol\" = \"SASL_SSL\" }}\n")),
+                "accepted"
+            );
+            assert_eq!(refused(&format!("{kafka}kafka_allow_plaintext = true\n")), "accepted");
+            assert_eq!(
+                refused("[eventlog]\nkind = \"kafka\"\nbrokers = \"127.0.0.1:9092,localhost:9093\"\n"),
+                "accepted"
+            );
+            // two keys of one name: Postgres finds a key by its name
+            let twice = "[[query.keys]]\nname = \"bi\"\nroles = [\"analyst\"]\nsha256 = \"{h}\"\n";
+            let h = "a".repeat(64);
+            let e = refused(&format!(
+                "{}{}",
+                twice.replace("{h}", &h),
+                twice.replace("{h}", &"b".repeat(64))
+            ));
+            assert!(e.contains("query.keys.name"), "{e}");
+            Ok(())
+        });
     }
 
     #[test]
