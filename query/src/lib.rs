@@ -10,6 +10,7 @@
 
 pub mod audience;
 mod audience_routes;
+pub mod bounded_dialect;
 pub mod catalog;
 pub mod dashboard;
 mod erasures;

@@ -12,7 +12,6 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow_pg::datatypes::{arrow_schema_to_pg_fields, encode_recordbatch, into_pg_type};
 use async_trait::async_trait;
 use datafusion::common::ParamValues;
-use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::SessionContext;
 use datafusion::sql::sqlparser::ast::Statement;
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
@@ -350,6 +349,7 @@ pub struct PgParser {
 
 impl PgParser {
     fn statements(&self, query: &str) -> PgWireResult<Vec<Statement>> {
+        crate::bounded_dialect::check_postgres(query).map_err(pg_error)?;
         self.sql
             .parse(query)
             .map_err(|e| user_error("42601", format!("syntax error: {e}")))
@@ -477,14 +477,7 @@ impl QueryParser for PgParser {
         let released = matches!(grant.access, Access::Released { .. });
         let ctx = context(&self.state, client, grant).await?;
         let sql = statement.to_string();
-        let read_only = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
-        let df = ctx
-            .sql_with_options(&sql, read_only)
-            .await
-            .map_err(|e| pg_error(sql::user_error(e)))?;
+        let df = sql::plan(&ctx, &sql, sql::read_only()).await.map_err(pg_error)?;
         let mut params: BTreeMap<usize, Option<DataType>> = BTreeMap::new();
         for (name, field) in df
             .logical_plan()

@@ -6,7 +6,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::ParamValues;
 use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
-use datafusion::prelude::SessionContext;
+use datafusion::prelude::{DataFrame, SessionContext};
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
@@ -165,11 +165,22 @@ pub async fn stream(
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
-    let df = ctx.sql_with_options(sql, read_only()).await.map_err(user_error)?;
+    let df = plan(ctx, sql, read_only()).await?;
     df.execute_stream().await.map_err(user_error)
 }
 
-fn read_only() -> SQLOptions {
+/// Plans `sql` as `options` allow, parsing it within a bounded number of steps
+/// ([`crate::bounded_dialect`]): what `SessionContext::sql_with_options` does, minus the runaway.
+pub async fn plan(ctx: &SessionContext, sql: &str, options: SQLOptions) -> Result<DataFrame, ApiError> {
+    let state = ctx.state();
+    let statement = crate::bounded_dialect::parse_statement(sql, &state)?;
+    let plan = state.statement_to_plan(statement).await.map_err(user_error)?;
+    options.verify_plan(&plan).map_err(user_error)?;
+    ctx.execute_logical_plan(plan).await.map_err(user_error)
+}
+
+/// What the SQL endpoints allow: reading, nothing else.
+pub fn read_only() -> SQLOptions {
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -194,7 +205,7 @@ pub async fn run_with_params(
     if sql.trim().is_empty() {
         return Err(ApiError::BadRequest("empty SQL".into()));
     }
-    let mut df = ctx.sql_with_options(sql, read_only()).await.map_err(user_error)?;
+    let mut df = plan(ctx, sql, read_only()).await?;
     if let Some(params) = params {
         df = df.with_param_values(params).map_err(user_error)?;
     }

@@ -52,7 +52,11 @@ async fn replay_corpus() {
             continue;
         };
         replayed += 1;
-        let Ok(plan) = ctx.state().create_logical_plan(&sql).await else {
+        let state = ctx.state();
+        let Ok(statement) = marsad_query::bounded_dialect::parse_statement(&sql, &state) else {
+            continue;
+        };
+        let Ok(plan) = state.statement_to_plan(statement).await else {
             continue;
         };
         if let Ok(Some(_)) = marsad_query::release::analyst_sql::check(&plan, &rollups) {

@@ -644,3 +644,26 @@ impl TestCertificate {
         Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
     }
 }
+
+/// The statements fuzzing found that take sqlparser 17-105 s of CPU to reject (fuzz/findings).
+pub fn runaway_statements() -> anyhow::Result<Vec<String>> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/findings");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("analyst_sql-slow-unit-"))
+        {
+            found.push(String::from_utf8(std::fs::read(&path)?)?);
+        }
+    }
+    anyhow::ensure!(found.len() >= 3, "the fuzz findings in {}", dir.display());
+    found.sort();
+    Ok(found)
+}
+
+/// One of [`runaway_statements`].
+pub fn runaway_sql() -> anyhow::Result<String> {
+    runaway_statements()?.into_iter().next().context("a finding")
+}
