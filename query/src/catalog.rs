@@ -9,9 +9,14 @@
 //! refreshes it (object-store I/O) while queries of the same table wait for
 //! that one refresh and queries of other tables do not wait at all. No lock
 //! is held across the I/O of more than one table.
+//!
+//! A session is built once per scope and set of table versions and shared by the queries
+//! that read those versions (a DataFusion session takes longer to build, with its hundreds
+//! of functions, than a small query takes to run); the SQL interfaces refuse every statement
+//! that would change a session (DDL, `SET`, `PREPARE`), so sharing one changes no answer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use datafusion::catalog::TableProvider;
@@ -23,6 +28,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use deltalake::DeltaTable;
 use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
+
+use crate::active_files::ActiveFiles;
 
 /// Why a table could not be made queryable.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +46,7 @@ pub struct CatalogError {
 const ABSENT_RECHECK: Duration = Duration::from_secs(5);
 
 /// Which tables a session sees: analysts see only the rollups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TableScope {
     /// Every table (engineers, batch jobs).
     All,
@@ -88,6 +95,26 @@ pub struct TableCatalog {
     refresh: Duration,
     /// One object-store registry for every session, so a table's store is registered once.
     stores: Arc<dyn ObjectStoreRegistry>,
+    /// The last session built for each scope, with what its tables were built from.
+    sessions: Mutex<HashMap<TableScope, SharedSession>>,
+}
+
+/// A session over the tables of a scope, reused while none of them changes.
+struct SharedSession {
+    tables: Vec<Arc<Served>>,
+    ctx: SessionContext,
+}
+
+impl SharedSession {
+    /// Whether this session reads exactly `tables` (the same providers, in order).
+    fn reads(&self, tables: &[Arc<Served>]) -> bool {
+        self.tables.len() == tables.len()
+            && self
+                .tables
+                .iter()
+                .zip(tables)
+                .all(|(a, b)| Arc::ptr_eq(&a.provider, &b.provider))
+    }
 }
 
 impl TableCatalog {
@@ -114,6 +141,7 @@ impl TableCatalog {
             // a batch job or a test reads what was just written; the service sets its interval
             refresh: Duration::ZERO,
             stores: Arc::new(DefaultObjectStoreRegistry::new()),
+            sessions: Mutex::new(HashMap::new()),
         }
     }
 
@@ -148,6 +176,9 @@ impl TableCatalog {
                 *served = None;
             }
         }
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.clear();
+        }
     }
 
     /// The names of the tables that exist now.
@@ -168,10 +199,39 @@ impl TableCatalog {
         self.session_with(TableScope::All).await
     }
 
-    /// A DataFusion session with the existing tables of `scope` registered at their latest versions.
+    /// A DataFusion session with the existing tables of `scope` registered at their latest
+    /// versions: the one the previous query of `scope` used while no table changed since.
     pub async fn session_with(&self, scope: TableScope) -> Result<SessionContext, CatalogError> {
+        let mut tables = Vec::new();
+        for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
+            if let Some(served) = self.current(name).await? {
+                tables.push((name, served));
+            }
+        }
+        let served: Vec<Arc<Served>> = tables.iter().map(|(_, s)| s.clone()).collect();
+        if let Ok(sessions) = self.sessions.lock()
+            && let Some(shared) = sessions.get(&scope)
+            && shared.reads(&served)
+        {
+            return Ok(shared.ctx.clone());
+        }
         let ctx = self.empty_session()?;
-        self.refresh(&ctx, scope).await?;
+        for (name, table) in &tables {
+            ctx.register_table(*name, table.provider.clone())
+                .map_err(|e| CatalogError {
+                    table: name,
+                    reason: e.to_string(),
+                })?;
+        }
+        if let Ok(mut sessions) = self.sessions.lock() {
+            sessions.insert(
+                scope,
+                SharedSession {
+                    tables: served,
+                    ctx: ctx.clone(),
+                },
+            );
+        }
         Ok(ctx)
     }
 
@@ -266,14 +326,18 @@ impl TableCatalog {
         let previous = slot.served.read().ok().and_then(|s| s.clone());
         let provider = match previous {
             Some(p) if p.version == version => p.provider.clone(),
-            _ => {
-                // the table's object store (s3://…) is made known to every session at once
-                let probe = self.empty_session()?;
-                table
-                    .update_datafusion_session(&probe.state())
-                    .map_err(|e| err(e.to_string()))?;
-                table.table_provider().await.map_err(|e| err(e.to_string()))?
-            }
+            _ => match ActiveFiles::of(table, name, self.stores.as_ref()) {
+                Ok(plain) => Arc::new(plain) as Arc<dyn TableProvider>,
+                Err(why) => {
+                    tracing::info!(table = name, reason = %why, "reading the table through delta-rs");
+                    // the table's object store (s3://…) is made known to every session at once
+                    let probe = self.empty_session()?;
+                    table
+                        .update_datafusion_session(&probe.state())
+                        .map_err(|e| err(e.to_string()))?;
+                    table.table_provider().await.map_err(|e| err(e.to_string()))?
+                }
+            },
         };
         let served = Arc::new(Served {
             version,

@@ -8,6 +8,7 @@
 
 #![deny(missing_docs)]
 
+mod active_files;
 pub mod audience;
 mod audience_routes;
 pub mod bounded_dialect;

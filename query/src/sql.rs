@@ -176,7 +176,9 @@ pub async fn plan(ctx: &SessionContext, sql: &str, options: SQLOptions) -> Resul
     let statement = crate::bounded_dialect::parse_statement(sql, &state)?;
     let plan = state.statement_to_plan(statement).await.map_err(user_error)?;
     options.verify_plan(&plan).map_err(user_error)?;
-    ctx.execute_logical_plan(plan).await.map_err(user_error)
+    // a read-only plan runs as a frame over the state it was planned in (a session's state
+    // is a deep copy: one per query is enough)
+    Ok(DataFrame::new(state, plan))
 }
 
 /// What the SQL endpoints allow: reading, nothing else.
