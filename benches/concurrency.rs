@@ -16,13 +16,15 @@
 //! Knobs: `CONCURRENCY_EVENTS` (default 60,000), `CONCURRENCY_SECONDS` (10),
 //! `CONCURRENCY_CLIENTS` (16).
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use anyhow::{Context, Result, bail, ensure};
+use common::{Running, env_or, free_port, wait_until};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
@@ -36,33 +38,6 @@ const REPORTS: [&str; 6] = [
 ];
 const ANALYST_KEY: &str = "bench-analyst-key-0123456789abcdef";
 const BUCKET: &str = "marsad-bench";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A child process killed when dropped.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        ensure!(Instant::now() < deadline, "{what} within {timeout:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
 
 fn moto(dir: &Path) -> Result<(Running, String)> {
     let port = free_port()?;

@@ -1,0 +1,161 @@
+//! Marsad's SQL beside the engines a user would pick instead (not criterion: whole-service
+//! runs). `cargo bench --bench engines`:
+//! 1. starts `marsad up` on a fresh data dir and drives `marsad simulate` into it (default
+//!    40,000 events/s for 25 s from 200,000 visitors: about a million events);
+//! 2. waits until every event is in `events`;
+//! 3. runs `benches/engines.py`: twelve dashboard-style queries over the table's active
+//!    Parquet files in DuckDB, DataFusion, Polars and chDB (from PyPI) and through Marsad's
+//!    `/v1/sql` and Postgres port; checks every engine returns the same rows, then prints the
+//!    median of 5 warm runs and each engine's geomean against DuckDB and DataFusion;
+//! 4. runs `marsad compact` and step 3 again.
+//!
+//! Knobs: `ENGINES_RATE` (40,000), `ENGINES_SECONDS` (25), `ENGINES_VISITORS` (200,000),
+//! `ENGINES_RUNS` (5). Needs `python3` with duckdb, datafusion, polars, chdb, deltalake and
+//! psycopg2 (`python3 -m pip install duckdb datafusion polars chdb deltalake psycopg2-binary`).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use anyhow::{Context, Result, ensure};
+use common::{Running, env_or, free_port, wait_until};
+use reqwest::blocking::Client;
+use serde_json::{Value, json};
+
+const ENGINEER_KEY: &str = "bench-engineer-key-0123456789abcdef";
+const PEERS: &str = "duckdb datafusion polars chdb deltalake psycopg2";
+
+struct Marsad {
+    _process: Running,
+    ingest: String,
+    query: String,
+    pg_port: u16,
+}
+
+fn marsad(dir: &Path) -> Result<Marsad> {
+    use sha2::Digest;
+    let (ingest_port, query_port, pg_port) = (free_port()?, free_port()?, free_port()?);
+    std::fs::write(
+        dir.join("marsad.toml"),
+        format!(
+            "[[query.keys]]\nname = \"engineer\"\nroles = [\"engineer\"]\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(ENGINEER_KEY.as_bytes()))
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("marsad.log"))?;
+    let child = Command::new(env!("CARGO_BIN_EXE_marsad"))
+        .args(["up", "--config"])
+        .arg(dir.join("marsad.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(["--ingest-addr", &format!("127.0.0.1:{ingest_port}")])
+        .args(["--query-addr", &format!("127.0.0.1:{query_port}")])
+        .args(["--pg-addr", &format!("127.0.0.1:{pg_port}")])
+        .env("RUST_LOG", "warn")
+        // one address sends the whole load: the per-address limits would refuse most of it
+        .env("MARSAD_INGEST__LIMITS__RATE_PER_SECOND", "0")
+        .env("MARSAD_QUERY__LIMITS__RATE_PER_SECOND", "0")
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .context("starting marsad up")?;
+    let m = Marsad {
+        _process: Running(child),
+        ingest: format!("http://127.0.0.1:{ingest_port}"),
+        query: format!("http://127.0.0.1:{query_port}"),
+        pg_port,
+    };
+    wait_until("marsad serves", Duration::from_secs(60), || {
+        [&m.ingest, &m.query].iter().all(|base| {
+            Client::new()
+                .get(format!("{base}/healthz"))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        })
+    })?;
+    Ok(m)
+}
+
+fn events_in_table(m: &Marsad) -> Result<u64> {
+    let answer: Value = Client::new()
+        .post(format!("{}/v1/sql", m.query))
+        .bearer_auth(ENGINEER_KEY)
+        .json(&json!({"sql": "SELECT count(*) AS n FROM events"}))
+        .send()?
+        .error_for_status()?
+        .json()?;
+    answer["rows"][0]["n"].as_u64().context("a count")
+}
+
+fn peers(dir: &Path, m: &Marsad, label: &str) -> Result<()> {
+    let status = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/engines.py"))
+        .arg("--table")
+        .arg(dir.join("data/tables/events"))
+        .args(["--url", &m.query, "--key", ENGINEER_KEY])
+        .args(["--pg-port", &m.pg_port.to_string(), "--label", label])
+        .status()
+        .context("python3 benches/engines.py")?;
+    ensure!(status.success(), "benches/engines.py failed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let installed = Command::new("python3")
+        .args(["-c", &format!("import {}", PEERS.replace(' ', ", "))])
+        .status()?;
+    ensure!(
+        installed.success(),
+        "the peers are missing: python3 -m pip install duckdb datafusion polars chdb deltalake psycopg2-binary"
+    );
+    let (rate, seconds, visitors) = (
+        env_or("ENGINES_RATE", 40_000),
+        env_or("ENGINES_SECONDS", 25),
+        env_or("ENGINES_VISITORS", 200_000),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "engines: {} on {cores} cores; marsad simulate --rate {rate} --duration {seconds} --visitors {visitors}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    let tmp = tempfile::tempdir()?;
+    let m = marsad(tmp.path())?;
+    let started = Instant::now();
+    let simulated = Command::new(env!("CARGO_BIN_EXE_marsad"))
+        .args(["simulate", "--url", &m.ingest])
+        .args(["--rate", &rate.to_string(), "--duration", &seconds.to_string()])
+        .args(["--visitors", &visitors.to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .status()?;
+    ensure!(simulated.success(), "marsad simulate failed");
+    // every event in the table: the count holds still for 3 s
+    let (mut last, mut still_since) = (0, Instant::now());
+    wait_until("the processor to drain", Duration::from_secs(900), || {
+        let n = events_in_table(&m).unwrap_or(0);
+        if n != last || n == 0 {
+            (last, still_since) = (n, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        still_since.elapsed() > Duration::from_secs(3)
+    })?;
+    println!(
+        "{last} events sent and processed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    peers(tmp.path(), &m, "as written")?;
+    let compacted = Command::new(env!("CARGO_BIN_EXE_marsad"))
+        .args(["compact", "--config"])
+        .arg(tmp.path().join("marsad.toml"))
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    ensure!(compacted.success(), "marsad compact failed");
+    std::thread::sleep(Duration::from_secs(2)); // the catalog's refresh interval
+    peers(tmp.path(), &m, "after marsad compact")?;
+    Ok(())
+}
