@@ -174,3 +174,115 @@ impl TableProvider for ActiveFiles {
         Ok(DataSourceExec::from_data_source(config))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{BinaryArray, Date32Array, Int64Array, RecordBatch, StringArray};
+    use datafusion::prelude::SessionContext;
+    use deltalake::kernel::StructType;
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+    use deltalake::protocol::SaveMode;
+
+    use super::*;
+
+    fn schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("country", DataType::Utf8, true),
+            Field::new("date", DataType::Date32, false),
+            Field::new("n", DataType::Int64, false),
+            Field::new("visitors", DataType::Binary, true),
+        ]))
+    }
+
+    fn batch(day: i32, rows: &[(Option<&str>, i64)]) -> RecordBatch {
+        let countries: StringArray = rows.iter().map(|r| r.0).collect();
+        let n: Int64Array = rows.iter().map(|r| Some(r.1)).collect();
+        let visitors: BinaryArray = rows.iter().map(|r| Some(r.1.to_le_bytes().to_vec())).collect();
+        RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(countries),
+                Arc::new(Date32Array::from(vec![day; rows.len()])),
+                Arc::new(n),
+                Arc::new(visitors),
+            ],
+        )
+        .expect("a batch")
+    }
+
+    async fn answer(ctx: &SessionContext, sql: &str) -> String {
+        let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("prints")
+            .to_string()
+    }
+
+    /// A partitioned table after appends to two dates and a delete that rewrote files: the plain
+    /// scan answers every query as delta-rs's provider does, removed rows included never.
+    #[tokio::test]
+    async fn plain_files_answer_as_the_delta_provider() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("a url");
+        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
+        let mut table = DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .with_partition_columns(["date"])
+            .await
+            .expect("created");
+        for rows in [
+            batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2), (None, 3)]),
+            batch(20_001, &[(Some("JO"), 4), (Some("EG"), 5)]),
+            batch(20_001, &[(Some("SA"), 6)]),
+        ] {
+            table = table
+                .write(vec![rows])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(["date"])
+                .await
+                .expect("appended");
+        }
+        let (table, _) = table.delete().with_predicate("country = 'JO'").await.expect("deleted");
+
+        let stores: Arc<dyn ObjectStoreRegistry> =
+            Arc::new(datafusion::execution::object_store::DefaultObjectStoreRegistry::new());
+        let plain = ActiveFiles::of(&table, "t", stores.as_ref()).expect("plain files");
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_object_store_registry(stores)
+            .build_arc()
+            .expect("a runtime");
+        let plain_ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
+        plain_ctx.register_table("t", Arc::new(plain)).expect("registered");
+        let delta_ctx = SessionContext::new();
+        table.update_datafusion_session(&delta_ctx.state()).expect("store");
+        delta_ctx
+            .register_table("t", table.table_provider().await.expect("a provider"))
+            .expect("registered");
+
+        for sql in [
+            "SELECT * FROM t ORDER BY n",
+            "SELECT country, date, n FROM t WHERE date = DATE '2024-10-04' ORDER BY n",
+            "SELECT date, count(*), sum(n) FROM t GROUP BY date ORDER BY date",
+            "SELECT n FROM t WHERE country IS NULL",
+            "SELECT count(*) FROM t WHERE date > DATE '2030-01-01'",
+            "SELECT arrow_typeof(country), arrow_typeof(visitors), arrow_typeof(date) FROM t LIMIT 1",
+        ] {
+            let (ours, theirs) = (answer(&plain_ctx, sql).await, answer(&delta_ctx, sql).await);
+            assert_eq!(ours, theirs, "{sql}");
+        }
+        let all = answer(&plain_ctx, "SELECT * FROM t ORDER BY n").await;
+        assert!(!all.contains("JO") && all.contains("EG"), "{all}");
+        let columns: Vec<String> = plain_ctx
+            .table("t")
+            .await
+            .expect("t")
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        assert_eq!(columns, ["country", "date", "n", "visitors"], "the table's own order");
+    }
+}
