@@ -447,13 +447,18 @@ fn spawn_segment_refresh(
     });
 }
 
-/// Merges the rollups' partial rows every `process.rollup_compaction_interval_secs`, so reads
-/// over long ranges stay small; a failed or conflicting run is logged and retried next time.
+/// Merges the rollups' partial rows every `process.rollup_compaction_interval_secs`, so a
+/// report reads about one row per key and hour at any moment, and rewrites the dates of
+/// `events` that gathered `process.events_compaction_min_files` small files into files of the
+/// target size; a failed or conflicting run is logged and retried next time.
 fn spawn_rollup_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
+    /// The size `events` files are rewritten to (as `marsad compact`'s default).
+    const EVENTS_FILE_BYTES: u64 = 128 << 20;
     let tables = config.tables();
     let every = Duration::from_secs(config.process.rollup_compaction_interval_secs);
+    let events_min_files = config.process.events_compaction_min_files;
     set.spawn(async move {
         let tables = tables?;
         loop {
@@ -472,6 +477,24 @@ fn spawn_rollup_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Confi
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "rollup compaction failed; retrying next time"),
+            }
+            if events_min_files == 0 {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            let events = marsad_schemas::TableName::Events;
+            match marsad_process::maintenance::compact_busy_dates(&tables, events, EVENTS_FILE_BYTES, events_min_files)
+                .await
+            {
+                Ok(done) if !done.is_empty() => tracing::info!(
+                    dates = done.len(),
+                    files_removed = done.iter().map(|d| d.files_removed).sum::<u64>(),
+                    files_added = done.iter().map(|d| d.files_added).sum::<u64>(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "events files compacted"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "events compaction failed; retrying next time"),
             }
         }
     });

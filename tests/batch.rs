@@ -459,3 +459,91 @@ async fn backfill_rebuilds_dates_with_new_rules_idempotently() -> Result<()> {
     ensure!(!ok && err.contains("future"), "{err}");
     Ok(())
 }
+
+/// `marsad up` compacts on its own while events keep arriving: a date of `events` that
+/// gathered small files is rewritten into one, and the rollups' partial rows are merged to
+/// one row per key, every count unchanged: what a report reads stays small at any moment,
+/// with no operator running `marsad compact`.
+#[test]
+fn up_compacts_its_tables_without_an_operator() -> Result<()> {
+    // the table's files are read with deltalake on a runtime of the test's own
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let config = Config {
+        data_dir: data.clone(),
+        ..Config::default()
+    };
+    let m = crate::common::Marsad::start_with_env(
+        &data,
+        None,
+        None,
+        &[
+            ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "50".into()),
+            ("MARSAD_PROCESS__ROLLUP_COMPACTION_INTERVAL_SECS", "1".into()),
+            ("MARSAD_PROCESS__EVENTS_COMPACTION_MIN_FILES", "4".into()),
+        ],
+    )?;
+    let client = reqwest::blocking::Client::new();
+    let today = format!("date={}", Utc::now().date_naive());
+    let (batches, per_batch): (i64, i64) = (10, 30);
+    let (mut most_files, mut most_rollup_rows) = (0, 0);
+    for b in 0..batches {
+        let events: Vec<serde_json::Value> = (0..per_batch)
+            .map(|i| {
+                serde_json::json!({"type": "page_view", "url": format!("https://kulshi.example/en/cars/{}", i % 3),
+                    "cookie_id": format!("c-{b}-{i}"), "event_id": format!("e-{b}-{i}")})
+            })
+            .collect();
+        let sent = client
+            .post(format!("{}/v1/batch", m.ingest))
+            .header(
+                "user-agent",
+                "Mozilla/5.0 (X11; Linux x86_64; rv:130.0) Gecko/20100101 Firefox/130.0",
+            )
+            .json(&events)
+            .send()?;
+        ensure!(sent.status().as_u16() == 202, "{}", sent.status());
+        // each batch its own commit, so its own small file
+        m.wait_for_count(
+            "SELECT count(*) FROM events",
+            (b + 1) * per_batch,
+            Duration::from_secs(30),
+        )?;
+        most_files = most_files.max(runtime.block_on(active_files(&config, "events", &today))?);
+        most_rollup_rows = most_rollup_rows.max(m.sql_count("SELECT count(*) FROM traffic_hourly")?);
+    }
+    let total = batches * per_batch;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let files = runtime.block_on(active_files(&config, "events", &today))?;
+        let rollup_files = runtime.block_on(active_files(&config, "traffic_hourly", &today))?;
+        if files < 4 && rollup_files < 4 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "still {files} events files and {rollup_files} rollup files (most: {most_files}): {}",
+            m.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    ensure!(most_files >= 4, "the batches were several commits: {most_files}");
+    ensure!(m.sql_count("SELECT count(*) FROM events")? == total, "events kept");
+    ensure!(
+        m.sql_count("SELECT sum(events) FROM traffic_hourly")? == total,
+        "rollup totals kept"
+    );
+    // partial rows merged: a key has one row, plus one per commit since the last merge (a
+    // date is merged once it has 4 files), not one per commit of the day
+    let keys = m.sql_count(
+        "SELECT count(*) FROM (SELECT DISTINCT hour, country, region, device_type, os, browser, language, \
+         page_category, referrer_domain, event_type FROM traffic_hourly)",
+    )?;
+    let rows = m.sql_count("SELECT count(*) FROM traffic_hourly")?;
+    ensure!(
+        rows <= 3 * keys && rows < most_rollup_rows,
+        "{rows} rollup rows for {keys} keys (most: {most_rollup_rows})"
+    );
+    Ok(())
+}

@@ -18,8 +18,12 @@ pub struct ProcessConfig {
     pub metrics_addr: SocketAddr,
     /// How many recent event ids are remembered to drop retried duplicates.
     pub dedup_capacity: usize,
-    /// How often partial rollup rows are merged into one row per key (dates with several files).
+    /// How often partial rollup rows are merged into one row per key (dates with several
+    /// files), and the dates of `events` with many small files rewritten into large ones.
     pub rollup_compaction_interval_secs: u64,
+    /// A date of `events` is rewritten into large files once it has this many small ones
+    /// (0: never; `marsad compact` still does it).
+    pub events_compaction_min_files: usize,
     /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
     pub page_categories: Vec<PageCategoryRule>,
     /// Events one visitor adds to each rollup table per day, at most (the clamp that bounds
@@ -89,7 +93,9 @@ impl Default for ProcessConfig {
             batch_max_interval_ms: 1_000,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
             dedup_capacity: 5_000_000,
-            rollup_compaction_interval_secs: 3600,
+            // reports read one row per key and hour soon after it is written
+            rollup_compaction_interval_secs: 60,
+            events_compaction_min_files: 16,
             page_categories: default_page_categories(),
             max_events_per_visitor_day: 40,
         }

@@ -72,6 +72,57 @@ pub async fn compact_files(
     Ok(out)
 }
 
+/// Rewrites the small files of each date of `table` that has at least `min_files` of them
+/// (smaller than half of `target_bytes`) into files of about `target_bytes`: how `events`
+/// reaches its target file size without an operator, while the processor keeps appending.
+/// A date is rewritten only once it has gathered `min_files` new small files, so no byte is
+/// rewritten at every run.
+pub async fn compact_busy_dates(
+    tables: &TablesLocation,
+    table: TableName,
+    target_bytes: u64,
+    min_files: usize,
+) -> Result<Vec<Compacted>> {
+    use deltalake::kernel::schema::partitions::{FilterOp, FilterValue};
+    let target = NonZeroU64::new(target_bytes.max(1024 * 1024)).unwrap_or(NonZeroU64::MIN);
+    let name = table.as_str();
+    let delta = |source| Error::Delta { table: name, source };
+    let Some(handle) = open_table(tables, name).await? else {
+        return Ok(Vec::new());
+    };
+    let mut small_per_date: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for file in handle.snapshot().map_err(delta)?.log_data() {
+        if u64::try_from(file.size()).unwrap_or(u64::MAX) < target.get() / 2
+            && let Some(Some(date)) = file.partition_values_map().get(DATE_COLUMN).cloned()
+        {
+            *small_per_date.entry(date).or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    for (date, small) in small_per_date {
+        if small < min_files || NaiveDate::parse_from_str(&date, "%Y-%m-%d").is_err() {
+            continue;
+        }
+        let Some(handle) = open_table(tables, name).await? else {
+            break;
+        };
+        let filters = [(DATE_COLUMN, FilterOp::Eq, FilterValue::Scalar(date.as_str()))];
+        let (_, metrics) = handle
+            .optimize()
+            .with_filters(&filters)
+            .with_target_size(target)
+            .await
+            .map_err(delta)?;
+        out.push(Compacted {
+            table: name,
+            files_removed: metrics.num_files_removed,
+            files_added: metrics.num_files_added,
+            partitions: metrics.partitions_optimized,
+        });
+    }
+    Ok(out)
+}
+
 /// Deletes every row dated before `cutoff` from every date-partitioned table and removes
 /// the deleted files from storage at once, so older table versions do not keep them.
 pub async fn apply_retention(
