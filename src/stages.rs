@@ -451,7 +451,7 @@ fn spawn_segment_refresh(
 /// report reads about one row per key and hour at any moment, and rewrites the dates of
 /// `events` that gathered `process.events_compaction_min_files` small files into files of the
 /// target size; a failed or conflicting run is logged and retried next time.
-fn spawn_rollup_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
+fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
     /// The size `events` files are rewritten to (as `marsad compact`'s default).
@@ -594,7 +594,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
-    spawn_rollup_compaction(&mut set, &config, shutdown.clone());
+    spawn_compaction(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
     let query_privacy = privacy.query(&config, log.clone())?;
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
@@ -687,7 +687,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
-    spawn_rollup_compaction(&mut set, &config, shutdown.clone());
+    spawn_compaction(&mut set, &config, shutdown.clone());
     let s = shutdown.clone();
     set.spawn(async move {
         let app = axum::Router::new()

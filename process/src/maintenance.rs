@@ -75,8 +75,10 @@ pub async fn compact_files(
 /// Rewrites the small files of each date of `table` that has at least `min_files` of them
 /// (smaller than half of `target_bytes`) into files of about `target_bytes`: how `events`
 /// reaches its target file size without an operator, while the processor keeps appending.
-/// A date is rewritten only once it has gathered `min_files` new small files, so no byte is
-/// rewritten at every run.
+/// A date is rewritten only once it has gathered `min_files` small files (the rewrite takes
+/// every file of the date under the target size, so a date's earlier output is rewritten
+/// with them until it reaches the target). Not safe beside an erasure of the same table (see
+/// `process.events_compaction_min_files`).
 pub async fn compact_busy_dates(
     tables: &TablesLocation,
     table: TableName,

@@ -107,7 +107,11 @@ impl ActiveFiles {
                 partition_values.push(value);
             }
             let size = u64::try_from(file.size()).unwrap_or(0);
-            files.push(PartitionedFile::new(file.path().into_owned(), size).with_partition_values(partition_values));
+            let mut scanned =
+                PartitionedFile::new(file.path().into_owned(), size).with_partition_values(partition_values);
+            // the path as the log stores it (percent-encoded parts stay encoded)
+            scanned.object_meta.location = file.object_store_path();
+            files.push(scanned);
         }
         let store = ObjectStoreUrl::parse(format!("marsad-table://{name}")).map_err(|e| log(&e))?;
         let url = url::Url::parse(store.as_str()).map_err(|e| log(&e))?;

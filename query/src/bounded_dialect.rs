@@ -3,26 +3,31 @@
 //! minutes of CPU. Any key that may send SQL could stall the service with them, and a parse
 //! cannot be cancelled from outside. [`Bounded`] wraps a dialect and counts the parser's steps
 //! (each expression it starts), failing the parse once they pass a budget proportional to the
-//! statement's length: a linear parse never comes near it, a runaway one stops within
-//! milliseconds.
+//! statement's tokens (not its bytes: a comment buys no steps), capped for any statement: a
+//! linear parse never comes near it, a runaway one stops within milliseconds.
 
 use std::cell::Cell;
 
 use datafusion::execution::SessionState;
 use datafusion::sql::parser::{DFParserBuilder, Statement};
 use datafusion::sql::sqlparser::dialect::{Dialect, GenericDialect, PostgreSqlDialect};
+use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::{Parser, ParserError};
+use datafusion::sql::sqlparser::tokenizer::{Token, Tokenizer};
 
 use crate::error::ApiError;
 
 mod forward;
 
-/// Expressions a parse may start per byte of SQL: real statements (psql's and SQLAlchemy's
-/// catalog queries, dashboards' CASE sums) stay under a tenth of the budget this gives, a
-/// backtracking parse needs millions.
-const STEPS_PER_BYTE: u64 = 16;
+/// Expressions a parse may start per token of SQL (comments and spaces are not tokens, so
+/// padding a statement buys nothing): real statements (psql's and SQLAlchemy's catalog
+/// queries, dashboards' CASE sums) stay under a tenth of the budget this gives, a backtracking
+/// parse needs millions.
+const STEPS_PER_TOKEN: u64 = 16;
 /// Steps every statement may take, however short.
 const STEPS_BASE: u64 = 4_096;
+/// Steps no statement may pass, however long (a few hundred milliseconds of parsing).
+const STEPS_MAX: u64 = 4_000_000;
 
 /// `D`, with a budget of parser steps for one statement.
 #[derive(Debug)]
@@ -33,9 +38,11 @@ pub struct Bounded<D> {
 }
 
 impl<D: Dialect> Bounded<D> {
-    /// `inner`, allowed the steps a statement of `sql_len` bytes can need.
-    pub fn new(inner: D, sql_len: usize) -> Self {
-        let budget = STEPS_BASE.saturating_add(STEPS_PER_BYTE.saturating_mul(sql_len as u64));
+    /// `inner`, allowed the steps a statement of `tokens` tokens can need.
+    pub fn new(inner: D, tokens: usize) -> Self {
+        let budget = STEPS_BASE
+            .saturating_add(STEPS_PER_TOKEN.saturating_mul(tokens as u64))
+            .min(STEPS_MAX);
         Bounded {
             inner,
             steps: Cell::new(0),
@@ -66,6 +73,18 @@ impl<D: Dialect> Bounded<D> {
     }
 }
 
+/// The tokens of `sql` that cost the parser a step (not spaces or comments); `None` when
+/// it does not tokenize (then the parse fails before any step).
+fn tokens(dialect: &dyn Dialect, sql: &str) -> Option<Vec<Token>> {
+    let tokens = Tokenizer::new(dialect, sql).tokenize().ok()?;
+    Some(
+        tokens
+            .into_iter()
+            .filter(|t| !matches!(t, Token::Whitespace(_)))
+            .collect(),
+    )
+}
+
 fn too_complex(sql_len: usize) -> ApiError {
     tracing::info!(sql_len, "a statement ran out of parser steps");
     ApiError::BadRequest(
@@ -78,7 +97,8 @@ fn too_complex(sql_len: usize) -> ApiError {
 /// Parses `sql` as DataFusion would (its dialect and recursion limit), refusing a statement
 /// that makes the parser backtrack without end.
 pub fn parse_statement(sql: &str, state: &SessionState) -> Result<Statement, ApiError> {
-    let dialect = Bounded::new(GenericDialect {}, sql.len());
+    let counted = tokens(&GenericDialect {}, sql).map_or(0, |t| t.len());
+    let dialect = Bounded::new(GenericDialect {}, counted);
     let limit = state.config().options().sql_parser.recursion_limit.get();
     let parsed = DFParserBuilder::new(sql)
         .with_dialect(&dialect)
@@ -98,12 +118,22 @@ pub fn parse_statement(sql: &str, state: &SessionState) -> Result<Statement, Api
 }
 
 /// Refuses `sql` if the Postgres dialect's parse of it would backtrack without end: the check
-/// the Postgres protocol makes before its own parser (which cannot be bounded) reads it.
+/// the Postgres protocol makes before its own parser (which cannot be bounded) reads it. It
+/// reads the tokens as that parser will (`ABORT` is `ROLLBACK` there), so a statement that
+/// only that parser understands cannot carry a runaway one past the check.
 pub fn check_postgres(sql: &str) -> Result<(), ApiError> {
-    let dialect = Bounded::new(PostgreSqlDialect {}, sql.len());
-    let _ = Parser::new(&dialect)
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements());
+    let Some(tokens) = tokens(&PostgreSqlDialect {}, sql) else {
+        return Ok(()); // both parsers stop at the tokenizer
+    };
+    let tokens: Vec<Token> = tokens
+        .into_iter()
+        .map(|t| match &t {
+            Token::Word(w) if w.keyword == Keyword::ABORT => Token::make_keyword("ROLLBACK"),
+            _ => t,
+        })
+        .collect();
+    let dialect = Bounded::new(PostgreSqlDialect {}, tokens.len());
+    let _ = Parser::new(&dialect).with_tokens(tokens).parse_statements();
     if dialect.exhausted() {
         return Err(too_complex(sql.len()));
     }
@@ -115,6 +145,10 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+
+    fn count(dialect: &dyn Dialect, sql: &str) -> usize {
+        tokens(dialect, sql).map_or(0, |t| t.len())
+    }
 
     fn findings() -> Vec<String> {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/findings");
@@ -135,18 +169,31 @@ mod tests {
         let state = datafusion::prelude::SessionContext::new().state();
         let found = findings();
         assert!(found.len() >= 3, "the fuzz findings are committed");
+        let mut attacks = Vec::new();
         for sql in found {
+            // padding buys no steps; a statement only the Postgres parser reads carries none past
+            attacks.push(format!("/* {} */ {sql}", "x".repeat(1 << 20)));
+            attacks.push(format!("ABORT; {sql}"));
+            attacks.push(sql);
+        }
+        for sql in attacks {
             let started = Instant::now();
             let generic = parse_statement(&sql, &state);
             let postgres = check_postgres(&sql);
             let took = started.elapsed();
-            for (which, answer) in [("generic", generic.map(|_| ())), ("postgres", postgres)] {
-                match answer {
-                    Err(ApiError::BadRequest(m)) => assert!(m.contains("too complex"), "{which}: {m}"),
-                    other => panic!("{which}: {sql:?} gave {other:?}"),
-                }
+            let shown = &sql[..sql.len().min(80)];
+            match postgres {
+                Err(ApiError::BadRequest(m)) => assert!(m.contains("too complex"), "postgres: {m}"),
+                other => panic!("postgres: {shown:?} gave {other:?}"),
             }
-            assert!(took < Duration::from_secs(5), "{sql:?} took {took:?}");
+            // DataFusion's parser stops at `ABORT` (no such statement) before the runaway part
+            match generic {
+                Err(ApiError::BadRequest(m)) => {
+                    assert!(m.contains("too complex") || sql.starts_with("ABORT"), "generic: {m}")
+                }
+                other => panic!("generic: {shown:?} gave {other:?}"),
+            }
+            assert!(took < Duration::from_secs(5), "{shown:?} took {took:?}");
         }
     }
 
@@ -177,7 +224,7 @@ mod tests {
             if sql.len() > 4096 {
                 continue;
             }
-            let bounded = Bounded::new(GenericDialect {}, sql.len());
+            let bounded = Bounded::new(GenericDialect {}, count(&GenericDialect {}, sql));
             let generic = Parser::parse_sql(&bounded, sql);
             if bounded.exhausted() {
                 runaway += 1; // a runaway input of the corpus: its bare parse is the slow one
@@ -185,7 +232,7 @@ mod tests {
             }
             let bare_generic = Parser::parse_sql(&GenericDialect {}, sql);
             assert_eq!(format!("{bare_generic:?}"), format!("{generic:?}"), "generic: {sql:?}");
-            let bounded_pg = Bounded::new(PostgreSqlDialect {}, sql.len());
+            let bounded_pg = Bounded::new(PostgreSqlDialect {}, count(&PostgreSqlDialect {}, sql));
             let pg = Parser::parse_sql(&bounded_pg, sql);
             if bounded_pg.exhausted() {
                 continue;
@@ -249,12 +296,12 @@ mod tests {
                 for sql in realistic() {
                     for used in [
                         {
-                            let d = Bounded::new(GenericDialect {}, sql.len());
+                            let d = Bounded::new(GenericDialect {}, count(&GenericDialect {}, &sql));
                             let _ = Parser::parse_sql(&d, &sql).expect("parses");
                             d.steps() as f64 / d.budget as f64
                         },
                         {
-                            let d = Bounded::new(PostgreSqlDialect {}, sql.len());
+                            let d = Bounded::new(PostgreSqlDialect {}, count(&PostgreSqlDialect {}, &sql));
                             let _ = Parser::parse_sql(&d, &sql).expect("parses");
                             d.steps() as f64 / d.budget as f64
                         },

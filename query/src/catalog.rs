@@ -194,7 +194,7 @@ impl TableCatalog {
         out
     }
 
-    /// A DataFusion session with every existing table registered at its latest version.
+    /// The shared DataFusion session with every existing table registered at its latest version.
     pub async fn session(&self) -> Result<SessionContext, CatalogError> {
         self.session_with(TableScope::All).await
     }

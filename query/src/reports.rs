@@ -458,10 +458,13 @@ pub async fn run(
         )));
     }
     let query = |sql: String| async move {
-        let df = ctx.sql(&sql).await.map_err(|e| {
-            tracing::error!(error = %e, sql, "report query failed");
-            ApiError::Internal
-        })?;
+        // read-only like every SQL path: the session is shared with other queries
+        let df = crate::sql::plan(ctx, &sql, crate::sql::read_only())
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, sql, "report query failed");
+                ApiError::Internal
+            })?;
         df.collect().await.map_err(|e| {
             tracing::error!(error = %e, "report query failed");
             ApiError::Internal
