@@ -115,14 +115,7 @@ fn marsad(dir: &Path, s3: Option<&str>, refresh_ms: u64) -> Result<Marsad> {
         ingest: format!("http://127.0.0.1:{ingest_port}"),
         query: format!("http://127.0.0.1:{query_port}"),
     };
-    wait_until("marsad serves", Duration::from_secs(60), || {
-        [&m.ingest, &m.query].iter().all(|base| {
-            Client::new()
-                .get(format!("{base}/healthz"))
-                .send()
-                .is_ok_and(|r| r.status().is_success())
-        })
-    })?;
+    common::wait_serving(&[&m.ingest, &m.query])?;
     Ok(m)
 }
 

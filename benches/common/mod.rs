@@ -35,3 +35,15 @@ pub fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -
     }
     Ok(())
 }
+
+/// Waits until every base URL answers `/healthz` (a service started by the bench).
+pub fn wait_serving(bases: &[&str]) -> Result<()> {
+    wait_until("marsad serves", Duration::from_secs(60), || {
+        bases.iter().all(|base| {
+            reqwest::blocking::Client::new()
+                .get(format!("{base}/healthz"))
+                .send()
+                .is_ok_and(|r| r.status().is_success())
+        })
+    })
+}

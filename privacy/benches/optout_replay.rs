@@ -12,6 +12,31 @@ use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, OptOutScope};
 use marsad_privacy::pseudonym::Subject;
 use marsad_schemas::TOPIC_OPTOUTS;
 
+/// Reads the opt-out log from the start until it is caught up, handing each record's payload
+/// to `on_record`; returns the seconds it took.
+async fn replay(log: &LocalLog, mut on_record: impl FnMut(&[u8]) + Send) -> Result<f64, Box<dyn std::error::Error>> {
+    let started = Instant::now();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut stop_tx = Some(stop_tx);
+    marsad_eventlog::follow(
+        log as &dyn EventLog,
+        TOPIC_OPTOUTS,
+        |f| match f {
+            Followed::Record(r) => on_record(&r.payload),
+            Followed::CaughtUp => {
+                if let Some(tx) = stop_tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        },
+        async {
+            let _ = stop_rx.await;
+        },
+    )
+    .await?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let total: u64 = std::env::var("OPTOUTS")
@@ -52,57 +77,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // the baseline, in the same run: reading the records from the log, applying nothing
     let log = LocalLog::open(dir.path(), LocalLogOptions::default())?;
-    let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut stop_tx = Some(stop_tx);
     let mut read = 0u64;
-    marsad_eventlog::follow(
-        &log as &dyn EventLog,
-        TOPIC_OPTOUTS,
-        |f| match f {
-            Followed::Record(_) => read += 1,
-            Followed::CaughtUp => {
-                if let Some(tx) = stop_tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    )
-    .await?;
-    let baseline = started.elapsed().as_secs_f64();
+    let baseline = replay(&log, |_| read += 1).await?;
     println!("baseline: read {read} records without applying them in {baseline:.1} s");
 
     // a service starting: a new log handle, a new registry, read from the start
     let log = LocalLog::open(dir.path(), LocalLogOptions::default())?;
     let registry = OptOutRegistry::default();
-    let started = Instant::now();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut stop_tx = Some(stop_tx);
     let mut failed = 0u64;
-    marsad_eventlog::follow(
-        &log as &dyn EventLog,
-        TOPIC_OPTOUTS,
-        |f| match f {
-            Followed::Record(r) => {
-                if registry.apply_bytes(&r.payload).is_err() {
-                    failed += 1;
-                }
-            }
-            Followed::CaughtUp => {
-                if let Some(tx) = stop_tx.take() {
-                    let _ = tx.send(());
-                }
-            }
-        },
-        async {
-            let _ = stop_rx.await;
-        },
-    )
+    let secs = replay(&log, |payload| {
+        if registry.apply_bytes(payload).is_err() {
+            failed += 1;
+        }
+    })
     .await?;
-    let secs = started.elapsed().as_secs_f64();
     println!(
         "replayed {total} opt-outs in {secs:.1} s ({:.2} M/s, {:.1}x the baseline); registry holds {} prints; {failed} undecodable",
         total as f64 / secs / 1e6,
