@@ -138,6 +138,17 @@ fn released_numbers_are_consistent_and_advertisers_see_their_campaigns_only() ->
         by_sql["release"]["ci95"]["events"].as_u64().unwrap_or(0) > 0,
         "{by_sql}"
     );
+    // sessions are shared per scope: the engineer's (admin's) session, which reads `events`
+    // and was used just before, is never the analyst's
+    let (status, raw) = sql(&client, &m, ANALYST, "SELECT count(*) FROM events")?;
+    ensure!(status == 400, "an analyst reads no raw events: {raw}");
+    let (status, tables) = sql(&client, &m, ANALYST, "SELECT table_name FROM information_schema.tables")?;
+    ensure!(status == 200, "{tables}");
+    let listed = tables["rows"].as_array().context("rows")?;
+    ensure!(
+        !listed.is_empty() && listed.iter().all(|r| r["table_name"] != "events"),
+        "an analyst's catalog lists no events: {tables}"
+    );
 
     // the advertiser and the analyst asking the same campaign cell get the same numbers
     let (status, analyst_campaigns) = get(&client, &m, ANALYST, "/v1/reports/campaigns")?;
@@ -236,10 +247,14 @@ fn large_cells_of_simulated_traffic_stay_close_to_the_truth() -> Result<()> {
         .output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let mut last = -1;
+    // settled: `events` and the rollups (which commit after it) both stop changing
+    let mut last = (-1, -1);
     loop {
-        let now = m.sql_count("SELECT count(*) FROM events")?;
-        if now == last && now > 0 {
+        let now = (
+            m.sql_count("SELECT count(*) FROM events")?,
+            m.sql_count("SELECT sum(events) FROM traffic_hourly").unwrap_or(0),
+        );
+        if now == last && now.0 > 0 {
             break;
         }
         ensure!(std::time::Instant::now() < deadline, "the processor did not settle");
