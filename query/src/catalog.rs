@@ -2,13 +2,14 @@
 //! directory or object storage), registered in each query's session at the
 //! latest version the catalog knows.
 //!
-//! Tables refresh independently: each has its own slot holding the snapshot
-//! served (and its DataFusion provider, built once per version), checked
-//! against storage at most every `query.table_refresh_ms`. A query reads the
-//! slots without a lock while they are fresh; when one is stale, one query
-//! refreshes it (object-store I/O) while queries of the same table wait for
-//! that one refresh and queries of other tables do not wait at all. No lock
-//! is held across the I/O of more than one table.
+//! Each table has its own slot holding the snapshot served (and its DataFusion
+//! provider, built once per version), checked against storage at most every
+//! `query.table_refresh_ms`. A query reads the slots without a lock while they
+//! are fresh; when one is stale, one query refreshes it (object-store I/O)
+//! while the queries needing that table wait for that one refresh. No lock is
+//! held across the I/O of more than one table. A table is never served from
+//! an older check than a table derived from it (see `current_tables`), so no
+//! query sees rollup rows whose events are not there yet.
 //!
 //! A session is built once per scope and set of table versions and shared by the queries
 //! that read those versions (a DataFusion session takes longer to build, with its hundreds
@@ -185,7 +186,7 @@ impl TableCatalog {
     pub async fn existing(&self) -> Vec<&'static str> {
         let mut out = Vec::new();
         for name in TableName::ALL.iter().map(|t| t.as_str()) {
-            match self.current(name).await {
+            match self.current(name, None).await {
                 Ok(Some(_)) => out.push(name),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(table = name, error = %e, "table not readable"),
@@ -202,12 +203,7 @@ impl TableCatalog {
     /// A DataFusion session with the existing tables of `scope` registered at their latest
     /// versions: the one the previous query of `scope` used while no table changed since.
     pub async fn session_with(&self, scope: TableScope) -> Result<SessionContext, CatalogError> {
-        let mut tables = Vec::new();
-        for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
-            if let Some(served) = self.current(name).await? {
-                tables.push((name, served));
-            }
-        }
+        let tables = self.current_tables(scope).await?;
         let served: Vec<Arc<Served>> = tables.iter().map(|(_, s)| s.clone()).collect();
         if let Ok(sessions) = self.sessions.lock()
             && let Some(shared) = sessions.get(&scope)
@@ -258,12 +254,9 @@ impl TableCatalog {
     /// Registers the tables of `scope` in `ctx` at their latest known versions (and adds new
     /// ones), so a long-lived session (a Postgres connection) reads what a fresh one would.
     pub async fn refresh(&self, ctx: &SessionContext, scope: TableScope) -> Result<(), CatalogError> {
-        for name in TableName::ALL.iter().map(|t| t.as_str()).filter(|t| scope.includes(t)) {
+        // a table not created yet is not among them, and is looked for again by a later query
+        for (name, served) in self.current_tables(scope).await? {
             let err = |reason: String| CatalogError { table: name, reason };
-            let Some(served) = self.current(name).await? else {
-                // a table not created yet is looked for again by a later query
-                continue;
-            };
             ctx.deregister_table(name).map_err(|e| err(e.to_string()))?;
             ctx.register_table(name, served.provider.clone())
                 .map_err(|e| err(e.to_string()))?;
@@ -271,24 +264,55 @@ impl TableCatalog {
         Ok(())
     }
 
-    /// Table `name` as queries should read it now: the served version while it is fresh,
-    /// else after one refresh from storage (shared by every query that asks meanwhile).
-    async fn current(&self, name: &'static str) -> Result<Option<Arc<Served>>, CatalogError> {
+    /// The existing tables of `scope` as one query should read them: no table derived from
+    /// another is newer than its source.
+    ///
+    /// The processor commits a batch's events before the rollups made from them, so the
+    /// tables are read from the last written back to `events`, each checked against storage
+    /// no earlier than the ones read before it. Were `events` served from an older check
+    /// than `traffic_hourly`, a reader could see rollup rows whose events it cannot find.
+    async fn current_tables(&self, scope: TableScope) -> Result<Vec<(&'static str, Arc<Served>)>, CatalogError> {
+        let mut tables = Vec::new();
+        let mut newest: Option<Instant> = None;
+        for name in TableName::ALL
+            .iter()
+            .rev()
+            .map(|t| t.as_str())
+            .filter(|t| scope.includes(t))
+        {
+            if let Some(served) = self.current(name, newest).await? {
+                newest = newest.max(Some(served.checked));
+                tables.push((name, served));
+            }
+        }
+        tables.reverse();
+        Ok(tables)
+    }
+
+    /// Table `name` as queries should read it now: the served version while it is fresh
+    /// (and checked no earlier than `since`), else after one refresh from storage (shared by
+    /// every query that asks meanwhile).
+    async fn current(&self, name: &'static str, since: Option<Instant>) -> Result<Option<Arc<Served>>, CatalogError> {
         let Some(slot) = self.slots.get(name) else {
             return Ok(None);
         };
-        if let Some(served) = slot.fresh(self.refresh) {
+        if let Some(served) = slot.fresh(self.refresh, since) {
             return Ok(Some(served));
         }
         let mut refresher = slot.refresher.lock().await;
         // another query may have refreshed it while this one waited
-        if let Some(served) = slot.fresh(self.refresh) {
+        if let Some(served) = slot.fresh(self.refresh, since) {
             return Ok(Some(served));
         }
-        self.reload(slot, &mut refresher).await
+        self.reload(slot, &mut refresher, since).await
     }
 
-    async fn reload(&self, slot: &TableSlot, refresher: &mut Refresher) -> Result<Option<Arc<Served>>, CatalogError> {
+    async fn reload(
+        &self,
+        slot: &TableSlot,
+        refresher: &mut Refresher,
+        since: Option<Instant>,
+    ) -> Result<Option<Arc<Served>>, CatalogError> {
         let name = slot.name;
         let err = |reason: String| CatalogError { table: name, reason };
         match refresher.table.as_mut() {
@@ -298,7 +322,7 @@ impl TableCatalog {
                 if remote
                     && refresher
                         .absent_since
-                        .is_some_and(|since| since.elapsed() < ABSENT_RECHECK)
+                        .is_some_and(|absent| absent.elapsed() < ABSENT_RECHECK && since.is_none_or(|t| absent >= t))
                 {
                     return Ok(None);
                 }
@@ -352,9 +376,90 @@ impl TableCatalog {
 }
 
 impl TableSlot {
-    /// The served version, if it was checked within `refresh`.
-    fn fresh(&self, refresh: Duration) -> Option<Arc<Served>> {
+    /// The served version, if it was checked within `refresh` and no earlier than `since`.
+    fn fresh(&self, refresh: Duration, since: Option<Instant>) -> Option<Arc<Served>> {
         let served = self.served.read().ok()?.clone()?;
-        (served.checked.elapsed() < refresh).then_some(served)
+        (served.checked.elapsed() < refresh && since.is_none_or(|t| served.checked >= t)).then_some(served)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow::array::{Int64Array, RecordBatch};
+    use arrow::datatypes::{DataType, Field, Schema};
+    use deltalake::DeltaTable;
+    use deltalake::kernel::StructType;
+    use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+    use deltalake::protocol::SaveMode;
+
+    use super::*;
+
+    fn rows(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("events", DataType::Int64, false)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![n]))]).expect("a batch")
+    }
+
+    async fn create(dir: &std::path::Path, name: &str) -> DeltaTable {
+        let path = dir.join(name);
+        std::fs::create_dir_all(&path).expect("a table dir");
+        let url = url::Url::from_directory_path(&path).expect("a url");
+        let kernel: StructType = rows(0).schema().as_ref().try_into_kernel().expect("a kernel schema");
+        DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .await
+            .expect("created")
+    }
+
+    async fn total(ctx: &SessionContext, sql: &str) -> i64 {
+        let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
+        let column = batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .map(|a| a.value(0));
+        column.unwrap_or(0)
+    }
+
+    /// An analyst's query refreshes `traffic_hourly` while `events`, read by an engineer's
+    /// query a little earlier, is still fresh: the next engineer's query must not see rollup
+    /// rows without the events they were made from (the processor commits events first).
+    #[tokio::test]
+    async fn a_rollup_is_never_served_newer_than_the_events_it_counts() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let events = create(dir.path(), "events").await;
+        let traffic = create(dir.path(), "traffic_hourly").await;
+        let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");
+        let catalog = TableCatalog::new(location).with_refresh_interval(Duration::from_secs(4));
+
+        // traffic_hourly checked at t0, events at t0 + 1.5 s
+        catalog.session_with(TableScope::Rollups).await.expect("a session");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        catalog.session_with(TableScope::All).await.expect("a session");
+        // at t0 + 4.1 s traffic_hourly is stale and events (2.6 s old) is not
+        tokio::time::sleep(Duration::from_millis(2600)).await;
+        events
+            .write(vec![rows(1)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("events appended");
+        traffic
+            .write(vec![rows(1)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended");
+        let analyst = catalog.session_with(TableScope::Rollups).await.expect("a session");
+        assert_eq!(total(&analyst, "SELECT sum(events) FROM traffic_hourly").await, 1);
+
+        let engineer = catalog.session_with(TableScope::All).await.expect("a session");
+        let counted = total(&engineer, "SELECT sum(events) FROM traffic_hourly").await;
+        let stored = total(&engineer, "SELECT count(*) FROM events").await;
+        assert_eq!(
+            (counted, stored),
+            (1, 1),
+            "rollups counted events the session cannot see"
+        );
     }
 }

@@ -35,7 +35,7 @@ pub enum TableName {
 }
 
 impl TableName {
-    /// Every table, in the order the docs list them.
+    /// Every table, each before the tables derived from it (the query catalog relies on it).
     pub const ALL: [TableName; 5] = [
         TableName::Events,
         TableName::TrafficHourly,
