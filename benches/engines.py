@@ -218,6 +218,99 @@ class MarsadPostgres:
         return answer
 
 
+# Each report of `/v1/reports/{kind}` (its default 30 days, all of which the simulated events
+# fall in), and the same question asked of the raw events in DuckDB: its rows and its total
+# (one GROUPING SETS query), distinct visitors exact where the report merges sketches. The
+# traffic report also releases bounces and session seconds, which DuckDB is not asked for.
+REPORTS = [
+    (
+        "traffic",
+        "SELECT date_trunc('day', ts) AS period, count(*) AS events, "
+        "sum(CASE WHEN event_type = 'page_view' THEN 1 ELSE 0 END) AS page_views, "
+        "count(DISTINCT session_id) AS sessions, count(DISTINCT visitor_key) AS visitors "
+        "FROM events GROUP BY GROUPING SETS ((date_trunc('day', ts)), ())",
+    ),
+    (
+        "geo",
+        "SELECT country, count(*) AS events, sum(CASE WHEN event_type = 'page_view' THEN 1 ELSE 0 END) AS page_views, "
+        "count(DISTINCT visitor_key) AS visitors FROM events GROUP BY GROUPING SETS ((country), ())",
+    ),
+    (
+        "devices",
+        "SELECT device_type, os, browser, count(*) AS events, "
+        "sum(CASE WHEN event_type = 'page_view' THEN 1 ELSE 0 END) AS page_views, "
+        "count(DISTINCT visitor_key) AS visitors FROM events GROUP BY GROUPING SETS ((device_type, os, browser), ())",
+    ),
+    (
+        "categories",
+        "SELECT page_category, count(*) AS events, "
+        "sum(CASE WHEN event_type = 'page_view' THEN 1 ELSE 0 END) AS page_views, "
+        "count(DISTINCT visitor_key) AS visitors FROM events GROUP BY GROUPING SETS ((page_category), ())",
+    ),
+    (
+        "campaigns",
+        "SELECT campaign_id, sum(CASE WHEN event_type = 'ad_impression' THEN 1 ELSE 0 END) AS impressions, "
+        "sum(CASE WHEN event_type = 'ad_click' THEN 1 ELSE 0 END) AS clicks, count(DISTINCT visitor_key) AS visitors "
+        "FROM events WHERE campaign_id IS NOT NULL GROUP BY GROUPING SETS ((campaign_id), ())",
+    ),
+    (
+        "demographics",
+        "SELECT age_band, gender, count(*) AS events, count(DISTINCT visitor_key) AS visitors "
+        "FROM events WHERE age_band IS NOT NULL GROUP BY GROUPING SETS ((age_band, gender), ())",
+    ),
+]
+
+
+class MarsadReports:
+    name = "Marsad report"
+
+    def __init__(self, url, key):
+        parsed = urllib.parse.urlparse(url)
+        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def run(self, kind):
+        self.conn.request("GET", f"/v1/reports/{kind}", headers=self.headers)
+        resp = self.conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"report {kind}: {resp.status}: {body[:300]!r}")
+        return json.loads(body)
+
+
+def marsad_sql(url, key, sql):
+    engine = MarsadHttp(url, key)
+    return engine.rows(engine.run(sql))
+
+
+def reports(args, duckdb):
+    """Each report against DuckDB answering its question from raw `events`, and how many
+    rows the traffic rollup holds against the keys it has (the bound compaction keeps)."""
+    marsad = MarsadReports(args.url, args.reports_key)
+    for kind, _ in REPORTS:
+        answer = marsad.run(kind)
+        if not answer["rows"]:
+            sys.exit(f"report {kind}: no row released: {json.dumps(answer)[:300]}")
+    rows, keys = marsad_sql(
+        args.url,
+        args.key,
+        "SELECT (SELECT count(*) FROM traffic_hourly) AS row_count, (SELECT count(*) FROM (SELECT DISTINCT hour, country, region, "
+        "device_type, os, browser, language, page_category, referrer_domain, event_type FROM traffic_hourly) AS k) AS key_count",
+    )[0]
+    print(
+        f"  reports (analyst key, default 30 days) against DuckDB asking raw `events`; "
+        f"traffic_hourly holds {rows:,} rows for {keys:,} keys"
+    )
+    width = max(len(kind) for kind, _ in REPORTS) + 7
+    print(f"  {'report':<{width}} {'Marsad report':>17}{'DuckDB':>17}{'ratio':>17}")
+    ratios = []
+    for kind, sql in REPORTS:
+        ours, theirs = median_ms(marsad, kind), median_ms(duckdb, sql)
+        ratios.append(ours / theirs)
+        print(f"  {kind:<{width}} {ours:>17.2f}{theirs:>17.2f}{ours / theirs:>16.2f}x", flush=True)
+    print(f"  {'geomean':<{width}} {'':>34}{geomean(ratios):>16.2f}x")
+
+
 def median_ms(engine, sql):
     engine.run(sql)
     times = []
@@ -237,6 +330,7 @@ def main():
     parser.add_argument("--table", required=True, help="the events Delta table's directory")
     parser.add_argument("--url", required=True, help="Marsad's query service")
     parser.add_argument("--key", required=True, help="an engineer key")
+    parser.add_argument("--reports-key", help="an analyst key: time the reports too")
     parser.add_argument("--pg-port", type=int)
     parser.add_argument("--label", default="")
     args = parser.parse_args()
@@ -282,6 +376,8 @@ def main():
             ]
             line += f"{geomean(ratios):>16.2f}x"
         print(line)
+    if args.reports_key:
+        reports(args, engines[0])
 
 
 main()

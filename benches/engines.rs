@@ -6,7 +6,8 @@
 //! 3. runs `benches/engines.py`: twelve dashboard-style queries over the table's active
 //!    Parquet files in DuckDB, DataFusion, Polars and chDB (from PyPI) and through Marsad's
 //!    `/v1/sql` and Postgres port; checks every engine returns the same rows, then prints the
-//!    median of 5 warm runs and each engine's geomean against DuckDB and DataFusion;
+//!    median of 5 warm runs and each engine's geomean against DuckDB and DataFusion; then
+//!    each report of `/v1/reports` against DuckDB answering its question from raw `events`;
 //! 4. runs `marsad compact` and step 3 again.
 //!
 //! Knobs: `ENGINES_RATE` (40,000), `ENGINES_SECONDS` (25), `ENGINES_VISITORS` (200,000),
@@ -25,6 +26,7 @@ use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
 const ENGINEER_KEY: &str = "bench-engineer-key-0123456789abcdef";
+const ANALYST_KEY: &str = "bench-analyst-key-0123456789abcdefg";
 const PEERS: &str = "duckdb datafusion polars chdb deltalake psycopg2";
 
 struct Marsad {
@@ -37,12 +39,15 @@ struct Marsad {
 fn marsad(dir: &Path) -> Result<Marsad> {
     use sha2::Digest;
     let (ingest_port, query_port, pg_port) = (free_port()?, free_port()?, free_port()?);
+    let key = |name: &str, secret: &str| {
+        format!(
+            "[[query.keys]]\nname = \"{name}\"\nroles = [\"{name}\"]\nsha256 = \"{}\"\n",
+            hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+        )
+    };
     std::fs::write(
         dir.join("marsad.toml"),
-        format!(
-            "[[query.keys]]\nname = \"engineer\"\nroles = [\"engineer\"]\nsha256 = \"{}\"\n",
-            hex::encode(sha2::Sha256::digest(ENGINEER_KEY.as_bytes()))
-        ),
+        key("engineer", ENGINEER_KEY) + &key("analyst", ANALYST_KEY),
     )?;
     let log = std::fs::File::create(dir.join("marsad.log"))?;
     let child = Command::new(env!("CARGO_BIN_EXE_marsad"))
@@ -87,7 +92,7 @@ fn peers(dir: &Path, m: &Marsad, label: &str) -> Result<()> {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/engines.py"))
         .arg("--table")
         .arg(dir.join("data/tables/events"))
-        .args(["--url", &m.query, "--key", ENGINEER_KEY])
+        .args(["--url", &m.query, "--key", ENGINEER_KEY, "--reports-key", ANALYST_KEY])
         .args(["--pg-port", &m.pg_port.to_string(), "--label", label])
         .status()
         .context("python3 benches/engines.py")?;

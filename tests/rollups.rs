@@ -213,6 +213,84 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
 }
 
 /// Every total of the rollups equals the same total over `events`.
+/// The rollups commit less often than `events` (`process.rollup_commit_interval_ms`): a
+/// processor killed between their commits loses nothing (the next one catches them up from
+/// `events`), and one stopped commits what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_committed_less_often_than_events_lose_nothing_to_a_kill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut config, log) = counting_every_event(dir.path())?;
+    config.process.rollup_commit_interval_ms = 600_000;
+    let records = population(Utc::now());
+    let half = records.len() / 2;
+    let metrics = Arc::new(ProcessMetrics::new());
+    let processor = Processor::new(&config, log.clone(), Arc::default(), metrics.clone()).await?;
+    let run = tokio::spawn(processor.run(CancellationToken::new()));
+    // the first half in four parts, each its own `events` commit
+    let mut written = 0;
+    for part in records[..half].chunks(half.div_ceil(4)) {
+        written += part.len() as u64;
+        log.append(TOPIC_RAW, part.to_vec()).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while metrics.events_written.get() < written && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ensure!(
+            metrics.events_written.get() >= written,
+            "the first half was not written"
+        );
+    }
+    ensure!(metrics.commits.get() >= 2, "one commit: nothing to defer");
+    let catalog = TableCatalog::new(config.tables()?);
+    assert_eq!(int(&catalog, "SELECT count(*) FROM events").await?, half as i64);
+    assert_eq!(
+        int(&catalog, "SELECT count(*) FROM traffic_hourly").await?,
+        0,
+        "the rollups committed before their interval"
+    );
+    // killed: no shutdown, nothing flushed
+    run.abort();
+    let _ = run.await;
+
+    let rest = records[half..].to_vec();
+    let want = rest.len() as u64;
+    log.append(TOPIC_RAW, rest).await?;
+    run_processor(&config, log.clone(), want, None).await?;
+    check_totals(&TableCatalog::new(config.tables()?), records.len() as i64).await
+}
+
+/// On a quiet site the rollups still commit within their interval: no later event is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollups_commit_on_a_quiet_site_without_a_later_event() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut config, log) = counting_every_event(dir.path())?;
+    config.process.rollup_commit_interval_ms = 1_500;
+    let records = population(Utc::now());
+    log.append(TOPIC_RAW, records.clone()).await?;
+    let metrics = Arc::new(ProcessMetrics::new());
+    let processor = Processor::new(&config, log.clone(), Arc::default(), metrics.clone()).await?;
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(processor.run(stop.clone()));
+    let catalog = TableCatalog::new(config.tables()?);
+    // every event written, then no event more: the rollups commit on their timer
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        ensure!(!run.is_finished(), "the processor stopped");
+        ensure!(tokio::time::Instant::now() < deadline, "the rollups never committed");
+        if metrics.events_written.get() >= records.len() as u64 {
+            let people = int(&catalog, "SELECT count(*) FROM events WHERE NOT is_bot").await?;
+            let counted = int(&catalog, "SELECT sum(events) FROM traffic_hourly").await?;
+            if counted == people {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    run.await??;
+    check_totals(&catalog, records.len() as i64).await
+}
+
 async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
     let stored = int(catalog, "SELECT count(*) FROM events").await?;
     assert_eq!(stored, records, "every event stored once");

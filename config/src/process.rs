@@ -18,6 +18,10 @@ pub struct ProcessConfig {
     pub metrics_addr: SocketAddr,
     /// How many recent event ids are remembered to drop retried duplicates.
     pub dedup_capacity: usize,
+    /// The rollups commit at most this often (0: with every `events` commit): each commit adds
+    /// a partial row per key, so fewer commits leave reports fewer rows to read. A crash in
+    /// between loses nothing: the rollups catch up from `events` at the next start.
+    pub rollup_commit_interval_ms: u64,
     /// How often partial rollup rows are merged into one row per key (dates with several
     /// files), and the dates of `events` with many small files rewritten into large ones.
     pub rollup_compaction_interval_secs: u64,
@@ -95,8 +99,10 @@ impl Default for ProcessConfig {
             batch_max_interval_ms: 1_000,
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 8082)),
             dedup_capacity: 5_000_000,
-            // reports read one row per key and hour soon after it is written
-            rollup_compaction_interval_secs: 60,
+            // reports see new events within seconds, from a few partial rows per key
+            rollup_commit_interval_ms: 5_000,
+            // reports read about one row per key and hour soon after it is written
+            rollup_compaction_interval_secs: 20,
             events_compaction_min_files: 0,
             page_categories: default_page_categories(),
             max_events_per_visitor_day: 40,

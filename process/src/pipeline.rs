@@ -54,6 +54,12 @@ pub struct Processor {
     batch_interval: Duration,
     tables: TablesLocation,
     rollups: Option<Rollups>,
+    /// The rollups commit at most this often (zero: with every `events` commit).
+    rollup_interval: Duration,
+    /// When the rollups added since their last commit must be committed (`None`: nothing added).
+    rollups_due: Option<Instant>,
+    /// The positions of the `events` commits added to the rollups since their last commit.
+    rollup_positions: BTreeMap<String, i64>,
     /// Events of one visitor a day the rollups count at most.
     max_per_visitor_day: u32,
     /// How often expired daily keys are destroyed and idle sessions closed.
@@ -102,6 +108,9 @@ impl Processor {
             batch_interval: Duration::from_millis(config.process.batch_max_interval_ms),
             tables,
             rollups: None,
+            rollup_interval: Duration::from_millis(config.process.rollup_commit_interval_ms),
+            rollups_due: None,
+            rollup_positions: BTreeMap::new(),
             max_per_visitor_day: config.process.max_events_per_visitor_day,
             maintenance_interval: Duration::from_millis(config.privacy.key_destruction_interval_ms),
             crash: None,
@@ -137,6 +146,9 @@ impl Processor {
         maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             let deadline = flush_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let rollups_due = self
+                .rollups_due
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = maintenance.tick() => {
@@ -147,6 +159,10 @@ impl Processor {
                 _ = tokio::time::sleep_until(deadline), if flush_at.is_some() => {
                     flush_at = None;
                     self.flush(&mut builder, &mut pending, &commands_tx).await
+                }
+                // a quiet moment: what the rollups hold is committed anyway
+                _ = tokio::time::sleep_until(rollups_due), if self.rollups_due.is_some() => {
+                    self.commit_rollups(None).await
                 }
                 chunk = chunks.recv() => match chunk {
                     None => break Ok(()),
@@ -197,6 +213,8 @@ impl Processor {
                     // another processor committed positions of our partitions: it owns them now
                     tracing::warn!(error = %e, "a partition moved to another processor; re-reading positions");
                     self.drop_buffered(&mut builder, &mut pending);
+                    // the rollups are opened and caught up again with the next assignment
+                    self.drop_rollups();
                     expected.clear();
                     flush_at = None;
                     let _ = commands_tx.send(ToLog::Resync);
@@ -207,7 +225,10 @@ impl Processor {
         // commit what is buffered: it is all read from the log and decided (not after a crash)
         let flushed = match &result {
             Err(crate::Error::SimulatedCrash) => Ok(()),
-            _ => self.flush(&mut builder, &mut pending, &commands_tx).await,
+            _ => match self.flush(&mut builder, &mut pending, &commands_tx).await {
+                Ok(()) => self.commit_rollups(None).await,
+                Err(e) => Err(e),
+            },
         };
         reader_stop.cancel();
         let _ = reader.await;
@@ -222,6 +243,14 @@ impl Processor {
     /// Drops the rows buffered since the last commit, and their event ids from the duplicate
     /// filter: their records will be read again (here or by another processor) and must then
     /// count, not be taken for retries of themselves.
+    /// Forgets the rollups and what they added since their last commit: the next take-over
+    /// opens them again and catches them up from `events`, which holds every row they lose.
+    fn drop_rollups(&mut self) {
+        self.rollups = None;
+        self.rollups_due = None;
+        self.rollup_positions.clear();
+    }
+
     fn drop_buffered(&mut self, builder: &mut EventsBatchBuilder, pending: &mut BTreeMap<u32, u64>) {
         *builder = EventsBatchBuilder::new();
         pending.clear();
@@ -246,6 +275,8 @@ impl Processor {
             self.metrics.position.set(next as i64);
             from.insert(partition, next);
         }
+        // what the rollups added since their last commit is in `events`: the catch-up adds it
+        self.drop_rollups();
         let mut rollups = Rollups::open(&self.tables, &app_ids, self.max_per_visitor_day).await?;
         let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
         if caught_up.events > 0 {
@@ -398,19 +429,16 @@ impl Processor {
         if let Some(rollups) = &mut self.rollups {
             let positions: Vec<(String, i64)> = positions.iter().map(|(a, o)| (a.clone(), *o as i64)).collect();
             rollups.add(&batch, &positions)?;
-            let mut attempt = 0;
-            loop {
-                match rollups.commit(&positions, crash).await {
-                    Ok(()) => break,
-                    Err(crate::Error::SimulatedCrash) => return Err(crate::Error::SimulatedCrash),
-                    Err(e) if e.is_lost_ownership() => return Err(e),
-                    Err(e) if attempt < 5 => {
-                        attempt += 1;
-                        tracing::warn!(error = %e, attempt, "rollup commit failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                    }
-                    Err(e) => return Err(e),
-                }
+            for (app, offset) in positions {
+                let at = self.rollup_positions.entry(app).or_insert(offset);
+                *at = (*at).max(offset);
+            }
+            let due = *self
+                .rollups_due
+                .get_or_insert_with(|| Instant::now() + self.rollup_interval);
+            // a crash test stops at the rollup commit of the commit it names
+            if due <= Instant::now() || self.crash.is_some() {
+                self.commit_rollups(crash).await?;
             }
         }
         self.metrics.events_written.inc_by(rows as u64);
@@ -420,6 +448,35 @@ impl Processor {
             let _ = commands.send(ToLog::Commit(p, o + 1));
         }
         tracing::debug!(rows, "committed a batch to events");
+        Ok(())
+    }
+
+    /// Commits what the rollups added since their last commit, recording the positions of
+    /// the `events` commits it came from.
+    async fn commit_rollups(&mut self, crash: Option<CrashPoint>) -> Result<()> {
+        let Some(rollups) = &mut self.rollups else {
+            return Ok(());
+        };
+        if self.rollups_due.is_none() {
+            return Ok(());
+        }
+        let positions: Vec<(String, i64)> = self.rollup_positions.iter().map(|(a, o)| (a.clone(), *o)).collect();
+        let mut attempt = 0;
+        loop {
+            match rollups.commit(&positions, crash).await {
+                Ok(()) => break,
+                Err(crate::Error::SimulatedCrash) => return Err(crate::Error::SimulatedCrash),
+                Err(e) if e.is_lost_ownership() => return Err(e),
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "rollup commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.rollups_due = None;
+        self.rollup_positions.clear();
         Ok(())
     }
 }

@@ -12,10 +12,12 @@ use arrow::array::{Array, ArrayRef, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::DataType;
 use chrono::{DateTime, NaiveDate, Utc};
 use datafusion::prelude::SessionContext;
+use datasketches::hll::{HllSketch, HllType, HllUnion};
+use marsad_schemas::HLL_LG_K;
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
-use crate::release::extent::Extent;
+use crate::release::extent::{Extent, Span};
 use crate::release::{Cell, Mechanism, Release};
 
 /// The reports there are.
@@ -303,7 +305,7 @@ impl ReportRequest {
                 .iter()
                 .map(|(expr, name)| format!("{expr} AS {name}")),
         );
-        select.push("hll_estimate(hll_merge(visitors)) AS visitors".into());
+        select.push(format!("hll_merge(visitors) AS {VISITORS_SKETCH}"));
         // what each row's rows hold (and its page views' rows): their canonical cells
         select.extend(extent.sql_items(EXTENT, None));
         if self.kind.measures().iter().any(|(_, n)| *n == "page_views") {
@@ -323,6 +325,8 @@ impl ReportRequest {
     }
 }
 
+/// The column of a row's merged visitor sketch (`visitors` is its estimate).
+const VISITORS_SKETCH: &str = "__visitors";
 /// Prefix of the columns measuring a row's canonical cell.
 const EXTENT: &str = "__e_";
 /// Prefix of the columns measuring the canonical cell of a row's page views.
@@ -338,15 +342,30 @@ struct Computed {
     page_view_cell: Option<Cell>,
 }
 
-fn computed(batches: &[arrow::record_batch::RecordBatch], extent: &Extent) -> Result<Vec<Computed>, ApiError> {
+/// A row as the grouped query answers it, before its cells: what the total is made of.
+struct Group {
+    values: Map<String, Value>,
+    visitors: HllSketch,
+    span: Span,
+    page_view_span: Option<Span>,
+}
+
+fn groups(batches: &[arrow::record_batch::RecordBatch], extent: &Extent) -> Result<Vec<Group>, ApiError> {
     let mut out = Vec::new();
     for b in batches {
         let schema = b.schema();
+        let sketches = b
+            .column_by_name(VISITORS_SKETCH)
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::BinaryArray>())
+            .ok_or_else(|| {
+                tracing::error!("report rows without their visitor sketches");
+                ApiError::Internal
+            })?;
         for row in 0..b.num_rows() {
             let mut values = Map::new();
-            let cell = extent.cell(b, row, EXTENT)?;
-            let page_view_cell = match b.column_by_name(&format!("{PAGE_VIEW_EXTENT}tmin")) {
-                Some(_) => Some(extent.cell(b, row, PAGE_VIEW_EXTENT)?),
+            let span = extent.span(b, row, EXTENT)?;
+            let page_view_span = match b.column_by_name(&format!("{PAGE_VIEW_EXTENT}tmin")) {
+                Some(_) => Some(extent.span(b, row, PAGE_VIEW_EXTENT)?),
                 None => None,
             };
             for (i, field) in schema.fields().iter().enumerate() {
@@ -355,14 +374,80 @@ fn computed(batches: &[arrow::record_batch::RecordBatch], extent: &Extent) -> Re
                 }
                 values.insert(field.name().clone(), cell_value(b.column(i), row)?);
             }
-            out.push(Computed {
+            let visitors = if sketches.is_null(row) {
+                empty_sketch()?
+            } else {
+                HllSketch::deserialize(sketches.value(row)).map_err(|e| {
+                    tracing::error!(error = %e, "report visitor sketch");
+                    ApiError::Internal
+                })?
+            };
+            values.insert("visitors".into(), json!(visitors.estimate()));
+            out.push(Group {
                 values,
-                cell,
-                page_view_cell,
+                visitors,
+                span,
+                page_view_span,
             });
         }
     }
     Ok(out)
+}
+
+fn empty_sketch() -> Result<HllSketch, ApiError> {
+    HllSketch::new(HLL_LG_K, HllType::Hll8).map_err(|e| {
+        tracing::error!(error = %e, "HLL sketch");
+        ApiError::Internal
+    })
+}
+
+impl Group {
+    fn computed(self, extent: &Extent) -> Computed {
+        Computed {
+            values: self.values,
+            cell: extent.cell_of(&self.span),
+            page_view_cell: self.page_view_span.map(|s| extent.cell_of(&s)),
+        }
+    }
+}
+
+/// The total row of `groups` (which split every row the report reads, none twice): the
+/// measures summed, the sketches merged and the spans joined, so the total is what one query
+/// over all those rows would answer, with none of them read again. `None` without groups.
+fn total_of(groups: &[Group], measures: &[(&str, &str)], extent: &Extent) -> Result<Option<Computed>, ApiError> {
+    let Some((first, rest)) = groups.split_first() else {
+        return Ok(None);
+    };
+    let mut values = Map::new();
+    for (_, name) in measures {
+        let parts: Vec<&Value> = groups.iter().filter_map(|g| g.values.get(*name)).collect();
+        let sum = match parts.iter().map(|v| v.as_i64()).collect::<Option<Vec<i64>>>() {
+            Some(ints) => json!(ints.iter().sum::<i64>()),
+            None => json!(parts.iter().filter_map(|v| v.as_f64()).sum::<f64>()),
+        };
+        values.insert((*name).to_owned(), sum);
+    }
+    let mut union = HllUnion::new(HLL_LG_K).map_err(|e| {
+        tracing::error!(error = %e, "HLL union");
+        ApiError::Internal
+    })?;
+    let (mut span, mut page_view_span) = (first.span.clone(), first.page_view_span.clone());
+    union.update(&first.visitors);
+    for g in rest {
+        union.update(&g.visitors);
+        span = span.union(&g.span);
+        page_view_span = match (page_view_span, &g.page_view_span) {
+            (Some(mine), Some(theirs)) => Some(mine.union(theirs)),
+            (mine, _) => mine,
+        };
+    }
+    let merged = union.to_sketch(HllType::Hll8);
+    values.insert("visitors".into(), json!(merged.estimate()));
+    Ok(Some(Computed {
+        values,
+        cell: extent.cell_of(&span),
+        page_view_cell: page_view_span.map(|s| extent.cell_of(&s)),
+    }))
 }
 
 fn cell_value(column: &ArrayRef, row: usize) -> Result<Value, ApiError> {
@@ -482,10 +567,16 @@ pub async fn run(
         .clone();
     let extent = Extent::of(table, &schema);
     let dims: Vec<&'static str> = req.dimensions().iter().map(|(_, n)| *n).collect();
-    let rows = computed(&query(req.sql(true, &extent)).await?, &extent)?;
-    let total = computed(&query(req.sql(false, &extent)).await?, &extent)?
-        .into_iter()
-        .next();
+    let grouped = groups(&query(req.sql(true, &extent)).await?, &extent)?;
+    let total = match total_of(&grouped, req.kind.measures(), &extent)? {
+        Some(total) => Some(total),
+        // no rows: the total of nothing, as one query answers it
+        None => groups(&query(req.sql(false, &extent)).await?, &extent)?
+            .into_iter()
+            .next()
+            .map(|g| g.computed(&extent)),
+    };
+    let rows: Vec<Computed> = grouped.into_iter().map(|g| g.computed(&extent)).collect();
     let mut shown = Vec::new();
     for row in rows {
         if let Some(released) = release_row(row, req.kind, release, mechanism, now) {
@@ -528,6 +619,8 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -541,5 +634,130 @@ mod tests {
         let extent = Extent::of("traffic_hourly", &arrow::datatypes::Schema::empty());
         let sql = ok.map(|r| r.sql(true, &extent)).unwrap_or_default();
         assert!(sql.contains("country = 'JO''; DROP'"), "{sql}");
+    }
+
+    /// A rollup whose rows hold every sketch mode (a few visitors to thousands), hours over
+    /// three days, NULL dimensions and rows without page views.
+    fn rollup() -> datafusion::datasource::MemTable {
+        use arrow::array::{BinaryArray, Date32Array, TimestampMicrosecondArray};
+        use arrow::datatypes::{Field, Schema, TimeUnit};
+        let mut seed: u64 = 0x5eed;
+        let mut next = |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        let now = Utc::now().timestamp() / 3600 * 3600;
+        let (mut hours, mut dates, mut countries, mut devices, mut types, mut events, mut sketches) =
+            (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+        let (mut regions, mut os, mut browsers, mut categories) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..600 {
+            let hour = now - 3600 * next(72) as i64;
+            hours.push(hour * 1_000_000);
+            dates.push((hour / 86_400) as i32);
+            countries.push(["JO", "SA", "EG", "AE"].get(next(5) as usize).copied());
+            devices.push(Some(["mobile", "desktop", "tablet"][next(3) as usize]));
+            types.push(Some(["page_view", "ad_impression"][next(2) as usize]));
+            regions.push(["Amman", "Irbid"].get(next(3) as usize).copied());
+            os.push(Some(["android", "ios", "windows"][next(3) as usize]));
+            browsers.push(["chrome", "safari"].get(next(3) as usize).copied());
+            categories.push(Some(["cars", "jobs", "real-estate"][next(3) as usize]));
+            events.push(1 + next(50) as i64);
+            let (start, size) = (next(20_000), [1, 3, 40, 700, 6_000][next(5) as usize]);
+            let mut sketch = HllSketch::new(HLL_LG_K, HllType::Hll8).expect("a sketch");
+            for v in start..start + size {
+                sketch.update(format!("visitor-{v}").as_str());
+            }
+            sketches.push(sketch.serialize());
+        }
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(
+                "hour",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+            Field::new("date", DataType::Date32, false),
+            Field::new("country", DataType::Utf8, true),
+            Field::new("region", DataType::Utf8, true),
+            Field::new("device_type", DataType::Utf8, true),
+            Field::new("event_type", DataType::Utf8, true),
+            Field::new("os", DataType::Utf8, true),
+            Field::new("browser", DataType::Utf8, true),
+            Field::new("page_category", DataType::Utf8, true),
+            Field::new("events", DataType::Int64, false),
+            Field::new("sessions", DataType::Int64, false),
+            Field::new("bounces", DataType::Int64, false),
+            Field::new("session_seconds", DataType::Int64, false),
+            Field::new("visitors", DataType::Binary, true),
+        ]));
+        let sketches: BinaryArray = sketches.iter().map(|s| Some(s.as_slice())).collect();
+        let batch = arrow::record_batch::RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(TimestampMicrosecondArray::from(hours).with_timezone("UTC")),
+                Arc::new(Date32Array::from(dates)),
+                Arc::new(StringArray::from(countries)),
+                Arc::new(StringArray::from(regions)),
+                Arc::new(StringArray::from(devices)),
+                Arc::new(StringArray::from(types)),
+                Arc::new(StringArray::from(os)),
+                Arc::new(StringArray::from(browsers)),
+                Arc::new(StringArray::from(categories)),
+                Arc::new(Int64Array::from(events.clone())),
+                Arc::new(Int64Array::from(events.iter().map(|e| e / 3).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(events.iter().map(|e| e / 7).collect::<Vec<_>>())),
+                Arc::new(Int64Array::from(events.iter().map(|e| e * 41).collect::<Vec<_>>())),
+                Arc::new(sketches),
+            ],
+        )
+        .expect("a batch");
+        datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]]).expect("a table")
+    }
+
+    /// The total made from the groups (no second scan) is the total one query over every row
+    /// answers: the same measures, the same visitor estimate, the same cells (so the same noise).
+    #[tokio::test]
+    async fn the_total_of_the_groups_is_the_total_of_the_rows() {
+        let ctx = SessionContext::new();
+        crate::sketches::register(&ctx);
+        ctx.register_table("traffic_hourly", Arc::new(rollup()))
+            .expect("registered");
+        let schema = ctx
+            .table("traffic_hourly")
+            .await
+            .expect("t")
+            .schema()
+            .as_arrow()
+            .clone();
+        let extent = Extent::of("traffic_hourly", &schema);
+        let today = Utc::now().date_naive();
+        let params = |pairs: &[(&str, &str)]| pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+        let run = |sql: String| {
+            let ctx = ctx.clone();
+            async move { ctx.sql(&sql).await.expect("plans").collect().await.expect("runs") }
+        };
+        let yesterday = (today - chrono::Days::new(1)).to_string();
+        for (kind, asked) in [
+            (ReportKind::Geo, vec![]),
+            (ReportKind::Devices, vec![]),
+            (ReportKind::Traffic, vec![("granularity", "hour")]),
+            (ReportKind::Geo, vec![("country", "JO")]),
+            (
+                ReportKind::Categories,
+                vec![("from", yesterday.as_str()), ("device_type", "tablet")],
+            ),
+        ] {
+            let req = ReportRequest::parse(kind, &params(&asked), today).expect("a request");
+            let grouped = groups(&run(req.sql(true, &extent)).await, &extent).expect("groups");
+            assert!(grouped.len() > 1, "{kind:?}: {} groups", grouped.len());
+            let ours = total_of(&grouped, kind.measures(), &extent)
+                .expect("a total")
+                .expect("rows");
+            let one_query = groups(&run(req.sql(false, &extent)).await, &extent).expect("the total");
+            let theirs = one_query.into_iter().next().expect("a row").computed(&extent);
+            assert_eq!(ours.values, theirs.values, "{kind:?} {asked:?}");
+            assert_eq!(ours.cell.identity("x"), theirs.cell.identity("x"), "{kind:?} {asked:?}");
+            let page_views = |c: &Computed| c.page_view_cell.as_ref().map(|c| c.identity("x"));
+            assert_eq!(page_views(&ours), page_views(&theirs), "{kind:?} {asked:?}");
+        }
     }
 }

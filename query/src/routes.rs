@@ -140,7 +140,8 @@ pub async fn report(
             .release
             .charge(key, &req.identity(now), req.measures_released(), now)?;
     }
-    let ctx = state.catalog.session().await.map_err(|e| {
+    // reports read only the rollups: no wait for a refresh of `events`
+    let ctx = state.catalog.session_with(TableScope::Rollups).await.map_err(|e| {
         tracing::error!(error = %e, "could not open the tables");
         ApiError::Internal
     })?;

@@ -1,6 +1,7 @@
 //! The rollup tables (`traffic_hourly`, `ad_performance_hourly`,
-//! `demographics_daily`), written by the processor right after each `events`
-//! commit, with the same log positions recorded in the same transaction.
+//! `demographics_daily`), written by the processor after the `events` commits
+//! they count (at most every `process.rollup_commit_interval_ms`), with the
+//! log positions of those commits recorded in the same transaction.
 //!
 //! Each commit appends *partial* aggregates of the events it covers; rows with
 //! the same key add up (`SUM` the counts, `hll_merge` the visitor sketches).

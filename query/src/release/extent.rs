@@ -102,28 +102,47 @@ impl Extent {
     /// The canonical cell of row `row` of `batch`, from the columns [`Extent::sql_items`] or
     /// [`Extent::exprs`] named with `prefix`.
     pub fn cell(&self, batch: &RecordBatch, row: usize, prefix: &str) -> Result<Cell, ApiError> {
+        Ok(self.cell_of(&self.span(batch, row, prefix)?))
+    }
+
+    /// What row `row` of `batch` holds (the columns named with `prefix`), before it is a cell:
+    /// the spans of groups that split some rows combine into the span of those rows.
+    pub fn span(&self, batch: &RecordBatch, row: usize, prefix: &str) -> Result<Span, ApiError> {
         let column = |name: String| {
             batch.column_by_name(&name).cloned().ok_or_else(|| {
                 tracing::error!(column = name, "extent column missing");
                 ApiError::Internal
             })
         };
-        let mut cell = Cell::of(&self.table);
+        let mut values = Vec::with_capacity(self.dimensions.len());
         for d in &self.dimensions {
-            let values = present_values(&column(format!("{prefix}x_{d}"))?, row)?;
+            values.push(present_values(&column(format!("{prefix}x_{d}"))?, row)?);
+        }
+        let (first, last) = match &self.time {
+            Some(_) => (
+                instant(&column(format!("{prefix}tmin"))?, row),
+                instant(&column(format!("{prefix}tmax"))?, row),
+            ),
+            None => (None, None),
+        };
+        Ok(Span { values, first, last })
+    }
+
+    /// The canonical cell of the rows `span` describes.
+    pub fn cell_of(&self, span: &Span) -> Cell {
+        let mut cell = Cell::of(&self.table);
+        for (d, values) in self.dimensions.iter().zip(&span.values) {
             cell = cell.with(
                 d,
                 if values.is_empty() {
                     Constraint::Nothing
                 } else {
-                    Constraint::OneOf(values)
+                    Constraint::OneOf(values.clone())
                 },
             );
         }
         if let Some(time) = &self.time {
-            let first = instant(&column(format!("{prefix}tmin"))?, row);
-            let last = instant(&column(format!("{prefix}tmax"))?, row);
-            let hours = match (first, last) {
+            let hours = match (span.first, span.last) {
                 (Some(first), Some(last)) => {
                     let step = match time {
                         TimeColumn::Hour(_) => 1,
@@ -139,7 +158,28 @@ impl Extent {
             };
             cell = cell.within(hours);
         }
-        Ok(cell)
+        cell
+    }
+}
+
+/// What a group of rows holds: per dimension the values present, and the first and last
+/// time. The span of rows split into groups is the union of the groups' spans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    values: Vec<BTreeSet<String>>,
+    first: Option<DateTime<Utc>>,
+    last: Option<DateTime<Utc>>,
+}
+
+impl Span {
+    /// The span of this group's rows and `other`'s together.
+    pub fn union(mut self, other: &Span) -> Span {
+        for (mine, theirs) in self.values.iter_mut().zip(&other.values) {
+            mine.extend(theirs.iter().cloned());
+        }
+        self.first = [self.first, other.first].into_iter().flatten().min();
+        self.last = [self.last, other.last].into_iter().flatten().max();
+        self
     }
 }
 
