@@ -2,7 +2,8 @@
 //! runs). `cargo bench --bench engines`:
 //! 1. starts `marsad up` on a fresh data dir and drives `marsad simulate` into it (default
 //!    40,000 events/s for 25 s from 200,000 visitors: about a million events);
-//! 2. waits until every event is in `events`;
+//! 2. waits until every event is in `events`, sampling `traffic_hourly`'s rows per key (what
+//!    a report reads) every 2 s meanwhile;
 //! 3. runs `benches/engines.py`: twelve dashboard-style queries over the table's active
 //!    Parquet files in DuckDB, DataFusion, Polars and chDB (from PyPI) and through Marsad's
 //!    `/v1/sql` and Postgres port; checks every engine returns the same rows, then prints the
@@ -87,6 +88,55 @@ fn events_in_table(m: &Marsad) -> Result<u64> {
     answer["rows"][0]["n"].as_u64().context("a count")
 }
 
+/// `traffic_hourly`'s rows per key (partial rows not merged yet), if the table is there.
+fn rollup_rows_per_key(client: &Client, m: &Marsad) -> Option<f64> {
+    let sql = "SELECT count(*) AS row_count, (SELECT count(*) FROM (SELECT DISTINCT hour, country, region, \
+               device_type, os, browser, language, page_category, referrer_domain, event_type \
+               FROM traffic_hourly) AS k) AS key_count FROM traffic_hourly";
+    let answer: Value = client
+        .post(format!("{}/v1/sql", m.query))
+        .bearer_auth(ENGINEER_KEY)
+        .json(&json!({ "sql": sql }))
+        .send()
+        .ok()?
+        .json()
+        .ok()?;
+    let (rows, keys) = (answer["rows"][0]["row_count"].as_f64()?, answer["rows"][0]["key_count"].as_f64()?);
+    (keys > 0.0).then_some(rows / keys)
+}
+
+/// `marsad simulate` into `m` at `rate` events/s for `seconds` from `visitors` visitors.
+fn simulate(m: &Marsad, rate: u64, seconds: u64, visitors: u64) -> Result<()> {
+    let simulated = Command::new(env!("CARGO_BIN_EXE_marsad"))
+        .args(["simulate", "--url", &m.ingest])
+        .args(["--rate", &rate.to_string(), "--duration", &seconds.to_string()])
+        .args(["--visitors", &visitors.to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .status()?;
+    ensure!(simulated.success(), "marsad simulate failed");
+    Ok(())
+}
+
+/// Waits until every event is in `events`: the count holds still for 3 s.
+fn drain(m: &Marsad) -> Result<()> {
+    let (mut last, mut still_since) = (0, Instant::now());
+    wait_until("the processor to drain", Duration::from_secs(900), || {
+        let n = events_in_table(m).unwrap_or(0);
+        if n != last || n == 0 {
+            (last, still_since) = (n, Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        still_since.elapsed() > Duration::from_secs(3)
+    })
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 fn peers(dir: &Path, m: &Marsad, label: &str) -> Result<()> {
     let status = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/engines.py"))
@@ -121,27 +171,31 @@ fn main() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let m = marsad(tmp.path())?;
     let started = Instant::now();
-    let simulated = Command::new(env!("CARGO_BIN_EXE_marsad"))
-        .args(["simulate", "--url", &m.ingest])
-        .args(["--rate", &rate.to_string(), "--duration", &seconds.to_string()])
-        .args(["--visitors", &visitors.to_string()])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .status()?;
-    ensure!(simulated.success(), "marsad simulate failed");
-    // every event in the table: the count holds still for 3 s
-    let (mut last, mut still_since) = (0, Instant::now());
-    wait_until("the processor to drain", Duration::from_secs(900), || {
-        let n = events_in_table(&m).unwrap_or(0);
-        if n != last || n == 0 {
-            (last, still_since) = (n, Instant::now());
-        }
-        std::thread::sleep(Duration::from_millis(400));
-        still_since.elapsed() > Duration::from_secs(3)
+    // what a report would read at any moment of the load: rollup rows per key, every 2 s
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let samples = std::thread::scope(|scope| -> Result<Vec<f64>> {
+        let sampler = scope.spawn(|| {
+            let (client, mut seen) = (Client::new(), Vec::new());
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.extend(rollup_rows_per_key(&client, &m));
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            seen
+        });
+        // and while the processor drains what is left
+        let loaded = simulate(&m, rate, seconds, visitors).and_then(|()| drain(&m));
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        let seen = sampler.join().unwrap_or_default();
+        loaded.map(|()| seen)
     })?;
     println!(
-        "{last} events sent and processed in {:.0} s",
-        started.elapsed().as_secs_f64()
+        "{} events sent and processed in {:.0} s; traffic_hourly rows per key during the load: \
+         max {:.1}, median {:.1} ({} samples)",
+        events_in_table(&m)?,
+        started.elapsed().as_secs_f64(),
+        samples.iter().copied().fold(0.0, f64::max),
+        median(&samples),
+        samples.len()
     );
     peers(tmp.path(), &m, "as written")?;
     let compacted = Command::new(env!("CARGO_BIN_EXE_marsad"))
