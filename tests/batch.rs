@@ -481,6 +481,8 @@ fn up_compacts_its_tables_without_an_operator() -> Result<()> {
         &[
             ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "50".into()),
             ("MARSAD_PROCESS__ROLLUP_COMPACTION_INTERVAL_SECS", "1".into()),
+            // the rollups commit with every batch, each a partial row per key to merge
+            ("MARSAD_PROCESS__ROLLUP_COMMIT_INTERVAL_MS", "0".into()),
             ("MARSAD_PROCESS__EVENTS_COMPACTION_MIN_FILES", "4".into()),
         ],
     )?;

@@ -462,6 +462,11 @@ fn separate_stages_on_kafka_with_tables_in_a_bucket() -> Result<()> {
     .with_context(|| format!("survivor:\n{}", second.output()))?;
     std::thread::sleep(Duration::from_secs(3));
     ensure!(count("SELECT count(*) AS n FROM events")? == total, "no event twice");
+    // the rollups commit at most every process.rollup_commit_interval_ms after `events`
+    wait_for("the rollups to count every event", Duration::from_secs(60), || {
+        Ok(count("SELECT sum(events) AS n FROM traffic_hourly")? >= total)
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
     ensure!(
         count("SELECT sum(events) AS n FROM traffic_hourly")? == total,
         "rollups exactly once"
@@ -830,6 +835,11 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
         count(&config, &data, "SELECT count(*) FROM events")? == total,
         "no event twice"
     );
+    // the rollups commit at most every process.rollup_commit_interval_ms after `events`
+    wait_for("the rollups to count every event", Duration::from_secs(60), || {
+        Ok(count(&config, &data, "SELECT sum(events) FROM traffic_hourly")? >= total)
+    })?;
+    std::thread::sleep(Duration::from_secs(3));
     ensure!(
         count(&config, &data, "SELECT sum(events) FROM traffic_hourly")? == total,
         "rollups exactly once"
