@@ -101,7 +101,10 @@ fn rollup_rows_per_key(client: &Client, m: &Marsad) -> Option<f64> {
         .ok()?
         .json()
         .ok()?;
-    let (rows, keys) = (answer["rows"][0]["row_count"].as_f64()?, answer["rows"][0]["key_count"].as_f64()?);
+    let (rows, keys) = (
+        answer["rows"][0]["row_count"].as_f64()?,
+        answer["rows"][0]["key_count"].as_f64()?,
+    );
     (keys > 0.0).then_some(rows / keys)
 }
 

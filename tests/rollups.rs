@@ -212,7 +212,6 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
     check_totals(&catalog, records.len() as i64).await
 }
 
-/// Every total of the rollups equals the same total over `events`.
 /// The rollups commit less often than `events` (`process.rollup_commit_interval_ms`): a
 /// processor killed between their commits loses nothing (the next one catches them up from
 /// `events`), and one stopped commits what it holds.
@@ -225,7 +224,8 @@ async fn rollups_committed_less_often_than_events_lose_nothing_to_a_kill() -> Re
     let half = records.len() / 2;
     let metrics = Arc::new(ProcessMetrics::new());
     let processor = Processor::new(&config, log.clone(), Arc::default(), metrics.clone()).await?;
-    let run = tokio::spawn(processor.run(CancellationToken::new()));
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(processor.run(stop.clone()));
     // the first half in four parts, each its own `events` commit
     let mut written = 0;
     for part in records[..half].chunks(half.div_ceil(4)) {
@@ -248,9 +248,10 @@ async fn rollups_committed_less_often_than_events_lose_nothing_to_a_kill() -> Re
         0,
         "the rollups committed before their interval"
     );
-    // killed: no shutdown, nothing flushed
+    // killed: no shutdown, nothing flushed (then its log reader, a task of its own, stopped)
     run.abort();
     let _ = run.await;
+    stop.cancel();
 
     let rest = records[half..].to_vec();
     let want = rest.len() as u64;
@@ -291,6 +292,7 @@ async fn rollups_commit_on_a_quiet_site_without_a_later_event() -> Result<()> {
     check_totals(&catalog, records.len() as i64).await
 }
 
+/// Every total of the rollups equals the same total over `events`.
 async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
     let stored = int(catalog, "SELECT count(*) FROM events").await?;
     assert_eq!(stored, records, "every event stored once");

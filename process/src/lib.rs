@@ -3,9 +3,10 @@
 //! instead of cookie and user ids; scrubbed page paths), and writes Arrow
 //! batches into the Delta table `events`, exactly once: each commit records
 //! the log position it covers in the same Delta transaction, and a restart
-//! resumes from there. Right after each `events` commit it appends the partial
-//! aggregates of the same events to the rollup tables, recording the same log
-//! positions, and catches a lagging rollup up from `events` after a crash.
+//! resumes from there. After the `events` commits (at most every
+//! `process.rollup_commit_interval_ms`) it appends the partial aggregates of
+//! the same events to the rollup tables, recording the same log positions,
+//! and catches a lagging rollup up from `events` after a crash or a handover.
 //!
 //! It must not keep an IP address, cookie id or user id in anything it
 //! writes, and never drops an event silently: what it cannot handle goes to

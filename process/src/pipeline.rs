@@ -171,6 +171,12 @@ impl Processor {
                         // whatever was buffered may now be another processor's: drop it, re-read
                         self.drop_buffered(&mut builder, &mut pending);
                         flush_at = None;
+                        // the rollups of `events` commits made: committed while the positions
+                        // are still ours (a partition gone already fails the commit as a
+                        // conflict), else the catch-up of whoever owns it adds them
+                        if let Err(e) = self.commit_rollups(None).await {
+                            tracing::warn!(error = %e, "rollups not committed before the handover; the catch-up adds them");
+                        }
                         match self.take_over(&partitions).await {
                             Ok(from) => {
                                 expected = from.clone();
@@ -240,9 +246,6 @@ impl Processor {
         result.and(flushed)
     }
 
-    /// Drops the rows buffered since the last commit, and their event ids from the duplicate
-    /// filter: their records will be read again (here or by another processor) and must then
-    /// count, not be taken for retries of themselves.
     /// Forgets the rollups and what they added since their last commit: the next take-over
     /// opens them again and catches them up from `events`, which holds every row they lose.
     fn drop_rollups(&mut self) {
@@ -251,6 +254,9 @@ impl Processor {
         self.rollup_positions.clear();
     }
 
+    /// Drops the rows buffered since the last commit, and their event ids from the duplicate
+    /// filter: their records will be read again (here or by another processor) and must then
+    /// count, not be taken for retries of themselves.
     fn drop_buffered(&mut self, builder: &mut EventsBatchBuilder, pending: &mut BTreeMap<u32, u64>) {
         *builder = EventsBatchBuilder::new();
         pending.clear();

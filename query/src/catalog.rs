@@ -68,7 +68,10 @@ impl TableScope {
 struct Served {
     version: u64,
     provider: Arc<dyn TableProvider>,
+    /// When the check that found this version began: it holds every commit made before.
     checked: Instant,
+    /// When that check ended: it may hold commits made up to then.
+    seen_until: Instant,
 }
 
 /// What the refresher of a table keeps between refreshes.
@@ -268,9 +271,10 @@ impl TableCatalog {
     /// another is newer than its source.
     ///
     /// The processor commits a batch's events before the rollups made from them, so the
-    /// tables are read from the last written back to `events`, each checked against storage
-    /// no earlier than the ones read before it. Were `events` served from an older check
-    /// than `traffic_hourly`, a reader could see rollup rows whose events it cannot find.
+    /// tables are read from the last written back to `events`, each from a check of storage
+    /// that began after the checks of the ones read before it had ended. Were `events` served
+    /// from an older check than `traffic_hourly`, a reader could see rollup rows whose events
+    /// it cannot find (a check still running when the rollups were read counts as older).
     async fn current_tables(&self, scope: TableScope) -> Result<Vec<(&'static str, Arc<Served>)>, CatalogError> {
         let mut tables = Vec::new();
         let mut newest: Option<Instant> = None;
@@ -281,7 +285,7 @@ impl TableCatalog {
             .filter(|t| scope.includes(t))
         {
             if let Some(served) = self.current(name, newest).await? {
-                newest = newest.max(Some(served.checked));
+                newest = newest.max(Some(served.seen_until));
                 tables.push((name, served));
             }
         }
@@ -315,6 +319,8 @@ impl TableCatalog {
     ) -> Result<Option<Arc<Served>>, CatalogError> {
         let name = slot.name;
         let err = |reason: String| CatalogError { table: name, reason };
+        // what this check finds holds every commit made before it began
+        let began = Instant::now();
         match refresher.table.as_mut() {
             Some(table) => table.update_incremental(None).await.map_err(|e| err(e.to_string()))?,
             None => {
@@ -335,7 +341,7 @@ impl TableCatalog {
                         refresher.table = Some(table);
                     }
                     None => {
-                        refresher.absent_since = Some(Instant::now());
+                        refresher.absent_since = Some(began);
                         return Ok(None);
                     }
                 }
@@ -366,7 +372,8 @@ impl TableCatalog {
         let served = Arc::new(Served {
             version,
             provider,
-            checked: Instant::now(),
+            checked: began,
+            seen_until: Instant::now(),
         });
         if let Ok(mut slot_served) = slot.served.write() {
             *slot_served = Some(served.clone());

@@ -35,7 +35,8 @@ pub enum TableName {
 }
 
 impl TableName {
-    /// Every table, each before the tables derived from it (the query catalog relies on it).
+    /// Every table in the order the processor commits them, each before the tables made
+    /// from it (the query catalog relies on it; `rollup_specs` commits in this order).
     pub const ALL: [TableName; 5] = [
         TableName::Events,
         TableName::TrafficHourly,

@@ -63,7 +63,8 @@ pub(crate) fn new_rollup(table: TableName, max_per_visitor_day: u32) -> Box<dyn 
     }
 }
 
-/// The specs of the rollup tables.
+/// The specs of the rollup tables, in the order they commit (that of `TableName::ALL`: the
+/// query catalog reads them in reverse so no rollup is newer than one committed before it).
 pub fn rollup_specs() -> [TableSpec; 3] {
     [
         TableSpec {
