@@ -1,15 +1,18 @@
 //! Whole-pipeline load harness (not criterion: these are seconds-long runs).
 //!
 //! `cargo bench --bench load` measures, in one run on this machine:
-//! 1. batched ingest events/s into the durable local log (fsync per group commit),
+//! 1. single-event ingest (one event per request, as the tracker sends) beside the same
+//!    server's `/healthz`, requests/s with p50 and p99 latency (`LOAD_ONLY=single`: only this);
+//! 2. batched ingest events/s into the durable local log (fsync per group commit),
 //!    next to a no-op axum handler taking the same requests from the same client,
 //!    and through Kafka (librdkafka's mock cluster in this process, and the broker
 //!    process `tansu` when it is installed), each acknowledged by the brokers;
-//! 2. processor events/s per CPU-second (log → anonymize → Delta `events`).
+//! 3. processor events/s per CPU-second (log → anonymize → Delta `events`).
 //!
 //! Figures are printed as ratios against the baseline of the same run; the machine
 //! is shared and noisy, so absolute numbers are context, not targets.
-//! Knobs: `LOAD_SECONDS` (default 10), `LOAD_CONCURRENCY` (32), `LOAD_BATCH` (100), `LOAD_EVENTS` (200000).
+//! Knobs: `LOAD_SECONDS` (default 10), `LOAD_CONCURRENCY` (32), `LOAD_BATCH` (100), `LOAD_EVENTS` (200000),
+//! `LOAD_ONLY` (`single`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -276,6 +279,80 @@ async fn processor_figures(events: u64) -> Result<()> {
     Ok(())
 }
 
+/// One request per event, as the tracker sends: `concurrency` clients for `seconds`, each
+/// timing its requests; returns requests/s answered with `ok` and the p50 and p99 latency (ms).
+async fn drive_requests(
+    concurrency: u64,
+    seconds: u64,
+    ok: u16,
+    request: impl Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> Result<(f64, f64, f64)> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency as usize)
+        .build()?;
+    let request = Arc::new(request);
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client_no in 0..concurrency {
+        let (client, request) = (client.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut n = client_no << 32;
+            while Instant::now() < end {
+                n += 1;
+                let sent = Instant::now();
+                if let Ok(r) = request(&client, n).send().await
+                    && r.status().as_u16() == ok
+                {
+                    latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied();
+    Ok((rate, at(0.5).unwrap_or(f64::NAN), at(0.99).unwrap_or(f64::NAN)))
+}
+
+/// Single-event ingest into the durable local log beside the same server's `/healthz`.
+async fn single_event_figures(seconds: u64, concurrency: u64) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
+    let addr = serve(ingest_on(&config, log)).await?;
+    let health = drive_requests(concurrency, seconds, 200, move |c, _| c.get(format!("http://{addr}/healthz"))).await?;
+    let events = drive_requests(concurrency, seconds, 202, move |c, n| {
+        c.post(format!("http://{addr}/v1/events"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", "176.29.10.1")
+            .body(serde_json::to_vec(&event_json(n)).unwrap_or_default())
+    })
+    .await?;
+    println!("single events (one per request, {concurrency} clients, {seconds}s each, same client and server):");
+    println!(
+        "  GET /healthz                       {:>10.0} requests/s   p50 {:.2} ms   p99 {:.2} ms",
+        health.0, health.1, health.2
+    );
+    println!(
+        "  POST /v1/events → local log        {:>10.0} requests/s   p50 {:.2} ms   p99 {:.2} ms   ratio {:.2} of /healthz",
+        events.0,
+        events.1,
+        events.2,
+        events.0 / health.0
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; nothing else to parse
     let seconds = env_or("LOAD_SECONDS", 10);
@@ -283,7 +360,13 @@ fn main() -> Result<()> {
     let batch = env_or("LOAD_BATCH", 100);
     let events = env_or("LOAD_EVENTS", 200_000);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // LOAD_ONLY=single: only the single-event figures
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
     rt.block_on(async {
+        single_event_figures(seconds, concurrency).await?;
+        if only == "single" {
+            return Ok(());
+        }
         ingest_figures(seconds, concurrency, batch).await?;
         processor_figures(events).await
     })
