@@ -112,10 +112,12 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     );
     let noop_addr = serve(noop).await?;
     let dir = tempfile::tempdir()?;
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
+    // one address sends the whole load: the per-address limit would refuse most of it
+    config.ingest.limits.rate_per_second = 0;
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let marsad_addr = serve(ingest_on(&config, log)).await?;
 
@@ -232,10 +234,12 @@ impl Drop for Tansu {
 
 async fn processor_figures(events: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
+    // one address sends the whole load: the per-address limit would refuse most of it
+    config.ingest.limits.rate_per_second = 0;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let received_at = chrono::Utc::now();
     for chunk in (0..events).collect::<Vec<_>>().chunks(10_000) {
@@ -317,20 +321,28 @@ async fn drive_requests(
     }
     let rate = all.len() as f64 / started.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    let at = |q: f64| all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1))).copied();
+    let at = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+    };
     Ok((rate, at(0.5).unwrap_or(f64::NAN), at(0.99).unwrap_or(f64::NAN)))
 }
 
 /// Single-event ingest into the durable local log beside the same server's `/healthz`.
 async fn single_event_figures(seconds: u64, concurrency: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = Config {
+    let mut config = Config {
         data_dir: dir.path().to_owned(),
         ..Config::default()
     };
+    // one address sends the whole load: the per-address limit would refuse most of it
+    config.ingest.limits.rate_per_second = 0;
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let addr = serve(ingest_on(&config, log)).await?;
-    let health = drive_requests(concurrency, seconds, 200, move |c, _| c.get(format!("http://{addr}/healthz"))).await?;
+    let health = drive_requests(concurrency, seconds, 200, move |c, _| {
+        c.get(format!("http://{addr}/healthz"))
+    })
+    .await?;
     let events = drive_requests(concurrency, seconds, 202, move |c, n| {
         c.post(format!("http://{addr}/v1/events"))
             .header("content-type", "application/json")
