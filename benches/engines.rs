@@ -3,7 +3,8 @@
 //! 1. starts `marsad up` on a fresh data dir and drives `marsad simulate` into it (default
 //!    40,000 events/s for 25 s from 200,000 visitors: about a million events);
 //! 2. waits until every event is in `events`, sampling `traffic_hourly`'s rows per key (what
-//!    a report reads) every 2 s meanwhile;
+//!    a report reads) every 2 s meanwhile, and timing one probe event a second during the
+//!    load from its send to its row in `/v1/sql` (freshness);
 //! 3. runs `benches/engines.py`: twelve dashboard-style queries over the table's active
 //!    Parquet files in DuckDB, DataFusion, Polars and chDB (from PyPI) and through Marsad's
 //!    `/v1/sql` and Postgres port; checks every engine returns the same rows, then prints the
@@ -108,6 +109,37 @@ fn rollup_rows_per_key(client: &Client, m: &Marsad) -> Option<f64> {
     (keys > 0.0).then_some(rows / keys)
 }
 
+/// Seconds from sending probe `n` (one event) to seeing it in `/v1/sql`; `None` if it was
+/// refused or not seen within a minute.
+fn freshness_probe(client: &Client, m: &Marsad, n: u64) -> Option<f64> {
+    let id = format!("freshness-probe-{n}");
+    let sent = Instant::now();
+    let accepted = client
+        .post(format!("{}/v1/events", m.ingest))
+        .json(&json!({"type": "page_view", "url": "https://kulshi.example/en/probe",
+                      "cookie_id": format!("probe-cookie-{n}"), "event_id": id}))
+        .send()
+        .ok()?;
+    if accepted.status().as_u16() != 202 {
+        return None;
+    }
+    let sql = format!("SELECT count(*) AS n FROM events WHERE event_id = '{id}'");
+    while sent.elapsed() < Duration::from_secs(60) {
+        let seen: Option<Value> = client
+            .post(format!("{}/v1/sql", m.query))
+            .bearer_auth(ENGINEER_KEY)
+            .json(&json!({ "sql": sql }))
+            .send()
+            .ok()
+            .and_then(|r| r.json().ok());
+        if seen.is_some_and(|v| v["rows"][0]["n"].as_u64() == Some(1)) {
+            return Some(sent.elapsed().as_secs_f64());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
 /// `marsad simulate` into `m` at `rate` events/s for `seconds` from `visitors` visitors.
 fn simulate(m: &Marsad, rate: u64, seconds: u64, visitors: u64) -> Result<()> {
     let simulated = Command::new(env!("CARGO_BIN_EXE_marsad"))
@@ -176,7 +208,8 @@ fn main() -> Result<()> {
     let started = Instant::now();
     // what a report would read at any moment of the load: rollup rows per key, every 2 s
     let sampling = std::sync::atomic::AtomicBool::new(true);
-    let samples = std::thread::scope(|scope| -> Result<Vec<f64>> {
+    type Sampled = (Vec<f64>, Vec<Option<f64>>);
+    let (samples, probes) = std::thread::scope(|scope| -> Result<Sampled> {
         let sampler = scope.spawn(|| {
             let (client, mut seen) = (Client::new(), Vec::new());
             while sampling.load(std::sync::atomic::Ordering::Relaxed) {
@@ -185,12 +218,39 @@ fn main() -> Result<()> {
             }
             seen
         });
+        // one event a second, timed from its send to its row in `/v1/sql`, while the load runs
+        let prober = scope.spawn(|| {
+            let (client, mut probes) = (Client::new(), Vec::new());
+            let until = Instant::now() + Duration::from_secs(seconds);
+            for n in 0.. {
+                if Instant::now() >= until {
+                    break;
+                }
+                let next = Instant::now() + Duration::from_secs(1);
+                probes.push(freshness_probe(&client, &m, n));
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            probes
+        });
         // and while the processor drains what is left
         let loaded = simulate(&m, rate, seconds, visitors).and_then(|()| drain(&m));
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);
         let seen = sampler.join().unwrap_or_default();
-        loaded.map(|()| seen)
+        let probes = prober.join().unwrap_or_default();
+        loaded.map(|()| (seen, probes))
     })?;
+    let mut fresh: Vec<f64> = probes.iter().flatten().copied().collect();
+    fresh.sort_by(f64::total_cmp);
+    let at = |q: f64| fresh.get(((fresh.len() as f64 * q) as usize).min(fresh.len().saturating_sub(1)));
+    println!(
+        "freshness during the load: sent → visible in /v1/sql p50 {:.2} s, p95 {:.2} s, max {:.2} s \
+         ({} probes, {} not seen within 60 s)",
+        at(0.5).copied().unwrap_or(f64::NAN),
+        at(0.95).copied().unwrap_or(f64::NAN),
+        fresh.last().copied().unwrap_or(f64::NAN),
+        probes.len(),
+        probes.iter().filter(|p| p.is_none()).count()
+    );
     println!(
         "{} events sent and processed in {:.0} s; traffic_hourly rows per key during the load: \
          max {:.1}, median {:.1} ({} samples)",
