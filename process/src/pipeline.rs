@@ -429,6 +429,9 @@ impl Processor {
                 Err(e) => return Err(e),
             }
         }
+        // counted as landed, whatever becomes of the rollup commit after it
+        self.metrics.events_written.inc_by(rows as u64);
+        self.metrics.commits.inc();
         if crash == Some(CrashPoint::AfterEvents) {
             return Err(crate::Error::SimulatedCrash);
         }
@@ -447,8 +450,6 @@ impl Processor {
                 self.commit_rollups(crash).await?;
             }
         }
-        self.metrics.events_written.inc_by(rows as u64);
-        self.metrics.commits.inc();
         for (p, o) in std::mem::take(pending) {
             self.metrics.position.set(o as i64 + 1);
             let _ = commands.send(ToLog::Commit(p, o + 1));
