@@ -305,6 +305,12 @@ fn two_processors_share_four_partitions_and_a_killed_one_is_taken_over() -> Resu
         run.count("SELECT count(DISTINCT event_id) FROM events")? == TOTAL as i64,
         "no event twice"
     );
+    // the rollups commit at most every process.rollup_commit_interval_ms after `events`
+    wait_for("the rollups to count every event", Duration::from_secs(60), || {
+        Ok(run.count("SELECT sum(events) FROM traffic_hourly")? >= TOTAL as i64)
+    })
+    .with_context(|| format!("survivor's log:\n{}", second.output()))?;
+    std::thread::sleep(Duration::from_secs(3));
     ensure!(
         run.count("SELECT sum(events) FROM traffic_hourly")? == TOTAL as i64,
         "the rollups count every event once"
