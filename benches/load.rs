@@ -112,12 +112,7 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     );
     let noop_addr = serve(noop).await?;
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    // one address sends the whole load: the per-address limit would refuse most of it
-    config.ingest.limits.rate_per_second = 0;
+    let config = ingest_config(dir.path());
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let marsad_addr = serve(ingest_on(&config, log)).await?;
 
@@ -167,6 +162,17 @@ async fn ingest_figures(seconds: u64, concurrency: u64, batch: u64) -> Result<()
     }
     drop(tansu);
     Ok(())
+}
+
+/// The config of an ingest on `dir` taking the whole load from one address (the per-address
+/// limit would refuse most of it).
+fn ingest_config(dir: &std::path::Path) -> Config {
+    let mut config = Config {
+        data_dir: dir.to_owned(),
+        ..Config::default()
+    };
+    config.ingest.limits.rate_per_second = 0;
+    config
 }
 
 fn ingest_on(config: &Config, log: Arc<dyn EventLog>) -> axum::Router {
@@ -329,12 +335,7 @@ async fn drive_requests(
 /// Single-event ingest into the durable local log beside the same server's `/healthz`.
 async fn single_event_figures(seconds: u64, concurrency: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    // one address sends the whole load: the per-address limit would refuse most of it
-    config.ingest.limits.rate_per_second = 0;
+    let config = ingest_config(dir.path());
     let log: Arc<dyn EventLog> = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     let addr = serve(ingest_on(&config, log)).await?;
     let health = drive_requests(concurrency, seconds, 200, move |c, _| {

@@ -159,8 +159,9 @@ async fn sessions_from_events(catalog: &TableCatalog) -> Result<(i64, i64, i64)>
     Ok((spans.len() as i64, bounces, seconds))
 }
 
-/// A processor's config on `dir` that commits often and counts every event once (the clamp
-/// is not what the crash tests are about), and its local log.
+/// A processor's config on `dir` that commits often (the rollups with every `events` commit)
+/// and counts every event once (the clamp is not what the crash tests are about), and its
+/// local log.
 fn counting_every_event(dir: &std::path::Path) -> Result<(Config, Arc<LocalLog>)> {
     let mut config = Config {
         data_dir: dir.to_owned(),
@@ -168,6 +169,8 @@ fn counting_every_event(dir: &std::path::Path) -> Result<(Config, Arc<LocalLog>)
     };
     config.process.batch_max_interval_ms = 100;
     config.process.max_events_per_visitor_day = 1_000_000;
+    // each `events` commit reaches the rollups at once (where the crash points are)
+    config.process.rollup_commit_interval_ms = 0;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
     Ok((config, log))
 }

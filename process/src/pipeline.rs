@@ -118,7 +118,8 @@ impl Processor {
         })
     }
 
-    /// Makes the `n`th commit stop at `point` as if the process died there (crash tests only).
+    /// Makes the `n`th commit stop at `point` as if the process died there (crash tests only;
+    /// with `process.rollup_commit_interval_ms = 0`, so every commit reaches the rollups).
     #[cfg(feature = "test-support")]
     pub fn crash_at(mut self, n: usize, point: CrashPoint) -> Self {
         self.crash = Some((n, point));
@@ -414,21 +415,10 @@ impl Processor {
             None => None,
         };
         let mut attempt = 0;
-        loop {
-            match self.table.append(batch.clone(), &positions).await {
-                Ok(_) => {
-                    self.uncommitted_ids = 0;
-                    break;
-                }
-                Err(e) if e.is_lost_ownership() => return Err(e),
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "delta commit failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-                Err(e) => return Err(e),
-            }
+        while let Err(e) = self.table.append(batch.clone(), &positions).await {
+            pause_before_retry(&mut attempt, "delta commit", e).await?;
         }
+        self.uncommitted_ids = 0;
         // counted as landed, whatever becomes of the rollup commit after it
         self.metrics.events_written.inc_by(rows as u64);
         self.metrics.commits.inc();
@@ -445,8 +435,7 @@ impl Processor {
             let due = *self
                 .rollups_due
                 .get_or_insert_with(|| Instant::now() + self.rollup_interval);
-            // a crash test stops at the rollup commit of the commit it names
-            if due <= Instant::now() || self.crash.is_some() {
+            if due <= Instant::now() {
                 self.commit_rollups(crash).await?;
             }
         }
@@ -469,23 +458,26 @@ impl Processor {
         }
         let positions: Vec<(String, i64)> = self.rollup_positions.iter().map(|(a, o)| (a.clone(), *o)).collect();
         let mut attempt = 0;
-        loop {
-            match rollups.commit(&positions, crash).await {
-                Ok(()) => break,
-                Err(crate::Error::SimulatedCrash) => return Err(crate::Error::SimulatedCrash),
-                Err(e) if e.is_lost_ownership() => return Err(e),
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "rollup commit failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
-                }
-                Err(e) => return Err(e),
-            }
+        while let Err(e) = rollups.commit(&positions, crash).await {
+            pause_before_retry(&mut attempt, "rollup commit", e).await?;
         }
         self.rollups_due = None;
         self.rollup_positions.clear();
         Ok(())
     }
+}
+
+/// After a failed commit, the pause before the next try (five tries more at most, each
+/// pausing longer); `Err` when it is not to be retried: out of tries, or the partitions went
+/// to another processor (or a simulated crash).
+async fn pause_before_retry(attempt: &mut u64, what: &str, e: crate::Error) -> Result<()> {
+    if e.is_lost_ownership() || matches!(e, crate::Error::SimulatedCrash) || *attempt >= 5 {
+        return Err(e);
+    }
+    *attempt += 1;
+    tracing::warn!(error = %e, attempt = *attempt, "{what} failed; retrying");
+    tokio::time::sleep(Duration::from_millis(200 * *attempt)).await;
+    Ok(())
 }
 
 /// The anonymizer as `config` sets it up (GeoIP, keys, allow-list, consent defaults,
