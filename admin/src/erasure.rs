@@ -172,7 +172,8 @@ impl Erasure<'_> {
         Ok(())
     }
 
-    /// Waits until the `events` table records positions at or past `end` on every partition.
+    /// Waits until `events` and every rollup record positions at or past `end` on every
+    /// partition.
     pub async fn wait_for_processor(&self, end: &RawLogEnd) -> Result<(), ErasureError> {
         let mut logged = Instant::now();
         loop {
@@ -221,35 +222,40 @@ pub async fn raw_log_end(log: &dyn EventLog) -> Result<RawLogEnd, ErasureError> 
     Ok(end)
 }
 
-/// The partitions whose committed position in `events` is short of `end`: (partition,
-/// committed next offset, wanted).
-async fn behind(tables: &TablesLocation, end: &RawLogEnd) -> Result<Vec<(u32, u64, u64)>, ErasureError> {
-    let err = |reason: String| ErasureError::Table {
-        table: "events",
-        reason,
-    };
-    let Some(table) = marsad_tables::open_table(tables, TableName::Events.as_str())
-        .await
-        .map_err(|e| err(e.to_string()))?
-    else {
-        // no events table yet: only if nothing was ever logged is nothing behind
-        return Ok(end.iter().filter(|(_, e)| **e > 0).map(|(p, e)| (*p, 0, *e)).collect());
-    };
-    let snapshot = table.snapshot().map_err(|e| err(e.to_string()))?;
-    let log_store = table.log_store();
+/// The tables and partitions whose committed position is short of `end`: (table, partition,
+/// committed next offset, wanted). The rollups count too: they commit after `events` (up to
+/// `process.rollup_commit_interval_ms` later), and a processor that dies before they do
+/// counts the `events` files it committed on its next start, so those files must still be
+/// there. An erasure that rewrote one before would lose every other visitor's rows in it
+/// from the rollups.
+async fn behind(tables: &TablesLocation, end: &RawLogEnd) -> Result<Vec<(&'static str, u32, u64, u64)>, ErasureError> {
     let mut behind = Vec::new();
-    for (&partition, &wanted) in end {
-        if wanted == 0 {
-            continue;
-        }
-        let app = marsad_schemas::log_position_app_id(TOPIC_RAW, partition);
-        let committed = snapshot
-            .transaction_version(log_store.as_ref(), &app)
+    for name in std::iter::once(TableName::Events).chain(TableName::ROLLUPS) {
+        let name = name.as_str();
+        let err = |reason: String| ErasureError::Table { table: name, reason };
+        let Some(table) = marsad_tables::open_table(tables, name)
             .await
             .map_err(|e| err(e.to_string()))?
-            .map_or(0, |v| (v.max(-1) + 1) as u64);
-        if committed < wanted {
-            behind.push((partition, committed, wanted));
+        else {
+            // no table yet: only if nothing was ever logged is nothing behind
+            behind.extend(end.iter().filter(|(_, e)| **e > 0).map(|(p, e)| (name, *p, 0, *e)));
+            continue;
+        };
+        let snapshot = table.snapshot().map_err(|e| err(e.to_string()))?;
+        let log_store = table.log_store();
+        for (&partition, &wanted) in end {
+            if wanted == 0 {
+                continue;
+            }
+            let app = marsad_schemas::log_position_app_id(TOPIC_RAW, partition);
+            let committed = snapshot
+                .transaction_version(log_store.as_ref(), &app)
+                .await
+                .map_err(|e| err(e.to_string()))?
+                .map_or(0, |v| (v.max(-1) + 1) as u64);
+            if committed < wanted {
+                behind.push((name, partition, committed, wanted));
+            }
         }
     }
     Ok(behind)
@@ -443,4 +449,73 @@ pub async fn erase_rows(
         rows_removed: tables.iter().map(|t| t.rows_removed).sum(),
         tables,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use deltalake::kernel::transaction::CommitProperties;
+    use deltalake::kernel::{DataType as DeltaType, PrimitiveType, StructField, Transaction};
+
+    use super::*;
+
+    /// Writes one row to `name` (creating it) recording raw-log partition 0 at `offset`.
+    async fn commit_position(
+        location: &TablesLocation,
+        name: &str,
+        offset: i64,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let table = match marsad_tables::open_table(location, name).await? {
+            Some(t) => t,
+            None => {
+                marsad_tables::table_handle(location, name)?
+                    .create()
+                    .with_columns([StructField::new("n", DeltaType::Primitive(PrimitiveType::Long), true)])
+                    .await?
+            }
+        };
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from(vec![offset]))])?;
+        let app = marsad_schemas::log_position_app_id(TOPIC_RAW, 0);
+        table
+            .write(vec![batch])
+            .with_commit_properties(
+                CommitProperties::default().with_application_transactions(vec![Transaction::new(app, offset)]),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `events` has committed past the opt-out but a rollup has not (it commits up to
+    /// `rollup_commit_interval_ms` later): the erasure must keep waiting, or it would rewrite
+    /// an `events` file the rollups still have to count.
+    #[tokio::test]
+    async fn an_erasure_waits_for_the_rollups_as_well_as_events() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let location = TablesLocation::local(dir.path())?;
+        let end: RawLogEnd = BTreeMap::from([(0, 10)]);
+        commit_position(&location, "events", 9).await?;
+        assert_eq!(
+            behind(&location, &end).await?,
+            vec![
+                ("traffic_hourly", 0, 0, 10),
+                ("ad_performance_hourly", 0, 0, 10),
+                ("demographics_daily", 0, 0, 10)
+            ],
+            "rollups not created yet"
+        );
+        for rollup in TableName::ROLLUPS {
+            commit_position(&location, rollup.as_str(), 9).await?;
+        }
+        assert!(behind(&location, &end).await?.is_empty(), "every table is past the end");
+        let later: RawLogEnd = BTreeMap::from([(0, 12)]);
+        commit_position(&location, "events", 11).await?;
+        commit_position(&location, "ad_performance_hourly", 11).await?;
+        commit_position(&location, "demographics_daily", 11).await?;
+        assert_eq!(behind(&location, &later).await?, vec![("traffic_hourly", 0, 10, 12)]);
+        Ok(())
+    }
 }

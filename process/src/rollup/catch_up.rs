@@ -89,7 +89,15 @@ impl Rollups {
         for commit in &commits {
             for file in &commit.added_files {
                 let Some(reader) = data_file(events.table(), file, None).await? else {
-                    continue;
+                    // rewritten since it was committed (an erasure, a compaction) and vacuumed:
+                    // its other rows live on in files no uncounted commit names
+                    tracing::warn!(
+                        path = file.as_str(),
+                        version = commit.version,
+                        "an events file the rollups had not counted is gone (rewritten and vacuumed): \
+                         rebuilding the rollups of every date from events"
+                    );
+                    return self.rebuild_from_events(events, events_positions).await;
                 };
                 for batch in reader {
                     let batch = batch?;
@@ -383,7 +391,8 @@ async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -
 }
 
 /// A reader of one data file of `events` (only `columns`, when given), batch by batch; `None`
-/// when the file is gone (vacuumed after an erasure since it was committed).
+/// when the file is gone (rewritten by an erasure or a compaction since it was committed, and
+/// vacuumed).
 async fn data_file(
     table: &DeltaTable,
     path: &str,
@@ -404,13 +413,7 @@ async fn data_file(
     };
     let bytes = match bytes {
         Ok(b) => b,
-        Err(deltalake::ObjectStoreError::NotFound { .. }) => {
-            tracing::warn!(
-                path,
-                "an events file the rollups had not counted is gone (erased); skipping it"
-            );
-            return Ok(None);
-        }
+        Err(deltalake::ObjectStoreError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(delta(e.into())),
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(bytes)
@@ -481,6 +484,74 @@ mod tests {
             .catch_up(events.sink(), &positions)
             .await?;
         assert_eq!(again.events, 0);
+        Ok(())
+    }
+
+    /// An erasure rewrites an `events` file the rollups have not counted yet (the processor
+    /// died before its rollup commit) and vacuums the old one: the catch-up still counts every
+    /// other visitor's events in it, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_rewritten_before_it_was_counted_is_not_lost() -> std::result::Result<(), Box<dyn std::error::Error>>
+    {
+        use deltalake::operations::vacuum::VacuumMode;
+        let dir = tempfile::tempdir()?;
+        let tables = marsad_config::TablesLocation::local(dir.path())?;
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        // the first commit is counted by the rollups too
+        let first: Vec<(String, String, i64)> = (0..40).map(|i| (format!("v{}", i % 8), format!("s{i}"), i)).collect();
+        let refs: Vec<(&str, &str, i64, &str, &str)> = first
+            .iter()
+            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+            .collect();
+        events.append(test_batch(&refs), &[(app.clone(), 39)]).await?;
+        rollups.add(&test_batch(&refs), &[(app.clone(), 39)])?;
+        rollups.commit(&[(app.clone(), 39)], None).await?;
+        // the second is committed to events only, then one visitor's rows are erased from it
+        let second: Vec<(String, String, i64)> =
+            (40..100).map(|i| (format!("w{}", i % 8), format!("s{i}"), i)).collect();
+        let refs: Vec<(&str, &str, i64, &str, &str)> = second
+            .iter()
+            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+            .collect();
+        events.append(test_batch(&refs), &[(app.clone(), 99)]).await?;
+        drop(rollups);
+        let (erased, _) = events
+            .sink()
+            .table()
+            .clone()
+            .delete()
+            .with_predicate("visitor_key = 'w3'")
+            .await?;
+        let (_, vacuumed) = erased
+            .vacuum()
+            .with_mode(VacuumMode::Lite)
+            .with_retention_period(chrono::Duration::zero())
+            .with_enforce_retention_duration(false)
+            .await?;
+        assert!(!vacuumed.files_deleted.is_empty(), "the erasure rewrote a file");
+
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        rollups.catch_up(events.sink(), &positions).await?;
+        let traffic = DeltaSink::open_or_create(&tables, &super::super::rollup_specs()[0]).await?;
+        let total = |batches: Vec<arrow::record_batch::RecordBatch>| {
+            batches[0]
+                .column(0)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .map(|a| a.value(0))
+        };
+        let counted = total(
+            traffic
+                .query("SELECT CAST(sum(events) AS BIGINT) FROM traffic_hourly", None)
+                .await?,
+        );
+        let kept = total(events.sink().query("SELECT count(*) FROM events", None).await?);
+        assert_eq!(kept, Some(100 - 8), "w3's 8 rows are erased");
+        assert_eq!(counted, kept, "every event events still holds is counted once");
         Ok(())
     }
 }
