@@ -450,7 +450,8 @@ fn spawn_segment_refresh(
 /// Merges the rollups' partial rows every `process.rollup_compaction_interval_secs`, so a
 /// report reads about one row per key and hour at any moment, and rewrites the dates of
 /// `events` that gathered `process.events_compaction_min_files` small files into files of the
-/// target size; a failed or conflicting run is logged and retried next time.
+/// target size; a failed or conflicting run is logged and retried next time. Every
+/// `ABANDONED_AFTER` (and at start) it also removes what rewrites that died left behind.
 fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
@@ -461,10 +462,15 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
     let events_min_files = config.process.events_compaction_min_files;
     set.spawn(async move {
         let tables = tables?;
+        let mut next_sweep = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(every) => {}
+            }
+            if std::time::Instant::now() >= next_sweep {
+                sweep_abandoned_rewrites(&tables).await;
+                next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
             }
             let started = std::time::Instant::now();
             match marsad_process::rollup::compact(&tables, MIN_FILES).await {
@@ -498,6 +504,21 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
             }
         }
     });
+}
+
+/// Removes the files of compactions and erasure deletes that died before their commit (see
+/// `marsad_tables::rewrites`): they may hold rows an erasure removed since.
+async fn sweep_abandoned_rewrites(tables: &marsad_config::TablesLocation) {
+    for table in marsad_schemas::TableName::ALL {
+        let abandoned = marsad_tables::Unreferenced::Abandoned;
+        match marsad_tables::remove_unreferenced_rewrites(tables, table.as_str(), None, abandoned).await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(table = table.as_str(), removed, "files of abandoned rewrites removed"),
+            Err(e) => {
+                tracing::warn!(table = table.as_str(), error = %e, "sweeping abandoned rewrites failed; again later")
+            }
+        }
+    }
 }
 
 /// Waits for every task; the first failure stops the others.

@@ -306,6 +306,124 @@ fn erasure_removes_the_subject_everywhere_and_nothing_else() -> Result<()> {
     Ok(())
 }
 
+/// Erasures while `marsad up` keeps compacting `events` (every second, any date with two small
+/// files) and other visitors' events keep arriving: a compaction and an erasure of the same
+/// files must never both commit, and the loser's files must not stay in storage. Every
+/// erasure finishes, no file on disk (committed or not) holds a subject's row, and every
+/// other event is there exactly once.
+#[test]
+fn erasures_racing_the_events_compaction_leave_nothing_behind_and_double_nothing() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const SUBJECTS: usize = 4;
+    const ROUNDS: usize = 6;
+    let tmp = tempfile::tempdir()?;
+    let data = tmp.path().join("data");
+    let m = Marsad::start_with_env(
+        &data,
+        None,
+        None,
+        &[
+            ("MARSAD_PROCESS__BATCH_MAX_INTERVAL_MS", "50".into()),
+            ("MARSAD_PROCESS__ROLLUP_COMPACTION_INTERVAL_SECS", "1".into()),
+            ("MARSAD_PROCESS__ROLLUP_COMMIT_INTERVAL_MS", "500".into()),
+            ("MARSAD_PROCESS__EVENTS_COMPACTION_MIN_FILES", "2".into()),
+        ],
+    )?;
+    let client = Client::new();
+    let post = |client: &Client, batch: &[Value]| -> Result<()> {
+        let resp = client
+            .post(format!("{}/v1/batch", m.ingest))
+            .json(batch)
+            .send()
+            .with_context(|| m.log_tail())?;
+        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+        Ok(())
+    };
+    let other = |id: String, i: usize| {
+        json!({"type": "page_view", "url": "https://kulshi.example/en/jobs", "event_id": id,
+            "cookie_id": format!("ck-other-{}", i % 7)})
+    };
+    // the subjects' events first, each round its own commit, beside others'
+    let mut others = 0;
+    for round in 0..ROUNDS {
+        let mut batch: Vec<Value> = (0..SUBJECTS)
+            .map(|s| {
+                json!({"type": "page_view", "url": "https://kulshi.example/en/cars",
+                    "event_id": format!("subject-{s}-{round}"), "cookie_id": format!("ck-subject-{s}")})
+            })
+            .collect();
+        batch.extend((0..10).map(|i| other(format!("other-{round}-{i}"), i)));
+        others += 10;
+        post(&client, &batch)?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    m.wait_for_count(
+        "SELECT count(*) FROM events",
+        (ROUNDS * (SUBJECTS + 10)) as i64,
+        Duration::from_secs(60),
+    )?;
+
+    // others keep arriving, each batch a small file for the compaction, while the erasures run
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = std::thread::scope(|scope| -> Result<usize> {
+        let stop_sending = Arc::clone(&stop);
+        let live = scope.spawn(|| -> Result<usize> {
+            let stop = stop_sending;
+            let client = Client::new();
+            let mut sent = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let batch: Vec<Value> = (0..5).map(|i| other(format!("live-{}", sent + i), i)).collect();
+                post(&client, &batch)?;
+                sent += batch.len();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(sent)
+        });
+        let erased: Result<()> = (|| {
+            for s in 0..SUBJECTS {
+                let resp = client
+                    .delete(format!("{}/v1/subjects", m.query))
+                    .query(&[("cookie_id", format!("ck-subject-{s}"))])
+                    .bearer_auth(m.admin_key()?)
+                    .send()
+                    .with_context(|| m.log_tail())?;
+                let status = resp.status();
+                let receipt: Value = resp.json()?;
+                ensure!(status.is_success(), "{status}: {receipt}\n{}", m.log_tail());
+                ensure!(receipt["rows_removed"] == ROUNDS, "subject {s}: {receipt}");
+                // the compaction runs between the erasures, over the files they rewrote
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            Ok(())
+        })();
+        stop.store(true, Ordering::Relaxed);
+        let sent = live.join().map_err(|_| anyhow::anyhow!("the sender panicked"))??;
+        erased.map(|()| sent)
+    })?;
+    let total = (others + sender) as i64;
+    m.wait_for_count("SELECT count(*) FROM events", total, Duration::from_secs(60))
+        .with_context(|| m.log_tail())?;
+    ensure!(
+        m.sql_count("SELECT count(DISTINCT event_id) FROM events")? == total,
+        "an event twice"
+    );
+    ensure!(m.sql_count("SELECT count(*) FROM events WHERE event_id LIKE 'subject-%'")? == 0);
+    // the compaction did run beside the erasures
+    let log = std::fs::read_to_string(&m.log_path)?;
+    let compactions = log.matches("events files compacted").count();
+    let lost = log.matches("compaction failed; removed the files it wrote").count()
+        + log.matches("the table changed under the delete").count();
+    eprintln!("{compactions} events compactions, {lost} rewrites that lost a conflict, {total} events");
+    ensure!(compactions > 0, "no events compaction ran:\n{}", m.log_tail());
+    // no file in storage, of any version or none, holds a subject's row
+    let leftovers: Vec<_> = parquet_strings(&data.join("tables"))?
+        .into_iter()
+        .filter(|(_, _, v)| v.starts_with("subject-"))
+        .collect();
+    ensure!(leftovers.is_empty(), "erased rows left in storage: {leftovers:?}");
+    Ok(())
+}
+
 /// An `@` between a local part and a dotted domain, the shape every e-mail the test sends has.
 fn looks_like_email(value: &str) -> bool {
     let chars: Vec<char> = value.chars().collect();

@@ -81,6 +81,20 @@ impl Erasure<'_> {
     /// for the processor to commit everything logged before it, then deletes every row
     /// linkable to them from every table, and checks once more.
     pub async fn erase(&self, subject: Subject<'_>) -> Result<ErasureReceipt, ErasureError> {
+        // the background compaction holds off while this runs (each would keep failing the
+        // other's commits on a busy date)
+        let notice = marsad_tables::announce_erasure(self.tables)
+            .await
+            .map_err(|e| ErasureError::Table {
+                table: "-",
+                reason: e.to_string(),
+            })?;
+        let erased = self.erase_announced(subject).await;
+        notice.withdraw().await;
+        erased
+    }
+
+    async fn erase_announced(&self, subject: Subject<'_>) -> Result<ErasureReceipt, ErasureError> {
         let started = Instant::now();
         let linked_cookies = match subject {
             Subject::User(u) => cookies_sent_with(self.log, u).await?,
@@ -401,47 +415,33 @@ pub async fn erase_rows(
             continue;
         }
         let predicate = clauses.join(" OR ");
-        // count first: the delete's own metrics may not know the count for whole-file removals
-        let ctx = SessionContext::new();
-        marsad_tables::register(&ctx, name, &table)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let batches = ctx
-            .sql(&format!("SELECT count(*) FROM {name} WHERE {predicate}"))
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .collect()
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        let rows = batches
-            .first()
-            .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().map(|a| a.value(0)))
-            .unwrap_or(0) as u64;
-        if rows == 0 {
-            tables.push(TableErasure {
-                table: name,
-                rows_removed: 0,
-                files_vacuumed: 0,
-            });
-            continue;
-        }
-        let (table, _metrics) = table
-            .delete()
-            .with_predicate(predicate)
-            .await
-            .map_err(|e| err(e.to_string()))?;
-        // Lite mode removes only files tombstoned by commits (never a writer's uncommitted files)
-        let (_, vacuumed) = table
-            .vacuum()
-            .with_mode(VacuumMode::Lite)
-            .with_retention_period(chrono::Duration::zero())
-            .with_enforce_retention_duration(false)
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let mut table = table;
+        let mut conflicts = 0;
+        let (rows, files_vacuumed) = loop {
+            match delete_matching(location, &table, name, &predicate).await {
+                Ok(done) => break done,
+                // a compaction of the same files committed since this read (it conflicts the
+                // other way round too): read the table again and delete from what it holds now
+                Err(DeleteFailure::Conflict(reason)) if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    tracing::info!(
+                        table = name,
+                        reason,
+                        "erasure: the table changed under the delete; again"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100 * conflicts.min(10) as u64)).await;
+                    table = marsad_tables::open_table(location, name)
+                        .await
+                        .map_err(|e| err(e.to_string()))?
+                        .ok_or_else(|| err("the table is gone".to_owned()))?;
+                }
+                Err(DeleteFailure::Conflict(reason) | DeleteFailure::Other(reason)) => return Err(err(reason)),
+            }
+        };
         tables.push(TableErasure {
             table: name,
             rows_removed: rows,
-            files_vacuumed: vacuumed.files_deleted.len(),
+            files_vacuumed,
         });
     }
     Ok(RowsErased {
@@ -449,6 +449,77 @@ pub async fn erase_rows(
         rows_removed: tables.iter().map(|t| t.rows_removed).sum(),
         tables,
     })
+}
+
+/// Conflicting commits (a compaction rewriting the same files) an erasure's delete retries,
+/// pausing longer each time (up to a second), before it gives up.
+const MAX_CONFLICTS: usize = 30;
+
+/// Why one delete did not commit.
+enum DeleteFailure {
+    /// Another commit since the read rewrote files this delete reads or removes.
+    Conflict(String),
+    /// Anything else.
+    Other(String),
+}
+
+/// Counts the rows of `table` matching `predicate`, deletes them in one commit and removes
+/// the rewritten files from storage: (rows, files vacuumed). A delete that fails removes the
+/// files it wrote: they hold every other row of the files it rewrote, and no vacuum would.
+async fn delete_matching(
+    location: &TablesLocation,
+    table: &deltalake::DeltaTable,
+    name: &str,
+    predicate: &str,
+) -> Result<(u64, usize), DeleteFailure> {
+    let other = |e: &dyn std::fmt::Display| DeleteFailure::Other(e.to_string());
+    // count first: the delete's own metrics may not know the count for whole-file removals
+    let ctx = SessionContext::new();
+    marsad_tables::register(&ctx, name, table)
+        .await
+        .map_err(|e| other(&e))?;
+    let batches = ctx
+        .sql(&format!("SELECT count(*) FROM {name} WHERE {predicate}"))
+        .await
+        .map_err(|e| other(&e))?
+        .collect()
+        .await
+        .map_err(|e| other(&e))?;
+    let rows = batches
+        .first()
+        .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().map(|a| a.value(0)))
+        .unwrap_or(0) as u64;
+    if rows == 0 {
+        return Ok((0, 0));
+    }
+    let run = marsad_tables::RewriteRun::new();
+    let deleted = table
+        .clone()
+        .delete()
+        .with_predicate(predicate.to_owned())
+        .with_writer_properties(run.writer_properties())
+        .await;
+    if deleted.is_err() {
+        let unreferenced = marsad_tables::Unreferenced::Of(&run);
+        if let Err(e) = marsad_tables::remove_unreferenced_rewrites(location, name, None, unreferenced).await {
+            tracing::error!(table = name, error = %e, "the files of a failed erasure delete could not be removed");
+        }
+    }
+    let (table, _metrics) = deleted.map_err(|e| match e {
+        deltalake::DeltaTableError::Transaction {
+            source: deltalake::kernel::transaction::TransactionError::CommitConflict(c),
+        } => DeleteFailure::Conflict(c.to_string()),
+        e => other(&e),
+    })?;
+    // Lite mode removes only files tombstoned by commits (never a writer's uncommitted files)
+    let (_, vacuumed) = table
+        .vacuum()
+        .with_mode(VacuumMode::Lite)
+        .with_retention_period(chrono::Duration::zero())
+        .with_enforce_retention_duration(false)
+        .await
+        .map_err(|e| other(&e))?;
+    Ok((rows, vacuumed.files_deleted.len()))
 }
 
 #[cfg(test)]

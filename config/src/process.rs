@@ -26,9 +26,8 @@ pub struct ProcessConfig {
     /// files), and the dates of `events` with many small files rewritten into large ones.
     pub rollup_compaction_interval_secs: u64,
     /// A date of `events` is rewritten into large files once it has this many small ones
-    /// (0, the default: never). Off until an erasure and a compaction exclude each other:
-    /// delta-rs does not see a compaction committed between an erasure's read and its commit
-    /// as a conflict, and the erased rows would come back in the compacted file.
+    /// (0: never). Safe beside an erasure: whichever commits second fails on a conflict, and
+    /// the loser's uncommitted files are removed.
     pub events_compaction_min_files: usize,
     /// Page categories: the first rule with a path segment (any case) among its words wins; else `other`.
     pub page_categories: Vec<PageCategoryRule>,
@@ -103,7 +102,7 @@ impl Default for ProcessConfig {
             rollup_commit_interval_ms: 5_000,
             // reports read about one row per key and hour soon after it is written
             rollup_compaction_interval_secs: 20,
-            events_compaction_min_files: 0,
+            events_compaction_min_files: 10,
             page_categories: default_page_categories(),
             max_events_per_visitor_day: 40,
         }

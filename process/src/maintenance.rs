@@ -54,14 +54,7 @@ pub async fn compact_files(
         if table.version().is_none() {
             continue;
         }
-        let (_, metrics) = table
-            .optimize()
-            .with_target_size(target)
-            .await
-            .map_err(|source| Error::Delta {
-                table: name.as_str(),
-                source,
-            })?;
+        let metrics = optimize_marked(tables, table, name.as_str(), None, target).await?;
         out.push(Compacted {
             table: name.as_str(),
             files_removed: metrics.num_files_removed,
@@ -77,18 +70,23 @@ pub async fn compact_files(
 /// reaches its target file size without an operator, while the processor keeps appending.
 /// A date is rewritten only once it has gathered `min_files` small files (the rewrite takes
 /// every file of the date under the target size, so a date's earlier output is rewritten
-/// with them until it reaches the target). Not safe beside an erasure of the same table (see
-/// `process.events_compaction_min_files`).
+/// with them until it reaches the target). Safe beside an erasure: see [`optimize_marked`].
 pub async fn compact_busy_dates(
     tables: &TablesLocation,
     table: TableName,
     target_bytes: u64,
     min_files: usize,
 ) -> Result<Vec<Compacted>> {
-    use deltalake::kernel::schema::partitions::{FilterOp, FilterValue};
     let target = NonZeroU64::new(target_bytes.max(1024 * 1024)).unwrap_or(NonZeroU64::MIN);
     let name = table.as_str();
     let delta = |source| Error::Delta { table: name, source };
+    if marsad_tables::erasure_in_progress(tables).await? {
+        tracing::info!(
+            table = name,
+            "an erasure is in progress; the compaction waits for the next run"
+        );
+        return Ok(Vec::new());
+    }
     let Some(handle) = open_table(tables, name).await? else {
         return Ok(Vec::new());
     };
@@ -108,13 +106,7 @@ pub async fn compact_busy_dates(
         let Some(handle) = open_table(tables, name).await? else {
             break;
         };
-        let filters = [(DATE_COLUMN, FilterOp::Eq, FilterValue::Scalar(date.as_str()))];
-        let (_, metrics) = handle
-            .optimize()
-            .with_filters(&filters)
-            .with_target_size(target)
-            .await
-            .map_err(delta)?;
+        let metrics = optimize_marked(tables, handle, name, Some(&date), target).await?;
         out.push(Compacted {
             table: name,
             files_removed: metrics.num_files_removed,
@@ -123,6 +115,47 @@ pub async fn compact_busy_dates(
         });
     }
     Ok(out)
+}
+
+/// Delta optimize of `table` (one `date` partition, or all), its files marked with a fresh
+/// run id: when the run fails (it lost a conflict with an erasure), the files it wrote are
+/// deleted before the error is returned, since they may hold rows the erasure removed (see
+/// [`marsad_tables::rewrites`]).
+async fn optimize_marked(
+    tables: &TablesLocation,
+    table: deltalake::DeltaTable,
+    name: &'static str,
+    date: Option<&str>,
+    target: NonZeroU64,
+) -> Result<deltalake::operations::optimize::Metrics> {
+    use deltalake::kernel::schema::partitions::{FilterOp, FilterValue};
+    let run = marsad_tables::RewriteRun::new();
+    let filters: Vec<_> = date
+        .map(|d| (DATE_COLUMN, FilterOp::Eq, FilterValue::Scalar(d)))
+        .into_iter()
+        .collect();
+    let optimized = table
+        .optimize()
+        .with_filters(&filters)
+        .with_target_size(target)
+        .with_writer_properties(run.writer_properties())
+        .await;
+    match optimized {
+        Ok((_, metrics)) => Ok(metrics),
+        Err(source) => {
+            let prefix = date.map(|d| format!("{DATE_COLUMN}={d}"));
+            let unreferenced = marsad_tables::Unreferenced::Of(&run);
+            match marsad_tables::remove_unreferenced_rewrites(tables, name, prefix.as_deref(), unreferenced).await {
+                Ok(removed) => tracing::info!(table = name, removed, "compaction failed; removed the files it wrote"),
+                Err(e) => tracing::error!(
+                    table = name,
+                    error = %e,
+                    "compaction failed and the files it wrote could not be removed; the next sweep removes them"
+                ),
+            }
+            Err(Error::Delta { table: name, source })
+        }
+    }
 }
 
 /// Deletes every row dated before `cutoff` from every date-partitioned table and removes
@@ -169,4 +202,199 @@ pub async fn apply_retention(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use deltalake::DeltaTable;
+
+    use super::*;
+    use crate::rollup::test_batch;
+    use crate::table::EventsTable;
+
+    /// Ten visitors `v0`..`v9`, one event each, in one commit.
+    async fn append_ten(
+        events: &mut EventsTable,
+        position: u64,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        let rows: Vec<(String, String, i64)> = (0..10).map(|i| (format!("v{i}"), format!("s{i}"), i)).collect();
+        let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+            .iter()
+            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+            .collect();
+        events.append(test_batch(&refs), &[(app, position)]).await?;
+        Ok(())
+    }
+
+    /// (rows, rows of `visitor`) in the latest version of `events`.
+    async fn counts(
+        tables: &TablesLocation,
+        visitor: &str,
+    ) -> std::result::Result<(i64, i64), Box<dyn std::error::Error>> {
+        let table = open_table(tables, "events").await?.ok_or("events exists")?;
+        let ctx = datafusion::prelude::SessionContext::new();
+        marsad_tables::register(&ctx, "events", &table).await?;
+        let batches = ctx
+            .sql(&format!(
+                "SELECT count(*), count(*) FILTER (WHERE visitor_key = '{visitor}') FROM events"
+            ))
+            .await?
+            .collect()
+            .await?;
+        let column = |i: usize| {
+            batches[0]
+                .column(i)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .map(|a| a.value(0))
+                .ok_or("a count")
+        };
+        Ok((column(0)?, column(1)?))
+    }
+
+    /// Rows of `visitor` in every Parquet file under `dir`, committed or not.
+    fn rows_in_storage(dir: &std::path::Path, visitor: &str) -> std::result::Result<usize, Box<dyn std::error::Error>> {
+        let mut found = 0;
+        let mut dirs = vec![dir.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for entry in std::fs::read_dir(d)? {
+                let path = entry?.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "parquet") {
+                    let file = std::fs::File::open(&path)?;
+                    let reader =
+                        deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+                            .build()?;
+                    for batch in reader {
+                        let batch = batch?;
+                        use arrow::array::Array;
+                        let keys = crate::rollup::EventRows::text_column(&batch, "visitor_key")?;
+                        found += (0..batch.num_rows())
+                            .filter(|&i| keys.is_valid(i) && keys.value(i) == visitor)
+                            .count();
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn is_conflict<T>(result: &std::result::Result<T, deltalake::DeltaTableError>) -> bool {
+        matches!(
+            result,
+            Err(deltalake::DeltaTableError::Transaction {
+                source: deltalake::kernel::transaction::TransactionError::CommitConflict(_)
+            })
+        )
+    }
+
+    /// An erasure (a Delta delete) and a compaction of `events` that read the same version
+    /// never both commit, whichever commits first: otherwise the erased rows would come back
+    /// in the compacted file, and the rewritten file's other rows would be there twice.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_erasure_and_a_compaction_of_the_same_rows_never_both_commit()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        for c in 0..3 {
+            append_ten(&mut events, c * 10 + 9).await?;
+        }
+        let date = |table: &DeltaTable| -> std::result::Result<String, Box<dyn std::error::Error>> {
+            Ok(table
+                .snapshot()?
+                .log_data()
+                .into_iter()
+                .find_map(|f| f.partition_values_map().get(DATE_COLUMN).cloned().flatten())
+                .ok_or("a dated file")?)
+        };
+
+        // the compaction commits first; the erasure read the version before it
+        let erasure_read = open_table(&tables, "events").await?.ok_or("events")?;
+        let compacted = compact_busy_dates(&tables, TableName::Events, 64 << 20, 2).await?;
+        assert_eq!(compacted.iter().map(|c| c.files_removed).sum::<u64>(), 3);
+        // (marked as the erasure marks its files, and its files removed when it fails)
+        let run = marsad_tables::RewriteRun::new();
+        let erased = erasure_read
+            .delete()
+            .with_predicate("visitor_key = 'v3'")
+            .with_writer_properties(run.writer_properties())
+            .await;
+        assert!(
+            is_conflict(&erased),
+            "the erasure must not commit over the compaction: {erased:?}"
+        );
+        let unreferenced = marsad_tables::Unreferenced::Of(&run);
+        let removed = marsad_tables::remove_unreferenced_rewrites(&tables, "events", None, unreferenced).await?;
+        assert_eq!(removed, 1, "the erasure's rewrite of the file it read");
+        assert_eq!(counts(&tables, "v3").await?, (30, 3), "nothing lost, nothing doubled");
+
+        // the erasure commits first; the compaction read the version before it
+        for c in 3..6 {
+            append_ten(&mut events, c * 10 + 9).await?;
+        }
+        let compaction_read = open_table(&tables, "events").await?.ok_or("events")?;
+        let day = date(&compaction_read)?;
+        let (_, erased) = open_table(&tables, "events")
+            .await?
+            .ok_or("events")?
+            .delete()
+            .with_predicate("visitor_key = 'v4'")
+            .await?;
+        assert_eq!(erased.num_deleted_rows, Some(6));
+        let target = NonZeroU64::new(64 << 20).ok_or("target")?;
+        let compacted = optimize_marked(&tables, compaction_read, "events", Some(&day), target).await;
+        assert!(
+            matches!(
+                &compacted,
+                Err(Error::Delta {
+                    source: deltalake::DeltaTableError::Transaction { .. },
+                    ..
+                })
+            ),
+            "the compaction must not commit over the erasure: {compacted:?}"
+        );
+        assert_eq!(counts(&tables, "v4").await?, (54, 0), "the erased rows stay erased");
+        // the erasure then removes the files it rewrote from storage
+        let (_, vacuumed) = open_table(&tables, "events")
+            .await?
+            .ok_or("events")?
+            .vacuum()
+            .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
+            .with_retention_period(chrono::Duration::zero())
+            .with_enforce_retention_duration(false)
+            .await?;
+        assert!(!vacuumed.files_deleted.is_empty());
+        // and the file the compaction wrote from the older version, v4's rows in it, is gone
+        assert_eq!(
+            rows_in_storage(dir.path(), "v4")?,
+            0,
+            "an uncommitted compaction file keeps erased rows"
+        );
+        assert_eq!(rows_in_storage(dir.path(), "v5")?, 6, "only the committed files remain");
+        Ok(())
+    }
+
+    /// The processor appends while an erasure deletes (the erasure read the version before the
+    /// append): the delete still commits. Under Delta's default isolation it failed on every
+    /// append whose rows might match, so an erasure never finished while events kept coming.
+    #[tokio::test]
+    async fn an_erasure_commits_beside_the_processors_appends() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        append_ten(&mut events, 9).await?;
+        let erasure_read = open_table(&tables, "events").await?.ok_or("events")?;
+        append_ten(&mut events, 19).await?;
+        let (_, erased) = erasure_read.delete().with_predicate("visitor_key = 'v3'").await?;
+        assert_eq!(erased.num_deleted_rows, Some(1), "the rows of the version it read");
+        assert_eq!(
+            counts(&tables, "v3").await?,
+            (19, 1),
+            "the row appended meanwhile is the next pass's"
+        );
+        Ok(())
+    }
 }

@@ -269,7 +269,7 @@ impl Processor {
     /// with `events`, continues the open sessions; returns where to read each partition from.
     async fn take_over(&mut self, partitions: &[u32]) -> Result<BTreeMap<u32, u64>> {
         let app_ids: Vec<String> = partitions.iter().map(|&p| app_id(TOPIC_RAW, p)).collect();
-        let events_positions = self.table.committed_offsets(&app_ids).await?;
+        let mut events_positions = self.table.committed_offsets(&app_ids).await?;
         let mut from = BTreeMap::new();
         for (&partition, app) in partitions.iter().zip(&app_ids) {
             let committed = events_positions.get(app).copied();
@@ -284,8 +284,21 @@ impl Processor {
         }
         // what the rollups added since their last commit is in `events`: the catch-up adds it
         self.drop_rollups();
-        let mut rollups = Rollups::open(&self.tables, &app_ids, self.max_per_visitor_day).await?;
-        let caught_up = rollups.catch_up(self.table.sink(), &events_positions).await?;
+        let mut vanished = 0;
+        let (rollups, caught_up) = loop {
+            let mut rollups = Rollups::open(&self.tables, &app_ids, self.max_per_visitor_day).await?;
+            match rollups.catch_up(self.table.sink(), &events_positions).await {
+                Ok(caught_up) => break (rollups, caught_up),
+                // a compaction replaced, and an erasure's vacuum removed, a file of the version
+                // read: read the positions (and so the table) again and start over
+                Err(e) if e.is_vanished_file() && vanished < 5 => {
+                    vanished += 1;
+                    tracing::warn!(error = %e, "a file of events went away during the catch-up; again");
+                    events_positions = self.table.committed_offsets(&app_ids).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         if caught_up.events > 0 {
             tracing::info!(
                 events = caught_up.events,

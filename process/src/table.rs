@@ -66,8 +66,12 @@ impl DeltaSink {
         }
         let table = table_handle(tables, name)?;
         let schema: StructType = spec.schema.as_ref().try_into_kernel().map_err(|e| delta(e.into()))?;
-        let created = table
-            .create()
+        let mut create = table.create();
+        // (events: see `EventsTable::open_or_create`; the rollups keep Delta's default)
+        if spec.name == TableName::Events {
+            create = create.with_configuration_property(TableProperty::IsolationLevel, Some(WRITE_SERIALIZABLE));
+        }
+        let created = create
             .with_table_name(name)
             .with_comment(spec.comment)
             .with_columns(schema.fields().cloned())
@@ -425,6 +429,13 @@ pub fn events_spec() -> TableSpec {
     }
 }
 
+/// The Delta table property of the isolation level conflicting commits are judged by.
+const ISOLATION_LEVEL: &str = "delta.isolationLevel";
+/// Deletes and rewrites conflict with what they read, not with concurrent blind appends.
+/// (Spelled as the Delta kernel under delta-rs parses it, camelCase: it reads
+/// `WriteSerializable` as unknown and falls back to Serializable.)
+const WRITE_SERIALIZABLE: &str = "writeSerializable";
+
 /// The `events` table as the processor writes it.
 pub struct EventsTable {
     sink: DeltaSink,
@@ -433,9 +444,37 @@ pub struct EventsTable {
 impl EventsTable {
     /// Opens the `events` table at `tables`, creating it (partitioned by date) on first start.
     pub async fn open_or_create(tables: &TablesLocation) -> Result<Self> {
-        Ok(EventsTable {
-            sink: DeltaSink::open_or_create(tables, &events_spec()).await?,
-        })
+        let mut sink = DeltaSink::open_or_create(tables, &events_spec()).await?;
+        // Delta's default (Serializable) fails a delete on any concurrent append whose rows
+        // might match it: an erasure would never commit while events keep arriving. Under
+        // WriteSerializable the processor's blind appends do not fail it; what of the subject
+        // they land is caught by the erasure's next pass (an opt-out stops the rest).
+        let isolation = sink
+            .table
+            .snapshot()
+            .map_err(|e| sink.delta(e))?
+            .metadata()
+            .configuration()
+            .get(ISOLATION_LEVEL)
+            .cloned();
+        // (a table made by an earlier Marsad)
+        if isolation.as_deref() != Some(WRITE_SERIALIZABLE) {
+            let set = sink
+                .table
+                .clone()
+                .set_tbl_properties()
+                .with_properties(HashMap::from([(
+                    ISOLATION_LEVEL.to_owned(),
+                    WRITE_SERIALIZABLE.to_owned(),
+                )]))
+                .await;
+            match set {
+                Ok(table) => sink.table = table,
+                // another processor set it (or wrote) first: it is set, or the next start sets it
+                Err(e) => tracing::warn!(error = %e, "could not set the events table's isolation level"),
+            }
+        }
+        Ok(EventsTable { sink })
     }
 
     /// The last raw-log offset committed for each `txn` app id, from one snapshot.

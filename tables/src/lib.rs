@@ -11,11 +11,15 @@
 #![deny(missing_docs)]
 
 pub mod commits;
+pub mod rewrites;
 
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_config::TablesLocation;
 
 pub use commits::{Commit, read_commit};
+pub use rewrites::{
+    ErasureNotice, RewriteRun, Unreferenced, announce_erasure, erasure_in_progress, remove_unreferenced_rewrites,
+};
 
 /// Why a table could not be opened or read.
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,8 @@ use traffic::TrafficRollup;
 pub use catch_up::CatchUp;
 pub use compaction::{CompactedDate, compact, merge_partial_rows};
 pub use rows::EventRows;
+#[cfg(test)]
+pub(crate) use rows::test_batch;
 
 /// One rollup: what it aggregates from `events` rows and how it becomes a batch.
 pub(crate) trait Rollup: Send + Sync {

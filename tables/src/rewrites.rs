@@ -1,0 +1,206 @@
+//! Rewrites that lose: a compaction (Delta optimize) and an erasure (Delta delete) of the
+//! same files never both commit, since Delta takes either order as a conflict. But the
+//! loser has already written its new files, and nothing references them: a compaction's may
+//! hold rows an erasure has just removed, an erasure's hold the rows of everyone else in the
+//! files it rewrote (among them a later erasure's subject, which vacuums only files a
+//! commit removed). So each rewrite marks the files it writes with its run's id in the
+//! Parquet footer, and when it fails, removes the files of its run that no version
+//! references. A writer's files not committed yet carry no mark and are never touched.
+
+use std::collections::HashSet;
+
+use deltalake::parquet::basic::{Compression, ZstdLevel};
+use deltalake::parquet::file::metadata::{FooterTail, KeyValue, ParquetMetaDataReader};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::{DeltaTableError, ObjectStore, Path};
+use futures::TryStreamExt;
+use marsad_config::TablesLocation;
+use object_store::{ObjectMeta, ObjectStoreExt};
+
+use crate::{Result, delta, open_table};
+
+/// The Parquet footer key a rewrite marks its files with; the value is the run's id.
+pub const REWRITE_RUN_KEY: &str = "marsad.rewrite_run";
+
+/// A marked file no version references is left over from a rewrite that died before its
+/// commit once it is this old (no rewrite takes that long).
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// One run of a rewrite (a compaction, an erasure's delete): what marks its files.
+#[derive(Debug, Clone)]
+pub struct RewriteRun {
+    id: String,
+}
+
+impl Default for RewriteRun {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RewriteRun {
+    /// A run with a fresh random id.
+    pub fn new() -> Self {
+        RewriteRun {
+            id: format!("{:032x}", rand::random::<u128>()),
+        }
+    }
+
+    /// The run's id, as the footers of its files say it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Parquet writer settings that mark the files with this run (zstd, as Delta optimize's
+    /// default).
+    pub fn writer_properties(&self) -> WriterProperties {
+        WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::try_new(4).unwrap_or_default()))
+            .set_key_value_metadata(Some(vec![KeyValue::new(REWRITE_RUN_KEY.to_owned(), self.id.clone())]))
+            .build()
+    }
+}
+
+/// Which unreferenced marked files [`remove_unreferenced_rewrites`] deletes.
+#[derive(Debug, Clone, Copy)]
+pub enum Unreferenced<'a> {
+    /// Those of one run, which has failed.
+    Of(&'a RewriteRun),
+    /// Those of any run, older than [`ABANDONED_AFTER`] (runs that died before committing).
+    Abandoned,
+}
+
+/// Deletes the data files of table `name` (under `prefix`, such as `date=2026-11-28`) that
+/// a rewrite marked and the latest version does not reference; returns how many.
+pub async fn remove_unreferenced_rewrites(
+    location: &TablesLocation,
+    name: &str,
+    prefix: Option<&str>,
+    which: Unreferenced<'_>,
+) -> Result<usize> {
+    let Some(table) = open_table(location, name).await? else {
+        return Ok(0);
+    };
+    let active: HashSet<Path> = table
+        .snapshot()
+        .map_err(delta(name))?
+        .log_data()
+        .into_iter()
+        .filter_map(|f| Path::from_url_path(f.path().as_ref()).ok())
+        .collect();
+    let store = table.object_store();
+    let listed: Vec<ObjectMeta> = store
+        .list(prefix.map(Path::from).as_ref())
+        .try_collect()
+        .await
+        .map_err(|e| delta(name)(e.into()))?;
+    let abandoned = std::time::SystemTime::now() - ABANDONED_AFTER;
+    let mut removed = 0;
+    for meta in listed {
+        let path = meta.location.as_ref();
+        if !path.ends_with(".parquet") || path.starts_with("_delta_log") || active.contains(&meta.location) {
+            continue;
+        }
+        if matches!(which, Unreferenced::Abandoned) && std::time::SystemTime::from(meta.last_modified) > abandoned {
+            continue;
+        }
+        let Some(mark) = rewrite_mark(store.as_ref(), name, &meta).await? else {
+            continue;
+        };
+        if let Unreferenced::Of(run) = which
+            && mark != run.id
+        {
+            continue;
+        }
+        match store.delete(&meta.location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+            Err(e) => return Err(delta(name)(e.into())),
+        }
+    }
+    Ok(removed)
+}
+
+/// The rewrite run a Parquet file's footer names, if a rewrite wrote it.
+async fn rewrite_mark(store: &dyn ObjectStore, name: &str, meta: &ObjectMeta) -> Result<Option<String>> {
+    let size = meta.size;
+    if size < 12 {
+        return Ok(None);
+    }
+    let read = |e: object_store::Error| delta(name)(DeltaTableError::from(e));
+    let tail = store.get_range(&meta.location, size - 8..size).await.map_err(read)?;
+    let Ok(tail) = <[u8; 8]>::try_from(tail.as_ref()) else {
+        return Ok(None);
+    };
+    let Ok(footer) = FooterTail::try_new(&tail) else {
+        return Ok(None);
+    };
+    let length = footer.metadata_length() as u64;
+    if footer.is_encrypted_footer() || length + 8 > size {
+        return Ok(None);
+    }
+    let bytes = store
+        .get_range(&meta.location, size - 8 - length..size - 8)
+        .await
+        .map_err(read)?;
+    let Ok(metadata) = ParquetMetaDataReader::decode_metadata(&bytes) else {
+        return Ok(None);
+    };
+    Ok(metadata
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|k| k.key == REWRITE_RUN_KEY))
+        .and_then(|k| k.value.clone()))
+}
+
+/// An erasure announces itself in storage for as long as it runs, so that the background
+/// compaction holds off: each would otherwise keep failing the other's commit on a busy date.
+/// Correctness never rests on it (Delta's conflicts do that); progress does.
+#[derive(Debug)]
+pub struct ErasureNotice {
+    store: deltalake::logstore::ObjectStoreRef,
+    path: Path,
+}
+
+/// A notice older than this is from an erasure that died: it no longer holds compaction off.
+pub const ERASURE_NOTICE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Where erasure notices live: a directory beside the tables (no table's).
+const NOTICES: &str = "_erasures_in_progress";
+
+fn notices(location: &TablesLocation) -> Result<deltalake::logstore::ObjectStoreRef> {
+    Ok(crate::table_handle(location, NOTICES)?.object_store())
+}
+
+/// Announces an erasure until [`ErasureNotice::withdraw`] (or [`ERASURE_NOTICE_TTL`]).
+pub async fn announce_erasure(location: &TablesLocation) -> Result<ErasureNotice> {
+    let store = notices(location)?;
+    let path = Path::from(format!("{}.notice", RewriteRun::new().id()));
+    store
+        .put(&path, bytes::Bytes::from_static(b"erasure in progress\n").into())
+        .await
+        .map_err(|e| delta(NOTICES)(e.into()))?;
+    Ok(ErasureNotice { store, path })
+}
+
+impl ErasureNotice {
+    /// Ends the announcement.
+    pub async fn withdraw(self) {
+        if let Err(e) = self.store.delete(&self.path).await {
+            tracing::warn!(error = %e, "an erasure notice could not be removed; it expires");
+        }
+    }
+}
+
+/// Whether an erasure announced itself less than [`ERASURE_NOTICE_TTL`] ago and is not done.
+pub async fn erasure_in_progress(location: &TablesLocation) -> Result<bool> {
+    let store = notices(location)?;
+    let listed: Vec<ObjectMeta> = store
+        .list(None)
+        .try_collect()
+        .await
+        .map_err(|e| delta(NOTICES)(e.into()))?;
+    let fresh = std::time::SystemTime::now() - ERASURE_NOTICE_TTL;
+    Ok(listed
+        .iter()
+        .any(|m| std::time::SystemTime::from(m.last_modified) > fresh))
+}
