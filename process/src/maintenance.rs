@@ -99,12 +99,18 @@ pub async fn compact_busy_dates(
         }
     }
     let mut out = Vec::new();
+    let mut handle = Some(handle);
     for (date, small) in small_per_date {
         if small < min_files || NaiveDate::parse_from_str(&date, "%Y-%m-%d").is_err() {
             continue;
         }
-        let Some(handle) = open_table(tables, name).await? else {
-            break;
+        // the version just read for the first date; the latest for the next ones
+        let handle = match handle.take() {
+            Some(h) => h,
+            None => match open_table(tables, name).await? {
+                Some(h) => h,
+                None => break,
+            },
         };
         let metrics = optimize_marked(tables, handle, name, Some(&date), target).await?;
         out.push(Compacted {

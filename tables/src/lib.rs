@@ -78,8 +78,9 @@ pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable>
 /// Table `name` at `location` at its latest version, or `None` while it has no commit.
 pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<DeltaTable>> {
     // probe a local directory first: loading an empty location makes the kernel log an error
-    if let Some(dir) = location.local_dir()
-        && !dir.join(name).join("_delta_log").is_dir()
+    let local_log = location.local_dir().map(|dir| dir.join(name).join("_delta_log"));
+    if let Some(log) = &local_log
+        && !has_commit_or_checkpoint(log)
     {
         return Ok(None);
     }
@@ -87,11 +88,20 @@ pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<
         .map(|b| b.with_storage_options(location.storage_options()))
         .and_then(|b| b.build())
         .map_err(delta(name))?;
-    if !table.verify_deltatable_existence().await.map_err(delta(name))? {
+    // (on object storage: one listing request. Locally that check lists and stats the whole
+    // log, a cost that grew with every commit of the table's life: the probe above suffices)
+    if local_log.is_none() && !table.verify_deltatable_existence().await.map_err(delta(name))? {
         return Ok(None);
     }
     table.load().await.map_err(delta(name))?;
     Ok(Some(table))
+}
+
+/// Whether a local `_delta_log` directory holds a commit or a checkpoint, read without listing
+/// it (the log can hold many thousand entries): the last checkpoint's hint, or the first
+/// commit (a log cleaned up past version 0 has a checkpoint).
+fn has_commit_or_checkpoint(log: &std::path::Path) -> bool {
+    log.join("_last_checkpoint").is_file() || log.join(format!("{:020}.json", 0)).is_file()
 }
 
 /// Registers `table` in `ctx` as `name`, its object store (`s3://…`) made known to the session first.

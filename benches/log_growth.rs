@@ -1,0 +1,251 @@
+//! Costs as a table ages (not criterion: one long run).
+//!
+//! `cargo bench --bench log_growth` drives a fresh `events` table to `LOG_COMMITS` commits
+//! (20,000) the way the processor does — one append per batch of `LOG_BATCH` anonymous
+//! events (100), recording its log position in the same commit — with the background
+//! maintenance `marsad up` runs beside it: the events compaction of any date with 10 small
+//! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second). It
+//! prints, at the start (versions 100–300) and the end (the last 200):
+//! - the commit latency (p50, p95) of the appends;
+//! - the latency of a query through the query service's catalog, which checks the table for
+//!   new commits on every query (median of 15): a count, and distinct visitors per country;
+//! - the time to open the table cold (a service starting, an erasure's position check);
+//! - the size of the Delta log.
+//!
+//! Each figure is shown as a ratio of the end to the start of the same run. Knobs:
+//! `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, and `LOG_PROPERTIES` (Delta table
+//! properties set on the table first, `key=value;key=value`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use chrono::{TimeZone, Utc};
+use marsad_config::TablesLocation;
+use marsad_process::anonymize::AnonymousEvent;
+use marsad_process::events_batch::EventsBatchBuilder;
+use marsad_process::table::EventsTable;
+use marsad_query::TableCatalog;
+use marsad_schemas::TableName;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+const COUNTRIES: [&str; 6] = ["JO", "SA", "AE", "EG", "IQ", "PS"];
+const PATHS: [&str; 4] = [
+    "/ar/سيارات/تويوتا",
+    "/en/jobs/sales",
+    "/en/real-estate/amman",
+    "/ar/أثاث/كنب",
+];
+
+/// Event `i`: a page view of one of 50,000 visitors, one second apart, on one day.
+fn event(i: u64) -> AnonymousEvent {
+    let visitor = i * 7_919 % 50_000;
+    let ts = Utc
+        .with_ymd_and_hms(2026, 11, 28, 0, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now)
+        + chrono::Duration::seconds((i / 25) as i64);
+    AnonymousEvent {
+        event_id: format!("e-{i}"),
+        event_type: "page_view",
+        ts,
+        date: ts.date_naive(),
+        visitor_key: Some(format!("{:064x}", visitor * 0x9E37_79B9_7F4A_7C15)),
+        audience_id: None,
+        session_id: Some(format!("s-{visitor}-{}", i / 5_000)),
+        country: Some(COUNTRIES[(visitor % 6) as usize].to_owned()),
+        region: None,
+        city: None,
+        device_type: if visitor.is_multiple_of(3) { "desktop" } else { "mobile" },
+        os: Some("Android".to_owned()),
+        browser: Some("Chrome".to_owned()),
+        browser_version: Some("130".to_owned()),
+        language: Some("ar".to_owned()),
+        page_path: Some(PATHS[(i % 4) as usize].to_owned()),
+        page_category: Some(Arc::from("cars")),
+        referrer_domain: None,
+        utm_source: None,
+        utm_medium: None,
+        utm_campaign: None,
+        ad_id: None,
+        campaign_id: None,
+        placement: None,
+        age_band: None,
+        gender: None,
+        is_bot: false,
+        consent_marketing: false,
+    }
+}
+
+/// p50 and p95 of `samples`, in milliseconds.
+fn percentiles(samples: &mut [Duration]) -> (f64, f64) {
+    samples.sort();
+    let at = |q: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    (at(0.5), at(0.95))
+}
+
+/// What one measuring point found.
+struct Point {
+    version: u64,
+    commit_p50: f64,
+    commit_p95: f64,
+    count_ms: f64,
+    by_country_ms: f64,
+    open_ms: f64,
+    log_files: usize,
+    active_files: usize,
+}
+
+async fn measure(
+    tables: &TablesLocation,
+    dir: &std::path::Path,
+    commits: &mut [Duration],
+    version: u64,
+) -> Result<Point> {
+    let (commit_p50, commit_p95) = percentiles(commits);
+    let catalog = TableCatalog::new(tables.clone()).with_refresh_interval(Duration::ZERO);
+    let timed = |sql: &'static str| {
+        let catalog = &catalog;
+        async move {
+            let mut runs = Vec::new();
+            for _ in 0..15 {
+                let started = Instant::now();
+                let ctx = catalog.session().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                ctx.sql(sql).await?.collect().await?;
+                runs.push(started.elapsed());
+            }
+            anyhow::Ok(percentiles(&mut runs).0)
+        }
+    };
+    let count_ms = timed("SELECT count(*) FROM events").await?;
+    let by_country_ms =
+        timed("SELECT country, count(DISTINCT visitor_key) FROM events GROUP BY country ORDER BY country").await?;
+    let mut opens = Vec::new();
+    let mut active_files = 0;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let table = marsad_tables::open_table(tables, "events")
+            .await?
+            .context("events exists")?;
+        opens.push(started.elapsed());
+        active_files = table.snapshot()?.log_data().into_iter().count();
+    }
+    let log_files = std::fs::read_dir(dir.join("events/_delta_log"))?.count();
+    Ok(Point {
+        version,
+        commit_p50,
+        commit_p95,
+        count_ms,
+        by_country_ms,
+        open_ms: percentiles(&mut opens).0,
+        log_files,
+        active_files,
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let total = env_or("LOG_COMMITS", 20_000).max(600);
+    let batch = env_or("LOG_BATCH", 100);
+    let compact_every = env_or("LOG_COMPACT_EVERY", 20).max(1);
+    let dir = tempfile::tempdir()?;
+    let tables = TablesLocation::local(dir.path())?;
+    let mut events = EventsTable::open_or_create(&tables).await?;
+    // Delta table properties to try, e.g. LOG_PROPERTIES="delta.deletedFileRetentionDuration=interval 1 minute"
+    let properties: std::collections::HashMap<String, String> = std::env::var("LOG_PROPERTIES")
+        .unwrap_or_default()
+        .split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    if !properties.is_empty() {
+        println!("table properties: {properties:?}");
+        let table = marsad_tables::open_table(&tables, "events")
+            .await?
+            .context("events exists")?;
+        table.set_tbl_properties().with_properties(properties).await?;
+        events = EventsTable::open_or_create(&tables).await?;
+    }
+    let app = marsad_process::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+    println!(
+        "log growth: {total} commits of {batch} events to a fresh `events`, the events compaction every {compact_every} commits"
+    );
+    let started = Instant::now();
+    let mut window = Vec::new();
+    let mut early = None;
+    let mut compactions = 0;
+    let (mut recent, mut compacting) = (Vec::new(), Duration::ZERO);
+    for n in 1..=total {
+        let mut builder = EventsBatchBuilder::new();
+        for i in 0..batch {
+            builder.push(&event((n - 1) * batch + i));
+        }
+        let rows = builder.finish()?;
+        let began = Instant::now();
+        let version = events.append(rows, &[(app.clone(), n * batch - 1)]).await?;
+        let took = began.elapsed();
+        recent.push(took);
+        if (100..300).contains(&n) || n > total - 200 {
+            window.push(took);
+        }
+        if n == 300 {
+            early = Some(measure(&tables, dir.path(), &mut window, version).await?);
+            window.clear();
+        }
+        if n % compact_every == 0 {
+            let began = Instant::now();
+            let done =
+                marsad_process::maintenance::compact_busy_dates(&tables, TableName::Events, 128 << 20, 10).await?;
+            compacting += began.elapsed();
+            compactions += done.len();
+        }
+        if n % 1_000 == 0 {
+            let (p50, p95) = percentiles(&mut recent);
+            recent.clear();
+            eprintln!(
+                "  {n} commits (version {version}) in {:.0} s: the last 1000 commit p50 {p50:.1} ms p95 {p95:.1} ms; \
+                 {compactions} compactions took {:.0} s in all",
+                started.elapsed().as_secs_f64(),
+                compacting.as_secs_f64()
+            );
+        }
+    }
+    let version = events.sink().version().unwrap_or_default();
+    let late = measure(&tables, dir.path(), &mut window, version).await?;
+    let early = early.context("measured at 300 commits")?;
+    println!(
+        "{:<34} {:>14} {:>14} {:>8}",
+        "",
+        format!("v{}", early.version),
+        format!("v{}", late.version),
+        "ratio"
+    );
+    let row = |what: &str, a: f64, b: f64| {
+        println!("{what:<34} {a:>11.2} ms {b:>11.2} ms {:>7.2}x", b / a.max(1e-9));
+    };
+    row("commit p50", early.commit_p50, late.commit_p50);
+    row("commit p95", early.commit_p95, late.commit_p95);
+    row("query: count(*)", early.count_ms, late.count_ms);
+    row("query: visitors by country", early.by_country_ms, late.by_country_ms);
+    row("open the table cold", early.open_ms, late.open_ms);
+    println!(
+        "{:<34} {:>14} {:>14}",
+        "files in _delta_log", early.log_files, late.log_files
+    );
+    println!(
+        "{:<34} {:>14} {:>14}",
+        "active data files", early.active_files, late.active_files
+    );
+    println!(
+        "{total} commits in {:.0} s; {compactions} events compactions",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
