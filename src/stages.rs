@@ -450,8 +450,9 @@ fn spawn_segment_refresh(
 /// Merges the rollups' partial rows every `process.rollup_compaction_interval_secs`, so a
 /// report reads about one row per key and hour at any moment, and rewrites the dates of
 /// `events` that gathered `process.events_compaction_min_files` small files into files of the
-/// target size; a failed or conflicting run is logged and retried next time. Every
-/// `ABANDONED_AFTER` (and at start) it also removes what rewrites that died left behind.
+/// target size; a failed or conflicting run is logged and retried next time. At its first
+/// run and then every `ABANDONED_AFTER` it also removes what rewrites that died left behind,
+/// and the files commits replaced over `REPLACED_FILES_KEPT` ago.
 fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
@@ -470,6 +471,11 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
             }
             if std::time::Instant::now() >= next_sweep {
                 sweep_abandoned_rewrites(&tables).await;
+                match marsad_process::maintenance::remove_replaced_files(&tables).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "files replaced over an hour ago removed from storage"),
+                    Err(e) => tracing::warn!(error = %e, "removing replaced files failed; again later"),
+                }
                 next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
             }
             let started = std::time::Instant::now();

@@ -1,8 +1,8 @@
 //! Erasure: an `all` opt-out is recorded first (so nothing new is collected
 //! about the subject), then the erasure waits until the processor has
 //! committed everything the raw log held at that moment (its positions in the
-//! `events` table's Delta `txn`s have passed the raw log's end on every
-//! partition), then every row linkable to the subject is deleted from every
+//! Delta `txn`s of `events` and of every rollup have passed the raw log's end on
+//! every partition), then every row linkable to the subject is deleted from every
 //! table — rows with the subject's `audience_id`, and for a cookie the rows
 //! with its `visitor_key` of every day whose key still exists — and the
 //! rewritten files are vacuumed at once. A user id also takes with it the
@@ -83,14 +83,17 @@ impl Erasure<'_> {
     pub async fn erase(&self, subject: Subject<'_>) -> Result<ErasureReceipt, ErasureError> {
         // the background compaction holds off while this runs (each would keep failing the
         // other's commits on a busy date)
-        let notice = marsad_tables::announce_erasure(self.tables)
-            .await
-            .map_err(|e| ErasureError::Table {
-                table: "-",
-                reason: e.to_string(),
-            })?;
+        let notice = match marsad_tables::announce_erasure(self.tables).await {
+            Ok(notice) => Some(notice),
+            Err(e) => {
+                tracing::warn!(error = %e, "erasure: could not announce it; the compaction may slow it down");
+                None
+            }
+        };
         let erased = self.erase_announced(subject).await;
-        notice.withdraw().await;
+        if let Some(notice) = notice {
+            notice.withdraw().await;
+        }
         erased
     }
 
@@ -490,7 +493,10 @@ async fn delete_matching(
         .and_then(|b| b.column(0).as_any().downcast_ref::<Int64Array>().map(|a| a.value(0)))
         .unwrap_or(0) as u64;
     if rows == 0 {
-        return Ok((0, 0));
+        // nothing left; what an earlier erasure removed may still be in storage (its vacuum
+        // failed, or its process died after the delete): repeating the erasure removes it
+        let vacuumed = remove_replaced_now(table.clone()).await.map_err(|e| other(&e))?;
+        return Ok((0, vacuumed));
     }
     let run = marsad_tables::RewriteRun::new();
     let deleted = table
@@ -509,17 +515,25 @@ async fn delete_matching(
         deltalake::DeltaTableError::Transaction {
             source: deltalake::kernel::transaction::TransactionError::CommitConflict(c),
         } => DeleteFailure::Conflict(c.to_string()),
+        // a file of the version read was vacuumed meanwhile (another erasure): read again
+        e if e.to_string().contains("not found") => DeleteFailure::Conflict(e.to_string()),
         e => other(&e),
     })?;
-    // Lite mode removes only files tombstoned by commits (never a writer's uncommitted files)
+    let vacuumed = remove_replaced_now(table).await.map_err(|e| other(&e))?;
+    Ok((rows, vacuumed))
+}
+
+/// Removes from storage every file a commit of `table` has removed, however recently: the
+/// files an erasure rewrote hold the subject's rows. Lite mode removes only files the log
+/// lists as removed, never a writer's files not committed yet.
+async fn remove_replaced_now(table: deltalake::DeltaTable) -> Result<usize, deltalake::DeltaTableError> {
     let (_, vacuumed) = table
         .vacuum()
         .with_mode(VacuumMode::Lite)
         .with_retention_period(chrono::Duration::zero())
         .with_enforce_retention_duration(false)
-        .await
-        .map_err(|e| other(&e))?;
-    Ok((rows, vacuumed.files_deleted.len()))
+        .await?;
+    Ok(vacuumed.files_deleted.len())
 }
 
 #[cfg(test)]

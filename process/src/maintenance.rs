@@ -145,6 +145,9 @@ async fn optimize_marked(
         .with_filters(&filters)
         .with_target_size(target)
         .with_writer_properties(run.writer_properties())
+        // a long run commits as it goes, so that no file of a live run is ever taken for
+        // one a dead run left (`ABANDONED_AFTER`)
+        .with_min_commit_interval(std::time::Duration::from_secs(600))
         .await;
     match optimized {
         Ok((_, metrics)) => Ok(metrics),
@@ -162,6 +165,36 @@ async fn optimize_marked(
             Err(Error::Delta { table: name, source })
         }
     }
+}
+
+/// Files a commit replaced (a compaction's inputs, an erasure's rewrites) stay in storage at
+/// most this long for queries still reading older versions.
+pub const REPLACED_FILES_KEPT: chrono::Duration = chrono::Duration::hours(1);
+
+/// Removes from storage the files of every table that commits replaced more than
+/// [`REPLACED_FILES_KEPT`] ago (a Delta vacuum of the files the log lists as removed). Without
+/// it they would stay for good once their tombstones leave the log (after
+/// `delta.deletedFileRetentionDuration`, a week): the small files a compaction merged, with
+/// rows an erasure or retention removed later from the merged file only.
+pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
+    let mut removed = 0;
+    for name in TableName::ALL {
+        let Some(table) = open_table(tables, name.as_str()).await? else {
+            continue;
+        };
+        let (_, vacuumed) = table
+            .vacuum()
+            .with_mode(VacuumMode::Lite)
+            .with_retention_period(REPLACED_FILES_KEPT)
+            .with_enforce_retention_duration(false)
+            .await
+            .map_err(|source| Error::Delta {
+                table: name.as_str(),
+                source,
+            })?;
+        removed += vacuumed.files_deleted.len();
+    }
+    Ok(removed)
 }
 
 /// Deletes every row dated before `cutoff` from every date-partitioned table and removes

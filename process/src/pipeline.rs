@@ -270,18 +270,6 @@ impl Processor {
     async fn take_over(&mut self, partitions: &[u32]) -> Result<BTreeMap<u32, u64>> {
         let app_ids: Vec<String> = partitions.iter().map(|&p| app_id(TOPIC_RAW, p)).collect();
         let mut events_positions = self.table.committed_offsets(&app_ids).await?;
-        let mut from = BTreeMap::new();
-        for (&partition, app) in partitions.iter().zip(&app_ids) {
-            let committed = events_positions.get(app).copied();
-            let next = resume_from(committed);
-            tracing::info!(
-                partition,
-                from = next,
-                "resuming from the offset recorded in the events table"
-            );
-            self.metrics.position.set(next as i64);
-            from.insert(partition, next);
-        }
         // what the rollups added since their last commit is in `events`: the catch-up adds it
         self.drop_rollups();
         let mut vanished = 0;
@@ -305,6 +293,19 @@ impl Processor {
                 commits = caught_up.commits,
                 "rollups caught up with events committed before a crash or a handover"
             );
+        }
+        // where to resume, from the positions the catch-up last read (a retry reads them again)
+        let mut from = BTreeMap::new();
+        for (&partition, app) in partitions.iter().zip(&app_ids) {
+            let committed = events_positions.get(app).copied();
+            let next = resume_from(committed);
+            tracing::info!(
+                partition,
+                from = next,
+                "resuming from the offset recorded in the events table"
+            );
+            self.metrics.position.set(next as i64);
+            from.insert(partition, next);
         }
         self.rollups = Some(rollups);
         for (visitor, session, last) in &self.table.recent_sessions().await? {

@@ -80,7 +80,7 @@ pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<
     // probe a local directory first: loading an empty location makes the kernel log an error
     let local_log = location.local_dir().map(|dir| dir.join(name).join("_delta_log"));
     if let Some(log) = &local_log
-        && !has_commit_or_checkpoint(log)
+        && !log.is_dir()
     {
         return Ok(None);
     }
@@ -88,9 +88,11 @@ pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<
         .map(|b| b.with_storage_options(location.storage_options()))
         .and_then(|b| b.build())
         .map_err(delta(name))?;
-    // (on object storage: one listing request. Locally that check lists and stats the whole
-    // log, a cost that grew with every commit of the table's life: the probe above suffices)
-    if local_log.is_none() && !table.verify_deltatable_existence().await.map_err(delta(name))? {
+    // (on object storage: one listing request. Locally that check lists and stats the log, a
+    // cost that grows with the table's age: skipped when the first commit or a checkpoint's
+    // hint shows a table; a log without either, cleaned up by another engine, is still checked)
+    let known = local_log.as_deref().is_some_and(has_commit_or_checkpoint);
+    if !known && !table.verify_deltatable_existence().await.map_err(delta(name))? {
         return Ok(None);
     }
     table.load().await.map_err(delta(name))?;

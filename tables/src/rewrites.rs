@@ -23,13 +23,15 @@ use crate::{Result, delta, open_table};
 pub const REWRITE_RUN_KEY: &str = "marsad.rewrite_run";
 
 /// A marked file no version references is left over from a rewrite that died before its
-/// commit once it is this old (no rewrite takes that long).
+/// commit once it is this old: a rewrite commits at least every ten minutes (see
+/// `process::maintenance`), so no live run's file is this old.
 pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// One run of a rewrite (a compaction, an erasure's delete): what marks its files.
 #[derive(Debug, Clone)]
 pub struct RewriteRun {
     id: String,
+    started: std::time::SystemTime,
 }
 
 impl Default for RewriteRun {
@@ -43,6 +45,7 @@ impl RewriteRun {
     pub fn new() -> Self {
         RewriteRun {
             id: format!("{:032x}", rand::random::<u128>()),
+            started: std::time::SystemTime::now(),
         }
     }
 
@@ -81,31 +84,46 @@ pub async fn remove_unreferenced_rewrites(
     let Some(table) = open_table(location, name).await? else {
         return Ok(0);
     };
-    let active: HashSet<Path> = table
-        .snapshot()
-        .map_err(delta(name))?
-        .log_data()
-        .into_iter()
-        .filter_map(|f| Path::from_url_path(f.path().as_ref()).ok())
-        .collect();
+    // an active file's path as the log has it, encoded and not: never taken for unreferenced
+    let mut active: HashSet<Path> = HashSet::new();
+    for f in table.snapshot().map_err(delta(name))?.log_data() {
+        let raw = f.path();
+        active.insert(Path::from(raw.as_ref()));
+        if let Ok(decoded) = Path::from_url_path(raw.as_ref()) {
+            active.insert(decoded);
+        }
+    }
     let store = table.object_store();
     let listed: Vec<ObjectMeta> = store
         .list(prefix.map(Path::from).as_ref())
         .try_collect()
         .await
         .map_err(|e| delta(name)(e.into()))?;
-    let abandoned = std::time::SystemTime::now() - ABANDONED_AFTER;
+    let now = std::time::SystemTime::now();
     let mut removed = 0;
     for meta in listed {
         let path = meta.location.as_ref();
         if !path.ends_with(".parquet") || path.starts_with("_delta_log") || active.contains(&meta.location) {
             continue;
         }
-        if matches!(which, Unreferenced::Abandoned) && std::time::SystemTime::from(meta.last_modified) > abandoned {
+        let written = std::time::SystemTime::from(meta.last_modified);
+        let candidate = match which {
+            Unreferenced::Abandoned => now.duration_since(written).is_ok_and(|age| age > ABANDONED_AFTER),
+            // (a minute's slack for the clocks of the store and of this process)
+            Unreferenced::Of(run) => written + std::time::Duration::from_secs(60) >= run.started,
+        };
+        if !candidate {
             continue;
         }
-        let Some(mark) = rewrite_mark(store.as_ref(), name, &meta).await? else {
-            continue;
+        // a file gone meanwhile (a vacuum beside) or unreadable is skipped, not the end of
+        // the sweep: the files after it may be the ones holding erased rows
+        let mark = match rewrite_mark(store.as_ref(), name, &meta).await {
+            Ok(Some(mark)) => mark,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(table = name, path, error = %e, "could not read a footer; skipped");
+                continue;
+            }
         };
         if let Unreferenced::Of(run) = which
             && mark != run.id
@@ -114,7 +132,9 @@ pub async fn remove_unreferenced_rewrites(
         }
         match store.delete(&meta.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
-            Err(e) => return Err(delta(name)(e.into())),
+            Err(e) => {
+                tracing::warn!(table = name, path, error = %e, "could not remove a file; the next sweep tries again")
+            }
         }
     }
     Ok(removed)
@@ -127,7 +147,11 @@ async fn rewrite_mark(store: &dyn ObjectStore, name: &str, meta: &ObjectMeta) ->
         return Ok(None);
     }
     let read = |e: object_store::Error| delta(name)(DeltaTableError::from(e));
-    let tail = store.get_range(&meta.location, size - 8..size).await.map_err(read)?;
+    let tail = match store.get_range(&meta.location, size - 8..size).await {
+        Ok(tail) => tail,
+        Err(object_store::Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(read(e)),
+    };
     let Ok(tail) = <[u8; 8]>::try_from(tail.as_ref()) else {
         return Ok(None);
     };
@@ -199,8 +223,14 @@ pub async fn erasure_in_progress(location: &TablesLocation) -> Result<bool> {
         .try_collect()
         .await
         .map_err(|e| delta(NOTICES)(e.into()))?;
-    let fresh = std::time::SystemTime::now() - ERASURE_NOTICE_TTL;
+    let now = std::time::SystemTime::now();
     Ok(listed
         .iter()
-        .any(|m| std::time::SystemTime::from(m.last_modified) > fresh))
+        .filter(|m| m.location.as_ref().ends_with(".notice"))
+        .any(|m| {
+            let written = std::time::SystemTime::from(m.last_modified);
+            // (a notice dated in the future counts as written now: it still expires)
+            now.duration_since(written).map_or(true, |age| age < ERASURE_NOTICE_TTL)
+                && written < now + ERASURE_NOTICE_TTL
+        }))
 }

@@ -435,6 +435,21 @@ mod tests {
     use crate::rollup::rows::test_batch;
     use crate::table::EventsTable;
 
+    /// The events `traffic_hourly` has counted, summed over its rows.
+    async fn traffic_total(
+        tables: &marsad_config::TablesLocation,
+    ) -> std::result::Result<Option<i64>, Box<dyn std::error::Error>> {
+        let traffic = DeltaSink::open_or_create(tables, &super::super::rollup_specs()[0]).await?;
+        let batches = traffic
+            .query("SELECT CAST(sum(events) AS BIGINT) FROM traffic_hourly", None)
+            .await?;
+        Ok(batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .map(|a| a.value(0)))
+    }
+
     /// Three `events` commits the rollups never counted (a processor that died after each
     /// events commit) are counted, and never more than a read batch of them is in memory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,15 +483,7 @@ mod tests {
             "held {} rows at once: {report:?}",
             report.max_rows_held
         );
-        let traffic = DeltaSink::open_or_create(&tables, &super::super::rollup_specs()[0]).await?;
-        let counted = traffic
-            .query("SELECT CAST(sum(events) AS BIGINT) FROM traffic_hourly", None)
-            .await?;
-        let counted = counted[0]
-            .column(0)
-            .as_any()
-            .downcast_ref::<arrow::array::Int64Array>()
-            .map(|a| a.value(0));
+        let counted = traffic_total(&tables).await?;
         assert_eq!(counted, Some(3 * COMMIT_ROWS as i64));
         // caught up: a second catch-up finds nothing to count
         let again = Rollups::open(&tables, std::slice::from_ref(&app), 20)
@@ -484,6 +491,37 @@ mod tests {
             .catch_up(events.sink(), &positions)
             .await?;
         assert_eq!(again.events, 0);
+        Ok(())
+    }
+
+    /// The rollups' own compaction commits between the processor's snapshot of a rollup table
+    /// and its next append: the append goes on the newer version (its positions are still
+    /// the processor's), instead of the processor giving its partitions up and catching up.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rollup_commit_goes_on_after_a_compaction_of_its_table()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = marsad_config::TablesLocation::local(dir.path())?;
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        for c in 0..5i64 {
+            let rows: Vec<(String, String, i64)> = (0..10)
+                .map(|i| (format!("v{i}"), format!("s{i}"), c * 10 + i))
+                .collect();
+            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+                .iter()
+                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+                .collect();
+            rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+            if c == 4 {
+                // the processor's snapshots are from before this compaction
+                let merged = super::super::compact(&tables, 2).await?;
+                assert!(!merged.is_empty(), "the partial rows were merged");
+            }
+            rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
+        }
+        let counted = traffic_total(&tables).await?;
+        assert_eq!(counted, Some(50));
         Ok(())
     }
 
@@ -536,20 +574,12 @@ mod tests {
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
         let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
         rollups.catch_up(events.sink(), &positions).await?;
-        let traffic = DeltaSink::open_or_create(&tables, &super::super::rollup_specs()[0]).await?;
-        let total = |batches: Vec<arrow::record_batch::RecordBatch>| {
-            batches[0]
-                .column(0)
-                .as_any()
-                .downcast_ref::<arrow::array::Int64Array>()
-                .map(|a| a.value(0))
-        };
-        let counted = total(
-            traffic
-                .query("SELECT CAST(sum(events) AS BIGINT) FROM traffic_hourly", None)
-                .await?,
-        );
-        let kept = total(events.sink().query("SELECT count(*) FROM events", None).await?);
+        let counted = traffic_total(&tables).await?;
+        let kept = events.sink().query("SELECT count(*) FROM events", None).await?[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .map(|a| a.value(0));
         assert_eq!(kept, Some(100 - 8), "w3's 8 rows are erased");
         assert_eq!(counted, kept, "every event events still holds is counted once");
         Ok(())
