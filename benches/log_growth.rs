@@ -4,7 +4,8 @@
 //! (20,000) the way the processor does — one append per batch of `LOG_BATCH` anonymous
 //! events (100), recording its log position in the same commit — with the background
 //! maintenance `marsad up` runs beside it: the events compaction of any date with 10 small
-//! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second). It
+//! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second), and
+//! the replaced files removed from storage every 200 commits (`marsad up`: hourly). It
 //! prints, at the start (versions 100–300) and the end (the last 200):
 //! - the commit latency (p50, p95) of the appends;
 //! - the latency of a query through the query service's catalog, which checks the table for
@@ -205,6 +206,19 @@ async fn main() -> Result<()> {
                 marsad_process::maintenance::compact_busy_dates(&tables, TableName::Events, 128 << 20, 10).await?;
             compacting += began.elapsed();
             compactions += done.len();
+        }
+        // the files compactions replaced, removed from storage as `marsad up` does (there an
+        // hour later; here at once, or a run of 20,000 commits fills tens of GB)
+        if n % 200 == 0 {
+            let table = marsad_tables::open_table(&tables, "events")
+                .await?
+                .context("events exists")?;
+            table
+                .vacuum()
+                .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
+                .with_retention_period(chrono::Duration::zero())
+                .with_enforce_retention_duration(false)
+                .await?;
         }
         if n % 1_000 == 0 {
             let (p50, p95) = percentiles(&mut recent);
