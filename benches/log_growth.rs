@@ -213,12 +213,7 @@ async fn main() -> Result<()> {
             let table = marsad_tables::open_table(&tables, "events")
                 .await?
                 .context("events exists")?;
-            table
-                .vacuum()
-                .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
-                .with_retention_period(chrono::Duration::zero())
-                .with_enforce_retention_duration(false)
-                .await?;
+            marsad_tables::remove_replaced_files(table, chrono::Duration::zero()).await?;
         }
         if n % 1_000 == 0 {
             let (p50, p95) = percentiles(&mut recent);

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use arrow::array::{Array, Int64Array};
 use chrono::{DateTime, Utc};
 use datafusion::prelude::SessionContext;
-use deltalake::operations::vacuum::VacuumMode;
 use marsad_config::TablesLocation;
 use marsad_eventlog::{EventLog, Record};
 use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
@@ -495,7 +494,9 @@ async fn delete_matching(
     if rows == 0 {
         // nothing left; what an earlier erasure removed may still be in storage (its vacuum
         // failed, or its process died after the delete): repeating the erasure removes it
-        let vacuumed = remove_replaced_now(table.clone()).await.map_err(|e| other(&e))?;
+        let vacuumed = marsad_tables::remove_replaced_files(table.clone(), chrono::Duration::zero())
+            .await
+            .map_err(|e| other(&e))?;
         return Ok((0, vacuumed));
     }
     let run = marsad_tables::RewriteRun::new();
@@ -516,24 +517,14 @@ async fn delete_matching(
             source: deltalake::kernel::transaction::TransactionError::CommitConflict(c),
         } => DeleteFailure::Conflict(c.to_string()),
         // a file of the version read was vacuumed meanwhile (another erasure): read again
-        e if e.to_string().contains("not found") => DeleteFailure::Conflict(e.to_string()),
+        e if marsad_tables::is_vanished_file(&e) => DeleteFailure::Conflict(e.to_string()),
         e => other(&e),
     })?;
-    let vacuumed = remove_replaced_now(table).await.map_err(|e| other(&e))?;
+    // the files it rewrote hold the subject's rows: removed from storage at once
+    let vacuumed = marsad_tables::remove_replaced_files(table, chrono::Duration::zero())
+        .await
+        .map_err(|e| other(&e))?;
     Ok((rows, vacuumed))
-}
-
-/// Removes from storage every file a commit of `table` has removed, however recently: the
-/// files an erasure rewrote hold the subject's rows. Lite mode removes only files the log
-/// lists as removed, never a writer's files not committed yet.
-async fn remove_replaced_now(table: deltalake::DeltaTable) -> Result<usize, deltalake::DeltaTableError> {
-    let (_, vacuumed) = table
-        .vacuum()
-        .with_mode(VacuumMode::Lite)
-        .with_retention_period(chrono::Duration::zero())
-        .with_enforce_retention_duration(false)
-        .await?;
-    Ok(vacuumed.files_deleted.len())
 }
 
 #[cfg(test)]

@@ -93,16 +93,7 @@ impl Error {
     /// Whether a data file of the table version read was gone from storage: replaced by a
     /// later commit (a compaction, an erasure) and vacuumed. Reading a newer version helps.
     pub fn is_vanished_file(&self) -> bool {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(e) = source {
-            if let Some(object_store::Error::NotFound { .. }) = e.downcast_ref::<object_store::Error>() {
-                return true;
-            }
-            source = e.source();
-        }
-        // errors that carry the object store's only as text (DataFusion's external errors)
-        let text = self.to_string();
-        text.contains("Object at location") && text.contains("not found")
+        marsad_tables::is_vanished_file(self)
     }
 
     /// Whether a commit failed because another writer committed positions of the same

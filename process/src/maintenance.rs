@@ -5,7 +5,6 @@
 use std::num::NonZeroU64;
 
 use chrono::NaiveDate;
-use deltalake::operations::vacuum::VacuumMode;
 use marsad_config::TablesLocation;
 use marsad_schemas::{DATE_COLUMN, TableName};
 use serde::Serialize;
@@ -182,17 +181,12 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
         let Some(table) = open_table(tables, name.as_str()).await? else {
             continue;
         };
-        let (_, vacuumed) = table
-            .vacuum()
-            .with_mode(VacuumMode::Lite)
-            .with_retention_period(REPLACED_FILES_KEPT)
-            .with_enforce_retention_duration(false)
+        removed += marsad_tables::remove_replaced_files(table, REPLACED_FILES_KEPT)
             .await
             .map_err(|source| Error::Delta {
                 table: name.as_str(),
                 source,
             })?;
-        removed += vacuumed.files_deleted.len();
     }
     Ok(removed)
 }
@@ -226,18 +220,13 @@ pub async fn apply_retention(
             .with_predicate(format!("{DATE_COLUMN} < '{cutoff}'"))
             .await
             .map_err(delta)?;
-        // Lite mode removes only files tombstoned by commits (never a writer's uncommitted files)
-        let (_, vacuumed) = table
-            .vacuum()
-            .with_mode(VacuumMode::Lite)
-            .with_retention_period(chrono::Duration::zero())
-            .with_enforce_retention_duration(false)
+        let files_vacuumed = marsad_tables::remove_replaced_files(table, chrono::Duration::zero())
             .await
             .map_err(delta)?;
         out.push(Retained {
             table: name.as_str(),
             rows_deleted: metrics.num_deleted_rows.unwrap_or(0),
-            files_vacuumed: vacuumed.files_deleted.len(),
+            files_vacuumed,
         });
     }
     Ok(out)
@@ -397,15 +386,9 @@ mod tests {
         );
         assert_eq!(counts(&tables, "v4").await?, (54, 0), "the erased rows stay erased");
         // the erasure then removes the files it rewrote from storage
-        let (_, vacuumed) = open_table(&tables, "events")
-            .await?
-            .ok_or("events")?
-            .vacuum()
-            .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
-            .with_retention_period(chrono::Duration::zero())
-            .with_enforce_retention_duration(false)
-            .await?;
-        assert!(!vacuumed.files_deleted.is_empty());
+        let events = open_table(&tables, "events").await?.ok_or("events")?;
+        let vacuumed = marsad_tables::remove_replaced_files(events, chrono::Duration::zero()).await?;
+        assert!(vacuumed > 0);
         // and the file the compaction wrote from the older version, v4's rows in it, is gone
         assert_eq!(
             rows_in_storage(dir.path(), "v4")?,

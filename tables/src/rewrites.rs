@@ -234,3 +234,34 @@ pub async fn erasure_in_progress(location: &TablesLocation) -> Result<bool> {
                 && written < now + ERASURE_NOTICE_TTL
         }))
 }
+
+/// Removes from storage the files commits of `table` removed more than `kept` ago (zero: all
+/// of them, however recent); returns how many. Delta's vacuum in Lite mode: it removes only
+/// files the log lists as removed, never a writer's files not committed yet.
+pub async fn remove_replaced_files(
+    table: deltalake::DeltaTable,
+    kept: chrono::Duration,
+) -> Result<usize, DeltaTableError> {
+    let (_, vacuumed) = table
+        .vacuum()
+        .with_mode(deltalake::operations::vacuum::VacuumMode::Lite)
+        .with_retention_period(kept)
+        .with_enforce_retention_duration(false)
+        .await?;
+    Ok(vacuumed.files_deleted.len())
+}
+
+/// Whether `error` (or one it wraps) says a file was not in storage: a data file of the table
+/// version read, replaced by a later commit and vacuumed. Reading the table again helps.
+pub fn is_vanished_file(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if let Some(object_store::Error::NotFound { .. }) = e.downcast_ref::<object_store::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    // errors that carry the object store's only as text (DataFusion's external errors)
+    let text = error.to_string();
+    text.contains("Object at location") && text.contains("not found")
+}

@@ -531,7 +531,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_rewritten_before_it_was_counted_is_not_lost() -> std::result::Result<(), Box<dyn std::error::Error>>
     {
-        use deltalake::operations::vacuum::VacuumMode;
         let dir = tempfile::tempdir()?;
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
@@ -562,13 +561,8 @@ mod tests {
             .delete()
             .with_predicate("visitor_key = 'w3'")
             .await?;
-        let (_, vacuumed) = erased
-            .vacuum()
-            .with_mode(VacuumMode::Lite)
-            .with_retention_period(chrono::Duration::zero())
-            .with_enforce_retention_duration(false)
-            .await?;
-        assert!(!vacuumed.files_deleted.is_empty(), "the erasure rewrote a file");
+        let vacuumed = marsad_tables::remove_replaced_files(erased, chrono::Duration::zero()).await?;
+        assert!(vacuumed > 0, "the erasure rewrote a file");
 
         let mut events = EventsTable::open_or_create(&tables).await?;
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
