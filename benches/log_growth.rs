@@ -4,18 +4,23 @@
 //! (20,000) the way the processor does — one append per batch of `LOG_BATCH` anonymous
 //! events (100), recording its log position in the same commit — with the background
 //! maintenance `marsad up` runs beside it: the events compaction of any date with 10 small
-//! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second), and
-//! the replaced files removed from storage every 200 commits (`marsad up`: hourly). It
-//! prints, at the start (versions 100–300) and the end (the last 200):
+//! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second); and
+//! every `LOG_CLEANUP_EVERY` commits (200; `marsad up`: hourly) the replaced files removed
+//! from storage and the log entries a checkpoint made unnecessary removed from `_delta_log`
+//! (`marsad up`: those over the table's log retention, an hour; here all of them). Events
+//! are spread over dates, 300 commits a day, so a day's query reads as much at the end as
+//! at the start. It prints, at the start (versions 100–300) and the end (the last 200):
 //! - the commit latency (p50, p95) of the appends;
-//! - the latency of a query through the query service's catalog, which checks the table for
-//!   new commits on every query (median of 15): a count, and distinct visitors per country;
+//! - the latency of queries through the query service's catalog, which checks the table for
+//!   new commits on every query (median of 15): a count, distinct visitors per country on
+//!   one full day, and the same over every date (which reads ~66x more rows at the end);
 //! - the time to open the table cold (a service starting, an erasure's position check);
 //! - the size of the Delta log.
 //!
 //! Each figure is shown as a ratio of the end to the start of the same run. Knobs:
-//! `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, and `LOG_PROPERTIES` (Delta table
-//! properties set on the table first, `key=value;key=value`).
+//! `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, `LOG_CLEANUP_EVERY` (0: never), and
+//! `LOG_PROPERTIES` (Delta table properties set on the table first, `key=value;key=value`;
+//! `delta.enableExpiredLogCleanup=true` gives back delta-rs's cleanup on every commit).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,14 +46,20 @@ const PATHS: [&str; 4] = [
     "/ar/أثاث/كنب",
 ];
 
-/// Event `i`: a page view of one of 50,000 visitors, one second apart, on one day.
-fn event(i: u64) -> AnonymousEvent {
-    let visitor = i * 7_919 % 50_000;
-    let ts = Utc
-        .with_ymd_and_hms(2026, 11, 28, 0, 0, 0)
+/// Commits of events a day holds.
+const COMMITS_A_DAY: u64 = 300;
+
+/// The day the events start.
+fn first_day() -> chrono::DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 9, 1, 0, 0, 0)
         .single()
         .unwrap_or_else(Utc::now)
-        + chrono::Duration::seconds((i / 25) as i64);
+}
+
+/// Event `i` of `a_day` a day: a page view of one of 50,000 visitors, evenly over the day.
+fn event(i: u64, a_day: u64) -> AnonymousEvent {
+    let visitor = i * 7_919 % 50_000;
+    let ts = first_day() + chrono::Duration::milliseconds((i as f64 * 86_400_000.0 / a_day as f64) as i64);
     AnonymousEvent {
         event_id: format!("e-{i}"),
         event_type: "page_view",
@@ -98,6 +109,8 @@ struct Point {
     commit_p50: f64,
     commit_p95: f64,
     count_ms: f64,
+    day_ms: f64,
+    day_rows: u64,
     by_country_ms: f64,
     open_ms: f64,
     log_files: usize,
@@ -109,25 +122,40 @@ async fn measure(
     dir: &std::path::Path,
     commits: &mut [Duration],
     version: u64,
+    day: chrono::NaiveDate,
 ) -> Result<Point> {
     let (commit_p50, commit_p95) = percentiles(commits);
     let catalog = TableCatalog::new(tables.clone()).with_refresh_interval(Duration::ZERO);
-    let timed = |sql: &'static str| {
+    let timed = |sql: String| {
         let catalog = &catalog;
         async move {
             let mut runs = Vec::new();
             for _ in 0..15 {
                 let started = Instant::now();
                 let ctx = catalog.session().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-                ctx.sql(sql).await?.collect().await?;
+                ctx.sql(&sql).await?.collect().await?;
                 runs.push(started.elapsed());
             }
             anyhow::Ok(percentiles(&mut runs).0)
         }
     };
-    let count_ms = timed("SELECT count(*) FROM events").await?;
+    let count_ms = timed("SELECT count(*) FROM events".to_owned()).await?;
+    let one_day = format!("WHERE date = DATE '{day}'");
+    let day_ms = timed(format!(
+        "SELECT country, count(DISTINCT visitor_key) FROM events {one_day} GROUP BY country ORDER BY country"
+    ))
+    .await?;
     let by_country_ms =
-        timed("SELECT country, count(DISTINCT visitor_key) FROM events GROUP BY country ORDER BY country").await?;
+        timed("SELECT country, count(DISTINCT visitor_key) FROM events GROUP BY country ORDER BY country".to_owned())
+            .await?;
+    let ctx = catalog.session().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let counted = ctx
+        .sql(&format!("SELECT count(*) FROM events {one_day}"))
+        .await?
+        .collect()
+        .await?;
+    let day_rows =
+        arrow::array::cast::as_primitive_array::<arrow::datatypes::Int64Type>(counted[0].column(0)).value(0) as u64;
     let mut opens = Vec::new();
     let mut active_files = 0;
     for _ in 0..5 {
@@ -144,6 +172,8 @@ async fn measure(
         commit_p50,
         commit_p95,
         count_ms,
+        day_ms,
+        day_rows,
         by_country_ms,
         open_ms: percentiles(&mut opens).0,
         log_files,
@@ -156,6 +186,8 @@ async fn main() -> Result<()> {
     let total = env_or("LOG_COMMITS", 20_000).max(600);
     let batch = env_or("LOG_BATCH", 100);
     let compact_every = env_or("LOG_COMPACT_EVERY", 20).max(1);
+    let cleanup_every = env_or("LOG_CLEANUP_EVERY", 200);
+    let a_day = COMMITS_A_DAY * batch;
     let dir = tempfile::tempdir()?;
     let tables = TablesLocation::local(dir.path())?;
     let mut events = EventsTable::open_or_create(&tables).await?;
@@ -186,7 +218,7 @@ async fn main() -> Result<()> {
     for n in 1..=total {
         let mut builder = EventsBatchBuilder::new();
         for i in 0..batch {
-            builder.push(&event((n - 1) * batch + i));
+            builder.push(&event((n - 1) * batch + i, a_day));
         }
         let rows = builder.finish()?;
         let began = Instant::now();
@@ -197,7 +229,8 @@ async fn main() -> Result<()> {
             window.push(took);
         }
         if n == 300 {
-            early = Some(measure(&tables, dir.path(), &mut window, version).await?);
+            let day = first_day().date_naive();
+            early = Some(measure(&tables, dir.path(), &mut window, version, day).await?);
             window.clear();
         }
         if n % compact_every == 0 {
@@ -207,13 +240,14 @@ async fn main() -> Result<()> {
             compacting += began.elapsed();
             compactions += done.len();
         }
-        // the files compactions replaced, removed from storage as `marsad up` does (there an
-        // hour later; here at once, or a run of 20,000 commits fills tens of GB)
-        if n % 200 == 0 {
+        // the files compactions replaced, and the expired log entries, removed as `marsad up`
+        // does (there an hour later; here at once, or a run of 20,000 commits fills tens of GB)
+        if cleanup_every > 0 && n % cleanup_every == 0 {
             let table = marsad_tables::open_table(&tables, "events")
                 .await?
                 .context("events exists")?;
             marsad_tables::remove_replaced_files(table, chrono::Duration::zero()).await?;
+            marsad_process::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
         }
         if n % 1_000 == 0 {
             let (p50, p95) = percentiles(&mut recent);
@@ -227,7 +261,9 @@ async fn main() -> Result<()> {
         }
     }
     let version = events.sink().version().unwrap_or_default();
-    let late = measure(&tables, dir.path(), &mut window, version).await?;
+    // the last full day
+    let day = first_day().date_naive() + chrono::Days::new((total / COMMITS_A_DAY).max(1) - 1);
+    let late = measure(&tables, dir.path(), &mut window, version, day).await?;
     let early = early.context("measured at 300 commits")?;
     println!(
         "{:<34} {:>14} {:>14} {:>8}",
@@ -242,7 +278,12 @@ async fn main() -> Result<()> {
     row("commit p50", early.commit_p50, late.commit_p50);
     row("commit p95", early.commit_p95, late.commit_p95);
     row("query: count(*)", early.count_ms, late.count_ms);
-    row("query: visitors by country", early.by_country_ms, late.by_country_ms);
+    row("query: visitors by country, a day", early.day_ms, late.day_ms);
+    row("query: the same, every date", early.by_country_ms, late.by_country_ms);
+    println!(
+        "{:<34} {:>14} {:>14}",
+        "rows of the day queried", early.day_rows, late.day_rows
+    );
     row("open the table cold", early.open_ms, late.open_ms);
     println!(
         "{:<34} {:>14} {:>14}",

@@ -476,6 +476,11 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
                     Ok(removed) => tracing::info!(removed, "files replaced over an hour ago removed from storage"),
                     Err(e) => tracing::warn!(error = %e, "removing replaced files failed; again later"),
                 }
+                match marsad_process::maintenance::remove_expired_log_entries(&tables, None).await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "expired Delta log entries removed"),
+                    Err(e) => tracing::warn!(error = %e, "removing expired log entries failed; again later"),
+                }
                 next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
             }
             let started = std::time::Instant::now();

@@ -191,6 +191,56 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
     Ok(removed)
 }
 
+/// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
+/// `delta.logRetentionDuration`) that a checkpoint makes unnecessary, but never an `events`
+/// commit a rollup has not counted yet. Marsad's tables leave this to the hourly maintenance
+/// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
+pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
+    let mut removed = 0;
+    for name in TableName::ALL {
+        let Some(table) = open_table(tables, name.as_str()).await? else {
+            continue;
+        };
+        let delta = |source| Error::Delta {
+            table: name.as_str(),
+            source,
+        };
+        let Some(latest) = table.version() else {
+            continue;
+        };
+        let keep_from = if name == TableName::Events {
+            // opened after `events`: positions they counted since only keep more
+            let mut rollups = Vec::new();
+            for rollup in TableName::ROLLUPS {
+                if let Some(table) = open_table(tables, rollup.as_str()).await? {
+                    rollups.push(table);
+                }
+            }
+            crate::rollup::oldest_version_to_keep(&table, &rollups).await?
+        } else {
+            latest
+        };
+        let kept = match kept {
+            Some(kept) => kept,
+            None => {
+                use deltalake::table::config::TablePropertiesExt;
+                let retention = table.snapshot().map_err(delta)?.table_config().log_retention_duration();
+                chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
+            }
+        };
+        let cutoff = (chrono::Utc::now() - kept).timestamp_millis();
+        removed += deltalake::protocol::checkpoints::cleanup_expired_logs_for(
+            keep_from,
+            table.log_store().as_ref(),
+            cutoff,
+            None,
+        )
+        .await
+        .map_err(delta)?;
+    }
+    Ok(removed)
+}
+
 /// Deletes every row dated before `cutoff` from every date-partitioned table and removes
 /// the deleted files from storage at once, so older table versions do not keep them.
 pub async fn apply_retention(
@@ -417,6 +467,64 @@ mod tests {
             (19, 1),
             "the row appended meanwhile is the next pass's"
         );
+        Ok(())
+    }
+
+    /// A table an earlier Marsad made (or a data engineer's tool) gets the properties Marsad
+    /// needs when the processor opens it: log cleanup out of the commit path, an hour's log
+    /// retention, and for `events` the isolation an erasure needs. An operator's own retention
+    /// is left alone; the isolation level is not, correctness rests on it.
+    #[tokio::test]
+    async fn tables_made_before_get_marsads_properties_and_keep_an_operators_choice()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let schema: deltalake::kernel::StructType = marsad_schemas::events_schema().as_ref().try_into_kernel()?;
+        marsad_tables::table_handle(&tables, "events")?
+            .create()
+            .with_columns(schema.fields().cloned())
+            .with_partition_columns([DATE_COLUMN])
+            .with_configuration_property(deltalake::TableProperty::IsolationLevel, Some("Serializable"))
+            .with_configuration_property(deltalake::TableProperty::LogRetentionDuration, Some("interval 7 days"))
+            .await?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        append_ten(&mut events, 9).await?;
+        let table = open_table(&tables, "events").await?.ok_or("events")?;
+        let configuration = table.snapshot()?.metadata().configuration().clone();
+        let property = |key: &str| configuration.get(key).map(String::as_str);
+        assert_eq!(property("delta.isolationLevel"), Some("writeSerializable"));
+        assert_eq!(property("delta.enableExpiredLogCleanup"), Some("false"));
+        assert_eq!(property("delta.logRetentionDuration"), Some("interval 7 days"));
+        assert_eq!(property("delta.dataSkippingStatsColumns"), Some("ts"));
+        Ok(())
+    }
+
+    /// Delta copies a file's min and max of each statistics column into its log: with one
+    /// visitor in a file, that is the visitor's pseudonym and session, kept in the log (and
+    /// in checkpoints while the file lives) apart from the rows an erasure rewrites. Only
+    /// the time is copied.
+    #[tokio::test]
+    async fn no_pseudonym_or_session_reaches_the_delta_log() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        let pseudonym = "5f1e0c2b9a7d4e3f8a6b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f";
+        let session = "session-of-the-only-visitor";
+        events
+            .append(test_batch(&[(pseudonym, session, 3, "cars", "page_view")]), &[(app, 0)])
+            .await?;
+        let mut log = String::new();
+        for entry in std::fs::read_dir(dir.path().join("events/_delta_log"))? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                log.push_str(&std::fs::read_to_string(&path)?);
+            }
+        }
+        assert!(log.contains("\"ts\""), "the time's statistics are kept: {log}");
+        assert!(!log.contains(pseudonym), "a pseudonym in the Delta log: {log}");
+        assert!(!log.contains(session), "a session id in the Delta log: {log}");
         Ok(())
     }
 }

@@ -34,18 +34,45 @@ pub struct TableSpec {
 }
 
 impl TableSpec {
-    /// The columns Delta keeps min/max statistics of (for skipping files): every column but
-    /// the opaque binary ones (visitor sketches), whose statistics mean nothing, and the
-    /// partition columns, which have none.
-    fn stats_columns(&self) -> String {
-        self.schema
-            .fields()
-            .iter()
-            .filter(|f| !matches!(f.data_type(), arrow::datatypes::DataType::Binary))
-            .filter(|f| !self.partitions.contains(&f.name().as_str()))
-            .map(|f| f.name().as_str())
-            .collect::<Vec<_>>()
-            .join(",")
+    /// The Delta table properties Marsad sets on the table.
+    ///
+    /// - Expired log entries are removed by the hourly maintenance, not by every commit: on
+    ///   every commit delta-rs would list the whole `_delta_log` (a `stat` per entry) to find
+    ///   them, and commits grew 3.2x slower over 3,000 versions (BENCHMARKS.md).
+    /// - `events`: Delta's default isolation (Serializable) fails a delete on any concurrent
+    ///   append whose rows might match it, so an erasure would never commit while events keep
+    ///   arriving. Under WriteSerializable the processor's blind appends do not fail it; what
+    ///   of the subject they land is caught by the erasure's next pass (an opt-out stops the
+    ///   rest). The rollups keep Delta's default.
+    fn properties(&self) -> Vec<(TableProperty, &'static str, Setting)> {
+        let mut properties = vec![
+            (
+                TableProperty::DataSkippingStatsColumns,
+                self.stats_columns(),
+                Setting::Required,
+            ),
+            (TableProperty::EnableExpiredLogCleanup, "false", Setting::Default),
+            (TableProperty::LogRetentionDuration, LOG_RETENTION, Setting::Default),
+        ];
+        if self.name == TableName::Events {
+            properties.push((TableProperty::IsolationLevel, WRITE_SERIALIZABLE, Setting::Required));
+        }
+        properties
+    }
+
+    /// The columns Delta keeps min/max statistics of in its log, for skipping files: the
+    /// time columns queries narrow a date to. Every commit replays the statistics of every
+    /// active file (delta-rs keeps them parsed in its snapshot), so each column costs on
+    /// every commit and every query's refresh: with all 26 `events` columns, a commit over
+    /// 300 files took 92 ms; with `ts` alone, 25 ms (`benches/log_growth.rs`). No
+    /// pseudonym, audience id, path or city is copied into the log as a file's min or max.
+    fn stats_columns(&self) -> &'static str {
+        match self.name {
+            TableName::Events => "ts",
+            TableName::TrafficHourly | TableName::AdPerformanceHourly => "hour",
+            TableName::DemographicsDaily => "country",
+            TableName::SegmentMembers => "segment_id,refreshed_at",
+        }
     }
 }
 
@@ -62,21 +89,21 @@ impl DeltaSink {
         let name = spec.name.as_str();
         let delta = |source| Error::Delta { table: name, source };
         if let Some(table) = open_table(tables, name).await? {
-            return Ok(DeltaSink { name, table });
+            let mut sink = DeltaSink { name, table };
+            sink.settle_properties(spec).await?;
+            return Ok(sink);
         }
         let table = table_handle(tables, name)?;
         let schema: StructType = spec.schema.as_ref().try_into_kernel().map_err(|e| delta(e.into()))?;
         let mut create = table.create();
-        // (events: see `EventsTable::open_or_create`; the rollups keep Delta's default)
-        if spec.name == TableName::Events {
-            create = create.with_configuration_property(TableProperty::IsolationLevel, Some(WRITE_SERIALIZABLE));
+        for (key, value, _) in spec.properties() {
+            create = create.with_configuration_property(key, Some(value));
         }
         let created = create
             .with_table_name(name)
             .with_comment(spec.comment)
             .with_columns(schema.fields().cloned())
             .with_partition_columns(spec.partitions.iter().copied())
-            .with_configuration_property(TableProperty::DataSkippingStatsColumns, Some(spec.stats_columns()))
             .with_save_mode(SaveMode::Ignore)
             // no retry: a writer that lost the race to create the table must not commit the
             // schema again as the next version (that would conflict with the winner's appends)
@@ -90,6 +117,43 @@ impl DeltaSink {
                 None => Err(delta(e)),
             },
         }
+    }
+
+    /// Sets on a table an earlier Marsad made the properties [`TableSpec::properties`] wants.
+    async fn settle_properties(&mut self, spec: &TableSpec) -> Result<()> {
+        let configuration = self
+            .table
+            .snapshot()
+            .map_err(|e| self.delta(e))?
+            .metadata()
+            .configuration()
+            .clone();
+        let missing: HashMap<String, String> = spec
+            .properties()
+            .into_iter()
+            .filter(|(key, value, setting)| match configuration.get(key.as_ref()) {
+                None => true,
+                Some(current) => *setting == Setting::Required && current != value,
+            })
+            .map(|(key, value, _)| (key.as_ref().to_owned(), value.to_owned()))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let set = self
+            .table
+            .clone()
+            .set_tbl_properties()
+            .with_properties(missing.clone())
+            .await;
+        match set {
+            Ok(table) => self.table = table,
+            // another processor set them (or wrote) first: they are set, or the next open sets them
+            Err(e) => {
+                tracing::warn!(table = self.name, properties = ?missing, error = %e, "could not set the table's properties")
+            }
+        }
+        Ok(())
     }
 
     fn delta(&self, source: DeltaTableError) -> Error {
@@ -429,12 +493,25 @@ pub fn events_spec() -> TableSpec {
     }
 }
 
-/// The Delta table property of the isolation level conflicting commits are judged by.
-const ISOLATION_LEVEL: &str = "delta.isolationLevel";
 /// Deletes and rewrites conflict with what they read, not with concurrent blind appends.
 /// (Spelled as the Delta kernel under delta-rs parses it, camelCase: it reads
 /// `WriteSerializable` as unknown and falls back to Serializable.)
 const WRITE_SERIALIZABLE: &str = "writeSerializable";
+
+/// How long a table's old log entries are kept (Delta's default is 30 days, for time travel
+/// Marsad does not offer): a listing of `_delta_log` grows with them, and a table written
+/// every second gathers 86,400 a day. What the rollups' catch-up still needs is kept whatever
+/// their age (`maintenance::remove_expired_log_entries`).
+pub const LOG_RETENTION: &str = "interval 1 hour";
+
+/// Whether a Delta property Marsad sets on its tables is kept as it finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setting {
+    /// Set when absent; a value an operator chose is left alone.
+    Default,
+    /// Set to Marsad's value whatever it was: correctness rests on it.
+    Required,
+}
 
 /// The `events` table as the processor writes it.
 pub struct EventsTable {
@@ -444,36 +521,7 @@ pub struct EventsTable {
 impl EventsTable {
     /// Opens the `events` table at `tables`, creating it (partitioned by date) on first start.
     pub async fn open_or_create(tables: &TablesLocation) -> Result<Self> {
-        let mut sink = DeltaSink::open_or_create(tables, &events_spec()).await?;
-        // Delta's default (Serializable) fails a delete on any concurrent append whose rows
-        // might match it: an erasure would never commit while events keep arriving. Under
-        // WriteSerializable the processor's blind appends do not fail it; what of the subject
-        // they land is caught by the erasure's next pass (an opt-out stops the rest).
-        let isolation = sink
-            .table
-            .snapshot()
-            .map_err(|e| sink.delta(e))?
-            .metadata()
-            .configuration()
-            .get(ISOLATION_LEVEL)
-            .cloned();
-        // (a table made by an earlier Marsad)
-        if isolation.as_deref() != Some(WRITE_SERIALIZABLE) {
-            let set = sink
-                .table
-                .clone()
-                .set_tbl_properties()
-                .with_properties(HashMap::from([(
-                    ISOLATION_LEVEL.to_owned(),
-                    WRITE_SERIALIZABLE.to_owned(),
-                )]))
-                .await;
-            match set {
-                Ok(table) => sink.table = table,
-                // another processor set it (or wrote) first: it is set, or the next start sets it
-                Err(e) => tracing::warn!(error = %e, "could not set the events table's isolation level"),
-            }
-        }
+        let sink = DeltaSink::open_or_create(tables, &events_spec()).await?;
         Ok(EventsTable { sink })
     }
 

@@ -357,6 +357,51 @@ enum Uncounted {
 /// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,
 /// read from the log as typed actions, newest back to the first commit every app id has
 /// counted.
+/// The oldest `events` version a rollup's catch-up could still read: the first commit some
+/// rollup has not counted, or the latest version when every rollup is level. Log entries from
+/// this version on must stay, whatever their age (a processor that died between its commits
+/// and comes back in a week still counts what it left). A rollup table that does not exist
+/// yet constrains nothing: it is built from `events` whole when it is made.
+pub(crate) async fn oldest_version_to_keep(events: &DeltaTable, rollups: &[DeltaTable]) -> Result<u64> {
+    let Some(latest) = events.version() else {
+        return Ok(0);
+    };
+    let delta = |table: &'static str| move |source| Error::Delta { table, source };
+    let snapshot = events.snapshot().map_err(delta("events"))?;
+    let mut lagging = HashMap::new();
+    for partition in 0..MAX_PROBED_PARTITIONS {
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, partition);
+        let Some(stored) = snapshot
+            .transaction_version(events.log_store().as_ref(), &app)
+            .await
+            .map_err(delta("events"))?
+        else {
+            continue;
+        };
+        let mut lowest = i64::MAX;
+        for rollup in rollups {
+            let counted = rollup
+                .snapshot()
+                .map_err(delta("rollup"))?
+                .transaction_version(rollup.log_store().as_ref(), &app)
+                .await
+                .map_err(delta("rollup"))?;
+            lowest = lowest.min(counted.unwrap_or(-1));
+        }
+        if lowest < stored {
+            lagging.insert(app, lowest);
+        }
+    }
+    if lagging.is_empty() {
+        return Ok(latest);
+    }
+    Ok(match uncounted_commits(events, &lagging).await? {
+        Uncounted::Commits(commits) => commits.first().map_or(latest, |c| c.version),
+        // the catch-up rebuilds from the rows whatever entries are kept
+        Uncounted::Gone { .. } => latest,
+    })
+}
+
 async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -> Result<Uncounted> {
     let Some(latest) = table.version() else {
         return Ok(Uncounted::Commits(Vec::new()));
@@ -576,6 +621,92 @@ mod tests {
             .map(|a| a.value(0));
         assert_eq!(kept, Some(100 - 8), "w3's 8 rows are erased");
         assert_eq!(counted, kept, "every event events still holds is counted once");
+        Ok(())
+    }
+
+    /// The hourly log cleanup removes old entries of `events` up to a checkpoint, but never a
+    /// commit the rollups have not counted (a processor died between its commits): the
+    /// catch-up then reads the uncounted commits themselves, rather than finding them gone
+    /// and rebuilding every date from the rows (which refuses when other processors own
+    /// partitions). Once the rollups are level, the next cleanup removes them too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_cleanup_keeps_the_commits_the_rollups_have_not_counted()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = marsad_config::TablesLocation::local(dir.path())?;
+        let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
+        let events = EventsTable::open_or_create(&tables).await?;
+        // a checkpoint every 5 versions, so a few dozen commits have several
+        events
+            .sink()
+            .table()
+            .clone()
+            .set_tbl_properties()
+            .with_properties(HashMap::from([("delta.checkpointInterval".to_owned(), "5".to_owned())]))
+            .await?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut first_uncounted = None;
+        for c in 0..12i64 {
+            let rows: Vec<(String, String, i64)> = (0..10)
+                .map(|i| (format!("v{i}"), format!("s{c}-{i}"), c * 10 + i))
+                .collect();
+            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+                .iter()
+                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+                .collect();
+            let version = events
+                .append(test_batch(&refs), &[(app.clone(), (c * 10 + 9) as u64)])
+                .await?;
+            // the processor dies after its fourth events commit: the rollups never count the rest
+            if c < 4 {
+                rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+                rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
+            } else if first_uncounted.is_none() {
+                first_uncounted = Some(version);
+            }
+        }
+        drop(rollups);
+        let first_uncounted = first_uncounted.ok_or("an uncounted commit")?;
+        let latest = events.sink().table().version().ok_or("a version")?;
+
+        let removed = crate::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(
+            removed > 0,
+            "entries before the last checkpoint the catch-up does not need go"
+        );
+        for version in first_uncounted..=latest {
+            let commit = marsad_tables::read_commit(events.sink().table(), "events", version).await?;
+            assert!(
+                commit.is_some(),
+                "version {version}, which the rollups have not counted, was removed"
+            );
+        }
+        assert!(
+            marsad_tables::read_commit(events.sink().table(), "events", 0)
+                .await?
+                .is_none(),
+            "the first entries are removed"
+        );
+
+        let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let report = rollups.catch_up(events.sink(), &positions).await?;
+        assert_eq!(
+            (report.events, report.commits),
+            (80, 8),
+            "read back, not rebuilt: {report:?}"
+        );
+        assert_eq!(traffic_total(&tables).await?, Some(120));
+        drop(rollups);
+
+        crate::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(
+            marsad_tables::read_commit(events.sink().table(), "events", first_uncounted)
+                .await?
+                .is_none(),
+            "counted, the commits go at the next cleanup"
+        );
         Ok(())
     }
 }

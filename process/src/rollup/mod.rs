@@ -31,6 +31,7 @@ use demographics::DemographicsRollup;
 use traffic::TrafficRollup;
 
 pub use catch_up::CatchUp;
+pub(crate) use catch_up::oldest_version_to_keep;
 pub use compaction::{CompactedDate, compact, merge_partial_rows};
 pub use rows::EventRows;
 #[cfg(test)]
