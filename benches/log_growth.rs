@@ -5,11 +5,18 @@
 //! events (100), recording its log position in the same commit — with the background
 //! maintenance `marsad up` runs beside it: the events compaction of any date with 10 small
 //! files, every `LOG_COMPACT_EVERY` commits (20: the 20 s timer at a commit per second); and
-//! every `LOG_CLEANUP_EVERY` commits (200; `marsad up`: hourly) the replaced files removed
-//! from storage and the log entries a checkpoint made unnecessary removed from `_delta_log`
-//! (`marsad up`: those over the table's log retention, an hour; here all of them). Events
-//! are spread over dates, 300 commits a day, so a day's query reads as much at the end as
-//! at the start. It prints, at the start (versions 100–300) and the end (the last 200):
+//! every `LOG_CLEANUP_EVERY` commits (a sixth of an hour: `marsad up` runs it every ten
+//! minutes) the replaced files removed from storage and the log entries past the table's
+//! retention removed from `_delta_log`.
+//!
+//! Time: Marsad keeps an hour of log and of replaced-file tombstones. An hour is
+//! `LOG_HOUR_COMMITS` commits (3,600: a commit a second); this run commits faster than
+//! that, so after 100 commits it sets both retentions to the wall time `LOG_HOUR_COMMITS`
+//! of its commits take. Events are spread over dates, 300 commits a day, so a day's query
+//! reads as much at the end as at the start.
+//!
+//! It measures at the start (versions 100–300), after two hours of commits (when the run
+//! is at least three hours long) and at the end (each over the 200 commits before it):
 //! - the commit latency (p50, p95) of the appends;
 //! - the latency of queries through the query service's catalog, which checks the table for
 //!   new commits on every query (median of 15): a count, distinct visitors per country on
@@ -17,10 +24,11 @@
 //! - the time to open the table cold (a service starting, an erasure's position check);
 //! - the size of the Delta log.
 //!
-//! Each figure is shown as a ratio of the end to the start of the same run. Knobs:
-//! `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, `LOG_CLEANUP_EVERY` (0: never), and
-//! `LOG_PROPERTIES` (Delta table properties set on the table first, `key=value;key=value`;
-//! `delta.enableExpiredLogCleanup=true` gives back delta-rs's cleanup on every commit).
+//! Each figure is shown as a ratio of the end to the middle and to the start of the same
+//! run. Knobs: `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, `LOG_CLEANUP_EVERY` (0:
+//! never), `LOG_HOUR_COMMITS`, and `LOG_PROPERTIES` (Delta table properties set at the
+//! 100th commit, `key=value;key=value`; `delta.enableExpiredLogCleanup=true` gives back
+//! delta-rs's cleanup on every commit).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -181,13 +189,22 @@ async fn measure(
     })
 }
 
+/// A Delta table property value of `seconds`.
+fn interval(seconds: f64) -> String {
+    format!("interval {} seconds", seconds.ceil().max(1.0) as u64)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
+    let hour = env_or("LOG_HOUR_COMMITS", 3_600).max(60);
     let total = env_or("LOG_COMMITS", 20_000).max(600);
     let batch = env_or("LOG_BATCH", 100);
     let compact_every = env_or("LOG_COMPACT_EVERY", 20).max(1);
-    let cleanup_every = env_or("LOG_CLEANUP_EVERY", 200);
+    let cleanup_every = env_or("LOG_CLEANUP_EVERY", hour / 6);
     let a_day = COMMITS_A_DAY * batch;
+    // the middle point, once the table has an hour's commits behind it (when the run is long
+    // enough for three points)
+    let mid = (total >= 3 * hour).then_some(2 * hour);
     let dir = tempfile::tempdir()?;
     let tables = TablesLocation::local(dir.path())?;
     let mut events = EventsTable::open_or_create(&tables).await?;
@@ -198,21 +215,14 @@ async fn main() -> Result<()> {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
-    if !properties.is_empty() {
-        println!("table properties: {properties:?}");
-        let table = marsad_tables::open_table(&tables, "events")
-            .await?
-            .context("events exists")?;
-        table.set_tbl_properties().with_properties(properties).await?;
-        events = EventsTable::open_or_create(&tables).await?;
-    }
     let app = marsad_process::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
     println!(
-        "log growth: {total} commits of {batch} events to a fresh `events`, the events compaction every {compact_every} commits"
+        "log growth: {total} commits of {batch} events to a fresh `events`, the events compaction every {compact_every} \
+         commits, the log and replaced-file maintenance every {cleanup_every}; an hour is {hour} commits"
     );
     let started = Instant::now();
     let mut window = Vec::new();
-    let mut early = None;
+    let mut points = Vec::new();
     let mut compactions = 0;
     let (mut recent, mut compacting) = (Vec::new(), Duration::ZERO);
     for n in 1..=total {
@@ -225,12 +235,29 @@ async fn main() -> Result<()> {
         let version = events.append(rows, &[(app.clone(), n * batch - 1)]).await?;
         let took = began.elapsed();
         recent.push(took);
-        if (100..300).contains(&n) || n > total - 200 {
+        let in_mid = mid.is_some_and(|m| n > m - 200 && n <= m);
+        if (100..300).contains(&n) || in_mid || n > total - 200 {
             window.push(took);
         }
-        if n == 300 {
-            let day = first_day().date_naive();
-            early = Some(measure(&tables, dir.path(), &mut window, version, day).await?);
+        // Marsad keeps an hour of log and of replaced files' tombstones (by the clock): at a
+        // commit a second, `hour` commits. This run commits faster, so its hour is shorter:
+        // the wall time its first 100 commits took, scaled to `hour` of them.
+        if n == 100 {
+            let seconds = started.elapsed().as_secs_f64() / 100.0 * hour as f64;
+            let mut set = std::collections::HashMap::from([
+                ("delta.logRetentionDuration".to_owned(), interval(seconds)),
+                ("delta.deletedFileRetentionDuration".to_owned(), interval(seconds)),
+            ]);
+            set.extend(properties.clone());
+            println!("an hour of commits takes {seconds:.0} s here: table properties {set:?}");
+            let table = marsad_tables::open_table(&tables, "events")
+                .await?
+                .context("events exists")?;
+            table.set_tbl_properties().with_properties(set).await?;
+            events = EventsTable::open_or_create(&tables).await?;
+        }
+        if n == 300 || Some(n) == mid {
+            points.push(measure(&tables, dir.path(), &mut window, version, day_done_at(n)).await?);
             window.clear();
         }
         if n % compact_every == 0 {
@@ -240,14 +267,15 @@ async fn main() -> Result<()> {
             compacting += began.elapsed();
             compactions += done.len();
         }
-        // the files compactions replaced, and the expired log entries, removed as `marsad up`
-        // does (there an hour later; here at once, or a run of 20,000 commits fills tens of GB)
+        // the maintenance `marsad up` runs every ten minutes: the files compactions replaced
+        // removed from storage (there 30 minutes later; here at once, or a run of 20,000
+        // commits fills tens of GB), and the log entries past the table's retention
         if cleanup_every > 0 && n % cleanup_every == 0 {
             let table = marsad_tables::open_table(&tables, "events")
                 .await?
                 .context("events exists")?;
             marsad_tables::remove_replaced_files(table, chrono::Duration::zero()).await?;
-            marsad_process::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+            marsad_process::maintenance::remove_expired_log_entries(&tables, None).await?;
         }
         if n % 1_000 == 0 {
             let (p50, p95) = percentiles(&mut recent);
@@ -261,41 +289,53 @@ async fn main() -> Result<()> {
         }
     }
     let version = events.sink().version().unwrap_or_default();
-    // the last full day
-    let day = first_day().date_naive() + chrono::Days::new((total / COMMITS_A_DAY).max(1) - 1);
-    let late = measure(&tables, dir.path(), &mut window, version, day).await?;
-    let early = early.context("measured at 300 commits")?;
-    println!(
-        "{:<34} {:>14} {:>14} {:>8}",
-        "",
-        format!("v{}", early.version),
-        format!("v{}", late.version),
-        "ratio"
-    );
-    let row = |what: &str, a: f64, b: f64| {
-        println!("{what:<34} {a:>11.2} ms {b:>11.2} ms {:>7.2}x", b / a.max(1e-9));
+    points.push(measure(&tables, dir.path(), &mut window, version, day_done_at(total)).await?);
+    let first = &points[0];
+    let last = &points[points.len() - 1];
+    let mut header = format!("{:<34}", "");
+    for p in &points {
+        header.push_str(&format!(" {:>14}", format!("v{}", p.version)));
+    }
+    if points.len() == 3 {
+        header.push_str(&format!(" {:>9}", "last/mid"));
+    }
+    header.push_str(&format!(" {:>9}", "last/1st"));
+    println!("{header}");
+    let row = |what: &str, value: &dyn Fn(&Point) -> f64| {
+        let mut line = format!("{what:<34}");
+        for p in &points {
+            line.push_str(&format!(" {:>11.2} ms", value(p)));
+        }
+        if points.len() == 3 {
+            line.push_str(&format!(" {:>8.2}x", value(last) / value(&points[1]).max(1e-9)));
+        }
+        line.push_str(&format!(" {:>8.2}x", value(last) / value(first).max(1e-9)));
+        println!("{line}");
     };
-    row("commit p50", early.commit_p50, late.commit_p50);
-    row("commit p95", early.commit_p95, late.commit_p95);
-    row("query: count(*)", early.count_ms, late.count_ms);
-    row("query: visitors by country, a day", early.day_ms, late.day_ms);
-    row("query: the same, every date", early.by_country_ms, late.by_country_ms);
-    println!(
-        "{:<34} {:>14} {:>14}",
-        "rows of the day queried", early.day_rows, late.day_rows
-    );
-    row("open the table cold", early.open_ms, late.open_ms);
-    println!(
-        "{:<34} {:>14} {:>14}",
-        "files in _delta_log", early.log_files, late.log_files
-    );
-    println!(
-        "{:<34} {:>14} {:>14}",
-        "active data files", early.active_files, late.active_files
-    );
+    row("commit p50", &|p| p.commit_p50);
+    row("commit p95", &|p| p.commit_p95);
+    row("query: count(*)", &|p| p.count_ms);
+    row("query: visitors by country, a day", &|p| p.day_ms);
+    row("query: the same, every date", &|p| p.by_country_ms);
+    row("open the table cold", &|p| p.open_ms);
+    let count = |what: &str, value: &dyn Fn(&Point) -> String| {
+        let mut line = format!("{what:<34}");
+        for p in &points {
+            line.push_str(&format!(" {:>14}", value(p)));
+        }
+        println!("{line}");
+    };
+    count("rows of the day queried", &|p| p.day_rows.to_string());
+    count("files in _delta_log", &|p| p.log_files.to_string());
+    count("active data files", &|p| p.active_files.to_string());
     println!(
         "{total} commits in {:.0} s; {compactions} events compactions",
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The last full day after `n` commits.
+fn day_done_at(n: u64) -> chrono::NaiveDate {
+    first_day().date_naive() + chrono::Days::new((n / COMMITS_A_DAY).max(1) - 1)
 }

@@ -451,8 +451,9 @@ fn spawn_segment_refresh(
 /// report reads about one row per key and hour at any moment, and rewrites the dates of
 /// `events` that gathered `process.events_compaction_min_files` small files into files of the
 /// target size; a failed or conflicting run is logged and retried next time. At its first
-/// run and then every `ABANDONED_AFTER` it also removes what rewrites that died left behind,
-/// and the files commits replaced over `REPLACED_FILES_KEPT` ago.
+/// run and then every `ABANDONED_AFTER` it also removes what rewrites that died left behind;
+/// every `LOG_AND_FILES_MAINTENANCE_EVERY`, the files commits replaced over
+/// `REPLACED_FILES_KEPT` ago and the expired log entries.
 fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
@@ -464,6 +465,7 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
     set.spawn(async move {
         let tables = tables?;
         let mut next_sweep = std::time::Instant::now();
+        let mut next_log_and_files = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -471,9 +473,12 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
             }
             if std::time::Instant::now() >= next_sweep {
                 sweep_abandoned_rewrites(&tables).await;
+                next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
+            }
+            if std::time::Instant::now() >= next_log_and_files {
                 match marsad_process::maintenance::remove_replaced_files(&tables).await {
                     Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "files replaced over an hour ago removed from storage"),
+                    Ok(removed) => tracing::info!(removed, "files replaced over 30 minutes ago removed from storage"),
                     Err(e) => tracing::warn!(error = %e, "removing replaced files failed; again later"),
                 }
                 match marsad_process::maintenance::remove_expired_log_entries(&tables, None).await {
@@ -481,7 +486,8 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
                     Ok(removed) => tracing::info!(removed, "expired Delta log entries removed"),
                     Err(e) => tracing::warn!(error = %e, "removing expired log entries failed; again later"),
                 }
-                next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
+                next_log_and_files =
+                    std::time::Instant::now() + marsad_process::maintenance::LOG_AND_FILES_MAINTENANCE_EVERY;
             }
             let started = std::time::Instant::now();
             match marsad_process::rollup::compact(&tables, MIN_FILES).await {
@@ -524,7 +530,11 @@ async fn sweep_abandoned_rewrites(tables: &marsad_config::TablesLocation) {
         let abandoned = marsad_tables::Unreferenced::Abandoned;
         match marsad_tables::remove_unreferenced_rewrites(tables, table.as_str(), None, abandoned).await {
             Ok(0) => {}
-            Ok(removed) => tracing::info!(table = table.as_str(), removed, "files of abandoned rewrites removed"),
+            Ok(removed) => tracing::info!(
+                table = table.as_str(),
+                removed,
+                "data files no version references removed"
+            ),
             Err(e) => {
                 tracing::warn!(table = table.as_str(), error = %e, "sweeping abandoned rewrites failed; again later")
             }

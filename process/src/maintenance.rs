@@ -166,9 +166,16 @@ async fn optimize_marked(
     }
 }
 
-/// Files a commit replaced (a compaction's inputs, an erasure's rewrites) stay in storage at
-/// most this long for queries still reading older versions.
-pub const REPLACED_FILES_KEPT: chrono::Duration = chrono::Duration::hours(1);
+/// Files a commit replaced (a compaction's inputs, an erasure's rewrites) stay in storage
+/// this long for queries still reading older versions.
+pub const REPLACED_FILES_KEPT: chrono::Duration = chrono::Duration::minutes(30);
+
+/// How often `marsad up` / `marsad process` remove replaced files and expired log entries.
+/// With [`REPLACED_FILES_KEPT`] it bounds how long a replaced file stays (40 minutes), which
+/// must be shorter than the tables' `delta.deletedFileRetentionDuration` (an hour,
+/// `table::DELETED_FILE_RETENTION`): past it the checkpoint forgets the file was replaced,
+/// and no vacuum that reads the log finds it.
+pub const LOG_AND_FILES_MAINTENANCE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Removes from storage the files of every table that commits replaced more than
 /// [`REPLACED_FILES_KEPT`] ago (a Delta vacuum of the files the log lists as removed). Without

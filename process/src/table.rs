@@ -36,9 +36,11 @@ pub struct TableSpec {
 impl TableSpec {
     /// The Delta table properties Marsad sets on the table.
     ///
-    /// - Expired log entries are removed by the hourly maintenance, not by every commit: on
-    ///   every commit delta-rs would list the whole `_delta_log` (a `stat` per entry) to find
-    ///   them, and commits grew 3.2x slower over 3,000 versions (BENCHMARKS.md).
+    /// - Expired log entries are removed by the maintenance every ten minutes, not by every
+    ///   commit: on every commit delta-rs would list the whole `_delta_log` (a `stat` per
+    ///   entry) to find them, and commits grew 3.2x slower over 3,000 versions (BENCHMARKS.md).
+    /// - The log and the replaced files it remembers are kept an hour, not Delta's month and
+    ///   week: what the log holds is replayed by every commit.
     /// - `events`: Delta's default isolation (Serializable) fails a delete on any concurrent
     ///   append whose rows might match it, so an erasure would never commit while events keep
     ///   arriving. Under WriteSerializable the processor's blind appends do not fail it; what
@@ -53,6 +55,11 @@ impl TableSpec {
             ),
             (TableProperty::EnableExpiredLogCleanup, "false", Setting::Default),
             (TableProperty::LogRetentionDuration, LOG_RETENTION, Setting::Default),
+            (
+                TableProperty::DeletedFileRetentionDuration,
+                DELETED_FILE_RETENTION,
+                Setting::Default,
+            ),
         ];
         if self.name == TableName::Events {
             properties.push((TableProperty::IsolationLevel, WRITE_SERIALIZABLE, Setting::Required));
@@ -503,6 +510,13 @@ const WRITE_SERIALIZABLE: &str = "writeSerializable";
 /// every second gathers 86,400 a day. What the rollups' catch-up still needs is kept whatever
 /// their age (`maintenance::remove_expired_log_entries`).
 pub const LOG_RETENTION: &str = "interval 1 hour";
+
+/// How long a replaced file is remembered as replaced (Delta's default is a week): every
+/// commit replays what the log remembers, and a compaction replaces a file per commit, so a
+/// week of them made each commit slower with the table's age (1.62x over 3,000 commits; with
+/// the replaced files forgotten at once, 1.00x; BENCHMARKS.md). The files themselves are
+/// removed after `maintenance::REPLACED_FILES_KEPT`, well within this.
+pub const DELETED_FILE_RETENTION: &str = "interval 1 hour";
 
 /// Whether a Delta property Marsad sets on its tables is kept as it finds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,6 +27,14 @@ pub const REWRITE_RUN_KEY: &str = "marsad.rewrite_run";
 /// `process::maintenance`), so no live run's file is this old.
 pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
+/// Any data file no version references is left over once it is this old, marked or not: a
+/// writer that died between writing and committing (a processor's append, a backfill), or a
+/// replaced file the log forgot before a vacuum removed it (its tombstone expired while the
+/// maintenance was not running). Such a file may hold rows an erasure or retention removed
+/// from every committed file. Marsad's writers commit within minutes; another tool's writer
+/// that takes a day between writing a file and committing it would lose that file.
+pub const UNREFERENCED_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// One run of a rewrite (a compaction, an erasure's delete): what marks its files.
 #[derive(Debug, Clone)]
 pub struct RewriteRun {
@@ -69,12 +77,13 @@ impl RewriteRun {
 pub enum Unreferenced<'a> {
     /// Those of one run, which has failed.
     Of(&'a RewriteRun),
-    /// Those of any run, older than [`ABANDONED_AFTER`] (runs that died before committing).
+    /// Those of any run, older than [`ABANDONED_AFTER`] (runs that died before committing),
+    /// and any unreferenced file older than [`UNREFERENCED_KEPT`], marked or not.
     Abandoned,
 }
 
 /// Deletes the data files of table `name` (under `prefix`, such as `date=2026-11-28`) that
-/// a rewrite marked and the latest version does not reference; returns how many.
+/// the latest version does not reference and `which` names; returns how many.
 pub async fn remove_unreferenced_rewrites(
     location: &TablesLocation,
     name: &str,
@@ -115,20 +124,24 @@ pub async fn remove_unreferenced_rewrites(
         if !candidate {
             continue;
         }
+        let forgotten = matches!(which, Unreferenced::Abandoned)
+            && now.duration_since(written).is_ok_and(|age| age > UNREFERENCED_KEPT);
         // a file gone meanwhile (a vacuum beside) or unreadable is skipped, not the end of
         // the sweep: the files after it may be the ones holding erased rows
-        let mark = match rewrite_mark(store.as_ref(), name, &meta).await {
-            Ok(Some(mark)) => mark,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(table = name, path, error = %e, "could not read a footer; skipped");
+        if !forgotten {
+            let mark = match rewrite_mark(store.as_ref(), name, &meta).await {
+                Ok(Some(mark)) => mark,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(table = name, path, error = %e, "could not read a footer; skipped");
+                    continue;
+                }
+            };
+            if let Unreferenced::Of(run) = which
+                && mark != run.id
+            {
                 continue;
             }
-        };
-        if let Unreferenced::Of(run) = which
-            && mark != run.id
-        {
-            continue;
         }
         match store.delete(&meta.location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
@@ -264,4 +277,66 @@ pub fn is_vanished_file(error: &(dyn std::error::Error + 'static)) -> bool {
     // errors that carry the object store's only as text (DataFusion's external errors)
     let text = error.to_string();
     text.contains("Object at location") && text.contains("not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    use deltalake::kernel::{DataType as DeltaType, PrimitiveType, StructField};
+
+    use super::*;
+
+    /// A data file written and never committed by a writer that died (no rewrite mark) is
+    /// removed by the sweep once a day old: it may hold rows erased from every committed
+    /// file. A younger one may be a live writer's and stays, as do the committed files.
+    #[tokio::test]
+    async fn a_day_old_file_no_version_references_is_removed_marked_or_not() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let location = TablesLocation::local(dir.path())?;
+        let table = crate::table_handle(&location, "t")?
+            .create()
+            .with_columns([StructField::new("n", DeltaType::Primitive(PrimitiveType::Long), true)])
+            .await?;
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2, 3]))])?;
+        table.write(vec![batch.clone()]).await?;
+        let stray = |name: &str, age: std::time::Duration| -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
+            let path = dir.path().join("t").join(name);
+            let file = std::fs::File::create(&path)?;
+            let mut writer = deltalake::parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)?;
+            writer.write(&batch)?;
+            writer.close()?;
+            std::fs::File::options()
+                .write(true)
+                .open(&path)?
+                .set_modified(std::time::SystemTime::now() - age)?;
+            Ok(path)
+        };
+        let dead = stray(
+            "part-dead-writer.parquet",
+            UNREFERENCED_KEPT + std::time::Duration::from_secs(60),
+        )?;
+        let live = stray("part-live-writer.parquet", ABANDONED_AFTER * 2)?;
+        let removed = remove_unreferenced_rewrites(&location, "t", None, Unreferenced::Abandoned).await?;
+        assert_eq!(removed, 1);
+        assert!(!dead.exists(), "the dead writer's file stays");
+        assert!(
+            live.exists(),
+            "a live writer's file (unmarked, under a day old) was removed"
+        );
+        let table = crate::open_table(&location, "t").await?.ok_or("t")?;
+        let committed = table.snapshot()?.log_data().into_iter().count();
+        assert_eq!(committed, 1);
+        for f in table.snapshot()?.log_data() {
+            assert!(
+                dir.path().join("t").join(f.path().as_ref()).exists(),
+                "a committed file was removed"
+            );
+        }
+        Ok(())
+    }
 }
