@@ -451,9 +451,7 @@ fn spawn_segment_refresh(
 /// report reads about one row per key and hour at any moment, and rewrites the dates of
 /// `events` that gathered `process.events_compaction_min_files` small files into files of the
 /// target size; a failed or conflicting run is logged and retried next time. At its first
-/// run and then every `ABANDONED_AFTER` it also removes what rewrites that died left behind;
-/// every `LOG_AND_FILES_MAINTENANCE_EVERY`, the files commits replaced over
-/// `REPLACED_FILES_KEPT` ago and the expired log entries.
+/// run and then every `ABANDONED_AFTER` it also removes what rewrites that died left behind.
 fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shutdown: CancellationToken) {
     /// Dates with at least this many files are compacted.
     const MIN_FILES: usize = 4;
@@ -465,7 +463,6 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
     set.spawn(async move {
         let tables = tables?;
         let mut next_sweep = std::time::Instant::now();
-        let mut next_log_and_files = std::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -474,20 +471,6 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
             if std::time::Instant::now() >= next_sweep {
                 sweep_abandoned_rewrites(&tables).await;
                 next_sweep = std::time::Instant::now() + marsad_tables::rewrites::ABANDONED_AFTER;
-            }
-            if std::time::Instant::now() >= next_log_and_files {
-                match marsad_process::maintenance::remove_replaced_files(&tables).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "files replaced over 30 minutes ago removed from storage"),
-                    Err(e) => tracing::warn!(error = %e, "removing replaced files failed; again later"),
-                }
-                match marsad_process::maintenance::remove_expired_log_entries(&tables, None).await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "expired Delta log entries removed"),
-                    Err(e) => tracing::warn!(error = %e, "removing expired log entries failed; again later"),
-                }
-                next_log_and_files =
-                    std::time::Instant::now() + marsad_process::maintenance::LOG_AND_FILES_MAINTENANCE_EVERY;
             }
             let started = std::time::Instant::now();
             match marsad_process::rollup::compact(&tables, MIN_FILES).await {
@@ -518,6 +501,36 @@ fn spawn_compaction(set: &mut JoinSet<anyhow::Result<()>>, config: &Config, shut
                 ),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "events compaction failed; retrying next time"),
+            }
+        }
+    });
+}
+
+/// Every `LOG_AND_FILES_MAINTENANCE_EVERY`, on its own timer (however long compactions
+/// take, a replaced file must be removed before the log forgets it): removes the files
+/// commits replaced over `REPLACED_FILES_KEPT` ago and the expired log entries.
+fn spawn_log_and_files_maintenance(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    shutdown: CancellationToken,
+) {
+    let tables = config.tables();
+    set.spawn(async move {
+        let tables = tables?;
+        loop {
+            match marsad_process::maintenance::remove_replaced_files(&tables).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "files replaced over 30 minutes ago removed from storage"),
+                Err(e) => tracing::warn!(error = %e, "removing replaced files failed; again later"),
+            }
+            match marsad_process::maintenance::remove_expired_log_entries(&tables, None).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "expired Delta log entries removed"),
+                Err(e) => tracing::warn!(error = %e, "removing expired log entries failed; again later"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(marsad_process::maintenance::LOG_AND_FILES_MAINTENANCE_EVERY) => {}
             }
         }
     });
@@ -637,6 +650,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_compaction(&mut set, &config, shutdown.clone());
+    spawn_log_and_files_maintenance(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
     let query_privacy = privacy.query(&config, log.clone())?;
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
@@ -730,6 +744,7 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_compaction(&mut set, &config, shutdown.clone());
+    spawn_log_and_files_maintenance(&mut set, &config, shutdown.clone());
     let s = shutdown.clone();
     set.spawn(async move {
         let app = axum::Router::new()

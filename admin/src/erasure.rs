@@ -518,6 +518,8 @@ async fn delete_matching(
         } => DeleteFailure::Conflict(c.to_string()),
         // a file of the version read was vacuumed meanwhile (another erasure): read again
         e if marsad_tables::is_vanished_file(&e) => DeleteFailure::Conflict(e.to_string()),
+        // a commit after the version read left the log (cleaned up meanwhile): read again
+        e @ deltalake::DeltaTableError::InvalidVersion(_) => DeleteFailure::Conflict(e.to_string()),
         e => other(&e),
     })?;
     // the files it rewrote hold the subject's rows: removed from storage at once

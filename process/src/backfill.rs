@@ -155,6 +155,9 @@ pub async fn backfill(
     }
 
     let tables = config.tables()?;
+    // it commits over the versions it opens now, possibly hours later: the log cleanup waits
+    // (on an early return the notice stops being renewed and expires within minutes)
+    let notice = marsad_tables::announce_long_transaction(&tables).await?;
     let mut events_sink = DeltaSink::open_or_create(&tables, &events_spec()).await?;
     let mut rollup_sinks = Vec::new();
     for spec in rollup_specs() {
@@ -348,6 +351,7 @@ pub async fn backfill(
             rows_written,
         });
     }
+    notice.withdraw().await;
     Ok(report)
 }
 

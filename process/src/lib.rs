@@ -99,6 +99,11 @@ impl Error {
     /// Whether a commit failed because another writer committed positions of the same
     /// partition first: the partition moved (a rebalance, or this processor was presumed dead),
     /// so what this processor buffered must be dropped and the positions read again.
+    ///
+    /// A commit over a version whose later commits left the log (the cleanup removes entries
+    /// over an hour old, and this processor's partitions were quiet longer while others
+    /// committed) fails the same way and is handled the same way: the positions are read again
+    /// from a fresh snapshot, and nothing is committed twice.
     pub fn is_lost_ownership(&self) -> bool {
         use deltalake::kernel::transaction::TransactionError;
         matches!(
@@ -106,7 +111,7 @@ impl Error {
             Error::Delta {
                 source: deltalake::DeltaTableError::Transaction {
                     source: TransactionError::CommitConflict(_) | TransactionError::MaxCommitAttempts(_)
-                },
+                } | deltalake::DeltaTableError::InvalidVersion(_),
                 ..
             }
         )

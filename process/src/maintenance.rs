@@ -180,7 +180,7 @@ pub const LOG_AND_FILES_MAINTENANCE_EVERY: std::time::Duration = std::time::Dura
 /// Removes from storage the files of every table that commits replaced more than
 /// [`REPLACED_FILES_KEPT`] ago (a Delta vacuum of the files the log lists as removed). Without
 /// it they would stay for good once their tombstones leave the log (after
-/// `delta.deletedFileRetentionDuration`, a week): the small files a compaction merged, with
+/// `delta.deletedFileRetentionDuration`, an hour on Marsad's tables): the small files a compaction merged, with
 /// rows an erasure or retention removed later from the merged file only.
 pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
     let mut removed = 0;
@@ -200,9 +200,15 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 
 /// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
 /// `delta.logRetentionDuration`) that a checkpoint makes unnecessary, but never an `events`
-/// commit a rollup has not counted yet. Marsad's tables leave this to the hourly maintenance
+/// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
+    // a backfill commits over the version it read at its start, and its conflict check
+    // reads every commit since: none may go while it runs
+    if marsad_tables::long_transaction_in_progress(tables).await? {
+        tracing::info!("a long transaction (a backfill) is in progress: the log cleanup waits");
+        return Ok(0);
+    }
     let mut removed = 0;
     for name in TableName::ALL {
         let Some(table) = open_table(tables, name.as_str()).await? else {
@@ -523,15 +529,114 @@ mod tests {
             .append(test_batch(&[(pseudonym, session, 3, "cars", "page_view")]), &[(app, 0)])
             .await?;
         let mut log = String::new();
+        let mut kept = Vec::new();
         for entry in std::fs::read_dir(dir.path().join("events/_delta_log"))? {
             let path = entry?.path();
             if path.extension().is_some_and(|e| e == "json") {
-                log.push_str(&std::fs::read_to_string(&path)?);
+                let text = std::fs::read_to_string(&path)?;
+                for action in text
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                {
+                    let Some(stats) = action.pointer("/add/stats").and_then(|s| s.as_str()) else {
+                        continue;
+                    };
+                    let stats: serde_json::Value = serde_json::from_str(stats)?;
+                    if let Some(min) = stats.get("minValues").and_then(|m| m.as_object()) {
+                        kept.extend(min.keys().cloned());
+                    }
+                }
+                log.push_str(&text);
             }
         }
-        assert!(log.contains("\"ts\""), "the time's statistics are kept: {log}");
+        assert_eq!(kept, vec!["ts".to_owned()], "the file's statistics: {log}");
         assert!(!log.contains(pseudonym), "a pseudonym in the Delta log: {log}");
         assert!(!log.contains(session), "a session id in the Delta log: {log}");
         Ok(())
+    }
+
+    /// `events` with a checkpoint every 5 versions and `commits` appends of partition 1.
+    async fn events_with_checkpoints(
+        tables: &TablesLocation,
+        commits: u64,
+    ) -> std::result::Result<EventsTable, Box<dyn std::error::Error>> {
+        let events = EventsTable::open_or_create(tables).await?;
+        events
+            .sink()
+            .table()
+            .clone()
+            .set_tbl_properties()
+            .with_properties(std::collections::HashMap::from([(
+                "delta.checkpointInterval".to_owned(),
+                "5".to_owned(),
+            )]))
+            .await?;
+        let mut events = EventsTable::open_or_create(tables).await?;
+        let other = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 1);
+        for c in 0..commits {
+            let rows = [(format!("w{c}"), format!("t{c}"), c as i64)];
+            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+                .iter()
+                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+                .collect();
+            events.append(test_batch(&refs), &[(other.clone(), c)]).await?;
+        }
+        Ok(events)
+    }
+
+    /// A processor whose partitions were quiet for over an hour while others committed holds
+    /// a version whose later commits have left the log: its next commit cannot check them for
+    /// conflicts and fails, as lost ownership (it reads its positions again and goes on),
+    /// not as an error that stops `marsad up`.
+    #[tokio::test]
+    async fn a_commit_over_a_version_whose_successors_left_the_log_is_lost_ownership()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let mut quiet = EventsTable::open_or_create(&tables).await?;
+        events_with_checkpoints(&tables, 12).await?;
+        let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(removed > 0);
+        let failed = append_ten(&mut quiet, 9).await;
+        let error = failed
+            .err()
+            .ok_or("a commit over a version whose successors are gone")?;
+        let error = error
+            .downcast::<Error>()
+            .map_err(|e| format!("not a processor error: {e}"))?;
+        assert!(error.is_lost_ownership(), "{error}");
+        // read again, it commits
+        let mut fresh = EventsTable::open_or_create(&tables).await?;
+        append_ten(&mut fresh, 9).await?;
+        Ok(())
+    }
+
+    /// While a backfill runs (it commits over the version it read at its start, possibly
+    /// hours later), the log cleanup removes nothing; once it is done, the cleanup goes on.
+    #[tokio::test]
+    async fn the_log_cleanup_waits_for_a_long_transaction() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        events_with_checkpoints(&tables, 12).await?;
+        let notice = marsad_tables::announce_long_transaction(&tables).await?;
+        let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert_eq!(removed, 0, "the log was cleaned under a running backfill");
+        notice.withdraw().await;
+        let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(removed > 0);
+        Ok(())
+    }
+
+    /// A replaced file is removed (at most `REPLACED_FILES_KEPT` plus a maintenance interval
+    /// after its commit) before the log forgets it (`DELETED_FILE_RETENTION`): after that, no
+    /// vacuum that reads the log would find it.
+    #[test]
+    fn replaced_files_go_before_the_log_forgets_them() {
+        let removed_within = REPLACED_FILES_KEPT.num_minutes() + LOG_AND_FILES_MAINTENANCE_EVERY.as_secs() as i64 / 60;
+        assert_eq!(crate::table::DELETED_FILE_RETENTION, "interval 60 minutes");
+        assert!(
+            removed_within + 15 <= 60,
+            "{removed_within} minutes leave too little margin"
+        );
     }
 }

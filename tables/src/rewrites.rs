@@ -94,12 +94,30 @@ pub async fn remove_unreferenced_rewrites(
         return Ok(0);
     };
     // an active file's path as the log has it, encoded and not: never taken for unreferenced
+    // (`active`: those the latest version references, and for the sweep those it remembers
+    // as replaced)
     let mut active: HashSet<Path> = HashSet::new();
     for f in table.snapshot().map_err(delta(name))?.log_data() {
         let raw = f.path();
         active.insert(Path::from(raw.as_ref()));
         if let Ok(decoded) = Path::from_url_path(raw.as_ref()) {
             active.insert(decoded);
+        }
+    }
+    // a file a commit replaced is the vacuum's after `REPLACED_FILES_KEPT` (queries may still
+    // read the version before), however old the file itself is
+    if matches!(which, Unreferenced::Abandoned) {
+        let log_store = table.log_store();
+        let mut tombstones = table
+            .snapshot()
+            .map_err(delta(name))?
+            .all_tombstones(log_store.as_ref());
+        while let Some(tombstone) = tombstones.try_next().await.map_err(delta(name))? {
+            let raw = tombstone.path();
+            active.insert(Path::from(raw.as_ref()));
+            if let Ok(decoded) = Path::from_url_path(raw.as_ref()) {
+                active.insert(decoded);
+            }
         }
     }
     let store = table.object_store();
@@ -204,18 +222,48 @@ pub const ERASURE_NOTICE_TTL: std::time::Duration = std::time::Duration::from_se
 /// Where erasure notices live: a directory beside the tables (no table's).
 const NOTICES: &str = "_erasures_in_progress";
 
-fn notices(location: &TablesLocation) -> Result<deltalake::logstore::ObjectStoreRef> {
-    Ok(crate::table_handle(location, NOTICES)?.object_store())
+/// Where the notices of long transactions live (see [`announce_long_transaction`]).
+const LONG_TRANSACTIONS: &str = "_long_transactions_in_progress";
+
+/// A long transaction's notice not renewed for this long is from a process that died.
+pub const LONG_TRANSACTION_NOTICE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How often a long transaction renews its notice.
+const LONG_TRANSACTION_RENEWAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn notices(location: &TablesLocation, dir: &str) -> Result<deltalake::logstore::ObjectStoreRef> {
+    Ok(crate::table_handle(location, dir)?.object_store())
+}
+
+/// Writes (or renews) notice `path` in `dir`.
+async fn put_notice(store: &dyn ObjectStore, dir: &str, path: &Path, text: &'static [u8]) -> Result<()> {
+    store
+        .put(path, bytes::Bytes::from_static(text).into())
+        .await
+        .map(|_| ())
+        .map_err(|e| delta(dir)(e.into()))
+}
+
+/// Whether `dir` holds a notice written less than `ttl` ago.
+async fn fresh_notice(location: &TablesLocation, dir: &str, ttl: std::time::Duration) -> Result<bool> {
+    let store = notices(location, dir)?;
+    let listed: Vec<ObjectMeta> = store.list(None).try_collect().await.map_err(|e| delta(dir)(e.into()))?;
+    let now = std::time::SystemTime::now();
+    Ok(listed
+        .iter()
+        .filter(|m| m.location.as_ref().ends_with(".notice"))
+        .any(|m| {
+            let written = std::time::SystemTime::from(m.last_modified);
+            // (a notice dated in the future counts as written now: it still expires)
+            now.duration_since(written).map_or(true, |age| age < ttl) && written < now + ttl
+        }))
 }
 
 /// Announces an erasure until [`ErasureNotice::withdraw`] (or [`ERASURE_NOTICE_TTL`]).
 pub async fn announce_erasure(location: &TablesLocation) -> Result<ErasureNotice> {
-    let store = notices(location)?;
+    let store = notices(location, NOTICES)?;
     let path = Path::from(format!("{}.notice", RewriteRun::new().id()));
-    store
-        .put(&path, bytes::Bytes::from_static(b"erasure in progress\n").into())
-        .await
-        .map_err(|e| delta(NOTICES)(e.into()))?;
+    put_notice(store.as_ref(), NOTICES, &path, b"erasure in progress\n").await?;
     Ok(ErasureNotice { store, path })
 }
 
@@ -230,22 +278,62 @@ impl ErasureNotice {
 
 /// Whether an erasure announced itself less than [`ERASURE_NOTICE_TTL`] ago and is not done.
 pub async fn erasure_in_progress(location: &TablesLocation) -> Result<bool> {
-    let store = notices(location)?;
-    let listed: Vec<ObjectMeta> = store
-        .list(None)
-        .try_collect()
-        .await
-        .map_err(|e| delta(NOTICES)(e.into()))?;
-    let now = std::time::SystemTime::now();
-    Ok(listed
-        .iter()
-        .filter(|m| m.location.as_ref().ends_with(".notice"))
-        .any(|m| {
-            let written = std::time::SystemTime::from(m.last_modified);
-            // (a notice dated in the future counts as written now: it still expires)
-            now.duration_since(written).map_or(true, |age| age < ERASURE_NOTICE_TTL)
-                && written < now + ERASURE_NOTICE_TTL
-        }))
+    fresh_notice(location, NOTICES, ERASURE_NOTICE_TTL).await
+}
+
+/// A transaction that commits long after the version it read (a backfill) announces itself
+/// for as long as it runs, renewing its notice every minute: the log cleanup removes nothing
+/// meanwhile, since its commit must read every commit after its version to check for
+/// conflicts (a missing one fails it).
+#[derive(Debug)]
+pub struct LongTransactionNotice {
+    store: deltalake::logstore::ObjectStoreRef,
+    path: Path,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+/// Announces a long transaction until [`LongTransactionNotice::withdraw`] (or its process
+/// dies, and the notice is [`LONG_TRANSACTION_NOTICE_TTL`] old).
+pub async fn announce_long_transaction(location: &TablesLocation) -> Result<LongTransactionNotice> {
+    let store = notices(location, LONG_TRANSACTIONS)?;
+    let path = Path::from(format!("{}.notice", RewriteRun::new().id()));
+    const TEXT: &[u8] = b"a transaction reading an older version is in progress\n";
+    put_notice(store.as_ref(), LONG_TRANSACTIONS, &path, TEXT).await?;
+    let renewal = {
+        let (store, path) = (store.clone(), path.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LONG_TRANSACTION_RENEWAL).await;
+                if let Err(e) = put_notice(store.as_ref(), LONG_TRANSACTIONS, &path, TEXT).await {
+                    tracing::warn!(error = %e, "a long transaction's notice could not be renewed; trying again");
+                }
+            }
+        })
+    };
+    Ok(LongTransactionNotice { store, path, renewal })
+}
+
+impl LongTransactionNotice {
+    /// Ends the announcement.
+    pub async fn withdraw(self) {
+        self.renewal.abort();
+        if let Err(e) = self.store.delete(&self.path).await {
+            tracing::warn!(error = %e, "a long transaction's notice could not be removed; it expires");
+        }
+    }
+}
+
+impl Drop for LongTransactionNotice {
+    fn drop(&mut self) {
+        // (withdrawn or not, the renewal stops with the transaction)
+        self.renewal.abort();
+    }
+}
+
+/// Whether a long transaction announced itself and renewed its notice within
+/// [`LONG_TRANSACTION_NOTICE_TTL`].
+pub async fn long_transaction_in_progress(location: &TablesLocation) -> Result<bool> {
+    fresh_notice(location, LONG_TRANSACTIONS, LONG_TRANSACTION_NOTICE_TTL).await
 }
 
 /// Removes from storage the files commits of `table` removed more than `kept` ago (zero: all
@@ -292,7 +380,8 @@ mod tests {
 
     /// A data file written and never committed by a writer that died (no rewrite mark) is
     /// removed by the sweep once a day old: it may hold rows erased from every committed
-    /// file. A younger one may be a live writer's and stays, as do the committed files.
+    /// file. A younger one may be a live writer's and stays, as do the committed files and a
+    /// day-old file a commit replaced moments ago (queries may still read it).
     #[tokio::test]
     async fn a_day_old_file_no_version_references_is_removed_marked_or_not() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
@@ -303,7 +392,23 @@ mod tests {
             .await?;
         let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, true)]));
         let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![1, 2, 3]))])?;
-        table.write(vec![batch.clone()]).await?;
+        let table = table.write(vec![batch.clone()]).await?;
+        // a day-old file a commit has just replaced: the vacuum's, 30 minutes later
+        let replaced: Vec<String> = table
+            .snapshot()?
+            .log_data()
+            .into_iter()
+            .map(|f| f.path().to_string())
+            .collect();
+        table
+            .write(vec![batch.clone()])
+            .with_save_mode(deltalake::protocol::SaveMode::Overwrite)
+            .await?;
+        let replaced = dir.path().join("t").join(replaced.first().ok_or("a file")?);
+        std::fs::File::options()
+            .write(true)
+            .open(&replaced)?
+            .set_modified(std::time::SystemTime::now() - UNREFERENCED_KEPT * 2)?;
         let stray = |name: &str, age: std::time::Duration| -> Result<std::path::PathBuf, Box<dyn std::error::Error>> {
             let path = dir.path().join("t").join(name);
             let file = std::fs::File::create(&path)?;

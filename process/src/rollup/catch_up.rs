@@ -63,7 +63,7 @@ impl Rollups {
             Vec::new()
         } else {
             match uncounted_commits(events.table(), &lagging).await? {
-                Uncounted::Commits(commits) => commits,
+                Uncounted::Commits(commits, _) => commits,
                 Uncounted::Gone { version } => {
                     tracing::warn!(
                         gone_from = version,
@@ -345,8 +345,8 @@ fn file_date(path: &str) -> Option<i32> {
 
 /// The `events` commits the rollups have not counted, or where the log no longer has them.
 enum Uncounted {
-    /// Oldest first.
-    Commits(Vec<Commit>),
+    /// Oldest first, and the oldest version read to find them (the catch-up reads the same).
+    Commits(Vec<Commit>, u64),
     /// Commit `version` and older are gone from the log.
     Gone {
         /// The newest version gone.
@@ -354,14 +354,15 @@ enum Uncounted {
     },
 }
 
-/// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,
-/// read from the log as typed actions, newest back to the first commit every app id has
-/// counted.
-/// The oldest `events` version a rollup's catch-up could still read: the first commit some
-/// rollup has not counted, or the latest version when every rollup is level. Log entries from
-/// this version on must stay, whatever their age (a processor that died between its commits
-/// and comes back in a week still counts what it left). A rollup table that does not exist
-/// yet constrains nothing: it is built from `events` whole when it is made.
+/// The oldest `events` version a rollup's catch-up would read: back from the latest to the
+/// newest commit every rollup has counted for each app id (the catch-up walks back until
+/// then), or the latest version when every rollup is level. Log entries from this version on
+/// must stay, whatever their age: a commit the walk meets gone makes the catch-up rebuild
+/// every date from `events` (which refuses beside other processors). An app id a rollup has
+/// never counted keeps the whole log, as its catch-up reads all of it. A rollup table that
+/// does not exist yet constrains nothing: it is built from `events` whole when it is made.
+/// (The data files of an uncounted commit are another matter: once compacted and vacuumed,
+/// 30 minutes later, the catch-up rebuilds too.)
 pub(crate) async fn oldest_version_to_keep(events: &DeltaTable, rollups: &[DeltaTable]) -> Result<u64> {
     let Some(latest) = events.version() else {
         return Ok(0);
@@ -396,15 +397,18 @@ pub(crate) async fn oldest_version_to_keep(events: &DeltaTable, rollups: &[Delta
         return Ok(latest);
     }
     Ok(match uncounted_commits(events, &lagging).await? {
-        Uncounted::Commits(commits) => commits.first().map_or(latest, |c| c.version),
+        Uncounted::Commits(_, oldest_read) => oldest_read,
         // the catch-up rebuilds from the rows whatever entries are kept
         Uncounted::Gone { .. } => latest,
     })
 }
 
+/// The appends to `events` (oldest first) that cover positions beyond `counted` per app id,
+/// read from the log as typed actions, newest back to the first commit every app id has
+/// counted.
 async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -> Result<Uncounted> {
     let Some(latest) = table.version() else {
-        return Ok(Uncounted::Commits(Vec::new()));
+        return Ok(Uncounted::Commits(Vec::new(), 0));
     };
     let mut found = Vec::new();
     let mut settled: HashSet<&str> = HashSet::new();
@@ -432,7 +436,7 @@ async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -
         }
     }
     found.reverse();
-    Ok(Uncounted::Commits(found))
+    Ok(Uncounted::Commits(found, (version + 1).max(0) as u64))
 }
 
 /// A reader of one data file of `events` (only `columns`, when given), batch by batch; `None`
@@ -624,7 +628,7 @@ mod tests {
         Ok(())
     }
 
-    /// The hourly log cleanup removes old entries of `events` up to a checkpoint, but never a
+    /// The log cleanup removes old entries of `events` up to a checkpoint, but never a
     /// commit the rollups have not counted (a processor died between its commits): the
     /// catch-up then reads the uncounted commits themselves, rather than finding them gone
     /// and rebuilding every date from the rows (which refuses when other processors own
@@ -632,6 +636,17 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_log_cleanup_keeps_the_commits_the_rollups_have_not_counted()
     -> std::result::Result<(), Box<dyn std::error::Error>> {
+        // 4: a checkpoint between the last counted commit and the first uncounted one;
+        // 7: the first uncounted commit is a checkpoint (the catch-up still reads the one before)
+        for counted in [4, 7] {
+            cleanup_keeps_what_the_catch_up_reads(counted).await?;
+        }
+        Ok(())
+    }
+
+    async fn cleanup_keeps_what_the_catch_up_reads(
+        counted: i64,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
@@ -658,8 +673,8 @@ mod tests {
             let version = events
                 .append(test_batch(&refs), &[(app.clone(), (c * 10 + 9) as u64)])
                 .await?;
-            // the processor dies after its fourth events commit: the rollups never count the rest
-            if c < 4 {
+            // the processor dies after its `counted`th events commit: the rollups never count the rest
+            if c < counted {
                 rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
                 rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
             } else if first_uncounted.is_none() {
@@ -675,11 +690,11 @@ mod tests {
             removed > 0,
             "entries before the last checkpoint the catch-up does not need go"
         );
-        for version in first_uncounted..=latest {
+        for version in first_uncounted - 1..=latest {
             let commit = marsad_tables::read_commit(events.sink().table(), "events", version).await?;
             assert!(
                 commit.is_some(),
-                "version {version}, which the rollups have not counted, was removed"
+                "version {version}, which the catch-up reads, was removed ({counted} counted)"
             );
         }
         assert!(
@@ -694,7 +709,7 @@ mod tests {
         let report = rollups.catch_up(events.sink(), &positions).await?;
         assert_eq!(
             (report.events, report.commits),
-            (80, 8),
+            (10 * (12 - counted as usize), 12 - counted as usize),
             "read back, not rebuilt: {report:?}"
         );
         assert_eq!(traffic_total(&tables).await?, Some(120));
@@ -702,10 +717,10 @@ mod tests {
 
         crate::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
         assert!(
-            marsad_tables::read_commit(events.sink().table(), "events", first_uncounted)
+            marsad_tables::read_commit(events.sink().table(), "events", first_uncounted - 1)
                 .await?
                 .is_none(),
-            "counted, the commits go at the next cleanup"
+            "counted, the commits before the last checkpoint go at the next cleanup"
         );
         Ok(())
     }
