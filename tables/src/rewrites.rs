@@ -31,8 +31,10 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// writer that died between writing and committing (a processor's append, a backfill), or a
 /// replaced file the log forgot before a vacuum removed it (its tombstone expired while the
 /// maintenance was not running). Such a file may hold rows an erasure or retention removed
-/// from every committed file. Marsad's writers commit within minutes; another tool's writer
-/// that takes a day between writing a file and committing it would lose that file.
+/// from every committed file. Marsad's writers commit within minutes, except a backfill,
+/// whose files are left alone while it announces itself ([`announce_long_transaction`]);
+/// another tool's writer that takes a day between writing a file and committing it would
+/// lose it.
 pub const UNREFERENCED_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// One run of a rewrite (a compaction, an erasure's delete): what marks its files.
@@ -127,6 +129,10 @@ pub async fn remove_unreferenced_rewrites(
         .await
         .map_err(|e| delta(name)(e.into()))?;
     let now = std::time::SystemTime::now();
+    // a backfill writes its files as it reads the raw log and commits them at its end: they
+    // may be a day old and still be its
+    let long_transaction_running =
+        matches!(which, Unreferenced::Abandoned) && long_transaction_in_progress(location).await?;
     let mut removed = 0;
     for meta in listed {
         let path = meta.location.as_ref();
@@ -143,6 +149,7 @@ pub async fn remove_unreferenced_rewrites(
             continue;
         }
         let forgotten = matches!(which, Unreferenced::Abandoned)
+            && !long_transaction_running
             && now.duration_since(written).is_ok_and(|age| age > UNREFERENCED_KEPT);
         // a file gone meanwhile (a vacuum beside) or unreadable is skipped, not the end of
         // the sweep: the files after it may be the ones holding erased rows
@@ -426,6 +433,11 @@ mod tests {
             UNREFERENCED_KEPT + std::time::Duration::from_secs(60),
         )?;
         let live = stray("part-live-writer.parquet", ABANDONED_AFTER * 2)?;
+        // a backfill running (it commits its day-old files at its end): nothing unmarked goes
+        let backfill = announce_long_transaction(&location).await?;
+        let removed = remove_unreferenced_rewrites(&location, "t", None, Unreferenced::Abandoned).await?;
+        assert_eq!(removed, 0, "a running backfill's files were removed");
+        backfill.withdraw().await;
         let removed = remove_unreferenced_rewrites(&location, "t", None, Unreferenced::Abandoned).await?;
         assert_eq!(removed, 1);
         assert!(!dead.exists(), "the dead writer's file stays");
