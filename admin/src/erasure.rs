@@ -503,6 +503,7 @@ async fn delete_matching(
     let deleted = table
         .clone()
         .delete()
+        .with_session_state(marsad_tables::rewrite_session())
         .with_predicate(predicate.to_owned())
         .with_writer_properties(run.writer_properties())
         .await;

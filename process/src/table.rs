@@ -335,6 +335,7 @@ impl DeltaSink {
             .table
             .clone()
             .delete()
+            .with_session_state(marsad_tables::rewrite_session())
             .with_predicate(predicate)
             .await
             .map_err(|e| self.delta(e))?;

@@ -108,6 +108,25 @@ fn has_commit_or_checkpoint(log: &std::path::Path) -> bool {
     log.join("_last_checkpoint").is_file() || log.join(format!("{:020}.json", 0)).is_file()
 }
 
+/// The DataFusion session a rewrite of a table's files (a compaction, an erasure's delete)
+/// reads and writes with: text stays `Utf8`. DataFusion reads Parquet text as `Utf8View` by
+/// default, and delta-rs writes the rewritten files with the schema it read, so files of one
+/// table disagreed on their columns' types (`Utf8` as the processor writes them, `Utf8View`
+/// after a compaction): engines reading the files themselves (DataFusion's own Parquet
+/// listing, among the peers `benches/engines.py` runs) then refuse to merge their schemas.
+pub fn rewrite_session() -> std::sync::Arc<dyn datafusion::catalog::Session> {
+    use deltalake::delta_datafusion::{DeltaSessionConfig, planner::DeltaPlanner};
+    // delta-rs's own session (its planner runs the custom nodes of a delete), text as Utf8
+    let config: datafusion::prelude::SessionConfig = DeltaSessionConfig::default().into();
+    let config = config.set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+    let state = datafusion::execution::SessionStateBuilder::new()
+        .with_default_features()
+        .with_config(config)
+        .with_query_planner(DeltaPlanner::new())
+        .build();
+    std::sync::Arc::new(state)
+}
+
 /// Registers `table` in `ctx` as `name`, its object store (`s3://…`) made known to the session first.
 pub async fn register(ctx: &datafusion::prelude::SessionContext, name: &str, table: &DeltaTable) -> Result<()> {
     table.update_datafusion_session(&ctx.state()).map_err(delta(name))?;
