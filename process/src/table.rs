@@ -68,7 +68,8 @@ impl TableSpec {
     }
 
     /// The columns Delta keeps min/max statistics of in its log, for skipping files: the
-    /// time column queries narrow a date to (`demographics_daily` has none but its date). Every commit replays the statistics of every
+    /// time column queries narrow a date to (`demographics_daily` has none but its date).
+    /// Every commit replays the statistics of every
     /// active file (delta-rs keeps them parsed in its snapshot), so each column costs on
     /// every commit and every query's refresh: with all 26 `events` columns, a commit over
     /// 300 files took 92 ms; with `ts` alone, 25 ms (`benches/log_growth.rs`). No
