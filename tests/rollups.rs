@@ -407,7 +407,8 @@ async fn a_busy_visitor_adds_at_most_the_clamp_to_the_rollups() -> Result<()> {
     config.process.batch_max_interval_ms = 100;
     config.process.max_events_per_visitor_day = 3;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
-    let now = Utc::now();
+    // (its events, 30 and 20 minutes old, on one day: the clamp is per visitor and day)
+    let now = fixture_now();
     let event = |cookie: &str, i: usize, kind: &str, minutes_ago: i64| -> Record {
         let mut event = serde_json::json!({
             "type": kind, "url": "https://kulshi.example/ar/سيارات/1", "cookie_id": cookie,

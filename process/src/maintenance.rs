@@ -204,12 +204,6 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 /// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
-    // a backfill commits over the version it read at its start, and its conflict check
-    // reads every commit since: none may go while it runs
-    if marsad_tables::long_transaction_in_progress(tables).await? {
-        tracing::info!("a long transaction (a backfill) is in progress: the log cleanup waits");
-        return Ok(0);
-    }
     let mut removed = 0;
     for name in TableName::ALL {
         let Some(table) = open_table(tables, name.as_str()).await? else {
@@ -222,6 +216,13 @@ pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<ch
         let Some(latest) = table.version() else {
             continue;
         };
+        // a backfill commits over the version it read at its start, and its conflict check
+        // reads every commit since: none may go while it runs. (Checked after opening the
+        // table: a backfill that starts after the check reads `latest` or later, which stays.)
+        if marsad_tables::long_transaction_in_progress(tables).await? {
+            tracing::info!("a long transaction (a backfill) is in progress: the log cleanup waits");
+            return Ok(removed);
+        }
         let keep_from = if name == TableName::Events {
             // opened after `events`: positions they counted since only keep more
             let mut rollups = Vec::new();

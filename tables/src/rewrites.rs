@@ -92,6 +92,11 @@ pub async fn remove_unreferenced_rewrites(
     prefix: Option<&str>,
     which: Unreferenced<'_>,
 ) -> Result<usize> {
+    // a backfill writes its files as it reads the raw log and commits them at its end: they
+    // may be a day old and still be its (checked before the snapshot: a backfill that commits
+    // and withdraws after it has its files in no version this sweep sees)
+    let long_transaction_running =
+        matches!(which, Unreferenced::Abandoned) && long_transaction_in_progress(location).await?;
     let Some(table) = open_table(location, name).await? else {
         return Ok(0);
     };
@@ -129,10 +134,6 @@ pub async fn remove_unreferenced_rewrites(
         .await
         .map_err(|e| delta(name)(e.into()))?;
     let now = std::time::SystemTime::now();
-    // a backfill writes its files as it reads the raw log and commits them at its end: they
-    // may be a day old and still be its
-    let long_transaction_running =
-        matches!(which, Unreferenced::Abandoned) && long_transaction_in_progress(location).await?;
     let mut removed = 0;
     for meta in listed {
         let path = meta.location.as_ref();
@@ -233,7 +234,8 @@ const NOTICES: &str = "_erasures_in_progress";
 const LONG_TRANSACTIONS: &str = "_long_transactions_in_progress";
 
 /// A long transaction's notice not renewed for this long is from a process that died.
-pub const LONG_TRANSACTION_NOTICE_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// (Generous beside the minute between renewals: the store's clock and this host's may differ.)
+pub const LONG_TRANSACTION_NOTICE_TTL: std::time::Duration = std::time::Duration::from_secs(900);
 
 /// How often a long transaction renews its notice.
 const LONG_TRANSACTION_RENEWAL: std::time::Duration = std::time::Duration::from_secs(60);

@@ -415,6 +415,12 @@ async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -
     let mut version = latest as i64;
     while version >= 0 && settled.len() < counted.len() {
         let Some(commit) = marsad_tables::read_commit(table, "events", version as u64).await? else {
+            // the entries before a checkpoint are gone (a partition quiet for over the log's
+            // retention): the positions as of the oldest version left say whether the commits
+            // before it were all counted
+            if counted_before(table, (version + 1) as u64, counted, &settled).await? {
+                break;
+            }
             return Ok(Uncounted::Gone { version });
         };
         version -= 1;
@@ -437,6 +443,42 @@ async fn uncounted_commits(table: &DeltaTable, counted: &HashMap<String, i64>) -
     }
     found.reverse();
     Ok(Uncounted::Commits(found, (version + 1).max(0) as u64))
+}
+
+/// Whether every app id of `counted` not `settled` had committed no position beyond what the
+/// rollups counted as of `events` version `oldest` (so none of the commits before it is
+/// needed); false when that version cannot be read.
+async fn counted_before(
+    table: &DeltaTable,
+    oldest: u64,
+    counted: &HashMap<String, i64>,
+    settled: &HashSet<&str>,
+) -> Result<bool> {
+    let mut at = table.clone();
+    if let Err(e) = at.load_version(oldest).await {
+        tracing::warn!(version = oldest, error = %e, "could not read the oldest events version in the log");
+        return Ok(false);
+    }
+    let snapshot = at.snapshot().map_err(|source| Error::Delta {
+        table: "events",
+        source,
+    })?;
+    for (app, &c) in counted {
+        if settled.contains(app.as_str()) {
+            continue;
+        }
+        let position = snapshot
+            .transaction_version(at.log_store().as_ref(), app)
+            .await
+            .map_err(|source| Error::Delta {
+                table: "events",
+                source,
+            })?;
+        if position.unwrap_or(-1) > c {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// A reader of one data file of `events` (only `columns`, when given), batch by batch; `None`
@@ -722,6 +764,78 @@ mod tests {
                 .is_none(),
             "counted, the commits before the last checkpoint go at the next cleanup"
         );
+        Ok(())
+    }
+
+    /// A partition quiet for longer than the log's retention: its last counted commit leaves
+    /// the log with nothing lagging. Then it gets an event and the processor dies between
+    /// the commits: the catch-up counts that commit from the log (the positions at the
+    /// oldest version left show nothing older was needed), instead of rebuilding every
+    /// date, which refuses beside other processors.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_quiet_through_a_log_cleanup_is_caught_up_from_the_log()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = marsad_config::TablesLocation::local(dir.path())?;
+        let (busy, quiet) = (
+            crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0),
+            crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 1),
+        );
+        let apps = [busy.clone(), quiet.clone()];
+        let events = EventsTable::open_or_create(&tables).await?;
+        events
+            .sink()
+            .table()
+            .clone()
+            .set_tbl_properties()
+            .with_properties(HashMap::from([("delta.checkpointInterval".to_owned(), "5".to_owned())]))
+            .await?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        let mut rollups = Rollups::open(&tables, &apps, 20).await?;
+        let rows = |c: i64| -> Vec<(String, String, i64)> {
+            (0..10)
+                .map(|i| (format!("v{i}"), format!("s{c}-{i}"), c * 10 + i))
+                .collect()
+        };
+        // both partitions counted; then only the busy one gets events, 12 commits
+        for (c, app) in std::iter::once((0i64, &quiet)).chain((1..13).map(|c| (c, &busy))) {
+            let rows = rows(c);
+            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+                .iter()
+                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+                .collect();
+            events
+                .append(test_batch(&refs), &[(app.clone(), (c * 10 + 9) as u64)])
+                .await?;
+            rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+            rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
+        }
+        drop(rollups);
+        let removed = crate::maintenance::remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(removed > 0);
+        assert!(
+            marsad_tables::read_commit(events.sink().table(), "events", 2)
+                .await?
+                .is_none(),
+            "the quiet partition's commit left the log"
+        );
+        // the quiet partition gets an event; the processor dies before the rollup commit
+        let late = rows(13);
+        let refs: Vec<(&str, &str, i64, &str, &str)> = late
+            .iter()
+            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+            .collect();
+        events.append(test_batch(&refs), &[(quiet.clone(), 139)]).await?;
+
+        let positions = events.committed_offsets(&apps).await?;
+        let mut rollups = Rollups::open(&tables, &apps, 20).await?;
+        let report = rollups.catch_up(events.sink(), &positions).await?;
+        assert_eq!(
+            (report.events, report.commits),
+            (10, 1),
+            "read from the log, not rebuilt: {report:?}"
+        );
+        assert_eq!(traffic_total(&tables).await?, Some(140));
         Ok(())
     }
 }
