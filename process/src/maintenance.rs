@@ -563,18 +563,7 @@ mod tests {
         tables: &TablesLocation,
         commits: u64,
     ) -> std::result::Result<EventsTable, Box<dyn std::error::Error>> {
-        let events = EventsTable::open_or_create(tables).await?;
-        events
-            .sink()
-            .table()
-            .clone()
-            .set_tbl_properties()
-            .with_properties(std::collections::HashMap::from([(
-                "delta.checkpointInterval".to_owned(),
-                "5".to_owned(),
-            )]))
-            .await?;
-        let mut events = EventsTable::open_or_create(tables).await?;
+        let mut events = EventsTable::checkpointing_every(tables, 5).await?;
         let other = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 1);
         for c in 0..commits {
             let rows = [(format!("w{c}"), format!("t{c}"), c as i64)];

@@ -626,6 +626,27 @@ impl EventsTable {
         Ok(out)
     }
 
+    /// A fresh `events` at `tables` that writes a checkpoint every `versions` versions, so a
+    /// test's few dozen commits have several (log cleanup removes entries up to one).
+    #[cfg(test)]
+    pub(crate) async fn checkpointing_every(
+        tables: &TablesLocation,
+        versions: u32,
+    ) -> std::result::Result<Self, Box<dyn std::error::Error>> {
+        let events = Self::open_or_create(tables).await?;
+        events
+            .sink
+            .table
+            .clone()
+            .set_tbl_properties()
+            .with_properties(HashMap::from([(
+                "delta.checkpointInterval".to_owned(),
+                versions.to_string(),
+            )]))
+            .await?;
+        Ok(Self::open_or_create(tables).await?)
+    }
+
     /// The table's current version (for logs).
     pub fn version(&self) -> Option<u64> {
         self.sink.version()

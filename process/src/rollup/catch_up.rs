@@ -526,6 +526,15 @@ mod tests {
     use crate::rollup::rows::test_batch;
     use crate::table::EventsTable;
 
+    /// Page views of cars, one per (visitor, session, minute).
+    fn page_views(rows: &[(String, String, i64)]) -> arrow::record_batch::RecordBatch {
+        let refs: Vec<(&str, &str, i64, &str, &str)> = rows
+            .iter()
+            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
+            .collect();
+        test_batch(&refs)
+    }
+
     /// The events `traffic_hourly` has counted, summed over its rows.
     async fn traffic_total(
         tables: &marsad_config::TablesLocation,
@@ -558,12 +567,9 @@ mod tests {
                     (format!("v{}", n % 7_000), format!("s{}", n % 9_000), (n / 100) as i64)
                 })
                 .collect();
-            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
-                .iter()
-                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-                .collect();
+            let batch = page_views(&rows);
             let last = ((commit + 1) * COMMIT_ROWS - 1) as u64;
-            events.append(test_batch(&refs), &[(app.clone(), last)]).await?;
+            events.append(batch.clone(), &[(app.clone(), last)]).await?;
         }
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
         let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
@@ -599,11 +605,8 @@ mod tests {
             let rows: Vec<(String, String, i64)> = (0..10)
                 .map(|i| (format!("v{i}"), format!("s{i}"), c * 10 + i))
                 .collect();
-            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
-                .iter()
-                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-                .collect();
-            rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+            let batch = page_views(&rows);
+            rollups.add(&batch, &[(app.clone(), c * 10 + 9)])?;
             if c == 4 {
                 // the processor's snapshots are from before this compaction
                 let merged = super::super::compact(&tables, 2).await?;
@@ -629,21 +632,15 @@ mod tests {
         let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
         // the first commit is counted by the rollups too
         let first: Vec<(String, String, i64)> = (0..40).map(|i| (format!("v{}", i % 8), format!("s{i}"), i)).collect();
-        let refs: Vec<(&str, &str, i64, &str, &str)> = first
-            .iter()
-            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-            .collect();
-        events.append(test_batch(&refs), &[(app.clone(), 39)]).await?;
-        rollups.add(&test_batch(&refs), &[(app.clone(), 39)])?;
+        let batch = page_views(&first);
+        events.append(batch.clone(), &[(app.clone(), 39)]).await?;
+        rollups.add(&batch, &[(app.clone(), 39)])?;
         rollups.commit(&[(app.clone(), 39)], None).await?;
         // the second is committed to events only, then one visitor's rows are erased from it
         let second: Vec<(String, String, i64)> =
             (40..100).map(|i| (format!("w{}", i % 8), format!("s{i}"), i)).collect();
-        let refs: Vec<(&str, &str, i64, &str, &str)> = second
-            .iter()
-            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-            .collect();
-        events.append(test_batch(&refs), &[(app.clone(), 99)]).await?;
+        let batch = page_views(&second);
+        events.append(batch.clone(), &[(app.clone(), 99)]).await?;
         drop(rollups);
         let (erased, _) = events
             .sink()
@@ -692,32 +689,20 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
-        let events = EventsTable::open_or_create(&tables).await?;
-        // a checkpoint every 5 versions, so a few dozen commits have several
-        events
-            .sink()
-            .table()
-            .clone()
-            .set_tbl_properties()
-            .with_properties(HashMap::from([("delta.checkpointInterval".to_owned(), "5".to_owned())]))
-            .await?;
-        let mut events = EventsTable::open_or_create(&tables).await?;
+        let mut events = EventsTable::checkpointing_every(&tables, 5).await?;
         let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
         let mut first_uncounted = None;
         for c in 0..12i64 {
             let rows: Vec<(String, String, i64)> = (0..10)
                 .map(|i| (format!("v{i}"), format!("s{c}-{i}"), c * 10 + i))
                 .collect();
-            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
-                .iter()
-                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-                .collect();
+            let batch = page_views(&rows);
             let version = events
-                .append(test_batch(&refs), &[(app.clone(), (c * 10 + 9) as u64)])
+                .append(batch.clone(), &[(app.clone(), (c * 10 + 9) as u64)])
                 .await?;
             // the processor dies after its `counted`th events commit: the rollups never count the rest
             if c < counted {
-                rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+                rollups.add(&batch, &[(app.clone(), c * 10 + 9)])?;
                 rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
             } else if first_uncounted.is_none() {
                 first_uncounted = Some(version);
@@ -782,15 +767,7 @@ mod tests {
             crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 1),
         );
         let apps = [busy.clone(), quiet.clone()];
-        let events = EventsTable::open_or_create(&tables).await?;
-        events
-            .sink()
-            .table()
-            .clone()
-            .set_tbl_properties()
-            .with_properties(HashMap::from([("delta.checkpointInterval".to_owned(), "5".to_owned())]))
-            .await?;
-        let mut events = EventsTable::open_or_create(&tables).await?;
+        let mut events = EventsTable::checkpointing_every(&tables, 5).await?;
         let mut rollups = Rollups::open(&tables, &apps, 20).await?;
         let rows = |c: i64| -> Vec<(String, String, i64)> {
             (0..10)
@@ -800,14 +777,11 @@ mod tests {
         // both partitions counted; then only the busy one gets events, 12 commits
         for (c, app) in std::iter::once((0i64, &quiet)).chain((1..13).map(|c| (c, &busy))) {
             let rows = rows(c);
-            let refs: Vec<(&str, &str, i64, &str, &str)> = rows
-                .iter()
-                .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-                .collect();
+            let batch = page_views(&rows);
             events
-                .append(test_batch(&refs), &[(app.clone(), (c * 10 + 9) as u64)])
+                .append(batch.clone(), &[(app.clone(), (c * 10 + 9) as u64)])
                 .await?;
-            rollups.add(&test_batch(&refs), &[(app.clone(), c * 10 + 9)])?;
+            rollups.add(&batch, &[(app.clone(), c * 10 + 9)])?;
             rollups.commit(&[(app.clone(), c * 10 + 9)], None).await?;
         }
         drop(rollups);
@@ -821,11 +795,8 @@ mod tests {
         );
         // the quiet partition gets an event; the processor dies before the rollup commit
         let late = rows(13);
-        let refs: Vec<(&str, &str, i64, &str, &str)> = late
-            .iter()
-            .map(|(v, s, m)| (v.as_str(), s.as_str(), *m, "cars", "page_view"))
-            .collect();
-        events.append(test_batch(&refs), &[(quiet.clone(), 139)]).await?;
+        let batch = page_views(&late);
+        events.append(batch.clone(), &[(quiet.clone(), 139)]).await?;
 
         let positions = events.committed_offsets(&apps).await?;
         let mut rollups = Rollups::open(&tables, &apps, 20).await?;
