@@ -42,7 +42,7 @@ fn psql(m: &Marsad, user: &str, password: &str, ssl: &str, command: &str) -> Res
 }
 
 /// `n` visitors of `country`, each with two page views and an ad impression.
-fn send_visitors(m: &Marsad, country: &str, n: usize) -> Result<usize> {
+pub(crate) fn send_visitors(m: &Marsad, country: &str, n: usize) -> Result<usize> {
     let prefix = FIXTURE_COUNTRIES
         .iter()
         .find(|c| c.0 == country)

@@ -28,6 +28,9 @@ mod security;
 /// The Postgres wire protocol with the real `psql`: tables, GROUP BY, refusals, TLS.
 mod pg;
 
+/// The Python clients BI tools are built on (SQLAlchemy, pandas, asyncpg, Superset) over TLS.
+mod clients;
+
 /// The event log on Kafka: processors in a consumer group, exactly once across a kill, outages.
 mod kafka;
 

@@ -18,6 +18,7 @@ mod erasures;
 mod error;
 mod metrics;
 pub mod pg;
+mod pg_compat;
 pub mod release;
 pub mod reports;
 mod routes;

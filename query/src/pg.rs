@@ -43,6 +43,7 @@ use tokio_util::sync::CancellationToken;
 use crate::QueryState;
 use crate::catalog::TableScope;
 use crate::error::ApiError;
+use crate::pg_compat::SERVER_VERSION;
 use crate::sql::{self, Access};
 
 /// The catalog name clients see (`current_database()`).
@@ -285,6 +286,11 @@ fn command_of(statement: &Statement) -> Option<Command> {
         ),
         Statement::StartTransaction { .. } => Command::Begin,
         Statement::Commit { .. } => Command::Commit,
+        // a savepoint in a read-only session has nothing to keep: psycopg 3 and SQLAlchemy set
+        // them around their catalog queries
+        Statement::Savepoint { .. } => Command::Ignored("SAVEPOINT"),
+        Statement::ReleaseSavepoint { .. } => Command::Ignored("RELEASE"),
+        Statement::Rollback { savepoint: Some(_), .. } => Command::Ignored("ROLLBACK"),
         Statement::Rollback { .. } => Command::Rollback,
         _ => return None,
     })
@@ -293,7 +299,7 @@ fn command_of(statement: &Statement) -> Option<Command> {
 /// The values `SHOW` answers: what clients ask before they query.
 fn show(name: &str) -> PgWireResult<(String, String)> {
     let value = match name {
-        "server_version" => "16.6",
+        "server_version" => SERVER_VERSION,
         "server_version_num" => "160006",
         "transaction isolation level" | "transaction_isolation" => "read committed",
         "standard_conforming_strings" => "on",
@@ -350,9 +356,7 @@ pub struct PgParser {
 impl PgParser {
     fn statements(&self, query: &str) -> PgWireResult<Vec<Statement>> {
         crate::bounded_dialect::check_postgres(query).map_err(pg_error)?;
-        self.sql
-            .parse(query)
-            .map_err(|e| user_error("42601", format!("syntax error: {e}")))
+        crate::pg_compat::parse(&self.sql, query).map_err(|e| user_error("42601", format!("syntax error: {e}")))
     }
 }
 
@@ -386,13 +390,7 @@ async fn context(
                 .map_err(|e| internal("could not open a session", e))?;
             datafusion_pg_catalog::pg_catalog::setup_pg_catalog(&ctx, DATABASE, EmptyContextProvider)
                 .map_err(|e| internal("could not set up pg_catalog", e))?;
-            ctx.register_udf(pg_size_pretty());
-            ctx.register_udf(unknown_udf("pg_table_size", vec![DataType::Int32], DataType::Int64));
-            ctx.register_udf(unknown_udf(
-                "obj_description",
-                vec![DataType::Int32, DataType::Utf8],
-                DataType::Utf8,
-            ));
+            crate::pg_compat::register_functions(&ctx);
             *kept = Some(ctx.clone());
             ctx
         }
@@ -403,56 +401,6 @@ async fn context(
         .await
         .map_err(|e| internal("could not open the tables", e))?;
     Ok(ctx)
-}
-
-/// `pg_size_pretty(bigint)`, which `psql`'s `\dt+` and BI tools' table browsers call.
-fn pg_size_pretty() -> datafusion::logical_expr::ScalarUDF {
-    use arrow::array::{Array, Int64Array, StringArray};
-    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
-    fn pretty(bytes: i64) -> String {
-        let mut value = bytes as f64;
-        for unit in ["bytes", "kB", "MB", "GB", "TB"] {
-            if value.abs() < 10240.0 || unit == "TB" {
-                return format!("{} {unit}", value.round() as i64);
-            }
-            value /= 1024.0;
-        }
-        format!("{bytes} bytes")
-    }
-    let f = |args: &[ColumnarValue]| -> datafusion::error::Result<ColumnarValue> {
-        let arrays = ColumnarValue::values_to_arrays(args)?;
-        let sizes = arrays
-            .first()
-            .and_then(|a| a.as_any().downcast_ref::<Int64Array>())
-            .ok_or_else(|| datafusion::error::DataFusionError::Plan("pg_size_pretty takes a bigint".into()))?;
-        let out: StringArray = (0..sizes.len())
-            .map(|i| sizes.is_valid(i).then(|| pretty(sizes.value(i))))
-            .collect();
-        Ok(ColumnarValue::Array(Arc::new(out)))
-    };
-    create_udf(
-        "pg_size_pretty",
-        vec![DataType::Int64],
-        DataType::Utf8,
-        Volatility::Immutable,
-        Arc::new(f),
-    )
-}
-
-/// A catalog function whose answer Marsad does not keep (NULL, shown blank): `pg_table_size`
-/// (a Delta table's size is its files on object storage) and `obj_description` (comments), present
-/// so `psql`'s `\dt+` and BI tools' table browsers run.
-fn unknown_udf(name: &str, args: Vec<DataType>, answer: DataType) -> datafusion::logical_expr::ScalarUDF {
-    use datafusion::logical_expr::{ColumnarValue, Volatility, create_udf};
-    use datafusion::scalar::ScalarValue;
-    let null = ScalarValue::try_from(&answer).unwrap_or(ScalarValue::Null);
-    create_udf(
-        name,
-        args,
-        answer,
-        Volatility::Stable,
-        Arc::new(move |_: &[ColumnarValue]| Ok(ColumnarValue::Scalar(null.clone()))),
-    )
 }
 
 #[async_trait]
@@ -674,7 +622,7 @@ impl PgHandlers {
     /// password is taken over a plain connection).
     pub fn new(state: QueryState, tls: bool) -> Self {
         let mut parameters = DefaultServerParameterProvider::default();
-        parameters.server_version = "16.6 (Marsad)".into();
+        parameters.server_version = format!("{SERVER_VERSION} (Marsad)");
         parameters.is_superuser = false;
         parameters.default_transaction_read_only = true;
         let parser = Arc::new(PgParser {

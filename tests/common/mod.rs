@@ -536,6 +536,21 @@ pub enum Tool {
     Tansu,
     /// schemathesis (PyPI), the property-based tester of OpenAPI documents.
     Schemathesis,
+    /// SQLAlchemy 2, psycopg2, psycopg 3, asyncpg and pandas (PyPI), the Postgres clients of BI tools.
+    PythonClients,
+    /// Apache Superset, in its own virtualenv (it pins its own SQLAlchemy 1.4).
+    Superset,
+}
+
+/// The Python of the virtualenv `./test` installs Apache Superset into.
+pub fn superset_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("SUPERSET_TEST_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    home.join(".cache/marsad-test/superset-6.1.0/bin/python")
 }
 
 impl Tool {
@@ -557,6 +572,13 @@ impl Tool {
             Tool::Moto => runs("python3", &["-c", "import moto.server"]),
             Tool::Tansu => crate::kafka::tansu_binary().is_ok(),
             Tool::Schemathesis => runs("python3", &["-c", "import schemathesis.cli"]),
+            Tool::PythonClients => runs(
+                "python3",
+                &["-c", "import sqlalchemy, psycopg, psycopg2, asyncpg, pandas"],
+            ),
+            Tool::Superset => superset_python()
+                .to_str()
+                .is_some_and(|python| runs(python, &["-c", "import superset.app"])),
         }
     }
 
@@ -569,6 +591,10 @@ impl Tool {
             Tool::Moto => "moto's S3 server (pip install 'moto[server]')",
             Tool::Tansu => "the Kafka broker tansu (cargo install tansu --features dynostore)",
             Tool::Schemathesis => "schemathesis (pip install schemathesis)",
+            Tool::PythonClients => {
+                "SQLAlchemy, psycopg, psycopg2, asyncpg and pandas (pip install sqlalchemy 'psycopg[binary]' psycopg2-binary asyncpg pandas)"
+            }
+            Tool::Superset => "Apache Superset in ~/.cache/marsad-test/superset-6.1.0 (see ./test)",
         }
     }
 }

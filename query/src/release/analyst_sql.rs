@@ -110,6 +110,15 @@ fn literal_text(expr: &Expr) -> Option<String> {
     match strip(expr) {
         Expr::Literal(v, _) if !v.is_null() => Some(match v {
             ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => s.clone(),
+            // an instant bound to a parameter (psycopg 3, asyncpg) reads as the time it is, not
+            // as the count of microseconds `Display` gives
+            ScalarValue::TimestampSecond(..)
+            | ScalarValue::TimestampMillisecond(..)
+            | ScalarValue::TimestampMicrosecond(..)
+            | ScalarValue::TimestampNanosecond(..) => v
+                .to_array()
+                .ok()
+                .and_then(|a| arrow::util::display::array_value_to_string(&a, 0).ok())?,
             other => other.to_string(),
         }),
         _ => None,
@@ -153,6 +162,7 @@ fn instant_hour(text: &str) -> Option<(i64, bool)> {
         .map(|t| t.with_timezone(&Utc))
         .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S").map(|t| t.and_utc()))
         .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S").map(|t| t.and_utc()))
+        .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f").map(|t| t.and_utc()))
         .ok()
         .or_else(|| {
             NaiveDate::parse_from_str(text, "%Y-%m-%d")
@@ -878,6 +888,21 @@ impl AnalystQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instant_bound_to_a_parameter_filters_hours_as_its_text_would() {
+        // psycopg 3 and asyncpg bind a datetime as a timestamp, not as text
+        for (micros, tz) in [
+            (1_577_836_800_000_000, Some("UTC".into())),
+            (1_577_838_600_500_000, None),
+        ] {
+            let bound = Expr::Literal(ScalarValue::TimestampMicrosecond(Some(micros), tz), None);
+            let text = literal_text(&bound).unwrap_or_default();
+            let hours = time_range("hour", Operator::GtEq, &text);
+            let expected = micros.div_euclid(3_600_000_000) + i64::from(micros % 3_600_000_000 != 0);
+            assert_eq!(hours.map(|h| h.start), Some(expected), "{text}");
+        }
+    }
     use datafusion::datasource::MemTable;
 
     async fn session() -> SessionContext {
