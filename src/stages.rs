@@ -411,6 +411,78 @@ fn spawn_key_destruction(
     });
 }
 
+/// The webhook's signing key: `MARSAD_SECRET_SEGMENT_WEBHOOK_KEY`, else `audience.push.webhook_key_file` (hex).
+fn segment_webhook_key(config: &Config) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
+    const ENV: &str = "MARSAD_SECRET_SEGMENT_WEBHOOK_KEY";
+    let text = match (std::env::var(ENV), &config.audience.push.webhook_key_file) {
+        (Ok(text), _) => zeroize::Zeroizing::new(text),
+        (Err(_), Some(path)) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading audience.push.webhook_key_file {}", path.display()))?,
+        ),
+        (Err(_), None) => anyhow::bail!(
+            "audience.push.webhook_url is set but no signing key is: set {ENV} (hex, 32 bytes or more, shared with \
+             the receiver) or audience.push.webhook_key_file"
+        ),
+    };
+    let key = zeroize::Zeroizing::new(hex::decode(text.trim()).context("the segment webhook key must be hex")?);
+    anyhow::ensure!(
+        key.len() >= 32,
+        "the segment webhook key must be at least 32 bytes (64 hex digits)"
+    );
+    Ok(key)
+}
+
+/// Pushes segment changes and opt-outs to the ad system (`[audience.push]`) when segments are
+/// configured and a channel is: the Kafka topic when the log is Kafka, the webhook when set.
+fn spawn_segment_push(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    log: Arc<dyn EventLog>,
+    opt_outs: Arc<OptOutRegistry>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use marsad_process::segment_push::{KafkaTopic, Publisher, SegmentChannel, StateDir, Webhook};
+    let push = &config.audience.push;
+    if config.audience.segments.is_empty() {
+        return Ok(());
+    }
+    let mut channels: Vec<Arc<dyn SegmentChannel>> = Vec::new();
+    if config.eventlog.kind == EventLogKind::Kafka && !push.kafka_topic.is_empty() {
+        channels.push(Arc::new(KafkaTopic::new(
+            &config.eventlog.kafka_client_properties(),
+            &push.kafka_topic,
+        )?));
+    }
+    if let Some(url) = &push.webhook_url {
+        let key = segment_webhook_key(config)?;
+        channels.push(Arc::new(Webhook::new(
+            url,
+            &key,
+            push.webhook_ca_file.as_deref(),
+            Duration::from_millis(push.webhook_timeout_ms),
+            shutdown.clone(),
+        )?));
+    }
+    if channels.is_empty() {
+        return Ok(());
+    }
+    let publisher = Publisher::open(
+        channels,
+        opt_outs,
+        StateDir::open(config.data_dir.join("segment_push"))?,
+        push.batch_max,
+    )?;
+    tracing::info!(to = ?publisher.describe(), "pushing segment changes and opt-outs");
+    let tables = config.tables()?;
+    set.spawn(async move {
+        marsad_process::segment_push::run(publisher, tables, log, shutdown)
+            .await
+            .context("segment push")
+    });
+    Ok(())
+}
+
 /// Re-materializes the audience segments every `audience.refresh_interval_secs` (first soon after
 /// start); a failed refresh is logged and the previous membership stays served.
 fn spawn_segment_refresh(
@@ -649,6 +721,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
+    spawn_segment_push(
+        &mut set,
+        &config,
+        log.clone(),
+        privacy.opt_outs.clone(),
+        shutdown.clone(),
+    )?;
     spawn_compaction(&mut set, &config, shutdown.clone());
     spawn_log_and_files_maintenance(&mut set, &config, shutdown.clone());
     let pm = process_metrics.clone();
@@ -743,6 +822,13 @@ pub async fn process(args: StageArgs) -> anyhow::Result<()> {
     let s = shutdown.clone();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
+    spawn_segment_push(
+        &mut set,
+        &config,
+        log.clone(),
+        privacy.opt_outs.clone(),
+        shutdown.clone(),
+    )?;
     spawn_compaction(&mut set, &config, shutdown.clone());
     spawn_log_and_files_maintenance(&mut set, &config, shutdown.clone());
     let s = shutdown.clone();

@@ -479,7 +479,24 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
                 ("retention.ms".to_owned(), "-1".to_owned()),
             ],
         },
+        // segment changes for the ad system, keyed by audience_id: the last record of a key is
+        // the member's state; an opted-out member's tombstone must take its id off the
+        // brokers' disks, as the daily keys' do
+        TopicSpec {
+            name: config.audience.push.kafka_topic.clone(),
+            partitions,
+            replication,
+            config: vec![
+                ("cleanup.policy".to_owned(), "compact".to_owned()),
+                ("retention.ms".to_owned(), "-1".to_owned()),
+                ("segment.ms".to_owned(), "600000".to_owned()),
+                ("max.compaction.lag.ms".to_owned(), "600000".to_owned()),
+                ("delete.retention.ms".to_owned(), "600000".to_owned()),
+                ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
+            ],
+        },
     ];
+    let topics: Vec<TopicSpec> = topics.into_iter().filter(|t| !t.name.is_empty()).collect();
     let log = KafkaLog::connect(crate::stages::kafka_options(&config, "admin"))?;
     let created = log
         .create_topics(&topics)

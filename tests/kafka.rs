@@ -181,12 +181,16 @@ fn envelopes(prefix: &str, range: std::ops::Range<usize>) -> Vec<Record> {
         .collect()
 }
 
+/// The topic segment changes are pushed to (the default of `audience.push.kafka_topic`).
+const SEGMENTS_TOPIC: &str = "marsad.segments";
+
 fn mock_cluster() -> Result<MockCluster<'static, rdkafka::producer::DefaultProducerContext>> {
     let cluster = MockCluster::new(1)?;
     cluster.create_topic(TOPIC_RAW, 4, 1)?;
     cluster.create_topic(TOPIC_DEAD, 4, 1)?;
     cluster.create_topic(TOPIC_OPTOUTS, 1, 1)?;
     cluster.create_topic(marsad_schemas::TOPIC_DAILY_KEYS, 1, 1)?;
+    cluster.create_topic(SEGMENTS_TOPIC, 4, 1)?;
     Ok(cluster)
 }
 
@@ -1013,5 +1017,175 @@ fn erasure_waits_for_a_lagging_processor() -> Result<()> {
         .collect();
     ensure!(leftovers.is_empty(), "erased rows in files: {leftovers:?}");
     processor.stop()?;
+    Ok(())
+}
+
+/// Every record of `topic` so far, from its start, with when it was read: (key, payload or
+/// `None` for a tombstone, read at).
+struct TopicReader {
+    consumer: rdkafka::consumer::BaseConsumer,
+    records: Vec<(String, Option<serde_json::Value>, Instant)>,
+}
+
+impl TopicReader {
+    fn new(brokers: &str, topic: &str, partitions: i32) -> Result<Self> {
+        use rdkafka::consumer::Consumer;
+        let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", "segments-test-reader")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()?;
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        Ok(TopicReader {
+            consumer,
+            records: Vec::new(),
+        })
+    }
+
+    /// Reads what arrived, for up to `wait`.
+    fn read(&mut self, wait: Duration) -> Result<()> {
+        use rdkafka::message::Message;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(20)) {
+                Some(m) => {
+                    let m = m?;
+                    let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+                    let payload = m.payload().map(serde_json::from_slice).transpose()?;
+                    self.records.push((key, payload, Instant::now()));
+                }
+                None => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn segment_changes_and_opt_outs_reach_the_compacted_segments_topic() -> Result<()> {
+    use marsad_privacy::keys::SecretKey;
+    use marsad_privacy::optout::{OptOutRecord, OptOutScope};
+    use marsad_privacy::pseudonym::{Subject, audience_id};
+    let _serial = one_at_a_time();
+    let run = OnMockCluster::new()?;
+    // the Kafka config and segments refreshed every 2 s, served from 3 members
+    let config = run.tmp.path().join("marsad-segments.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[audience]\nmin_segment_size = 3\nrefresh_interval_secs = 2\n\n[[audience.segments]]\nid = \"car-intenders\"\n\
+             window_days = 14\nrules = [{{ event_type = \"page_view\", page_category = \"cars\", at_least = 2 }}]\n",
+            std::fs::read_to_string(&run.config)?
+        ),
+    )?;
+    let processor = Stage::start(
+        &["process"],
+        &config,
+        &run.data,
+        run.tmp.path().join("segments.log"),
+        &[],
+    )?;
+    let targeting = SecretKey::from_hex("targeting", &"5e".repeat(32))?;
+    let optout_key = SecretKey::from_hex("opt-out", &"0f".repeat(32))?;
+    let members: Vec<String> = (0..4).map(|i| format!("kafka-car-fan-{i}")).collect();
+    let ids: Vec<String> = members
+        .iter()
+        .map(|c| audience_id(&targeting, Subject::Cookie(c)))
+        .collect();
+    let consent = serde_json::json!({"analytics": true, "personalisation": true, "marketing": true});
+    let records: Vec<Record> = members
+        .iter()
+        .flat_map(|c| (0..3).map(move |i| (c.clone(), i)))
+        .map(|(c, i)| {
+            let event = serde_json::json!({"type": "page_view", "url": format!("https://kulshi.example/en/cars/{i}"),
+                "cookie_id": c, "event_id": format!("{c}-{i}"), "consent": consent});
+            let env = fixture_envelope(event, Utc::now());
+            Record {
+                key: Some(env.partition_key()),
+                payload: env.to_bytes(),
+            }
+        })
+        .collect();
+    run.runtime.block_on(run.producer.append(TOPIC_RAW, records))?;
+
+    let mut reader = TopicReader::new(&run._cluster.bootstrap_servers(), SEGMENTS_TOPIC, 4)?;
+    let joined = |records: &[(String, Option<serde_json::Value>, Instant)]| -> HashSet<String> {
+        records
+            .iter()
+            .filter(|(key, v, _)| {
+                v.as_ref().is_some_and(|v| {
+                    v["audience_id"] == key.as_str()
+                        && v["joined"] == serde_json::json!(["car-intenders"])
+                        && v["cause"] == "refresh"
+                })
+            })
+            .map(|(k, _, _)| k.clone())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while joined(&reader.records) != ids.iter().cloned().collect() {
+        ensure!(
+            Instant::now() < deadline,
+            "members joining, keyed by audience_id: {:?}\n{}",
+            reader.records,
+            processor.output()
+        );
+        reader.read(Duration::from_millis(200))?;
+    }
+
+    // an opt-out recorded in the opt-out log: its removal, then a tombstone, within a second
+    let record = OptOutRecord::new(
+        &optout_key,
+        &targeting,
+        Subject::Cookie(&members[0]),
+        OptOutScope::Personalisation,
+    );
+    let payload = record.to_bytes();
+    run.runtime.block_on(run.producer.append(
+        TOPIC_OPTOUTS,
+        vec![Record {
+            key: Some(record.log_key()),
+            payload,
+        }],
+    ))?;
+    let recorded = Instant::now();
+    let seen_before = reader.records.len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let tombstone_at = loop {
+        reader.read(Duration::from_millis(20))?;
+        let new = &reader.records[seen_before..];
+        let removal = new.iter().position(|(k, v, _)| {
+            k == &ids[0]
+                && v.as_ref()
+                    .is_some_and(|v| v["cause"] == "opt_out" && v["segments"] == serde_json::json!([]))
+        });
+        let tombstone = new.iter().position(|(k, v, _)| k == &ids[0] && v.is_none());
+        if let (Some(r), Some(t)) = (removal, tombstone) {
+            ensure!(r < t, "the removal comes before the tombstone: {new:?}");
+            break new[t].2;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no removal of the opted-out member: {new:?}\n{}",
+            processor.output()
+        );
+    };
+    let latency = tombstone_at.saturating_duration_since(recorded);
+    eprintln!(
+        "opt-out recorded → removal and tombstone read: {} ms",
+        latency.as_millis()
+    );
+    ensure!(latency <= Duration::from_secs(1), "the removal took {latency:?}");
+    // nobody else was touched by it
+    ensure!(
+        reader.records[seen_before..].iter().all(|(k, _, _)| k == &ids[0]),
+        "{:?}",
+        &reader.records[seen_before..]
+    );
     Ok(())
 }

@@ -40,6 +40,9 @@ mod rollups;
 /// Segments hold exactly the expected visitors; opt-outs count at once in the audience API.
 mod audience;
 
+/// Segment changes and opt-outs pushed to the ad system through a signed HTTPS webhook.
+mod segment_push;
+
 /// `marsad sql`, `marsad compact` and `marsad retention` on a real data dir.
 mod batch;
 

@@ -25,6 +25,42 @@ pub struct AudienceConfig {
     pub refresh_interval_secs: u64,
     /// The segment definitions.
     pub segments: Vec<SegmentDefinition>,
+    /// Where changes of membership are pushed to the ad system.
+    pub push: SegmentPushConfig,
+}
+
+/// `[audience.push]`: after each refresh, the members that joined and left each served
+/// segment, and every opt-out at once, pushed to the ad system.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentPushConfig {
+    /// The compacted Kafka topic changes go to, keyed by `audience_id`, when the event log is
+    /// Kafka; empty: none.
+    pub kafka_topic: String,
+    /// An `https://` URL changes are POSTed to, signed with HMAC-SHA256 under the key of
+    /// `MARSAD_SECRET_SEGMENT_WEBHOOK_KEY` or `webhook_key_file` (hex); none when absent.
+    pub webhook_url: Option<String>,
+    /// A file holding the webhook's signing key (hex, at least 32 bytes).
+    pub webhook_key_file: Option<std::path::PathBuf>,
+    /// A PEM file of authorities the webhook's certificate may chain to, besides the system's.
+    pub webhook_ca_file: Option<std::path::PathBuf>,
+    /// How long one POST may take before it counts as failed and is retried.
+    pub webhook_timeout_ms: u64,
+    /// The most changes one POST or one Kafka batch carries.
+    pub batch_max: usize,
+}
+
+impl Default for SegmentPushConfig {
+    fn default() -> Self {
+        SegmentPushConfig {
+            kafka_topic: "marsad.segments".into(),
+            webhook_url: None,
+            webhook_key_file: None,
+            webhook_ca_file: None,
+            webhook_timeout_ms: 10_000,
+            batch_max: 1_000,
+        }
+    }
 }
 
 impl Default for AudienceConfig {
@@ -33,6 +69,7 @@ impl Default for AudienceConfig {
             min_segment_size: 100,
             refresh_interval_secs: 300,
             segments: Vec::new(),
+            push: SegmentPushConfig::default(),
         }
     }
 }
@@ -90,6 +127,19 @@ impl AudienceConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         positive("audience.min_segment_size", self.min_segment_size as u64)?;
         positive("audience.refresh_interval_secs", self.refresh_interval_secs)?;
+        positive("audience.push.webhook_timeout_ms", self.push.webhook_timeout_ms)?;
+        positive("audience.push.batch_max", self.push.batch_max as u64)?;
+        if let Some(url) = &self.push.webhook_url {
+            let https = url.strip_prefix("https://").is_some_and(|rest| !rest.is_empty());
+            if !https {
+                return Err(ConfigError::Invalid {
+                    key: "audience.push.webhook_url",
+                    reason: format!(
+                        "`{url}` must be an https:// URL: audience ids and the signature cross the network"
+                    ),
+                });
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for seg in &self.segments {
             let bad = |reason: String| ConfigError::Invalid {

@@ -23,7 +23,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-pub use audience::{AudienceConfig, SegmentDefinition, SegmentRule};
+pub use audience::{AudienceConfig, SegmentDefinition, SegmentPushConfig, SegmentRule};
 pub use eventlog::{EventLogConfig, EventLogKind};
 pub use ingest::IngestConfig;
 pub use listener::{HttpLimits, TlsMode};

@@ -338,7 +338,12 @@ impl EventLog for KafkaLog {
 
     async fn read_all(&self, topic: &str) -> Result<Box<dyn Subscription>> {
         let partitions = self.partitions(topic).await?;
-        let sub = self.subscription(topic, &format!("marsad-reader-{}", std::process::id()))?;
+        let sub = self.subscription_with(topic, &format!("marsad-reader-{}", std::process::id()), |c| {
+            // a table-like topic (the opt-outs) is idle nearly always: the brokers' default wait
+            // of 500 ms for more data took half of the second in which an opt-out must count
+            // everywhere (and be pushed to the ad system)
+            c.set("fetch.wait.max.ms", "50");
+        })?;
         let mut tpl = TopicPartitionList::new();
         for &p in &partitions {
             tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
@@ -359,10 +364,20 @@ impl EventLog for KafkaLog {
 impl KafkaLog {
     /// A consumer of `topic` as `group`, not yet subscribed or assigned.
     fn subscription(&self, topic: &str, group: &str) -> Result<KafkaSubscription> {
+        self.subscription_with(topic, group, |_| {})
+    }
+
+    /// [`Self::subscription`], with `tweak` applied to the consumer's settings.
+    fn subscription_with(
+        &self,
+        topic: &str,
+        group: &str,
+        tweak: impl FnOnce(&mut ClientConfig),
+    ) -> Result<KafkaSubscription> {
         let assignment = Arc::new(Assignment::default());
-        let consumer: StreamConsumer<GroupContext> = self
-            .options
-            .consumer(group)
+        let mut config = self.options.consumer(group);
+        tweak(&mut config);
+        let consumer: StreamConsumer<GroupContext> = config
             .create_with_context(GroupContext {
                 assignment: assignment.clone(),
             })

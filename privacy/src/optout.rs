@@ -181,6 +181,13 @@ impl KeyFingerprintRecord {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SubjectOptOuts(u8);
 
+impl From<OptOutScope> for SubjectOptOuts {
+    /// One opt-out's scope, asked per purpose as a subject's are.
+    fn from(scope: OptOutScope) -> Self {
+        SubjectOptOuts(scope.bit())
+    }
+}
+
 impl SubjectOptOuts {
     /// These opt-outs and `other`'s.
     pub fn union(self, other: SubjectOptOuts) -> SubjectOptOuts {

@@ -24,6 +24,7 @@ pub mod maintenance;
 pub mod metrics;
 pub mod offsets;
 pub mod rollup;
+pub mod segment_push;
 pub mod segments;
 pub mod sessions;
 pub mod table;
@@ -73,6 +74,14 @@ pub enum Error {
     /// A crash simulated by a test between two commits.
     #[error("simulated crash between commits")]
     SimulatedCrash,
+    /// Segment changes could not be pushed (a channel, its state file).
+    #[error("segment push, {what}: {reason}")]
+    Push {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The tables' location in the configuration is unusable.
     #[error("{0}")]
     Location(#[from] marsad_config::ConfigError),

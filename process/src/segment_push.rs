@@ -1,0 +1,647 @@
+//! Segment changes pushed to the ad system: after each refresh of `segment_members`, every
+//! `audience_id` whose segments changed, with the segments it is in now and those it joined
+//! and left; after every opt-out, at once, its removal from every segment. Changes go to a
+//! compacted Kafka topic keyed by `audience_id` (the last record of a key is its state, and a
+//! removal is followed by a tombstone so compaction forgets the id) and/or to an HTTPS webhook
+//! signed with HMAC-SHA256, retried with backoff until delivered.
+//!
+//! Only served segments are ever named: a held-back segment's members are never published, and
+//! when a served segment is held back, every member it had leaves it (not only those who left
+//! it: the ones still in it must not be singled out by difference). What was published last
+//! is kept in `<data_dir>/segment_push/`, so a restart publishes what changed meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arrow::array::{Array, StringArray};
+use arrow::datatypes::DataType;
+use chrono::{DateTime, Utc};
+use marsad_config::TablesLocation;
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// Which served segments each `audience_id` of them is in.
+pub type Membership = BTreeMap<String, BTreeSet<String>>;
+
+/// Why a member's segments changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// A refresh of the segments.
+    Refresh,
+    /// The visitor opted out of personalisation: out of every segment, at once.
+    OptOut,
+}
+
+/// One member's change, as the ad system receives it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    /// The member.
+    pub audience_id: String,
+    /// Every served segment it is in now (empty: none; drop the id).
+    pub segments: Vec<String>,
+    /// The segments it joined.
+    pub joined: Vec<String>,
+    /// The segments it left.
+    pub left: Vec<String>,
+    /// Why.
+    pub cause: Cause,
+    /// When the refresh read `events`, or when the opt-out was made.
+    pub at: DateTime<Utc>,
+}
+
+/// The changes between what was published (`before`) and a refresh's served membership
+/// (`after`), by member. A held-back segment is absent from `after`: its members all leave.
+pub fn changes(before: &Membership, after: &Membership, at: DateTime<Utc>) -> Vec<MembershipChange> {
+    let empty = BTreeSet::new();
+    let ids: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    ids.into_iter()
+        .filter_map(|id| {
+            let (was, is) = (before.get(id).unwrap_or(&empty), after.get(id).unwrap_or(&empty));
+            (was != is).then(|| MembershipChange {
+                audience_id: id.clone(),
+                segments: is.iter().cloned().collect(),
+                joined: is.difference(was).cloned().collect(),
+                left: was.difference(is).cloned().collect(),
+                cause: Cause::Refresh,
+                at,
+            })
+        })
+        .collect()
+}
+
+/// The removal of `audience_id` from every segment after its opt-out: `left` names every
+/// segment served now, whatever was published of it, so a consumer that missed a change
+/// still drops the id everywhere.
+pub fn opt_out_change(audience_id: &str, served: &BTreeSet<String>, at: DateTime<Utc>) -> MembershipChange {
+    MembershipChange {
+        audience_id: audience_id.to_owned(),
+        segments: Vec::new(),
+        joined: Vec::new(),
+        left: served.iter().cloned().collect(),
+        cause: Cause::OptOut,
+        at,
+    }
+}
+
+/// Where changes go: a Kafka topic, a webhook.
+#[async_trait::async_trait]
+pub trait SegmentChannel: Send + Sync {
+    /// Delivers `changes` in order; returns only once the receiver has them (retrying
+    /// meanwhile), or an error that retrying cannot mend.
+    async fn deliver(&self, changes: &[MembershipChange]) -> Result<()>;
+
+    /// For logs.
+    fn describe(&self) -> String;
+}
+
+fn push_error(what: &'static str, reason: impl std::fmt::Display) -> Error {
+    Error::Push {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+/// The signature header of a webhook POST: `t=<unix seconds>,v1=<hex HMAC-SHA256 of
+/// "<t>.<body>">`. The time is signed so a captured request cannot be replayed later.
+pub const SIGNATURE_HEADER: &str = "x-marsad-signature";
+
+/// The signature of `body` sent at `unix_seconds` under `key`.
+pub fn sign(key: &[u8], unix_seconds: i64, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).map(|mut mac| {
+        mac.update(unix_seconds.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        hex::encode(mac.finalize().into_bytes())
+    });
+    format!("t={unix_seconds},v1={}", mac.unwrap_or_default())
+}
+
+/// POSTs changes to an HTTPS endpoint, `{"changes": […]}`, signed (see [`SIGNATURE_HEADER`]).
+pub struct Webhook {
+    url: String,
+    key: zeroize::Zeroizing<Vec<u8>>,
+    client: reqwest::Client,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// The first pause between two attempts of a POST; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest pause between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+impl Webhook {
+    /// A webhook to `url`, signing with `key`, trusting the authorities of `ca_file` besides
+    /// the system's; gives up retrying when `stop` is cancelled.
+    pub fn new(
+        url: &str,
+        key: &[u8],
+        ca_file: Option<&Path>,
+        timeout: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .timeout(timeout)
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(path) = ca_file {
+            let pem =
+                std::fs::read(path).map_err(|e| push_error("webhook CA file", format!("{}: {e}", path.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| push_error("webhook CA file", e))? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(|e| push_error("webhook client", e))?;
+        Ok(Webhook {
+            url: url.to_owned(),
+            key: zeroize::Zeroizing::new(key.to_vec()),
+            client,
+            stop,
+        })
+    }
+
+    async fn post_once(&self, body: &[u8]) -> std::result::Result<(), String> {
+        let signature = sign(&self.key, Utc::now().timestamp(), body);
+        let resp = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(SIGNATURE_HEADER, signature)
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| format!("{e}"))?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl SegmentChannel for Webhook {
+    async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+        let body = serde_json::to_vec(&serde_json::json!({ "changes": changes }))
+            .map_err(|e| push_error("webhook body", e))?;
+        let mut pause = FIRST_BACKOFF;
+        let mut attempt = 1u32;
+        loop {
+            match self.post_once(&body).await {
+                Ok(()) => return Ok(()),
+                Err(reason) => {
+                    // every status is retried: a receiver that refuses (a wrong key, a bug) is
+                    // fixed by its operator, and nothing is dropped meanwhile
+                    tracing::warn!(url = %self.url, attempt, retry_in_ms = pause.as_millis() as u64, %reason,
+                        changes = changes.len(), "segment webhook failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(push_error("webhook", "stopped before the receiver took the changes")),
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(MAX_BACKOFF);
+            attempt += 1;
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("webhook {}", self.url)
+    }
+}
+
+/// A compacted Kafka topic keyed by `audience_id`: each record is the member's state after the
+/// change; a member left with no segment gets a tombstone after it.
+pub struct KafkaTopic {
+    topic: String,
+    producer: rdkafka::producer::FutureProducer,
+}
+
+impl KafkaTopic {
+    /// A producer for `topic` with the event log's client properties.
+    pub fn new(properties: &BTreeMap<String, String>, topic: &str) -> Result<Self> {
+        let mut config = rdkafka::ClientConfig::new();
+        for (k, v) in properties {
+            config.set(k, v);
+        }
+        config.set("enable.idempotence", "true");
+        let producer = config.create().map_err(|e| push_error("segments topic producer", e))?;
+        Ok(KafkaTopic {
+            topic: topic.to_owned(),
+            producer,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl SegmentChannel for KafkaTopic {
+    async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+        use rdkafka::producer::FutureRecord;
+        let payloads = changes
+            .iter()
+            .map(serde_json::to_vec)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| push_error("segments record", e))?;
+        let mut pending = Vec::with_capacity(changes.len() * 2);
+        for (change, payload) in changes.iter().zip(&payloads) {
+            let key = change.audience_id.as_bytes();
+            let record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).key(key).payload(payload.as_slice());
+            pending.push(self.producer.send(record, Duration::from_secs(30)));
+            if change.segments.is_empty() {
+                let tombstone: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).key(key);
+                pending.push(self.producer.send(tombstone, Duration::from_secs(30)));
+            }
+        }
+        for delivery in futures::future::join_all(pending).await {
+            delivery.map_err(|(e, _)| push_error("segments topic", e))?;
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("Kafka topic {}", self.topic)
+    }
+}
+
+/// What has been published, kept on disk between runs.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PublishedState {
+    /// The `segment_members` version whose membership was published last.
+    pub segments_version: Option<u64>,
+    /// The next offset of the opt-out log to publish.
+    pub opt_outs_next_offset: u64,
+}
+
+/// The files of [`PublishedState`] and of the membership published last.
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// The state under `dir` (created when missing).
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&dir).map_err(|e| push_error("state directory", format!("{}: {e}", dir.display())))?;
+        Ok(StateDir { dir })
+    }
+
+    fn write_atomically(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        let io = |e: std::io::Error| push_error("state file", format!("{}: {e}", path.display()));
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        Ok(())
+    }
+
+    /// The state, or the default when none was kept.
+    pub fn state(&self) -> Result<PublishedState> {
+        match std::fs::read(self.dir.join("state.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| push_error("state file", e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PublishedState::default()),
+            Err(e) => Err(push_error("state file", e)),
+        }
+    }
+
+    /// Records `state`.
+    pub fn save_state(&self, state: &PublishedState) -> Result<()> {
+        let bytes = serde_json::to_vec(state).map_err(|e| push_error("state file", e))?;
+        self.write_atomically("state.json", &bytes)
+    }
+
+    /// The membership published last (empty when none was).
+    pub fn membership(&self) -> Result<Membership> {
+        match std::fs::read(self.dir.join("membership.json")) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| push_error("membership file", e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Membership::new()),
+            Err(e) => Err(push_error("membership file", e)),
+        }
+    }
+
+    /// Records the membership published (0600: it holds `audience_id`s, as `segment_members` does).
+    pub fn save_membership(&self, membership: &Membership) -> Result<()> {
+        let bytes = serde_json::to_vec(membership).map_err(|e| push_error("membership file", e))?;
+        self.write_atomically("membership.json", &bytes)?;
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(self.dir.join("membership.json"), std::fs::Permissions::from_mode(0o600));
+        Ok(())
+    }
+}
+
+/// The served membership of `segment_members` at its latest version, by member, with the
+/// version and the served segments; `None` while the table has no commit.
+pub async fn served_membership(tables: &TablesLocation) -> Result<Option<(u64, Membership, BTreeSet<String>)>> {
+    let name = marsad_schemas::TableName::SegmentMembers.as_str();
+    let Some(table) = marsad_tables::open_table(tables, name).await? else {
+        return Ok(None);
+    };
+    let Some(version) = table.version() else {
+        return Ok(None);
+    };
+    let ctx = datafusion::prelude::SessionContext::new();
+    marsad_tables::register(&ctx, name, &table).await?;
+    let query = |source| Error::Query {
+        table: "segment_members",
+        source,
+    };
+    let batches = ctx
+        .sql(&format!("SELECT segment_id, audience_id FROM {name}"))
+        .await
+        .map_err(query)?
+        .collect()
+        .await
+        .map_err(query)?;
+    let mut membership = Membership::new();
+    let mut served = BTreeSet::new();
+    for b in &batches {
+        let segment = arrow::compute::cast(b.column(0), &DataType::Utf8)?;
+        let member = arrow::compute::cast(b.column(1), &DataType::Utf8)?;
+        let (Some(segment), Some(member)) = (
+            segment.as_any().downcast_ref::<StringArray>(),
+            member.as_any().downcast_ref::<StringArray>(),
+        ) else {
+            continue;
+        };
+        for i in 0..b.num_rows() {
+            if segment.is_null(i) || member.is_null(i) {
+                continue;
+            }
+            served.insert(segment.value(i).to_owned());
+            membership
+                .entry(member.value(i).to_owned())
+                .or_default()
+                .insert(segment.value(i).to_owned());
+        }
+    }
+    Ok(Some((version, membership, served)))
+}
+
+/// `membership` without the members `opt_outs` holds: a refresh that read the opt-outs before
+/// one was recorded and committed after it still names that member, who must not join again.
+pub fn without_opted_out(membership: &mut Membership, opt_outs: &OptOutRegistry) {
+    membership.retain(|id, _| !opt_outs.is_opted_out(id, Purpose::Personalisation));
+}
+
+/// The `audience_id` an opt-out record removes from segments, if it covers personalisation.
+pub fn opted_out_member(record: &OptOutRecord) -> Option<&str> {
+    let covers = marsad_privacy::optout::SubjectOptOuts::from(record.scope).covers(Purpose::Personalisation);
+    covers.then_some(record.audience_id.as_deref()).flatten()
+}
+
+/// The publisher: what it published, and where it sends changes.
+pub struct Publisher {
+    channels: Vec<Arc<dyn SegmentChannel>>,
+    opt_outs: Arc<OptOutRegistry>,
+    state_dir: StateDir,
+    state: PublishedState,
+    published: Membership,
+    served: BTreeSet<String>,
+    batch_max: usize,
+}
+
+impl Publisher {
+    /// A publisher to `channels`, resuming from what `state_dir` says was published; a member
+    /// `opt_outs` holds is never published as joining, whatever a refresh says.
+    pub fn open(
+        channels: Vec<Arc<dyn SegmentChannel>>,
+        opt_outs: Arc<OptOutRegistry>,
+        state_dir: StateDir,
+        batch_max: usize,
+    ) -> Result<Self> {
+        let state = state_dir.state()?;
+        let published = state_dir.membership()?;
+        let served = published.values().flatten().cloned().collect();
+        Ok(Publisher {
+            channels,
+            opt_outs,
+            state_dir,
+            state,
+            published,
+            served,
+            batch_max: batch_max.max(1),
+        })
+    }
+
+    /// Where the opt-out log is to be published from.
+    pub fn opt_outs_next_offset(&self) -> u64 {
+        self.state.opt_outs_next_offset
+    }
+
+    async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+        for chunk in changes.chunks(self.batch_max) {
+            for channel in &self.channels {
+                channel.deliver(chunk).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes what changed since the last publication, if `segment_members` has a newer
+    /// version; returns how many members changed.
+    pub async fn publish_refresh(&mut self, tables: &TablesLocation) -> Result<usize> {
+        let Some((version, mut after, served)) = served_membership(tables).await? else {
+            return Ok(0);
+        };
+        without_opted_out(&mut after, &self.opt_outs);
+        if self.state.segments_version == Some(version) {
+            return Ok(0);
+        }
+        let at = Utc::now();
+        let changed = changes(&self.published, &after, at);
+        self.deliver(&changed).await?;
+        self.published = after;
+        self.served = served;
+        self.state.segments_version = Some(version);
+        self.state_dir.save_membership(&self.published)?;
+        self.state_dir.save_state(&self.state)?;
+        Ok(changed.len())
+    }
+
+    /// Publishes the record at `offset` of the opt-out log, if it is an opt-out of
+    /// personalisation (a removal from every segment), and forgets the member; records already
+    /// published (below the kept offset) are skipped, others (key fingerprints) passed over.
+    pub async fn publish_opt_out(&mut self, offset: u64, payload: &[u8]) -> Result<bool> {
+        if offset < self.state.opt_outs_next_offset {
+            return Ok(false);
+        }
+        let record = serde_json::from_slice::<OptOutRecord>(payload).ok();
+        if let Some(r) = &record {
+            // in force here at once, before the registry's own reader gets to it
+            self.opt_outs.apply(r);
+        }
+        let published = match record.as_ref().and_then(|r| Some((opted_out_member(r)?, r.at))) {
+            Some((id, at)) => {
+                self.deliver(&[opt_out_change(id, &self.served, at)]).await?;
+                if self.published.remove(id).is_some() {
+                    self.state_dir.save_membership(&self.published)?;
+                }
+                true
+            }
+            None => false,
+        };
+        self.state.opt_outs_next_offset = offset + 1;
+        self.state_dir.save_state(&self.state)?;
+        Ok(published)
+    }
+
+    /// The channels, for logs.
+    pub fn describe(&self) -> Vec<String> {
+        self.channels.iter().map(|c| c.describe()).collect()
+    }
+}
+
+/// How often the publisher looks for a new version of `segment_members` (a refresh, by this
+/// process or by `marsad segments refresh`).
+pub const REFRESH_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Publishes until `stop`: every opt-out of the opt-out log from where the last run stopped, as
+/// it is recorded, and every new version of `segment_members`. A failed look at the table is
+/// logged and tried again; a channel that cannot take changes holds everything behind it (the
+/// webhook retries until it is stopped), so nothing is published out of order or dropped.
+pub async fn run(
+    mut publisher: Publisher,
+    tables: TablesLocation,
+    log: Arc<dyn marsad_eventlog::EventLog>,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let mut opt_outs = log.read_all(marsad_schemas::TOPIC_OPTOUTS).await?;
+    for partition in opt_outs.assignment() {
+        if partition != 0 {
+            return Err(push_error(
+                "opt-out log",
+                format!(
+                    "{} has partition {partition}: it must have one",
+                    marsad_schemas::TOPIC_OPTOUTS
+                ),
+            ));
+        }
+        opt_outs.seek(0, publisher.opt_outs_next_offset()).await?;
+    }
+    let mut tick = tokio::time::interval(REFRESH_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            polled = opt_outs.poll(100, Duration::from_millis(500)) => {
+                for record in polled? {
+                    let started = std::time::Instant::now();
+                    if publisher.publish_opt_out(record.position.offset, &record.payload).await? {
+                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "opt-out pushed as a removal from every segment");
+                    }
+                }
+            }
+            _ = tick.tick() => match publisher.publish_refresh(&tables).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(members = n, to = ?publisher.describe(), "segment changes pushed"),
+                Err(e @ Error::Push { .. }) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "could not read segment_members; trying again"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn membership(entries: &[(&str, &[&str])]) -> Membership {
+        entries
+            .iter()
+            .map(|(id, segs)| ((*id).to_owned(), segs.iter().map(|s| (*s).to_owned()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn a_refresh_publishes_who_joined_and_left_and_nothing_of_a_held_back_segment() {
+        let at = Utc::now();
+        let before = membership(&[("a", &["cars", "jobs"]), ("b", &["cars"]), ("c", &["jobs"])]);
+        // `jobs` is held back now (absent), `cars` lost b and gained d
+        let after = membership(&[("a", &["cars"]), ("d", &["cars"])]);
+        let got = changes(&before, &after, at);
+        let by_id: BTreeMap<&str, &MembershipChange> = got.iter().map(|c| (c.audience_id.as_str(), c)).collect();
+        assert_eq!(by_id.len(), 4);
+        // a is still in cars: it leaves jobs with every other member of it, none singled out
+        assert_eq!(by_id["a"].segments, ["cars"]);
+        assert_eq!(by_id["a"].left, ["jobs"]);
+        assert_eq!(by_id["c"].segments, Vec::<String>::new());
+        assert_eq!(by_id["c"].left, ["jobs"]);
+        assert_eq!(by_id["b"].left, ["cars"]);
+        assert_eq!(by_id["d"].joined, ["cars"]);
+        assert!(got.iter().all(|c| c.cause == Cause::Refresh && c.at == at));
+        // no change, nothing published
+        assert!(changes(&after, &after, at).is_empty());
+    }
+
+    #[test]
+    fn a_member_opted_out_after_the_refresh_read_the_opt_outs_never_joins_again() {
+        use marsad_privacy::optout::OptOutScope;
+        let registry = OptOutRegistry::default();
+        let mut after = membership(&[("a1b2c3d4e5f60718", &["cars"]), ("0f0e0d0c0b0a0908", &["cars"])]);
+        for (id, scope) in [
+            ("a1b2c3d4e5f60718", OptOutScope::Personalisation),
+            ("0f0e0d0c0b0a0908", OptOutScope::Marketing),
+        ] {
+            let record = OptOutRecord {
+                subject: format!("{id}{id}"),
+                audience_id: Some(id.to_owned()),
+                scope,
+                at: Utc::now(),
+            };
+            registry.apply(&record);
+            // only an opt-out of personalisation takes a member out of segments
+            assert_eq!(
+                opted_out_member(&record).is_some(),
+                scope == OptOutScope::Personalisation
+            );
+        }
+        without_opted_out(&mut after, &registry);
+        assert_eq!(after, membership(&[("0f0e0d0c0b0a0908", &["cars"])]));
+    }
+
+    #[test]
+    fn an_opt_out_leaves_every_served_segment() {
+        let served: BTreeSet<String> = ["cars".to_owned(), "jobs".to_owned()].into();
+        let change = opt_out_change("x", &served, Utc::now());
+        assert!(change.segments.is_empty() && change.joined.is_empty());
+        assert_eq!(change.left, ["cars", "jobs"]);
+        assert_eq!(change.cause, Cause::OptOut);
+    }
+
+    #[test]
+    fn the_signature_covers_the_time_and_the_body() {
+        let key = [7u8; 32];
+        let a = sign(&key, 1_700_000_000, b"{\"changes\":[]}");
+        assert!(a.starts_with("t=1700000000,v1="), "{a}");
+        assert_eq!(a.len(), "t=1700000000,v1=".len() + 64);
+        assert_ne!(a, sign(&key, 1_700_000_001, b"{\"changes\":[]}"));
+        assert_ne!(a, sign(&key, 1_700_000_000, b"{\"changes\":[1]}"));
+        assert_ne!(a, sign(&[8u8; 32], 1_700_000_000, b"{\"changes\":[]}"));
+    }
+
+    #[test]
+    fn the_state_survives_a_restart() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
+        let states = StateDir::open(dir.path().join("push"))?;
+        assert_eq!(states.state()?, PublishedState::default());
+        let state = PublishedState {
+            segments_version: Some(4),
+            opt_outs_next_offset: 9,
+        };
+        states.save_state(&state)?;
+        let m = membership(&[("a", &["cars"])]);
+        states.save_membership(&m)?;
+        let again = StateDir::open(dir.path().join("push"))?;
+        assert_eq!(again.state()?, state);
+        assert_eq!(again.membership()?, m);
+        Ok(())
+    }
+}
