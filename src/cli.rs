@@ -129,6 +129,9 @@ pub struct StageArgs {
     /// Postgres wire protocol listen address [default: 127.0.0.1:5433].
     #[arg(long)]
     pub pg_addr: Option<SocketAddr>,
+    /// Arrow Flight SQL listen address [default: off].
+    #[arg(long)]
+    pub flight_addr: Option<SocketAddr>,
     /// A proxy whose X-Forwarded-For is believed (CIDR; repeatable).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     pub trusted_proxies: Vec<IpNet>,
@@ -161,6 +164,9 @@ impl StageArgs {
         }
         if let Some(a) = self.pg_addr {
             config.query.pg_addr = a;
+        }
+        if let Some(a) = self.flight_addr {
+            config.query.flight_addr = Some(a);
         }
         config
             .ingest

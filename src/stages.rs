@@ -148,6 +148,33 @@ async fn spawn_pg(
     Ok(Some(addr))
 }
 
+/// Serves Arrow Flight SQL when `query.flight_addr` is set; returns the address bound.
+async fn spawn_flight(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    state: QueryState,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Some(addr) = config.query.flight_addr else {
+        return Ok(None);
+    };
+    let tls = match config.query.pg_tls() {
+        Some((cert, key)) => Some((
+            std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        )),
+        None => None,
+    };
+    let listener = bind(addr, "flight").await?;
+    let bound = listener.local_addr()?;
+    set.spawn(async move {
+        marsad_query::flight::serve_flight(listener, state, tls, shutdown)
+            .await
+            .context("flight sql")
+    });
+    Ok(Some(bound))
+}
+
 /// Deletes processed raw-log and dead-letter segments past their retention, checking every
 /// quarter of the roll age (at most a minute).
 fn spawn_retention(set: &mut JoinSet<anyhow::Result<()>>, log: Option<Arc<LocalLog>>, shutdown: CancellationToken) {
@@ -736,6 +763,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?
         .with_metrics_source(Arc::new(move || pm.render()));
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
+    spawn_flight(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
     set.spawn(async move {
         marsad_query::serve(query_listener, query_state, query_tls, s)
@@ -874,6 +902,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
+    spawn_flight(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let tls = tls_files(config.query.tls_files(), &shutdown).context("query.tls_cert")?;
     let s = shutdown.clone();
     set.spawn(async move { marsad_query::serve(listener, state, tls, s).await.context("query") });

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::common::{Marsad, Tool, key_entry, superset_python, tools_for, write_fixture_geoip};
+use crate::common::{Marsad, Tool, free_port, key_entry, superset_python, tools_for, write_fixture_geoip};
 use crate::pg::send_visitors;
 
 const ANALYST_KEY: &str = "clients-analyst-key-0123456789abcdef";
@@ -20,9 +20,16 @@ const ENGINEER_KEY: &str = "clients-engineer-key-0123456789abcdef";
 /// visitors from three countries: 30 from JO, 20 from SA and one from EG, each with two page
 /// views and an ad impression.
 fn marsad_with_visitors(dir: &std::path::Path) -> Result<Marsad> {
+    marsad_with_visitors_and(dir, &[])
+}
+
+/// [`marsad_with_visitors`], with extra environment variables for `marsad up`.
+fn marsad_with_visitors_and(dir: &std::path::Path, env: &[(&str, String)]) -> Result<Marsad> {
     let geoip = dir.join("geo.mmdb");
     write_fixture_geoip(&geoip)?;
     let tls = crate::common::TestCertificate::write(dir)?;
+    // for clients that are told which authority to trust
+    std::fs::write(dir.join("ca.pem"), &tls.ca_pem)?;
     let config = dir.join("marsad.toml");
     std::fs::write(
         &config,
@@ -34,7 +41,7 @@ fn marsad_with_visitors(dir: &std::path::Path) -> Result<Marsad> {
             key_entry("data-eng", "engineer", ENGINEER_KEY),
         ),
     )?;
-    let m = Marsad::start_with_config(&dir.join("data"), Some(&geoip), Some(&config))?;
+    let m = Marsad::start_with_env(&dir.join("data"), Some(&geoip), Some(&config), env)?;
     let mut sent = send_visitors(&m, "JO", 30)?;
     sent += send_visitors(&m, "SA", 20)?;
     sent += send_visitors(&m, "EG", 1)?;
@@ -349,6 +356,84 @@ fn superset_connects_lists_and_charts_marsad_tables() -> Result<()> {
         counts(&out["page_views_by_country"]) == page_views_sent(),
         "{}",
         out["page_views_by_country"]
+    );
+    Ok(())
+}
+
+#[test]
+fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> Result<()> {
+    if !tools_for(
+        "adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles",
+        &[Tool::Psql, Tool::PythonFlight],
+    )? {
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let port = free_port()?;
+    let m = marsad_with_visitors_and(
+        tmp.path(),
+        &[("MARSAD_QUERY__FLIGHT_ADDR", format!("127.0.0.1:{port}"))],
+    )?;
+    // the certificate of the Postgres port serves Flight too: the client trusts the test authority
+    let ca = tmp.path().join("ca.pem");
+    let uri = format!("grpc+tls://127.0.0.1:{port}");
+    let ca_arg = ca.display().to_string();
+    let out = run_json(
+        "python3",
+        "flight_clients.py",
+        &[&uri, &ca_arg, "data-eng", ENGINEER_KEY, "marketing", ANALYST_KEY],
+        &[],
+    )?;
+    eprintln!("client versions: {}", out["versions"]);
+    let page_views = page_views_sent();
+    let total_events = m.sql_count("SELECT count(*) FROM events")?;
+
+    let e = client(&out, "engineer_by_header")?;
+    ensure!(
+        counts(&e["page_views_by_country"]) == page_views,
+        "{}",
+        e["page_views_by_country"]
+    );
+    // every row, as Arrow, in the table's types
+    ensure!(
+        e["rows"] == total_events && e["distinct_event_ids"] == total_events,
+        "{e}"
+    );
+    ensure!(
+        e["types"]["ts"].as_str().is_some_and(|t| t.starts_with("timestamp[us")) && e["types"]["is_bot"] == "bool",
+        "{}",
+        e["types"]
+    );
+    ensure!(
+        e["tables"]
+            == serde_json::json!([
+                "ad_performance_hourly",
+                "demographics_daily",
+                "events",
+                "traffic_hourly"
+            ]),
+        "{}",
+        e["tables"]
+    );
+    ensure!(e["vendor"] == "Marsad", "{e}");
+
+    let p = client(&out, "engineer_by_password")?;
+    ensure!(
+        counts(&p["polars_page_views_by_country"]) == page_views && p["polars_type"] == "DataFrame",
+        "{p}"
+    );
+
+    let a = client(&out, "analyst")?;
+    ensure!(a["raw_events"] != "answered", "raw events are refused to analysts: {a}");
+    ensure!(
+        a["count"].as_str().is_some_and(|c| c.contains("not released")),
+        "count(*) is not released over Flight either: {a}"
+    );
+    ensure!(a["released_page_views"].is_i64(), "a released number: {a}");
+    ensure!(
+        out["wrong_key"].as_str().is_some_and(|w| w.contains("UNAUTHENTICATED")),
+        "an unknown key is refused: {}",
+        out["wrong_key"]
     );
     Ok(())
 }

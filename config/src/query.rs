@@ -84,6 +84,9 @@ pub struct QueryConfig {
     pub pg_max_connections: usize,
     /// A Postgres connection silent this long (between queries) is closed, freeing its slot.
     pub pg_idle_timeout_secs: u64,
+    /// Arrow Flight SQL address for data engineers (ADBC, JDBC); off when unset. TLS with the
+    /// Postgres port's certificate, needed off loopback (the key travels in a header).
+    pub flight_addr: Option<SocketAddr>,
     /// Where TLS of the HTTP API ends: here (with `tls_cert` and `tls_key`) or at a proxy in front.
     pub tls: TlsMode,
     /// PEM certificate chain of the HTTP API (and of Postgres when `pg_tls_cert` is unset).
@@ -117,6 +120,7 @@ impl Default for QueryConfig {
             pg_tls_key: None,
             pg_max_connections: 64,
             pg_idle_timeout_secs: 900,
+            flight_addr: None,
             tls: TlsMode::Builtin,
             tls_cert: None,
             tls_key: None,
@@ -186,6 +190,18 @@ impl QueryConfig {
                     "{} is reachable from other machines, and Postgres clients send the API key as their \
                      password: set query.pg_tls_cert and query.pg_tls_key, or listen on loopback",
                     self.pg_addr
+                ),
+            });
+        }
+        if let Some(addr) = self.flight_addr
+            && !addr.ip().is_loopback()
+            && self.pg_tls().is_none()
+        {
+            return Err(ConfigError::Invalid {
+                key: "query.flight_addr",
+                reason: format!(
+                    "{addr} is reachable from other machines, and Flight SQL clients send the API key in a \
+                     header: set query.pg_tls_cert and query.pg_tls_key (or query.tls_cert), or listen on loopback"
                 ),
             });
         }

@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod dashboard;
 mod erasures;
 mod error;
+pub mod flight;
 mod metrics;
 pub mod pg;
 mod pg_compat;

@@ -540,6 +540,8 @@ pub enum Tool {
     PythonClients,
     /// Apache Superset, in its own virtualenv (it pins its own SQLAlchemy 1.4).
     Superset,
+    /// The ADBC Flight SQL driver, pyarrow and Polars (PyPI).
+    PythonFlight,
 }
 
 /// The Python of the virtualenv `./test` installs Apache Superset into.
@@ -576,6 +578,10 @@ impl Tool {
                 "python3",
                 &["-c", "import sqlalchemy, psycopg, psycopg2, asyncpg, pandas"],
             ),
+            Tool::PythonFlight => runs(
+                "python3",
+                &["-c", "import adbc_driver_flightsql.dbapi, polars, pyarrow"],
+            ),
             Tool::Superset => superset_python()
                 .to_str()
                 .is_some_and(|python| runs(python, &["-c", "import superset.app"])),
@@ -595,6 +601,9 @@ impl Tool {
                 "SQLAlchemy, psycopg, psycopg2, asyncpg and pandas (pip install sqlalchemy 'psycopg[binary]' psycopg2-binary asyncpg pandas)"
             }
             Tool::Superset => "Apache Superset in ~/.cache/marsad-test/superset-6.1.0 (see ./test)",
+            Tool::PythonFlight => {
+                "the ADBC Flight SQL driver and Polars (pip install adbc-driver-flightsql polars pyarrow)"
+            }
         }
     }
 }
