@@ -442,12 +442,12 @@ fn spawn_key_destruction(
 fn segment_webhook_key(config: &Config) -> anyhow::Result<zeroize::Zeroizing<Vec<u8>>> {
     const ENV: &str = "MARSAD_SECRET_SEGMENT_WEBHOOK_KEY";
     let text = match (std::env::var(ENV), &config.audience.push.webhook_key_file) {
-        (Ok(text), _) => zeroize::Zeroizing::new(text),
-        (Err(_), Some(path)) => zeroize::Zeroizing::new(
+        (Ok(text), _) if !text.trim().is_empty() => zeroize::Zeroizing::new(text),
+        (_, Some(path)) => zeroize::Zeroizing::new(
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading audience.push.webhook_key_file {}", path.display()))?,
         ),
-        (Err(_), None) => anyhow::bail!(
+        (_, None) => anyhow::bail!(
             "audience.push.webhook_url is set but no signing key is: set {ENV} (hex, 32 bytes or more, shared with \
              the receiver) or audience.push.webhook_key_file"
         ),
@@ -471,7 +471,7 @@ fn spawn_segment_push(
 ) -> anyhow::Result<()> {
     use marsad_process::segment_push::{KafkaTopic, Publisher, SegmentChannel, StateDir, Webhook};
     let push = &config.audience.push;
-    if config.audience.segments.is_empty() {
+    if config.audience.segments.is_empty() || !push.enabled {
         return Ok(());
     }
     let mut channels: Vec<Arc<dyn SegmentChannel>> = Vec::new();

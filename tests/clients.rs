@@ -424,6 +424,10 @@ fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> 
     );
 
     let a = client(&out, "analyst")?;
+    ensure!(
+        a["tables"] == serde_json::json!(["ad_performance_hourly", "demographics_daily", "traffic_hourly"]),
+        "an analyst's table list holds the rollups only: {a}"
+    );
     ensure!(a["raw_events"] != "answered", "raw events are refused to analysts: {a}");
     ensure!(
         a["count"].as_str().is_some_and(|c| c.contains("not released")),

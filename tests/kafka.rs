@@ -749,7 +749,7 @@ fn separate_stages_on_a_real_broker_process() -> Result<()> {
     );
     let listing = String::from_utf8_lossy(&created.stdout).into_owned();
     ensure!(
-        listing.contains(TOPIC_RAW) && listing.contains("4 topics created"),
+        listing.contains(TOPIC_RAW) && listing.contains(SEGMENTS_TOPIC) && listing.contains("5 topics created"),
         "{listing}"
     );
 

@@ -380,6 +380,16 @@ rules = [{{ event_type = "ad_click", campaign_id = "cmp-7", at_least = 1 }}]
         after.iter().all(|c| c["joined"] == json!([])),
         "nobody joins twice: {after:?}"
     );
+    // every change numbered, in the order received, none twice, across the restart
+    let sequences: Vec<u64> = receiver
+        .changes()
+        .iter()
+        .filter_map(|c| c["sequence"].as_u64())
+        .collect();
+    ensure!(
+        sequences.len() == receiver.changes().len() && sequences.windows(2).all(|w| w[0] < w[1]),
+        "sequences {sequences:?}"
+    );
     let held_back = m.sql_count("SELECT count(*) FROM segment_members WHERE segment_id = 'car-intenders'")?;
     ensure!(held_back == 0, "{held_back} members of a held-back segment");
     Ok(())

@@ -34,6 +34,9 @@ pub struct AudienceConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct SegmentPushConfig {
+    /// Whether this process pushes (where segments are refreshed); turn it off on all but one
+    /// processor when several run.
+    pub enabled: bool,
     /// The compacted Kafka topic changes go to, keyed by `audience_id`, when the event log is
     /// Kafka; empty: none.
     pub kafka_topic: String,
@@ -53,6 +56,7 @@ pub struct SegmentPushConfig {
 impl Default for SegmentPushConfig {
     fn default() -> Self {
         SegmentPushConfig {
+            enabled: true,
             kafka_topic: "marsad.segments".into(),
             webhook_url: None,
             webhook_key_file: None,

@@ -40,6 +40,10 @@ pub enum Cause {
 /// One member's change, as the ad system receives it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MembershipChange {
+    /// Increases with every change published (gaps possible, never reused): a receiver applies
+    /// a change only when it is above the last one it applied for that member, so a replayed
+    /// or late request cannot put back a member who left or opted out.
+    pub sequence: u64,
     /// The member.
     pub audience_id: String,
     /// Every served segment it is in now (empty: none; drop the id).
@@ -50,7 +54,7 @@ pub struct MembershipChange {
     pub left: Vec<String>,
     /// Why.
     pub cause: Cause,
-    /// When the refresh read `events`, or when the opt-out was made.
+    /// When Marsad published a refresh's change, or when the opt-out was made.
     pub at: DateTime<Utc>,
 }
 
@@ -63,6 +67,7 @@ pub fn changes(before: &Membership, after: &Membership, at: DateTime<Utc>) -> Ve
         .filter_map(|id| {
             let (was, is) = (before.get(id).unwrap_or(&empty), after.get(id).unwrap_or(&empty));
             (was != is).then(|| MembershipChange {
+                sequence: 0,
                 audience_id: id.clone(),
                 segments: is.iter().cloned().collect(),
                 joined: is.difference(was).cloned().collect(),
@@ -79,6 +84,7 @@ pub fn changes(before: &Membership, after: &Membership, at: DateTime<Utc>) -> Ve
 /// still drops the id everywhere.
 pub fn opt_out_change(audience_id: &str, served: &BTreeSet<String>, at: DateTime<Utc>) -> MembershipChange {
     MembershipChange {
+        sequence: 0,
         audience_id: audience_id.to_owned(),
         segments: Vec::new(),
         joined: Vec::new(),
@@ -113,6 +119,7 @@ pub const SIGNATURE_HEADER: &str = "x-marsad-signature";
 /// The signature of `body` sent at `unix_seconds` under `key`.
 pub fn sign(key: &[u8], unix_seconds: i64, body: &[u8]) -> String {
     use hmac::{KeyInit, Mac};
+    // HMAC takes a key of any length: `new_from_slice` cannot fail for it
     let mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key).map(|mut mac| {
         mac.update(unix_seconds.to_string().as_bytes());
         mac.update(b".");
@@ -120,6 +127,20 @@ pub fn sign(key: &[u8], unix_seconds: i64, body: &[u8]) -> String {
         hex::encode(mac.finalize().into_bytes())
     });
     format!("t={unix_seconds},v1={}", mac.unwrap_or_default())
+}
+
+/// `url` without what may be a secret (user info, query): for logs.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) => format!(
+            "{}://{}{}{}",
+            u.scheme(),
+            u.host_str().unwrap_or("?"),
+            u.port().map(|p| format!(":{p}")).unwrap_or_default(),
+            u.path()
+        ),
+        Err(_) => "(an unparsable URL)".into(),
+    }
 }
 
 /// POSTs changes to an HTTPS endpoint, `{"changes": […]}`, signed (see [`SIGNATURE_HEADER`]).
@@ -198,7 +219,7 @@ impl SegmentChannel for Webhook {
                 Err(reason) => {
                     // every status is retried: a receiver that refuses (a wrong key, a bug) is
                     // fixed by its operator, and nothing is dropped meanwhile
-                    tracing::warn!(url = %self.url, attempt, retry_in_ms = pause.as_millis() as u64, %reason,
+                    tracing::warn!(url = %redacted(&self.url), attempt, retry_in_ms = pause.as_millis() as u64, %reason,
                         changes = changes.len(), "segment webhook failed; retrying");
                 }
             }
@@ -212,7 +233,7 @@ impl SegmentChannel for Webhook {
     }
 
     fn describe(&self) -> String {
-        format!("webhook {}", self.url)
+        format!("webhook {}", redacted(&self.url))
     }
 }
 
@@ -277,6 +298,9 @@ pub struct PublishedState {
     pub segments_version: Option<u64>,
     /// The next offset of the opt-out log to publish.
     pub opt_outs_next_offset: u64,
+    /// The sequence number the next change gets (reserved before delivery: never reused).
+    #[serde(default)]
+    pub next_sequence: u64,
 }
 
 /// The files of [`PublishedState`] and of the membership published last.
@@ -296,7 +320,17 @@ impl StateDir {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let io = |e: std::io::Error| push_error("state file", format!("{}: {e}", path.display()));
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        // 0600 from creation: the membership file holds audience_ids, as segment_members does
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?
+        };
         f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
@@ -327,19 +361,20 @@ impl StateDir {
         }
     }
 
-    /// Records the membership published (0600: it holds `audience_id`s, as `segment_members` does).
+    /// Records the membership published.
     pub fn save_membership(&self, membership: &Membership) -> Result<()> {
         let bytes = serde_json::to_vec(membership).map_err(|e| push_error("membership file", e))?;
-        self.write_atomically("membership.json", &bytes)?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(self.dir.join("membership.json"), std::fs::Permissions::from_mode(0o600));
-        Ok(())
+        self.write_atomically("membership.json", &bytes)
     }
 }
 
 /// The served membership of `segment_members` at its latest version, by member, with the
-/// version and the served segments; `None` while the table has no commit.
-pub async fn served_membership(tables: &TablesLocation) -> Result<Option<(u64, Membership, BTreeSet<String>)>> {
+/// version and the served segments; `None` while the table has no commit or when its version
+/// is still `known` (a look every second must not scan the table).
+pub async fn served_membership(
+    tables: &TablesLocation,
+    known: Option<u64>,
+) -> Result<Option<(u64, Membership, BTreeSet<String>)>> {
     let name = marsad_schemas::TableName::SegmentMembers.as_str();
     let Some(table) = marsad_tables::open_table(tables, name).await? else {
         return Ok(None);
@@ -347,6 +382,9 @@ pub async fn served_membership(tables: &TablesLocation) -> Result<Option<(u64, M
     let Some(version) = table.version() else {
         return Ok(None);
     };
+    if known == Some(version) {
+        return Ok(None);
+    }
     let ctx = datafusion::prelude::SessionContext::new();
     marsad_tables::register(&ctx, name, &table).await?;
     let query = |source| Error::Query {
@@ -436,7 +474,18 @@ impl Publisher {
         self.state.opt_outs_next_offset
     }
 
-    async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+    /// Numbers `changes` (the range reserved on disk first, so a crash leaves a gap, never a
+    /// number used twice) and delivers them to every channel in order.
+    async fn deliver(&mut self, mut changes: Vec<MembershipChange>) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let first = self.state.next_sequence;
+        self.state.next_sequence = first + changes.len() as u64;
+        self.state_dir.save_state(&self.state)?;
+        for (n, change) in changes.iter_mut().enumerate() {
+            change.sequence = first + n as u64;
+        }
         for chunk in changes.chunks(self.batch_max) {
             for channel in &self.channels {
                 channel.deliver(chunk).await?;
@@ -448,27 +497,26 @@ impl Publisher {
     /// Publishes what changed since the last publication, if `segment_members` has a newer
     /// version; returns how many members changed.
     pub async fn publish_refresh(&mut self, tables: &TablesLocation) -> Result<usize> {
-        let Some((version, mut after, served)) = served_membership(tables).await? else {
+        let Some((version, mut after, served)) = served_membership(tables, self.state.segments_version).await? else {
             return Ok(0);
         };
         without_opted_out(&mut after, &self.opt_outs);
-        if self.state.segments_version == Some(version) {
-            return Ok(0);
-        }
-        let at = Utc::now();
-        let changed = changes(&self.published, &after, at);
-        self.deliver(&changed).await?;
+        let changed = changes(&self.published, &after, Utc::now());
+        let count = changed.len();
+        self.deliver(changed).await?;
         self.published = after;
         self.served = served;
         self.state.segments_version = Some(version);
         self.state_dir.save_membership(&self.published)?;
         self.state_dir.save_state(&self.state)?;
-        Ok(changed.len())
+        Ok(count)
     }
 
-    /// Publishes the record at `offset` of the opt-out log, if it is an opt-out of
-    /// personalisation (a removal from every segment), and forgets the member; records already
-    /// published (below the kept offset) are skipped, others (key fingerprints) passed over.
+    /// Publishes the record at `offset` of the opt-out log if it is an opt-out of
+    /// personalisation by a member published in a segment (its removal from every segment),
+    /// and forgets the member; records already published (below the kept offset) are skipped,
+    /// others (key fingerprints, ids never published) passed over: the ad system is not told of
+    /// pseudonyms it was never given.
     pub async fn publish_opt_out(&mut self, offset: u64, payload: &[u8]) -> Result<bool> {
         if offset < self.state.opt_outs_next_offset {
             return Ok(false);
@@ -478,12 +526,17 @@ impl Publisher {
             // in force here at once, before the registry's own reader gets to it
             self.opt_outs.apply(r);
         }
-        let published = match record.as_ref().and_then(|r| Some((opted_out_member(r)?, r.at))) {
+        let member = record
+            .as_ref()
+            .and_then(|r| Some((opted_out_member(r)?, r.at)))
+            .filter(|(id, _)| self.published.contains_key(*id));
+        let published = match member {
             Some((id, at)) => {
-                self.deliver(&[opt_out_change(id, &self.served, at)]).await?;
-                if self.published.remove(id).is_some() {
-                    self.state_dir.save_membership(&self.published)?;
-                }
+                let change = opt_out_change(id, &self.served, at);
+                self.deliver(vec![change]).await?;
+                // (the membership file is rewritten at the next refresh, not per opt-out: after
+                // a restart the member is filtered out of that refresh, and leaves again)
+                self.published.remove(id);
                 true
             }
             None => false,
@@ -504,46 +557,86 @@ impl Publisher {
 pub const REFRESH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Publishes until `stop`: every opt-out of the opt-out log from where the last run stopped, as
-/// it is recorded, and every new version of `segment_members`. A failed look at the table is
-/// logged and tried again; a channel that cannot take changes holds everything behind it (the
-/// webhook retries until it is stopped), so nothing is published out of order or dropped.
+/// it is recorded, and every new version of `segment_members`. Opt-outs are read by a task of
+/// their own into a bounded channel (a read cancelled by the refresh timer could lose records it
+/// had taken). A change that cannot be delivered is retried, in order, with a growing pause:
+/// nothing is dropped and nothing behind it is published first, and the pipeline keeps running
+/// meanwhile (only a log that cannot be read at all ends this).
 pub async fn run(
     mut publisher: Publisher,
     tables: TablesLocation,
     log: Arc<dyn marsad_eventlog::EventLog>,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<()> {
-    let mut opt_outs = log.read_all(marsad_schemas::TOPIC_OPTOUTS).await?;
-    for partition in opt_outs.assignment() {
-        if partition != 0 {
-            return Err(push_error(
-                "opt-out log",
-                format!(
-                    "{} has partition {partition}: it must have one",
-                    marsad_schemas::TOPIC_OPTOUTS
-                ),
-            ));
+    let (records, mut opt_outs) = tokio::sync::mpsc::channel::<marsad_eventlog::Delivered>(1024);
+    let from = publisher.opt_outs_next_offset();
+    let reader_stop = stop.clone();
+    let reader = tokio::spawn(async move {
+        let mut sub = log.read_all(marsad_schemas::TOPIC_OPTOUTS).await?;
+        for partition in sub.assignment() {
+            if partition != 0 {
+                return Err(push_error(
+                    "opt-out log",
+                    format!(
+                        "{} has partition {partition}: it must have one",
+                        marsad_schemas::TOPIC_OPTOUTS
+                    ),
+                ));
+            }
+            sub.seek(0, from).await?;
         }
-        opt_outs.seek(0, publisher.opt_outs_next_offset()).await?;
-    }
+        loop {
+            let polled = tokio::select! {
+                _ = reader_stop.cancelled() => return Ok(()),
+                polled = sub.poll(100, Duration::from_millis(500)) => polled?,
+            };
+            for record in polled {
+                if records.send(record).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    });
     let mut tick = tokio::time::interval(REFRESH_CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            polled = opt_outs.poll(100, Duration::from_millis(500)) => {
-                for record in polled? {
-                    let started = std::time::Instant::now();
-                    if publisher.publish_opt_out(record.position.offset, &record.payload).await? {
-                        tracing::info!(took_ms = started.elapsed().as_millis() as u64, "opt-out pushed as a removal from every segment");
+            record = opt_outs.recv() => {
+                let Some(record) = record else {
+                    // the reader ended: its error, if it had one
+                    return match reader.await {
+                        Ok(r) => r,
+                        Err(e) => Err(push_error("opt-out reader", e)),
+                    };
+                };
+                let started = std::time::Instant::now();
+                let mut pause = FIRST_BACKOFF;
+                loop {
+                    match publisher.publish_opt_out(record.position.offset, &record.payload).await {
+                        Ok(true) => {
+                            tracing::info!(took_ms = started.elapsed().as_millis() as u64,
+                                "opt-out pushed as a removal from every segment");
+                            break;
+                        }
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64,
+                                "could not push an opt-out; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => return Ok(()),
+                                _ = tokio::time::sleep(pause) => {}
+                            }
+                            pause = (pause * 2).min(MAX_BACKOFF);
+                        }
                     }
                 }
             }
             _ = tick.tick() => match publisher.publish_refresh(&tables).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(members = n, to = ?publisher.describe(), "segment changes pushed"),
-                Err(e @ Error::Push { .. }) => return Err(e),
-                Err(e) => tracing::warn!(error = %e, "could not read segment_members; trying again"),
+                // retried at the next tick: the membership published so far stays the baseline
+                Err(e) => tracing::warn!(error = %e, "could not push segment changes; trying again"),
             },
         }
     }
@@ -635,6 +728,7 @@ mod tests {
         let state = PublishedState {
             segments_version: Some(4),
             opt_outs_next_offset: 9,
+            next_sequence: 31,
         };
         states.save_state(&state)?;
         let m = membership(&[("a", &["cars"])]);

@@ -8,7 +8,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arrow::datatypes::{DataType, Schema, SchemaRef};
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -52,6 +52,8 @@ fn status(e: ApiError) -> Status {
         ApiError::BadRequest(_) => Status::invalid_argument(e.to_string()),
         ApiError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
         ApiError::Access(_) => Status::permission_denied(e.to_string()),
+        ApiError::Busy | ApiError::Unavailable(_) => Status::unavailable(e.to_string()),
+        ApiError::BudgetExhausted { .. } => Status::resource_exhausted(e.to_string()),
         _ => {
             tracing::error!(error = %e, "flight sql");
             Status::internal("internal error; see the service log")
@@ -177,7 +179,7 @@ impl FlightSqlService for MarsadFlightSql {
                 self.state.metrics.count("flight_auth_refused");
                 return Err(Status::unauthenticated("unknown API key"));
             }
-            key.to_owned()
+            key.trim().to_owned()
         } else if let Some(key) = header.strip_prefix("Bearer ") {
             self.caller_of_key(key)?;
             key.trim().to_owned()
@@ -228,24 +230,7 @@ impl FlightSqlService for MarsadFlightSql {
                 let df = sql::plan(&ctx, &sql, sql::read_only()).await.map_err(status)?;
                 let schema: SchemaRef = df.schema().inner().clone();
                 let stream = df.execute_stream().await.map_err(|e| status(sql::user_error(e)))?;
-                // the query's time limit covers the whole stream; the slot is held until its end
-                let deadline = Instant::now() + self.state.timeout;
-                let limit = self.state.timeout;
-                let stream = stream
-                    .map(move |batch| {
-                        let _held = &slot;
-                        if Instant::now() > deadline {
-                            return Err(arrow_flight::error::FlightError::Tonic(Box::new(
-                                Status::deadline_exceeded(format!(
-                                    "the query ran past query.timeout_secs ({} s)",
-                                    limit.as_secs()
-                                )),
-                            )));
-                        }
-                        batch.map_err(|e| arrow_flight::error::FlightError::ExternalError(Box::new(e)))
-                    })
-                    .boxed();
-                (schema, stream)
+                (schema, timed_stream(stream, slot, self.state.timeout))
             }
             Caller::Analyst(key) => {
                 drop(slot); // run_sql takes its own
@@ -388,6 +373,57 @@ impl FlightSqlService for MarsadFlightSql {
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
+/// `batches` run by a task of their own, which holds `slot` (a share of the service's query
+/// slots) until the stream ends, the client goes away, or `limit` passes, whichever is first:
+/// a client that stops reading cannot keep the slot, and a stream cut by the limit ends with
+/// an error, never looking complete.
+fn timed_stream(
+    mut batches: datafusion::physical_plan::SendableRecordBatchStream,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    limit: Duration,
+) -> futures::stream::BoxStream<'static, Result<arrow::record_batch::RecordBatch, arrow_flight::error::FlightError>> {
+    use arrow_flight::error::FlightError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let deadline = tokio::time::Instant::now() + limit;
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let complete = Arc::new(AtomicBool::new(false));
+    let done = complete.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        loop {
+            let item = match tokio::time::timeout_at(deadline, batches.next()).await {
+                Err(_) => return,
+                Ok(None) => {
+                    done.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(Some(batch)) => batch.map_err(|e| FlightError::ExternalError(Box::new(e))),
+            };
+            let failed = item.is_err();
+            match tokio::time::timeout_at(deadline, tx.send(item)).await {
+                // an error was handed over: the stream ends with it
+                Ok(Ok(())) if failed => {
+                    done.store(true, Ordering::Release);
+                    return;
+                }
+                Ok(Ok(())) => {}
+                // the client went away, or stopped reading past the limit
+                _ => return,
+            }
+        }
+    });
+    let cut = futures::stream::once(async move {
+        (!complete.load(Ordering::Acquire)).then(|| {
+            Err(FlightError::Tonic(Box::new(Status::deadline_exceeded(format!(
+                "the query ran past query.timeout_secs ({} s) and was cut",
+                limit.as_secs()
+            )))))
+        })
+    })
+    .filter_map(futures::future::ready);
+    tokio_stream::wrappers::ReceiverStream::new(rx).chain(cut).boxed()
+}
+
 /// Every schema of every catalog of `ctx` but `information_schema`, sorted by name.
 fn catalog_schemas(
     ctx: &datafusion::prelude::SessionContext,
@@ -454,4 +490,38 @@ pub async fn serve_flight(
         .add_service(FlightServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+
+    #[tokio::test]
+    async fn a_stream_past_its_limit_ends_in_an_error_and_gives_its_slot_back() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = slots.clone().acquire_owned().await.expect("a slot");
+        // a query that never yields a batch
+        let never = RecordBatchStreamAdapter::new(Arc::new(Schema::empty()), futures::stream::pending());
+        let mut out = timed_stream(Box::pin(never), slot, Duration::from_millis(50));
+        let first = out.next().await;
+        assert!(
+            matches!(&first, Some(Err(arrow_flight::error::FlightError::Tonic(s))) if s.code() == tonic::Code::DeadlineExceeded),
+            "{first:?}"
+        );
+        assert!(out.next().await.is_none());
+        assert_eq!(slots.available_permits(), 1, "the slot is free again");
+    }
+
+    #[tokio::test]
+    async fn a_finished_stream_ends_without_an_error() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let slot = slots.clone().acquire_owned().await.expect("a slot");
+        let empty = RecordBatchStreamAdapter::new(Arc::new(Schema::empty()), futures::stream::empty());
+        let out: Vec<_> = timed_stream(Box::pin(empty), slot, Duration::from_secs(30))
+            .collect()
+            .await;
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(slots.available_permits(), 1);
+    }
 }

@@ -78,9 +78,13 @@ pub fn register_functions(ctx: &SessionContext) {
 /// `events` would be a wrong answer given silently.
 pub fn parse(compat: &PostgresCompatibilityParser, sql: &str) -> Result<Vec<Statement>, ParserError> {
     let mut statements = compat.parse(sql)?;
-    // `ABORT` and the like only the compatibility parser knows: its statements stand
-    let as_written = Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap_or_default();
-    let as_written = (as_written.len() == statements.len()).then_some(as_written);
+    let as_written = parse_as_written(sql).filter(|w| w.len() == statements.len());
+    if as_written.is_none() && statements.iter().any(names_marsad_tables) {
+        // never the lenient parse for Marsad's tables: it could blank a column silently
+        return Err(ParserError::ParserError(
+            "this statement names Marsad's tables and does not parse as Postgres SQL".into(),
+        ));
+    }
     for (i, statement) in statements.iter_mut().enumerate() {
         match as_written.as_ref().and_then(|w| w.get(i)) {
             Some(written) if names_marsad_tables(written) => {
@@ -165,8 +169,32 @@ fn fill_missing_catalog_columns(statement: &mut Statement) {
     });
 }
 
+/// `sql` parsed as written (`ABORT` read as its synonym `ROLLBACK`, as the compatibility
+/// parser reads it), or `None` when it does not parse.
+fn parse_as_written(sql: &str) -> Option<Vec<Statement>> {
+    use datafusion::sql::sqlparser::keywords::Keyword;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+    let dialect = PostgreSqlDialect {};
+    let tokens: Vec<_> = Parser::new(&dialect)
+        .try_with_sql(sql)
+        .ok()?
+        .into_tokens()
+        .into_iter()
+        .map(|mut t| {
+            if matches!(&t.token, Token::Word(w) if w.keyword == Keyword::ABORT) {
+                t.token = Token::make_keyword("ROLLBACK");
+            }
+            t
+        })
+        .collect();
+    Parser::new(&dialect)
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
+        .ok()
+}
+
 /// Whether `statement` reads a table that is not part of the Postgres catalog.
-fn names_marsad_tables(statement: &Statement) -> bool {
+fn names_marsad_tables<V: Visit>(statement: &V) -> bool {
     #[derive(Default)]
     struct Relations {
         ctes: Vec<String>,
@@ -176,8 +204,14 @@ fn names_marsad_tables(statement: &Statement) -> bool {
         type Break = ();
         fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
             if let Some(with) = &query.with {
-                self.ctes
-                    .extend(with.cte_tables.iter().map(|c| c.alias.name.value.to_ascii_lowercase()));
+                // a CTE stands for the catalog only when it reads only the catalog itself
+                // (`WITH events AS (SELECT … FROM events)` is Marsad's table by another way)
+                self.ctes.extend(
+                    with.cte_tables
+                        .iter()
+                        .filter(|c| !names_marsad_tables(c.query.as_ref()))
+                        .map(|c| c.alias.name.value.to_ascii_lowercase()),
+                );
             }
             ControlFlow::Continue(())
         }
@@ -740,6 +774,11 @@ mod tests {
         // over `events`: the compatibility parser would answer NULL for the subquery
         let sql = "SELECT e.country, (SELECT count(*) FROM events x WHERE x.country = e.country) AS n FROM events e";
         assert_eq!(parsed(sql), sql);
+        // also behind a CTE named after the table it reads, and after an ABORT
+        let sql = "WITH events AS (SELECT * FROM events) SELECT e.country, (SELECT count(*) FROM events x \
+                   WHERE x.country = e.country) AS n FROM events e";
+        assert_eq!(parsed(sql), sql);
+        assert!(parsed(&format!("ABORT; {sql}")).ends_with(sql));
         assert!(names_marsad_tables(
             &Parser::parse_sql(&PostgreSqlDialect {}, sql).unwrap_or_default()[0]
         ));

@@ -73,6 +73,11 @@ def main():
 
     def analyst_queries():
         out = {}
+        with bearer(analyst_key) as conn:
+            objects = conn.adbc_get_objects(depth="tables").read_all().to_pylist()
+            out["tables"] = sorted(
+                t["table_name"] for c in objects for s in c["catalog_db_schemas"] for t in s["db_schema_tables"]
+            )
         with bearer(analyst_key) as conn, conn.cursor() as cur:
             try:
                 cur.execute("SELECT * FROM events")
