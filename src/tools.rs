@@ -441,6 +441,19 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             ("segment.ms".to_owned(), (ms / 4).max(1).to_string()),
         ]
     };
+    // a compacted topic whose tombstoned keys must leave the brokers' disks soon: the segment
+    // holding one closes within 10 minutes and the cleaner must compact it within 10 more; the
+    // tombstone itself goes 10 minutes later (README: Data lifecycle)
+    let compacted_forgetting_tombstoned_keys = || {
+        vec![
+            ("cleanup.policy".to_owned(), "compact".to_owned()),
+            ("retention.ms".to_owned(), "-1".to_owned()),
+            ("segment.ms".to_owned(), "600000".to_owned()),
+            ("max.compaction.lag.ms".to_owned(), "600000".to_owned()),
+            ("delete.retention.ms".to_owned(), "600000".to_owned()),
+            ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
+        ]
+    };
     let topics = [
         TopicSpec {
             name: TOPIC_RAW.into(),
@@ -454,21 +467,12 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             replication,
             config: deleted_after(dead_retention),
         },
-        // a destroyed day's key must leave the brokers' disks soon after its tombstone: the
-        // segment holding it closes within 10 minutes and the cleaner must compact it within 10
-        // more; the tombstone itself goes 10 minutes later (README: Data lifecycle)
+        // a destroyed day's key must leave the brokers' disks soon after its tombstone
         TopicSpec {
             name: marsad_schemas::TOPIC_DAILY_KEYS.into(),
             partitions: 1,
             replication,
-            config: vec![
-                ("cleanup.policy".to_owned(), "compact".to_owned()),
-                ("retention.ms".to_owned(), "-1".to_owned()),
-                ("segment.ms".to_owned(), "600000".to_owned()),
-                ("max.compaction.lag.ms".to_owned(), "600000".to_owned()),
-                ("delete.retention.ms".to_owned(), "600000".to_owned()),
-                ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
-            ],
+            config: compacted_forgetting_tombstoned_keys(),
         },
         TopicSpec {
             name: TOPIC_OPTOUTS.into(),
@@ -486,14 +490,7 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
             name: config.audience.push.kafka_topic.clone(),
             partitions,
             replication,
-            config: vec![
-                ("cleanup.policy".to_owned(), "compact".to_owned()),
-                ("retention.ms".to_owned(), "-1".to_owned()),
-                ("segment.ms".to_owned(), "600000".to_owned()),
-                ("max.compaction.lag.ms".to_owned(), "600000".to_owned()),
-                ("delete.retention.ms".to_owned(), "600000".to_owned()),
-                ("min.cleanable.dirty.ratio".to_owned(), "0.01".to_owned()),
-            ],
+            config: compacted_forgetting_tombstoned_keys(),
         },
     ];
     let topics: Vec<TopicSpec> = topics.into_iter().filter(|t| !t.name.is_empty()).collect();

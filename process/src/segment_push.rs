@@ -337,13 +337,18 @@ impl StateDir {
         Ok(())
     }
 
+    /// The JSON file `name`, or `T`'s default when none was kept.
+    fn read<T: serde::de::DeserializeOwned + Default>(&self, name: &str, what: &'static str) -> Result<T> {
+        match std::fs::read(self.dir.join(name)) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| push_error(what, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+            Err(e) => Err(push_error(what, e)),
+        }
+    }
+
     /// The state, or the default when none was kept.
     pub fn state(&self) -> Result<PublishedState> {
-        match std::fs::read(self.dir.join("state.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| push_error("state file", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PublishedState::default()),
-            Err(e) => Err(push_error("state file", e)),
-        }
+        self.read("state.json", "state file")
     }
 
     /// Records `state`.
@@ -354,11 +359,7 @@ impl StateDir {
 
     /// The membership published last (empty when none was).
     pub fn membership(&self) -> Result<Membership> {
-        match std::fs::read(self.dir.join("membership.json")) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| push_error("membership file", e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Membership::new()),
-            Err(e) => Err(push_error("membership file", e)),
-        }
+        self.read("membership.json", "membership file")
     }
 
     /// Records the membership published.

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow::datatypes::{DataType, Schema, SchemaRef};
+use arrow::datatypes::{Schema, SchemaRef};
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::flight_service_server::FlightServiceServer;
 use arrow_flight::sql::metadata::{SqlInfoData, SqlInfoDataBuilder};
@@ -121,20 +121,24 @@ impl MarsadFlightSql {
         let schema: SchemaRef = df.schema().inner().clone();
         Ok(match caller {
             Caller::Engineer => schema,
-            // released numbers are integers, possibly withheld (as Postgres describes them)
-            Caller::Analyst(_) => Arc::new(Schema::new(
-                schema
-                    .fields()
-                    .iter()
-                    .map(|f| match f.data_type() {
-                        DataType::Float64 | DataType::Float32 | DataType::Int64 => {
-                            Arc::new(f.as_ref().clone().with_data_type(DataType::Int64).with_nullable(true))
-                        }
-                        _ => f.clone(),
-                    })
-                    .collect::<Vec<_>>(),
-            )),
+            Caller::Analyst(_) => sql::released_schema(&schema),
         })
+    }
+
+    /// The answer to a metadata command (`ticket` the command itself, `schema` its result's),
+    /// for a caller with a key.
+    fn metadata_info(
+        &self,
+        ticket: Vec<u8>,
+        schema: &Schema,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        self.caller(&request)?;
+        Ok(Response::new(Self::flight_info(
+            schema,
+            Ticket::new(ticket),
+            request.into_inner(),
+        )?))
     }
 
     fn flight_info(schema: &Schema, ticket: Ticket, descriptor: FlightDescriptor) -> Result<FlightInfo, Status> {
@@ -258,10 +262,8 @@ impl FlightSqlService for MarsadFlightSql {
         query: CommandGetSqlInfo,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
-        let ticket = Ticket::new(query.as_any().encode_to_vec());
-        let schema = query.into_builder(&self.info).schema();
-        Ok(Response::new(Self::flight_info(&schema, ticket, request.into_inner())?))
+        let ticket = query.as_any().encode_to_vec();
+        self.metadata_info(ticket, &query.into_builder(&self.info).schema(), request)
     }
 
     async fn do_get_sql_info(
@@ -281,10 +283,8 @@ impl FlightSqlService for MarsadFlightSql {
         query: CommandGetTables,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
-        let schema = query.clone().into_builder().schema();
-        let ticket = Ticket::new(query.as_any().encode_to_vec());
-        Ok(Response::new(Self::flight_info(&schema, ticket, request.into_inner())?))
+        let ticket = query.as_any().encode_to_vec();
+        self.metadata_info(ticket, &query.into_builder().schema(), request)
     }
 
     async fn do_get_tables(
@@ -319,10 +319,8 @@ impl FlightSqlService for MarsadFlightSql {
         query: CommandGetCatalogs,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
-        let ticket = Ticket::new(query.as_any().encode_to_vec());
-        let schema = query.into_builder().schema();
-        Ok(Response::new(Self::flight_info(&schema, ticket, request.into_inner())?))
+        let ticket = query.as_any().encode_to_vec();
+        self.metadata_info(ticket, &query.into_builder().schema(), request)
     }
 
     async fn do_get_catalogs(
@@ -348,10 +346,8 @@ impl FlightSqlService for MarsadFlightSql {
         query: CommandGetDbSchemas,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.caller(&request)?;
-        let ticket = Ticket::new(query.as_any().encode_to_vec());
-        let schema = query.into_builder().schema();
-        Ok(Response::new(Self::flight_info(&schema, ticket, request.into_inner())?))
+        let ticket = query.as_any().encode_to_vec();
+        self.metadata_info(ticket, &query.into_builder().schema(), request)
     }
 
     async fn do_get_schemas(

@@ -437,20 +437,7 @@ impl QueryParser for PgParser {
         }
         let mut schema = df.schema().inner().clone();
         if released {
-            // released numbers are integers (a visitor estimate too): describe them as the
-            // answer will carry them, or a client reading binary rows would misread them
-            let fields: Vec<arrow::datatypes::FieldRef> = schema
-                .fields()
-                .iter()
-                .map(|f| match f.data_type() {
-                    DataType::Float64 | DataType::Float32 => {
-                        Arc::new(f.as_ref().clone().with_data_type(DataType::Int64).with_nullable(true))
-                    }
-                    DataType::Int64 => Arc::new(f.as_ref().clone().with_nullable(true)),
-                    _ => f.clone(),
-                })
-                .collect();
-            schema = Arc::new(arrow::datatypes::Schema::new(fields));
+            schema = sql::released_schema(&schema);
         }
         Ok(Some(PgStatement::Query {
             sql,

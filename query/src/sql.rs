@@ -181,6 +181,28 @@ pub async fn plan(ctx: &SessionContext, sql: &str, options: SQLOptions) -> Resul
     Ok(DataFrame::new(state, plan))
 }
 
+/// How an analyst's answer to a query of `schema` is typed: released numbers are integers (a
+/// visitor estimate too), possibly withheld. Protocols that describe a result before running
+/// it (Postgres, Flight SQL) describe it so, or a client reading binary rows would misread them.
+pub fn released_schema(schema: &SchemaRef) -> SchemaRef {
+    let fields: Vec<arrow::datatypes::FieldRef> = schema
+        .fields()
+        .iter()
+        .map(|f| match f.data_type() {
+            arrow::datatypes::DataType::Float64
+            | arrow::datatypes::DataType::Float32
+            | arrow::datatypes::DataType::Int64 => std::sync::Arc::new(
+                f.as_ref()
+                    .clone()
+                    .with_data_type(arrow::datatypes::DataType::Int64)
+                    .with_nullable(true),
+            ),
+            _ => f.clone(),
+        })
+        .collect();
+    std::sync::Arc::new(arrow::datatypes::Schema::new(fields))
+}
+
 /// What the SQL endpoints allow: reading, nothing else.
 pub fn read_only() -> SQLOptions {
     SQLOptions::new()
