@@ -188,3 +188,22 @@ impl AudienceConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_changes_are_pushed_over_https_only() {
+        let with = |url: &str| {
+            let mut config = AudienceConfig::default();
+            config.push.webhook_url = Some(url.to_owned());
+            config.validate()
+        };
+        // audience ids and the signature would cross the network in the clear
+        for plain in ["http://ads.internal/segments", "ads.internal/segments", "https://"] {
+            assert!(with(plain).is_err(), "{plain} accepted");
+        }
+        assert!(with("https://ads.internal/segments").is_ok());
+    }
+}
