@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::{SecretKey, SubjectKeys};
-use crate::pseudonym::{Subject, audience_id, keyed_hash};
+use crate::pseudonym::{PreparedKey, Subject, audience_id};
 
 /// What an opt-out covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -103,9 +103,15 @@ impl OptOutRecord {
 
 /// The keyed hash an opt-out is recorded under: the identifier under the opt-out key.
 pub fn subject_key(optout_key: &SecretKey, subject: Subject<'_>) -> String {
+    subject_key_prepared(&PreparedKey::new(optout_key), subject)
+}
+
+/// [`subject_key`] under the opt-out key made ready once (the processor hashes every event's
+/// identifiers when anyone has opted out).
+pub fn subject_key_prepared(optout_key: &PreparedKey, subject: Subject<'_>) -> String {
     match subject {
-        Subject::User(id) => keyed_hash(optout_key, b"marsad/optout/user/v1\0", id),
-        Subject::Cookie(id) => keyed_hash(optout_key, b"marsad/optout/cookie/v1\0", id),
+        Subject::User(id) => optout_key.hash(b"marsad/optout/user/v1\0", id),
+        Subject::Cookie(id) => optout_key.hash(b"marsad/optout/cookie/v1\0", id),
     }
 }
 

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::geoip::GeoIp;
-use marsad_privacy::keys::{DailyKeyStore, SubjectKeys};
-use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose, SubjectOptOuts};
-use marsad_privacy::pseudonym::{Subject, audience_id, visitor_key};
+use marsad_privacy::keys::{DailyKeyStore, SecretKey, SubjectKeys};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose, SubjectOptOuts, subject_key_prepared};
+use marsad_privacy::pseudonym::{PreparedKey, Subject};
 use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
 use marsad_schemas::Envelope;
@@ -85,11 +85,28 @@ pub struct AnonymousEvent {
     pub consent_marketing: bool,
 }
 
+/// Days whose key an anonymizer holds ready at most (events arrive up to a day late).
+const PREPARED_DAYS: usize = 3;
+
+/// The `audience_id`s of an event's user and cookie, once computed.
+#[derive(Default)]
+struct Audiences {
+    user: Option<String>,
+    cookie: Option<String>,
+}
+
 /// Turns envelopes into anonymous rows; one per processor worker (it caches).
 pub struct Anonymizer {
     geoip: Arc<GeoIp>,
     daily_keys: Arc<dyn DailyKeyStore>,
+    /// Recent days' keys made ready, each beside the key it came from (the store's answer is
+    /// asked for every event, so a destroyed key is never used; see [`Self::forget_prepared_keys`]).
+    prepared_daily: Vec<(NaiveDate, std::sync::Weak<SecretKey>, PreparedKey)>,
     subject_keys: SubjectKeys,
+    /// The targeting key made ready once (`audience_id`s).
+    targeting: PreparedKey,
+    /// The opt-out key made ready once (looking up opt-outs).
+    optout_key: PreparedKey,
     allow: QueryAllowList,
     consent_defaults: ConsentDefaults,
     user_agents: UserAgentCache,
@@ -147,6 +164,9 @@ impl Anonymizer {
             truncate_ip: false,
             geoip,
             daily_keys,
+            prepared_daily: Vec::new(),
+            targeting: PreparedKey::new(&subject_keys.targeting),
+            optout_key: PreparedKey::new(&subject_keys.optout),
             subject_keys,
             allow,
             consent_defaults,
@@ -178,6 +198,39 @@ impl Anonymizer {
         self.sessions.expire(now);
     }
 
+    /// Drops the daily keys made ready: call after the store destroyed keys (the processor's
+    /// maintenance does), so a destroyed day's key leaves nothing behind even when no event
+    /// of another day arrives to replace it.
+    pub fn forget_prepared_keys(&mut self) {
+        self.prepared_daily.clear();
+    }
+
+    /// Days whose key is held ready now.
+    pub fn prepared_days(&self) -> usize {
+        self.prepared_daily.len()
+    }
+
+    /// `day`'s key, made ready once while the store keeps answering with the same key.
+    fn prepared_daily_key(&mut self, day: NaiveDate, key: &Arc<SecretKey>) -> &PreparedKey {
+        let at = self
+            .prepared_daily
+            .iter()
+            .position(|(d, k, _)| *d == day && std::ptr::eq(k.as_ptr(), Arc::as_ptr(key)));
+        let at = match at {
+            Some(at) => at,
+            None => {
+                self.prepared_daily.retain(|(d, _, _)| *d != day);
+                if self.prepared_daily.len() >= PREPARED_DAYS {
+                    self.prepared_daily.remove(0);
+                }
+                self.prepared_daily
+                    .push((day, Arc::downgrade(key), PreparedKey::new(key)));
+                self.prepared_daily.len() - 1
+            }
+        };
+        &self.prepared_daily[at].2
+    }
+
     /// The opt-outs recorded for cookies sent with opted-out user ids since the last call, for
     /// the caller to record in the opt-out log (they are in force here already).
     pub fn take_linked_opt_outs(&mut self) -> Vec<OptOutRecord> {
@@ -187,12 +240,21 @@ impl Anonymizer {
     /// The opt-outs of an event's identifiers, each looked up once. A cookie sent with a user id
     /// that opted out takes on the user's opt-outs at once (the person's cookie-only visits are
     /// covered too, before and after login); those are kept for [`Self::take_linked_opt_outs`].
-    fn opt_outs_of(&mut self, cookie: Option<&str>, user: Option<&str>) -> SubjectOptOuts {
+    /// Also the `audience_id`s of the user and the cookie when they were computed for it.
+    fn opt_outs_of(&mut self, cookie: Option<&str>, user: Option<&str>) -> (SubjectOptOuts, Audiences) {
         if self.opt_outs.is_empty() {
-            return SubjectOptOuts::default();
+            return (SubjectOptOuts::default(), Audiences::default());
         }
-        let of_user = self.opt_outs.of_identifiers(&self.subject_keys, None, user);
-        let of_cookie = self.opt_outs.of_identifiers(&self.subject_keys, cookie, None);
+        let audiences = Audiences {
+            user: user.map(|u| self.targeting.audience_id(Subject::User(u))),
+            cookie: cookie.map(|c| self.targeting.audience_id(Subject::Cookie(c))),
+        };
+        let subject = |s| subject_key_prepared(&self.optout_key, s);
+        let of = |subject: Option<String>, audience: &Option<String>| {
+            self.opt_outs.lookup(subject.iter().chain(audience).map(String::as_str))
+        };
+        let of_user = of(user.map(|u| subject(Subject::User(u))), &audiences.user);
+        let of_cookie = of(cookie.map(|c| subject(Subject::Cookie(c))), &audiences.cookie);
         if let (Some(_), Some(cookie)) = (user, cookie) {
             for scope in of_user.scopes_missing_from(of_cookie) {
                 let keys = &self.subject_keys;
@@ -201,7 +263,7 @@ impl Anonymizer {
                 self.linked_opt_outs.push(record);
             }
         }
-        of_user.union(of_cookie)
+        (of_user.union(of_cookie), audiences)
     }
 
     /// Anonymizes one envelope; `None` when it must not be stored (analytics refused or opted out).
@@ -228,7 +290,7 @@ impl Anonymizer {
             marketing: c.marketing,
         };
         // (before the consent decision: a user id's opt-out reaches its cookie either way)
-        let opt_outs = self.opt_outs_of(ev.cookie_id.as_deref(), ev.user_id.as_deref());
+        let (opt_outs, audiences) = self.opt_outs_of(ev.cookie_id.as_deref(), ev.user_id.as_deref());
         let mut decision = decide(stated, env.dnt, env.gpc, self.consent_defaults);
         if !decision.analytics {
             return Ok(None);
@@ -253,7 +315,7 @@ impl Anonymizer {
             .unwrap_or_default();
         let visitor_key = match ev.cookie_id.as_deref() {
             Some(cookie) => match self.daily_keys.key_for(date) {
-                Ok(key) => Some(visitor_key(&key, cookie)),
+                Ok(key) => Some(self.prepared_daily_key(date, &key).visitor_key(cookie)),
                 Err(marsad_privacy::Error::KeyDestroyed { .. }) => None,
                 Err(e) => return Err(NotAnonymized::KeysUnavailable(e.to_string())),
             },
@@ -261,11 +323,15 @@ impl Anonymizer {
         };
         // a logged-in visitor is targeted as the account, else as the browser
         let audience_id = if decision.personalisation {
-            let key_of = |s| audience_id(&self.subject_keys.targeting, s);
+            let key_of = |known: Option<String>, s| known.unwrap_or_else(|| self.targeting.audience_id(s));
             ev.user_id
                 .as_deref()
-                .map(|u| key_of(Subject::User(u)))
-                .or_else(|| ev.cookie_id.as_deref().map(|c| key_of(Subject::Cookie(c))))
+                .map(|u| key_of(audiences.user, Subject::User(u)))
+                .or_else(|| {
+                    ev.cookie_id
+                        .as_deref()
+                        .map(|c| key_of(audiences.cookie, Subject::Cookie(c)))
+                })
         } else {
             None
         };
@@ -373,6 +439,36 @@ mod tests {
             assert!(!text.contains(secret), "{secret} leaked into {text}");
         }
         assert!(row.audience_id.is_some() && row.visitor_key.is_some());
+    }
+
+    /// A day's key made ready is used only while the store answers with that very key, and
+    /// is dropped by the maintenance: after the store destroys a key, its visitors are never
+    /// hashed with it again (here the store makes the day a fresh key, so the pseudonym changes).
+    #[test]
+    fn a_destroyed_days_key_is_never_used_again_from_its_ready_state() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Arc::new(LocalDailyKeyStore::open(dir.path(), Duration::hours(48)).expect("key store"));
+        let mut a = Anonymizer::new(
+            Arc::new(GeoIp::bundled().expect("geoip")),
+            store.clone(),
+            SubjectKeys::from_seed(7),
+            QueryAllowList::new(&[]),
+            ConsentDefaults::default(),
+            Arc::new(OptOutRegistry::default()),
+        );
+        let env = envelope(r#"{"type":"search","event_id":"e1","cookie_id":"c1"}"#, false);
+        let first = a.anonymize(&env).expect("row").expect("stored").visitor_key;
+        assert_eq!(a.anonymize(&env).expect("row").expect("stored").visitor_key, first);
+        assert_eq!(a.prepared_days(), 1);
+        let destroyed = store
+            .destroy_expired(Utc::now() + Duration::days(5), Duration::hours(48))
+            .expect("destroy");
+        assert_eq!(destroyed, vec![env.received_at.date_naive()]);
+        // before the maintenance runs: the store's answer is a new key, not the ready one
+        let second = a.anonymize(&env).expect("row").expect("stored").visitor_key;
+        assert!(second.is_some() && second != first, "hashed with the destroyed key");
+        a.forget_prepared_keys();
+        assert_eq!(a.prepared_days(), 0);
     }
 
     #[test]

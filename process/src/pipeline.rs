@@ -324,6 +324,9 @@ impl Processor {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "could not destroy expired daily keys"),
         }
+        // the keys made ready stand for the keys: none outlives its key's destruction, even on
+        // a quiet site where no event of a newer day comes to replace it
+        self.anonymizer.forget_prepared_keys();
     }
 
     async fn handle(

@@ -11,7 +11,8 @@ pub const SESSION_GAP_MINUTES: i64 = 30;
 /// Tracks the open session of each `visitor_key`.
 #[derive(Debug, Default)]
 pub struct SessionTracker {
-    open: HashMap<String, (String, DateTime<Utc>)>,
+    /// Under a per-process random seed: visitor keys are keyed hashes nobody outside can choose.
+    open: HashMap<String, (String, DateTime<Utc>), foldhash::fast::RandomState>,
 }
 
 impl SessionTracker {

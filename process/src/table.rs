@@ -199,6 +199,12 @@ impl DeltaSink {
     /// Appends `batch` and records `positions` (app id, position) in the same transaction;
     /// returns the new table version.
     pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
+        let append_properties = || {
+            append_writer_properties().map_err(|source| Error::Query {
+                table: self.name,
+                source,
+            })
+        };
         let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
         let partitions: Vec<String> = self.partition_columns();
         // a blind append (it reads nothing of the table): a concurrent erasure, backfill or
@@ -211,6 +217,7 @@ impl DeltaSink {
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
+            .with_writer_properties(append_properties()?)
             .with_partition_columns(partitions)
             .with_commit_properties(properties)
             .await
@@ -656,4 +663,29 @@ impl EventsTable {
     pub fn sink(&self) -> &DeltaSink {
         &self.sink
     }
+}
+
+/// Columns whose values are (nearly) all different: keyed pseudonyms, ids and sketches. A
+/// dictionary of them is as large as the column and only costs time; statistics of their
+/// pages prune nothing.
+const UNIQUE_VALUED_COLUMNS: [&str; 5] = ["event_id", "visitor_key", "audience_id", "session_id", "visitors"];
+
+/// How appends are written: DataFusion's defaults (what delta-rs writes with when given none)
+/// but zstd at level 1 instead of 3 (an append's small files are merged by the compaction
+/// within minutes, and rewritten at level 4 then), and without dictionaries or page
+/// statistics for the columns whose values are all different.
+fn append_writer_properties() -> datafusion::error::Result<deltalake::parquet::file::properties::WriterProperties> {
+    use deltalake::parquet::basic::{Compression, ZstdLevel};
+    use deltalake::parquet::file::properties::EnabledStatistics;
+    use deltalake::parquet::schema::types::ColumnPath;
+    let level = ZstdLevel::try_new(1).map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+    let mut builder = datafusion::config::ParquetOptions::default()
+        .into_writer_properties_builder()?
+        .set_compression(Compression::ZSTD(level));
+    for column in UNIQUE_VALUED_COLUMNS {
+        builder = builder
+            .set_column_dictionary_enabled(ColumnPath::from(column), false)
+            .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::Chunk);
+    }
+    Ok(builder.build())
 }

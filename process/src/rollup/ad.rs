@@ -1,7 +1,6 @@
 //! `ad_performance_hourly`: impressions, clicks and visitors of the ads per
 //! hour, campaign, ad, placement, country and device.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BinaryBuilder, Date32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
@@ -11,14 +10,24 @@ use marsad_schemas::ad_performance_hourly_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
 use crate::Result;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The key of a cell: the hour and the codes of the dimensions, in the table's order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AdKey {
     hour: i64,
-    dims: [Option<String>; 5],
+    dims: [u32; 5],
 }
+
+/// The dimension columns, in the table's order.
+const DIMENSIONS: [Col; 5] = [
+    Col::CampaignId,
+    Col::AdId,
+    Col::Placement,
+    Col::Country,
+    Col::DeviceType,
+];
 
 struct AdCell {
     impressions: i64,
@@ -28,14 +37,17 @@ struct AdCell {
 
 /// `ad_performance_hourly`: impressions and clicks of the ads.
 pub(super) struct AdRollup {
-    cells: HashMap<AdKey, AdCell>,
+    cells: FastMap<AdKey, AdCell>,
+    /// The values behind the keys' codes.
+    values: Interner,
     clamp: VisitorDayClamp,
 }
 
 impl AdRollup {
     pub(super) fn new(clamp: VisitorDayClamp) -> Self {
         AdRollup {
-            cells: HashMap::new(),
+            cells: FastMap::default(),
+            values: Interner::default(),
             clamp,
         }
     }
@@ -60,13 +72,7 @@ impl Rollup for AdRollup {
             }
             let key = AdKey {
                 hour: ts - ts.rem_euclid(MICROS_PER_HOUR),
-                dims: [
-                    rows.owned(Col::CampaignId, i),
-                    rows.owned(Col::AdId, i),
-                    rows.owned(Col::Placement, i),
-                    rows.owned(Col::Country, i),
-                    rows.owned(Col::DeviceType, i),
-                ],
+                dims: DIMENSIONS.map(|col| self.values.code(rows.get(col, i))),
             };
             let cell = self.cells.entry(key).or_insert_with(|| AdCell {
                 impressions: 0,
@@ -96,8 +102,8 @@ impl Rollup for AdRollup {
         for (k, c) in cells {
             hour.append_value(k.hour);
             date.append_value(k.hour.div_euclid(MICROS_PER_DAY) as i32);
-            for (b, v) in dims.iter_mut().zip(&k.dims) {
-                b.append_option(v.as_deref());
+            for (b, &v) in dims.iter_mut().zip(&k.dims) {
+                b.append_option(self.values.value(v));
             }
             impressions.append_value(c.impressions);
             clicks.append_value(c.clicks);
@@ -108,6 +114,10 @@ impl Rollup for AdRollup {
         columns.push(Arc::new(impressions.finish()));
         columns.push(Arc::new(clicks.finish()));
         columns.push(Arc::new(visitors.finish()));
+        // no cell is left to hold a code
+        if self.values.len() > INTERNED_MAX {
+            self.values = Interner::default();
+        }
         Ok(RecordBatch::try_new(ad_performance_hourly_schema(), columns)?)
     }
 }

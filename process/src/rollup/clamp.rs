@@ -7,15 +7,15 @@
 //! visitor-day. Counts are kept for the latest two days (events arrive up to a
 //! day late), as 8-byte prints of the visitor key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use super::rows::MICROS_PER_DAY;
+use super::rows::{FastMap, MICROS_PER_DAY};
 
 /// Counts of events admitted per visitor and day, for one rollup table.
 #[derive(Debug)]
 pub(crate) struct VisitorDayClamp {
     limit: u32,
-    days: BTreeMap<i32, HashMap<u64, u32>>,
+    days: BTreeMap<i32, FastMap<u64, u32>>,
 }
 
 fn visitor_print(visitor: &str) -> u64 {
@@ -81,7 +81,7 @@ impl VisitorDayClamp {
     /// Visitor-days followed now.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
-        self.days.values().map(HashMap::len).sum()
+        self.days.values().map(FastMap::len).sum()
     }
 }
 

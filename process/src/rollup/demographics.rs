@@ -1,7 +1,6 @@
 //! `demographics_daily`: declared age band and gender (null when undeclared)
 //! by day, place and page category.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BinaryBuilder, Date32Builder, Int64Builder, StringBuilder};
@@ -11,14 +10,18 @@ use marsad_schemas::demographics_daily_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, MICROS_PER_DAY, new_sketch};
+use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, new_sketch};
 use crate::Result;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The key of a cell: the day and the codes of the dimensions, in the table's order.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct DemographicsKey {
     day: i32,
-    dims: [Option<String>; 5],
+    dims: [u32; 5],
 }
+
+/// The dimension columns, in the table's order.
+const DIMENSIONS: [Col; 5] = [Col::Country, Col::Region, Col::AgeBand, Col::Gender, Col::PageCategory];
 
 struct DemographicsCell {
     events: i64,
@@ -27,14 +30,17 @@ struct DemographicsCell {
 
 /// `demographics_daily`: declared age band and gender (null when undeclared) by place and category.
 pub(super) struct DemographicsRollup {
-    cells: HashMap<DemographicsKey, DemographicsCell>,
+    cells: FastMap<DemographicsKey, DemographicsCell>,
+    /// The values behind the keys' codes.
+    values: Interner,
     clamp: VisitorDayClamp,
 }
 
 impl DemographicsRollup {
     pub(super) fn new(clamp: VisitorDayClamp) -> Self {
         DemographicsRollup {
-            cells: HashMap::new(),
+            cells: FastMap::default(),
+            values: Interner::default(),
             clamp,
         }
     }
@@ -52,13 +58,7 @@ impl Rollup for DemographicsRollup {
             }
             let key = DemographicsKey {
                 day: rows.ts.value(i).div_euclid(MICROS_PER_DAY) as i32,
-                dims: [
-                    rows.owned(Col::Country, i),
-                    rows.owned(Col::Region, i),
-                    rows.owned(Col::AgeBand, i),
-                    rows.owned(Col::Gender, i),
-                    rows.owned(Col::PageCategory, i),
-                ],
+                dims: DIMENSIONS.map(|col| self.values.code(rows.get(col, i))),
             };
             let cell = self.cells.entry(key).or_insert_with(|| DemographicsCell {
                 events: 0,
@@ -83,8 +83,8 @@ impl Rollup for DemographicsRollup {
         let mut visitors = BinaryBuilder::new();
         for (k, c) in cells {
             date.append_value(k.day);
-            for (b, v) in dims.iter_mut().zip(&k.dims) {
-                b.append_option(v.as_deref());
+            for (b, &v) in dims.iter_mut().zip(&k.dims) {
+                b.append_option(self.values.value(v));
             }
             events.append_value(c.events);
             visitors.append_value(c.visitors.serialize());
@@ -93,6 +93,10 @@ impl Rollup for DemographicsRollup {
         columns.extend(dims.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         columns.push(Arc::new(events.finish()));
         columns.push(Arc::new(visitors.finish()));
+        // no cell is left to hold a code
+        if self.values.len() > INTERNED_MAX {
+            self.values = Interner::default();
+        }
         Ok(RecordBatch::try_new(demographics_daily_schema(), columns)?)
     }
 }

@@ -9,6 +9,60 @@ use marsad_schemas::HLL_LG_K;
 
 use crate::{Error, Result};
 
+/// A hash map under a per-process random seed: fast on the rollups' short keys, and no
+/// client can choose values that collide (referrer domains come from outside).
+pub(super) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Dimension values as small codes, so a cell's key is a few integers instead of strings
+/// allocated for every row: code 0 is null, code n the nth value seen.
+#[derive(Default)]
+pub(super) struct Interner {
+    codes: FastMap<Box<str>, u32>,
+    values: Vec<Box<str>>,
+}
+
+/// Values an interner keeps before [`Interner::rebuild`] starts it over (a client can send
+/// any number of referrer domains; the cells' keys are few).
+pub(super) const INTERNED_MAX: usize = 1 << 16;
+
+impl Interner {
+    /// The code of `value`, given one if new.
+    pub(super) fn code(&mut self, value: Option<&str>) -> u32 {
+        let Some(value) = value else {
+            return 0;
+        };
+        if let Some(&code) = self.codes.get(value) {
+            return code;
+        }
+        self.values.push(value.into());
+        let code = self.values.len() as u32;
+        self.codes.insert(value.into(), code);
+        code
+    }
+
+    /// The value behind `code`.
+    pub(super) fn value(&self, code: u32) -> Option<&str> {
+        code.checked_sub(1)
+            .and_then(|i| self.values.get(i as usize))
+            .map(|v| &**v)
+    }
+
+    /// Values known.
+    pub(super) fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Starts over with only the values `keys` still use, recoding them in place.
+    pub(super) fn rebuild<'a>(&mut self, keys: impl Iterator<Item = &'a mut [u32]>) {
+        let old = std::mem::take(self);
+        for key in keys {
+            for code in key.iter_mut() {
+                *code = self.code(old.value(*code));
+            }
+        }
+    }
+}
+
 pub(super) const MICROS_PER_HOUR: i64 = 3_600_000_000;
 pub(super) const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
@@ -109,10 +163,6 @@ impl EventRows {
     pub(super) fn get(&self, col: Col, row: usize) -> Option<&str> {
         let a = &self.strings[col as usize];
         (!a.is_null(row)).then(|| a.value(row))
-    }
-
-    pub(super) fn owned(&self, col: Col, row: usize) -> Option<String> {
-        self.get(col, row).map(str::to_owned)
     }
 
     pub(crate) fn counted(&self, row: usize) -> bool {

@@ -2,7 +2,6 @@
 //! hour and dimensions. A session counts in the hour and dimensions of its
 //! first event; its duration and bounce are added there as later events arrive.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BinaryBuilder, Date32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder};
@@ -12,7 +11,7 @@ use marsad_schemas::traffic_hourly_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
 use crate::Result;
 use crate::dedup::IdFingerprints;
 use crate::sessions::SESSION_GAP_MINUTES;
@@ -21,12 +20,26 @@ use crate::sessions::SESSION_GAP_MINUTES;
 /// processor's 30-minute gap, so a session the processor continues is never counted twice.
 pub(super) const SESSION_MEMORY_MICROS: i64 = 4 * SESSION_GAP_MINUTES * 60_000_000;
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The key of a cell: the hour, then the codes of the dimensions in the table's order and
+/// of the event type last.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct TrafficKey {
     hour: i64,
-    dims: [Option<String>; 8],
-    event_type: String,
+    dims: [u32; DIMS + 1],
 }
+
+/// The dimension columns, in the table's order.
+const DIMENSIONS: [Col; DIMS] = [
+    Col::Country,
+    Col::Region,
+    Col::DeviceType,
+    Col::Os,
+    Col::Browser,
+    Col::Language,
+    Col::PageCategory,
+    Col::ReferrerDomain,
+];
+const DIMS: usize = 8;
 
 struct TrafficCell {
     events: i64,
@@ -58,8 +71,10 @@ struct OpenSession {
 /// `traffic_hourly`, with sessions: a session counts in the hour and dimensions of its first
 /// event, its duration and bounce (a single event) are added there as later events arrive.
 pub(super) struct TrafficRollup {
-    cells: HashMap<TrafficKey, TrafficCell>,
-    open: HashMap<String, OpenSession>,
+    cells: FastMap<TrafficKey, TrafficCell>,
+    open: FastMap<Box<str>, OpenSession>,
+    /// The values behind the keys' codes (of cells and of open sessions' first events).
+    values: Interner,
     watermark: i64,
     clamp: VisitorDayClamp,
 }
@@ -67,37 +82,33 @@ pub(super) struct TrafficRollup {
 impl TrafficRollup {
     pub(super) fn new(clamp: VisitorDayClamp) -> Self {
         TrafficRollup {
-            cells: HashMap::new(),
-            open: HashMap::new(),
+            cells: FastMap::default(),
+            open: FastMap::default(),
+            values: Interner::default(),
             watermark: 0,
             clamp,
         }
     }
 
-    fn key(rows: &EventRows, i: usize) -> TrafficKey {
+    fn key(&mut self, rows: &EventRows, i: usize) -> TrafficKey {
         let ts = rows.ts.value(i);
+        let mut dims = [0; DIMS + 1];
+        for (code, col) in dims.iter_mut().zip(DIMENSIONS) {
+            *code = self.values.code(rows.get(col, i));
+        }
+        dims[DIMS] = self.values.code(Some(rows.get(Col::EventType, i).unwrap_or("custom")));
         TrafficKey {
             hour: ts - ts.rem_euclid(MICROS_PER_HOUR),
-            dims: [
-                rows.owned(Col::Country, i),
-                rows.owned(Col::Region, i),
-                rows.owned(Col::DeviceType, i),
-                rows.owned(Col::Os, i),
-                rows.owned(Col::Browser, i),
-                rows.owned(Col::Language, i),
-                rows.owned(Col::PageCategory, i),
-                rows.owned(Col::ReferrerDomain, i),
-            ],
-            event_type: rows.get(Col::EventType, i).unwrap_or("custom").to_owned(),
+            dims,
         }
     }
 
     /// Follows sessions; with `emit`, adds what the row changes to the cells.
     pub(super) fn observe(&mut self, rows: &EventRows, i: usize, emit: bool) {
         let ts = rows.ts.value(i);
-        let key = Self::key(rows, i);
+        let key = self.key(rows, i);
         if emit {
-            let cell = self.cells.entry(key.clone()).or_default();
+            let cell = self.cells.entry(key).or_default();
             cell.events += 1;
             if let Some(v) = rows.get(Col::VisitorKey, i) {
                 cell.visitors.update(v);
@@ -110,9 +121,9 @@ impl TrafficRollup {
         match self.open.get_mut(session) {
             None => {
                 self.open.insert(
-                    session.to_owned(),
+                    session.into(),
                     OpenSession {
-                        start: key.clone(),
+                        start: key,
                         events: 1,
                         first: ts,
                         last: ts,
@@ -133,7 +144,7 @@ impl TrafficRollup {
                 let longer = (open.last - open.first) / 1_000_000 - before;
                 if emit {
                     let second = open.events == 2;
-                    let cell = self.cells.entry(open.start.clone()).or_default();
+                    let cell = self.cells.entry(open.start).or_default();
                     if second {
                         cell.bounces -= 1;
                     }
@@ -185,10 +196,10 @@ impl Rollup for TrafficRollup {
         for (k, c) in cells {
             hour.append_value(k.hour);
             date.append_value(k.hour.div_euclid(MICROS_PER_DAY) as i32);
-            for (b, v) in dims.iter_mut().zip(&k.dims) {
-                b.append_option(v.as_deref());
+            for (b, &v) in dims.iter_mut().zip(&k.dims[..DIMS]) {
+                b.append_option(self.values.value(v));
             }
-            event_type.append_value(&k.event_type);
+            event_type.append_value(self.values.value(k.dims[DIMS]).unwrap_or("custom"));
             for (b, v) in counts
                 .iter_mut()
                 .zip([c.events, c.sessions, c.bounces, c.session_seconds])
@@ -202,6 +213,11 @@ impl Rollup for TrafficRollup {
         columns.push(Arc::new(event_type.finish()));
         columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         columns.push(Arc::new(visitors.finish()));
+        // the cells are empty now: only the open sessions' first events hold codes
+        if self.values.len() > INTERNED_MAX {
+            self.values
+                .rebuild(self.open.values_mut().map(|s| &mut s.start.dims[..]));
+        }
         Ok(RecordBatch::try_new(traffic_hourly_schema(), columns)?)
     }
 }
@@ -232,6 +248,38 @@ mod tests {
             a.iter().flatten().sum::<i64>()
         };
         (sum("events"), sum("sessions"), sum("bounces"), sum("session_seconds"))
+    }
+
+    /// The values behind the codes start over when there are too many of them; a session open
+    /// across it still adds its duration and bounce to the cell of its first event.
+    #[test]
+    fn an_open_session_keeps_its_first_cell_when_the_values_start_over() {
+        let mut t = TrafficRollup::new(VisitorDayClamp::new(100));
+        // values no open session uses, so the rebuild gives every code a new number
+        for n in 0..10 {
+            t.values.code(Some(&format!("referrer-{n}.example")));
+        }
+        let first = batch(&[("v1", "s1", 0, "cars", "page_view")]);
+        t.add(&EventRows::new(&first).expect("rows"), &[0]);
+        t.take().expect("batch");
+        let before = t.values.len();
+        t.values.rebuild(t.open.values_mut().map(|s| &mut s.start.dims[..]));
+        assert!(t.values.len() < before, "only the open session's values are kept");
+        let second = batch(&[("v1", "s1", 10, "jobs", "page_view")]);
+        t.add(&EventRows::new(&second).expect("rows"), &[0]);
+        let out = t.take().expect("batch");
+        let text = |name: &str, row: usize| {
+            let a = out.column_by_name(name).expect("column");
+            arrow::util::display::array_value_to_string(a, row).expect("text")
+        };
+        let cars = (0..out.num_rows())
+            .find(|&r| text("page_category", r) == "cars")
+            .expect("the first event's cell");
+        assert_eq!(text("country", cars), "JO");
+        assert_eq!(text("event_type", cars), "page_view");
+        assert_eq!(text("session_seconds", cars), "600");
+        assert_eq!(text("bounces", cars), "-1", "no longer a single-event session");
+        assert_eq!(text("events", cars), "0");
     }
 
     #[test]
