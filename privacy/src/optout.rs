@@ -367,14 +367,28 @@ impl OptOutRegistry {
         if self.is_empty() {
             return SubjectOptOuts::default();
         }
+        let (optout, targeting) = (PreparedKey::new(&keys.optout), PreparedKey::new(&keys.targeting));
         let subjects = cookie_id
             .map(Subject::Cookie)
             .into_iter()
             .chain(user_id.map(Subject::User));
-        let hashes: Vec<String> = subjects
-            .flat_map(|s| [subject_key(&keys.optout, s), audience_id(&keys.targeting, s)])
-            .collect();
-        self.lookup(hashes.iter().map(String::as_str))
+        subjects
+            .map(|s| self.of_subject(&optout, &targeting, s).0)
+            .fold(SubjectOptOuts::default(), SubjectOptOuts::union)
+    }
+
+    /// The opt-outs of one subject, recorded under its subject key or its `audience_id`, and
+    /// that `audience_id` (the processor stores it when personalisation is allowed), with the
+    /// keys made ready once by the caller.
+    pub fn of_subject(
+        &self,
+        optout_key: &PreparedKey,
+        targeting_key: &PreparedKey,
+        subject: Subject<'_>,
+    ) -> (SubjectOptOuts, String) {
+        let audience = targeting_key.audience_id(subject);
+        let key = subject_key_prepared(optout_key, subject);
+        (self.lookup([key.as_str(), audience.as_str()]), audience)
     }
 
     /// Whether any of an event's identifiers opted out of `purpose`.

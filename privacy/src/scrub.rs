@@ -486,8 +486,8 @@ mod tests {
         ) {
             let text: String = pieces.concat();
             if !may_hold_pii(&text) {
+                prop_assert!(!EMAIL.is_match(&text) && !TOKEN.is_match(&text) && !DIGIT_RUN.is_match(&text), "{text}");
                 prop_assert_eq!(scrub_pass(&text), text.clone());
-                prop_assert_eq!(find_pii(&text), None);
             }
         }
 

@@ -6,7 +6,7 @@ use chrono::{DateTime, Duration, NaiveDate, Utc};
 use marsad_privacy::consent::{ConsentDefaults, StatedConsent, decide};
 use marsad_privacy::geoip::GeoIp;
 use marsad_privacy::keys::{DailyKeyStore, SecretKey, SubjectKeys};
-use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose, SubjectOptOuts, subject_key_prepared};
+use marsad_privacy::optout::{OptOutRecord, OptOutRegistry, Purpose, SubjectOptOuts};
 use marsad_privacy::pseudonym::{PreparedKey, Subject};
 use marsad_privacy::scrub::{QueryAllowList, referrer_domain, scrub_url};
 use marsad_privacy::user_agent::UserAgentCache;
@@ -200,18 +200,21 @@ impl Anonymizer {
 
     /// Drops the daily keys made ready: call after the store destroyed keys (the processor's
     /// maintenance does), so a destroyed day's key leaves nothing behind even when no event
-    /// of another day arrives to replace it.
+    /// arrives (each event drops the ready state of any key the store let go of).
     pub fn forget_prepared_keys(&mut self) {
         self.prepared_daily.clear();
     }
 
     /// Days whose key is held ready now.
-    pub fn prepared_days(&self) -> usize {
+    #[cfg(test)]
+    fn prepared_days(&self) -> usize {
         self.prepared_daily.len()
     }
 
     /// `day`'s key, made ready once while the store keeps answering with the same key.
     fn prepared_daily_key(&mut self, day: NaiveDate, key: &Arc<SecretKey>) -> &PreparedKey {
+        // a key the store let go of (destroyed, or replaced) takes its ready state with it
+        self.prepared_daily.retain(|(_, k, _)| k.strong_count() > 0);
         let at = self
             .prepared_daily
             .iter()
@@ -245,16 +248,14 @@ impl Anonymizer {
         if self.opt_outs.is_empty() {
             return (SubjectOptOuts::default(), Audiences::default());
         }
+        let of = |subject| self.opt_outs.of_subject(&self.optout_key, &self.targeting, subject);
+        let (of_user, user_audience) = user.map(|u| of(Subject::User(u))).unzip();
+        let (of_cookie, cookie_audience) = cookie.map(|c| of(Subject::Cookie(c))).unzip();
+        let (of_user, of_cookie) = (of_user.unwrap_or_default(), of_cookie.unwrap_or_default());
         let audiences = Audiences {
-            user: user.map(|u| self.targeting.audience_id(Subject::User(u))),
-            cookie: cookie.map(|c| self.targeting.audience_id(Subject::Cookie(c))),
+            user: user_audience,
+            cookie: cookie_audience,
         };
-        let subject = |s| subject_key_prepared(&self.optout_key, s);
-        let of = |subject: Option<String>, audience: &Option<String>| {
-            self.opt_outs.lookup(subject.iter().chain(audience).map(String::as_str))
-        };
-        let of_user = of(user.map(|u| subject(Subject::User(u))), &audiences.user);
-        let of_cookie = of(cookie.map(|c| subject(Subject::Cookie(c))), &audiences.cookie);
         if let (Some(_), Some(cookie)) = (user, cookie) {
             for scope in of_user.scopes_missing_from(of_cookie) {
                 let keys = &self.subject_keys;

@@ -324,8 +324,8 @@ impl Processor {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "could not destroy expired daily keys"),
         }
-        // the keys made ready stand for the keys: none outlives its key's destruction, even on
-        // a quiet site where no event of a newer day comes to replace it
+        // the keys made ready stand for the keys: none outlives this pass after its key's
+        // destruction, even on a quiet site where no event comes to drop it
         self.anonymizer.forget_prepared_keys();
     }
 

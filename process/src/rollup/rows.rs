@@ -9,20 +9,21 @@ use marsad_schemas::HLL_LG_K;
 
 use crate::{Error, Result};
 
-/// A hash map under a per-process random seed: fast on the rollups' short keys, and no
-/// client can choose values that collide (referrer domains come from outside).
+/// A hash map under a per-process random seed (foldhash), for keys nobody outside chooses:
+/// codes the rollups gave out, and prints of keyed pseudonyms.
 pub(super) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Dimension values as small codes, so a cell's key is a few integers instead of strings
-/// allocated for every row: code 0 is null, code n the nth value seen.
+/// allocated for every row: code 0 is null, code n the nth value seen. The values come from
+/// clients (referrer domains, ad ids), so they are hashed with SipHash, as `std` does.
 #[derive(Default)]
 pub(super) struct Interner {
-    codes: FastMap<Box<str>, u32>,
+    codes: std::collections::HashMap<Box<str>, u32>,
     values: Vec<Box<str>>,
 }
 
-/// Values an interner keeps before [`Interner::rebuild`] starts it over (a client can send
-/// any number of referrer domains; the cells' keys are few).
+/// Values an interner keeps before it starts over (a client can send any number of referrer
+/// domains; the cells' keys are few): emptied, or rebuilt from the keys still in use.
 pub(super) const INTERNED_MAX: usize = 1 << 16;
 
 impl Interner {

@@ -106,8 +106,12 @@ impl TrafficRollup {
     /// Follows sessions; with `emit`, adds what the row changes to the cells.
     pub(super) fn observe(&mut self, rows: &EventRows, i: usize, emit: bool) {
         let ts = rows.ts.value(i);
-        let key = self.key(rows, i);
-        if emit {
+        let session = rows.get(Col::SessionId, i);
+        // the key is needed to count the row or to remember where a session began, not to
+        // follow a session already open (a replay, a row past the clamp)
+        let new_session = session.is_some_and(|s| !self.open.contains_key(s));
+        let key = (emit || new_session).then(|| self.key(rows, i));
+        if let (true, Some(key)) = (emit, key) {
             let cell = self.cells.entry(key).or_default();
             cell.events += 1;
             if let Some(v) = rows.get(Col::VisitorKey, i) {
@@ -115,11 +119,11 @@ impl TrafficRollup {
             }
         }
         self.watermark = self.watermark.max(ts);
-        let Some(session) = rows.get(Col::SessionId, i) else {
+        let Some(session) = session else {
             return;
         };
-        match self.open.get_mut(session) {
-            None => {
+        match (self.open.get_mut(session), key) {
+            (None, Some(key)) => {
                 self.open.insert(
                     session.into(),
                     OpenSession {
@@ -135,7 +139,8 @@ impl TrafficRollup {
                     cell.bounces += 1;
                 }
             }
-            Some(open) => {
+            (None, None) => {}
+            (Some(open), _) => {
                 open.events += 1;
                 // whole seconds of the session so far, so the increments add up to its duration
                 let before = (open.last - open.first) / 1_000_000;
@@ -189,7 +194,7 @@ impl Rollup for TrafficRollup {
         let cells = std::mem::take(&mut self.cells);
         let mut hour = TimestampMicrosecondBuilder::new().with_timezone("UTC");
         let mut date = Date32Builder::new();
-        let mut dims: Vec<StringBuilder> = (0..8).map(|_| StringBuilder::new()).collect();
+        let mut dims: Vec<StringBuilder> = (0..DIMS).map(|_| StringBuilder::new()).collect();
         let mut event_type = StringBuilder::new();
         let mut counts: Vec<Int64Builder> = (0..4).map(|_| Int64Builder::new()).collect();
         let mut visitors = BinaryBuilder::new();
