@@ -18,6 +18,9 @@ use marsad_query::TableCatalog;
 use marsad_schemas::{ENVELOPE_VERSION, Envelope, TOPIC_RAW};
 use tokio_util::sync::CancellationToken;
 
+/// The site's own domain: a session landing from it is `direct`.
+const SITE: &str = "kulshi.example";
+
 const BROWSER: &str =
     "Mozilla/5.0 (Linux; Android 14) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/130.0 Mobile Safari/537.36";
 const CRAWLER: &str = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
@@ -77,6 +80,25 @@ fn population(now: DateTime<Utc>) -> Vec<Record> {
                 "ts": ts.to_rfc3339(),
                 "consent": {"analytics": true, "personalisation": true, "marketing": false},
             });
+            // each visitor's first visit lands from somewhere (search, social, an e-mail, a
+            // site, nowhere); later sessions and internal navigation are the site's own
+            if e == 0 {
+                match v % 5 {
+                    1 => event["referrer"] = "https://www.google.com.sa/search?q=kia".into(),
+                    2 => event["referrer"] = "https://l.facebook.com/".into(),
+                    3 => {
+                        event["url"] = format!(
+                            "https://kulshi.example{}?utm_source=newsletter&utm_medium=email&utm_campaign=nov",
+                            pages[(v % 5) as usize]
+                        )
+                        .into()
+                    }
+                    4 => event["referrer"] = "https://opensooq.example/cars".into(),
+                    _ => {}
+                }
+            } else {
+                event["referrer"] = "https://kulshi.example/".into();
+            }
             if kind != "page_view" {
                 event["ad"] =
                     serde_json::json!({"ad_id": format!("ad-{}", v % 3), "campaign_id": "cmp-1", "placement": "top"});
@@ -185,6 +207,7 @@ fn counting_every_event(dir: &std::path::Path) -> Result<(Config, Arc<LocalLog>)
     };
     config.process.batch_max_interval_ms = 100;
     config.process.max_events_per_visitor_day = 1_000_000;
+    config.process.channels.own_domains = vec![SITE.into()];
     // each `events` commit reaches the rollups at once (where the crash points are)
     config.process.rollup_commit_interval_ms = 0;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
@@ -365,12 +388,20 @@ async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
     // a visitor whose events straddle a processor restart keeps one session
     assert_eq!(sessions, expected_sessions(), "sessions continue across restarts");
 
+    check_sources_and_pages(catalog, (sessions, bounces, seconds)).await?;
+
     let visitors = int(
         catalog,
         "SELECT count(DISTINCT visitor_key) FROM events WHERE NOT is_bot",
     )
     .await?;
-    for table in ["traffic_hourly", "ad_performance_hourly", "demographics_daily"] {
+    for table in [
+        "traffic_hourly",
+        "ad_performance_hourly",
+        "demographics_daily",
+        "sources_hourly",
+        "pages_hourly",
+    ] {
         let estimate = float(
             catalog,
             &format!("SELECT hll_estimate(hll_merge(visitors)) FROM {table}"),
@@ -392,6 +423,156 @@ async fn check_totals(catalog: &TableCatalog, records: i64) -> Result<()> {
             "{table}: estimate {estimate} vs {exact} distinct visitors"
         );
     }
+    Ok(())
+}
+
+/// `(text key, count)` rows of `sql` as a map.
+async fn counts(catalog: &TableCatalog, sql: &str) -> Result<std::collections::BTreeMap<String, i64>> {
+    let mut out = std::collections::BTreeMap::new();
+    for b in query(catalog, sql).await? {
+        let keys = arrow::compute::cast(b.column(0), &arrow::datatypes::DataType::Utf8)?;
+        let keys = keys.as_any().downcast_ref::<StringArray>().context("keys")?;
+        let n = arrow::compute::cast(b.column(1), &arrow::datatypes::DataType::Int64)?;
+        let n = n.as_any().downcast_ref::<Int64Array>().context("counts")?;
+        for i in 0..b.num_rows() {
+            let key = if keys.is_null(i) {
+                "NULL".to_owned()
+            } else {
+                keys.value(i).to_owned()
+            };
+            *out.entry(key).or_default() += n.value(i);
+        }
+    }
+    Ok(out)
+}
+
+/// `sources_hourly` and `pages_hourly` against what `events` says: sessions, bounces and
+/// durations as traffic counts them; each session in the channel of its landing event (the
+/// grouping applied here to the landing events read back from `events`); entries and exits on
+/// the first and last page view of every session.
+async fn check_sources_and_pages(catalog: &TableCatalog, (sessions, bounces, seconds): (i64, i64, i64)) -> Result<()> {
+    for (measure, want) in [
+        ("sessions", sessions),
+        ("bounces", bounces),
+        ("session_seconds", seconds),
+    ] {
+        let got = int(catalog, &format!("SELECT sum({measure}) FROM sources_hourly")).await?;
+        assert_eq!(got, want, "sources_hourly {measure}");
+    }
+    let people = int(catalog, "SELECT count(*) FROM events WHERE NOT is_bot").await?;
+    assert_eq!(int(catalog, "SELECT sum(events) FROM sources_hourly").await?, people);
+    let page_views = int(
+        catalog,
+        "SELECT count(*) FROM events WHERE NOT is_bot AND event_type = 'page_view'",
+    )
+    .await?;
+    assert_eq!(
+        int(catalog, "SELECT sum(page_views) FROM sources_hourly").await?,
+        page_views
+    );
+    assert_eq!(
+        int(catalog, "SELECT sum(page_views) FROM pages_hourly").await?,
+        page_views
+    );
+
+    // the landing event of each session, and the channel the documented rules give it
+    let landings = query(
+        catalog,
+        "SELECT referrer_domain, utm_source, utm_medium FROM (SELECT referrer_domain, utm_source, utm_medium, \
+         row_number() OVER (PARTITION BY session_id ORDER BY ts, event_id) AS n FROM events WHERE NOT is_bot) WHERE n = 1",
+    )
+    .await?;
+    let mut rules = marsad_config::ChannelRules::default();
+    rules.own_domains = vec![SITE.into()];
+    let grouping = marsad_process::channel::ChannelGrouping::new(&rules);
+    let mut by_channel: std::collections::BTreeMap<String, i64> = Default::default();
+    for b in &landings {
+        let text = |c: usize| -> Result<StringArray> {
+            let a = arrow::compute::cast(b.column(c), &arrow::datatypes::DataType::Utf8)?;
+            Ok(a.as_any().downcast_ref::<StringArray>().context("text")?.clone())
+        };
+        let (referrer, source, medium) = (text(0)?, text(1)?, text(2)?);
+        let get = |a: &StringArray, i: usize| (!a.is_null(i)).then(|| a.value(i).to_owned());
+        for i in 0..b.num_rows() {
+            let (r, s, m) = (get(&referrer, i), get(&source, i), get(&medium, i));
+            let channel = grouping.channel(marsad_process::channel::Source {
+                referrer_domain: r.as_deref(),
+                utm_source: s.as_deref(),
+                utm_medium: m.as_deref(),
+            });
+            *by_channel.entry(channel.to_owned()).or_default() += 1;
+        }
+    }
+    let rolled = counts(
+        catalog,
+        "SELECT channel, sum(sessions) FROM sources_hourly GROUP BY channel",
+    )
+    .await?;
+    let rolled: std::collections::BTreeMap<String, i64> = rolled.into_iter().filter(|(_, n)| *n != 0).collect();
+    assert_eq!(rolled, by_channel, "sessions per channel");
+    for channel in ["organic_search", "social", "email", "referral", "direct"] {
+        assert!(
+            by_channel.contains_key(channel),
+            "the fixture lands from {channel}: {by_channel:?}"
+        );
+    }
+    let email = int(
+        catalog,
+        "SELECT sum(sessions) FROM sources_hourly WHERE utm_campaign = 'nov' AND utm_source = 'newsletter'",
+    )
+    .await?;
+    assert_eq!(
+        Some(&email),
+        by_channel.get("email"),
+        "the UTM tags are kept with the channel"
+    );
+    // a session that began on a tab left open lands from the site itself: direct, not a referral
+    let from_the_site = int(
+        catalog,
+        "SELECT coalesce(sum(sessions), 0) FROM sources_hourly WHERE referrer_domain = 'kulshi.example' AND channel = 'direct'",
+    )
+    .await?;
+    assert!(from_the_site > 0, "the fixture has sessions after a pause");
+    assert_eq!(
+        int(
+            catalog,
+            "SELECT coalesce(sum(sessions), 0) FROM sources_hourly WHERE referrer_domain = 'kulshi.example' AND channel <> 'direct'"
+        )
+        .await?,
+        0
+    );
+
+    let first_or_last = |order: &str| {
+        format!(
+            "SELECT page_path, count(*) FROM (SELECT page_path, row_number() OVER (PARTITION BY session_id \
+             ORDER BY ts {order}, event_id {order}) AS n FROM events WHERE NOT is_bot AND event_type = 'page_view') \
+             WHERE n = 1 GROUP BY page_path"
+        )
+    };
+    let nonzero = |m: std::collections::BTreeMap<String, i64>| -> std::collections::BTreeMap<String, i64> {
+        m.into_iter().filter(|(_, n)| *n != 0).collect()
+    };
+    for (measure, order) in [("entries", "ASC"), ("exits", "DESC")] {
+        let truth = counts(catalog, &first_or_last(order)).await?;
+        let rolled = counts(
+            catalog,
+            &format!("SELECT page_path, sum({measure}) FROM pages_hourly GROUP BY page_path"),
+        )
+        .await?;
+        assert_eq!(nonzero(rolled), truth, "{measure} per page");
+    }
+    let views = counts(
+        catalog,
+        "SELECT page_path, count(*) FROM events WHERE NOT is_bot AND event_type = 'page_view' GROUP BY page_path",
+    )
+    .await?;
+    let rolled = counts(
+        catalog,
+        "SELECT page_path, sum(page_views) FROM pages_hourly GROUP BY page_path",
+    )
+    .await?;
+    assert_eq!(nonzero(rolled), views, "page views per page");
+    assert!(views.len() >= 4, "Arabic and English paths: {views:?}");
     Ok(())
 }
 
@@ -438,10 +619,13 @@ async fn a_busy_visitor_adds_at_most_the_clamp_to_the_rollups() -> Result<()> {
                 "{when}: every event is in events"
             );
             // traffic and demographics: 3 of the busy visitor's 12, both of the quiet one's
-            for table in ["traffic_hourly", "demographics_daily"] {
+            for table in ["traffic_hourly", "demographics_daily", "sources_hourly"] {
                 let counted = int(catalog, &format!("SELECT sum(events) FROM {table}")).await?;
                 ensure!(counted == 5, "{when}: {table} counts {counted}, not 3 + 2");
             }
+            // pages: the busy visitor's first 3 events are page views
+            let views = int(catalog, "SELECT sum(page_views) FROM pages_hourly").await?;
+            ensure!(views == 5, "{when}: pages_hourly counts {views} page views, not 3 + 2");
             // the ad rollup clamps ad events of its own: 3 of the 4 impressions
             let impressions = int(catalog, "SELECT sum(impressions) FROM ad_performance_hourly").await?;
             ensure!(impressions == 3, "{when}: {impressions} impressions, not 3");

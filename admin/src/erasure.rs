@@ -582,7 +582,9 @@ mod tests {
             vec![
                 ("traffic_hourly", 0, 0, 10),
                 ("ad_performance_hourly", 0, 0, 10),
-                ("demographics_daily", 0, 0, 10)
+                ("demographics_daily", 0, 0, 10),
+                ("sources_hourly", 0, 0, 10),
+                ("pages_hourly", 0, 0, 10)
             ],
             "rollups not created yet"
         );
@@ -594,6 +596,8 @@ mod tests {
         commit_position(&location, "events", 11).await?;
         commit_position(&location, "ad_performance_hourly", 11).await?;
         commit_position(&location, "demographics_daily", 11).await?;
+        commit_position(&location, "sources_hourly", 11).await?;
+        commit_position(&location, "pages_hourly", 11).await?;
         assert_eq!(behind(&location, &later).await?, vec![("traffic_hourly", 0, 10, 12)]);
         Ok(())
     }

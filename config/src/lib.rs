@@ -28,7 +28,7 @@ pub use eventlog::{EventLogConfig, EventLogKind};
 pub use ingest::IngestConfig;
 pub use listener::{HttpLimits, TlsMode};
 pub use privacy::{GeoIpConfig, PrivacyConfig};
-pub use process::{PageCategoryRule, ProcessConfig, default_page_categories};
+pub use process::{ChannelRules, PageCategoryRule, ProcessConfig, default_page_categories};
 pub use query::{ApiKeyConfig, QueryConfig, Role};
 pub use release::{AnalystRelease, ReleaseConfig};
 pub use tables::{TABLE_SCHEMES, TablesConfig, TablesLocation};

@@ -34,6 +34,109 @@ pub struct ProcessConfig {
     /// Events one visitor adds to each rollup table per day, at most (the clamp that bounds
     /// any visitor's influence on a released number); `events` keeps every event.
     pub max_events_per_visitor_day: u32,
+    /// How a session's landing event is put in a channel (`sources_hourly`, the sources report).
+    pub channels: ChannelRules,
+}
+
+/// The channel grouping of `sources_hourly`. A session's channel comes from its landing
+/// event, by the first rule that holds:
+///
+/// 1. `email`: its `utm_medium` is one of `email_mediums`;
+/// 2. `paid_social`: `utm_medium` is one of `paid_mediums` and the referrer or `utm_source`
+///    is a social network; `paid_search`: a paid medium with anything else;
+/// 3. `display`: `utm_medium` is one of `display_mediums`;
+/// 4. `social`: the referrer or `utm_source` is a social network;
+/// 5. `organic_search`: the referrer or `utm_source` is a search engine;
+/// 6. `referral`: another site referred it, or a `utm_source` names one;
+/// 7. `direct`: nothing did (no referrer, or one of `own_domains`).
+///
+/// A domain entry matches that domain and its subdomains (`facebook.com` matches
+/// `m.facebook.com`); an entry without a dot matches any label (`google` matches
+/// `google.com.sa` and `news.google.ae`). A `utm_source` matches an entry equal to it or an
+/// entry's name before its last label (`facebook` matches `facebook.com`). Mediums and sources
+/// are compared lower case.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelRules {
+    /// Search engines, Arabic-region ones included.
+    pub search_engines: Vec<String>,
+    /// Social networks and messengers, those most used in the Arab world included.
+    pub social_networks: Vec<String>,
+    /// `utm_medium` values of e-mail campaigns.
+    pub email_mediums: Vec<String>,
+    /// `utm_medium` values of paid clicks.
+    pub paid_mediums: Vec<String>,
+    /// `utm_medium` values of display (banner) campaigns.
+    pub display_mediums: Vec<String>,
+    /// The site's own domains: a landing event referred by one of them is `direct`.
+    pub own_domains: Vec<String>,
+}
+
+fn words(list: &[&str]) -> Vec<String> {
+    list.iter().map(|w| (*w).to_owned()).collect()
+}
+
+impl Default for ChannelRules {
+    fn default() -> Self {
+        ChannelRules {
+            search_engines: words(&[
+                "google",
+                "bing",
+                "yahoo",
+                "yandex",
+                "duckduckgo",
+                "baidu",
+                "ecosia",
+                "qwant",
+                "naver",
+                "yamli.com",
+                "ask.com",
+                "search.brave.com",
+                "petalsearch.com",
+                "startpage.com",
+                "aol.com",
+            ]),
+            social_networks: words(&[
+                "facebook.com",
+                "fb.com",
+                "fb.me",
+                "instagram.com",
+                "twitter.com",
+                "x.com",
+                "t.co",
+                "snapchat.com",
+                "tiktok.com",
+                "youtube.com",
+                "youtu.be",
+                "linkedin.com",
+                "lnkd.in",
+                "whatsapp.com",
+                "wa.me",
+                "t.me",
+                "telegram.org",
+                "threads.net",
+                "pinterest.com",
+                "reddit.com",
+                "imo.im",
+            ]),
+            email_mediums: words(&["email", "e-mail", "e_mail", "newsletter", "mail"]),
+            paid_mediums: words(&[
+                "cpc",
+                "ppc",
+                "paid",
+                "paidsearch",
+                "paid_search",
+                "paid-search",
+                "sem",
+                "cpm_search",
+                "paidsocial",
+                "paid_social",
+                "paid-social",
+            ]),
+            display_mediums: words(&["display", "banner", "cpm", "programmatic"]),
+            own_domains: Vec::new(),
+        }
+    }
 }
 
 /// A page category and the URL path segments (Arabic or English) that mean it.
@@ -105,6 +208,7 @@ impl Default for ProcessConfig {
             events_compaction_min_files: 10,
             page_categories: default_page_categories(),
             max_events_per_visitor_day: 40,
+            channels: ChannelRules::default(),
         }
     }
 }

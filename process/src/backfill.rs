@@ -175,12 +175,13 @@ pub async fn backfill(
     };
     let events_counted = by_partition(events_sink.committed(&app_ids).await?);
     let mut rollups = Vec::new();
+    let rules = crate::rollup::RollupRules::of(&config.process);
     for sink in &mut rollup_sinks {
         let table = sink_table(sink);
         rollups.push(RollupRebuild {
             table,
             counted: by_partition(sink.committed(&app_ids).await?),
-            rollup: new_rollup(table, config.process.max_events_per_visitor_day),
+            rollup: new_rollup(table, &rules),
         });
     }
     let mut end: BTreeMap<u32, i64> = BTreeMap::new();
@@ -484,6 +485,7 @@ async fn counted_events(sink: &DeltaSink, table: TableName, range: DateRange) ->
     let measure = match table {
         TableName::Events => "count(*)",
         TableName::AdPerformanceHourly => "sum(impressions) + sum(clicks)",
+        TableName::PagesHourly => "sum(page_views)",
         _ => "sum(events)",
     };
     let sql = format!(

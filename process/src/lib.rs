@@ -17,6 +17,7 @@
 pub mod anonymize;
 pub mod backfill;
 pub mod category;
+pub mod channel;
 pub mod dead_letters;
 pub mod dedup;
 pub mod events_batch;

@@ -60,8 +60,8 @@ pub struct Processor {
     rollups_due: Option<Instant>,
     /// The positions of the `events` commits added to the rollups since their last commit.
     rollup_positions: BTreeMap<String, i64>,
-    /// Events of one visitor a day the rollups count at most.
-    max_per_visitor_day: u32,
+    /// The clamp and channel grouping the rollups count under.
+    rollup_rules: crate::rollup::RollupRules,
     /// How often expired daily keys are destroyed and idle sessions closed.
     maintenance_interval: Duration,
     crash: Option<(usize, CrashPoint)>,
@@ -111,7 +111,7 @@ impl Processor {
             rollup_interval: Duration::from_millis(config.process.rollup_commit_interval_ms),
             rollups_due: None,
             rollup_positions: BTreeMap::new(),
-            max_per_visitor_day: config.process.max_events_per_visitor_day,
+            rollup_rules: crate::rollup::RollupRules::of(&config.process),
             maintenance_interval: Duration::from_millis(config.privacy.key_destruction_interval_ms),
             crash: None,
             stopping: CancellationToken::new(),
@@ -274,7 +274,7 @@ impl Processor {
         self.drop_rollups();
         let mut vanished = 0;
         let (rollups, caught_up) = loop {
-            let mut rollups = Rollups::open(&self.tables, &app_ids, self.max_per_visitor_day).await?;
+            let mut rollups = Rollups::open(&self.tables, &app_ids, self.rollup_rules.clone()).await?;
             match rollups.catch_up(self.table.sink(), &events_positions).await {
                 Ok(caught_up) => break (rollups, caught_up),
                 // a compaction replaced, and an erasure's vacuum removed, a file of the version

@@ -77,7 +77,10 @@ impl TableSpec {
     fn stats_columns(&self) -> &'static str {
         match self.name {
             TableName::Events => "ts",
-            TableName::TrafficHourly | TableName::AdPerformanceHourly => "hour",
+            TableName::TrafficHourly
+            | TableName::AdPerformanceHourly
+            | TableName::SourcesHourly
+            | TableName::PagesHourly => "hour",
             TableName::DemographicsDaily => "country",
             // (segment_id is a partition column: its value is in the file's path already)
             TableName::SegmentMembers => "refreshed_at",

@@ -35,6 +35,61 @@ pub enum ReportKind {
     Campaigns,
     /// By declared age band and gender.
     Demographics,
+    /// Sessions by where they landed from: channel, referrer, UTM tags.
+    Sources,
+    /// Page views, entries and exits by page.
+    Pages,
+}
+
+/// The measures a report's rows can be ordered by, per kind.
+const SOURCE_BREAKDOWNS: [&str; 5] = ["channel", "referrer_domain", "utm_source", "utm_medium", "utm_campaign"];
+const PAGE_BREAKDOWNS: [&str; 2] = ["page_path", "page_category"];
+const CAMPAIGN_BREAKDOWNS: [&str; 3] = ["day", "country", "device_type"];
+
+/// What a report is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compare {
+    /// The as many days just before.
+    PreviousPeriod,
+    /// The same dates a year before.
+    PreviousYear,
+}
+
+impl Compare {
+    fn parse(name: &str) -> Result<Self, ApiError> {
+        match name {
+            "previous_period" => Ok(Compare::PreviousPeriod),
+            "previous_year" => Ok(Compare::PreviousYear),
+            other => Err(ApiError::BadRequest(format!(
+                "unknown comparison `compare={other}`; use previous_period or previous_year"
+            ))),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Compare::PreviousPeriod => "previous_period",
+            Compare::PreviousYear => "previous_year",
+        }
+    }
+
+    /// The dates compared with `from..=to`.
+    fn shift(self, from: NaiveDate, to: NaiveDate) -> Result<(NaiveDate, NaiveDate), ApiError> {
+        let out_of_range = || ApiError::BadRequest("the compared period is out of the calendar".into());
+        match self {
+            Compare::PreviousPeriod => {
+                let to_before = from.pred_opt().ok_or_else(out_of_range)?;
+                Ok((to_before - (to - from), to_before))
+            }
+            Compare::PreviousYear => {
+                let year = chrono::Months::new(12);
+                Ok((
+                    from.checked_sub_months(year).ok_or_else(out_of_range)?,
+                    to.checked_sub_months(year).ok_or_else(out_of_range)?,
+                ))
+            }
+        }
+    }
 }
 
 impl ReportKind {
@@ -47,6 +102,8 @@ impl ReportKind {
             "categories" => ReportKind::Categories,
             "campaigns" => ReportKind::Campaigns,
             "demographics" => ReportKind::Demographics,
+            "sources" => ReportKind::Sources,
+            "pages" => ReportKind::Pages,
             _ => return None,
         })
     }
@@ -55,6 +112,8 @@ impl ReportKind {
         match self {
             ReportKind::Campaigns => "ad_performance_hourly",
             ReportKind::Demographics => "demographics_daily",
+            ReportKind::Sources => "sources_hourly",
+            ReportKind::Pages => "pages_hourly",
             _ => "traffic_hourly",
         }
     }
@@ -63,6 +122,16 @@ impl ReportKind {
         match self {
             ReportKind::Campaigns => &["campaign_id", "ad_id", "placement", "country", "device_type"],
             ReportKind::Demographics => &["country", "region", "age_band", "gender", "page_category"],
+            ReportKind::Sources => &[
+                "channel",
+                "referrer_domain",
+                "utm_source",
+                "utm_medium",
+                "utm_campaign",
+                "country",
+                "device_type",
+            ],
+            ReportKind::Pages => &["page_path", "page_category", "country", "device_type"],
             _ => &[
                 "country",
                 "region",
@@ -82,6 +151,17 @@ impl ReportKind {
         match self {
             ReportKind::Campaigns => &[("sum(impressions)", "impressions"), ("sum(clicks)", "clicks")],
             ReportKind::Demographics => &[("sum(events)", "events")],
+            ReportKind::Sources => &[
+                ("sum(sessions)", "sessions"),
+                ("sum(bounces)", "bounces"),
+                ("sum(page_views)", "page_views"),
+                ("sum(session_seconds)", "session_seconds"),
+            ],
+            ReportKind::Pages => &[
+                ("sum(page_views)", "page_views"),
+                ("sum(entries)", "entries"),
+                ("sum(exits)", "exits"),
+            ],
             ReportKind::Traffic => &[
                 ("sum(events)", "events"),
                 (
@@ -100,6 +180,26 @@ impl ReportKind {
                 ),
             ],
         }
+    }
+
+    /// Whether `page_views` is `events` over the rows of page views (the tables by event type).
+    fn page_views_by_event_type(self) -> bool {
+        self.table() == "traffic_hourly"
+    }
+
+    /// The breakdowns `by` may name, the first the default (none for most reports).
+    fn breakdowns(self) -> &'static [&'static str] {
+        match self {
+            ReportKind::Campaigns => &CAMPAIGN_BREAKDOWNS,
+            ReportKind::Sources => &SOURCE_BREAKDOWNS,
+            ReportKind::Pages => &PAGE_BREAKDOWNS,
+            _ => &[],
+        }
+    }
+
+    /// Whether rows are periods of time (compared by position, not by name).
+    fn rows_are_periods(self, by: Option<&str>) -> bool {
+        self == ReportKind::Traffic || by == Some("day")
     }
 }
 
@@ -149,8 +249,14 @@ pub struct ReportRequest {
     to: NaiveDate,
     granularity: Granularity,
     filters: Vec<(&'static str, String)>,
-    /// The campaigns report's breakdown of each campaign: `day`, `country` or `device_type`.
+    /// The campaigns report's breakdown of each campaign (`day`, `country`, `device_type`), or
+    /// the dimension of the sources and pages reports' rows.
     by: Option<&'static str>,
+    /// The period the report is compared with.
+    compare: Option<Compare>,
+    /// The measure rows are ordered by (largest first), and how many are kept.
+    order: Option<&'static str>,
+    limit: Option<usize>,
     /// An advertiser's campaigns: rows and total restricted to them.
     campaigns: Option<Vec<String>>,
 }
@@ -175,23 +281,49 @@ impl ReportRequest {
             return Err(ApiError::BadRequest("a report covers at most three years".into()));
         }
         let granularity = Granularity::parse(params.get("granularity").map_or("day", String::as_str))?;
-        let by = match (kind, params.get("by").map(String::as_str)) {
-            (_, None) => None,
-            (ReportKind::Campaigns, Some("day")) => Some("day"),
-            (ReportKind::Campaigns, Some("country")) => Some("country"),
-            (ReportKind::Campaigns, Some("device_type")) => Some("device_type"),
-            (ReportKind::Campaigns, Some(other)) => {
-                return Err(ApiError::BadRequest(format!(
-                    "unknown breakdown `by={other}`; use day, country or device_type"
-                )));
+        let breakdowns = kind.breakdowns();
+        let by = match params.get("by").map(String::as_str) {
+            None if kind == ReportKind::Campaigns => None,
+            None => breakdowns.first().copied(),
+            Some(_) if breakdowns.is_empty() => {
+                return Err(ApiError::BadRequest(
+                    "only the campaigns, sources and pages reports take `by`".into(),
+                ));
             }
-            (_, Some(_)) => {
-                return Err(ApiError::BadRequest("only the campaigns report takes `by`".into()));
+            Some(wanted) => Some(breakdowns.iter().copied().find(|b| *b == wanted).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "unknown breakdown `by={wanted}`; use {}",
+                    breakdowns.join(", ")
+                ))
+            })?),
+        };
+        let compare = params.get("compare").map(|c| Compare::parse(c)).transpose()?;
+        if let Some(c) = compare {
+            c.shift(from, to)?;
+        }
+        let order = match params.get("order") {
+            None => None,
+            Some(wanted) => {
+                let names: Vec<&'static str> = kind.measures().iter().map(|(_, n)| *n).chain(["visitors"]).collect();
+                Some(names.iter().copied().find(|n| n == wanted).ok_or_else(|| {
+                    ApiError::BadRequest(format!("unknown `order={wanted}`; use one of {}", names.join(", ")))
+                })?)
             }
+        };
+        let limit = match params.get("limit") {
+            None => None,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => Some(n),
+                _ => {
+                    return Err(ApiError::BadRequest(format!(
+                        "`limit` is a number of rows from 1 to {MAX_LIMIT}, not `{v}`"
+                    )));
+                }
+            },
         };
         let mut filters = Vec::new();
         for (key, value) in params {
-            if ["from", "to", "granularity", "by"].contains(&key.as_str()) {
+            if ["from", "to", "granularity", "by", "compare", "order", "limit"].contains(&key.as_str()) {
                 continue;
             }
             match kind.filters().iter().find(|f| **f == key) {
@@ -212,8 +344,31 @@ impl ReportRequest {
             granularity,
             filters,
             by,
+            compare,
+            order,
+            limit,
             campaigns: None,
         })
+    }
+
+    /// The same question over the period it is compared with, if any.
+    fn compared(&self) -> Option<ReportRequest> {
+        let compare = self.compare?;
+        let (from, to) = compare.shift(self.from, self.to).ok()?;
+        Some(ReportRequest {
+            from,
+            to,
+            compare: None,
+            ..self.clone()
+        })
+    }
+
+    /// The canonical texts of the questions asked at `now` (the report's, and that of the period
+    /// it is compared with), for the budget.
+    pub fn identities(&self, now: DateTime<Utc>) -> Vec<String> {
+        std::iter::once(self.identity(now))
+            .chain(self.compared().map(|c| c.identity(now)))
+            .collect()
     }
 
     /// Restricts the request to an advertiser's `campaigns`: refused unless it is the campaigns
@@ -280,6 +435,10 @@ impl ReportRequest {
                 dims
             }
             ReportKind::Demographics => vec![("age_band".into(), "age_band"), ("gender".into(), "gender")],
+            ReportKind::Sources | ReportKind::Pages => {
+                let by = self.by.unwrap_or("channel");
+                vec![(by.to_owned(), by)]
+            }
         }
     }
 
@@ -308,7 +467,7 @@ impl ReportRequest {
         select.push(format!("hll_merge(visitors) AS {VISITORS_SKETCH}"));
         // what each row's rows hold (and its page views' rows): their canonical cells
         select.extend(extent.sql_items(EXTENT, None));
-        if self.kind.measures().iter().any(|(_, n)| *n == "page_views") {
+        if self.kind.page_views_by_event_type() {
             select.extend(extent.sql_items(PAGE_VIEW_EXTENT, Some(PAGE_VIEW)));
         }
         let mut sql = format!(
@@ -324,6 +483,9 @@ impl ReportRequest {
         sql
     }
 }
+
+/// The most rows `limit` keeps.
+const MAX_LIMIT: usize = 1000;
 
 /// The column of a row's merged visitor sketch (`visitors` is its estimate).
 const VISITORS_SKETCH: &str = "__visitors";
@@ -517,19 +679,101 @@ fn release_row(
     }
     out.insert("visitors".into(), json!(visitors.value));
     ci95.insert("visitors".into(), json!(visitors.ci95));
-    if kind == ReportKind::Campaigns {
-        let (i, c) = (out["impressions"].as_f64(), out["clicks"].as_f64());
-        if let (Some(i), Some(c)) = (i, c) {
-            // computed from the released numbers (never above 1)
-            out.insert("ctr".into(), json!(if i > 0.0 { (c / i).min(1.0) } else { 0.0 }));
+    // rates computed from the released numbers (so never above 1)
+    let rate = |out: &mut Map<String, Value>, name: &str, part: &str, whole: &str| {
+        if let (Some(p), Some(w)) = (out[part].as_f64(), out[whole].as_f64()) {
+            out.insert(name.into(), json!(if w > 0.0 { (p / w).clamp(0.0, 1.0) } else { 0.0 }));
         }
+    };
+    match kind {
+        ReportKind::Campaigns => rate(&mut out, "ctr", "clicks", "impressions"),
+        ReportKind::Sources => rate(&mut out, "bounce_rate", "bounces", "sessions"),
+        ReportKind::Pages => rate(&mut out, "exit_rate", "exits", "page_views"),
+        _ => {}
     }
     out.insert("ci95".into(), Value::Object(ci95));
     Some(Value::Object(out))
 }
 
-/// Runs a report and releases it by `mechanism`.
+/// Runs a report and releases it by `mechanism`; with a comparison, the compared period too,
+/// and the change of every released measure (computed from the released numbers only).
 pub async fn run(
+    ctx: &SessionContext,
+    req: &ReportRequest,
+    release: &Release,
+    mechanism: Mechanism,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<Value, ApiError> {
+    let mut current = run_period(ctx, req, release, mechanism, now).await?;
+    let (Some(compare), Some(compared)) = (req.compare, req.compared()) else {
+        return Ok(current);
+    };
+    let previous = run_period(ctx, &compared, release, mechanism, now).await?;
+    let mut measures: Vec<&str> = req.kind.measures().iter().map(|(_, n)| *n).collect();
+    measures.push("visitors");
+    let dims: Vec<&str> = req.dimensions().iter().map(|(_, n)| *n).collect();
+    let by_position = req.kind.rows_are_periods(req.by);
+    if let Some(rows) = current["rows"].as_array_mut() {
+        let before: &[Value] = previous["rows"].as_array().map_or(&[], Vec::as_slice);
+        for (i, row) in rows.iter_mut().enumerate() {
+            // periods meet the period as far into the compared range; others the same names
+            let matched = if by_position {
+                before.get(i)
+            } else {
+                before.iter().find(|p| dims.iter().all(|d| p[*d] == row[*d]))
+            };
+            let change = change_of(row, matched, &measures);
+            row["change"] = change;
+        }
+    }
+    let total_change = change_of(&current["total"], Some(&previous["total"]), &measures);
+    current["change"] = total_change;
+    current["compare"] = json!({
+        "with": compare.name(),
+        "from": previous["from"],
+        "to": previous["to"],
+        "rows": previous["rows"],
+        "total": previous["total"],
+    });
+    Ok(current)
+}
+
+/// Per measure, the released value now and then, the difference, the relative change
+/// (`null` when there was nothing before) and its direction; `null` when either row was not
+/// released (under the threshold): nothing is said of a row that is not shown.
+fn change_of(now: &Value, before: Option<&Value>, measures: &[&str]) -> Value {
+    let Some(before) = before.filter(|b| b.is_object()) else {
+        return Value::Null;
+    };
+    if !now.is_object() {
+        return Value::Null;
+    }
+    let mut out = Map::new();
+    for m in measures {
+        let (Some(a), Some(b)) = (now[*m].as_f64(), before[*m].as_f64()) else {
+            continue;
+        };
+        let direction = match a.partial_cmp(&b) {
+            Some(std::cmp::Ordering::Greater) => "up",
+            Some(std::cmp::Ordering::Less) => "down",
+            _ => "flat",
+        };
+        out.insert(
+            (*m).to_owned(),
+            json!({
+                "current": now[*m],
+                "previous": before[*m],
+                "difference": a - b,
+                "relative": if b > 0.0 { json!((a - b) / b) } else { Value::Null },
+                "direction": direction,
+            }),
+        );
+    }
+    Value::Object(out)
+}
+
+/// One period of a report, released by `mechanism`.
+async fn run_period(
     ctx: &SessionContext,
     req: &ReportRequest,
     release: &Release,
@@ -582,6 +826,16 @@ pub async fn run(
         if let Some(released) = release_row(row, req.kind, release, mechanism, now) {
             shown.push(released);
         }
+    }
+    if let Some(order) = req.order {
+        // post-processing of released numbers: costs nothing, tells nothing more
+        shown.sort_by(|a, b| {
+            let n = |v: &Value| v[order].as_f64().unwrap_or(0.0);
+            n(b).total_cmp(&n(a))
+        });
+    }
+    if let Some(limit) = req.limit {
+        shown.truncate(limit);
     }
     let total = total
         .and_then(|t| release_row(t, req.kind, release, mechanism, now))

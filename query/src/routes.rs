@@ -102,11 +102,14 @@ pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Res
 /// rollups, every number released with noise (or exact above the threshold, for analysts when
 /// configured so).
 #[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = ["analyst", "advertiser"])),
-    params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns or demographics"),
+    params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns, demographics, sources or pages"),
         ("from" = Option<String>, Query, description = "first date, inclusive (default: 29 days before `to`)"),
         ("to" = Option<String>, Query, description = "last date, inclusive (default: today)"),
         ("granularity" = Option<String>, Query, description = "hour, day (default), week or month"),
-        ("by" = Option<String>, Query, description = "campaigns: a breakdown of each campaign by day, country or device_type")),
+        ("by" = Option<String>, Query, description = "campaigns: a breakdown of each campaign by day, country or device_type; sources: rows by channel (default), referrer_domain, utm_source, utm_medium or utm_campaign; pages: by page_path (default) or page_category"),
+        ("compare" = Option<String>, Query, description = "previous_period or previous_year: the compared period's rows and total, and the change of every measure"),
+        ("order" = Option<String>, Query, description = "a measure of the report (or visitors): rows largest first"),
+        ("limit" = Option<u32>, Query, description = "at most this many rows (1 to 1000)")),
     responses((status = 200, description = "Released rows and total, each number with its 95% interval"),
         (status = 400, description = "Bad parameter"), (status = 403, description = "Not this key's report or campaign"),
         (status = 404, description = "No such report"), (status = 429, description = "The key's privacy budget for today is spent")))]
@@ -119,7 +122,7 @@ pub async fn report(
     let reader = report_reader(&state, authorization(&headers))?;
     let Some(kind) = crate::reports::ReportKind::parse(&kind) else {
         return Err(ApiError::NotFoundWhat(format!(
-            "no report `{kind}`; there are traffic, geo, devices, categories, campaigns and demographics"
+            "no report `{kind}`; there are traffic, geo, devices, categories, campaigns, demographics, sources and pages"
         )));
     };
     let now = Utc::now();
@@ -136,9 +139,10 @@ pub async fn report(
     // a slot before the budget: a report refused for load spends nothing
     let _slot = state.query_slot().await?;
     if mechanism == Mechanism::Noise {
-        state
-            .release
-            .charge(key, &req.identity(now), req.measures_released(), now)?;
+        // a comparison asks the question twice: both periods are paid for
+        for identity in req.identities(now) {
+            state.release.charge(key, &identity, req.measures_released(), now)?;
+        }
     }
     // reports read only the rollups: no wait for a refresh of `events`
     let ctx = state.catalog.session_with(TableScope::Rollups).await.map_err(|e| {

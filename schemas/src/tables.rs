@@ -30,6 +30,10 @@ pub enum TableName {
     AdPerformanceHourly,
     /// Daily declared-demographics rollup.
     DemographicsDaily,
+    /// Hourly sessions by where they came from (channel, referrer, UTM tags).
+    SourcesHourly,
+    /// Hourly page views, entries and exits by page.
+    PagesHourly,
     /// Materialized audience segments.
     SegmentMembers,
 }
@@ -37,28 +41,43 @@ pub enum TableName {
 impl TableName {
     /// Every table in the order the processor commits them, each before the tables made
     /// from it (the query catalog relies on it; `rollup_specs` commits in this order).
-    pub const ALL: [TableName; 5] = [
+    pub const ALL: [TableName; 7] = [
         TableName::Events,
         TableName::TrafficHourly,
         TableName::AdPerformanceHourly,
         TableName::DemographicsDaily,
+        TableName::SourcesHourly,
+        TableName::PagesHourly,
         TableName::SegmentMembers,
     ];
 
     /// The aggregate tables: every row counts visitors in a sketch, none is one person's event.
-    pub const ROLLUPS: [TableName; 3] = [
+    pub const ROLLUPS: [TableName; 5] = [
         TableName::TrafficHourly,
         TableName::AdPerformanceHourly,
         TableName::DemographicsDaily,
+        TableName::SourcesHourly,
+        TableName::PagesHourly,
+    ];
+
+    /// The names of [`TableName::ROLLUPS`]: the tables analysts may read.
+    pub const ROLLUP_NAMES: [&'static str; 5] = [
+        TableName::TrafficHourly.as_str(),
+        TableName::AdPerformanceHourly.as_str(),
+        TableName::DemographicsDaily.as_str(),
+        TableName::SourcesHourly.as_str(),
+        TableName::PagesHourly.as_str(),
     ];
 
     /// The name used as directory and SQL table name.
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             TableName::Events => "events",
             TableName::TrafficHourly => "traffic_hourly",
             TableName::AdPerformanceHourly => "ad_performance_hourly",
             TableName::DemographicsDaily => "demographics_daily",
+            TableName::SourcesHourly => "sources_hourly",
+            TableName::PagesHourly => "pages_hourly",
             TableName::SegmentMembers => "segment_members",
         }
     }
@@ -175,6 +194,47 @@ pub fn demographics_daily_schema() -> SchemaRef {
         utf8("gender", true),
         utf8("page_category", true),
         count("events"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `sources_hourly`: sessions by where they came from, each counted in the hour and source of
+/// its landing event (its first); its later events, page views, duration and bounce are added
+/// to that cell as they arrive. `channel` is never null (`direct` when nothing says otherwise).
+pub fn sources_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("channel", false),
+        utf8("referrer_domain", true),
+        utf8("utm_source", true),
+        utf8("utm_medium", true),
+        utf8("utm_campaign", true),
+        utf8("country", true),
+        utf8("device_type", true),
+        count("sessions"),
+        count("bounces"),
+        count("events"),
+        count("page_views"),
+        count("session_seconds"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `pages_hourly`: page views by page path (already scrubbed of personal data) and hour;
+/// `entries` counts sessions that began on the page, `exits` sessions whose last page view
+/// (so far) it is: a later page view of the session moves its exit (-1 here, +1 there).
+pub fn pages_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("page_path", true),
+        utf8("page_category", true),
+        utf8("country", true),
+        utf8("device_type", true),
+        count("page_views"),
+        count("entries"),
+        count("exits"),
         Field::new("visitors", DataType::Binary, false),
     ]))
 }

@@ -176,7 +176,7 @@ impl Rollups {
             dates.extend(column.iter().flatten().map(str::to_owned));
         }
         for t in &mut self.tables {
-            t.rollup = super::new_rollup(t.name, self.max_per_visitor_day);
+            t.rollup = super::new_rollup(t.name, &self.rules);
             t.pending = None;
         }
         for date in &dates {
@@ -523,6 +523,7 @@ async fn data_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rollup::RollupRules;
     use crate::rollup::rows::test_batch;
     use crate::table::EventsTable;
 
@@ -572,7 +573,7 @@ mod tests {
             events.append(batch.clone(), &[(app.clone(), last)]).await?;
         }
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         let report = rollups.catch_up(events.sink(), &positions).await?;
         assert_eq!((report.events, report.commits), (3 * COMMIT_ROWS, 3), "{report:?}");
         assert!(
@@ -583,7 +584,7 @@ mod tests {
         let counted = traffic_total(&tables).await?;
         assert_eq!(counted, Some(3 * COMMIT_ROWS as i64));
         // caught up: a second catch-up finds nothing to count
-        let again = Rollups::open(&tables, std::slice::from_ref(&app), 20)
+        let again = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20))
             .await?
             .catch_up(events.sink(), &positions)
             .await?;
@@ -600,7 +601,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         for c in 0..5i64 {
             let rows: Vec<(String, String, i64)> = (0..10)
                 .map(|i| (format!("v{i}"), format!("s{i}"), c * 10 + i))
@@ -629,7 +630,7 @@ mod tests {
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
         let mut events = EventsTable::open_or_create(&tables).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         // the first commit is counted by the rollups too
         let first: Vec<(String, String, i64)> = (0..40).map(|i| (format!("v{}", i % 8), format!("s{i}"), i)).collect();
         let batch = page_views(&first);
@@ -654,7 +655,7 @@ mod tests {
 
         let mut events = EventsTable::open_or_create(&tables).await?;
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         rollups.catch_up(events.sink(), &positions).await?;
         let counted = traffic_total(&tables).await?;
         let kept = events.sink().query("SELECT count(*) FROM events", None).await?[0]
@@ -690,7 +691,7 @@ mod tests {
         let tables = marsad_config::TablesLocation::local(dir.path())?;
         let app = crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
         let mut events = EventsTable::checkpointing_every(&tables, 5).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         let mut first_uncounted = None;
         for c in 0..12i64 {
             let rows: Vec<(String, String, i64)> = (0..10)
@@ -732,7 +733,7 @@ mod tests {
         );
 
         let positions = events.committed_offsets(std::slice::from_ref(&app)).await?;
-        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), 20).await?;
+        let mut rollups = Rollups::open(&tables, std::slice::from_ref(&app), RollupRules::with_clamp(20)).await?;
         let report = rollups.catch_up(events.sink(), &positions).await?;
         assert_eq!(
             (report.events, report.commits),
@@ -768,7 +769,7 @@ mod tests {
         );
         let apps = [busy.clone(), quiet.clone()];
         let mut events = EventsTable::checkpointing_every(&tables, 5).await?;
-        let mut rollups = Rollups::open(&tables, &apps, 20).await?;
+        let mut rollups = Rollups::open(&tables, &apps, RollupRules::with_clamp(20)).await?;
         let rows = |c: i64| -> Vec<(String, String, i64)> {
             (0..10)
                 .map(|i| (format!("v{i}"), format!("s{c}-{i}"), c * 10 + i))
@@ -799,7 +800,7 @@ mod tests {
         events.append(batch.clone(), &[(quiet.clone(), 139)]).await?;
 
         let positions = events.committed_offsets(&apps).await?;
-        let mut rollups = Rollups::open(&tables, &apps, 20).await?;
+        let mut rollups = Rollups::open(&tables, &apps, RollupRules::with_clamp(20)).await?;
         let report = rollups.catch_up(events.sink(), &positions).await?;
         assert_eq!(
             (report.events, report.commits),

@@ -1,5 +1,5 @@
 //! The rollup tables (`traffic_hourly`, `ad_performance_hourly`,
-//! `demographics_daily`), written by the processor after the `events` commits
+//! `demographics_daily`, `sources_hourly`, `pages_hourly`), written by the processor after the `events` commits
 //! they count (at most every `process.rollup_commit_interval_ms`), with the
 //! log positions of those commits recorded in the same transaction.
 //!
@@ -14,20 +14,26 @@ mod catch_up;
 mod clamp;
 mod compaction;
 mod demographics;
+mod pages;
 mod rows;
+mod sources;
 mod traffic;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use marsad_schemas::{
-    DATE_COLUMN, TableName, ad_performance_hourly_schema, demographics_daily_schema, traffic_hourly_schema,
+    DATE_COLUMN, TableName, ad_performance_hourly_schema, demographics_daily_schema, pages_hourly_schema,
+    sources_hourly_schema, traffic_hourly_schema,
 };
 
 use crate::table::{DeltaSink, TableSpec};
 use crate::{Error, Result};
 use ad::AdRollup;
 use demographics::DemographicsRollup;
+use pages::PagesRollup;
+use sources::SourcesRollup;
 use traffic::TrafficRollup;
 
 pub use catch_up::CatchUp;
@@ -55,20 +61,49 @@ pub(crate) trait Rollup: Send + Sync {
     }
 }
 
-/// An empty aggregator of rollup `table`, counting at most `max_per_visitor_day` events of
-/// one visitor a day.
-pub(crate) fn new_rollup(table: TableName, max_per_visitor_day: u32) -> Box<dyn Rollup> {
-    let clamp = clamp::VisitorDayClamp::new(max_per_visitor_day);
+/// What the rollups are configured with: how many events of one visitor a day count, and how
+/// sessions are put in channels.
+#[derive(Clone)]
+pub struct RollupRules {
+    /// Events of one visitor a day counted at most, in each table (the clamp).
+    pub max_per_visitor_day: u32,
+    /// The channel grouping of `sources_hourly`.
+    pub channels: Arc<crate::channel::ChannelGrouping>,
+}
+
+impl RollupRules {
+    /// The rules of `config`.
+    pub fn of(config: &marsad_config::ProcessConfig) -> Self {
+        RollupRules {
+            max_per_visitor_day: config.max_events_per_visitor_day,
+            channels: Arc::new(crate::channel::ChannelGrouping::new(&config.channels)),
+        }
+    }
+
+    /// The default channel grouping with a clamp of `max_per_visitor_day`.
+    pub fn with_clamp(max_per_visitor_day: u32) -> Self {
+        RollupRules {
+            max_per_visitor_day,
+            channels: Arc::default(),
+        }
+    }
+}
+
+/// An empty aggregator of rollup `table` under `rules`.
+pub(crate) fn new_rollup(table: TableName, rules: &RollupRules) -> Box<dyn Rollup> {
+    let clamp = clamp::VisitorDayClamp::new(rules.max_per_visitor_day);
     match table {
         TableName::TrafficHourly => Box::new(TrafficRollup::new(clamp)),
         TableName::AdPerformanceHourly => Box::new(AdRollup::new(clamp)),
+        TableName::SourcesHourly => Box::new(SourcesRollup::new(clamp, rules.channels.clone())),
+        TableName::PagesHourly => Box::new(PagesRollup::new(clamp)),
         _ => Box::new(DemographicsRollup::new(clamp)),
     }
 }
 
 /// The specs of the rollup tables, in the order they commit (that of `TableName::ALL`: the
 /// query catalog reads them in reverse so no rollup is newer than one committed before it).
-pub fn rollup_specs() -> [TableSpec; 3] {
+pub fn rollup_specs() -> [TableSpec; 5] {
     [
         TableSpec {
             name: TableName::TrafficHourly,
@@ -87,6 +122,18 @@ pub fn rollup_specs() -> [TableSpec; 3] {
             schema: demographics_daily_schema(),
             partitions: &[DATE_COLUMN],
             comment: "Daily demographics partial aggregates: SUM the events, hll_merge the visitors",
+        },
+        TableSpec {
+            name: TableName::SourcesHourly,
+            schema: sources_hourly_schema(),
+            partitions: &[DATE_COLUMN],
+            comment: "Hourly sessions by landing source partial aggregates: SUM the counts, hll_merge the visitors",
+        },
+        TableSpec {
+            name: TableName::PagesHourly,
+            schema: pages_hourly_schema(),
+            partitions: &[DATE_COLUMN],
+            comment: "Hourly page views, entries and exits partial aggregates: SUM the counts, hll_merge the visitors",
         },
     ]
 }
@@ -120,26 +167,26 @@ pub enum CrashPoint {
     AfterRollups(usize),
 }
 
-/// The three rollup tables and what they have counted.
+/// The rollup tables and what they have counted.
 pub struct Rollups {
     tables: Vec<RollupTable>,
-    /// Events of one visitor a day counted at most.
-    max_per_visitor_day: u32,
+    /// What a new aggregator is made with.
+    rules: RollupRules,
 }
 
 impl Rollups {
     /// Opens (or creates) the rollup tables and reads the positions they cover for `app_ids`;
-    /// each counts at most `max_per_visitor_day` events of one visitor a day.
+    /// each aggregates under `rules`.
     pub async fn open(
         location: &marsad_config::TablesLocation,
         app_ids: &[String],
-        max_per_visitor_day: u32,
+        rules: RollupRules,
     ) -> Result<Self> {
         let mut tables = Vec::new();
         for spec in rollup_specs() {
             let mut sink = DeltaSink::open_or_create(location, &spec).await?;
             let covered = sink.committed(app_ids).await?;
-            let rollup = new_rollup(spec.name, max_per_visitor_day);
+            let rollup = new_rollup(spec.name, &rules);
             tables.push(RollupTable {
                 name: spec.name,
                 sink,
@@ -148,10 +195,7 @@ impl Rollups {
                 pending: None,
             });
         }
-        Ok(Rollups {
-            tables,
-            max_per_visitor_day,
-        })
+        Ok(Rollups { tables, rules })
     }
 
     /// Adds the rows of an `events` commit covering `positions` to every table that has not

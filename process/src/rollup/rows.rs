@@ -68,7 +68,7 @@ pub(super) const MICROS_PER_HOUR: i64 = 3_600_000_000;
 pub(super) const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
 /// The columns of `events` the rollups read, in [`Col`] order.
-pub(super) const COLUMNS: [&str; 16] = [
+pub(super) const COLUMNS: [&str; 20] = [
     "event_type",
     "visitor_key",
     "session_id",
@@ -85,6 +85,10 @@ pub(super) const COLUMNS: [&str; 16] = [
     "placement",
     "age_band",
     "gender",
+    "page_path",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
 ];
 
 #[derive(Clone, Copy)]
@@ -105,6 +109,10 @@ pub(super) enum Col {
     Placement,
     AgeBand,
     Gender,
+    PagePath,
+    UtmSource,
+    UtmMedium,
+    UtmCampaign,
 }
 
 /// `events` rows as the rollups read them, whatever string encoding the batch came in.
@@ -214,6 +222,7 @@ pub(crate) fn test_batch(rows: &[(&str, &str, i64, &str, &str)]) -> RecordBatch 
                             "visitor_key" => b.append_value(r.0),
                             "session_id" => b.append_value(r.1),
                             "page_category" => b.append_value(r.3),
+                            "page_path" => b.append_value(format!("/{}", r.3)),
                             "event_type" => b.append_value(r.4),
                             "country" => b.append_value("JO"),
                             _ => b.append_null(),

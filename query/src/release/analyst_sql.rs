@@ -921,7 +921,7 @@ mod tests {
         ctx
     }
 
-    const ROLLUPS: [&str; 3] = ["traffic_hourly", "ad_performance_hourly", "demographics_daily"];
+    const ROLLUPS: [&str; 5] = marsad_schemas::TableName::ROLLUP_NAMES;
 
     async fn verdict(sql: &str) -> Result<Option<AnalystQuery>, String> {
         let ctx = session().await;
