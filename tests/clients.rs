@@ -212,7 +212,14 @@ fn sqlalchemy_pandas_and_asyncpg_connect_reflect_and_query() -> Result<()> {
 
         let a = client(&out, &format!("sqlalchemy_{driver}_analyst"))?;
         ensure!(
-            a["tables"] == serde_json::json!(["ad_performance_hourly", "demographics_daily", "traffic_hourly"]),
+            a["tables"]
+                == serde_json::json!([
+                    "ad_performance_hourly",
+                    "demographics_daily",
+                    "pages_hourly",
+                    "sources_hourly",
+                    "traffic_hourly"
+                ]),
             "{driver}: an analyst sees the rollups only: {}",
             a["tables"]
         );
@@ -413,6 +420,8 @@ fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> 
                 "ad_performance_hourly",
                 "demographics_daily",
                 "events",
+                "pages_hourly",
+                "sources_hourly",
                 "traffic_hourly"
             ]),
         "{}",
@@ -428,7 +437,14 @@ fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> 
 
     let a = client(&out, "analyst")?;
     ensure!(
-        a["tables"] == serde_json::json!(["ad_performance_hourly", "demographics_daily", "traffic_hourly"]),
+        a["tables"]
+            == serde_json::json!([
+                "ad_performance_hourly",
+                "demographics_daily",
+                "pages_hourly",
+                "sources_hourly",
+                "traffic_hourly"
+            ]),
         "an analyst's table list holds the rollups only: {a}"
     );
     ensure!(a["raw_events"] != "answered", "raw events are refused to analysts: {a}");

@@ -61,8 +61,14 @@ fn simulate(m: &Marsad) -> Result<usize> {
                         d.get("gender").and_then(Value::as_str),
                     )
                 });
-                events.push(json!({"type": "page_view", "url": page, "cookie_id": cookie,
-                    "event_id": format!("{cookie}-v{i}"), "identity": identity, "consent": consent}));
+                let mut event = json!({"type": "page_view", "url": page, "cookie_id": cookie,
+                    "event_id": format!("{cookie}-v{i}"), "identity": identity, "consent": consent});
+                // a third land from a search engine, a third from a social network
+                if i == 0 && visitor % 3 > 0 {
+                    event["referrer"] =
+                        json!(["https://www.google.com.sa/search?q=x", "https://l.facebook.com/"][visitor % 3 - 1]);
+                }
+                events.push(event);
             }
             for (i, campaign) in ["ramadan-cars", "summer-jobs"].iter().enumerate() {
                 events.push(json!({"type": "ad_impression", "url": PAGES[0], "cookie_id": cookie,
@@ -88,6 +94,40 @@ fn simulate(m: &Marsad) -> Result<usize> {
         }
     }
     Ok(sent)
+}
+
+/// 300 visitors of Jordan yesterday (as late as the processor takes a client's clock), one
+/// page view each: the period a comparison of today is made with. `None` in the two minutes
+/// before midnight UTC, when "yesterday" would be today.
+fn yesterday(m: &Marsad) -> Result<Option<usize>> {
+    let now = chrono::Utc::now();
+    let at = now - chrono::Duration::minutes(24 * 60 - 2);
+    if at.date_naive() == now.date_naive() {
+        return Ok(None);
+    }
+    let prefix = FIXTURE_COUNTRIES
+        .iter()
+        .find(|c| c.0 == "JO")
+        .map(|c| c.1)
+        .context("fixture country")?;
+    let client = Client::new();
+    let events: Vec<Value> = (0..300)
+        .map(|v| {
+            json!({"type": "page_view", "url": PAGES[0], "cookie_id": format!("c-yesterday-{v}"),
+                "event_id": format!("c-yesterday-{v}"), "ts": at.to_rfc3339(),
+                "consent": {"analytics": true}})
+        })
+        .collect();
+    for chunk in events.chunks(100) {
+        let resp = client
+            .post(format!("{}/v1/batch", m.ingest))
+            .header("x-forwarded-for", format!("{}.{}.1.7", prefix[0], prefix[1]))
+            .header("user-agent", AGENTS[0])
+            .json(&chunk)
+            .send()?;
+        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+    }
+    Ok(Some(events.len()))
 }
 
 async fn wait_for(c: &Browser, what: &str, script: &str) -> Result<Value> {
@@ -177,9 +217,19 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
     let geoip = tmp.path().join("geo.mmdb");
     write_fixture_geoip(&geoip)?;
     let config = tmp.path().join("marsad.toml");
-    std::fs::write(&config, key_entry("marketing", "analyst", ANALYST_KEY))?;
+    // a goal and a funnel the simulated visitors reach: all see a cars page, every third clicks
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n[[process.goals]]\nid = \"clicked-ad\"\nevent_type = \"ad_click\"\n\n\
+             [[process.funnels]]\nid = \"cars-then-click\"\n\
+             steps = [{{ event_type = \"page_view\", page_category = \"cars\" }}, {{ event_type = \"ad_click\" }}]\n",
+            key_entry("marketing", "analyst", ANALYST_KEY)
+        ),
+    )?;
     let m = Marsad::start_with_config(&tmp.path().join("data"), Some(&geoip), Some(&config))?;
-    let sent = simulate(&m)?;
+    let yesterday = yesterday(&m)?;
+    let sent = simulate(&m)? + yesterday.unwrap_or(0);
     m.wait_for_count(
         "SELECT sum(events) FROM traffic_hourly",
         sent as i64,
@@ -296,6 +346,61 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
         let region = c.find(Locator::Css("#view-geo tbody td:nth-child(2)")).await?.text().await?;
         ensure!(region == "Amman Governorate", "{region}");
 
+        // sources: the channels visitors landed from, named; pages with entries and exits
+        let channels = c
+            .execute("return marsadDashboard.state.reports.sources.rows.map(r => r.channel).sort()", vec![])
+            .await?;
+        ensure!(channels == json!(["direct", "organic_search", "social"]), "{channels}");
+        let channel = c.find(Locator::Css("#view-sources tbody td")).await?.text().await?;
+        ensure!(["Direct", "Organic search", "Social"].contains(&channel.as_str()), "{channel}");
+        let pages = c
+            .execute("return marsadDashboard.state.reports.pages.rows.map(r => [r.page_path, r.entries > 0, r.exits > 0])", vec![])
+            .await?;
+        ensure!(pages.as_array().is_some_and(|p| p.len() >= 3), "{pages}");
+        // the funnel's two steps in order, with the share kept from the first to the second
+        let steps = c
+            .execute("return marsadDashboard.state.reports.funnels.rows.map(r => [r.step, r.from_previous])", vec![])
+            .await?;
+        let kept = steps[1][1].as_f64().unwrap_or(0.0);
+        ensure!(steps[0][0] == "1" && steps[1][0] == "2" && kept > 0.2 && kept < 0.5, "a third click: {steps}");
+        let goal = c
+            .execute("return marsadDashboard.state.reports.goals.rows.map(r => r.goal_id)", vec![])
+            .await?;
+        ensure!(goal == json!(["clicked-ad"]), "{goal}");
+
+        // today compared with yesterday: arrows on the totals and on the rows both days have
+        if yesterday.is_some() {
+            c.execute("document.getElementById('compare').value = 'previous_period'", vec![])
+                .await?;
+            set_dates(&c, &today.to_string(), &today.to_string()).await?;
+            wait_loaded(&c, 4).await?;
+            let arrows = c
+                .execute(
+                    "return Array.from(document.querySelectorAll('#view-traffic .totals .change')).map(e => e.dataset.direction)",
+                    vec![],
+                )
+                .await?;
+            // 1,600 visitors today against 300 yesterday
+            ensure!(arrows == json!(["up", "up", "up"]), "traffic totals compared: {arrows}");
+            let direct = c
+                .execute(
+                    "return Array.from(document.querySelectorAll('#view-sources tbody tr')).filter(tr => tr.querySelector('.change')).length",
+                    vec![],
+                )
+                .await?;
+            ensure!(direct == json!(1), "only direct had visitors yesterday: {direct}");
+            let dashed = c
+                .execute(
+                    "return Chart.getChart(document.querySelector('#view-traffic canvas')).data.datasets.filter(d => d.borderDash).length",
+                    vec![],
+                )
+                .await?;
+            ensure!(dashed == json!(3), "yesterday drawn under today: {dashed}");
+            std::fs::write(shots.join("dashboard-compare.png"), c.screenshot().await?)?;
+        } else {
+            eprintln!("two minutes before midnight UTC: no yesterday to compare with");
+        }
+
         // Arabic, right to left
         c.find(Locator::Id("language")).await?.click().await?;
         let dir = c.execute("return document.documentElement.dir", vec![]).await?;
@@ -319,6 +424,22 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
             .execute("return Chart.getChart(document.querySelector('#view-traffic canvas')).data.datasets[0].label", vec![])
             .await?;
         ensure!(legend == json!("مشاهدات الصفحات"), "{legend}");
+        let channel = c.find(Locator::Css("#view-sources tbody td")).await?.text().await?;
+        ensure!(["مباشر", "بحث مجاني", "شبكات التواصل"].contains(&channel.as_str()), "{channel}");
+        // a phone's width: one column, nothing wider than the screen
+        c.set_window_size(390, 844).await?;
+        let overflow = c
+            .execute("return document.documentElement.scrollWidth - document.documentElement.clientWidth", vec![])
+            .await?;
+        let widest = c
+            .execute(
+                "const w = document.documentElement.clientWidth; return Array.from(document.querySelectorAll('body *')) \
+                 .filter(e => { const r = e.getBoundingClientRect(); return r.right > w + 1 || r.left < -1; }) \
+                 .slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().width))",
+                vec![],
+            )
+            .await?;
+        ensure!(overflow.as_i64().is_some_and(|o| o <= 0), "wider than a phone by {overflow} px: {widest}");
         std::fs::write(shots.join("dashboard-ar.png"), c.screenshot().await?)?;
         c.close().await?;
         Ok(())

@@ -1,6 +1,6 @@
 //! The marketing views on a generated fortnight whose true answers the test knows: sources
-//! by channel, referrer and UTM tags; top, entry and exit pages; and every report compared
-//! with the previous period. Exact numbers where the mechanism allows (threshold only), within
+//! by channel, referrer and UTM tags; top, entry and exit pages; goals with their conversion
+//! rates; a funnel's steps and drop-off; and reports compared with the previous period. Exact numbers where the mechanism allows (threshold only), within
 //! the stated interval where noise applies; a row below the threshold is not shown, in a
 //! report or in its comparison, and asking twice gives the same noise.
 
@@ -76,6 +76,43 @@ struct Truth {
     views: [BTreeMap<&'static str, i64>; 2],
     entries: [BTreeMap<&'static str, i64>; 2],
     exits: [BTreeMap<&'static str, i64>; 2],
+    /// Per goal: matching events, and visitors with one.
+    conversions: [BTreeMap<&'static str, i64>; 2],
+    converting: [BTreeMap<&'static str, i64>; 2],
+    /// Sessions reaching each step of `cars-to-signup`.
+    steps: [BTreeMap<String, i64>; 2],
+}
+
+/// The goals and the funnel the test defines, read from a `marsad.toml` as an operator writes it.
+fn goals_and_funnels(config: &mut Config) -> Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        file.path(),
+        r#"
+[[process.goals]]
+id = "clicked-ad"
+description = "clicked an ad"
+event_type = "ad_click"
+
+[[process.goals]]
+id = "signed-up"
+event_type = "signup"
+
+[[process.goals]]
+id = "viewed-cars"
+event_type = "page_view"
+path = "/en/cars/*"
+
+[[process.funnels]]
+id = "cars-to-signup"
+steps = [{ event_type = "page_view", page_category = "cars" }, { event_type = "ad_click" }, { event_type = "signup" }]
+"#,
+    )?;
+    let read = Config::load(Some(file.path()))?;
+    config.process.goals = read.process.goals;
+    config.process.funnels = read.process.funnels;
+    ensure!(config.process.goals.len() == 3 && config.process.funnels.len() == 1);
+    Ok(())
 }
 
 /// A fortnight of sessions ending yesterday, one per visitor, each landing as its [`Landing`]
@@ -102,8 +139,27 @@ fn fortnight(today: NaiveDate) -> (Vec<Record>, Truth) {
             };
             for i in 0..visitors {
                 let pages = pages_of(i);
+                // after the pages, every fourth visitor clicks an ad, every eighth then signs up
+                let (clicks, signs_up) = (i % 4 == 0, i % 8 == 0);
+                let events = pages.len() + usize::from(clicks) + usize::from(signs_up);
                 *truth.sessions[week].entry(landing.channel()).or_default() += 1;
-                *truth.bounces[week].entry(landing.channel()).or_default() += i64::from(pages.len() == 1);
+                *truth.bounces[week].entry(landing.channel()).or_default() += i64::from(events == 1);
+                let cars = pages.iter().any(|p| p.contains("cars") || p.contains("سيارات"));
+                for (goal, hit, n) in [
+                    ("clicked-ad", clicks, 1),
+                    ("signed-up", signs_up, 1),
+                    ("viewed-cars", pages.contains(&"/en/cars/kia"), 1),
+                ] {
+                    if hit {
+                        *truth.conversions[week].entry(goal).or_default() += n;
+                        *truth.converting[week].entry(goal).or_default() += 1;
+                    }
+                }
+                for (step, reached) in [("1", cars), ("2", cars && clicks), ("3", cars && signs_up)] {
+                    if reached {
+                        *truth.steps[week].entry(step.to_owned()).or_default() += 1;
+                    }
+                }
                 *truth.entries[week].entry(pages[0]).or_default() += 1;
                 *truth.exits[week].entry(pages[pages.len() - 1]).or_default() += 1;
                 for (n, page) in pages.iter().enumerate() {
@@ -135,6 +191,25 @@ fn fortnight(today: NaiveDate) -> (Vec<Record>, Truth) {
                         payload: fixture_envelope(event, at).to_bytes(),
                     });
                 }
+                let after = [("ad_click", clicks), ("signup", signs_up)];
+                for (n, (kind, _)) in after.iter().filter(|(_, yes)| *yes).enumerate() {
+                    let mut event = serde_json::json!({
+                        "type": kind,
+                        "url": format!("https://{SITE}{}", pages[pages.len() - 1]),
+                        "referrer": format!("https://{SITE}/"),
+                        "cookie_id": format!("c-{age}-{landing:?}-{i}"),
+                        "event_id": format!("e-{age}-{landing:?}-{i}-{kind}"),
+                        "consent": {"analytics": true, "personalisation": true, "marketing": false},
+                    });
+                    if *kind == "ad_click" {
+                        event["ad"] = serde_json::json!({"ad_id": "ad-1", "campaign_id": "cmp-1", "placement": "top"});
+                    }
+                    let at = noon + chrono::Duration::seconds(i as i64 * 20 + (pages.len() + n) as i64 * 60);
+                    records.push(Record {
+                        key: None,
+                        payload: fixture_envelope(event, at).to_bytes(),
+                    });
+                }
             }
         }
     }
@@ -150,6 +225,7 @@ async fn process(dir: &std::path::Path, records: Vec<Record>) -> Result<Config> 
     config.process.batch_max_interval_ms = 100;
     config.process.rollup_commit_interval_ms = 0;
     config.process.channels.own_domains = vec![SITE.into()];
+    goals_and_funnels(&mut config)?;
     // the fortnight is in the past: its daily keys are made now, and kept while it is processed
     config.privacy.daily_key_grace_hours = 24 * 30;
     let log = Arc::new(LocalLog::open(config.log_dir(), LocalLogOptions::default())?);
@@ -225,7 +301,7 @@ fn owned(m: &BTreeMap<&'static str, i64>, without: &[&str]) -> BTreeMap<String, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sources_pages_and_comparisons_give_the_known_answers_and_hide_small_rows() -> Result<()> {
+async fn sources_pages_goals_funnels_and_comparisons_give_the_known_answers() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let today = Utc::now().date_naive();
     let (records, truth) = fortnight(today);
@@ -392,6 +468,74 @@ async fn sources_pages_and_comparisons_give_the_known_answers_and_hide_small_row
             .as_array()
             .is_some_and(|r| r.iter().all(|r| r["change"].is_null()))
     );
+
+    // goals: conversions exactly, converting visitors and their share of the site's visitors
+    let goals = reports
+        .get(ReportKind::Goals, exact, &current_week(today, None))
+        .await?;
+    assert_eq!(
+        by(&goals, "rows", "goal_id", "conversions"),
+        owned(&truth.conversions[0], &[]),
+        "{goals}"
+    );
+    let site: i64 = truth.sessions[0].values().sum();
+    for row in goals["rows"].as_array().context("rows")? {
+        let goal = row["goal_id"].as_str().context("goal")?;
+        let want = truth.converting[0][goal] as f64;
+        let got = row["visitors"].as_f64().context("visitors")?;
+        assert!(
+            (got - want).abs() <= want * 0.02 + 1.0,
+            "{goal}: {got} converting vs {want}"
+        );
+        let rate = row["conversion_rate"].as_f64().context("a rate")?;
+        assert!(
+            (rate - want / site as f64).abs() <= 0.03 * want / site as f64,
+            "{goal}: rate {rate} vs {want}/{site}"
+        );
+    }
+    // funnels: sessions per step in order, the share kept from step to step
+    let funnels = reports
+        .get(
+            ReportKind::Funnels,
+            exact,
+            &current_week(today, Some("previous_period")),
+        )
+        .await?;
+    assert_eq!(
+        by(&funnels, "rows", "step", "sessions"),
+        truth.steps[0].clone(),
+        "{funnels}"
+    );
+    let rows = funnels["rows"].as_array().context("rows")?;
+    let steps = &truth.steps[0];
+    for row in rows {
+        let step = row["step"].as_str().context("step")?;
+        let (here, first) = (steps[step] as f64, steps["1"] as f64);
+        let previous = match step {
+            "1" => here,
+            "2" => first,
+            _ => steps["2"] as f64,
+        };
+        assert_eq!(row["from_previous"].as_f64(), Some(here / previous), "{row}");
+        assert_eq!(row["drop_off"].as_f64(), Some(1.0 - here / previous), "{row}");
+        assert_eq!(row["from_start"].as_f64(), Some(here / first), "{row}");
+        let change = &row["change"]["sessions"]["difference"];
+        assert_eq!(
+            change.as_f64(),
+            Some((steps[step] - truth.steps[1][step]) as f64),
+            "step {step} compared: {row}"
+        );
+    }
+    // a comparison pays for both periods; a goal's rate for the site's visitors too
+    let params: HashMap<String, String> = current_week(today, Some("previous_year"))
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    let asked = ReportRequest::parse(ReportKind::Goals, &params, today).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let paid = asked.identities(Utc::now());
+    assert_eq!(paid.len(), 4, "goals and site visitors, now and a year before");
+    let distinct: std::collections::BTreeSet<&String> = paid.iter().map(|(i, _)| i).collect();
+    assert_eq!(distinct.len(), 4, "four questions");
 
     // with noise, as analysts and advertisers get it: each number within a few of its stated
     // intervals of the truth, the small row still hidden, the change made of released numbers

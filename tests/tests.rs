@@ -49,7 +49,7 @@ mod batch;
 /// Every query is limited in time, memory and rows, with a clear error.
 mod reports;
 
-/// Sources, pages and comparisons on a generated fortnight with known answers.
+/// Sources, pages, goals, funnels and comparisons on a generated fortnight with known answers.
 mod marketing;
 
 /// Released numbers: consistent by any path and key, useful, budgeted; advertisers see their campaigns only.

@@ -584,7 +584,9 @@ mod tests {
                 ("ad_performance_hourly", 0, 0, 10),
                 ("demographics_daily", 0, 0, 10),
                 ("sources_hourly", 0, 0, 10),
-                ("pages_hourly", 0, 0, 10)
+                ("pages_hourly", 0, 0, 10),
+                ("goals_hourly", 0, 0, 10),
+                ("funnels_hourly", 0, 0, 10)
             ],
             "rollups not created yet"
         );
@@ -598,6 +600,8 @@ mod tests {
         commit_position(&location, "demographics_daily", 11).await?;
         commit_position(&location, "sources_hourly", 11).await?;
         commit_position(&location, "pages_hourly", 11).await?;
+        commit_position(&location, "goals_hourly", 11).await?;
+        commit_position(&location, "funnels_hourly", 11).await?;
         assert_eq!(behind(&location, &later).await?, vec![("traffic_hourly", 0, 10, 12)]);
         Ok(())
     }

@@ -28,7 +28,10 @@ pub use eventlog::{EventLogConfig, EventLogKind};
 pub use ingest::IngestConfig;
 pub use listener::{HttpLimits, TlsMode};
 pub use privacy::{GeoIpConfig, PrivacyConfig};
-pub use process::{ChannelRules, PageCategoryRule, ProcessConfig, default_page_categories};
+pub use process::{
+    ChannelRules, EventMatch, FunnelDefinition, GoalDefinition, MAX_FUNNEL_STEPS, PageCategoryRule, ProcessConfig,
+    default_page_categories,
+};
 pub use query::{ApiKeyConfig, QueryConfig, Role};
 pub use release::{AnalystRelease, ReleaseConfig};
 pub use tables::{TABLE_SCHEMES, TablesConfig, TablesLocation};

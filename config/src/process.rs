@@ -36,6 +36,93 @@ pub struct ProcessConfig {
     pub max_events_per_visitor_day: u32,
     /// How a session's landing event is put in a channel (`sources_hourly`, the sources report).
     pub channels: ChannelRules,
+    /// Conversions counted in `goals_hourly` (the goals report).
+    pub goals: Vec<GoalDefinition>,
+    /// Ordered steps counted per session in `funnels_hourly` (the funnels report).
+    pub funnels: Vec<FunnelDefinition>,
+}
+
+/// What an event must be to count: every condition given must hold (none given: any event).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EventMatch {
+    /// The event type (`page_view`, `ad_click`, `ad_post`, `signup`, …).
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// The page category.
+    #[serde(default)]
+    pub page_category: Option<String>,
+    /// The page path (as stored, scrubbed): exact, or with `*` for any run of characters.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The ad campaign.
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+}
+
+/// A goal: the events that are its conversions. A visitor converts when one of its events matches.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GoalDefinition {
+    /// Its id in `goals_hourly.goal_id` and in reports (a-z, 0-9, - and _).
+    pub id: String,
+    /// Its name for people.
+    #[serde(default)]
+    pub description: String,
+    /// Converting events' type (`page_view`, `ad_click`, `ad_post`, `signup`, …).
+    #[serde(default)]
+    pub event_type: Option<String>,
+    /// Converting events' page category.
+    #[serde(default)]
+    pub page_category: Option<String>,
+    /// Converting events' page path: exact, or with `*` for any run of characters.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Converting events' ad campaign.
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+}
+
+impl GoalDefinition {
+    /// The events that convert.
+    pub fn event(&self) -> EventMatch {
+        EventMatch {
+            event_type: self.event_type.clone(),
+            page_category: self.page_category.clone(),
+            path: self.path.clone(),
+            campaign_id: self.campaign_id.clone(),
+        }
+    }
+}
+
+/// A funnel: steps a session takes in this order (other events may come between).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FunnelDefinition {
+    /// Its id in `funnels_hourly.funnel_id` and in reports (a-z, 0-9, - and _).
+    pub id: String,
+    /// Its name for people.
+    #[serde(default)]
+    pub description: String,
+    /// The steps, first to last (2 to 8).
+    pub steps: Vec<EventMatch>,
+}
+
+fn check_id(key: &'static str, id: &str, seen: &mut std::collections::HashSet<String>) -> Result<()> {
+    let bad = |reason: String| crate::ConfigError::Invalid { key, reason };
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    {
+        return Err(bad(format!(
+            "id `{id}` must be non-empty and use only a-z, 0-9, - and _"
+        )));
+    }
+    if !seen.insert(id.to_owned()) {
+        return Err(bad(format!("id `{id}` is defined twice")));
+    }
+    Ok(())
 }
 
 /// The channel grouping of `sources_hourly`. A session's channel comes from its landing
@@ -71,6 +158,9 @@ pub struct ChannelRules {
     /// The site's own domains: a landing event referred by one of them is `direct`.
     pub own_domains: Vec<String>,
 }
+
+/// The most steps a funnel has.
+pub const MAX_FUNNEL_STEPS: usize = 8;
 
 fn words(list: &[&str]) -> Vec<String> {
     list.iter().map(|w| (*w).to_owned()).collect()
@@ -209,6 +299,8 @@ impl Default for ProcessConfig {
             page_categories: default_page_categories(),
             max_events_per_visitor_day: 40,
             channels: ChannelRules::default(),
+            goals: Vec::new(),
+            funnels: Vec::new(),
         }
     }
 }
@@ -224,6 +316,65 @@ impl ProcessConfig {
         positive(
             "process.rollup_compaction_interval_secs",
             self.rollup_compaction_interval_secs,
-        )
+        )?;
+        let mut ids = std::collections::HashSet::new();
+        for goal in &self.goals {
+            check_id("process.goals", &goal.id, &mut ids)?;
+        }
+        let mut ids = std::collections::HashSet::new();
+        for funnel in &self.funnels {
+            check_id("process.funnels", &funnel.id, &mut ids)?;
+            if !(2..=MAX_FUNNEL_STEPS).contains(&funnel.steps.len()) {
+                return Err(crate::ConfigError::Invalid {
+                    key: "process.funnels",
+                    reason: format!(
+                        "funnel `{}` has {} steps: 2 to {MAX_FUNNEL_STEPS}",
+                        funnel.id,
+                        funnel.steps.len()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn goal(id: &str) -> GoalDefinition {
+        GoalDefinition {
+            id: id.into(),
+            description: String::new(),
+            event_type: Some("signup".into()),
+            page_category: None,
+            path: None,
+            campaign_id: None,
+        }
+    }
+
+    #[test]
+    fn goals_and_funnels_are_checked_with_the_key_named() {
+        let mut config = ProcessConfig::default();
+        config.goals = vec![goal("signed-up"), goal("signed-up")];
+        let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            err.as_ref()
+                .is_err_and(|e| e.contains("process.goals") && e.contains("twice")),
+            "{err:?}"
+        );
+        config.goals = vec![goal("Signed Up")];
+        assert!(config.validate().is_err(), "an id with capitals and a space");
+        config.goals = vec![goal("signed-up")];
+        config.funnels = vec![FunnelDefinition {
+            id: "one-step".into(),
+            description: String::new(),
+            steps: vec![EventMatch::default()],
+        }];
+        let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
+        assert!(err.as_ref().is_err_and(|e| e.contains("2 to 8")), "{err:?}");
+        config.funnels[0].steps.push(EventMatch::default());
+        assert!(config.validate().is_ok());
     }
 }

@@ -10,11 +10,7 @@ use marsad_schemas::TableName;
 
 static CONTEXT: LazyLock<SessionContext> = LazyLock::new(|| {
     let ctx = SessionContext::new();
-    for (table, schema) in [
-        (TableName::TrafficHourly, marsad_schemas::traffic_hourly_schema()),
-        (TableName::AdPerformanceHourly, marsad_schemas::ad_performance_hourly_schema()),
-        (TableName::DemographicsDaily, marsad_schemas::demographics_daily_schema()),
-    ] {
+    for (table, schema) in TableName::ROLLUPS.map(|t| (t, t.schema())) {
         let mem = MemTable::try_new(schema, vec![vec![]]).expect("an empty table");
         ctx.register_table(table.as_str(), Arc::new(mem)).expect("registered");
     }

@@ -486,6 +486,8 @@ async fn counted_events(sink: &DeltaSink, table: TableName, range: DateRange) ->
         TableName::Events => "count(*)",
         TableName::AdPerformanceHourly => "sum(impressions) + sum(clicks)",
         TableName::PagesHourly => "sum(page_views)",
+        TableName::GoalsHourly => "sum(conversions)",
+        TableName::FunnelsHourly => "sum(sessions)",
         _ => "sum(events)",
     };
     let sql = format!(

@@ -80,7 +80,9 @@ impl TableSpec {
             TableName::TrafficHourly
             | TableName::AdPerformanceHourly
             | TableName::SourcesHourly
-            | TableName::PagesHourly => "hour",
+            | TableName::PagesHourly
+            | TableName::GoalsHourly
+            | TableName::FunnelsHourly => "hour",
             TableName::DemographicsDaily => "country",
             // (segment_id is a partition column: its value is in the file's path already)
             TableName::SegmentMembers => "refreshed_at",

@@ -27,6 +27,16 @@ const I18N = {
     cat_cars: 'Cars', cat_real_estate: 'Real estate', cat_jobs: 'Jobs', cat_electronics: 'Electronics',
     cat_furniture: 'Furniture', cat_services: 'Services', cat_other: 'Other',
     gender_female: 'Female', gender_male: 'Male', gender_other: 'Other', not_declared: 'Not declared',
+    view_sources: 'Where visitors come from', view_pages: 'Top, entry and exit pages',
+    channel: 'Channel', page_path: 'Page', entries: 'Entries', exits: 'Exits', bounce_rate: 'Bounce rate',
+    exit_rate: 'Exit rate', compare: 'Compare with', no_comparison: 'Nothing', previous_period: 'Previous period',
+    previous_year: 'Same period last year', change: 'Change', previous: 'Before', total: 'Total',
+    ch_organic_search: 'Organic search', ch_paid_search: 'Paid search', ch_social: 'Social',
+    ch_paid_social: 'Paid social', ch_email: 'E-mail', ch_display: 'Display', ch_referral: 'Referral',
+    ch_direct: 'Direct',
+    view_goals: 'Goals', view_funnels: 'Funnels', goal_id: 'Goal', funnel_id: 'Funnel', step: 'Step',
+    conversions: 'Conversions', conversion_rate: 'Conversion rate', from_previous: 'Kept from the step before',
+    drop_off: 'Drop-off',
   },
   ar: {
     title: 'مرصد — تحليلات الجمهور', switch_language: 'English', sign_out: 'تسجيل الخروج',
@@ -50,6 +60,16 @@ const I18N = {
     cat_cars: 'سيارات', cat_real_estate: 'عقارات', cat_jobs: 'وظائف', cat_electronics: 'إلكترونيات',
     cat_furniture: 'أثاث', cat_services: 'خدمات', cat_other: 'أخرى',
     gender_female: 'أنثى', gender_male: 'ذكر', gender_other: 'آخر', not_declared: 'غير مصرّح',
+    view_sources: 'من أين يأتي الزوار', view_pages: 'أهم الصفحات وصفحات الدخول والخروج',
+    channel: 'القناة', page_path: 'الصفحة', entries: 'مرات الدخول', exits: 'مرات الخروج', bounce_rate: 'معدل الارتداد',
+    exit_rate: 'معدل الخروج', compare: 'المقارنة مع', no_comparison: 'لا شيء', previous_period: 'الفترة السابقة',
+    previous_year: 'الفترة نفسها من العام الماضي', change: 'التغيّر', previous: 'قبل', total: 'الإجمالي',
+    ch_organic_search: 'بحث مجاني', ch_paid_search: 'بحث مدفوع', ch_social: 'شبكات التواصل',
+    ch_paid_social: 'تواصل مدفوع', ch_email: 'البريد الإلكتروني', ch_display: 'إعلانات مصوّرة', ch_referral: 'إحالة',
+    ch_direct: 'مباشر',
+    view_goals: 'الأهداف', view_funnels: 'مسارات التحويل', goal_id: 'الهدف', funnel_id: 'المسار', step: 'الخطوة',
+    conversions: 'التحويلات', conversion_rate: 'معدل التحويل', from_previous: 'المتبقّي من الخطوة السابقة',
+    drop_off: 'نسبة التسرّب',
   },
 };
 
@@ -65,6 +85,14 @@ const VIEWS = [
     filters: ['country', 'device_type'] },
   { id: 'campaigns', kind: 'bar', label: (r) => r.campaign_id, measures: ['impressions', 'clicks'], extra: ['ctr'],
     filters: ['country', 'device_type'] },
+  { id: 'sources', kind: 'bar', label: (r) => channelName(r.channel), measures: ['sessions', 'visitors'],
+    extra: ['bounce_rate'], filters: ['country', 'device_type'] },
+  { id: 'pages', kind: 'bar', label: (r) => ltr(r.page_path || '—'), measures: ['page_views', 'entries', 'exits'],
+    extra: ['exit_rate'], filters: ['country', 'device_type'], order: 'page_views', limit: 50 },
+  { id: 'goals', kind: 'bar', label: (r) => r.goal_id, measures: ['conversions', 'visitors'], extra: ['conversion_rate'],
+    filters: ['country', 'device_type'] },
+  { id: 'funnels', kind: 'bar', label: (r) => `${r.funnel_id} · ${r.step}`, measures: ['sessions'],
+    extra: ['from_previous', 'drop_off'], filters: ['country', 'device_type'], keepOrder: true, noTotal: true },
   { id: 'demographics', kind: 'bar', label: (r) => (r.age_band || r.gender ? `${r.age_band || '?'} · ${genderName(r.gender)}` : t('not_declared')), measures: ['events', 'visitors'],
     filters: ['country'] },
 ];
@@ -103,6 +131,10 @@ const t = (word) => (I18N[state.lang] || I18N.en)[word] || word;
 const named = (prefix, id, missing) => (id ? ((I18N[state.lang] || I18N.en)[`${prefix}${id}`] || id) : missing);
 const categoryName = (id) => named('cat_', id, '—');
 const genderName = (id) => named('gender_', id, t('not_declared'));
+const channelName = (id) => named('ch_', id, '—');
+// A path reads left to right, whatever the page's direction and the script of its segments.
+const ltr = (text) => `\u2066${text}\u2069`;
+const RATES = ['ctr', 'bounce_rate', 'exit_rate', 'conversion_rate', 'from_previous', 'drop_off', 'from_start'];
 
 function applyLanguage() {
   document.documentElement.lang = state.lang;
@@ -128,6 +160,9 @@ function initDates() {
 function params(view) {
   const p = new URLSearchParams({ from: $('from').value, to: $('to').value });
   if (view.by) p.set('by', view.by);
+  if (view.order) p.set('order', view.order);
+  if (view.limit) p.set('limit', String(view.limit));
+  if ($('compare').value) p.set('compare', $('compare').value);
   if (view.timed) p.set('granularity', $('granularity').value);
   const country = $('country').value.trim().toUpperCase() || (view.drill ? state.geoCountry : '');
   if (country && view.filters.includes('country')) p.set('country', country);
@@ -198,7 +233,7 @@ function buildViews() {
     section.className = 'view';
     section.id = `view-${view.id}`;
     section.innerHTML = `<header><h2></h2><button type="button" class="csv"></button></header>
-      <p class="crumb"></p><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
+      <p class="crumb"></p><p class="totals"></p><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
       <div class="table-wrap"><table><thead></thead><tbody></tbody></table></div>`;
     section.querySelector('button.csv').addEventListener('click', () => download(view.id));
     container.appendChild(section);
@@ -233,7 +268,7 @@ function columnsOf(view, report) {
 
 function formatNumber(value, measure, ci95) {
   if (value === null || value === undefined) return '—';
-  if (measure === 'ctr') return new Intl.NumberFormat(state.lang, { style: 'percent', maximumFractionDigits: 2 }).format(value);
+  if (RATES.includes(measure)) return new Intl.NumberFormat(state.lang, { style: 'percent', maximumFractionDigits: 2 }).format(value);
   const text = new Intl.NumberFormat(state.lang).format(value);
   return ci95 ? `≈ ${text}` : text;
 }
@@ -246,9 +281,42 @@ function intervalOf(value, ci95) {
   return `${t('interval')}: ${f.format(Math.max(0, value - ci95))} – ${f.format(value + ci95)} (± ${f.format(ci95)})`;
 }
 
+// The arrow and relative change of a measure against the compared period, as an element
+// (nothing when either period's number was not released).
+function changeBadge(change) {
+  if (!change || change.direction === undefined) return null;
+  const span = document.createElement('span');
+  span.className = `change ${change.direction}`;
+  const arrow = { up: '▲', down: '▼', flat: '=' }[change.direction] || '';
+  const rel = change.relative === null || change.relative === undefined ? ''
+    : ` ${new Intl.NumberFormat(state.lang, { style: 'percent', maximumFractionDigits: 0, signDisplay: 'exceptZero' }).format(change.relative)}`;
+  span.textContent = `${arrow}${rel}`;
+  const f = new Intl.NumberFormat(state.lang);
+  span.title = `${t('previous')}: ≈ ${f.format(change.previous)}`;
+  span.dataset.direction = change.direction;
+  return span;
+}
+
+// The totals of a view, each with its change when compared.
+function drawTotals(view, section, report) {
+  const box = section.querySelector('.totals');
+  box.textContent = '';
+  const total = report.total;
+  // (a funnel's steps hold the same sessions again: their sum is no total)
+  if (!total || view.noTotal) return;
+  for (const m of view.measures) {
+    const item = document.createElement('span');
+    item.className = 'total';
+    item.textContent = `${t(m)}: ${formatNumber(total[m], m, total.ci95 ? total.ci95[m] : 0)}`;
+    const badge = changeBadge(report.change && report.change[m]);
+    if (badge) item.append(' ', badge);
+    box.appendChild(item);
+  }
+}
+
 function sortedRows(view, report) {
   const rows = [...(report.rows || [])];
-  if (!view.timed) {
+  if (!view.timed && !view.keepOrder) {
     const m = view.measures[0];
     rows.sort((a, b) => (b[m] ?? -1) - (a[m] ?? -1));
   }
@@ -275,23 +343,30 @@ function render(view) {
   const empty = section.querySelector('.empty');
   empty.hidden = shown.length > 0 && !report.error;
   empty.textContent = report.error || t('no_data');
-  drawChart(view, section, view.timed ? rows : shown.slice(0, 15));
+  drawTotals(view, section, report);
+  drawChart(view, section, view.timed ? rows : shown.slice(0, 15), report);
   drawTable(view, section, report, rows);
 }
 
-function drawChart(view, section, rows) {
+function drawChart(view, section, rows, report) {
   const canvas = section.querySelector('canvas');
   if (state.charts[view.id]) state.charts[view.id].destroy();
   const rtl = state.lang === 'ar';
+  const datasets = view.measures.map((m, i) => ({
+    label: t(m), data: rows.map((r) => r[m] ?? null), borderColor: COLOURS[i], backgroundColor: COLOURS[i],
+    spanGaps: false, tension: 0.2,
+  }));
+  // over time, the compared period drawn under it, period by period (dashed)
+  const before = view.timed && report && report.compare ? report.compare.rows || [] : [];
+  if (before.length) {
+    view.measures.forEach((m, i) => datasets.push({
+      label: `${t(m)} (${t(report.compare.with)})`, data: rows.map((_, k) => (before[k] ? before[k][m] ?? null : null)),
+      borderColor: `${COLOURS[i]}88`, backgroundColor: `${COLOURS[i]}44`, borderDash: [5, 4], spanGaps: false, tension: 0.2,
+    }));
+  }
   state.charts[view.id] = new Chart(canvas, {
     type: view.kind,
-    data: {
-      labels: rows.map(view.label),
-      datasets: view.measures.map((m, i) => ({
-        label: t(m), data: rows.map((r) => r[m] ?? null), borderColor: COLOURS[i], backgroundColor: COLOURS[i],
-        spanGaps: false, tension: 0.2,
-      })),
-    },
+    data: { labels: rows.map(view.label), datasets },
     options: {
       animation: false, responsive: true, maintainAspectRatio: false, locale: state.lang,
       plugins: { legend: { rtl, position: 'bottom' }, tooltip: { rtl } },
@@ -324,7 +399,8 @@ function drawTable(view, section, report, rows) {
     const row = document.createElement('tr');
     for (const d of dims) {
       const td = document.createElement('td');
-      const text = d === 'period' ? view.label(r) : d === 'page_category' ? categoryName(r[d]) : d === 'gender' ? genderName(r[d]) : (r[d] ?? '—');
+      const text = d === 'period' ? view.label(r) : d === 'page_category' ? categoryName(r[d]) : d === 'gender' ? genderName(r[d])
+        : d === 'channel' ? channelName(r[d]) : (r[d] ?? '—');
       if (view.drill && d === 'country' && !state.geoCountry && !$('country').value.trim() && r.country) {
         const a = document.createElement('a');
         a.className = 'drill';
@@ -333,6 +409,7 @@ function drawTable(view, section, report, rows) {
         td.appendChild(a);
       } else {
         td.textContent = text;
+        if (d === 'page_path') td.dir = 'ltr';
       }
       row.appendChild(td);
     }
@@ -341,9 +418,11 @@ function drawTable(view, section, report, rows) {
       td.className = 'num';
       const ci95 = r.ci95 ? r.ci95[m] : 0;
       td.textContent = formatNumber(r[m], m, ci95);
-      if (m !== 'ctr') {
+      if (!RATES.includes(m)) {
         td.title = intervalOf(r[m], ci95);
         td.dataset.ci95 = String(ci95 || 0);
+        const badge = changeBadge(r.change && r.change[m]);
+        if (badge) td.append(' ', badge);
       }
       row.appendChild(td);
     }
@@ -365,7 +444,7 @@ function csv(viewId) {
   const report = state.reports[viewId];
   if (!view || !report) return '';
   const { dims, measures } = columnsOf(view, report);
-  const intervals = measures.filter((m) => m !== 'ctr');
+  const intervals = measures.filter((m) => !RATES.includes(m));
   const header = [...dims, ...measures, ...intervals.map((m) => `${m}_ci95`)];
   const lines = [header.map(csvField).join(',')];
   for (const r of sortedRows(view, report)) {

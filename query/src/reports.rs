@@ -39,6 +39,10 @@ pub enum ReportKind {
     Sources,
     /// Page views, entries and exits by page.
     Pages,
+    /// Conversions, converting visitors and conversion rate by goal.
+    Goals,
+    /// Sessions reaching each step of each funnel, and the drop-off between steps.
+    Funnels,
 }
 
 /// The measures a report's rows can be ordered by, per kind.
@@ -104,6 +108,8 @@ impl ReportKind {
             "demographics" => ReportKind::Demographics,
             "sources" => ReportKind::Sources,
             "pages" => ReportKind::Pages,
+            "goals" => ReportKind::Goals,
+            "funnels" => ReportKind::Funnels,
             _ => return None,
         })
     }
@@ -114,6 +120,8 @@ impl ReportKind {
             ReportKind::Demographics => "demographics_daily",
             ReportKind::Sources => "sources_hourly",
             ReportKind::Pages => "pages_hourly",
+            ReportKind::Goals => "goals_hourly",
+            ReportKind::Funnels => "funnels_hourly",
             _ => "traffic_hourly",
         }
     }
@@ -132,6 +140,8 @@ impl ReportKind {
                 "device_type",
             ],
             ReportKind::Pages => &["page_path", "page_category", "country", "device_type"],
+            ReportKind::Goals => &["goal_id", "country", "device_type"],
+            ReportKind::Funnels => &["funnel_id", "country", "device_type"],
             _ => &[
                 "country",
                 "region",
@@ -162,6 +172,8 @@ impl ReportKind {
                 ("sum(entries)", "entries"),
                 ("sum(exits)", "exits"),
             ],
+            ReportKind::Goals => &[("sum(conversions)", "conversions")],
+            ReportKind::Funnels => &[("sum(sessions)", "sessions")],
             ReportKind::Traffic => &[
                 ("sum(events)", "events"),
                 (
@@ -363,12 +375,39 @@ impl ReportRequest {
         })
     }
 
-    /// The canonical texts of the questions asked at `now` (the report's, and that of the period
-    /// it is compared with), for the budget.
-    pub fn identities(&self, now: DateTime<Utc>) -> Vec<String> {
-        std::iter::once(self.identity(now))
-            .chain(self.compared().map(|c| c.identity(now)))
-            .collect()
+    /// The questions a report asks at `now`, for the budget: the canonical text of each and
+    /// the measures it releases (the report's; the site's visitors a conversion rate is made
+    /// of; both again for the period it is compared with).
+    pub fn identities(&self, now: DateTime<Utc>) -> Vec<(String, usize)> {
+        let one = |r: &ReportRequest| {
+            std::iter::once((r.identity(now), r.measures_released()))
+                .chain(r.site_visitors().map(|s| (s.identity(now), s.measures_released())))
+                .collect::<Vec<_>>()
+        };
+        let mut out = one(self);
+        if let Some(c) = self.compared() {
+            out.extend(one(&c));
+        }
+        out
+    }
+
+    /// The traffic total over the same dates, countries and devices: the visitors a goal's
+    /// conversion rate divides by.
+    fn site_visitors(&self) -> Option<ReportRequest> {
+        (self.kind == ReportKind::Goals).then(|| ReportRequest {
+            kind: ReportKind::Categories,
+            filters: self
+                .filters
+                .iter()
+                .filter(|(f, _)| ["country", "device_type"].contains(f))
+                .cloned()
+                .collect(),
+            by: None,
+            compare: None,
+            order: None,
+            limit: None,
+            ..self.clone()
+        })
     }
 
     /// Restricts the request to an advertiser's `campaigns`: refused unless it is the campaigns
@@ -439,6 +478,8 @@ impl ReportRequest {
                 let by = self.by.unwrap_or("channel");
                 vec![(by.to_owned(), by)]
             }
+            ReportKind::Goals => vec![("goal_id".into(), "goal_id")],
+            ReportKind::Funnels => vec![("funnel_id".into(), "funnel_id"), ("step".into(), "step")],
         }
     }
 
@@ -738,6 +779,38 @@ pub async fn run(
     Ok(current)
 }
 
+/// The share of each funnel step's sessions that reached it from the step before
+/// (`from_previous`, with `drop_off` = 1 - it) and from the first step (`from_start`), from the
+/// released numbers; `null` where a step it is made of is not shown.
+fn funnel_rates(rows: &mut [Value]) {
+    let sessions = |rows: &[Value], funnel: &Value, step: u64| -> Option<f64> {
+        rows.iter()
+            .find(|r| r["funnel_id"] == *funnel && r["step"].as_str().and_then(|s| s.parse::<u64>().ok()) == Some(step))
+            .and_then(|r| r["sessions"].as_f64())
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some((a / b).clamp(0.0, 1.0)),
+        _ => None,
+    };
+    let snapshot = rows.to_vec();
+    for row in rows.iter_mut() {
+        let Some(step) = row["step"].as_str().and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let funnel = row["funnel_id"].clone();
+        let here = row["sessions"].as_f64();
+        let previous = if step > 1 {
+            ratio(here, sessions(&snapshot, &funnel, step - 1))
+        } else {
+            Some(1.0)
+        };
+        let start = ratio(here, sessions(&snapshot, &funnel, 1));
+        row["from_previous"] = json!(previous);
+        row["drop_off"] = json!(previous.map(|p| 1.0 - p));
+        row["from_start"] = json!(start);
+    }
+}
+
 /// Per measure, the released value now and then, the difference, the relative change
 /// (`null` when there was nothing before) and its direction; `null` when either row was not
 /// released (under the threshold): nothing is said of a row that is not shown.
@@ -822,10 +895,31 @@ async fn run_period(
     };
     let rows: Vec<Computed> = grouped.into_iter().map(|g| g.computed(&extent)).collect();
     let mut shown = Vec::new();
+    let mut site_visitors = None;
     for row in rows {
         if let Some(released) = release_row(row, req.kind, release, mechanism, now) {
             shown.push(released);
         }
+    }
+    match req.kind {
+        ReportKind::Goals => {
+            // converting visitors over the site's visitors, both released (never above 1)
+            let site = match req.site_visitors() {
+                Some(s) => Box::pin(run_period(ctx, &s, release, mechanism, now)).await?,
+                None => Value::Null,
+            };
+            let all = site["total"]["visitors"].as_f64();
+            for row in shown.iter_mut() {
+                let rate = match (row["visitors"].as_f64(), all) {
+                    (Some(v), Some(a)) if a > 0.0 => json!((v / a).clamp(0.0, 1.0)),
+                    _ => Value::Null,
+                };
+                row["conversion_rate"] = rate;
+            }
+            site_visitors = Some(site["total"]["visitors"].clone());
+        }
+        ReportKind::Funnels => funnel_rates(&mut shown),
+        _ => {}
     }
     if let Some(order) = req.order {
         // post-processing of released numbers: costs nothing, tells nothing more
@@ -837,7 +931,9 @@ async fn run_period(
     if let Some(limit) = req.limit {
         shown.truncate(limit);
     }
+    // a funnel's steps hold the same sessions again: their sum is no total
     let total = total
+        .filter(|_| req.kind != ReportKind::Funnels)
         .and_then(|t| release_row(t, req.kind, release, mechanism, now))
         .unwrap_or(Value::Null);
     let mut scale = Map::new();
@@ -860,6 +956,7 @@ async fn run_period(
         "granularity": req.granularity.unit(),
         "filters": req.filters.iter().map(|(f, v)| (f.to_string(), json!(v))).collect::<Map<_, _>>(),
         "dimensions": dims,
+        "site_visitors": site_visitors,
         "rows": shown,
         "total": total,
         "release": {

@@ -102,7 +102,7 @@ pub(crate) fn sql_access(state: &QueryState, authorization: Option<&str>) -> Res
 /// rollups, every number released with noise (or exact above the threshold, for analysts when
 /// configured so).
 #[utoipa::path(get, path = "/v1/reports/{kind}", tag = "reports", security(("api_key" = ["analyst", "advertiser"])),
-    params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns, demographics, sources or pages"),
+    params(("kind" = String, Path, description = "traffic, geo, devices, categories, campaigns, demographics, sources, pages, goals or funnels"),
         ("from" = Option<String>, Query, description = "first date, inclusive (default: 29 days before `to`)"),
         ("to" = Option<String>, Query, description = "last date, inclusive (default: today)"),
         ("granularity" = Option<String>, Query, description = "hour, day (default), week or month"),
@@ -122,7 +122,7 @@ pub async fn report(
     let reader = report_reader(&state, authorization(&headers))?;
     let Some(kind) = crate::reports::ReportKind::parse(&kind) else {
         return Err(ApiError::NotFoundWhat(format!(
-            "no report `{kind}`; there are traffic, geo, devices, categories, campaigns, demographics, sources and pages"
+            "no report `{kind}`; there are traffic, geo, devices, categories, campaigns, demographics, sources, pages, goals and funnels"
         )));
     };
     let now = Utc::now();
@@ -140,8 +140,8 @@ pub async fn report(
     let _slot = state.query_slot().await?;
     if mechanism == Mechanism::Noise {
         // a comparison asks the question twice: both periods are paid for
-        for identity in req.identities(now) {
-            state.release.charge(key, &identity, req.measures_released(), now)?;
+        for (identity, measures) in req.identities(now) {
+            state.release.charge(key, &identity, measures, now)?;
         }
     }
     // reports read only the rollups: no wait for a refresh of `events`

@@ -28,17 +28,7 @@ fn the_analyst_sql_corpus_is_checked_without_a_panic() {
 
 async fn replay_corpus() {
     let ctx = SessionContext::new();
-    for (table, schema) in [
-        (TableName::TrafficHourly, marsad_schemas::traffic_hourly_schema()),
-        (
-            TableName::AdPerformanceHourly,
-            marsad_schemas::ad_performance_hourly_schema(),
-        ),
-        (
-            TableName::DemographicsDaily,
-            marsad_schemas::demographics_daily_schema(),
-        ),
-    ] {
+    for (table, schema) in TableName::ROLLUPS.map(|t| (t, t.schema())) {
         let mem = MemTable::try_new(schema, vec![vec![]]).unwrap_or_else(|e| panic!("{e}"));
         ctx.register_table(table.as_str(), Arc::new(mem))
             .unwrap_or_else(|e| panic!("{e}"));

@@ -14,6 +14,6 @@ pub use envelope::{DecodeError, ENVELOPE_VERSION, Envelope};
 pub use event::{AdRef, Consent, Demographics, Event, EventType, ValidationError};
 pub use tables::{
     DATE_COLUMN, HLL_LG_K, TOPIC_DAILY_KEYS, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW, TableName,
-    ad_performance_hourly_schema, demographics_daily_schema, events_schema, log_position_app_id, pages_hourly_schema,
-    segment_members_schema, sources_hourly_schema, traffic_hourly_schema,
+    ad_performance_hourly_schema, demographics_daily_schema, events_schema, funnels_hourly_schema, goals_hourly_schema,
+    log_position_app_id, pages_hourly_schema, segment_members_schema, sources_hourly_schema, traffic_hourly_schema,
 };

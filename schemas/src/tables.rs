@@ -34,6 +34,10 @@ pub enum TableName {
     SourcesHourly,
     /// Hourly page views, entries and exits by page.
     PagesHourly,
+    /// Hourly conversions of the configured goals.
+    GoalsHourly,
+    /// Hourly sessions reaching each step of the configured funnels.
+    FunnelsHourly,
     /// Materialized audience segments.
     SegmentMembers,
 }
@@ -41,33 +45,54 @@ pub enum TableName {
 impl TableName {
     /// Every table in the order the processor commits them, each before the tables made
     /// from it (the query catalog relies on it; `rollup_specs` commits in this order).
-    pub const ALL: [TableName; 7] = [
+    pub const ALL: [TableName; 9] = [
         TableName::Events,
         TableName::TrafficHourly,
         TableName::AdPerformanceHourly,
         TableName::DemographicsDaily,
         TableName::SourcesHourly,
         TableName::PagesHourly,
+        TableName::GoalsHourly,
+        TableName::FunnelsHourly,
         TableName::SegmentMembers,
     ];
 
     /// The aggregate tables: every row counts visitors in a sketch, none is one person's event.
-    pub const ROLLUPS: [TableName; 5] = [
+    pub const ROLLUPS: [TableName; 7] = [
         TableName::TrafficHourly,
         TableName::AdPerformanceHourly,
         TableName::DemographicsDaily,
         TableName::SourcesHourly,
         TableName::PagesHourly,
+        TableName::GoalsHourly,
+        TableName::FunnelsHourly,
     ];
 
     /// The names of [`TableName::ROLLUPS`]: the tables analysts may read.
-    pub const ROLLUP_NAMES: [&'static str; 5] = [
+    pub const ROLLUP_NAMES: [&'static str; 7] = [
         TableName::TrafficHourly.as_str(),
         TableName::AdPerformanceHourly.as_str(),
         TableName::DemographicsDaily.as_str(),
         TableName::SourcesHourly.as_str(),
         TableName::PagesHourly.as_str(),
+        TableName::GoalsHourly.as_str(),
+        TableName::FunnelsHourly.as_str(),
     ];
+
+    /// The Arrow schema of the table.
+    pub fn schema(self) -> SchemaRef {
+        match self {
+            TableName::Events => events_schema(),
+            TableName::TrafficHourly => traffic_hourly_schema(),
+            TableName::AdPerformanceHourly => ad_performance_hourly_schema(),
+            TableName::DemographicsDaily => demographics_daily_schema(),
+            TableName::SourcesHourly => sources_hourly_schema(),
+            TableName::PagesHourly => pages_hourly_schema(),
+            TableName::GoalsHourly => goals_hourly_schema(),
+            TableName::FunnelsHourly => funnels_hourly_schema(),
+            TableName::SegmentMembers => segment_members_schema(),
+        }
+    }
 
     /// The name used as directory and SQL table name.
     pub const fn as_str(self) -> &'static str {
@@ -78,6 +103,8 @@ impl TableName {
             TableName::DemographicsDaily => "demographics_daily",
             TableName::SourcesHourly => "sources_hourly",
             TableName::PagesHourly => "pages_hourly",
+            TableName::GoalsHourly => "goals_hourly",
+            TableName::FunnelsHourly => "funnels_hourly",
             TableName::SegmentMembers => "segment_members",
         }
     }
@@ -235,6 +262,36 @@ pub fn pages_hourly_schema() -> SchemaRef {
         count("page_views"),
         count("entries"),
         count("exits"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `goals_hourly`: per hour, goal (`[[process.goals]]`), country and device, the events that
+/// matched the goal (`conversions`) and a sketch of the visitors who converted.
+pub fn goals_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("goal_id", false),
+        utf8("country", true),
+        utf8("device_type", true),
+        count("conversions"),
+        Field::new("visitors", DataType::Binary, false),
+    ]))
+}
+
+/// `funnels_hourly`: per hour of a session's first event, funnel (`[[process.funnels]]`), step
+/// (`1`, `2`, …) and the session's country and device, the sessions that reached the step in
+/// order, and a sketch of their visitors.
+pub fn funnels_hourly_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        hour_field(),
+        Field::new(DATE_COLUMN, DataType::Date32, false),
+        utf8("funnel_id", false),
+        utf8("step", false),
+        utf8("country", true),
+        utf8("device_type", true),
+        count("sessions"),
         Field::new("visitors", DataType::Binary, false),
     ]))
 }

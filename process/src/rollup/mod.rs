@@ -1,5 +1,6 @@
 //! The rollup tables (`traffic_hourly`, `ad_performance_hourly`,
-//! `demographics_daily`, `sources_hourly`, `pages_hourly`), written by the processor after the `events` commits
+//! `demographics_daily`, `sources_hourly`, `pages_hourly`, `goals_hourly`,
+//! `funnels_hourly`), written by the processor after the `events` commits
 //! they count (at most every `process.rollup_commit_interval_ms`), with the
 //! log positions of those commits recorded in the same transaction.
 //!
@@ -14,6 +15,7 @@ mod catch_up;
 mod clamp;
 mod compaction;
 mod demographics;
+mod goals;
 mod pages;
 mod rows;
 mod sources;
@@ -24,14 +26,15 @@ use std::sync::Arc;
 
 use arrow::record_batch::RecordBatch;
 use marsad_schemas::{
-    DATE_COLUMN, TableName, ad_performance_hourly_schema, demographics_daily_schema, pages_hourly_schema,
-    sources_hourly_schema, traffic_hourly_schema,
+    DATE_COLUMN, TableName, ad_performance_hourly_schema, demographics_daily_schema, funnels_hourly_schema,
+    goals_hourly_schema, pages_hourly_schema, sources_hourly_schema, traffic_hourly_schema,
 };
 
 use crate::table::{DeltaSink, TableSpec};
 use crate::{Error, Result};
 use ad::AdRollup;
 use demographics::DemographicsRollup;
+use goals::{EventMatcher, FunnelsRollup, GoalsRollup};
 use pages::PagesRollup;
 use sources::SourcesRollup;
 use traffic::TrafficRollup;
@@ -69,6 +72,10 @@ pub struct RollupRules {
     pub max_per_visitor_day: u32,
     /// The channel grouping of `sources_hourly`.
     pub channels: Arc<crate::channel::ChannelGrouping>,
+    /// The goals of `goals_hourly`, by id.
+    goals: Arc<Vec<(String, EventMatcher)>>,
+    /// The funnels of `funnels_hourly`, by id, with their steps.
+    funnels: Arc<Vec<(String, Vec<EventMatcher>)>>,
 }
 
 impl RollupRules {
@@ -77,14 +84,18 @@ impl RollupRules {
         RollupRules {
             max_per_visitor_day: config.max_events_per_visitor_day,
             channels: Arc::new(crate::channel::ChannelGrouping::new(&config.channels)),
+            goals: Arc::new(goals::goal_matchers(&config.goals)),
+            funnels: Arc::new(goals::funnel_matchers(&config.funnels)),
         }
     }
 
-    /// The default channel grouping with a clamp of `max_per_visitor_day`.
+    /// The default channel grouping, no goal and no funnel, with a clamp of `max_per_visitor_day`.
     pub fn with_clamp(max_per_visitor_day: u32) -> Self {
         RollupRules {
             max_per_visitor_day,
             channels: Arc::default(),
+            goals: Arc::default(),
+            funnels: Arc::default(),
         }
     }
 }
@@ -97,13 +108,15 @@ pub(crate) fn new_rollup(table: TableName, rules: &RollupRules) -> Box<dyn Rollu
         TableName::AdPerformanceHourly => Box::new(AdRollup::new(clamp)),
         TableName::SourcesHourly => Box::new(SourcesRollup::new(clamp, rules.channels.clone())),
         TableName::PagesHourly => Box::new(PagesRollup::new(clamp)),
+        TableName::GoalsHourly => Box::new(GoalsRollup::new(clamp, rules.goals.clone())),
+        TableName::FunnelsHourly => Box::new(FunnelsRollup::new(clamp, rules.funnels.clone())),
         _ => Box::new(DemographicsRollup::new(clamp)),
     }
 }
 
 /// The specs of the rollup tables, in the order they commit (that of `TableName::ALL`: the
 /// query catalog reads them in reverse so no rollup is newer than one committed before it).
-pub fn rollup_specs() -> [TableSpec; 5] {
+pub fn rollup_specs() -> [TableSpec; 7] {
     [
         TableSpec {
             name: TableName::TrafficHourly,
@@ -134,6 +147,18 @@ pub fn rollup_specs() -> [TableSpec; 5] {
             schema: pages_hourly_schema(),
             partitions: &[DATE_COLUMN],
             comment: "Hourly page views, entries and exits partial aggregates: SUM the counts, hll_merge the visitors",
+        },
+        TableSpec {
+            name: TableName::GoalsHourly,
+            schema: goals_hourly_schema(),
+            partitions: &[DATE_COLUMN],
+            comment: "Hourly goal conversions partial aggregates: SUM the counts, hll_merge the visitors",
+        },
+        TableSpec {
+            name: TableName::FunnelsHourly,
+            schema: funnels_hourly_schema(),
+            partitions: &[DATE_COLUMN],
+            comment: "Hourly funnel steps reached per session partial aggregates: SUM the counts, hll_merge the visitors",
         },
     ]
 }

@@ -909,10 +909,7 @@ mod tests {
         let ctx =
             SessionContext::new_with_config(datafusion::prelude::SessionConfig::new().with_information_schema(true));
         crate::sketches::register(&ctx);
-        for (name, schema) in [
-            ("traffic_hourly", marsad_schemas::traffic_hourly_schema()),
-            ("ad_performance_hourly", marsad_schemas::ad_performance_hourly_schema()),
-        ] {
+        for (name, schema) in marsad_schemas::TableName::ROLLUPS.map(|t| (t.as_str(), t.schema())) {
             let table = MemTable::try_new(schema, vec![vec![]]).expect("table");
             ctx.register_table(name, Arc::new(table)).expect("register");
         }
@@ -921,7 +918,7 @@ mod tests {
         ctx
     }
 
-    const ROLLUPS: [&str; 5] = marsad_schemas::TableName::ROLLUP_NAMES;
+    const ROLLUPS: [&str; 7] = marsad_schemas::TableName::ROLLUP_NAMES;
 
     async fn verdict(sql: &str) -> Result<Option<AnalystQuery>, String> {
         let ctx = session().await;
@@ -1036,6 +1033,8 @@ mod tests {
              GROUP BY country HAVING sum(events) > 100 ORDER BY v DESC LIMIT 3",
             "SELECT date_trunc('day', hour) AS day, sum(events) FROM traffic_hourly WHERE date BETWEEN '2026-11-01' AND '2026-11-07' GROUP BY 1 ORDER BY 1",
             "SELECT campaign_id, sum(impressions), sum(clicks) FROM ad_performance_hourly WHERE campaign_id = 'cmp-1' GROUP BY campaign_id",
+            "SELECT channel, sum(sessions), sum(bounces) FROM sources_hourly WHERE utm_campaign = 'nov' GROUP BY channel",
+            "SELECT page_path, sum(entries), sum(exits) FROM pages_hourly GROUP BY page_path ORDER BY 2 DESC LIMIT 10",
         ] {
             let q = verdict(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert!(q.is_some(), "{sql}");
