@@ -216,6 +216,8 @@ fn sqlalchemy_pandas_and_asyncpg_connect_reflect_and_query() -> Result<()> {
                 == serde_json::json!([
                     "ad_performance_hourly",
                     "demographics_daily",
+                    "funnels_hourly",
+                    "goals_hourly",
                     "pages_hourly",
                     "sources_hourly",
                     "traffic_hourly"
@@ -420,6 +422,8 @@ fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> 
                 "ad_performance_hourly",
                 "demographics_daily",
                 "events",
+                "funnels_hourly",
+                "goals_hourly",
                 "pages_hourly",
                 "sources_hourly",
                 "traffic_hourly"
@@ -441,6 +445,8 @@ fn adbc_and_polars_pull_arrow_over_flight_sql_with_the_same_keys_and_roles() -> 
             == serde_json::json!([
                 "ad_performance_hourly",
                 "demographics_daily",
+                "funnels_hourly",
+                "goals_hourly",
                 "pages_hourly",
                 "sources_hourly",
                 "traffic_hourly"

@@ -108,6 +108,46 @@ pub struct FunnelDefinition {
     pub steps: Vec<EventMatch>,
 }
 
+/// The event types there are (as `marsad_schemas::EventType` names them).
+const EVENT_TYPES: [&str; 7] = [
+    "page_view",
+    "ad_impression",
+    "ad_click",
+    "search",
+    "ad_post",
+    "signup",
+    "custom",
+];
+
+/// The most goals, and funnels, one deployment defines.
+pub const MAX_GOALS: usize = 64;
+/// See [`MAX_GOALS`].
+pub const MAX_FUNNELS: usize = 16;
+
+/// A goal or step must say something (one with no condition would match every event), and
+/// name an event type there is (a typo would silently never match).
+fn check_match(key: &'static str, id: &str, event: &EventMatch) -> Result<()> {
+    let bad = |reason: String| crate::ConfigError::Invalid { key, reason };
+    if event.event_type.is_none()
+        && event.page_category.is_none()
+        && event.path.is_none()
+        && event.campaign_id.is_none()
+    {
+        return Err(bad(format!(
+            "`{id}`: give at least one of event_type, page_category, path, campaign_id"
+        )));
+    }
+    if let Some(t) = event.event_type.as_deref()
+        && !EVENT_TYPES.contains(&t)
+    {
+        return Err(bad(format!(
+            "`{id}`: unknown event_type `{t}`; one of {}",
+            EVENT_TYPES.join(", ")
+        )));
+    }
+    Ok(())
+}
+
 fn check_id(key: &'static str, id: &str, seen: &mut std::collections::HashSet<String>) -> Result<()> {
     let bad = |reason: String| crate::ConfigError::Invalid { key, reason };
     if id.is_empty()
@@ -130,7 +170,8 @@ fn check_id(key: &'static str, id: &str, seen: &mut std::collections::HashSet<St
 ///
 /// 1. `email`: its `utm_medium` is one of `email_mediums`;
 /// 2. `paid_social`: `utm_medium` is one of `paid_mediums` and the referrer or `utm_source`
-///    is a social network; `paid_search`: a paid medium with anything else;
+///    is a social network, or the medium itself says `social`; `paid_search`: a paid medium
+///    with anything else;
 /// 3. `display`: `utm_medium` is one of `display_mediums`;
 /// 4. `social`: the referrer or `utm_source` is a social network;
 /// 5. `organic_search`: the referrer or `utm_source` is a search engine;
@@ -317,9 +358,16 @@ impl ProcessConfig {
             "process.rollup_compaction_interval_secs",
             self.rollup_compaction_interval_secs,
         )?;
+        if self.goals.len() > MAX_GOALS || self.funnels.len() > MAX_FUNNELS {
+            return Err(crate::ConfigError::Invalid {
+                key: "process.goals",
+                reason: format!("at most {MAX_GOALS} goals and {MAX_FUNNELS} funnels"),
+            });
+        }
         let mut ids = std::collections::HashSet::new();
         for goal in &self.goals {
             check_id("process.goals", &goal.id, &mut ids)?;
+            check_match("process.goals", &goal.id, &goal.event())?;
         }
         let mut ids = std::collections::HashSet::new();
         for funnel in &self.funnels {
@@ -333,6 +381,9 @@ impl ProcessConfig {
                         funnel.steps.len()
                     ),
                 });
+            }
+            for step in &funnel.steps {
+                check_match("process.funnels", &funnel.id, step)?;
             }
         }
         Ok(())
@@ -375,6 +426,22 @@ mod tests {
         let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
         assert!(err.as_ref().is_err_and(|e| e.contains("2 to 8")), "{err:?}");
         config.funnels[0].steps.push(EventMatch::default());
+        let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            err.as_ref().is_err_and(|e| e.contains("at least one")),
+            "a step matching everything: {err:?}"
+        );
+        let signup = EventMatch {
+            event_type: Some("signup".into()),
+            ..EventMatch::default()
+        };
+        config.funnels[0].steps = vec![signup.clone(), signup];
         assert!(config.validate().is_ok());
+        config.goals[0].event_type = Some("sign_up".into());
+        let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
+        assert!(
+            err.as_ref().is_err_and(|e| e.contains("unknown event_type `sign_up`")),
+            "{err:?}"
+        );
     }
 }

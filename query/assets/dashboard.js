@@ -356,11 +356,11 @@ function drawChart(view, section, rows, report) {
     label: t(m), data: rows.map((r) => r[m] ?? null), borderColor: COLOURS[i], backgroundColor: COLOURS[i],
     spanGaps: false, tension: 0.2,
   }));
-  // over time, the compared period drawn under it, period by period (dashed)
-  const before = view.timed && report && report.compare ? report.compare.rows || [] : [];
-  if (before.length) {
+  // over time, the compared period drawn under it, each period under the one it is compared
+  // with (dashed; a gap where either was not released)
+  if (view.timed && report && report.compare) {
     view.measures.forEach((m, i) => datasets.push({
-      label: `${t(m)} (${t(report.compare.with)})`, data: rows.map((_, k) => (before[k] ? before[k][m] ?? null : null)),
+      label: `${t(m)} (${t(report.compare.with)})`, data: rows.map((r) => (r.change && r.change[m] ? r.change[m].previous : null)),
       borderColor: `${COLOURS[i]}88`, backgroundColor: `${COLOURS[i]}44`, borderDash: [5, 4], spanGaps: false, tension: 0.2,
     }));
   }

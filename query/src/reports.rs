@@ -45,7 +45,7 @@ pub enum ReportKind {
     Funnels,
 }
 
-/// The measures a report's rows can be ordered by, per kind.
+/// The dimensions `by` may name, per report (the first the default).
 const SOURCE_BREAKDOWNS: [&str; 5] = ["channel", "referrer_domain", "utm_source", "utm_medium", "utm_campaign"];
 const PAGE_BREAKDOWNS: [&str; 2] = ["page_path", "page_category"];
 const CAMPAIGN_BREAKDOWNS: [&str; 3] = ["day", "country", "device_type"];
@@ -207,11 +207,6 @@ impl ReportKind {
             ReportKind::Pages => &PAGE_BREAKDOWNS,
             _ => &[],
         }
-    }
-
-    /// Whether rows are periods of time (compared by position, not by name).
-    fn rows_are_periods(self, by: Option<&str>) -> bool {
-        self == ReportKind::Traffic || by == Some("day")
     }
 }
 
@@ -475,7 +470,8 @@ impl ReportRequest {
             }
             ReportKind::Demographics => vec![("age_band".into(), "age_band"), ("gender".into(), "gender")],
             ReportKind::Sources | ReportKind::Pages => {
-                let by = self.by.unwrap_or("channel");
+                // (parse gives these reports their default breakdown)
+                let by = self.by.unwrap_or(self.kind.breakdowns()[0]);
                 vec![(by.to_owned(), by)]
             }
             ReportKind::Goals => vec![("goal_id".into(), "goal_id")],
@@ -745,38 +741,97 @@ pub async fn run(
     mechanism: Mechanism,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<Value, ApiError> {
-    let mut current = run_period(ctx, req, release, mechanism, now).await?;
-    let (Some(compare), Some(compared)) = (req.compare, req.compared()) else {
-        return Ok(current);
+    // every row first: rows are matched before any is ordered or cut
+    let whole = ReportRequest {
+        order: None,
+        limit: None,
+        ..req.clone()
     };
-    let previous = run_period(ctx, &compared, release, mechanism, now).await?;
-    let mut measures: Vec<&str> = req.kind.measures().iter().map(|(_, n)| *n).collect();
-    measures.push("visitors");
-    let dims: Vec<&str> = req.dimensions().iter().map(|(_, n)| *n).collect();
-    let by_position = req.kind.rows_are_periods(req.by);
-    if let Some(rows) = current["rows"].as_array_mut() {
-        let before: &[Value] = previous["rows"].as_array().map_or(&[], Vec::as_slice);
-        for (i, row) in rows.iter_mut().enumerate() {
-            // periods meet the period as far into the compared range; others the same names
-            let matched = if by_position {
-                before.get(i)
-            } else {
-                before.iter().find(|p| dims.iter().all(|d| p[*d] == row[*d]))
-            };
-            let change = change_of(row, matched, &measures);
-            row["change"] = change;
+    let mut current = run_period(ctx, &whole, release, mechanism, now).await?;
+    if let (Some(compare), Some(compared)) = (req.compare, whole.compared()) {
+        let mut previous = run_period(ctx, &compared, release, mechanism, now).await?;
+        let mut measures: Vec<&str> = req.kind.measures().iter().map(|(_, n)| *n).collect();
+        measures.push("visitors");
+        let dims: Vec<&str> = req.dimensions().iter().map(|(_, n)| *n).collect();
+        // a period meets the period as far into the compared range; other values themselves
+        let key = |row: &Value, from: NaiveDate| -> Vec<Value> {
+            dims.iter()
+                .map(|d| match (*d, row[*d].as_str()) {
+                    ("period", Some(t)) => json!(period_index(t, from, req.granularity)),
+                    ("day", Some(t)) => json!(period_index(t, from, Granularity::Day)),
+                    _ => row[*d].clone(),
+                })
+                .collect()
+        };
+        let before: Vec<(Vec<Value>, &Value)> = previous["rows"]
+            .as_array()
+            .map(|rows| rows.iter().map(|r| (key(r, compared.from), r)).collect())
+            .unwrap_or_default();
+        let changes: Vec<Value> = current["rows"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| {
+                        let k = key(row, req.from);
+                        change_of(row, before.iter().find(|(b, _)| *b == k).map(|(_, r)| *r), &measures)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(rows) = current["rows"].as_array_mut() {
+            for (row, change) in rows.iter_mut().zip(changes) {
+                row["change"] = change;
+            }
         }
+        current["change"] = change_of(&current["total"], Some(&previous["total"]), &measures);
+        order_and_limit(&mut previous["rows"], req);
+        current["compare"] = json!({
+            "with": compare.name(),
+            "from": previous["from"],
+            "to": previous["to"],
+            "rows": previous["rows"],
+            "total": previous["total"],
+        });
     }
-    let total_change = change_of(&current["total"], Some(&previous["total"]), &measures);
-    current["change"] = total_change;
-    current["compare"] = json!({
-        "with": compare.name(),
-        "from": previous["from"],
-        "to": previous["to"],
-        "rows": previous["rows"],
-        "total": previous["total"],
-    });
+    order_and_limit(&mut current["rows"], req);
     Ok(current)
+}
+
+/// Rows ordered by the asked measure, largest first, and cut to the asked number: post-processing
+/// of released numbers, so it costs nothing and tells nothing more.
+fn order_and_limit(rows: &mut Value, req: &ReportRequest) {
+    let Some(rows) = rows.as_array_mut() else {
+        return;
+    };
+    if let Some(order) = req.order {
+        rows.sort_by(|a, b| {
+            let n = |v: &Value| v[order].as_f64().unwrap_or(0.0);
+            n(b).total_cmp(&n(a))
+        });
+    }
+    if let Some(limit) = req.limit {
+        rows.truncate(limit);
+    }
+}
+
+/// How many `unit`s into the range starting `from` the period starting at `start` (a time as
+/// the reports write it, `2026-11-25T00:00:00Z`) is: the same number for a period and the one
+/// it is compared with, whatever periods were held back before it.
+fn period_index(start: &str, from: NaiveDate, unit: Granularity) -> Option<i64> {
+    use chrono::Datelike;
+    let at = chrono::NaiveDateTime::parse_from_str(start.get(..19)?, "%Y-%m-%dT%H:%M:%S").ok()?;
+    let from_midnight = from.and_hms_opt(0, 0, 0)?;
+    Some(match unit {
+        Granularity::Hour => (at - from_midnight).num_hours(),
+        Granularity::Day => (at.date() - from).num_days(),
+        Granularity::Week => {
+            let monday = |d: NaiveDate| d - chrono::Duration::days(i64::from(d.weekday().num_days_from_monday()));
+            (monday(at.date()) - monday(from)).num_days() / 7
+        }
+        Granularity::Month => {
+            i64::from(at.year() * 12 + at.month() as i32) - i64::from(from.year() * 12 + from.month() as i32)
+        }
+    })
 }
 
 /// The share of each funnel step's sessions that reached it from the step before
@@ -920,16 +975,6 @@ async fn run_period(
         }
         ReportKind::Funnels => funnel_rates(&mut shown),
         _ => {}
-    }
-    if let Some(order) = req.order {
-        // post-processing of released numbers: costs nothing, tells nothing more
-        shown.sort_by(|a, b| {
-            let n = |v: &Value| v[order].as_f64().unwrap_or(0.0);
-            n(b).total_cmp(&n(a))
-        });
-    }
-    if let Some(limit) = req.limit {
-        shown.truncate(limit);
     }
     // a funnel's steps hold the same sessions again: their sum is no total
     let total = total

@@ -139,10 +139,9 @@ pub async fn report(
     // a slot before the budget: a report refused for load spends nothing
     let _slot = state.query_slot().await?;
     if mechanism == Mechanism::Noise {
-        // a comparison asks the question twice: both periods are paid for
-        for (identity, measures) in req.identities(now) {
-            state.release.charge(key, &identity, measures, now)?;
-        }
+        // a comparison asks the question twice, a goal's rate the site's visitors too: all
+        // paid for, or nothing is
+        state.release.charge_all(key, &req.identities(now), now)?;
     }
     // reports read only the rollups: no wait for a refresh of `events`
     let ctx = state.catalog.session_with(TableScope::Rollups).await.map_err(|e| {

@@ -78,13 +78,24 @@ impl Rollups {
             commits: commits.len(),
             ..CatchUp::default()
         };
-        // the open sessions as of what traffic_hourly counted: recent rows but those it counts now
-        let traffic_behind: Vec<&Commit> = commits
-            .iter()
-            .filter(|c| self.tables.first().is_some_and(|t| t.behind(&c.positions)))
-            .collect();
-        let skip = recent_ids(events, &traffic_behind).await?;
-        self.restore_sessions(events, &skip).await?;
+        // the open sessions as of what each table counted: recent rows but those it counts now
+        // (tables lag by different commits after a crash between their commits)
+        let mut lags: Vec<(Vec<u64>, IdFingerprints)> = Vec::new();
+        let mut skip_of = Vec::new();
+        for t in &self.tables {
+            let behind: Vec<&Commit> = commits.iter().filter(|c| t.behind(&c.positions)).collect();
+            let versions: Vec<u64> = behind.iter().map(|c| c.version).collect();
+            let at = match lags.iter().position(|(v, _)| *v == versions) {
+                Some(at) => at,
+                None => {
+                    lags.push((versions, recent_ids(events, &behind).await?));
+                    lags.len() - 1
+                }
+            };
+            skip_of.push(at);
+        }
+        let skips: Vec<&IdFingerprints> = skip_of.iter().map(|&at| &lags[at].1).collect();
+        self.restore_sessions(events, &skips).await?;
         self.preload_clamps(events).await?;
         for commit in &commits {
             for file in &commit.added_files {
@@ -263,10 +274,9 @@ impl Rollups {
         Ok(())
     }
 
-    async fn restore_sessions(&mut self, events: &DeltaSink, skip: &IdFingerprints) -> Result<()> {
-        let Some(traffic) = self.tables.first_mut() else {
-            return Ok(());
-        };
+    /// Rebuilds the open sessions of every table that follows sessions from the recent rows
+    /// of `events`, but those in its entry of `skips` (the rows it is about to count).
+    async fn restore_sessions(&mut self, events: &DeltaSink, skips: &[&IdFingerprints]) -> Result<()> {
         if events.version().is_none_or(|v| v == 0) {
             return Ok(());
         }
@@ -287,7 +297,9 @@ impl Rollups {
                 table: "events",
                 source,
             })?;
-            traffic.rollup.replay_sessions(&batch, skip)?;
+            for (t, skip) in self.tables.iter_mut().zip(skips) {
+                t.rollup.replay_sessions(&batch, skip)?;
+            }
         }
         Ok(())
     }

@@ -3,7 +3,11 @@
 //! `[[process.funnels]]`.
 //!
 //! A goal counts its matching events (`conversions`) and the visitors who
-//! converted (a sketch), per hour, goal, country and device. A funnel is
+//! converted (a sketch), per hour, goal, country and device. An event may
+//! convert for several goals, and a session reach steps of several funnels:
+//! the clamp counts what a visitor adds to the table (conversions, steps
+//! reached), not their events, so one visitor-day moves any sum of the table,
+//! across goals or steps too, by at most C. A funnel is
 //! counted from session state in the processor: a session reaches step k when
 //! an event matching step k comes after it reached step k-1 (other events may
 //! come between), and each step a session reaches adds one to `sessions` in
@@ -187,12 +191,9 @@ impl Rollup for GoalsRollup {
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
-            // every event takes the visitor's day towards the clamp, as in the other rollups
-            if !self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
-                continue;
-            }
             for (g, (_, matcher)) in self.goals.iter().enumerate() {
-                if matcher.matches(rows, i) {
+                // each conversion takes the visitor's day towards the clamp
+                if matcher.matches(rows, i) && self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
                     let key = key_of(&mut self.values, rows, i, g as u16, 0);
                     let cell = self.cells.entry(key).or_default();
                     cell.count += 1;
@@ -205,7 +206,10 @@ impl Rollup for GoalsRollup {
     }
 
     fn preload_clamp(&mut self, day: i32, visitor: &str, events: u64, _ad_events: u64) {
-        self.clamp.preload(day, visitor, events);
+        // each event converts for every goal at most: what it may have converted, so the
+        // clamp holds across a restart (erring on the side of counting less)
+        self.clamp
+            .preload(day, visitor, events.saturating_mul(self.goals.len() as u64));
     }
 
     fn take(&mut self) -> Result<RecordBatch> {
@@ -283,7 +287,9 @@ impl FunnelsRollup {
             };
             if next.matches(rows, i) {
                 progress.reached[f] = reached + 1;
-                if count {
+                // each step reached takes the visitor's day towards the clamp (one past it
+                // still moves the session on, and counts nowhere)
+                if count && self.clamp.admit(ts, rows.get(Col::VisitorKey, i)) {
                     let key = CellKey {
                         which: f as u16,
                         step: reached + 1,
@@ -313,16 +319,15 @@ impl Rollup for FunnelsRollup {
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
-            // past the clamp an event takes no session a step further (no count without it)
-            if self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
-                self.observe(rows, i, true);
-            }
+            self.observe(rows, i, true);
         }
         self.forget_idle();
     }
 
     fn preload_clamp(&mut self, day: i32, visitor: &str, events: u64, _ad_events: u64) {
-        self.clamp.preload(day, visitor, events);
+        // each event takes every funnel a step at most
+        self.clamp
+            .preload(day, visitor, events.saturating_mul(self.funnels.len() as u64));
     }
 
     fn replay_sessions(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {

@@ -49,7 +49,10 @@ impl Default for PageCell {
 /// A session's page view that is its exit for now.
 struct OpenVisit {
     exit: PageKey,
+    /// When that page view was.
     at: i64,
+    /// The session's latest event of any type (it is forgotten once idle).
+    last: i64,
 }
 
 /// How a row is taken.
@@ -86,6 +89,10 @@ impl PagesRollup {
         let ts = rows.ts.value(i);
         self.watermark = self.watermark.max(ts);
         if rows.get(Col::EventType, i) != Some("page_view") {
+            // not a page, but the session goes on
+            if let Some(open) = rows.get(Col::SessionId, i).and_then(|s| self.open.get_mut(s)) {
+                open.last = open.last.max(ts);
+            }
             return;
         }
         let key = PageKey {
@@ -105,7 +112,14 @@ impl PagesRollup {
         };
         match self.open.get_mut(session) {
             None => {
-                self.open.insert(session.into(), OpenVisit { exit: key, at: ts });
+                self.open.insert(
+                    session.into(),
+                    OpenVisit {
+                        exit: key,
+                        at: ts,
+                        last: ts,
+                    },
+                );
                 if count {
                     let cell = self.cells.entry(key).or_default();
                     cell.entries += 1;
@@ -116,18 +130,19 @@ impl PagesRollup {
             Some(open) if ts >= open.at => {
                 let left = std::mem::replace(&mut open.exit, key);
                 open.at = ts;
+                open.last = open.last.max(ts);
                 if count {
                     self.cells.entry(left).or_default().exits -= 1;
                     self.cells.entry(key).or_default().exits += 1;
                 }
             }
-            Some(_) => {}
+            Some(open) => open.last = open.last.max(ts),
         }
     }
 
     fn forget_idle(&mut self) {
         let cutoff = self.watermark - SESSION_MEMORY_MICROS;
-        self.open.retain(|_, s| s.at >= cutoff);
+        self.open.retain(|_, s| s.last >= cutoff);
     }
 }
 

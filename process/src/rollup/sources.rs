@@ -30,6 +30,9 @@ const DIMENSIONS: [Col; DIMS - 1] = [
 ];
 const DIMS: usize = 7;
 
+/// Source combinations whose channel is remembered before the memo starts over.
+const CHANNEL_MEMO_MAX: usize = 1 << 14;
+
 /// The key of a cell: the landing hour, then the codes of the channel and of [`DIMENSIONS`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct SourceKey {
@@ -236,6 +239,10 @@ impl Rollup for SourcesRollup {
         columns.extend(dims.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         columns.extend(counts.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
         columns.push(Arc::new(visitors.finish()));
+        // clients choose the combinations: the memo is bounded by starting over
+        if self.channel_of.len() > CHANNEL_MEMO_MAX {
+            self.channel_of.clear();
+        }
         // the cells are empty now: only the open sessions' landing events hold codes
         if self.values.len() > INTERNED_MAX {
             self.values

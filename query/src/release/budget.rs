@@ -122,6 +122,12 @@ impl Ledger {
     /// Spends `epsilon` of `key`'s budget for the query `identity`, unless that query was
     /// answered for the key today already; returns the ε spent (0 for a repeat).
     pub fn charge(&self, key: &str, identity: &str, epsilon: f64, now: DateTime<Utc>) -> Result<f64, Exhausted> {
+        self.charge_all(key, &[(identity, epsilon)], now)
+    }
+
+    /// Spends the ε of every question of one answer (`(identity, ε)`, repeats free), all or
+    /// none: an answer refused for its second question has spent nothing on its first.
+    pub fn charge_all(&self, key: &str, questions: &[(&str, f64)], now: DateTime<Utc>) -> Result<f64, Exhausted> {
         let mut day = match self.today.lock() {
             Ok(d) => d,
             Err(poisoned) => poisoned.into_inner(),
@@ -129,7 +135,15 @@ impl Ledger {
         self.roll_to(&mut day, now.date_naive());
         let daily = self.daily_of(key);
         let account = day.accounts.entry(key.to_owned()).or_default();
-        if account.answered.contains(identity) {
+        let mut new: Vec<&str> = Vec::new();
+        let mut epsilon = 0.0;
+        for (identity, e) in questions {
+            if !account.answered.contains(*identity) && !new.contains(identity) {
+                new.push(identity);
+                epsilon += e;
+            }
+        }
+        if new.is_empty() {
             return Ok(0.0);
         }
         if account.spent + epsilon > daily + 1e-9 {
@@ -140,7 +154,7 @@ impl Ledger {
             });
         }
         account.spent += epsilon;
-        account.answered.insert(identity.to_owned());
+        account.answered.extend(new.iter().map(|i| (*i).to_owned()));
         self.save(&day);
         Ok(epsilon)
     }
@@ -166,6 +180,22 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_of_several_questions_is_paid_whole_or_not_at_all() {
+        let ledger = Ledger::new(10.0, BTreeMap::new(), None);
+        let now = Utc::now();
+        // a report compared with the period before: two questions of 6
+        let refused = ledger.charge_all("ana", &[("now", 6.0), ("before", 6.0)], now);
+        assert!(refused.is_err_and(|e| e.needed == 12.0));
+        assert_eq!(ledger.balance("ana", now).spent, 0.0, "nothing spent on the first");
+        assert_eq!(ledger.charge_all("ana", &[("now", 6.0)], now), Ok(6.0));
+        // asked again with the comparison: only the new question costs, and it does not fit
+        assert!(ledger.charge_all("ana", &[("now", 6.0), ("before", 6.0)], now).is_err());
+        assert_eq!(ledger.charge_all("ana", &[("now", 6.0), ("now", 6.0)], now), Ok(0.0));
+        assert_eq!(ledger.charge_all("ana", &[("now", 6.0), ("small", 4.0)], now), Ok(4.0));
+        assert_eq!(ledger.balance("ana", now).spent, 10.0);
+    }
 
     #[test]
     fn answers_spend_repeats_do_not_and_the_day_refills() {

@@ -192,6 +192,21 @@ impl Release {
         }
     }
 
+    /// Spends the ε of every question of one answer (`(identity, measures)`), all or none.
+    pub fn charge_all(&self, key: &str, questions: &[(String, usize)], now: DateTime<Utc>) -> Result<f64, ApiError> {
+        let questions: Vec<(&str, f64)> = questions
+            .iter()
+            .map(|(identity, measures)| (identity.as_str(), self.epsilon * *measures as f64))
+            .collect();
+        self.ledger
+            .charge_all(key, &questions, now)
+            .map_err(|e| ApiError::BudgetExhausted {
+                remaining: e.remaining,
+                needed: e.needed,
+                retry_after: (e.refills_at - now).num_seconds().max(1) as u64,
+            })
+    }
+
     /// Spends the ε of `measures` released measures (the visitor count that decides which rows
     /// are shown is one) from `key`'s budget for the query `identity`; free if answered today.
     pub fn charge(&self, key: &str, identity: &str, measures: usize, now: DateTime<Utc>) -> Result<f64, ApiError> {
