@@ -14,8 +14,8 @@
 //! - 1.5 % of the visitors opted out (of personalisation, or of everything).
 //!
 //! It appends them to a local log, then runs one processor (decode, GeoIP, HMAC pseudonyms,
-//! URL scrubbing, user agents, sessions, duplicates, Delta `events`, the three rollups) until
-//! every event is committed, and reports events per CPU-second of the process (user + system).
+//! URL scrubbing, user agents, sessions, duplicates, Delta `events`, the seven rollups, with
+//! three goals and a three-step funnel configured) until every event is committed, and reports events per CPU-second of the process (user + system).
 //! Beside it, in the same run, `benches/processor_duckdb.py` has DuckDB do less with the same
 //! envelopes (NDJSON → SHA-256 pseudonym, regex scrub of ASCII digits and e-mails, coarse
 //! user agent, zstd Parquet; no GeoIP, HMAC, sessions, duplicates, opt-outs, GPC or rollups)
@@ -444,6 +444,38 @@ async fn print_digests(config: &Config, start: DateTime<Utc>) -> Result<()> {
                 "events",
             ),
         ),
+        (
+            "sources_hourly",
+            grouped(
+                "sources_hourly",
+                "hour, date, channel, referrer_domain, utm_source, utm_medium, utm_campaign, country, device_type",
+                "sessions, bounces, events, page_views, session_seconds",
+            ),
+        ),
+        (
+            "pages_hourly",
+            grouped(
+                "pages_hourly",
+                "hour, date, page_path, page_category, country, device_type",
+                "page_views, entries, exits",
+            ),
+        ),
+        (
+            "goals_hourly",
+            grouped(
+                "goals_hourly",
+                "hour, date, goal_id, country, device_type",
+                "conversions",
+            ),
+        ),
+        (
+            "funnels_hourly",
+            grouped(
+                "funnels_hourly",
+                "hour, date, funnel_id, step, country, device_type",
+                "sessions",
+            ),
+        ),
     ];
     println!("digest of what was written (same rows, same digest):");
     for (table, sql) in queries {
@@ -500,6 +532,36 @@ fn main() -> Result<()> {
     // no maintenance pass during the run: it would close the (hours old) sessions after a
     // minute, and a slower build would write other sessions than a faster one
     config.privacy.key_destruction_interval_ms = 24 * 3_600_000;
+    // what a deployment would count: three goals and a funnel
+    let matching = |event_type: &str, category: Option<&str>| marsad_config::EventMatch {
+        event_type: Some(event_type.into()),
+        page_category: category.map(str::to_owned),
+        ..Default::default()
+    };
+    for (id, event_type, category) in [
+        ("posted-ad", "ad_post", None),
+        ("signed-up", "signup", None),
+        ("viewed-cars", "page_view", Some("cars")),
+    ] {
+        let m = matching(event_type, category);
+        config.process.goals.push(marsad_config::GoalDefinition {
+            id: id.into(),
+            description: String::new(),
+            event_type: m.event_type,
+            page_category: m.page_category,
+            path: None,
+            campaign_id: None,
+        });
+    }
+    config.process.funnels.push(marsad_config::FunnelDefinition {
+        id: "cars-to-click".into(),
+        description: String::new(),
+        steps: vec![
+            matching("page_view", Some("cars")),
+            matching("ad_impression", None),
+            matching("ad_click", None),
+        ],
+    });
     let ndjson = dir.path().join("envelopes.ndjson");
     // yesterday 06:00–10:00 UTC, whenever the bench runs: every event in the past, within
     // the daily key's 48 h grace, and never across midnight (a day's keys, sessions, clamp)
@@ -534,7 +596,10 @@ fn main() -> Result<()> {
         let wall = t0.elapsed().as_secs_f64();
         let cpu = cpu_seconds() - cpu0;
         let rate = events as f64 / cpu;
-        println!("marsad processor (log → anonymize → Delta events + 3 rollups):");
+        println!(
+            "marsad processor (log → anonymize → Delta events + {} rollups):",
+            marsad_process::rollup::rollup_specs().len()
+        );
         println!(
             "  {} rows written, {} not collected; wall {wall:.2}s, cpu {cpu:.2}s → {rate:.0} events/cpu-s; peak RSS {:.0} MiB",
             metrics.events_written.get(),

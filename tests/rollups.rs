@@ -604,8 +604,10 @@ async fn check_sources_and_pages(catalog: &TableCatalog, (sessions, bounces, sec
          row_number() OVER (PARTITION BY session_id ORDER BY ts, event_id) AS n FROM events WHERE NOT is_bot) WHERE n = 1",
     )
     .await?;
-    let mut rules = marsad_config::ChannelRules::default();
-    rules.own_domains = vec![SITE.into()];
+    let rules = marsad_config::ChannelRules {
+        own_domains: vec![SITE.into()],
+        ..Default::default()
+    };
     let grouping = marsad_process::channel::ChannelGrouping::new(&rules);
     let mut by_channel: std::collections::BTreeMap<String, i64> = Default::default();
     for b in &landings {

@@ -407,8 +407,10 @@ mod tests {
 
     #[test]
     fn goals_and_funnels_are_checked_with_the_key_named() {
-        let mut config = ProcessConfig::default();
-        config.goals = vec![goal("signed-up"), goal("signed-up")];
+        let mut config = ProcessConfig {
+            goals: vec![goal("signed-up"), goal("signed-up")],
+            ..ProcessConfig::default()
+        };
         let err = config.validate().map(|_| ()).map_err(|e| e.to_string());
         assert!(
             err.as_ref()

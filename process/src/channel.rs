@@ -126,8 +126,10 @@ mod tests {
     use super::*;
 
     fn of(referrer: Option<&str>, source: Option<&str>, medium: Option<&str>) -> &'static str {
-        let mut rules = ChannelRules::default();
-        rules.own_domains = vec!["kulshi.example".into()];
+        let rules = ChannelRules {
+            own_domains: vec!["kulshi.example".into()],
+            ..ChannelRules::default()
+        };
         ChannelGrouping::new(&rules).channel(Source {
             referrer_domain: referrer,
             utm_source: source,
