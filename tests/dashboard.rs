@@ -401,6 +401,30 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
             eprintln!("two minutes before midnight UTC: no yesterday to compare with");
         }
 
+        // the filters offer what the reports released: the four countries, the three devices
+        let offered = c
+            .execute(
+                "return ['country', 'device'].map(id => Array.from(document.getElementById(id).options).map(o => o.value))",
+                vec![],
+            )
+            .await?;
+        ensure!(
+            offered == json!([["", "AE", "EG", "JO", "SA"], ["", "desktop", "mobile"]]),
+            "{offered}"
+        );
+        let loaded = c.execute("return Number(document.body.dataset.loaded)", vec![]).await?;
+        let loaded = loaded.as_u64().context("loads")? as u32;
+        c.execute("document.getElementById('country').value = 'SA'", vec![]).await?;
+        c.find(Locator::Css("#controls button[type=submit]")).await?.click().await?;
+        wait_loaded(&c, loaded + 1).await?;
+        let filtered = c
+            .execute("return marsadDashboard.state.reports.categories.filters.country", vec![])
+            .await?;
+        ensure!(filtered == json!("SA"), "{filtered}");
+        c.execute("document.getElementById('country').value = ''", vec![]).await?;
+        c.find(Locator::Css("#controls button[type=submit]")).await?.click().await?;
+        wait_loaded(&c, loaded + 2).await?;
+
         // Arabic, right to left
         c.find(Locator::Id("language")).await?.click().await?;
         let dir = c.execute("return document.documentElement.dir", vec![]).await?;

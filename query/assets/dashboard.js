@@ -142,7 +142,10 @@ function applyLanguage() {
   document.querySelectorAll('[data-i18n]').forEach((el) => { el.textContent = t(el.dataset.i18n); });
   document.title = t('title');
   showUpdated();
-  if (!$('dashboard').hidden) views.forEach(render);
+  if (!$('dashboard').hidden) {
+    fillChoices();
+    views.forEach(render);
+  }
 }
 
 function showUpdated() {
@@ -164,7 +167,7 @@ function params(view) {
   if (view.limit) p.set('limit', String(view.limit));
   if ($('compare').value) p.set('compare', $('compare').value);
   if (view.timed) p.set('granularity', $('granularity').value);
-  const country = $('country').value.trim().toUpperCase() || (view.drill ? state.geoCountry : '');
+  const country = $('country').value || (view.drill ? state.geoCountry : '');
   if (country && view.filters.includes('country')) p.set('country', country);
   const device = $('device').value;
   if (device && view.filters.includes('device_type')) p.set('device_type', device);
@@ -253,9 +256,37 @@ async function loadView(view) {
   render(view);
 }
 
+// The filters offer the values the reports released (countries of the geography view,
+// devices of the devices view): nothing is listed that a report did not already show.
+function fillChoices() {
+  const offer = (id, values, name) => {
+    const select = $(id);
+    const chosen = select.value;
+    const known = new Set([...values, ...(chosen ? [chosen] : [])].filter(Boolean));
+    select.textContent = '';
+    const all = document.createElement('option');
+    all.value = '';
+    all.dataset.i18n = 'all';
+    all.textContent = t('all');
+    select.appendChild(all);
+    for (const v of [...known].sort()) {
+      const option = document.createElement('option');
+      option.value = v;
+      option.textContent = name(v);
+      select.appendChild(option);
+    }
+    select.value = chosen;
+  };
+  const geo = state.reports.geo;
+  if (geo && !(geo.filters || {}).country) offer('country', (geo.rows || []).map((r) => r.country), (v) => v);
+  const devices = state.reports.devices;
+  if (devices) offer('device', (devices.rows || []).map((r) => r.device_type), (v) => t(v));
+}
+
 async function loadAll() {
   $('status').textContent = t('loading');
   await Promise.all(views.map(loadView));
+  fillChoices();
   state.updatedAt = new Date();
   showUpdated();
   document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
@@ -330,7 +361,7 @@ function render(view) {
   section.querySelector('button.csv').textContent = t('csv');
   const crumb = section.querySelector('.crumb');
   crumb.textContent = '';
-  if (view.drill && state.geoCountry && !$('country').value.trim()) {
+  if (view.drill && state.geoCountry && !$('country').value) {
     const back = document.createElement('a');
     back.className = 'drill';
     back.textContent = `${t('all_countries')} ›`;
@@ -377,7 +408,7 @@ function drawChart(view, section, rows, report) {
 }
 
 function drill(view, rows, elements) {
-  if (!elements.length || state.geoCountry || $('country').value.trim()) return;
+  if (!elements.length || state.geoCountry || $('country').value) return;
   const row = rows[elements[0].index];
   if (row && row.country) { state.geoCountry = row.country; loadView(view); }
 }
@@ -401,7 +432,7 @@ function drawTable(view, section, report, rows) {
       const td = document.createElement('td');
       const text = d === 'period' ? view.label(r) : d === 'page_category' ? categoryName(r[d]) : d === 'gender' ? genderName(r[d])
         : d === 'channel' ? channelName(r[d]) : (r[d] ?? '—');
-      if (view.drill && d === 'country' && !state.geoCountry && !$('country').value.trim() && r.country) {
+      if (view.drill && d === 'country' && !state.geoCountry && !$('country').value && r.country) {
         const a = document.createElement('a');
         a.className = 'drill';
         a.textContent = text;
