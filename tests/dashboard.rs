@@ -280,6 +280,30 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
             .execute("return marsadDashboard.state.reports.geo.rows.length", vec![])
             .await?;
         ensure!(countries == json!(4), "four countries shown: {countries}");
+        // the map: every country's shape, the four with visitors shaded, the busiest darkest
+        let shaded = wait_for(
+            &c,
+            "the map",
+            "const p = document.querySelectorAll('#view-geo .map path[data-visitors]'); \
+             return p.length ? Array.from(p).map(e => [e.dataset.country, e.getAttribute('class')]).sort() : null",
+        )
+        .await?;
+        let shapes = c
+            .execute("return document.querySelectorAll('#view-geo .map path').length", vec![])
+            .await?;
+        ensure!(shapes.as_u64().is_some_and(|n| n > 200), "the world's countries drawn: {shapes}");
+        let shade = |country: &str| {
+            shaded.as_array().into_iter().flatten().find(|p| p[0] == country).and_then(|p| {
+                p[1].as_str()
+                    .and_then(|c| c.strip_prefix("country shade-"))
+                    .and_then(|n| n.parse::<u8>().ok())
+            })
+        };
+        let (jo, sa, ae, eg) = (shade("JO"), shade("SA"), shade("AE"), shade("EG"));
+        ensure!(
+            jo == Some(4) && sa <= jo && ae <= sa && eg <= ae && eg.is_some() && shaded.as_array().map(Vec::len) == Some(4),
+            "JO 600 (and 300 yesterday), SA 450, AE 350, EG 200 visitors: {shaded}"
+        );
         // released numbers read as estimates, with their 95% interval on hover
         let first = c.find(Locator::Css("#view-geo tbody td.num")).await?;
         let (text, hover) = (first.text().await?, first.attr("title").await?.unwrap_or_default());

@@ -80,7 +80,7 @@ const VIEWS = [
   { id: 'categories', kind: 'bar', label: (r) => categoryName(r.page_category), measures: ['page_views', 'visitors'],
     filters: ['country', 'device_type'] },
   { id: 'geo', kind: 'bar', label: (r) => (r.region !== undefined ? r.region || '?' : r.country), measures: ['visitors', 'page_views'],
-    filters: ['country', 'device_type'], drill: true },
+    filters: ['country', 'device_type'], drill: true, map: true },
   { id: 'devices', kind: 'bar', label: (r) => [r.device_type, r.os, r.browser].join(' · '), measures: ['visitors', 'page_views'],
     filters: ['country', 'device_type'] },
   { id: 'campaigns', kind: 'bar', label: (r) => r.campaign_id, measures: ['impressions', 'clicks'], extra: ['ctr'],
@@ -236,7 +236,7 @@ function buildViews() {
     section.className = 'view';
     section.id = `view-${view.id}`;
     section.innerHTML = `<header><h2></h2><button type="button" class="csv"></button></header>
-      <p class="crumb"></p><p class="totals"></p><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
+      <p class="crumb"></p><p class="totals"></p><div class="map" hidden></div><div class="canvas"><canvas></canvas></div><p class="empty" hidden></p>
       <div class="table-wrap"><table><thead></thead><tbody></tbody></table></div>`;
     section.querySelector('button.csv').addEventListener('click', () => download(view.id));
     container.appendChild(section);
@@ -345,6 +345,88 @@ function drawTotals(view, section, report) {
   }
 }
 
+// The country map: the vendored world-atlas shapes (TopoJSON, Natural Earth 1:50m), decoded
+// here and drawn as SVG over the Arab world; each country shaded by its released visitors.
+const MAP = { shapes: null, codes: null, loading: null };
+const MAP_BOX = { west: -18, east: 63, south: 8, north: 43 }; // Morocco to Oman
+const SVG_NS = ['http:', '', 'www.w3.org', '2000', 'svg'].join('/'); // the SVG namespace, a name, not a URL fetched
+
+function loadMap() {
+  if (!MAP.loading) {
+    MAP.loading = Promise.all([
+      fetch('/assets/countries-50m.json').then((r) => r.json()),
+      fetch('/assets/country-codes.json').then((r) => r.json()),
+    ]).then(([topology, codes]) => { MAP.shapes = decodeCountries(topology); MAP.codes = codes; });
+  }
+  return MAP.loading;
+}
+
+// TopoJSON: quantized, delta-encoded arcs shared by the polygons that border on them.
+function decodeCountries(topology) {
+  const [sx, sy] = topology.transform.scale;
+  const [tx, ty] = topology.transform.translate;
+  const arcs = topology.arcs.map((arc) => {
+    let x = 0;
+    let y = 0;
+    return arc.map(([dx, dy]) => { x += dx; y += dy; return [x * sx + tx, y * sy + ty]; });
+  });
+  const ring = (indexes) => {
+    const points = [];
+    for (const i of indexes) {
+      const arc = i < 0 ? [...arcs[~i]].reverse() : arcs[i];
+      points.push(...(points.length ? arc.slice(1) : arc));
+    }
+    return points;
+  };
+  return topology.objects.countries.geometries.map((g) => {
+    const polygons = g.type === 'Polygon' ? [g.arcs] : g.type === 'MultiPolygon' ? g.arcs : [];
+    return { id: g.id, name: (g.properties || {}).name || '', rings: polygons.flatMap((p) => p.map(ring)) };
+  });
+}
+
+function project([lon, lat]) {
+  const k = Math.cos((((MAP_BOX.north + MAP_BOX.south) / 2) * Math.PI) / 180);
+  return [(lon - MAP_BOX.west) * k * 10, (MAP_BOX.north - lat) * 10];
+}
+
+async function drawMap(view, section, report) {
+  const box = section.querySelector('.map');
+  if (!view.map || report.error || (report.filters || {}).country) { box.hidden = true; return; }
+  box.hidden = false;
+  try { await loadMap(); } catch (e) { box.textContent = `${t('error')}: map`; return; }
+  const visitors = new Map((report.rows || []).filter((r) => r.country).map((r) => [r.country, r.visitors]));
+  const most = Math.max(1, ...visitors.values());
+  const k = Math.cos((((MAP_BOX.north + MAP_BOX.south) / 2) * Math.PI) / 180);
+  const svg = document.createElementNS(SVG_NS, 'svg');
+  svg.setAttribute('class', 'map');
+  svg.setAttribute('viewBox', `0 0 ${(MAP_BOX.east - MAP_BOX.west) * k * 10} ${(MAP_BOX.north - MAP_BOX.south) * 10}`);
+  svg.setAttribute('role', 'img');
+  svg.setAttribute('aria-label', t('view_geo'));
+  const f = new Intl.NumberFormat(state.lang);
+  for (const shape of MAP.shapes) {
+    const code = MAP.codes[shape.id];
+    const d = shape.rings.map((r) => `M${r.map((p) => project(p).map((v) => v.toFixed(1)).join(',')).join('L')}Z`).join('');
+    if (!d) continue;
+    const path = document.createElementNS(SVG_NS, 'path');
+    path.setAttribute('d', d);
+    const n = code ? visitors.get(code) : undefined;
+    // five shades by share of the busiest country; none where nothing was released
+    const shade = n === undefined ? 'none' : String(Math.min(4, Math.floor((n / most) * 4.999)));
+    path.setAttribute('class', `country shade-${shade}`);
+    if (code) path.dataset.country = code;
+    if (n !== undefined) path.dataset.visitors = String(n);
+    const title = document.createElementNS(SVG_NS, 'title');
+    title.textContent = n === undefined ? shape.name : `${shape.name}: ≈ ${f.format(n)} ${t('visitors')}`;
+    path.appendChild(title);
+    if (n !== undefined && view.drill && !$('country').value) {
+      path.addEventListener('click', () => { state.geoCountry = code; loadView(view); });
+    }
+    svg.appendChild(path);
+  }
+  box.textContent = '';
+  box.appendChild(svg);
+}
+
 function sortedRows(view, report) {
   const rows = [...(report.rows || [])];
   if (!view.timed && !view.keepOrder) {
@@ -375,6 +457,7 @@ function render(view) {
   empty.hidden = shown.length > 0 && !report.error;
   empty.textContent = report.error || t('no_data');
   drawTotals(view, section, report);
+  drawMap(view, section, report);
   drawChart(view, section, view.timed ? rows : shown.slice(0, 15), report);
   drawTable(view, section, report, rows);
 }

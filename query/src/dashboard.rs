@@ -16,6 +16,11 @@ const SCRIPT: &str = include_str!("../assets/dashboard.js");
 const STYLE: &str = include_str!("../assets/dashboard.css");
 const CHART_JS: &str = include_str!("../assets/chart.umd.min.js");
 const CHART_JS_LICENSE: &str = include_str!("../assets/chart.js-LICENSE.md");
+/// Country shapes (world-atlas 2.0.2, Natural Earth 1:50m; `scripts/vendor-country-shapes.sh`).
+const COUNTRY_SHAPES: &str = include_str!("../assets/countries-50m.json");
+const COUNTRY_SHAPES_LICENSE: &str = include_str!("../assets/world-atlas-LICENSE");
+/// ISO 3166-1 numeric codes (the shapes' ids) to the alpha-2 codes of the reports.
+const COUNTRY_CODES: &str = include_str!("../assets/country-codes.json");
 
 /// Scripts, styles and data only from this service; the page cannot be framed.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
@@ -107,6 +112,21 @@ pub async fn chart_js_license() -> Response {
     asset("text/markdown; charset=utf-8", CHART_JS_LICENSE)
 }
 
+/// `GET /assets/countries-50m.json`: the map's country shapes, vendored.
+pub async fn country_shapes() -> Response {
+    asset("application/json", COUNTRY_SHAPES)
+}
+
+/// `GET /assets/world-atlas-LICENSE`: their licence, served beside them.
+pub async fn country_shapes_license() -> Response {
+    asset("text/plain; charset=utf-8", COUNTRY_SHAPES_LICENSE)
+}
+
+/// `GET /assets/country-codes.json`: numeric to alpha-2 country codes.
+pub async fn country_codes() -> Response {
+    asset("application/json", COUNTRY_CODES)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +149,15 @@ mod tests {
             );
         }
         assert!(CHART_JS.starts_with("/*!\n * Chart.js v4"));
+        let shapes: serde_json::Value = serde_json::from_str(COUNTRY_SHAPES).expect("shapes are JSON");
+        assert_eq!(shapes["type"], "Topology");
+        let codes: std::collections::HashMap<String, String> =
+            serde_json::from_str(COUNTRY_CODES).expect("codes are JSON");
+        assert_eq!(codes.get("400").map(String::as_str), Some("JO"));
+        assert_eq!(
+            codes.get("048").map(String::as_str),
+            Some("BH"),
+            "Bahrain is on the 1:50m map"
+        );
     }
 }

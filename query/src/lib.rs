@@ -243,6 +243,9 @@ pub fn app(state: QueryState) -> Router {
         .route("/assets/dashboard.css", get(dashboard::style))
         .route("/assets/chart.umd.min.js", get(dashboard::chart_js))
         .route("/assets/chart.js-LICENSE.md", get(dashboard::chart_js_license))
+        .route("/assets/countries-50m.json", get(dashboard::country_shapes))
+        .route("/assets/world-atlas-LICENSE", get(dashboard::country_shapes_license))
+        .route("/assets/country-codes.json", get(dashboard::country_codes))
         .fallback(routes::not_found)
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(rates, enforce_rates));
