@@ -10,7 +10,9 @@ use marsad_schemas::ad_performance_hourly_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use super::rows::{
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
+};
 use crate::Result;
 
 /// The key of a cell: the hour and the codes of the dimensions, in the table's order.
@@ -55,8 +57,7 @@ impl AdRollup {
 
 impl Rollup for AdRollup {
     fn retain_days(&mut self, first: i32, last: i32) {
-        self.cells
-            .retain(|k, _| (first..=last).contains(&(k.hour.div_euclid(MICROS_PER_DAY) as i32)));
+        self.cells.retain(|k, _| hour_within_days(k.hour, first, last));
     }
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {

@@ -13,7 +13,10 @@ use marsad_schemas::pages_hourly_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use super::rows::{
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
+    replay_rows,
+};
 use super::traffic::SESSION_MEMORY_MICROS;
 use crate::Result;
 use crate::dedup::IdFingerprints;
@@ -148,8 +151,7 @@ impl PagesRollup {
 
 impl Rollup for PagesRollup {
     fn retain_days(&mut self, first: i32, last: i32) {
-        self.cells
-            .retain(|k, _| (first..=last).contains(&(k.hour.div_euclid(MICROS_PER_DAY) as i32)));
+        self.cells.retain(|k, _| hour_within_days(k.hour, first, last));
     }
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
@@ -168,12 +170,7 @@ impl Rollup for PagesRollup {
     }
 
     fn replay_sessions(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {
-        let rows = EventRows::new(batch)?;
-        for i in 0..rows.len() {
-            if rows.counted(i) && !skip.contains(rows.get(Col::VisitorKey, i), rows.event_id(i)) {
-                self.observe(&rows, i, Take::Follow);
-            }
-        }
+        replay_rows(batch, skip, |rows, i| self.observe(rows, i, Take::Follow))?;
         self.forget_idle();
         Ok(())
     }

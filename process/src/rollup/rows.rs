@@ -67,6 +67,28 @@ impl Interner {
 pub(super) const MICROS_PER_HOUR: i64 = 3_600_000_000;
 pub(super) const MICROS_PER_DAY: i64 = 24 * MICROS_PER_HOUR;
 
+/// Whether the hour starting at `hour` (microseconds) is on a day within `first..=last`
+/// (days since 1970): what a rollup keyed by hour keeps for a rebuild of those days.
+pub(super) fn hour_within_days(hour: i64, first: i32, last: i32) -> bool {
+    (first..=last).contains(&(hour.div_euclid(MICROS_PER_DAY) as i32))
+}
+
+/// Hands `follow` the stored rows of `batch` a session replay follows after a restart: people's
+/// rows, but those in `skip` (the ones the table is about to count).
+pub(super) fn replay_rows(
+    batch: &RecordBatch,
+    skip: &crate::dedup::IdFingerprints,
+    mut follow: impl FnMut(&EventRows, usize),
+) -> Result<()> {
+    let rows = EventRows::new(batch)?;
+    for i in 0..rows.len() {
+        if rows.counted(i) && !skip.contains(rows.get(Col::VisitorKey, i), rows.event_id(i)) {
+            follow(&rows, i);
+        }
+    }
+    Ok(())
+}
+
 /// The columns of `events` the rollups read, in [`Col`] order.
 pub(super) const COLUMNS: [&str; 20] = [
     "event_type",

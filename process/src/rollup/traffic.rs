@@ -11,7 +11,10 @@ use marsad_schemas::traffic_hourly_schema;
 
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
-use super::rows::{Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, new_sketch};
+use super::rows::{
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
+    replay_rows,
+};
 use crate::Result;
 use crate::dedup::IdFingerprints;
 use crate::sessions::SESSION_GAP_MINUTES;
@@ -167,8 +170,7 @@ impl TrafficRollup {
 
 impl Rollup for TrafficRollup {
     fn retain_days(&mut self, first: i32, last: i32) {
-        self.cells
-            .retain(|k, _| (first..=last).contains(&(k.hour.div_euclid(MICROS_PER_DAY) as i32)));
+        self.cells.retain(|k, _| hour_within_days(k.hour, first, last));
     }
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
@@ -231,13 +233,7 @@ impl TrafficRollup {
     /// Follows the sessions of `batch` (rows of `events` in time order) without counting
     /// them, but for the rows in `skip`: how the open sessions are rebuilt after a restart.
     pub(super) fn replay(&mut self, batch: &RecordBatch, skip: &IdFingerprints) -> Result<()> {
-        let rows = EventRows::new(batch)?;
-        for i in 0..rows.len() {
-            if !skip.contains(rows.get(Col::VisitorKey, i), rows.event_id(i)) {
-                self.observe(&rows, i, false);
-            }
-        }
-        Ok(())
+        replay_rows(batch, skip, |rows, i| self.observe(rows, i, false))
     }
 }
 
