@@ -429,6 +429,32 @@ mod tests {
         assert_eq!(hours.value(0), 0);
     }
 
+    /// One event converting for three goals uses three of the visitor-day's clamp: no sum of
+    /// the table, across goals either, moves by more than the clamp for one visitor-day.
+    #[test]
+    fn the_clamp_counts_conversions_not_events() {
+        let any_click = || EventMatcher::new(&step("ad_click", None));
+        let goals = vec![
+            ("a".to_owned(), any_click()),
+            ("b".to_owned(), any_click()),
+            ("c".to_owned(), any_click()),
+        ];
+        let mut t = GoalsRollup::new(VisitorDayClamp::new(2), Arc::new(goals));
+        let rows = batch(&[("v1", "s1", 0, "cars", "ad_click"), ("v1", "s1", 1, "cars", "ad_click")]);
+        t.add(&EventRows::new(&rows).expect("rows"), &[0, 1]);
+        let out = t.take().expect("batch");
+        let conversions = out.column_by_name("conversions").expect("column");
+        let conversions = conversions
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .expect("int64");
+        assert_eq!(
+            conversions.iter().flatten().sum::<i64>(),
+            2,
+            "six matches, a clamp of two"
+        );
+    }
+
     #[test]
     fn a_goal_counts_matching_events_and_their_visitors() {
         let goals = vec![
