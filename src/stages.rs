@@ -746,6 +746,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .context("ingest")
     });
     let s = shutdown.clone();
+    let live = processor.live();
     set.spawn(async move { processor.run(s).await.context("processor") });
     spawn_segment_refresh(&mut set, &config, privacy.opt_outs.clone(), shutdown.clone());
     spawn_segment_push(
@@ -761,7 +762,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let query_privacy = privacy.query(&config, log.clone())?;
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?
-        .with_metrics_source(Arc::new(move || pm.render()));
+        .with_metrics_source(Arc::new(move || pm.render()))
+        .with_live_source(Arc::new(live));
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     spawn_flight(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();

@@ -155,6 +155,14 @@ async fn wait_loaded(c: &Browser, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// The live view's released visitors of the last half hour, as the page holds them.
+async fn marsad_live_visitors(c: &Browser) -> Result<u64> {
+    let v = c
+        .execute("return marsadDashboard.state.live.total.visitors", vec![])
+        .await?;
+    v.as_u64().context("live visitors")
+}
+
 /// For each view, how many points its chart draws with a value above zero.
 async fn drawn_points(c: &Browser) -> Result<Vec<(String, u64)>> {
     let value = c
@@ -280,6 +288,27 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
             .execute("return marsadDashboard.state.reports.geo.rows.length", vec![])
             .await?;
         ensure!(countries == json!(4), "four countries shown: {countries}");
+        // the live view: the simulated visitors came in the last minutes; it refreshes by itself
+        let live = wait_for(
+            &c,
+            "the live view",
+            "const t = document.querySelector('#live .totals .total[data-measure=visitors]'); \
+             return t && /≈ [0-9]/.test(t.textContent) ? t.textContent : null",
+        )
+        .await?;
+        let visitors = marsad_live_visitors(&c).await?;
+        ensure!(
+            (1_400..=1_800).contains(&visitors),
+            "about the 1,600 simulated visitors live: {live} ({visitors})"
+        );
+        let refreshes = c.execute("return Number(document.getElementById('live').dataset.loaded)", vec![]).await?;
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let later = c.execute("return Number(document.getElementById('live').dataset.loaded)", vec![]).await?;
+        ensure!(later.as_u64() > refreshes.as_u64(), "the live view refreshes: {refreshes} then {later}");
+        let bars = c
+            .execute("return marsadDashboard.state.live.per_minute.filter(r => r.page_views > 0).length", vec![])
+            .await?;
+        ensure!(bars.as_u64().is_some_and(|n| n > 0), "page views per minute drawn: {bars}");
         // the map: every country's shape, the four with visitors shaded, the busiest darkest
         let shaded = wait_for(
             &c,
@@ -457,6 +486,8 @@ fn the_dashboard_in_a_real_chromium() -> Result<()> {
         ensure!(title == "مرصد — تحليلات الجمهور", "{title}");
         let heading = c.find(Locator::Css("#view-categories h2")).await?.text().await?;
         ensure!(heading == "أهم الفئات", "{heading}");
+        let live_heading = c.find(Locator::Css("#live h2")).await?.text().await?;
+        ensure!(live_heading == "الآن: آخر 30 دقيقة", "{live_heading}");
         let first_category = c.find(Locator::Css("#view-categories tbody td")).await?.text().await?;
         ensure!(first_category == "سيارات", "categories are named in Arabic: {first_category}");
         let hover = c

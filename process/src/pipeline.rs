@@ -67,6 +67,8 @@ pub struct Processor {
     crash: Option<(usize, CrashPoint)>,
     /// Cancelled when the processor is asked to stop (ends a wait for the key store).
     stopping: CancellationToken,
+    /// Visitors and pages of the last half hour, for the live view.
+    live: crate::rollup::LiveWindow,
 }
 
 impl Processor {
@@ -115,6 +117,7 @@ impl Processor {
             maintenance_interval: Duration::from_millis(config.privacy.key_destruction_interval_ms),
             crash: None,
             stopping: CancellationToken::new(),
+            live: crate::rollup::LiveWindow::new(config.process.max_events_per_visitor_day),
         })
     }
 
@@ -124,6 +127,11 @@ impl Processor {
     pub fn crash_at(mut self, n: usize, point: CrashPoint) -> Self {
         self.crash = Some((n, point));
         self
+    }
+
+    /// The live window this processor counts into, for a query service in the same process.
+    pub fn live(&self) -> crate::rollup::LiveWindow {
+        self.live.clone()
     }
 
     /// Processes until `shutdown`, committing what is buffered before returning.
@@ -442,9 +450,13 @@ impl Processor {
         if crash == Some(CrashPoint::AfterEvents) {
             return Err(crate::Error::SimulatedCrash);
         }
+        // read once for the live window and the rollups: the rows they count (no bots)
+        let read = crate::rollup::EventRows::new(&batch)?;
+        let counted: Vec<usize> = (0..read.len()).filter(|&i| read.counted(i)).collect();
+        self.live.add(&read, &counted, Utc::now().timestamp());
         if let Some(rollups) = &mut self.rollups {
             let positions: Vec<(String, i64)> = positions.iter().map(|(a, o)| (a.clone(), *o as i64)).collect();
-            rollups.add(&batch, &positions)?;
+            rollups.add_rows(&read, &counted, &positions);
             for (app, offset) in positions {
                 let at = self.rollup_positions.entry(app).or_insert(offset);
                 *at = (*at).max(offset);

@@ -37,6 +37,9 @@ const I18N = {
     view_goals: 'Goals', view_funnels: 'Funnels', goal_id: 'Goal', funnel_id: 'Funnel', step: 'Step',
     conversions: 'Conversions', conversion_rate: 'Conversion rate', from_previous: 'Kept from the step before',
     drop_off: 'Drop-off',
+    view_live: 'Right now: the last 30 minutes', live_visitors: 'Visitors in the last 30 minutes',
+    live_page_views: 'Page views in the last 30 minutes', live_unavailable: 'The live view is not served here',
+    live_held_back: 'Too few visitors to show', minute: 'Minute',
   },
   ar: {
     title: 'مرصد — تحليلات الجمهور', switch_language: 'English', sign_out: 'تسجيل الخروج',
@@ -70,6 +73,9 @@ const I18N = {
     view_goals: 'الأهداف', view_funnels: 'مسارات التحويل', goal_id: 'الهدف', funnel_id: 'المسار', step: 'الخطوة',
     conversions: 'التحويلات', conversion_rate: 'معدل التحويل', from_previous: 'المتبقّي من الخطوة السابقة',
     drop_off: 'نسبة التسرّب',
+    view_live: 'الآن: آخر 30 دقيقة', live_visitors: 'زوار في آخر 30 دقيقة', live_page_views: 'مشاهدات في آخر 30 دقيقة',
+    live_unavailable: 'العرض المباشر غير متاح هنا', live_held_back: 'عدد الزوار أقل من أن يُعرض',
+    minute: 'الدقيقة',
   },
 };
 
@@ -123,6 +129,8 @@ const state = {
   geoCountry: '', // the country the geography view is drilled into
   loading: 0,
   updatedAt: null, // when every view last loaded
+  live: null,     // the last /v1/live answer
+  liveTimer: null,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -145,6 +153,7 @@ function applyLanguage() {
   if (!$('dashboard').hidden) {
     fillChoices();
     views.forEach(render);
+    renderLive();
   }
 }
 
@@ -212,10 +221,12 @@ async function signIn(key) {
   $('sign-in').hidden = true;
   $('dashboard').hidden = false;
   $('sign-out').hidden = false;
+  if (state.role === 'analyst') startLive();
   await loadAll();
 }
 
 function signOut() {
+  stopLive();
   sessionStorage.removeItem('marsad.key');
   state.key = '';
   Object.values(state.charts).forEach((c) => c.destroy());
@@ -538,6 +549,103 @@ function drawTable(view, section, report, rows) {
         const badge = changeBadge(r.change && r.change[m]);
         if (badge) td.append(' ', badge);
       }
+      row.appendChild(td);
+    }
+    body.appendChild(row);
+  }
+}
+
+// The live view: the last 30 minutes from the processor's memory, asked again every few
+// seconds (its cells never change once ended, so asking again spends nothing more).
+const LIVE_REFRESH_MS = 5000;
+
+function startLive() {
+  stopLive();
+  $('live').hidden = false;
+  loadLive();
+  state.liveTimer = setInterval(loadLive, LIVE_REFRESH_MS);
+}
+
+function stopLive() {
+  if (state.liveTimer) clearInterval(state.liveTimer);
+  state.liveTimer = null;
+  state.live = null;
+  if (state.charts.live) { state.charts.live.destroy(); delete state.charts.live; }
+  $('live').hidden = true;
+}
+
+async function loadLive() {
+  try {
+    state.live = await api('/v1/live?limit=10');
+  } catch (e) {
+    state.live = { error: e.status === 503 ? t('live_unavailable') : `${t('error')}: ${e.message}` };
+    if (e.status === 503 || e.status === 403) {
+      if (state.liveTimer) clearInterval(state.liveTimer);
+      state.liveTimer = null;
+    }
+  }
+  renderLive();
+  $('live').dataset.loaded = String(Number($('live').dataset.loaded || 0) + 1);
+}
+
+function renderLive() {
+  const section = $('live');
+  const live = state.live;
+  section.querySelector('h2').textContent = t('view_live');
+  if (!live) return;
+  const empty = section.querySelector('.empty');
+  const box = section.querySelector('.totals');
+  box.textContent = '';
+  empty.hidden = !live.error;
+  empty.textContent = live.error || '';
+  if (live.error) return;
+  const total = live.total;
+  for (const [m, label] of [['visitors', 'live_visitors'], ['page_views', 'live_page_views']]) {
+    const item = document.createElement('span');
+    item.className = 'total';
+    item.dataset.measure = m;
+    item.textContent = total ? `${t(label)}: ${formatNumber(total[m], m, total.ci95[m])}` : `${t(label)}: ${t('live_held_back')}`;
+    if (total) item.title = intervalOf(total[m], total.ci95[m]);
+    box.appendChild(item);
+  }
+  const minutes = live.per_minute || [];
+  if (state.charts.live) state.charts.live.destroy();
+  const rtl = state.lang === 'ar';
+  const timeOf = (iso) => new Date(iso).toLocaleTimeString(state.lang, { hour: '2-digit', minute: '2-digit' });
+  state.charts.live = new Chart(section.querySelector('canvas'), {
+    type: 'bar',
+    data: {
+      labels: minutes.map((r) => timeOf(r.minute)),
+      datasets: [{ label: t('page_views'), data: minutes.map((r) => r.page_views ?? null), backgroundColor: COLOURS[0] }],
+    },
+    options: {
+      animation: false, responsive: true, maintainAspectRatio: false, locale: state.lang,
+      plugins: { legend: { rtl, position: 'bottom' }, tooltip: { rtl } },
+      scales: { x: { reverse: rtl }, y: { beginAtZero: true, position: rtl ? 'right' : 'left' } },
+    },
+  });
+  const head = section.querySelector('thead');
+  const body = section.querySelector('tbody');
+  head.textContent = '';
+  body.textContent = '';
+  const tr = document.createElement('tr');
+  for (const c of ['page_path', 'page_views', 'visitors']) {
+    const th = document.createElement('th');
+    th.textContent = t(c);
+    tr.appendChild(th);
+  }
+  head.appendChild(tr);
+  for (const r of live.pages || []) {
+    const row = document.createElement('tr');
+    const path = document.createElement('td');
+    path.textContent = r.page_path;
+    path.dir = 'ltr';
+    row.appendChild(path);
+    for (const m of ['page_views', 'visitors']) {
+      const td = document.createElement('td');
+      td.className = 'num';
+      td.textContent = formatNumber(r[m], m, r.ci95[m]);
+      td.title = intervalOf(r[m], r.ci95[m]);
       row.appendChild(td);
     }
     body.appendChild(row);

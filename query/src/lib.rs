@@ -17,6 +17,7 @@ pub mod dashboard;
 mod erasures;
 mod error;
 pub mod flight;
+pub mod live;
 mod metrics;
 pub mod pg;
 mod pg_compat;
@@ -80,6 +81,8 @@ pub struct QueryState {
     pub(crate) query_queue: Duration,
     pub(crate) limits: marsad_config::HttpLimits,
     pub(crate) audience_rate: u32,
+    /// The processor's live window, when the processor runs in this process.
+    pub(crate) live: Option<live::SharedLiveSource>,
 }
 
 /// What the query service needs of the privacy mechanisms: opt-outs to honour at serving
@@ -127,6 +130,7 @@ impl QueryState {
             query_queue: Duration::from_millis(config.query.query_queue_ms),
             limits: config.query.limits.clone(),
             audience_rate: config.query.audience_rate_per_second,
+            live: None,
         })
     }
 
@@ -176,6 +180,12 @@ impl QueryState {
     /// The audience index this service answers from.
     pub fn audiences(&self) -> Arc<audience::Audiences> {
         self.audiences.clone()
+    }
+
+    /// Serves the live view from `source` (the processor's window in this process).
+    pub fn with_live_source(mut self, source: live::SharedLiveSource) -> Self {
+        self.live = Some(source);
+        self
     }
 
     /// Adds another metrics source to `/metrics`.
@@ -265,6 +275,7 @@ fn routes() -> utoipa_axum::router::OpenApiRouter<QueryState> {
         .routes(routes!(routes::erase_subject))
         .routes(routes!(routes::erasure_status))
         .routes(routes!(routes::privacy_budget))
+        .routes(routes!(live::live))
         .routes(routes!(audience_routes::audience))
         .routes(routes!(audience_routes::audience_by_body))
         .routes(routes!(routes::erase_subject_by_body))

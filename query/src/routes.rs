@@ -222,7 +222,7 @@ pub async fn list_tables(State(state): State<QueryState>, headers: HeaderMap) ->
     Ok(Json(json!({"tables": state.catalog.existing().await})).into_response())
 }
 
-fn authorization(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn authorization(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
 }
 

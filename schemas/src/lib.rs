@@ -8,10 +8,12 @@
 
 pub mod envelope;
 pub mod event;
+pub mod live;
 pub mod tables;
 
 pub use envelope::{DecodeError, ENVELOPE_VERSION, Envelope};
 pub use event::{AdRef, Consent, Demographics, Event, EventType, ValidationError};
+pub use live::{LiveCell, LivePage, LiveSource};
 pub use tables::{
     DATE_COLUMN, HLL_LG_K, TOPIC_DAILY_KEYS, TOPIC_DEAD, TOPIC_OPTOUTS, TOPIC_RAW, TableName,
     ad_performance_hourly_schema, demographics_daily_schema, events_schema, funnels_hourly_schema, goals_hourly_schema,

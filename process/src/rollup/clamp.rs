@@ -18,7 +18,7 @@ pub(crate) struct VisitorDayClamp {
     days: BTreeMap<i32, FastMap<u64, u32>>,
 }
 
-fn visitor_print(visitor: &str) -> u64 {
+pub(super) fn visitor_print(visitor: &str) -> u64 {
     // visitor keys are keyed hashes in hex: their first 16 characters are 64 random bits
     match visitor.get(..16).and_then(|h| u64::from_str_radix(h, 16).ok()) {
         Some(print) => print,

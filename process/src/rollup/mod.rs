@@ -16,6 +16,7 @@ mod clamp;
 mod compaction;
 mod demographics;
 mod goals;
+mod live;
 mod pages;
 mod rows;
 mod sources;
@@ -42,6 +43,7 @@ use traffic::TrafficRollup;
 pub use catch_up::CatchUp;
 pub(crate) use catch_up::oldest_version_to_keep;
 pub use compaction::{CompactedDate, compact, merge_partial_rows};
+pub use live::{LiveWindow, OTHER_PAGES};
 pub use rows::EventRows;
 #[cfg(test)]
 pub(crate) use rows::test_batch;
@@ -227,6 +229,15 @@ impl Rollups {
     /// counted them.
     pub fn add(&mut self, batch: &RecordBatch, positions: &[(String, i64)]) -> Result<()> {
         self.add_to(batch, |t| t.behind(positions))
+    }
+
+    /// [`add`](Rollups::add) for rows already read, with the rows the rollups count.
+    pub(crate) fn add_rows(&mut self, rows: &EventRows, counted: &[usize], positions: &[(String, i64)]) {
+        for t in &mut self.tables {
+            if t.behind(positions) {
+                t.rollup.add(rows, counted);
+            }
+        }
     }
 
     /// Adds the rows of `batch` to every table `which` picks.

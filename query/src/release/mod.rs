@@ -156,6 +156,22 @@ impl Release {
         DiscreteLaplace::new(self.sensitivity(measure) * 1000, self.epsilon_milli)
     }
 
+    /// How much one visitor-day adds to the counted events of any table (C).
+    pub fn clamp(&self) -> u64 {
+        self.clamp
+    }
+
+    /// The noise of a live cell whose measure one visitor-day moves by `sensitivity` in all
+    /// cells together: each event is in two releases (its slot, then its minute), at ε/2 each.
+    pub fn live_distribution(&self, sensitivity: u64) -> DiscreteLaplace {
+        DiscreteLaplace::new(sensitivity * 2000, self.epsilon_milli)
+    }
+
+    /// The noise of the live cell `identity`: the same every time it is asked.
+    pub fn live_noise(&self, identity: &[u8], distribution: DiscreteLaplace) -> i64 {
+        cell_noise(&self.noise_key, identity, distribution)
+    }
+
     /// `truth` of `measure` over `cell`, as released by `mechanism` at `now`.
     pub fn release(
         &self,
