@@ -68,6 +68,32 @@ pub enum Command {
     /// The long-lived keys the stages share.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Scheduled e-mail reports (`[[reports.email]]`).
+    #[command(subcommand)]
+    Report(ReportCommand),
+}
+
+/// `marsad report …`.
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// Send the e-mail reports that are due and not sent yet (as `marsad up` does every
+    /// minute), or with `--now` send them at once for the period they would cover today
+    /// (a test send: the schedule is left as it is).
+    Send(ReportSendArgs),
+}
+
+/// `marsad report send` flags.
+#[derive(Debug, Clone, Args)]
+pub struct ReportSendArgs {
+    /// Data dir and config.
+    #[command(flatten)]
+    pub stage: StageArgs,
+    /// Send now, whatever the schedule says.
+    #[arg(long)]
+    pub now: bool,
+    /// Only this report [default: every configured one].
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 /// `marsad keys …`.

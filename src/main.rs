@@ -9,7 +9,7 @@ mod tools;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, KeysCommand, SegmentsCommand, TopicsCommand};
+use crate::cli::{Cli, Command, KeysCommand, ReportCommand, SegmentsCommand, TopicsCommand};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -37,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             Command::Segments(SegmentsCommand::Refresh(args)) => tools::refresh_segments(args).await,
             Command::Topics(TopicsCommand::Create(args)) => tools::create_topics(args).await,
             Command::Keys(KeysCommand::AdoptTargeting(args)) => stages::adopt_targeting_key(args).await,
+            Command::Report(ReportCommand::Send(args)) => stages::send_reports(args).await,
         }
     })
 }

@@ -764,6 +764,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let query_state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?
         .with_metrics_source(Arc::new(move || pm.render()))
         .with_live_source(Arc::new(live));
+    spawn_email_reports(&mut set, &config, query_state.noise_key(), shutdown.clone())?;
     let pg_addr = spawn_pg(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     spawn_flight(&mut set, &config, query_state.clone(), shutdown.clone()).await?;
     let s = shutdown.clone();
@@ -810,6 +811,78 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         });
     }
     supervise(set, shutdown).await
+}
+
+/// Sends the scheduled e-mail reports, when any are configured and this process is the one
+/// that sends them (`reports.send_scheduled`).
+fn spawn_email_reports(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    config: &Config,
+    noise_key: Arc<marsad_privacy::keys::SecretKey>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    if !config.reports.send_scheduled {
+        return Ok(());
+    }
+    let catalog = Arc::new(marsad_query::TableCatalog::new(config.tables()?));
+    if let Some(reports) = marsad_query::email::EmailReports::new(config, noise_key, catalog) {
+        tracing::info!(reports = reports.reports().len(), "e-mail reports scheduled");
+        set.spawn(async move {
+            reports.run(shutdown).await;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
+/// `marsad report send [--now]`: the e-mail reports, from the data dir, with the noise key every
+/// query process uses.
+pub async fn send_reports(args: crate::cli::ReportSendArgs) -> anyhow::Result<()> {
+    let config = args.stage.config()?;
+    if config.reports.email.is_empty() {
+        anyhow::bail!("no e-mail reports are configured: add [[reports.email]] and [reports.smtp] to the config file");
+    }
+    let log = open_log(&config, "report")?.log;
+    let opt_outs = crate::tools::opt_outs_recorded(log.as_ref()).await?;
+    let noise_key =
+        Arc::new(marsad_privacy::keys::load_noise_key(&config).context("loading the noise key of released numbers")?);
+    check_fingerprint(
+        log.as_ref(),
+        &opt_outs,
+        SharedKey::Noise,
+        &noise_key,
+        "Give `marsad report` the MARSAD_SECRET_NOISE_KEY (or release.noise_key_file) the query processes use.",
+    )
+    .await?;
+    let catalog = Arc::new(marsad_query::TableCatalog::new(config.tables()?));
+    let reports = marsad_query::email::EmailReports::new(&config, noise_key, catalog)
+        .context("no e-mail reports are configured")?;
+    let now = chrono::Utc::now();
+    let sent = if args.now {
+        reports.send_now(args.id.as_deref(), now).await?
+    } else {
+        if let Some(id) = &args.id {
+            anyhow::ensure!(
+                reports.reports().iter().any(|r| &r.id == id),
+                "no e-mail report `{id}` in [[reports.email]]"
+            );
+        }
+        reports.send_due(now, &mut Default::default()).await?
+    };
+    if sent.is_empty() {
+        println!("nothing due: every report's latest period was sent (--now sends anyway)");
+    }
+    for s in sent {
+        println!(
+            "sent {} ({} to {}) to {} recipient{}",
+            s.id,
+            s.period.from,
+            s.period.to,
+            s.recipients,
+            if s.recipients == 1 { "" } else { "s" }
+        );
+    }
+    Ok(())
 }
 
 /// `marsad ingest`.
@@ -903,6 +976,7 @@ pub async fn query(args: StageArgs) -> anyhow::Result<()> {
     let query_privacy = privacy.query(&config, log.clone())?;
     check_noise_key(log.as_ref(), &privacy, &query_privacy).await?;
     let state = QueryState::new(&config, (*privacy.keys).clone(), query_privacy)?;
+    spawn_email_reports(&mut set, &config, state.noise_key(), shutdown.clone())?;
     spawn_pg(&mut set, &config, state.clone(), shutdown.clone()).await?;
     spawn_flight(&mut set, &config, state.clone(), shutdown.clone()).await?;
     let tls = tls_files(config.query.tls_files(), &shutdown).context("query.tls_cert")?;

@@ -49,6 +49,8 @@ mod batch;
 /// Every query is limited in time, memory and rows, with a clear error.
 mod reports;
 
+/// Scheduled e-mail reports delivered over STARTTLS to a local SMTP server, parsed.
+mod email;
 /// The live view: events sent now appear within seconds, events over half an hour old never.
 mod live;
 /// Sources, pages, goals, funnels and comparisons on a generated fortnight with known answers.

@@ -15,6 +15,7 @@ mod privacy;
 mod process;
 mod query;
 mod release;
+pub mod reports;
 mod tables;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub use process::{
 };
 pub use query::{ApiKeyConfig, QueryConfig, Role};
 pub use release::{AnalystRelease, ReleaseConfig};
+pub use reports::{EmailReport, ReportLanguage, ReportsConfig, Schedule, SmtpConfig};
 pub use tables::{TABLE_SCHEMES, TablesConfig, TablesLocation};
 
 /// Environment variables with this prefix never enter the config tree: they hold secrets.
@@ -82,6 +84,8 @@ pub struct Config {
     pub tables: TablesConfig,
     /// What leaves Marsad: noise, thresholds and budgets of released numbers.
     pub release: ReleaseConfig,
+    /// Scheduled e-mail reports.
+    pub reports: ReportsConfig,
 }
 
 impl Default for Config {
@@ -97,6 +101,7 @@ impl Default for Config {
             audience: AudienceConfig::default(),
             tables: TablesConfig::default(),
             release: ReleaseConfig::default(),
+            reports: ReportsConfig::default(),
         }
     }
 }
@@ -143,6 +148,7 @@ impl Config {
         self.tables.validate()?;
         self.tables()?;
         self.release.validate()?;
+        self.reports.validate()?;
         self.privacy.validate()
     }
 

@@ -14,6 +14,7 @@ mod audience_routes;
 pub mod bounded_dialect;
 pub mod catalog;
 pub mod dashboard;
+pub mod email;
 mod erasures;
 mod error;
 pub mod flight;
@@ -180,6 +181,11 @@ impl QueryState {
     /// The audience index this service answers from.
     pub fn audiences(&self) -> Arc<audience::Audiences> {
         self.audiences.clone()
+    }
+
+    /// The noise key of released numbers (the same in every query process).
+    pub fn noise_key(&self) -> Arc<SecretKey> {
+        self.privacy.noise_key.clone()
     }
 
     /// Serves the live view from `source` (the processor's window in this process).

@@ -542,6 +542,8 @@ pub enum Tool {
     Superset,
     /// The ADBC Flight SQL driver, pyarrow and Polars (PyPI).
     PythonFlight,
+    /// aiosmtpd (PyPI), an SMTP server with STARTTLS and AUTH, for the e-mail reports.
+    Aiosmtpd,
 }
 
 /// The Python of the virtualenv `./test` installs Apache Superset into.
@@ -585,6 +587,7 @@ impl Tool {
             Tool::Superset => superset_python()
                 .to_str()
                 .is_some_and(|python| runs(python, &["-c", "import superset.app"])),
+            Tool::Aiosmtpd => runs("python3", &["-c", "import aiosmtpd.controller"]),
         }
     }
 
@@ -604,6 +607,7 @@ impl Tool {
             Tool::PythonFlight => {
                 "the ADBC Flight SQL driver and Polars (pip install adbc-driver-flightsql polars pyarrow)"
             }
+            Tool::Aiosmtpd => "the SMTP server aiosmtpd (pip install aiosmtpd)",
         }
     }
 }
