@@ -268,6 +268,9 @@ mod tests {
         Release::new(&config, Arc::new(SecretKey::from_bytes([9; 32])), None)
     }
 
+    /// A minute start (1,800,000,000 is one: a multiple of 60).
+    const MINUTE: i64 = 1_800_000_000;
+
     fn cells() -> Vec<LiveCell> {
         let page = |path: &str, page_views, visitors| LivePage {
             path: path.into(),
@@ -276,14 +279,14 @@ mod tests {
         };
         vec![
             LiveCell {
-                start: 1_800_000_000 - 1_800_000_000 % 60,
+                start: MINUTE,
                 seconds: 60,
                 visitors: 30,
                 page_views: 90,
                 pages: vec![page("/cars", 60, 20), page("/rare", 3, 1)],
             },
             LiveCell {
-                start: 1_800_000_000 - 1_800_000_000 % 60 + 60,
+                start: MINUTE + 60,
                 seconds: 2,
                 visitors: 4,
                 page_views: 8,
@@ -293,7 +296,7 @@ mod tests {
     }
 
     fn now() -> DateTime<Utc> {
-        DateTime::from_timestamp(1_800_000_000 - 1_800_000_000 % 60 + 70, 0).unwrap_or_default()
+        DateTime::from_timestamp(MINUTE + 70, 0).unwrap_or_default()
     }
 
     #[test]

@@ -41,8 +41,11 @@ struct Slot {
     start: i64,
     visitors: u64,
     page_views: u64,
-    pages: FastMap<Arc<str>, (u64, u64)>,
+    pages: PageCounts,
 }
+
+/// Views and visitors of each page in one cell.
+type PageCounts = FastMap<Arc<str>, (u64, u64)>;
 
 /// What is remembered of a visitor seen in the last half hour.
 struct RecentVisitor {
@@ -190,7 +193,7 @@ impl LiveSource for LiveWindow {
         let state = self.lock();
         let minute = now - now.rem_euclid(60);
         let oldest = minute - WINDOW_SECONDS + 60;
-        let mut minutes: BTreeMap<i64, (u64, u64, FastMap<Arc<str>, (u64, u64)>)> = BTreeMap::new();
+        let mut minutes: BTreeMap<i64, (u64, u64, PageCounts)> = BTreeMap::new();
         let mut current = Vec::new();
         for slot in &state.slots {
             if slot.start < oldest || slot.start + LIVE_SLOT_SECONDS > now {
@@ -225,7 +228,7 @@ impl LiveSource for LiveWindow {
     }
 }
 
-fn cell(start: i64, seconds: i64, visitors: u64, page_views: u64, pages: &FastMap<Arc<str>, (u64, u64)>) -> LiveCell {
+fn cell(start: i64, seconds: i64, visitors: u64, page_views: u64, pages: &PageCounts) -> LiveCell {
     let mut pages: Vec<LivePage> = pages
         .iter()
         .map(|(path, &(page_views, visitors))| LivePage {
