@@ -265,6 +265,7 @@ fn scheduled_reports_reach_a_local_smtp_server_over_starttls() -> Result<()> {
         html.contains("data-view=\"sources\"") && html.contains("data-view=\"pages\""),
         "{html}"
     );
+    ensure!(html.contains("بحث مجاني"), "the channel named in Arabic: {html}");
     ensure!(
         parsed["images"].as_array().map(Vec::len) == Some(3),
         "a chart per view: {parsed}"

@@ -231,6 +231,14 @@ fn word(language: ReportLanguage, key: &str) -> String {
         "from_previous" => ("From the step before", "من الخطوة السابقة"),
         "drop_off" => ("Drop-off", "نسبة التسرّب"),
         "key_figures" => ("Key figures", "أهم الأرقام"),
+        "organic_search" => ("Organic search", "بحث مجاني"),
+        "paid_search" => ("Paid search", "بحث مدفوع"),
+        "social" => ("Social", "شبكات التواصل"),
+        "paid_social" => ("Paid social", "تواصل مدفوع"),
+        "email" => ("E-mail", "البريد الإلكتروني"),
+        "display" => ("Display", "إعلانات مصوّرة"),
+        "referral" => ("Referral", "إحالة"),
+        "direct" => ("Direct", "مباشر"),
         "compared" => ("compared with the period before", "مقارنة بالفترة السابقة"),
         "held_back" => (
             "Too few visitors to show without singling anyone out.",
@@ -298,8 +306,8 @@ fn change(change: &Value) -> String {
     }
 }
 
-/// A row's label: its dimension values, joined.
-fn label(view: &str, report: &Value, row: &Value) -> String {
+/// A row's label: its dimension values, joined (channels named in the report's language).
+fn label(view: &str, report: &Value, row: &Value, lang: ReportLanguage) -> String {
     let dims: Vec<String> = report["dimensions"]
         .as_array()
         .map(|d| {
@@ -307,6 +315,7 @@ fn label(view: &str, report: &Value, row: &Value) -> String {
                 .filter_map(Value::as_str)
                 .map(|d| match &row[d] {
                     Value::String(s) if view == "traffic" => s.chars().take(10).collect(),
+                    Value::String(s) if d == "channel" => word(lang, s),
                     Value::String(s) => s.clone(),
                     Value::Null => "—".into(),
                     other => other.to_string(),
@@ -644,7 +653,7 @@ impl EmailReports {
             }
             html.push_str("</tr>");
             for row in &rows {
-                let name = label(view, released, row);
+                let name = label(view, released, row, lang);
                 html.push_str(&format!(
                     "<tr><td style=\"padding:4px;border-top:1px solid #e2e6ea\"><bdi>{}</bdi></td>",
                     escape(&name)
