@@ -858,21 +858,20 @@ pub async fn send_reports(args: crate::cli::ReportSendArgs) -> anyhow::Result<()
     let reports = marsad_query::email::EmailReports::new(&config, noise_key, catalog)
         .context("no e-mail reports are configured")?;
     let now = chrono::Utc::now();
-    let sent = if args.now {
-        reports.send_now(args.id.as_deref(), now).await?
-    } else {
-        if let Some(id) = &args.id {
-            anyhow::ensure!(
-                reports.reports().iter().any(|r| &r.id == id),
-                "no e-mail report `{id}` in [[reports.email]]"
-            );
+    let outcome = if args.now {
+        marsad_query::email::Outcome {
+            sent: reports.send_now(args.id.as_deref(), now).await?,
+            failed: Vec::new(),
         }
-        reports.send_due(now, &mut Default::default()).await?
+    } else {
+        reports
+            .send_due(now, args.id.as_deref(), &mut Default::default())
+            .await?
     };
-    if sent.is_empty() {
+    if outcome.sent.is_empty() && outcome.failed.is_empty() {
         println!("nothing due: every report's latest period was sent (--now sends anyway)");
     }
-    for s in sent {
+    for s in &outcome.sent {
         println!(
             "sent {} ({} to {}) to {} recipient{}",
             s.id,
@@ -881,6 +880,9 @@ pub async fn send_reports(args: crate::cli::ReportSendArgs) -> anyhow::Result<()
             s.recipients,
             if s.recipients == 1 { "" } else { "s" }
         );
+    }
+    if let Some((id, e)) = outcome.failed.first() {
+        anyhow::bail!("{} report(s) not sent; {id}: {e}", outcome.failed.len());
     }
     Ok(())
 }

@@ -267,6 +267,10 @@ fn scheduled_reports_reach_a_local_smtp_server_over_starttls() -> Result<()> {
     );
     ensure!(html.contains("بحث مجاني"), "the channel named in Arabic: {html}");
     ensure!(
+        html.contains("/en/&lt;b&gt;bold&lt;/b&gt;"),
+        "the path, escaped: {html}"
+    );
+    ensure!(
         parsed["images"].as_array().map(Vec::len) == Some(3),
         "a chart per view: {parsed}"
     );

@@ -40,6 +40,15 @@ fn live(m: &Marsad, key: &str) -> Result<(u16, Value)> {
     Ok((status, resp.json()?))
 }
 
+/// Whether `row`'s `measure` is within twice its 95 % interval of `truth` (four standard
+/// deviations: the test fails on noise about once in 15,000), and the interval is small.
+fn near(row: &Value, measure: &str, truth: i64) -> bool {
+    let (Some(v), Some(ci)) = (row[measure].as_i64(), row["ci95"][measure].as_i64()) else {
+        return false;
+    };
+    ci <= 3 && (v - truth).abs() <= 2 * ci
+}
+
 fn spent(m: &Marsad) -> Result<f64> {
     let budget: Value = Client::new()
         .get(format!("{}/v1/privacy/budget", m.query))
@@ -103,7 +112,7 @@ fn the_live_view_shows_the_last_half_hour_within_seconds() -> Result<()> {
     send(&m, &visits("c-old", 6, Some(old)))?;
     m.wait_for_count("SELECT count(*) FROM events", 13, Duration::from_secs(30))?;
     let sent_at = Instant::now();
-    send(&m, &visits("c-now", 5, None))?;
+    send(&m, &visits("c-now", 10, None))?;
     let answer = loop {
         let (status, body) = live(&m, ANALYST_KEY)?;
         ensure!(status == 200, "{status} {body}");
@@ -117,38 +126,39 @@ fn the_live_view_shows_the_last_half_hour_within_seconds() -> Result<()> {
     };
     let appeared = sent_at.elapsed();
     ensure!(appeared <= Duration::from_secs(5), "appeared after {appeared:?}");
-    // the events of now only: 5 visitors, 11 page views; the old ones are not live
-    ensure!(answer["total"]["visitors"] == json!(5), "{answer}");
-    ensure!(answer["total"]["page_views"] == json!(11), "{answer}");
+    // the events of now only: 10 visitors, 21 page views; the old ones are not live (each
+    // number within its interval of the truth: the noise is small at this ε, not nothing)
+    ensure!(near(&answer["total"], "visitors", 10), "{answer}");
+    ensure!(near(&answer["total"], "page_views", 21), "{answer}");
     let pages = answer["pages"].as_array().context("pages")?;
     ensure!(pages.len() == 1, "the rare page (one visitor) is held back: {answer}");
     ensure!(pages[0]["page_path"] == json!("/en/cars/kia"), "{answer}");
-    ensure!(pages[0]["page_views"] == json!(10), "{answer}");
-    ensure!(pages[0]["visitors"] == json!(5), "{answer}");
+    ensure!(near(&pages[0], "page_views", 20), "{answer}");
+    ensure!(near(&pages[0], "visitors", 10), "{answer}");
     let ci = &answer["total"]["ci95"];
     ensure!(
         ci["visitors"].as_u64().is_some_and(|c| c > 0),
         "noised, with an interval: {answer}"
     );
     ensure!(answer["release"]["mechanism"] == json!("noise"), "{answer}");
-    let minutes = answer["per_minute"].as_array().context("per_minute")?;
-    ensure!(!minutes.is_empty(), "{answer}");
 
     // asked again: the same cells give the same numbers, and the day's live view is paid once
     let paid = spent(&m)?;
     ensure!((paid - 4.0 * 400.0).abs() < 1e-6, "four measures once: {paid}");
     std::thread::sleep(Duration::from_secs(3));
     let (_, again) = live(&m, ANALYST_KEY)?;
+    // every cell of the window is in every answer, counted or not: 29 ended minutes, and this
+    // one once a slot of it has ended
+    let rows = |v: &Value| v["per_minute"].as_array().cloned().unwrap_or_default();
+    let whole = |n: usize| n == 29 || n == 30;
+    ensure!(whole(rows(&answer).len()) && whole(rows(&again).len()), "{again}");
     let minute = |v: &Value| v["to"].as_str().map(|t| t.chars().take(16).collect::<String>());
     if minute(&again) == minute(&answer) {
-        // (past a minute's end its slots are released again as the minute, with other noise)
-        ensure!(
-            again["total"] == answer["total"],
-            "nothing arrived, the same cells: {answer}\n{again}"
-        );
+        // the ended minutes are the same cells: the same numbers
+        ensure!(rows(&again)[..29] == rows(&answer)[..29], "{answer}\n{again}");
     }
-    ensure!(again["total"]["visitors"] == json!(5), "{again}");
-    ensure!(again["total"]["page_views"] == json!(11), "{again}");
+    ensure!(near(&again["total"], "visitors", 10), "{again}");
+    ensure!(near(&again["total"], "page_views", 21), "{again}");
     ensure!((spent(&m)? - paid).abs() < 1e-9, "asking again spends nothing");
 
     // parameters are checked

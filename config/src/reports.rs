@@ -49,7 +49,7 @@ pub struct SmtpConfig {
     pub from: String,
     /// The user to log in as; its password is `MARSAD_SECRET_SMTP_PASSWORD` (never in a file).
     pub username: Option<String>,
-    /// A PEM file of certificate authorities to trust besides the system's (a company CA).
+    /// A PEM file of certificate authorities to trust besides Mozilla's public roots (a company CA).
     pub ca_file: Option<PathBuf>,
     /// Plain SMTP without TLS: refused unless the host is this machine (`localhost`, 127.0.0.1, ::1).
     pub insecure_plaintext: bool,

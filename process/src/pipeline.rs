@@ -451,12 +451,24 @@ impl Processor {
             return Err(crate::Error::SimulatedCrash);
         }
         // read once for the live window and the rollups: the rows they count (no bots)
-        let read = crate::rollup::EventRows::new(&batch)?;
-        let counted: Vec<usize> = (0..read.len()).filter(|&i| read.counted(i)).collect();
-        self.live.add(&read, &counted, Utc::now().timestamp());
-        if let Some(rollups) = &mut self.rollups {
+        let read = match crate::rollup::EventRows::new(&batch) {
+            Ok(read) => Some(read),
+            Err(e) if self.rollups.is_some() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "the live view could not read a committed batch");
+                None
+            }
+        };
+        let counted: Vec<usize> = read
+            .as_ref()
+            .map(|r| (0..r.len()).filter(|&i| r.counted(i)).collect())
+            .unwrap_or_default();
+        if let Some(read) = &read {
+            self.live.add(read, &counted, || Utc::now().timestamp());
+        }
+        if let (Some(rollups), Some(read)) = (&mut self.rollups, &read) {
             let positions: Vec<(String, i64)> = positions.iter().map(|(a, o)| (a.clone(), *o as i64)).collect();
-            rollups.add_rows(&read, &counted, &positions);
+            rollups.add_rows(read, &counted, &positions);
             for (app, offset) in positions {
                 let at = self.rollup_positions.entry(app).or_insert(offset);
                 *at = (*at).max(offset);

@@ -579,7 +579,8 @@ async function loadLive() {
     state.live = await api('/v1/live?limit=10');
   } catch (e) {
     state.live = { error: e.status === 503 ? t('live_unavailable') : `${t('error')}: ${e.message}` };
-    if (e.status === 503 || e.status === 403) {
+    // not served here, not this key's, or its budget spent: asking every few seconds would not help
+    if ([401, 403, 429, 503].includes(e.status)) {
       if (state.liveTimer) clearInterval(state.liveTimer);
       state.liveTimer = null;
     }

@@ -41,11 +41,18 @@ const LIVE_MEASURES: usize = 4;
 /// The processor's live window, when it runs in this process.
 pub type SharedLiveSource = Arc<dyn LiveSource>;
 
+/// How far past the threshold a sum of noisy cells must be to be shown: the Laplace tail
+/// of its noisiest cell at δ = 10⁻⁶ (ln(1 / 2δ)), so one cell's noise alone does not carry a
+/// row over it but about once in a million.
+const LAPLACE_TAIL: f64 = 13.12;
+
 /// A sum of released cells and its 95 % interval.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sum {
     value: i64,
     variance: f64,
+    /// The noise scale of its noisiest cell.
+    scale: f64,
 }
 
 impl Sum {
@@ -63,6 +70,9 @@ impl Sum {
 struct LiveRelease<'a> {
     release: &'a Release,
     mechanism: Mechanism,
+    /// The window's name: another window's (or this one's before a restart) cells are other
+    /// questions, with other noise.
+    instance: &'a str,
 }
 
 impl LiveRelease<'_> {
@@ -71,6 +81,7 @@ impl LiveRelease<'_> {
             return Sum {
                 value: truth as i64,
                 variance: 0.0,
+                scale: 0.0,
             };
         }
         let sensitivity = match measure {
@@ -79,7 +90,8 @@ impl LiveRelease<'_> {
         };
         let distribution = self.release.live_distribution(sensitivity);
         let identity = format!(
-            "live|{}|{}|{measure}|{}",
+            "live|{}|{}|{}|{measure}|{}",
+            self.instance,
             cell.start,
             cell.seconds,
             path.map_or(String::new(), |p| format!("page={p}"))
@@ -87,12 +99,15 @@ impl LiveRelease<'_> {
         Sum {
             value: truth as i64 + self.release.live_noise(identity.as_bytes(), distribution),
             variance: distribution.variance(),
+            scale: distribution.scale(),
         }
     }
 
-    /// Whether a row whose visitors are `visitors` is shown.
+    /// Whether a row whose visitors are `visitors` is shown: the threshold, plus a margin no
+    /// noise reaches but with a chance of one in a million.
     fn shown(&self, visitors: Sum) -> bool {
-        visitors.value() as u64 >= self.release.min_visitors() + visitors.ci95()
+        let margin = (visitors.ci95() as f64).max(LAPLACE_TAIL * visitors.scale).ceil() as u64;
+        visitors.value() as u64 >= self.release.min_visitors() + margin
     }
 }
 
@@ -100,6 +115,7 @@ fn add(a: Sum, b: Sum) -> Sum {
     Sum {
         value: a.value + b.value,
         variance: a.variance + b.variance,
+        scale: a.scale.max(b.scale),
     }
 }
 
@@ -118,15 +134,26 @@ fn time(secs: i64) -> Value {
     DateTime::<Utc>::from_timestamp(secs, 0).map_or(Value::Null, |t| json!(t))
 }
 
-/// The released live view of `cells` at `now`, with at most `limit` pages.
+/// The released live view of the cells of window `instance` at `now`, with at most `limit`
+/// pages. Exact numbers (threshold only) come from ended minutes alone: two answers a slot
+/// apart would otherwise differ by one visitor's event, exactly.
 pub fn released(
     cells: &[LiveCell],
+    instance: &str,
     release: &Release,
     mechanism: Mechanism,
     now: DateTime<Utc>,
     limit: usize,
 ) -> Value {
-    let live = LiveRelease { release, mechanism };
+    let live = LiveRelease {
+        release,
+        mechanism,
+        instance,
+    };
+    let cells: Vec<&LiveCell> = cells
+        .iter()
+        .filter(|c| mechanism == Mechanism::Noise || c.seconds == 60)
+        .collect();
     let mut total = (Sum::default(), Sum::default());
     let mut minutes: BTreeMap<i64, (Sum, Sum)> = BTreeMap::new();
     let mut pages: HashMap<&str, (Sum, Sum)> = HashMap::new();
@@ -182,7 +209,7 @@ pub fn released(
         "from": time(window_start),
         "to": now,
         "minutes": LIVE_WINDOW_MINUTES,
-        "refresh_seconds": LIVE_SLOT_SECONDS,
+        "refresh_seconds": if mechanism == Mechanism::Noise { LIVE_SLOT_SECONDS } else { 60 },
         "total": if live.shown(total.0) { Value::Object(row(total.0, total.1)) } else { Value::Null },
         "per_minute": per_minute,
         "pages": pages,
@@ -240,15 +267,23 @@ pub async fn live(
     let now = Utc::now();
     let mechanism = state.release.for_analysts();
     if mechanism == Mechanism::Noise {
-        // every cell of every day is released at most once per measure; a key pays for seeing
-        // them once a day
-        let question = format!("live|day={}", now.date_naive());
+        // every cell of a window is released at most once per measure; a key pays for seeing
+        // a window's cells once a day (a restarted processor's window is another, paid again)
+        let question = format!("live|day={}|window={}", now.date_naive(), source.instance());
         state
             .release
             .charge_all(&holder.name, &[(question, LIVE_MEASURES)], now)?;
     }
     let cells = source.cells(now.timestamp());
-    Ok(Json(released(&cells, &state.release, mechanism, now, limit)).into_response())
+    Ok(Json(released(
+        &cells,
+        source.instance(),
+        &state.release,
+        mechanism,
+        now,
+        limit,
+    ))
+    .into_response())
 }
 
 #[cfg(test)]
@@ -300,32 +335,40 @@ mod tests {
     }
 
     #[test]
-    fn exact_under_the_threshold_only_mechanism_and_small_pages_held_back() {
+    fn exact_under_the_threshold_only_mechanism_from_ended_minutes_and_small_pages_held_back() {
         let r = release(AnalystRelease::ThresholdOnly);
-        let out = released(&cells(), &r, Mechanism::ThresholdOnly, now(), 10);
-        assert_eq!(out["total"]["visitors"], 34);
-        assert_eq!(out["total"]["page_views"], 98);
+        let out = released(&cells(), "w", &r, Mechanism::ThresholdOnly, now(), 10);
+        // the current minute's slots are left out: exact slots would tell one event apart
+        assert_eq!(out["total"]["visitors"], 30);
+        assert_eq!(out["total"]["page_views"], 90);
         assert_eq!(out["pages"].as_array().map(Vec::len), Some(1), "{out}");
         assert_eq!(out["pages"][0]["page_path"], "/cars");
-        assert_eq!(out["pages"][0]["page_views"], 68);
-        assert_eq!(out["per_minute"][0]["visitors"], 30);
-        assert_eq!(
-            out["per_minute"][1]["held_back"], true,
-            "4 visitors in the current minute"
-        );
+        assert_eq!(out["pages"][0]["page_views"], 60);
+        assert_eq!(out["per_minute"].as_array().map(Vec::len), Some(1), "{out}");
+        assert_eq!(out["refresh_seconds"], 60);
     }
 
     #[test]
     fn noise_is_the_same_for_the_same_cells_and_held_back_rows_need_the_interval() {
         let r = release(AnalystRelease::Noise);
-        let a = released(&cells(), &r, Mechanism::Noise, now(), 10);
-        let b = released(&cells(), &r, Mechanism::Noise, now(), 10);
+        let a = released(&cells(), "w", &r, Mechanism::Noise, now(), 10);
+        let b = released(&cells(), "w", &r, Mechanism::Noise, now(), 10);
         assert_eq!(a, b, "asking again gives the same numbers");
         // page visitors have the clamp's sensitivity (40 at ε/2): 24 visitors are far inside it
         assert_eq!(a["pages"].as_array().map(Vec::len), Some(0), "{a}");
         // a cell's noise does not depend on what else is in the window
-        let one = released(&cells()[..1], &r, Mechanism::Noise, now(), 10);
+        let one = released(&cells()[..1], "w", &r, Mechanism::Noise, now(), 10);
         let minute = |v: &Value| v["per_minute"][0].clone();
         assert_eq!(minute(&one), minute(&a));
+        // another window's cells (another processor, or this one after a restart) are other
+        // questions: other noise, so two windows' answers do not subtract to an exact count
+        let mut config = Config::default();
+        config.release.epsilon_per_measure = 4.0;
+        config.release.min_visitors = 5;
+        let r = Release::new(&config, Arc::new(SecretKey::from_bytes([9; 32])), None);
+        let this = released(&cells(), "w", &r, Mechanism::Noise, now(), 10);
+        let other = released(&cells(), "v", &r, Mechanism::Noise, now(), 10);
+        assert!(this["total"].is_object(), "shown at this ε: {this}");
+        assert_ne!(this["total"], other["total"]);
     }
 }

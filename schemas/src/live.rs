@@ -42,7 +42,12 @@ pub struct LivePage {
 
 /// Where the query service reads the live window from (the processor running beside it).
 pub trait LiveSource: Send + Sync {
-    /// The ended cells of the last [`LIVE_WINDOW_MINUTES`] at `now` (seconds since 1970): the
-    /// ended minutes before the current one, then the ended slots of the current minute.
+    /// Every ended cell of the last [`LIVE_WINDOW_MINUTES`] at `now` (seconds since 1970),
+    /// counted or not: the ended minutes before the current one, then the ended slots of the
+    /// current minute. The same cells for any `now` in the same slot, whatever was counted,
+    /// so which cells exist tells nothing. Once asked for, a cell is never added to.
     fn cells(&self, now: i64) -> Vec<LiveCell>;
+    /// Names this window among others (another processor's, or this one's before a restart):
+    /// its cells are its own questions, with their own noise and their own price.
+    fn instance(&self) -> &str;
 }

@@ -3,13 +3,14 @@
 //! drawn here and attached inline, sent over SMTP with STARTTLS.
 //!
 //! Every number is one the reports release (`crate::reports::run`), always
-//! with noise (an e-mail is forwarded beyond whoever it was sent to), from the
-//! same noise key, so the e-mail and the dashboard show the same number for the
-//! same cell; each report pays from a budget of its own (`email:<id>`), kept
-//! apart from the query service's ledger so two processes never overwrite each
-//! other's spending. A period is sent once: what was sent is recorded under
-//! `<data_dir>/reports/`, and a send missed while Marsad was down goes out when
-//! it is back.
+//! with noise (an e-mail is forwarded beyond whoever it was sent to). Each send
+//! asks its questions under a name of its own, so its noise is its own: an
+//! e-mail's numbers cannot be subtracted from a dashboard's, or from another
+//! send's, to reveal the events that arrived in between. Each send pays from the
+//! report's own budget (`email:<id>`), in a ledger kept apart from the query
+//! service's. A period is sent once: what was sent is recorded under
+//! `<data_dir>/reports/`, and the latest period missed while Marsad was down
+//! goes out when it is back.
 
 pub mod chart;
 
@@ -84,6 +85,9 @@ pub enum EmailError {
         /// Why.
         source: lettre::transport::smtp::Error,
     },
+    /// A user to log in as, but no password in the environment.
+    #[error("reports.smtp.username is set but {PASSWORD_ENV} is not")]
+    NoPassword,
     /// The SMTP server stopped answering.
     #[error("sending through {server}: no answer within {} s", SEND_TIMEOUT.as_secs())]
     NoAnswer {
@@ -338,10 +342,21 @@ struct Composed {
 /// Sends the configured reports on schedule, or at once.
 pub struct EmailReports {
     config: ReportsConfig,
-    release: Release,
+    /// What each send's release mechanism is made from.
+    release_config: Config,
+    noise_key: Arc<SecretKey>,
     catalog: Arc<TableCatalog>,
     record: PathBuf,
     password: Option<String>,
+}
+
+/// What one look at the schedule did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The reports sent.
+    pub sent: Vec<Sent>,
+    /// The reports due that could not be sent, and why (tried again later).
+    pub failed: Vec<(String, EmailError)>,
 }
 
 impl EmailReports {
@@ -353,8 +368,8 @@ impl EmailReports {
         }
         Some(EmailReports {
             config: config.reports.clone(),
-            // a ledger of its own: the query service keeps its own in the same data dir
-            release: Release::new(config, noise_key, Some(config.data_dir.join("release").join("email"))),
+            release_config: config.clone(),
+            noise_key,
             catalog,
             record: config.data_dir.join("reports").join("sent.json"),
             password: std::env::var(PASSWORD_ENV).ok().filter(|p| !p.is_empty()),
@@ -389,43 +404,58 @@ impl EmailReports {
         Ok(sent)
     }
 
-    /// Sends every report whose latest period is due at `now` and not sent yet; records each.
+    /// Sends every report (or `only` that one) whose latest period is due at `now` and not
+    /// sent yet, and records each; one that fails waits [`RETRY_AFTER`] in `not_before`.
     pub async fn send_due(
         &self,
         now: DateTime<Utc>,
+        only: Option<&str>,
         not_before: &mut HashMap<String, DateTime<Utc>>,
-    ) -> Result<Vec<Sent>, EmailError> {
-        let mut record = self.read_record();
-        let mut sent = Vec::new();
-        for report in &self.config.email {
+    ) -> Result<Outcome, EmailError> {
+        if let Some(id) = only {
+            self.report(id)?;
+        }
+        let mut outcome = Outcome::default();
+        for report in self.config.email.iter().filter(|r| only.is_none_or(|id| r.id == id)) {
             let period = latest_due(report, now);
-            if record.get(&report.id).is_some_and(|last| *last >= period.to) {
+            if self
+                .read_record()
+                .get(&report.id)
+                .is_some_and(|last| *last >= period.to)
+            {
                 continue;
             }
             if not_before.get(&report.id).is_some_and(|t| *t > now) {
                 continue;
             }
-            match self.send(report, period, now).await {
-                Ok(s) => {
-                    record.insert(report.id.clone(), period.to);
-                    self.write_record(&record)?;
-                    tracing::info!(report = %s.id, from = %period.from, to = %period.to, recipients = s.recipients, "e-mail report sent");
-                    sent.push(s);
-                }
+            let sent = match self.send(report, period, now).await {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(report = %report.id, error = %e, retry_in_minutes = RETRY_AFTER.num_minutes(), "e-mail report not sent");
                     not_before.insert(report.id.clone(), now + RETRY_AFTER);
+                    outcome.failed.push((report.id.clone(), e));
+                    continue;
                 }
+            };
+            tracing::info!(report = %sent.id, from = %period.from, to = %period.to, recipients = sent.recipients, "e-mail report sent");
+            // read again: another process may have recorded another report meanwhile
+            let mut record = self.read_record();
+            record.insert(report.id.clone(), period.to);
+            if let Err(e) = self.write_record(&record) {
+                tracing::error!(report = %report.id, error = %e, "sent, but not recorded: it may be sent again");
+                not_before.insert(report.id.clone(), now + RETRY_AFTER);
+                outcome.failed.push((report.id.clone(), e));
             }
+            outcome.sent.push(sent);
         }
-        Ok(sent)
+        Ok(outcome)
     }
 
     /// Looks at the schedule every minute until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut not_before = HashMap::new();
         loop {
-            if let Err(e) = self.send_due(Utc::now(), &mut not_before).await {
+            if let Err(e) = self.send_due(Utc::now(), None, &mut not_before).await {
                 tracing::warn!(error = %e, "e-mail reports");
             }
             tokio::select! {
@@ -512,6 +542,9 @@ impl EmailReports {
             // STARTTLS, required: a server that does not offer it gets nothing
             builder = builder.tls(Tls::Required(tls));
         }
+        if smtp.username.is_some() && self.password.is_none() {
+            return Err(EmailError::NoPassword);
+        }
         if let (Some(user), Some(password)) = (&smtp.username, &self.password) {
             // PLAIN or LOGIN, only ever inside the TLS session (or to this machine)
             builder = builder
@@ -527,6 +560,16 @@ impl EmailReports {
         let rtl = lang == ReportLanguage::Ar;
         let ctx = self.catalog.session_with(TableScope::Rollups).await?;
         let budget = format!("email:{}", report.id);
+        // each send asks its own questions: fresh noise, paid again, so no two sends (nor a
+        // send and the dashboard) give the same noise over data that changed in between. The
+        // ledger is its own (the query service keeps another in the same data dir), read anew.
+        let send = format!("{budget}|sent-at={}", now.timestamp_micros());
+        let release = Release::new(
+            &self.release_config,
+            self.noise_key.clone(),
+            Some(self.release_config.data_dir.join("release").join("email")),
+        )
+        .in_namespace(&send);
         let mut views = Vec::new();
         // the key figures come from traffic: always asked, first
         let mut asked: Vec<&str> = vec!["traffic"];
@@ -549,10 +592,13 @@ impl EmailReports {
                 params.insert("limit".into(), ROWS_PER_VIEW.to_string());
             }
             let req = ReportRequest::parse(kind, &params, now.date_naive()).map_err(err)?;
-            self.release
-                .charge_all(&budget, &req.identities(now), now)
-                .map_err(err)?;
-            let released = crate::reports::run(&ctx, &req, &self.release, Mechanism::Noise, now)
+            let questions: Vec<(String, usize)> = req
+                .identities(now)
+                .into_iter()
+                .map(|(identity, measures)| (format!("{send}|{identity}"), measures))
+                .collect();
+            release.charge_all(&budget, &questions, now).map_err(err)?;
+            let released = crate::reports::run(&ctx, &req, &release, Mechanism::Noise, now)
                 .await
                 .map_err(err)?;
             views.push((view, released));

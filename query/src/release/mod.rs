@@ -94,6 +94,9 @@ pub struct Release {
     clamp: u64,
     ledger: Ledger,
     frozen: Mutex<lru::LruCache<Vec<u8>, i64>>,
+    /// Put before every cell's identity: empty for the query service; an e-mail's send names
+    /// its own questions, so its noise is its own.
+    namespace: Vec<u8>,
 }
 
 impl Release {
@@ -123,7 +126,16 @@ impl Release {
             frozen: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(FROZEN_ANSWERS).unwrap_or(NonZeroUsize::MIN),
             )),
+            namespace: Vec::new(),
         }
+    }
+
+    /// This mechanism asking its questions under `namespace`: other noise than the same cells
+    /// get anywhere else (an e-mail sent once, whose numbers no later answer may be
+    /// subtracted from while the data still changes).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = format!("{namespace}|").into_bytes();
+        self
     }
 
     /// How analysts' answers are protected (advertisers always get [`Mechanism::Noise`]).
@@ -185,7 +197,8 @@ impl Release {
         if mechanism == Mechanism::ThresholdOnly {
             return Released { value: exact, ci95: 0 };
         }
-        let mut identity = cell.identity(measure);
+        let mut identity = self.namespace.clone();
+        identity.extend_from_slice(&cell.identity(measure));
         let unsettled = cell.hours().reaches_after(now, UNSETTLED_HOURS);
         if unsettled {
             identity.extend_from_slice(format!("|asked-hour={}", now.timestamp().div_euclid(3600)).as_bytes());
