@@ -247,14 +247,17 @@ fn large_cells_of_simulated_traffic_stay_close_to_the_truth() -> Result<()> {
         .output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    // settled: `events` and the rollups (which commit after it) both stop changing
+    // settled: `events` and the rollups (which commit after it, up to
+    // `process.rollup_commit_interval_ms` = 5 s later) both stop changing for longer than that
     let mut last = (-1, -1);
+    let mut unchanged = 0;
     loop {
         let now = (
             m.sql_count("SELECT count(*) FROM events")?,
             m.sql_count("SELECT sum(events) FROM traffic_hourly").unwrap_or(0),
         );
-        if now == last && now.0 > 0 {
+        unchanged = if now == last && now.0 > 0 { unchanged + 1 } else { 0 };
+        if unchanged >= 3 {
             break;
         }
         ensure!(std::time::Instant::now() < deadline, "the processor did not settle");
