@@ -100,17 +100,9 @@ fn simulate(m: &Marsad) -> Result<usize> {
 /// page view each: the period a comparison of today is made with. `None` in the two minutes
 /// before midnight UTC, when "yesterday" would be today.
 fn yesterday(m: &Marsad) -> Result<Option<usize>> {
-    let now = chrono::Utc::now();
-    let at = now - chrono::Duration::minutes(24 * 60 - 2);
-    if at.date_naive() == now.date_naive() {
+    let Some(at) = crate::common::late_yesterday() else {
         return Ok(None);
-    }
-    let prefix = FIXTURE_COUNTRIES
-        .iter()
-        .find(|c| c.0 == "JO")
-        .map(|c| c.1)
-        .context("fixture country")?;
-    let client = Client::new();
+    };
     let events: Vec<Value> = (0..300)
         .map(|v| {
             json!({"type": "page_view", "url": PAGES[0], "cookie_id": format!("c-yesterday-{v}"),
@@ -118,15 +110,7 @@ fn yesterday(m: &Marsad) -> Result<Option<usize>> {
                 "consent": {"analytics": true}})
         })
         .collect();
-    for chunk in events.chunks(100) {
-        let resp = client
-            .post(format!("{}/v1/batch", m.ingest))
-            .header("x-forwarded-for", format!("{}.{}.1.7", prefix[0], prefix[1]))
-            .header("user-agent", AGENTS[0])
-            .json(&chunk)
-            .send()?;
-        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
-    }
+    crate::common::post_events_from(m, "JO", Some(AGENTS[0]), &events)?;
     Ok(Some(events.len()))
 }
 

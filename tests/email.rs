@@ -10,10 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{FIXTURE_COUNTRIES, Marsad, TestCertificate, free_port, marsad_bin, write_fixture_geoip};
+use crate::common::{Marsad, TestCertificate, free_port, marsad_bin, write_fixture_geoip};
 
 const SMTP_USER: &str = "marsad-reports";
 const SMTP_PASSWORD: &str = "smtp-password-from-the-environment";
@@ -92,16 +91,9 @@ impl Drop for SmtpSink {
 /// `VISITORS` visitors of Jordan yesterday, two page views each (one on a page whose path tries
 /// to write HTML). `None` in the two minutes before midnight UTC, when it would be today.
 fn yesterday(m: &Marsad) -> Result<Option<usize>> {
-    let now = chrono::Utc::now();
-    let at = now - chrono::Duration::minutes(24 * 60 - 2);
-    if at.date_naive() == now.date_naive() {
+    let Some(at) = crate::common::late_yesterday() else {
         return Ok(None);
-    }
-    let prefix = FIXTURE_COUNTRIES
-        .iter()
-        .find(|c| c.0 == "JO")
-        .map(|c| c.1)
-        .context("fixture country")?;
+    };
     let mut events = Vec::new();
     for v in 0..VISITORS {
         for (i, url) in [
@@ -118,14 +110,7 @@ fn yesterday(m: &Marsad) -> Result<Option<usize>> {
             );
         }
     }
-    for chunk in events.chunks(100) {
-        let resp = Client::new()
-            .post(format!("{}/v1/batch", m.ingest))
-            .header("x-forwarded-for", format!("{}.{}.1.7", prefix[0], prefix[1]))
-            .json(&chunk)
-            .send()?;
-        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
-    }
+    crate::common::post_events_from(m, "JO", None, &events)?;
     Ok(Some(events.len()))
 }
 
@@ -297,7 +282,7 @@ fn scheduled_reports_reach_a_local_smtp_server_over_starttls() -> Result<()> {
     let subject = weekly[1].0["subject"].as_str().unwrap_or_default();
     ensure!(subject.contains("التقرير الأسبوعي"), "{subject}");
     let record: Value = serde_json::from_slice(&std::fs::read(data_dir.join("reports/sent.json"))?)?;
-    let yesterday = (chrono::Utc::now() - chrono::Duration::minutes(24 * 60 - 2)).date_naive();
+    let yesterday = crate::common::late_yesterday().context("yesterday")?.date_naive();
     ensure!(record["daily-en"] == json!(yesterday.to_string()), "{record}");
     drop(m);
 

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail, ensure};
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
 
-use crate::common::{FIXTURE_COUNTRIES, Marsad, key_entry, write_fixture_geoip};
+use crate::common::{Marsad, key_entry, write_fixture_geoip};
 
 const ANALYST_KEY: &str = "live-analyst-key-0123456789abcdef";
 const ADVERTISER_KEY: &str = "live-advertiser-key-0123456789abcd";
@@ -17,18 +17,7 @@ const PAGE: &str = "https://kulshi.example/en/cars/kia";
 const RARE: &str = "https://kulshi.example/en/jobs/rare";
 
 fn send(m: &Marsad, events: &[Value]) -> Result<()> {
-    let prefix = FIXTURE_COUNTRIES
-        .iter()
-        .find(|c| c.0 == "JO")
-        .map(|c| c.1)
-        .context("fixture country")?;
-    let resp = Client::new()
-        .post(format!("{}/v1/batch", m.ingest))
-        .header("x-forwarded-for", format!("{}.{}.3.7", prefix[0], prefix[1]))
-        .json(events)
-        .send()?;
-    ensure!(resp.status().as_u16() == 202, "{}", resp.status());
-    Ok(())
+    crate::common::post_events_from(m, "JO", None, events)
 }
 
 fn live(m: &Marsad, key: &str) -> Result<(u16, Value)> {

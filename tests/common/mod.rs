@@ -52,6 +52,36 @@ pub fn no_clamp() -> (&'static str, String) {
     ("MARSAD_PROCESS__MAX_EVENTS_PER_VISITOR_DAY", "1000000".into())
 }
 
+/// A moment of yesterday as late as the processor takes a client's clock (24 hours less two
+/// minutes ago); `None` in the two minutes before midnight UTC, when it would be today.
+pub fn late_yesterday() -> Option<chrono::DateTime<chrono::Utc>> {
+    let now = chrono::Utc::now();
+    let at = now - chrono::Duration::minutes(24 * 60 - 2);
+    (at.date_naive() != now.date_naive()).then_some(at)
+}
+
+/// Posts `events` to `m`'s `/v1/batch` in batches of 100 from an address in the fixture
+/// `country` (with `user_agent`, if given); each must be accepted (202).
+pub fn post_events_from(m: &Marsad, country: &str, user_agent: Option<&str>, events: &[Value]) -> Result<()> {
+    let prefix = FIXTURE_COUNTRIES
+        .iter()
+        .find(|c| c.0 == country)
+        .map(|c| c.1)
+        .with_context(|| format!("no fixture country {country}"))?;
+    let client = Client::new();
+    for chunk in events.chunks(100) {
+        let mut req = client
+            .post(format!("{}/v1/batch", m.ingest))
+            .header("x-forwarded-for", format!("{}.{}.1.7", prefix[0], prefix[1]));
+        if let Some(agent) = user_agent {
+            req = req.header("user-agent", agent);
+        }
+        let resp = req.json(&chunk).send()?;
+        ensure!(resp.status().as_u16() == 202, "{}", resp.status());
+    }
+    Ok(())
+}
+
 /// A running `marsad up`.
 pub struct Marsad {
     pub child: Child,

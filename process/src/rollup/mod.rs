@@ -233,23 +233,23 @@ impl Rollups {
 
     /// [`add`](Rollups::add) for rows already read, with the rows the rollups count.
     pub(crate) fn add_rows(&mut self, rows: &EventRows, counted: &[usize], positions: &[(String, i64)]) {
-        for t in &mut self.tables {
-            if t.behind(positions) {
-                t.rollup.add(rows, counted);
-            }
-        }
+        self.add_rows_to(rows, counted, |t| t.behind(positions));
     }
 
     /// Adds the rows of `batch` to every table `which` picks.
     fn add_to(&mut self, batch: &RecordBatch, which: impl Fn(&RollupTable) -> bool) -> Result<()> {
         let rows = EventRows::new(batch)?;
         let counted: Vec<usize> = (0..rows.len()).filter(|&i| rows.counted(i)).collect();
+        self.add_rows_to(&rows, &counted, which);
+        Ok(())
+    }
+
+    fn add_rows_to(&mut self, rows: &EventRows, counted: &[usize], which: impl Fn(&RollupTable) -> bool) {
         for t in &mut self.tables {
             if which(t) {
-                t.rollup.add(&rows, &counted);
+                t.rollup.add(rows, counted);
             }
         }
-        Ok(())
     }
 
     /// Commits what was added, recording `positions`, table by table.
