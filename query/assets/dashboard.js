@@ -610,21 +610,28 @@ function renderLive() {
     box.appendChild(item);
   }
   const minutes = live.per_minute || [];
-  if (state.charts.live) state.charts.live.destroy();
   const rtl = state.lang === 'ar';
   const timeOf = (iso) => new Date(iso).toLocaleTimeString(state.lang, { hour: '2-digit', minute: '2-digit' });
-  state.charts.live = new Chart(section.querySelector('canvas'), {
-    type: 'bar',
-    data: {
-      labels: minutes.map((r) => timeOf(r.minute)),
-      datasets: [{ label: t('page_views'), data: minutes.map((r) => r.page_views ?? null), backgroundColor: COLOURS[0] }],
-    },
-    options: {
-      animation: false, responsive: true, maintainAspectRatio: false, locale: state.lang,
-      plugins: { legend: { rtl, position: 'bottom' }, tooltip: { rtl } },
-      scales: { x: { reverse: rtl }, y: { beginAtZero: true, position: rtl ? 'right' : 'left' } },
-    },
-  });
+  const labels = minutes.map((r) => timeOf(r.minute));
+  const values = minutes.map((r) => r.page_views ?? null);
+  const chart = state.charts.live;
+  if (chart && chart.options.locale === state.lang) {
+    // every few seconds: the same chart, new numbers
+    chart.data.labels = labels;
+    chart.data.datasets[0].data = values;
+    chart.update('none');
+  } else {
+    if (chart) chart.destroy();
+    state.charts.live = new Chart(section.querySelector('canvas'), {
+      type: 'bar',
+      data: { labels, datasets: [{ label: t('page_views'), data: values, backgroundColor: COLOURS[0] }] },
+      options: {
+        animation: false, responsive: true, maintainAspectRatio: false, locale: state.lang,
+        plugins: { legend: { rtl, position: 'bottom' }, tooltip: { rtl } },
+        scales: { x: { reverse: rtl }, y: { beginAtZero: true, position: rtl ? 'right' : 'left' } },
+      },
+    });
+  }
   const head = section.querySelector('thead');
   const body = section.querySelector('tbody');
   head.textContent = '';
