@@ -1,6 +1,6 @@
 //! The live view against `marsad up`: events sent now appear in `/v1/live` within 5 s;
 //! events that happened more than 30 minutes ago are processed into `events` but never
-//! appear live; a page with fewer visitors than the threshold is not listed; asking again
+//! appear live, nor do those of a visitor who opted out; a page with fewer visitors than the threshold is not listed; asking again
 //! gives the same numbers and spends nothing more; only analysts may ask.
 
 use std::time::{Duration, Instant};
@@ -98,10 +98,19 @@ fn the_live_view_shows_the_last_half_hour_within_seconds() -> Result<()> {
 
     // 40 minutes ago (the processor still takes them, into `events`), then now
     let old = chrono::Utc::now() - chrono::Duration::minutes(40);
+    // a visitor who opted out of analytics: its events are never counted, live or anywhere
+    let resp = Client::new()
+        .post(format!("{}/v1/opt-outs", m.ingest))
+        .header("cookie", "_mid=c-gone-0")
+        .json(&json!({"scope": "analytics"}))
+        .send()?;
+    ensure!(resp.status().as_u16() == 202, "opt-out: {}", resp.status());
     send(&m, &visits("c-old", 6, Some(old)))?;
     m.wait_for_count("SELECT count(*) FROM events", 13, Duration::from_secs(30))?;
     let sent_at = Instant::now();
-    send(&m, &visits("c-now", 10, None))?;
+    let mut now_events = visits("c-now", 10, None);
+    now_events.extend(visits("c-gone", 1, None));
+    send(&m, &now_events)?;
     let answer = loop {
         let (status, body) = live(&m, ANALYST_KEY)?;
         ensure!(status == 200, "{status} {body}");
@@ -149,6 +158,9 @@ fn the_live_view_shows_the_last_half_hour_within_seconds() -> Result<()> {
     ensure!(near(&again["total"], "visitors", 10), "{again}");
     ensure!(near(&again["total"], "page_views", 21), "{again}");
     ensure!((spent(&m)? - paid).abs() < 1e-9, "asking again spends nothing");
+
+    // the opted-out visitor's three events made no row: 13 old and 21 new ones
+    m.wait_for_count("SELECT count(*) FROM events", 34, Duration::from_secs(10))?;
 
     // parameters are checked
     let resp = Client::new()

@@ -295,6 +295,32 @@ mod tests {
     }
 
     #[test]
+    fn a_namespace_asks_other_questions_and_none_is_the_query_service() {
+        let settled = Hours::days(
+            chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap_or_default(),
+            chrono::NaiveDate::from_ymd_opt(2026, 1, 31).unwrap_or_default(),
+        );
+        let cell = Cell::of("traffic_hourly")
+            .within(settled)
+            .with_value("country", Some("IQ"));
+        let now = Utc::now();
+        let service = release().release(Mechanism::Noise, &cell, "sum(events)", 1000.0, now);
+        let draws: Vec<i64> = (0..8)
+            .map(|n| {
+                release()
+                    .in_namespace(&format!("email:weekly|sent-at={n}"))
+                    .release(Mechanism::Noise, &cell, "sum(events)", 1000.0, now)
+                    .value
+            })
+            .collect();
+        // each send its own noise: not all the same, and not all the service's
+        assert!(draws.iter().any(|&d| d != draws[0]), "{draws:?}");
+        assert!(draws.iter().any(|&d| d != service.value), "{draws:?}");
+        let again = release().release(Mechanism::Noise, &cell, "sum(events)", 1000.0, now);
+        assert_eq!(again, service, "no namespace: the query service's numbers");
+    }
+
+    #[test]
     fn session_time_is_noised_at_its_own_sensitivity() {
         let r = release();
         assert_eq!(r.sensitivity("sum(events)"), 40);
