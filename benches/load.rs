@@ -14,6 +14,10 @@
 //! Knobs: `LOAD_SECONDS` (default 10), `LOAD_CONCURRENCY` (32), `LOAD_BATCH` (100), `LOAD_EVENTS` (200000),
 //! `LOAD_ONLY` (`single`).
 
+/// The binary's allocator (`src/main.rs`), so the stages run here as they do in `marsad`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

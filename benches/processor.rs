@@ -29,6 +29,10 @@
 //!
 //! Knobs: `PROC_EVENTS`, `PROC_VISITORS`, `PROC_SKIP_DUCKDB=1`, `PROC_SKIP_DIGEST=1`.
 
+/// The binary's allocator (`src/main.rs`), so the stages run here as they do in `marsad`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[path = "common/mod.rs"]
 #[allow(dead_code)]
 mod common;

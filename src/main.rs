@@ -9,6 +9,12 @@ mod tools;
 
 use clap::Parser;
 
+/// The processor allocates and frees small values for every event (strings of the decoded
+/// envelope, map entries of the rollups); glibc's allocator spent a sixth of its time on them
+/// (BENCHMARKS.md, "The processor on realistic traffic").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use crate::cli::{Cli, Command, KeysCommand, ReportCommand, SegmentsCommand, TopicsCommand};
 
 fn main() -> anyhow::Result<()> {

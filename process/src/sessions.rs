@@ -31,7 +31,7 @@ impl SessionTracker {
         let mut h = Sha256::new();
         h.update(visitor_key.as_bytes());
         h.update(ts.timestamp_micros().to_be_bytes());
-        let id = hex::encode(&h.finalize()[..12]);
+        let id = marsad_privacy::pseudonym::lower_hex(&h.finalize()[..12]);
         self.open.insert(visitor_key.to_owned(), (id.clone(), ts));
         id
     }

@@ -68,7 +68,7 @@ impl Rollup for AdRollup {
                 _ => continue,
             };
             let ts = rows.ts.value(i);
-            if !self.clamp.admit(ts, rows.get(Col::VisitorKey, i)) {
+            if !self.clamp.admit(ts, rows.visitor(i)) {
                 continue;
             }
             let key = AdKey {

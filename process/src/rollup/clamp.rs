@@ -40,9 +40,9 @@ impl VisitorDayClamp {
         }
     }
 
-    /// Whether one more event of `visitor` at `ts_micros` counts (and counts it). Events
-    /// without a visitor (no cookie) are each a visitor of their own.
-    pub(crate) fn admit(&mut self, ts_micros: i64, visitor: Option<&str>) -> bool {
+    /// Whether one more event of `visitor` (its [`visitor_print`]) at `ts_micros` counts (and
+    /// counts it). Events without a visitor (no cookie) are each a visitor of their own.
+    pub(crate) fn admit(&mut self, ts_micros: i64, visitor: Option<u64>) -> bool {
         let Some(visitor) = visitor else {
             return true;
         };
@@ -66,16 +66,12 @@ impl VisitorDayClamp {
     /// what the table counted before a restart.
     pub(crate) fn preload(&mut self, day: i32, visitor: &str, events: u64) {
         let limit = self.limit;
-        let count = self.count_of(day, visitor);
+        let count = self.count_of(day, visitor_print(visitor));
         *count = (*count).max(events.min(u64::from(limit)) as u32);
     }
 
-    fn count_of(&mut self, day: i32, visitor: &str) -> &mut u32 {
-        self.days
-            .entry(day)
-            .or_default()
-            .entry(visitor_print(visitor))
-            .or_default()
+    fn count_of(&mut self, day: i32, visitor: u64) -> &mut u32 {
+        self.days.entry(day).or_default().entry(visitor).or_default()
     }
 
     /// Visitor-days followed now.
@@ -92,13 +88,13 @@ mod tests {
     #[test]
     fn a_visitor_counts_at_most_the_limit_a_day() {
         let mut c = VisitorDayClamp::new(3);
-        let v = Some("a1b2c3d4e5f60718293a4b5c6d7e8f90");
+        let v = Some(visitor_print("a1b2c3d4e5f60718293a4b5c6d7e8f90"));
         let day = 20_000 * MICROS_PER_DAY;
         let admitted = (0..10).filter(|_| c.admit(day, v)).count();
         assert_eq!(admitted, 3);
         assert!(c.admit(day + MICROS_PER_DAY, v), "a new day, a new visitor-day");
         assert!(
-            c.admit(day, Some("ffffffffffffffff0000000000000000")),
+            c.admit(day, Some(visitor_print("ffffffffffffffff0000000000000000"))),
             "another visitor"
         );
         assert!((0..10).all(|_| c.admit(day, None)), "no cookie: each event its own");
@@ -106,6 +102,9 @@ mod tests {
         c.admit(day + 2 * MICROS_PER_DAY, v);
         assert_eq!(c.len(), 2, "the day before the latest and the latest");
         c.preload(20_003, "0123456789abcdef0000000000000000", 99);
-        assert!(!c.admit(20_003 * MICROS_PER_DAY, Some("0123456789abcdef0000000000000000")));
+        assert!(!c.admit(
+            20_003 * MICROS_PER_DAY,
+            Some(visitor_print("0123456789abcdef0000000000000000"))
+        ));
     }
 }

@@ -53,7 +53,7 @@ impl Rollup for DemographicsRollup {
 
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
-            if !self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
+            if !self.clamp.admit(rows.ts.value(i), rows.visitor(i)) {
                 continue;
             }
             let key = DemographicsKey {

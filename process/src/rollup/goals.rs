@@ -26,8 +26,8 @@ use marsad_schemas::{funnels_hourly_schema, goals_hourly_schema};
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
 use super::rows::{
-    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
-    replay_rows,
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, SessionPrint, hour_within_days,
+    new_sketch, replay_rows,
 };
 use super::traffic::SESSION_MEMORY_MICROS;
 use crate::Result;
@@ -195,7 +195,7 @@ impl Rollup for GoalsRollup {
         for &i in which {
             for (g, (_, matcher)) in self.goals.iter().enumerate() {
                 // each conversion takes the visitor's day towards the clamp
-                if matcher.matches(rows, i) && self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
+                if matcher.matches(rows, i) && self.clamp.admit(rows.ts.value(i), rows.visitor(i)) {
                     let key = key_of(&mut self.values, rows, i, g as u16, 0);
                     let cell = self.cells.entry(key).or_default();
                     cell.count += 1;
@@ -238,7 +238,7 @@ pub(super) struct FunnelsRollup {
     funnels: Arc<Vec<(String, Vec<EventMatcher>)>>,
     names: Vec<String>,
     cells: FastMap<CellKey, Cell>,
-    open: FastMap<Box<str>, Progress>,
+    open: FastMap<SessionPrint, Progress>,
     values: Interner,
     watermark: i64,
     clamp: VisitorDayClamp,
@@ -264,13 +264,13 @@ impl FunnelsRollup {
         if self.funnels.is_empty() {
             return;
         }
-        let Some(session) = rows.get(Col::SessionId, i) else {
+        let Some(session) = rows.session(i) else {
             return;
         };
-        if !self.open.contains_key(session) {
+        if !self.open.contains_key(&session) {
             let start = key_of(&mut self.values, rows, i, 0, 0);
             self.open.insert(
-                session.into(),
+                session,
                 Progress {
                     reached: vec![0; self.funnels.len()],
                     start,
@@ -278,7 +278,7 @@ impl FunnelsRollup {
                 },
             );
         }
-        let Some(progress) = self.open.get_mut(session) else {
+        let Some(progress) = self.open.get_mut(&session) else {
             return;
         };
         progress.last = progress.last.max(ts);
@@ -291,7 +291,7 @@ impl FunnelsRollup {
                 progress.reached[f] = reached + 1;
                 // each step reached takes the visitor's day towards the clamp (one past it
                 // still moves the session on, and counts nowhere)
-                if count && self.clamp.admit(ts, rows.get(Col::VisitorKey, i)) {
+                if count && self.clamp.admit(ts, rows.visitor(i)) {
                     let key = CellKey {
                         which: f as u16,
                         step: reached + 1,

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use marsad_schemas::live::{LIVE_SLOT_SECONDS, LIVE_VISITS_PER_VISITOR_DAY, LIVE_WINDOW_MINUTES};
 use marsad_schemas::{LiveCell, LivePage, LiveSource};
 
-use super::clamp::{VisitorDayClamp, visitor_print};
+use super::clamp::VisitorDayClamp;
 use super::rows::{Col, EventRows, FastMap};
 
 const WINDOW_SECONDS: i64 = LIVE_WINDOW_MINUTES * 60;
@@ -156,7 +156,7 @@ impl LiveWindow {
                 continue;
             }
             // without a cookie nothing ties two events to one person: the clamp could not hold
-            let Some(visitor) = rows.get(Col::VisitorKey, i) else {
+            let Some(visitor) = rows.visitor(i) else {
                 continue;
             };
             // clamped by the day it is counted on (the client's clock does not pick the day)
@@ -205,8 +205,8 @@ impl LiveState {
         }
     }
 
-    fn count(&mut self, slot_start: i64, visitor: &str, page: Option<&str>, now: i64) {
-        let v = self.visitors.entry(visitor_print(visitor)).or_insert(RecentVisitor {
+    fn count(&mut self, slot_start: i64, visitor: u64, page: Option<&str>, now: i64) {
+        let v = self.visitors.entry(visitor).or_insert(RecentVisitor {
             counted_at: None,
             last_seen: now,
             pages: Vec::new(),

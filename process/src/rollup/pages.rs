@@ -14,8 +14,8 @@ use marsad_schemas::pages_hourly_schema;
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
 use super::rows::{
-    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
-    replay_rows,
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, SessionPrint, hour_within_days,
+    new_sketch, replay_rows,
 };
 use super::traffic::SESSION_MEMORY_MICROS;
 use crate::Result;
@@ -70,7 +70,7 @@ enum Take {
 /// `pages_hourly`: what each page was to the sessions that saw it.
 pub(super) struct PagesRollup {
     cells: FastMap<PageKey, PageCell>,
-    open: FastMap<Box<str>, OpenVisit>,
+    open: FastMap<SessionPrint, OpenVisit>,
     /// The values behind the keys' codes (of cells and of open sessions' exits).
     values: Interner,
     watermark: i64,
@@ -93,7 +93,7 @@ impl PagesRollup {
         self.watermark = self.watermark.max(ts);
         if rows.get(Col::EventType, i) != Some("page_view") {
             // not a page, but the session goes on
-            if let Some(open) = rows.get(Col::SessionId, i).and_then(|s| self.open.get_mut(s)) {
+            if let Some(open) = rows.session(i).and_then(|s| self.open.get_mut(&s)) {
                 open.last = open.last.max(ts);
             }
             return;
@@ -110,13 +110,13 @@ impl PagesRollup {
                 cell.visitors.update(v);
             }
         }
-        let Some(session) = rows.get(Col::SessionId, i) else {
+        let Some(session) = rows.session(i) else {
             return;
         };
-        match self.open.get_mut(session) {
+        match self.open.get_mut(&session) {
             None => {
                 self.open.insert(
-                    session.into(),
+                    session,
                     OpenVisit {
                         exit: key,
                         at: ts,
@@ -158,7 +158,7 @@ impl Rollup for PagesRollup {
         for &i in which {
             // past the clamp a page view counts nowhere, and its session's exit stays on the
             // last page that counted (a -1 must only ever meet a +1 that was counted)
-            if self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i)) {
+            if self.clamp.admit(rows.ts.value(i), rows.visitor(i)) {
                 self.observe(rows, i, Take::Count);
             }
         }

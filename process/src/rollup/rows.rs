@@ -7,6 +7,7 @@ use arrow::record_batch::RecordBatch;
 use datasketches::hll::{HllSketch, HllType};
 use marsad_schemas::HLL_LG_K;
 
+use super::clamp::visitor_print;
 use crate::{Error, Result};
 
 /// A hash map under a per-process random seed (foldhash), for keys nobody outside chooses:
@@ -137,12 +138,46 @@ pub(super) enum Col {
     UtmCampaign,
 }
 
+/// A session id as a map key held inline (no allocation, no pointer to follow when maps
+/// compare keys): the processor's ids, 24 lowercase hex digits, are kept whole with their
+/// length, so two ids have the same print only if they are the same id; any other text is
+/// hashed to 120 bits under a marker no such id has.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) struct SessionPrint(u128);
+
+/// The longest run of hex digits a print keeps whole (the length goes in the top byte).
+const SESSION_HEX_MAX: usize = 30;
+
+pub(super) fn session_print(session: &str) -> SessionPrint {
+    let hex = session.len() <= SESSION_HEX_MAX
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if hex {
+        // at most 30 hex digits fit in 120 bits; the empty id is 0 of length 0
+        let value = session.bytes().fold(0u128, |v, b| {
+            (v << 4) | u128::from((b as char).to_digit(16).unwrap_or(0))
+        });
+        return SessionPrint(((session.len() as u128) << 120) | value);
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(session.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    bytes[0] = 0xFF;
+    SessionPrint(u128::from_be_bytes(bytes))
+}
+
 /// `events` rows as the rollups read them, whatever string encoding the batch came in.
 pub struct EventRows {
     pub(super) ts: TimestampMicrosecondArray,
     strings: Vec<StringArray>,
     is_bot: BooleanArray,
     event_id: StringArray,
+    /// Each row's visitor as the clamps key it, computed once for every table.
+    visitors: Vec<Option<u64>>,
+    /// Each row's session as the session-following tables key it, computed once for all.
+    sessions: Vec<Option<SessionPrint>>,
 }
 
 fn utf8(batch: &RecordBatch, name: &str) -> Result<StringArray> {
@@ -179,12 +214,30 @@ impl EventRows {
             .cloned()
             .ok_or_else(|| missing("is_bot"))?;
         let strings = COLUMNS.iter().map(|c| utf8(batch, c)).collect::<Result<Vec<_>>>()?;
+        let prints = |col: Col| {
+            let a = &strings[col as usize];
+            move |i: usize| (!a.is_null(i)).then(|| a.value(i))
+        };
+        let visitor = prints(Col::VisitorKey);
+        let session = prints(Col::SessionId);
         Ok(EventRows {
+            visitors: (0..ts.len()).map(|i| visitor(i).map(visitor_print)).collect(),
+            sessions: (0..ts.len()).map(|i| session(i).map(session_print)).collect(),
             ts,
             strings,
             is_bot,
             event_id: utf8(batch, "event_id")?,
         })
+    }
+
+    /// Row `row`'s visitor as a clamp counts it (`None`: no cookie).
+    pub(super) fn visitor(&self, row: usize) -> Option<u64> {
+        self.visitors[row]
+    }
+
+    /// Row `row`'s session as the rollups follow it.
+    pub(super) fn session(&self, row: usize) -> Option<SessionPrint> {
+        self.sessions[row]
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -256,4 +309,34 @@ pub(crate) fn test_batch(rows: &[(&str, &str, i64, &str, &str)]) -> RecordBatch 
         })
         .collect();
     RecordBatch::try_new(schema, columns).expect("a valid batch")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_prints_tell_every_id_apart() {
+        let ids = [
+            "",
+            "0",
+            "00",
+            "a",
+            "0a",
+            "A",
+            "9f86d081884c7d659a2feaa0",
+            "9f86d081884c7d659a2feaa1",
+            "09f86d081884c7d659a2feaa0",
+            "s1",
+            "s2",
+            "123456789012345678901234567890",
+            "1234567890123456789012345678901",
+        ];
+        let prints: std::collections::HashSet<SessionPrint> = ids.iter().map(|s| session_print(s)).collect();
+        assert_eq!(prints.len(), ids.len(), "no two ids share a print");
+        assert_eq!(
+            session_print("9f86d081884c7d659a2feaa0"),
+            session_print("9f86d081884c7d659a2feaa0")
+        );
+    }
 }

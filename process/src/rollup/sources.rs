@@ -14,8 +14,8 @@ use marsad_schemas::sources_hourly_schema;
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
 use super::rows::{
-    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
-    replay_rows,
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, SessionPrint, hour_within_days,
+    new_sketch, replay_rows,
 };
 use super::traffic::SESSION_MEMORY_MICROS;
 use crate::Result;
@@ -75,7 +75,7 @@ struct OpenSession {
 /// `sources_hourly`: sessions, and what they did, by the source of their landing event.
 pub(super) struct SourcesRollup {
     cells: FastMap<SourceKey, SourceCell>,
-    open: FastMap<Box<str>, OpenSession>,
+    open: FastMap<SessionPrint, OpenSession>,
     /// The values behind the keys' codes (of cells and of open sessions' landing events).
     values: Interner,
     grouping: Arc<ChannelGrouping>,
@@ -137,7 +137,7 @@ impl SourcesRollup {
                 cell.visitors.update(v);
             }
         };
-        let Some(session) = rows.get(Col::SessionId, i) else {
+        let Some(session) = rows.session(i) else {
             // no session to land: the event counts where it came from, as no session
             if emit {
                 let key = self.key(rows, i);
@@ -145,7 +145,7 @@ impl SourcesRollup {
             }
             return;
         };
-        if let Some(open) = self.open.get_mut(session) {
+        if let Some(open) = self.open.get_mut(&session) {
             open.events += 1;
             // whole seconds of the session so far, so the increments add up to its duration
             let before = (open.last - open.first) / 1_000_000;
@@ -165,7 +165,7 @@ impl SourcesRollup {
         }
         let start = self.key(rows, i);
         self.open.insert(
-            session.into(),
+            session,
             OpenSession {
                 start,
                 events: 1,
@@ -195,7 +195,7 @@ impl Rollup for SourcesRollup {
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
             // past the clamp an event still carries its session on, but counts nowhere
-            let counts = self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i));
+            let counts = self.clamp.admit(rows.ts.value(i), rows.visitor(i));
             self.observe(rows, i, counts);
         }
         self.forget_idle();

@@ -12,8 +12,8 @@ use marsad_schemas::traffic_hourly_schema;
 use super::Rollup;
 use super::clamp::VisitorDayClamp;
 use super::rows::{
-    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, hour_within_days, new_sketch,
-    replay_rows,
+    Col, EventRows, FastMap, INTERNED_MAX, Interner, MICROS_PER_DAY, MICROS_PER_HOUR, SessionPrint, hour_within_days,
+    new_sketch, replay_rows,
 };
 use crate::Result;
 use crate::dedup::IdFingerprints;
@@ -75,7 +75,7 @@ struct OpenSession {
 /// event, its duration and bounce (a single event) are added there as later events arrive.
 pub(super) struct TrafficRollup {
     cells: FastMap<TrafficKey, TrafficCell>,
-    open: FastMap<Box<str>, OpenSession>,
+    open: FastMap<SessionPrint, OpenSession>,
     /// The values behind the keys' codes (of cells and of open sessions' first events).
     values: Interner,
     watermark: i64,
@@ -109,10 +109,10 @@ impl TrafficRollup {
     /// Follows sessions; with `emit`, adds what the row changes to the cells.
     pub(super) fn observe(&mut self, rows: &EventRows, i: usize, emit: bool) {
         let ts = rows.ts.value(i);
-        let session = rows.get(Col::SessionId, i);
+        let session = rows.session(i);
         // the key is needed to count the row or to remember where a session began, not to
         // follow a session already open (a replay, a row past the clamp)
-        let new_session = session.is_some_and(|s| !self.open.contains_key(s));
+        let new_session = session.is_some_and(|s| !self.open.contains_key(&s));
         let key = (emit || new_session).then(|| self.key(rows, i));
         if let (true, Some(key)) = (emit, key) {
             let cell = self.cells.entry(key).or_default();
@@ -125,10 +125,10 @@ impl TrafficRollup {
         let Some(session) = session else {
             return;
         };
-        match (self.open.get_mut(session), key) {
+        match (self.open.get_mut(&session), key) {
             (None, Some(key)) => {
                 self.open.insert(
-                    session.into(),
+                    session,
                     OpenSession {
                         start: key,
                         events: 1,
@@ -176,7 +176,7 @@ impl Rollup for TrafficRollup {
     fn add(&mut self, rows: &EventRows, which: &[usize]) {
         for &i in which {
             // past the clamp an event still carries its session on, but counts nowhere
-            let counts = self.clamp.admit(rows.ts.value(i), rows.get(Col::VisitorKey, i));
+            let counts = self.clamp.admit(rows.ts.value(i), rows.visitor(i));
             self.observe(rows, i, counts);
         }
         self.forget_idle();
