@@ -10,8 +10,8 @@ mod tools;
 use clap::Parser;
 
 /// The processor allocates and frees small values for every event (strings of the decoded
-/// envelope, map entries of the rollups); glibc's allocator spent a sixth of its time on them
-/// (BENCHMARKS.md, "The processor on realistic traffic").
+/// envelope, map entries of the rollups); glibc's allocator took about 15 % of its samples
+/// (BENCHMARKS.md, "mimalloc, session and visitor prints").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

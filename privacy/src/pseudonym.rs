@@ -23,8 +23,7 @@ impl std::fmt::Debug for PreparedKey {
     }
 }
 
-/// `bytes` as lowercase hex, through a table (`hex::encode` goes a `char` at a time, and an
-/// event needs up to four of these).
+/// `bytes` as lowercase hex by a plain loop into a sized string (an event needs up to four).
 pub fn lower_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(bytes.len() * 2);
