@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod commits;
+mod local_log;
 pub mod rewrites;
 
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
@@ -71,10 +72,20 @@ pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable>
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
     }
-    DeltaTableBuilder::from_url(location.table_url(name))
-        .map(|b| b.with_storage_options(location.storage_options()))
-        .and_then(|b| b.build())
-        .map_err(delta(name))
+    builder(location, name).and_then(|b| b.build()).map_err(delta(name))
+}
+
+/// How every table at `location` is opened: on local disk through [`local_log::LocalTables`]
+/// (the log's listing from an offset reads names, not every entry), elsewhere through the
+/// object store the URL names, with the location's settings.
+fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, DeltaTableError> {
+    let url = location.table_url(name);
+    let builder = DeltaTableBuilder::from_url(url.clone())?;
+    let builder = match location.local_dir() {
+        Some(_) => builder.with_storage_backend(std::sync::Arc::new(local_log::LocalTables::new()), url),
+        None => builder,
+    };
+    Ok(builder.with_storage_options(location.storage_options()))
 }
 
 /// Table `name` at `location` at its latest version, or `None` while it has no commit.
@@ -86,10 +97,7 @@ pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<
     {
         return Ok(None);
     }
-    let mut table = DeltaTableBuilder::from_url(location.table_url(name))
-        .map(|b| b.with_storage_options(location.storage_options()))
-        .and_then(|b| b.build())
-        .map_err(delta(name))?;
+    let mut table = builder(location, name).and_then(|b| b.build()).map_err(delta(name))?;
     // (on object storage: one listing request. Locally that check lists and stats the log, a
     // cost that grows with the table's age: skipped when the first commit or a checkpoint's
     // hint shows a table; a log without either, cleaned up by another engine, is still checked)
