@@ -5,13 +5,14 @@
 //!
 //! object_store 0.13 turns every entry's path into a URL and back (percent-encoding the whole
 //! absolute path) before it compares it with the offset. An hour of one commit a second keeps
-//! several thousand entries in the log, so that cost was paid for each of them on every commit
-//! (`benches/log_growth.rs`: commit p50 10.4 ms on a young table, 20.4 ms once the hour is
-//! full). Here the directory's names are read and compared as object paths, and only the
-//! entries after the offset are looked at further. The answer is the same as object_store's
-//! (tests below, a property test among them). A directory whose names are not all plain
-//! letters, digits, `.`, `_` and `-` (never the case in a Delta log) is listed by
-//! object_store itself.
+//! a few thousand entries in the log, and that cost was paid for each of them on every commit
+//! (BENCHMARKS.md, "Costs as a table ages"). Here the directory's names are read and each is
+//! compared with the offset as an object path; only a file after the offset, a link or a
+//! directory is looked at further. The answer is object_store's own (the tests below compare
+//! the two, property tests among them). The temporary files of a write in progress
+//! (`name#1`) are left out, as object_store leaves them out. A directory that cannot be read,
+//! or that holds any other name that is not plain ASCII letters, digits, `.`, `_` and `-` (a
+//! Delta log holds none), is listed by object_store itself, as is every directory nested in it.
 
 use std::fmt;
 use std::ops::Range;
@@ -60,16 +61,17 @@ enum Listed {
     Directory(Path),
 }
 
-/// Why the fast listing steps aside for object_store's own.
+/// What reading a directory by its names found.
 enum Entries {
     /// The directory's entries after the offset.
     After(Vec<Listed>),
-    /// A name that is not plain: object_store decides what it means.
-    NotPlain,
+    /// A name that is not plain, or a directory that could not be read: object_store lists
+    /// it (and says what is wrong with it).
+    Delegate,
 }
 
 /// Whether `name` is the same as an object path segment and as a file name: no character
-/// that object_store would encode, and no `#` (its multipart upload's temporary files).
+/// that object_store would encode, and no `#`.
 fn is_plain(name: &str) -> bool {
     !name.is_empty()
         && name != "."
@@ -79,15 +81,35 @@ fn is_plain(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// Whether `name` is a temporary file of object_store's local writes (`name#digits`), which
+/// its listing leaves out.
+fn is_write_in_progress(name: &str) -> bool {
+    name.split_once('#')
+        .is_some_and(|(_, suffix)| !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// An entry of the directory that could not be looked at.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+struct UnreadableEntry {
+    path: std::path::PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
 fn io_error(path: &std::path::Path, source: std::io::Error) -> object_store::Error {
     object_store::Error::Generic {
         store: "LocalTables",
-        source: format!("{}: {source}", path.display()).into(),
+        source: Box::new(UnreadableEntry {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
 /// The same tag object_store's local file system gives an object (inode, modification time
-/// in microseconds, size), so that a listing reads the same from either.
+/// in microseconds, size: its private `get_etag` in `local.rs`), so that a listing reads the
+/// same from either; the tests compare the two listings' tags.
 fn e_tag(metadata: &std::fs::Metadata) -> String {
     use std::os::unix::fs::MetadataExt as _;
     let mtime = metadata
@@ -116,7 +138,8 @@ fn entries_after(dir: &std::path::Path, prefix: &Path, offset: &Path) -> Result<
         Ok(read) => read,
         // as object_store: listing a directory that is not there lists nothing
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Entries::After(Vec::new())),
-        Err(e) => return Err(io_error(dir, e)),
+        // a file, no permission, …: what object_store answers is the answer
+        Err(_) => return Ok(Entries::Delegate),
     };
     let mut after = Vec::new();
     for entry in read {
@@ -125,16 +148,21 @@ fn entries_after(dir: &std::path::Path, prefix: &Path, offset: &Path) -> Result<
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_error(dir, e)),
         };
-        let name = entry.file_name();
-        let Some(name) = name.to_str().filter(|n| is_plain(n)) else {
-            return Ok(Entries::NotPlain);
-        };
-        let location = prefix.clone().join(name);
         let kind = match entry.file_type() {
             Ok(kind) => kind,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io_error(&entry.path(), e)),
         };
+        let name = entry.file_name();
+        let name = match name.to_str() {
+            Some(name) if is_plain(name) => name,
+            Some(name) if !kind.is_dir() && is_write_in_progress(name) => continue,
+            _ => {
+                tracing::debug!(directory = %dir.display(), entry = ?name, "a name that is not plain: the directory is listed by object_store");
+                return Ok(Entries::Delegate);
+            }
+        };
+        let location = prefix.clone().join(name);
         // a directory's entries can sort after the offset whatever its own name: listed whole
         if kind.is_dir() {
             after.push(Listed::Directory(location));
@@ -202,19 +230,14 @@ impl ObjectStore for LocalTables {
                 let (prefix, offset) = (prefix.clone(), offset.clone());
                 let read = move || entries_after(&dir, &prefix, &offset);
                 if tokio::runtime::Handle::try_current().is_ok() {
-                    tokio::task::spawn_blocking(read)
-                        .await
-                        .map_err(|e| object_store::Error::Generic {
-                            store: "LocalTables",
-                            source: Box::new(e),
-                        })??
+                    tokio::task::spawn_blocking(read).await??
                 } else {
                     read()?
                 }
             };
             let listed = match entries {
                 Entries::After(listed) => listed,
-                Entries::NotPlain => {
+                Entries::Delegate => {
                     return Ok::<Listing, object_store::Error>(files.list_with_offset(Some(&prefix), &offset));
                 }
             };
@@ -295,6 +318,11 @@ mod tests {
             log.join("00000000000000000300.json"),
         )?;
         std::os::unix::fs::symlink(log.join("gone"), log.join("00000000000000000301.json"))?;
+        // a write in progress, a directory that sorts before the offsets, a link to a directory
+        std::fs::write(log.join("00000000000000000250.json#1"), b"{")?;
+        std::fs::create_dir_all(log.join("00000000000000000005.d"))?;
+        std::fs::write(log.join("00000000000000000005.d").join("x.json"), b"{}")?;
+        std::os::unix::fs::symlink(log.join("_staged_commits"), log.join("zlinked"))?;
         Ok(log)
     }
 
@@ -324,10 +352,54 @@ mod tests {
         let after =
             sorted(ours.list_with_offset(Some(&prefix), &prefix.clone().join("00000000000000000200.json"))).await?;
         let names: Vec<&str> = after.iter().filter_map(|m| m.location.filename()).collect();
-        assert_eq!(names.len(), 49 + 1 + 1 + 1 + 1, "{names:?}");
+        // 201..=249, the .crc, the link to a file, _last_checkpoint; the staged commit twice
+        // (in its directory and through the link to it)
+        assert_eq!(names.len(), 49 + 1 + 1 + 1 + 2, "{names:?}");
         assert!(names.contains(&"00000000000000000300.json") && !names.contains(&"00000000000000000301.json"));
         assert!(names.contains(&"00000000000000000250.uuid.json"));
+        assert!(!names.iter().any(|n| n.contains('#')), "{names:?}");
         Ok(())
+    }
+
+    /// The listing by name is what answers for a Delta log (not object_store's, which the
+    /// comparisons above would also pass with): only directories are handed on.
+    #[test]
+    fn a_delta_log_is_read_by_name() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let log = a_log(dir.path())?;
+        let prefix = store_path(&log)?;
+        let Entries::After(listed) = entries_after(&log, &prefix, &prefix.clone().join("00000000000000000200.json"))?
+        else {
+            return Err("a Delta log was handed to object_store".into());
+        };
+        let objects = listed.iter().filter(|e| matches!(e, Listed::Object(_))).count();
+        let directories: Vec<&str> = listed
+            .iter()
+            .filter_map(|e| match e {
+                Listed::Directory(d) => d.filename(),
+                Listed::Object(_) => None,
+            })
+            .collect();
+        assert_eq!(objects, 49 + 1 + 1 + 1);
+        assert_eq!(directories.len(), 3, "{directories:?}");
+        // a name object_store would encode hands the directory on
+        std::fs::write(log.join("a b.json"), b"{}")?;
+        assert!(matches!(entries_after(&log, &prefix, &prefix)?, Entries::Delegate));
+        // so does a prefix that is a file
+        let file = log.join("00000000000000000001.json");
+        let file_prefix = store_path(&file)?;
+        assert!(matches!(
+            entries_after(&file, &file_prefix, &file_prefix)?,
+            Entries::Delegate
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_prefix_that_is_a_file_lists_as_before() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let log = a_log(dir.path())?;
+        same_listings(&log.join("00000000000000000001.json"), &["", "zzz"]).await
     }
 
     #[tokio::test]
