@@ -156,7 +156,7 @@ fn entries_after(dir: &std::path::Path, prefix: &Path, offset: &Path) -> Result<
         let name = entry.file_name();
         let name = match name.to_str() {
             Some(name) if is_plain(name) => name,
-            Some(name) if !kind.is_dir() && is_write_in_progress(name) => continue,
+            Some(name) if kind.is_file() && is_write_in_progress(name) => continue,
             _ => {
                 tracing::debug!(directory = %dir.display(), entry = ?name, "a name that is not plain: the directory is listed by object_store");
                 return Ok(Entries::Delegate);
