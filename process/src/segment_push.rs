@@ -54,7 +54,8 @@ pub struct MembershipChange {
     pub left: Vec<String>,
     /// Why.
     pub cause: Cause,
-    /// When Marsad published a refresh's change, or when the opt-out was made.
+    /// When Marsad published a refresh's change, or when the opt-out was made (when a refresh
+    /// saw it before the opt-out log was read: when that refresh was published).
     pub at: DateTime<Utc>,
 }
 
@@ -301,6 +302,36 @@ pub struct PublishedState {
     /// The sequence number the next change gets (reserved before delivery: never reused).
     #[serde(default)]
     pub next_sequence: u64,
+    /// The changes numbered since the lower of the two marks below, in order (each names
+    /// every segment its member is in now, so applying them again, in order, changes nothing).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent: Vec<MembershipChange>,
+    /// Every change numbered below this was acknowledged by every channel. Those of `recent`
+    /// from it on (a failed delivery, or a crash between a receiver's answer and this file)
+    /// are delivered again with the same sequences, before anything else: a receiver that
+    /// keeps the last sequence per member drops the repeat.
+    #[serde(default)]
+    pub delivered_below: u64,
+    /// The membership file has every change numbered below this. Those of `recent` from it on
+    /// (opt-outs since the last refresh, a crash between the two files) are applied to it when
+    /// the state is read, so a member who left is not published leaving again.
+    #[serde(default)]
+    pub membership_below: u64,
+}
+
+impl PublishedState {
+    /// The changes recorded and not yet acknowledged.
+    fn undelivered(&self) -> &[MembershipChange] {
+        let from = self.recent.partition_point(|c| c.sequence < self.delivered_below);
+        &self.recent[from..]
+    }
+
+    /// Forgets the changes both delivered and in the membership file.
+    fn prune(&mut self) {
+        let keep_from = self.delivered_below.min(self.membership_below);
+        let from = self.recent.partition_point(|c| c.sequence < keep_from);
+        self.recent.drain(..from);
+    }
 }
 
 /// The files of [`PublishedState`] and of the membership published last.
@@ -424,6 +455,43 @@ pub async fn served_membership(
     Ok(Some((version, membership, served)))
 }
 
+/// What a refresh publishes: the changes from `published` to the refresh's served membership
+/// `after` without the members `opt_outs` holds. A member who leaves because the registry
+/// heard of an opt-out before the publisher read it from the log leaves as opted out (every
+/// segment served before or now), so its removal looks the same whichever came first.
+pub fn refresh_changes(
+    published: &Membership,
+    mut after: Membership,
+    served_before: &BTreeSet<String>,
+    served_now: &BTreeSet<String>,
+    opt_outs: &OptOutRegistry,
+    at: DateTime<Utc>,
+) -> Vec<MembershipChange> {
+    without_opted_out(&mut after, opt_outs);
+    let ever_served: BTreeSet<String> = served_before.union(served_now).cloned().collect();
+    changes(published, &after, at)
+        .into_iter()
+        .map(|c| {
+            if opt_outs.is_opted_out(&c.audience_id, Purpose::Personalisation) {
+                opt_out_change(&c.audience_id, &ever_served, at)
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// `membership` after `changes` (each names every segment its member is in now).
+fn apply(membership: &mut Membership, changes: &[MembershipChange]) {
+    for c in changes {
+        if c.segments.is_empty() {
+            membership.remove(&c.audience_id);
+        } else {
+            membership.insert(c.audience_id.clone(), c.segments.iter().cloned().collect());
+        }
+    }
+}
+
 /// `membership` without the members `opt_outs` holds: a refresh that read the opt-outs before
 /// one was recorded and committed after it still names that member, who must not join again.
 pub fn without_opted_out(membership: &mut Membership, opt_outs: &OptOutRegistry) {
@@ -448,8 +516,9 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// A publisher to `channels`, resuming from what `state_dir` says was published; a member
-    /// `opt_outs` holds is never published as joining, whatever a refresh says.
+    /// A publisher to `channels`, resuming from what `state_dir` says was published (changes
+    /// recorded but not acknowledged are delivered first); a member `opt_outs` holds is never
+    /// published as joining, whatever a refresh says.
     pub fn open(
         channels: Vec<Arc<dyn SegmentChannel>>,
         opt_outs: Arc<OptOutRegistry>,
@@ -457,7 +526,9 @@ impl Publisher {
         batch_max: usize,
     ) -> Result<Self> {
         let state = state_dir.state()?;
-        let published = state_dir.membership()?;
+        let mut published = state_dir.membership()?;
+        let from = state.recent.partition_point(|c| c.sequence < state.membership_below);
+        apply(&mut published, &state.recent[from..]);
         let served = published.values().flatten().cloned().collect();
         Ok(Publisher {
             channels,
@@ -475,41 +546,66 @@ impl Publisher {
         self.state.opt_outs_next_offset
     }
 
-    /// Numbers `changes` (the range reserved on disk first, so a crash leaves a gap, never a
-    /// number used twice) and delivers them to every channel in order.
-    async fn deliver(&mut self, mut changes: Vec<MembershipChange>) -> Result<()> {
-        if changes.is_empty() {
-            return Ok(());
-        }
+    /// Numbers `changes` and records them, with the rest of the state, in one write (a crash
+    /// after it delivers them again with the same numbers; a crash before it leaves a gap at
+    /// most, never a number used twice), and applies them to the published membership.
+    fn record(&mut self, mut changes: Vec<MembershipChange>) -> Result<()> {
         let first = self.state.next_sequence;
         self.state.next_sequence = first + changes.len() as u64;
-        self.state_dir.save_state(&self.state)?;
         for (n, change) in changes.iter_mut().enumerate() {
             change.sequence = first + n as u64;
         }
-        for chunk in changes.chunks(self.batch_max) {
+        apply(&mut self.published, &changes);
+        self.state.recent.extend(changes);
+        self.state_dir.save_state(&self.state)
+    }
+
+    /// Delivers the changes recorded and not yet acknowledged to every channel, in order, and
+    /// records that they were; returns whether there were any. On an error they stay to be
+    /// delivered, for the next call.
+    pub async fn deliver_pending(&mut self) -> Result<bool> {
+        let undelivered = self.state.undelivered();
+        let Some(last) = undelivered.last().map(|c| c.sequence) else {
+            return Ok(false);
+        };
+        for chunk in undelivered.chunks(self.batch_max) {
             for channel in &self.channels {
                 channel.deliver(chunk).await?;
             }
         }
-        Ok(())
+        self.state.delivered_below = last + 1;
+        self.state.prune();
+        self.state_dir.save_state(&self.state)?;
+        Ok(true)
     }
 
     /// Publishes what changed since the last publication, if `segment_members` has a newer
-    /// version; returns how many members changed.
+    /// version (after what is still pending); returns how many members changed.
     pub async fn publish_refresh(&mut self, tables: &TablesLocation) -> Result<usize> {
-        let Some((version, mut after, served)) = served_membership(tables, self.state.segments_version).await? else {
+        self.deliver_pending().await?;
+        let Some((version, after, served)) = served_membership(tables, self.state.segments_version).await? else {
             return Ok(0);
         };
-        without_opted_out(&mut after, &self.opt_outs);
-        let changed = changes(&self.published, &after, Utc::now());
+        let changed = refresh_changes(
+            &self.published,
+            after,
+            &self.served,
+            &served,
+            &self.opt_outs,
+            Utc::now(),
+        );
         let count = changed.len();
-        self.deliver(changed).await?;
-        self.published = after;
-        self.served = served;
         self.state.segments_version = Some(version);
+        self.record(changed)?;
+        self.served = served;
+        // after the state: a crash between the two finds the changes recorded, and applies them
         self.state_dir.save_membership(&self.published)?;
-        self.state_dir.save_state(&self.state)?;
+        self.state.membership_below = self.state.next_sequence;
+        if !self.deliver_pending().await? {
+            // nothing changed: the new version and mark are still to be kept
+            self.state.prune();
+            self.state_dir.save_state(&self.state)?;
+        }
         Ok(count)
     }
 
@@ -517,34 +613,25 @@ impl Publisher {
     /// personalisation by a member published in a segment (its removal from every segment),
     /// and forgets the member; records already published (below the kept offset) are skipped,
     /// others (key fingerprints, ids never published) passed over: the ad system is not told of
-    /// pseudonyms it was never given.
+    /// pseudonyms it was never given. Called again after an error, it delivers what is pending.
     pub async fn publish_opt_out(&mut self, offset: u64, payload: &[u8]) -> Result<bool> {
-        if offset < self.state.opt_outs_next_offset {
-            return Ok(false);
-        }
-        let record = serde_json::from_slice::<OptOutRecord>(payload).ok();
-        if let Some(r) = &record {
-            // in force here at once, before the registry's own reader gets to it
-            self.opt_outs.apply(r);
-        }
-        let member = record
-            .as_ref()
-            .and_then(|r| Some((opted_out_member(r)?, r.at)))
-            .filter(|(id, _)| self.published.contains_key(*id));
-        let published = match member {
-            Some((id, at)) => {
-                let change = opt_out_change(id, &self.served, at);
-                self.deliver(vec![change]).await?;
-                // (the membership file is rewritten at the next refresh, not per opt-out: after
-                // a restart the member is filtered out of that refresh, and leaves again)
-                self.published.remove(id);
-                true
+        if offset >= self.state.opt_outs_next_offset {
+            let record = serde_json::from_slice::<OptOutRecord>(payload).ok();
+            if let Some(r) = &record {
+                // in force here at once, before the registry's own reader gets to it
+                self.opt_outs.apply(r);
             }
-            None => false,
-        };
-        self.state.opt_outs_next_offset = offset + 1;
-        self.state_dir.save_state(&self.state)?;
-        Ok(published)
+            let member = record
+                .as_ref()
+                .and_then(|r| Some((opted_out_member(r)?, r.at)))
+                .filter(|(id, _)| self.published.contains_key(*id));
+            let change = member.map(|(id, at)| opt_out_change(id, &self.served, at));
+            self.state.opt_outs_next_offset = offset + 1;
+            // (the membership file is rewritten at the next refresh, not per opt-out: until
+            // then the change is kept in the state, and applied to that file after a restart)
+            self.record(change.into_iter().collect())?;
+        }
+        self.deliver_pending().await
     }
 
     /// The channels, for logs.
@@ -702,6 +789,31 @@ mod tests {
     }
 
     #[test]
+    fn a_refresh_that_hears_of_an_opt_out_first_publishes_it_as_one() {
+        use marsad_privacy::optout::OptOutScope;
+        let registry = OptOutRegistry::default();
+        registry.apply(&OptOutRecord {
+            subject: "q".repeat(32),
+            audience_id: Some("q".into()),
+            scope: OptOutScope::Personalisation,
+            at: Utc::now(),
+        });
+        let published = membership(&[("q", &["cars"]), ("s", &["cars"])]);
+        // the refresh committed before it read the opt-out still names q; jobs is new
+        let after = membership(&[("q", &["cars", "jobs"]), ("s", &["cars", "jobs"])]);
+        let before: BTreeSet<String> = ["cars".to_owned()].into();
+        let now: BTreeSet<String> = ["cars".to_owned(), "jobs".to_owned()].into();
+        let got = refresh_changes(&published, after, &before, &now, &registry, Utc::now());
+        let by_id: BTreeMap<&str, &MembershipChange> = got.iter().map(|c| (c.audience_id.as_str(), c)).collect();
+        assert_eq!(by_id.len(), 2);
+        assert_eq!(by_id["q"].cause, Cause::OptOut);
+        assert!(by_id["q"].segments.is_empty() && by_id["q"].joined.is_empty());
+        assert_eq!(by_id["q"].left, ["cars", "jobs"]);
+        assert_eq!(by_id["s"].cause, Cause::Refresh);
+        assert_eq!(by_id["s"].joined, ["jobs"]);
+    }
+
+    #[test]
     fn an_opt_out_leaves_every_served_segment() {
         let served: BTreeSet<String> = ["cars".to_owned(), "jobs".to_owned()].into();
         let change = opt_out_change("x", &served, Utc::now());
@@ -721,6 +833,130 @@ mod tests {
         assert_ne!(a, sign(&[8u8; 32], 1_700_000_000, b"{\"changes\":[]}"));
     }
 
+    /// A channel that keeps what it is given; `fail_after` makes its next delivery lose the
+    /// answer (kept, then an error), `hang` makes it keep and never answer (a crash before the
+    /// publisher hears back).
+    #[derive(Default)]
+    struct Recorder {
+        got: std::sync::Mutex<Vec<MembershipChange>>,
+        lose_next_answer: std::sync::atomic::AtomicBool,
+        hang: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl SegmentChannel for Recorder {
+        async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+            self.got
+                .lock()
+                .map_err(|_| push_error("recorder", "poisoned"))?
+                .extend_from_slice(changes);
+            if self.hang {
+                std::future::pending::<()>().await;
+            }
+            if self.lose_next_answer.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(push_error("recorder", "the answer was lost"));
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "recorder".into()
+        }
+    }
+
+    impl Recorder {
+        fn sequences(&self) -> Vec<(u64, String)> {
+            self.got
+                .lock()
+                .map(|g| g.iter().map(|c| (c.sequence, c.audience_id.clone())).collect())
+                .unwrap_or_default()
+        }
+    }
+
+    fn opt_out_of(id: &str) -> Vec<u8> {
+        let record = OptOutRecord {
+            subject: format!("{id}{id}"),
+            audience_id: Some(id.to_owned()),
+            scope: marsad_privacy::optout::OptOutScope::Personalisation,
+            at: Utc::now(),
+        };
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
+    fn publisher(dir: &Path, channel: Arc<Recorder>) -> Result<Publisher> {
+        Publisher::open(
+            vec![channel],
+            Arc::new(OptOutRegistry::default()),
+            StateDir::open(dir.join("push"))?,
+            10,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_answer_was_lost_is_delivered_again_with_its_number() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
+        StateDir::open(dir.path().join("push"))?.save_membership(&membership(&[("a", &["cars"]), ("b", &["cars"])]))?;
+        let channel = Arc::new(Recorder::default());
+        let mut p = publisher(dir.path(), channel.clone())?;
+        channel
+            .lose_next_answer
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await.is_err());
+        // the retry the run loop makes: the same record, the same change, the same number
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await?);
+        assert!(p.publish_opt_out(1, &opt_out_of("b")).await?);
+        // a record already published, and an id never published: nothing sent
+        assert!(!p.publish_opt_out(1, &opt_out_of("b")).await?);
+        assert!(!p.publish_opt_out(2, &opt_out_of("z")).await?);
+        assert_eq!(
+            channel.sequences(),
+            [(0, "a".to_owned()), (0, "a".to_owned()), (1, "b".to_owned())]
+        );
+        // the membership file still names both (it is written at refreshes); after a restart
+        // neither is a member, so the next refresh does not publish them leaving again
+        drop(p);
+        let p = publisher(dir.path(), Arc::new(Recorder::default()))?;
+        assert_eq!(p.state_dir.membership()?.len(), 2);
+        assert!(p.published.is_empty(), "{:?}", p.published);
+        assert_eq!(p.state.next_sequence, 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_crash_between_the_receivers_answer_and_the_state_delivers_the_same_change_again() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
+        StateDir::open(dir.path().join("push"))?
+            .save_membership(&membership(&[("a", &["cars", "jobs"]), ("b", &["cars"])]))?;
+        let before = Arc::new(Recorder {
+            hang: true,
+            ..Recorder::default()
+        });
+        let mut p = publisher(dir.path(), before.clone())?;
+        // the receiver has the change; the publisher dies before it hears so
+        let cut = tokio::time::timeout(Duration::from_millis(200), p.publish_opt_out(0, &opt_out_of("a"))).await;
+        assert!(cut.is_err(), "the delivery was to hang");
+        drop(p);
+        let received = before.got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert_eq!(received.len(), 1);
+
+        let after = Arc::new(Recorder::default());
+        let mut p = publisher(dir.path(), after.clone())?;
+        // the record is not read twice, and the removal already counts: a is no member
+        assert_eq!(p.opt_outs_next_offset(), 1);
+        assert!(!p.published.contains_key("a"));
+        assert!(p.deliver_pending().await?);
+        let again = after.got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert_eq!(again, received, "the same change, with the same number");
+        assert_eq!(again[0].left, ["cars", "jobs"]);
+        // nothing pending any more; the next change is numbered after it
+        assert!(!p.deliver_pending().await?);
+        assert!(p.publish_opt_out(1, &opt_out_of("b")).await?);
+        assert_eq!(after.sequences(), [(0, "a".to_owned()), (1, "b".to_owned())]);
+        let kept = p.state_dir.state()?;
+        assert_eq!(kept.delivered_below, 2);
+        assert!(kept.undelivered().is_empty());
+        Ok(())
+    }
+
     #[test]
     fn the_state_survives_a_restart() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
@@ -730,6 +966,12 @@ mod tests {
             segments_version: Some(4),
             opt_outs_next_offset: 9,
             next_sequence: 31,
+            recent: vec![MembershipChange {
+                sequence: 30,
+                ..opt_out_change("b", &["cars".to_owned()].into(), Utc::now())
+            }],
+            delivered_below: 30,
+            membership_below: 29,
         };
         states.save_state(&state)?;
         let m = membership(&[("a", &["cars"])]);
