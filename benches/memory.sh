@@ -26,6 +26,8 @@ export RUST_LOG=warn
 # the processor remembers every event of the run (its duplicate filter is sized for them)
 export MARSAD_PROCESS__DEDUP_CAPACITY=$events
 export MARSAD_PROCESS__METRICS_ADDR=127.0.0.1:$(free_port)
+# the simulator sends everything from one address: the per-address limit would refuse most of it
+export MARSAD_INGEST__LIMITS__RATE_PER_SECOND=0
 
 # 1. the raw log: ingest alone, fed by the simulator (realistic traffic, 200k visitors)
 port=$(free_port)
@@ -39,6 +41,12 @@ rate=40000
 kill -TERM $ingest; wait $ingest || true
 sent=$(grep -o '[0-9]* acknowledged' "$dir/simulate.log" | tail -1 | cut -d' ' -f1)
 echo "raw log: $sent events acknowledged by ingest ($(tail -1 "$dir/simulate.log"))"
+# a run whose events were mostly refused must not pass for a result
+refused=$(grep -o '[0-9]* rejected, [0-9]* failed' "$dir/simulate.log" | tail -1 | awk '{print $1 + $3}')
+if [ -z "$sent" ] || [ "${refused:-1}" -gt $(( sent / 100 )) ]; then
+  echo "${refused:-?} events refused or failed against ${sent:-?} acknowledged: not a measurement" >&2
+  exit 1
+fi
 
 # 2. the processor drains it, then is stopped
 /usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &

@@ -457,8 +457,9 @@ pub async fn served_membership(
 
 /// What a refresh publishes: the changes from `published` to the refresh's served membership
 /// `after` without the members `opt_outs` holds. A member who leaves because the registry
-/// heard of an opt-out before the publisher read it from the log leaves as opted out (every
-/// segment served before or now), so its removal looks the same whichever came first.
+/// heard of an opt-out before the publisher read it from the log leaves as opted out (`left`
+/// naming every segment served before or now), so its removal has the same form, an opt-out
+/// out of every segment known served, whichever came first.
 pub fn refresh_changes(
     published: &Membership,
     mut after: Membership,
@@ -479,6 +480,29 @@ pub fn refresh_changes(
             }
         })
         .collect()
+}
+
+/// One change for a member in place of two undelivered ones (`older` numbered before `newer`):
+/// the newer's number, state and cause, with joined and left counted from the state the
+/// member had before `older`.
+fn merged(older: &MembershipChange, newer: MembershipChange) -> MembershipChange {
+    let was: BTreeSet<&String> = older
+        .segments
+        .iter()
+        .filter(|s| !older.joined.contains(s))
+        .chain(older.left.iter())
+        .collect();
+    let is: BTreeSet<&String> = newer.segments.iter().collect();
+    let mut left: BTreeSet<String> = was.difference(&is).map(|s| (*s).clone()).collect();
+    if newer.cause == Cause::OptOut {
+        // an opt-out names every segment it leaves, whatever was delivered
+        left.extend(newer.left.iter().cloned());
+    }
+    MembershipChange {
+        joined: is.difference(&was).map(|s| (*s).clone()).collect(),
+        left: left.into_iter().collect(),
+        ..newer
+    }
 }
 
 /// `membership` after `changes` (each names every segment its member is in now).
@@ -546,24 +570,52 @@ impl Publisher {
         self.state.opt_outs_next_offset
     }
 
-    /// Numbers `changes` and records them, with the rest of the state, in one write (a crash
-    /// after it delivers them again with the same numbers; a crash before it leaves a gap at
-    /// most, never a number used twice), and applies them to the published membership.
-    fn record(&mut self, mut changes: Vec<MembershipChange>) -> Result<()> {
-        let first = self.state.next_sequence;
-        self.state.next_sequence = first + changes.len() as u64;
+    /// Numbers `changes` and records them, with `update` made to the rest of the state, in one
+    /// write (a crash after it delivers them again with the same numbers; a crash before it
+    /// leaves a gap at most, never a number used twice), then applies them to the published
+    /// membership. Nothing changes here unless the write succeeded. A member keeps at most one
+    /// undelivered change, the newest (joined and left counted from what it was delivered
+    /// as), so a delivery retried in pieces never puts an older state after a newer one.
+    fn record(&mut self, mut changes: Vec<MembershipChange>, update: impl FnOnce(&mut PublishedState)) -> Result<()> {
+        let mut next = self.state.clone();
+        update(&mut next);
+        let first = next.next_sequence;
+        next.next_sequence = first + changes.len() as u64;
         for (n, change) in changes.iter_mut().enumerate() {
             change.sequence = first + n as u64;
         }
-        apply(&mut self.published, &changes);
-        self.state.recent.extend(changes);
-        self.state_dir.save_state(&self.state)
+        let undelivered_from = next.recent.partition_point(|c| c.sequence < next.delivered_below);
+        if undelivered_from < next.recent.len() && !changes.is_empty() {
+            let mut superseded: BTreeMap<String, MembershipChange> = BTreeMap::new();
+            let ids: BTreeSet<&str> = changes.iter().map(|c| c.audience_id.as_str()).collect();
+            let mut kept = Vec::with_capacity(next.recent.len());
+            for (i, c) in next.recent.drain(..).enumerate() {
+                if i >= undelivered_from && ids.contains(c.audience_id.as_str()) {
+                    // the first one is the earliest: what the member was delivered as
+                    superseded.entry(c.audience_id.clone()).or_insert(c);
+                } else {
+                    kept.push(c);
+                }
+            }
+            next.recent = kept;
+            for change in &mut changes {
+                if let Some(older) = superseded.remove(&change.audience_id) {
+                    *change = merged(&older, change.clone());
+                }
+            }
+        }
+        let from = next.recent.len();
+        next.recent.extend(changes);
+        self.state_dir.save_state(&next)?;
+        apply(&mut self.published, &next.recent[from..]);
+        self.state = next;
+        Ok(())
     }
 
     /// Delivers the changes recorded and not yet acknowledged to every channel, in order, and
     /// records that they were; returns whether there were any. On an error they stay to be
     /// delivered, for the next call.
-    pub async fn deliver_pending(&mut self) -> Result<bool> {
+    async fn deliver_pending(&mut self) -> Result<bool> {
         let undelivered = self.state.undelivered();
         let Some(last) = undelivered.last().map(|c| c.sequence) else {
             return Ok(false);
@@ -595,8 +647,7 @@ impl Publisher {
             Utc::now(),
         );
         let count = changed.len();
-        self.state.segments_version = Some(version);
-        self.record(changed)?;
+        self.record(changed, |state| state.segments_version = Some(version))?;
         self.served = served;
         // after the state: a crash between the two finds the changes recorded, and applies them
         self.state_dir.save_membership(&self.published)?;
@@ -613,7 +664,8 @@ impl Publisher {
     /// personalisation by a member published in a segment (its removal from every segment),
     /// and forgets the member; records already published (below the kept offset) are skipped,
     /// others (key fingerprints, ids never published) passed over: the ad system is not told of
-    /// pseudonyms it was never given. Called again after an error, it delivers what is pending.
+    /// pseudonyms it was never given. Returns whether a removal was delivered (called again after
+    /// an error, the one recorded then). Called again after an error, it delivers what is pending.
     pub async fn publish_opt_out(&mut self, offset: u64, payload: &[u8]) -> Result<bool> {
         if offset >= self.state.opt_outs_next_offset {
             let record = serde_json::from_slice::<OptOutRecord>(payload).ok();
@@ -626,11 +678,26 @@ impl Publisher {
                 .and_then(|r| Some((opted_out_member(r)?, r.at)))
                 .filter(|(id, _)| self.published.contains_key(*id));
             let change = member.map(|(id, at)| opt_out_change(id, &self.served, at));
-            self.state.opt_outs_next_offset = offset + 1;
-            // (the membership file is rewritten at the next refresh, not per opt-out: until
-            // then the change is kept in the state, and applied to that file after a restart)
-            self.record(change.into_iter().collect())?;
+            let removal = change.is_some();
+            self.record(change.into_iter().collect(), |state| {
+                state.opt_outs_next_offset = offset + 1
+            })?;
+            // the membership file is rewritten at refreshes, not per opt-out: until then the
+            // removal is kept in the state and applied to the file after a restart; when
+            // refreshes are rare, the file is rewritten here so the state stays small
+            let unsaved = self.state.recent.len()
+                - self
+                    .state
+                    .recent
+                    .partition_point(|c| c.sequence < self.state.membership_below);
+            if unsaved >= OPT_OUTS_BEFORE_MEMBERSHIP_WRITE {
+                self.state_dir.save_membership(&self.published)?;
+                self.state.membership_below = self.state.next_sequence;
+            }
+            let delivered = self.deliver_pending().await?;
+            return Ok(removal && delivered);
         }
+        // a retry after an error: the removal recorded then, if any, is what is pending
         self.deliver_pending().await
     }
 
@@ -639,6 +706,10 @@ impl Publisher {
         self.channels.iter().map(|c| c.describe()).collect()
     }
 }
+
+/// How many changes since the membership file was written make an opt-out rewrite it (the
+/// state file, rewritten at each opt-out, holds them until then).
+const OPT_OUTS_BEFORE_MEMBERSHIP_WRITE: usize = 1_000;
 
 /// How often the publisher looks for a new version of `segment_members` (a refresh, by this
 /// process or by `marsad segments refresh`).
@@ -833,19 +904,23 @@ mod tests {
         assert_ne!(a, sign(&[8u8; 32], 1_700_000_000, b"{\"changes\":[]}"));
     }
 
-    /// A channel that keeps what it is given; `fail_after` makes its next delivery lose the
-    /// answer (kept, then an error), `hang` makes it keep and never answer (a crash before the
-    /// publisher hears back).
+    /// A channel that keeps what it is given; `lose_next_answer` makes its next delivery lose
+    /// the answer (kept, then an error), `refuse` refuses every delivery (nothing kept), `hang`
+    /// makes it keep and never answer (a crash before the publisher hears back).
     #[derive(Default)]
     struct Recorder {
         got: std::sync::Mutex<Vec<MembershipChange>>,
         lose_next_answer: std::sync::atomic::AtomicBool,
+        refuse: std::sync::atomic::AtomicBool,
         hang: bool,
     }
 
     #[async_trait::async_trait]
     impl SegmentChannel for Recorder {
         async fn deliver(&self, changes: &[MembershipChange]) -> Result<()> {
+            if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(push_error("recorder", "refused"));
+            }
             self.got
                 .lock()
                 .map_err(|_| push_error("recorder", "poisoned"))?
@@ -957,6 +1032,102 @@ mod tests {
         Ok(())
     }
 
+    fn change(id: &str, segments: &[&str], joined: &[&str], left: &[&str], cause: Cause) -> MembershipChange {
+        let names = |x: &[&str]| x.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        MembershipChange {
+            sequence: 0,
+            audience_id: id.to_owned(),
+            segments: names(segments),
+            joined: names(joined),
+            left: names(left),
+            cause,
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn two_undelivered_changes_of_a_member_merge_into_the_newer() {
+        // cars → cars+jobs, then → jobs+pets: from what was delivered (cars), jobs and pets
+        // were joined and cars left
+        let older = change("a", &["cars", "jobs"], &["jobs"], &[], Cause::Refresh);
+        let newer = change("a", &["jobs", "pets"], &["pets"], &["cars"], Cause::Refresh);
+        let m = merged(&older, MembershipChange { sequence: 8, ..newer });
+        assert_eq!(
+            (m.sequence, m.segments.clone()),
+            (8, vec!["jobs".to_owned(), "pets".to_owned()])
+        );
+        assert_eq!(m.joined, ["jobs", "pets"]);
+        assert_eq!(m.left, ["cars"]);
+        // a join never delivered, then an opt-out: nothing joined, every segment left
+        let older = change("a", &["cars", "jobs"], &["jobs"], &[], Cause::Refresh);
+        let newer = change("a", &[], &[], &["cars", "jobs", "pets"], Cause::OptOut);
+        let m = merged(&older, newer);
+        assert!(m.joined.is_empty() && m.segments.is_empty());
+        assert_eq!(
+            (m.cause, m.left),
+            (Cause::OptOut, vec!["cars".into(), "jobs".into(), "pets".into()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retried_delivery_never_puts_an_older_state_after_a_newer_one() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
+        StateDir::open(dir.path().join("push"))?.save_membership(&membership(&[("a", &["cars"]), ("b", &["cars"])]))?;
+        let channel = Arc::new(Recorder::default());
+        let mut p = publisher(dir.path(), channel.clone())?;
+        channel.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+        // a refresh's change that cannot be delivered, then the member's opt-out behind it
+        p.record(
+            vec![change("a", &["cars", "jobs"], &["jobs"], &[], Cause::Refresh)],
+            |_| {},
+        )?;
+        p.record(
+            vec![change("b", &["cars", "jobs"], &["jobs"], &[], Cause::Refresh)],
+            |_| {},
+        )?;
+        assert!(p.deliver_pending().await.is_err());
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await.is_err());
+        let pending: Vec<(u64, &str, Cause)> = p
+            .state
+            .undelivered()
+            .iter()
+            .map(|c| (c.sequence, c.audience_id.as_str(), c.cause))
+            .collect();
+        assert_eq!(pending, [(1, "b", Cause::Refresh), (2, "a", Cause::OptOut)]);
+        channel.refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await?);
+        assert_eq!(channel.sequences(), [(1, "b".to_owned()), (2, "a".to_owned())]);
+        let got = channel.got.lock().map(|g| g.clone()).unwrap_or_default();
+        assert!(got[1].joined.is_empty(), "a never heard it joined jobs: {:?}", got[1]);
+        // and after a restart a is still out
+        drop(p);
+        let p = publisher(dir.path(), Arc::new(Recorder::default()))?;
+        assert_eq!(p.published, membership(&[("b", &["cars", "jobs"])]));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_state_that_cannot_be_written_changes_nothing() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
+        let push = dir.path().join("push");
+        StateDir::open(push.clone())?.save_membership(&membership(&[("a", &["cars"])]))?;
+        let channel = Arc::new(Recorder::default());
+        let mut p = publisher(dir.path(), channel.clone())?;
+        // the directory replaced by a file: every write fails (even as root)
+        let aside = dir.path().join("aside");
+        std::fs::rename(&push, &aside).map_err(|e| push_error("temp", e))?;
+        std::fs::write(&push, b"").map_err(|e| push_error("temp", e))?;
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await.is_err());
+        assert!(channel.sequences().is_empty(), "nothing numbered is sent unrecorded");
+        assert_eq!((p.state.next_sequence, p.state.opt_outs_next_offset), (0, 0));
+        assert_eq!(p.published, membership(&[("a", &["cars"])]));
+        std::fs::remove_file(&push).map_err(|e| push_error("temp", e))?;
+        std::fs::rename(&aside, &push).map_err(|e| push_error("temp", e))?;
+        assert!(p.publish_opt_out(0, &opt_out_of("a")).await?);
+        assert_eq!(channel.sequences(), [(0, "a".to_owned())]);
+        Ok(())
+    }
+
     #[test]
     fn the_state_survives_a_restart() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
@@ -971,7 +1142,7 @@ mod tests {
                 ..opt_out_change("b", &["cars".to_owned()].into(), Utc::now())
             }],
             delivered_below: 30,
-            membership_below: 29,
+            membership_below: 30,
         };
         states.save_state(&state)?;
         let m = membership(&[("a", &["cars"])]);
