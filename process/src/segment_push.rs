@@ -966,12 +966,18 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_change_whose_answer_was_lost_is_delivered_again_with_its_number() -> Result<()> {
+    /// A publisher that published a and b in cars, with a recording channel.
+    fn publishing_a_and_b_in_cars() -> Result<(tempfile::TempDir, Arc<Recorder>, Publisher)> {
         let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
         StateDir::open(dir.path().join("push"))?.save_membership(&membership(&[("a", &["cars"]), ("b", &["cars"])]))?;
         let channel = Arc::new(Recorder::default());
-        let mut p = publisher(dir.path(), channel.clone())?;
+        let p = publisher(dir.path(), channel.clone())?;
+        Ok((dir, channel, p))
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_answer_was_lost_is_delivered_again_with_its_number() -> Result<()> {
+        let (dir, channel, mut p) = publishing_a_and_b_in_cars()?;
         channel
             .lose_next_answer
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1071,10 +1077,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retried_delivery_never_puts_an_older_state_after_a_newer_one() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| push_error("temp", e))?;
-        StateDir::open(dir.path().join("push"))?.save_membership(&membership(&[("a", &["cars"]), ("b", &["cars"])]))?;
-        let channel = Arc::new(Recorder::default());
-        let mut p = publisher(dir.path(), channel.clone())?;
+        let (dir, channel, mut p) = publishing_a_and_b_in_cars()?;
         channel.refuse.store(true, std::sync::atomic::Ordering::SeqCst);
         // a refresh's change that cannot be delivered, then the member's opt-out behind it
         p.record(
