@@ -486,6 +486,44 @@ mod tests {
         Ok(())
     }
 
+    /// The other order: an erasure commits between the processor's snapshot and its append.
+    /// delta-rs takes the append for a read of the file the erasure removed; the append goes
+    /// on the newer version (it read nothing), once, without the processor giving its
+    /// partition up. A writer that recorded the same partition meanwhile still wins.
+    #[tokio::test]
+    async fn an_append_commits_over_an_erasure_unless_its_partition_moved()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        append_ten(&mut events, 9).await?;
+        let erase = |visitor: &'static str| {
+            let tables = tables.clone();
+            async move {
+                let table = open_table(&tables, "events").await?.ok_or("events")?;
+                let (_, erased) = table.delete().with_predicate(format!("visitor_key = '{visitor}'")).await?;
+                Ok::<_, Box<dyn std::error::Error>>(erased.num_deleted_rows)
+            }
+        };
+        assert_eq!(erase("v3").await?, Some(1));
+        append_ten(&mut events, 19).await?;
+        assert_eq!(counts(&tables, "v3").await?, (19, 1), "the append after the erasure, once");
+
+        // an erasure, then another processor takes the partition (records a position of it):
+        // the append meets the erasure first, and must not go on over the other's position
+        assert_eq!(erase("v4").await?, Some(2));
+        let mut taken_over = EventsTable::open_or_create(&tables).await?;
+        append_ten(&mut taken_over, 29).await?;
+        let failed = append_ten(&mut events, 29).await;
+        let error = failed.err().ok_or("an append over another processor's position")?;
+        let error = error
+            .downcast::<Error>()
+            .map_err(|e| format!("not a processor error: {e}"))?;
+        assert!(error.is_lost_ownership(), "{error}");
+        assert_eq!(counts(&tables, "v4").await?, (27, 1), "nothing doubled, the erased stay erased");
+        Ok(())
+    }
+
     /// A table an earlier Marsad made (or a data engineer's tool) gets the properties Marsad
     /// needs when the processor opens it: log cleanup out of the commit path, an hour's log
     /// retention, and for `events` the isolation an erasure needs. An operator's own retention

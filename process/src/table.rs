@@ -90,6 +90,28 @@ impl TableSpec {
     }
 }
 
+/// Appends in a row that rewrites of the same table may fail before the conflict is
+/// returned (the caller gives the partitions up and catches up again).
+const MAX_REWRITE_CONFLICTS: usize = 5;
+
+/// Whether a commit failed because another commit since its snapshot removed files (an
+/// erasure, a compaction), not because another writer recorded positions of the same
+/// partitions.
+fn is_rewrite_conflict(e: &Error) -> bool {
+    use deltalake::kernel::transaction::{CommitConflictError, TransactionError};
+    matches!(
+        e,
+        Error::Delta {
+            source: DeltaTableError::Transaction {
+                source: TransactionError::CommitConflict(
+                    CommitConflictError::ConcurrentDeleteRead | CommitConflictError::ConcurrentDeleteDelete
+                )
+            },
+            ..
+        }
+    )
+}
+
 /// A Delta table the processor appends to.
 #[derive(Clone)]
 pub struct DeltaSink {
@@ -186,24 +208,56 @@ impl DeltaSink {
     /// duplicate through.
     pub async fn committed(&mut self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
         self.table.update_state().await.map_err(|e| self.delta(e))?;
+        self.positions_in_snapshot(app_ids).await
+    }
+
+    /// Appends `batch` and records `positions` (app id, position) in the same transaction;
+    /// returns the new table version.
+    ///
+    /// delta-rs takes an append for a read of every file in its snapshot, so an erasure's
+    /// delete or a compaction committed meanwhile fails it (`ConcurrentDeleteRead`), though
+    /// the append read nothing. It goes on the newer version then, unless another writer
+    /// recorded one of `positions`' app ids meanwhile: that conflict is a partition that moved
+    /// to another processor, and is returned.
+    pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
+        let mut rewrites = 0;
+        loop {
+            match self.append_once(batch.clone(), positions).await {
+                Err(e) if rewrites < MAX_REWRITE_CONFLICTS && is_rewrite_conflict(&e) => {
+                    rewrites += 1;
+                    let apps: Vec<String> = positions.iter().map(|(app, _)| app.clone()).collect();
+                    // the snapshot the failed commit built on (a failed write leaves it as it was)
+                    let before = self.positions_in_snapshot(&apps).await?;
+                    let now = self.committed(&apps).await?;
+                    if before != now {
+                        return Err(e);
+                    }
+                    tracing::debug!(table = self.name, rewrites, "a rewrite committed under an append; appending again");
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// The positions recorded for `app_ids` in the snapshot this sink holds, without reading
+    /// newer commits.
+    async fn positions_in_snapshot(&self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
         let log_store = self.table.log_store();
         let snapshot = self.table.snapshot().map_err(|e| self.delta(e))?;
-        let mut committed = HashMap::new();
+        let mut recorded = HashMap::new();
         for app_id in app_ids {
             let version = snapshot
                 .transaction_version(log_store.as_ref(), app_id)
                 .await
                 .map_err(|e| self.delta(e))?;
             if let Some(v) = version {
-                committed.insert(app_id.clone(), v);
+                recorded.insert(app_id.clone(), v);
             }
         }
-        Ok(committed)
+        Ok(recorded)
     }
 
-    /// Appends `batch` and records `positions` (app id, position) in the same transaction;
-    /// returns the new table version.
-    pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
+    async fn append_once(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
         let append_properties = || {
             append_writer_properties().map_err(|source| Error::Query {
                 table: self.name,
@@ -212,8 +266,8 @@ impl DeltaSink {
         };
         let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
         let partitions: Vec<String> = self.partition_columns();
-        // a blind append (it reads nothing of the table): a concurrent erasure, backfill or
-        // compaction that rewrites other files need not conflict with it
+        // marked a blind append (it reads nothing of the table): a concurrent erasure, backfill
+        // or compaction that rewrites files need not fail because of it
         let properties = CommitProperties::default()
             .with_application_transactions(txns)
             .with_metadata([("isBlindAppend".to_owned(), serde_json::Value::Bool(true))]);

@@ -270,20 +270,8 @@ impl Rollups {
                 Some(b) => b,
                 None => t.rollup.take()?,
             };
-            let mut rewrites = 0;
-            while let Err(e) = t.sink.append(batch.clone(), &behind).await {
-                // Delta takes a blind append for a read of every file: a compaction of this
-                // table committed since its snapshot fails it. It may go on the newer version
-                // unless another processor recorded these positions meanwhile (then the
-                // partition is not ours any more, and the conflict says so next time).
-                if rewrites < MAX_REWRITE_CONFLICTS && is_rewrite_conflict(&e) {
-                    rewrites += 1;
-                    let apps: Vec<String> = behind.iter().map(|(app, _)| app.clone()).collect();
-                    let now = t.sink.committed(&apps).await?;
-                    if apps.iter().all(|app| now.get(app) == t.covered.get(app)) {
-                        continue;
-                    }
-                }
+            // (a compaction of this table committed meanwhile is retried by the sink)
+            if let Err(e) = t.sink.append(batch.clone(), &behind).await {
                 t.pending = Some(batch);
                 return Err(e);
             }
@@ -293,23 +281,3 @@ impl Rollups {
     }
 }
 
-/// Rollup commits in a row that a compaction of the same table may fail before the
-/// processor gives the partitions up and catches up again.
-const MAX_REWRITE_CONFLICTS: usize = 5;
-
-/// Whether a commit failed because another commit since its snapshot removed files (a
-/// compaction), not because another writer recorded positions of the same partitions.
-fn is_rewrite_conflict(e: &Error) -> bool {
-    use deltalake::kernel::transaction::{CommitConflictError, TransactionError};
-    matches!(
-        e,
-        Error::Delta {
-            source: deltalake::DeltaTableError::Transaction {
-                source: TransactionError::CommitConflict(
-                    CommitConflictError::ConcurrentDeleteRead | CommitConflictError::ConcurrentDeleteDelete
-                )
-            },
-            ..
-        }
-    )
-}
