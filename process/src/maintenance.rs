@@ -501,13 +501,20 @@ mod tests {
             let tables = tables.clone();
             async move {
                 let table = open_table(&tables, "events").await?.ok_or("events")?;
-                let (_, erased) = table.delete().with_predicate(format!("visitor_key = '{visitor}'")).await?;
+                let (_, erased) = table
+                    .delete()
+                    .with_predicate(format!("visitor_key = '{visitor}'"))
+                    .await?;
                 Ok::<_, Box<dyn std::error::Error>>(erased.num_deleted_rows)
             }
         };
         assert_eq!(erase("v3").await?, Some(1));
         append_ten(&mut events, 19).await?;
-        assert_eq!(counts(&tables, "v3").await?, (19, 1), "the append after the erasure, once");
+        assert_eq!(
+            counts(&tables, "v3").await?,
+            (19, 1),
+            "the append after the erasure, once"
+        );
 
         // an erasure, then another processor takes the partition (records a position of it):
         // the append meets the erasure first, and must not go on over the other's position
@@ -520,7 +527,11 @@ mod tests {
             .downcast::<Error>()
             .map_err(|e| format!("not a processor error: {e}"))?;
         assert!(error.is_lost_ownership(), "{error}");
-        assert_eq!(counts(&tables, "v4").await?, (27, 1), "nothing doubled, the erased stay erased");
+        assert_eq!(
+            counts(&tables, "v4").await?,
+            (27, 1),
+            "nothing doubled, the erased stay erased"
+        );
         Ok(())
     }
 

@@ -232,7 +232,11 @@ impl DeltaSink {
                     if before != now {
                         return Err(e);
                     }
-                    tracing::debug!(table = self.name, rewrites, "a rewrite committed under an append; appending again");
+                    tracing::debug!(
+                        table = self.name,
+                        rewrites,
+                        "a rewrite committed under an append; appending again"
+                    );
                 }
                 outcome => return outcome,
             }
@@ -371,7 +375,7 @@ impl DeltaSink {
         let partitions: Vec<String> = self.partition_columns();
         // row groups of 64k rows and files of 64 MiB: the writer's buffer stays a row group
         let properties = deltalake::parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_row_count(Some(REWRITE_ROW_GROUP_ROWS))
+            .set_max_row_group_row_count(Some(marsad_tables::REWRITE_ROW_GROUP_ROWS))
             .build();
         let table = self
             .table
@@ -467,6 +471,23 @@ impl DeltaSink {
         ctx.sql(sql).await.map_err(query)?.execute_stream().await.map_err(query)
     }
 
+    /// Runs `sql` against the latest version, one stream per partition of the plan, to be read
+    /// in order: the rows come in the order [`DeltaSink::query`] gives them, whatever the
+    /// threads' timing, without holding them all.
+    pub async fn query_partitions(&self, sql: &str) -> Result<Vec<datafusion::execution::SendableRecordBatchStream>> {
+        let query = |source| Error::Query {
+            table: self.name,
+            source,
+        };
+        let ctx = self.session(None).await?;
+        ctx.sql(sql)
+            .await
+            .map_err(query)?
+            .execute_stream_partitioned()
+            .await
+            .map_err(query)
+    }
+
     /// Runs `sql` against this table (at `version` or the latest).
     pub async fn query(&self, sql: &str, version: Option<u64>) -> Result<Vec<RecordBatch>> {
         let query = |source| Error::Query {
@@ -478,8 +499,6 @@ impl DeltaSink {
     }
 }
 
-/// Rows per Parquet row group of a streaming rewrite (what its writer holds before writing).
-const REWRITE_ROW_GROUP_ROWS: usize = 64 * 1024;
 /// Target size of the files of a streaming rewrite.
 const REWRITE_FILE_BYTES: u64 = 64 * 1024 * 1024;
 

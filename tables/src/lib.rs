@@ -19,9 +19,9 @@ use marsad_config::TablesLocation;
 
 pub use commits::{Commit, read_commit};
 pub use rewrites::{
-    ErasureNotice, LongTransactionNotice, RewriteRun, Unreferenced, announce_erasure, announce_long_transaction,
-    erasure_in_progress, is_vanished_file, long_transaction_in_progress, remove_replaced_files,
-    remove_unreferenced_rewrites,
+    ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, Unreferenced, announce_erasure,
+    announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
+    remove_replaced_files, remove_unreferenced_rewrites,
 };
 
 /// Why a table could not be opened or read.

@@ -37,6 +37,11 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// lose it.
 pub const UNREFERENCED_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Rows per row group of a rewrite (a compaction, an erasure). A Parquet writer holds the row
+/// group it is writing in memory: Parquet's default of about a million rows made a compaction
+/// of one busy day of `events` hold 600 MiB more (BENCHMARKS.md, "Memory").
+pub const REWRITE_ROW_GROUP_ROWS: usize = 64 * 1024;
+
 /// One run of a rewrite (a compaction, an erasure's delete): what marks its files.
 #[derive(Debug, Clone)]
 pub struct RewriteRun {
@@ -65,10 +70,11 @@ impl RewriteRun {
     }
 
     /// Parquet writer settings that mark the files with this run (zstd, as Delta optimize's
-    /// default).
+    /// default), in row groups of [`REWRITE_ROW_GROUP_ROWS`].
     pub fn writer_properties(&self) -> WriterProperties {
         WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(4).unwrap_or_default()))
+            .set_max_row_group_row_count(Some(REWRITE_ROW_GROUP_ROWS))
             .set_key_value_metadata(Some(vec![KeyValue::new(REWRITE_RUN_KEY.to_owned(), self.id.clone())]))
             .build()
     }

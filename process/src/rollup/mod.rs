@@ -42,7 +42,7 @@ use traffic::TrafficRollup;
 
 pub use catch_up::CatchUp;
 pub(crate) use catch_up::oldest_version_to_keep;
-pub use compaction::{CompactedDate, compact, merge_partial_rows};
+pub use compaction::{CompactedDate, PartialRowMerger, compact};
 pub use live::{LiveWindow, OTHER_PAGES};
 pub use rows::EventRows;
 #[cfg(test)]
@@ -280,4 +280,3 @@ impl Rollups {
         Ok(())
     }
 }
-
