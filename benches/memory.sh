@@ -6,7 +6,8 @@
 #   benches/memory.sh            # MEMORY_EVENTS (default 2,000,000) events, MEMORY_EXPORT_ROWS (50,000,000)
 #
 # Builds the release binary first (cargo build --release), or uses MEMORY_BIN (e.g. the one
-# `cargo bench` built, target/release/marsad). Prints one line per path.
+# `cargo bench` built, target/release/marsad). Prints one line per path. The processor runs on
+# MEMORY_SETTLE_SECS (90) after the drain, for the compactions of what it wrote.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,17 +50,28 @@ if [ -z "$sent" ] || [ -z "$refused" ] || [ "$refused" -gt $(( (sent + refused) 
 fi
 echo "raw log: $sent events acknowledged by ingest ($(tail -1 "$dir/simulate.log"))"
 
-# 2. the processor drains it, then is stopped
-/usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &
+# 2. the processor drains it, runs its compactions over what it wrote, then is stopped
+RUST_LOG=warn,marsad::stages=info /usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &
 process=$!
+started=$(date +%s)
 count() { "$bin" sql --data-dir "$data" --format csv -e "$1" 2>/dev/null | sed -n 2p; }
+rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$(pgrep -P $process | head -1)/status" 2>/dev/null || echo 0; }
 # drained when the count stops moving (a few events may be opted out or dead-lettered)
-last=-1; stored=0
+last=-1; stored=0; peak_drain=0
 while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
   last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
+  now=$(rss); now=${now:-0}
+  if [ "$now" -gt "$peak_drain" ]; then peak_drain=$now; fi
 done
+drained=$(( $(date +%s) - started ))
+# the compactions of the rollups and of `events` (one after the other, every
+# process.rollup_compaction_interval_secs, 20 s) over the drained day run after the drain:
+# they count in the processor's memory as much as the drain does
+settle=${MEMORY_SETTLE_SECS:-90}
+sleep "$settle"
 pkill -TERM -P $process; wait $process || true
-echo "process: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time"), wall $(wall "$dir/process.time")"
+compactions=$(grep -c 'files compacted\|rollups compacted' "$dir/process.time" || true)
+echo "process: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time") (${peak_drain} MiB sampled while draining, ${drained} s; then ${settle} s more, ${compactions} compactions), wall $(wall "$dir/process.time")"
 
 # 3. a backfill of today (the whole raw log is read; memory is a chunk, not the log)
 today=$(date -u +%F)

@@ -535,6 +535,38 @@ mod tests {
         Ok(())
     }
 
+    /// A processor that committed only one of its partitions for a while has a snapshot past
+    /// another processor's take-over of the other: its next append there, failed by an
+    /// erasure, must not go on over the new owner's position.
+    #[tokio::test]
+    async fn an_append_over_an_erasure_sees_a_take_over_its_quiet_commits_stepped_past()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let (p0, p1) = (
+            crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 0),
+            crate::offsets::app_id(marsad_schemas::TOPIC_RAW, 1),
+        );
+        let batch = || test_batch(&[("v1", "s1", 1, "cars", "page_view")]);
+        let mut events = EventsTable::open_or_create(&tables).await?;
+        // it owns both partitions: neither has a position yet
+        assert!(events.committed_offsets(&[p0.clone(), p1.clone()]).await?.is_empty());
+        events.append(batch(), &[(p0.clone(), 9)]).await?;
+        let mut other = EventsTable::open_or_create(&tables).await?;
+        other.append(batch(), &[(p1.clone(), 19)]).await?;
+        // partition 0 alone: no conflict, and its snapshot now holds the other's position
+        events.append(batch(), &[(p0.clone(), 29)]).await?;
+        let table = open_table(&tables, "events").await?.ok_or("events")?;
+        table.delete().with_predicate("visitor_key = 'v1'").await?;
+        let error = events
+            .append(batch(), &[(p1.clone(), 39)])
+            .await
+            .err()
+            .ok_or("an append over another processor's position")?;
+        assert!(error.is_lost_ownership(), "{error}");
+        Ok(())
+    }
+
     /// A table an earlier Marsad made (or a data engineer's tool) gets the properties Marsad
     /// needs when the processor opens it: log cleanup out of the commit path, an hour's log
     /// retention, and for `events` the isolation an erasure needs. An operator's own retention

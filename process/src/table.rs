@@ -117,6 +117,9 @@ fn is_rewrite_conflict(e: &Error) -> bool {
 pub struct DeltaSink {
     name: &'static str,
     table: DeltaTable,
+    /// Per app id, the position this sink last committed or read as its own (none yet:
+    /// `None`): what a retry over a rewrite expects to find still recorded.
+    recorded: HashMap<String, Option<i64>>,
 }
 
 impl DeltaSink {
@@ -125,7 +128,11 @@ impl DeltaSink {
         let name = spec.name.as_str();
         let delta = |source| Error::Delta { table: name, source };
         if let Some(table) = open_table(tables, name).await? {
-            let mut sink = DeltaSink { name, table };
+            let mut sink = DeltaSink {
+                name,
+                table,
+                recorded: HashMap::new(),
+            };
             sink.settle_properties(spec).await?;
             return Ok(sink);
         }
@@ -146,10 +153,18 @@ impl DeltaSink {
             .with_commit_properties(CommitProperties::default().with_max_retries(0))
             .await;
         match created {
-            Ok(table) => Ok(DeltaSink { name, table }),
+            Ok(table) => Ok(DeltaSink {
+                name,
+                table,
+                recorded: HashMap::new(),
+            }),
             // another processor created it first
             Err(e) => match open_table(tables, name).await? {
-                Some(table) => Ok(DeltaSink { name, table }),
+                Some(table) => Ok(DeltaSink {
+                    name,
+                    table,
+                    recorded: HashMap::new(),
+                }),
                 None => Err(delta(e)),
             },
         }
@@ -207,6 +222,15 @@ impl DeltaSink {
     /// conflict check (which only looks at commits after its snapshot) would then let a
     /// duplicate through.
     pub async fn committed(&mut self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
+        let committed = self.latest_positions(app_ids).await?;
+        for app in app_ids {
+            self.recorded.insert(app.clone(), committed.get(app).copied());
+        }
+        Ok(committed)
+    }
+
+    /// The positions recorded for `app_ids` in the latest version.
+    async fn latest_positions(&mut self, app_ids: &[String]) -> Result<HashMap<String, i64>> {
         self.table.update_state().await.map_err(|e| self.delta(e))?;
         self.positions_in_snapshot(app_ids).await
     }
@@ -216,9 +240,13 @@ impl DeltaSink {
     ///
     /// delta-rs takes an append for a read of every file in its snapshot, so an erasure's
     /// delete or a compaction committed meanwhile fails it (`ConcurrentDeleteRead`), though
-    /// the append read nothing. It goes on the newer version then, unless another writer
-    /// recorded one of `positions`' app ids meanwhile: that conflict is a partition that moved
-    /// to another processor, and is returned.
+    /// the append read nothing. It goes on the newer version then, unless a position of one
+    /// of `positions`' app ids is recorded now that this sink neither committed nor read as
+    /// its own ([`DeltaSink::committed`]; for an app id it never did, one its snapshot did not
+    /// hold): that is a partition that moved to another processor, and the conflict is
+    /// returned. Each try writes its files
+    /// anew; a failed try's files are referenced by no version, and the sweep of unreferenced
+    /// files removes them a day later (`marsad_tables::UNREFERENCED_KEPT`).
     pub async fn append(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
         let mut rewrites = 0;
         loop {
@@ -228,8 +256,15 @@ impl DeltaSink {
                     let apps: Vec<String> = positions.iter().map(|(app, _)| app.clone()).collect();
                     // the snapshot the failed commit built on (a failed write leaves it as it was)
                     let before = self.positions_in_snapshot(&apps).await?;
-                    let now = self.committed(&apps).await?;
-                    if before != now {
+                    let now = self.latest_positions(&apps).await?;
+                    let moved = apps.iter().any(|app| {
+                        let expected = match self.recorded.get(app) {
+                            Some(own) => *own,
+                            None => before.get(app).copied(),
+                        };
+                        now.get(app).copied() != expected
+                    });
+                    if moved {
                         return Err(e);
                     }
                     tracing::debug!(
@@ -238,7 +273,12 @@ impl DeltaSink {
                         "a rewrite committed under an append; appending again"
                     );
                 }
-                outcome => return outcome,
+                Ok(version) => {
+                    self.recorded
+                        .extend(positions.iter().map(|(app, p)| (app.clone(), Some(*p))));
+                    return Ok(version);
+                }
+                Err(e) => return Err(e),
             }
         }
     }
@@ -472,8 +512,8 @@ impl DeltaSink {
     }
 
     /// Runs `sql` against the latest version, one stream per partition of the plan, to be read
-    /// in order: the rows come in the order [`DeltaSink::query`] gives them, whatever the
-    /// threads' timing, without holding them all.
+    /// one after another: for a plain scan (no repartitioning in the plan) the rows come in the
+    /// same order every time, whatever the threads' timing, and are never all held at once.
     pub async fn query_partitions(&self, sql: &str) -> Result<Vec<datafusion::execution::SendableRecordBatchStream>> {
         let query = |source| Error::Query {
             table: self.name,

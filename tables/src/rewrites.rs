@@ -38,8 +38,7 @@ pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 pub const UNREFERENCED_KEPT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Rows per row group of a rewrite (a compaction, an erasure). A Parquet writer holds the row
-/// group it is writing in memory: Parquet's default of about a million rows made a compaction
-/// of one busy day of `events` hold 600 MiB more (BENCHMARKS.md, "Memory").
+/// group it is writing in memory, and Parquet's default is about a million rows.
 pub const REWRITE_ROW_GROUP_ROWS: usize = 64 * 1024;
 
 /// One run of a rewrite (a compaction, an erasure's delete): what marks its files.

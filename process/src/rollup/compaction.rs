@@ -94,8 +94,8 @@ pub struct PartialRowMerger {
 }
 
 /// The visitors of one key so far: most keys of a busy table have a single partial row, so
-/// its sketch is kept as stored (a few dozen bytes) until a second one comes; a union holds
-/// a hundred bytes and more.
+/// its sketch is kept as stored until a second one comes (a few dozen bytes for a key of few
+/// visitors, where a union holds a hundred and more; up to 4 KiB either way at lg_k 12).
 enum GroupSketch {
     None,
     One(Box<[u8]>),
@@ -189,14 +189,15 @@ impl PartialRowMerger {
         let key_columns: Vec<ArrayRef> = self.keys.iter().map(|&i| column(i)).collect::<Result<_>>()?;
         let sum_columns: Vec<ArrayRef> = self.sums.iter().map(|&i| column(i)).collect::<Result<_>>()?;
         let sketch_columns: Vec<ArrayRef> = self.sketches.iter().map(|&i| column(i)).collect::<Result<_>>()?;
+        let cast_error = || arrow::error::ArrowError::CastError("a rollup column not in the table's type".into());
         let ints: Vec<&Int64Array> = sum_columns
             .iter()
-            .filter_map(|c| c.as_any().downcast_ref::<Int64Array>())
-            .collect();
+            .map(|c| c.as_any().downcast_ref::<Int64Array>().ok_or_else(cast_error))
+            .collect::<std::result::Result<_, _>>()?;
         let bins: Vec<&BinaryArray> = sketch_columns
             .iter()
-            .filter_map(|c| c.as_any().downcast_ref::<BinaryArray>())
-            .collect();
+            .map(|c| c.as_any().downcast_ref::<BinaryArray>().ok_or_else(cast_error))
+            .collect::<std::result::Result<_, _>>()?;
         let rows = self.converter.convert_columns(&key_columns)?;
         for r in 0..batch.num_rows() {
             let key = rows.row(r);
