@@ -31,7 +31,7 @@
 
 /// The binary's allocator (`src/main.rs`), so the stages run here as they do in `marsad`.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[path = "common/mod.rs"]
 #[allow(dead_code)]

@@ -9,11 +9,12 @@ mod tools;
 
 use clap::Parser;
 
-/// The processor allocates and frees small values for every event (strings of the decoded
-/// envelope, map entries of the rollups); glibc's allocator took about 15 % of its samples
-/// (BENCHMARKS.md, "mimalloc, session and visitor prints").
+/// The processor allocates and frees small values for every event (glibc's allocator took
+/// about 15 % of its samples), and its compactions free hundreds of MiB at a time on whatever
+/// threads ran them: jemalloc's background threads give those pages back to the system where
+/// mimalloc kept them resident (BENCHMARKS.md, "Memory").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use crate::cli::{Cli, Command, KeysCommand, ReportCommand, SegmentsCommand, TopicsCommand};
 

@@ -71,3 +71,6 @@ mod over_time;
 
 /// Tables on object storage (an S3 server): written, read, audited and erased there.
 mod object_storage;
+
+/// The binary's allocator returns freed memory: jemalloc's background threads, a 1 s decay.
+mod allocator;
