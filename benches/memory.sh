@@ -8,6 +8,8 @@
 # Builds the release binary first (cargo build --release), or uses MEMORY_BIN (e.g. the one
 # `cargo bench` built, target/release/marsad). Prints one line per path. The processor runs on
 # MEMORY_SETTLE_SECS (90) after the drain, for the compactions of what it wrote.
+# MEMORY_BASELINE_BIN (another build, e.g. of the commit before) drains a copy of the same raw
+# log first, so that the two processors' peaks come from one run and one input.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,27 +53,39 @@ fi
 echo "raw log: $sent events acknowledged by ingest ($(tail -1 "$dir/simulate.log"))"
 
 # 2. the processor drains it, runs its compactions over what it wrote, then is stopped
-RUST_LOG=warn,marsad::stages=info /usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &
-process=$!
-started=$(date +%s)
-count() { "$bin" sql --data-dir "$data" --format csv -e "$1" 2>/dev/null | sed -n 2p; }
-rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$(pgrep -P $process | head -1)/status" 2>/dev/null || echo 0; }
-# drained when the count stops moving (a few events may be opted out or dead-lettered)
-last=-1; stored=0; peak_drain=0
-while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
-  last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
-  now=$(rss); now=${now:-0}
-  if [ "$now" -gt "$peak_drain" ]; then peak_drain=$now; fi
-done
-drained=$(( $(date +%s) - started ))
-# the compactions of the rollups and of `events` (one after the other, every
-# process.rollup_compaction_interval_secs, 20 s) over the drained day run after the drain:
-# they count in the processor's memory as much as the drain does
-settle=${MEMORY_SETTLE_SECS:-90}
-sleep "$settle"
-pkill -TERM -P $process; wait $process || true
-compactions=$(grep -c 'files compacted\|rollups compacted' "$dir/process.time" || true)
-echo "process: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time") (${peak_drain} MiB sampled while draining, ${drained} s; then ${settle} s more, ${compactions} compactions), wall $(wall "$dir/process.time")"
+# (`drain BIN DATA LABEL`: one line; the baseline first, on a copy of the same raw log)
+drain() {
+  local bin=$1 data=$2 label=$3
+  RUST_LOG=warn,marsad::stages=info /usr/bin/time -v "$bin" process --data-dir "$data" >"$dir/process.log" 2>"$dir/process.time" &
+  local process=$!
+  local started; started=$(date +%s)
+  count() { "$bin" sql --data-dir "$data" --format csv -e "$1" 2>/dev/null | sed -n 2p; }
+  rss() { awk '/VmRSS/ {printf "%.0f", $2/1024}' "/proc/$(pgrep -P $process | head -1)/status" 2>/dev/null || echo 0; }
+  # drained when the count stops moving (a few events may be opted out or dead-lettered)
+  local last=-1 peak_drain=0 now
+  stored=0  # (global: the export line below names the main run's count)
+  while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
+    last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
+    now=$(rss); now=${now:-0}
+    if [ "$now" -gt "$peak_drain" ]; then peak_drain=$now; fi
+  done
+  local drained=$(( $(date +%s) - started ))
+  # the compactions of the rollups and of `events` (one after the other, every
+  # process.rollup_compaction_interval_secs, 20 s) over the drained day run after the drain:
+  # they count in the processor's memory as much as the drain does
+  local settle=${MEMORY_SETTLE_SECS:-90}
+  sleep "$settle"
+  pkill -TERM -P $process; wait $process || true
+  local compactions; compactions=$(grep -c 'files compacted\|rollups compacted' "$dir/process.time" || true)
+  local cpu; cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.1f", s}' "$dir/process.time")
+  echo "$label: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time") (${peak_drain} MiB sampled while draining, ${drained} s; then ${settle} s more, ${compactions} compactions), wall $(wall "$dir/process.time"), cpu ${cpu} s"
+}
+if [ -n "${MEMORY_BASELINE_BIN:-}" ]; then
+  cp -a "$data" "$dir/baseline-data"
+  drain "$MEMORY_BASELINE_BIN" "$dir/baseline-data" "process, baseline $(basename "$MEMORY_BASELINE_BIN")"
+  rm -rf "$dir/baseline-data"
+fi
+drain "$bin" "$data" process
 
 # 3. a backfill of today (the whole raw log is read; memory is a chunk, not the log)
 today=$(date -u +%F)
