@@ -65,6 +65,9 @@ drain() {
   local last=-1 peak_drain=0 now
   stored=0  # (global: the export line below names the main run's count)
   while [ "$stored" != "$last" ] || [ "$stored" = 0 ]; do
+    # a processor that died (an older baseline build refusing today's settings, say) is
+    # not a measurement: its log, and the end of the script
+    kill -0 "$process" 2>/dev/null || { echo "$label: the processor ended early:" >&2; cat "$dir/process.time" >&2; exit 1; }
     last=$stored; sleep 5; stored=$(count 'SELECT count(*) FROM events' || echo 0)
     now=$(rss); now=${now:-0}
     if [ "$now" -gt "$peak_drain" ]; then peak_drain=$now; fi
@@ -75,7 +78,7 @@ drain() {
   # they count in the processor's memory as much as the drain does
   local settle=${MEMORY_SETTLE_SECS:-90}
   sleep "$settle"
-  pkill -TERM -P $process; wait $process || true
+  pkill -TERM -P $process || true; wait $process || true
   local compactions; compactions=$(grep -c 'files compacted\|rollups compacted' "$dir/process.time" || true)
   local cpu; cpu=$(awk -F': ' '/User time|System time/ {s += $2} END {printf "%.1f", s}' "$dir/process.time")
   echo "$label: $stored events stored, each remembered for duplicates: peak $(peak "$dir/process.time") (${peak_drain} MiB sampled while draining, ${drained} s; then ${settle} s more, ${compactions} compactions), wall $(wall "$dir/process.time"), cpu ${cpu} s"
