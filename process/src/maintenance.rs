@@ -200,7 +200,7 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 }
 
 /// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
-/// `delta.logRetentionDuration`) that a checkpoint makes unnecessary, but never an `events`
+/// `delta.logRetentionDuration`, at least `marsad_tables::FRESH_COMMIT`) that a checkpoint makes unnecessary, but never an `events`
 /// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
@@ -239,7 +239,14 @@ pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<ch
             Some(kept) => kept,
             None => {
                 use deltalake::table::config::TablePropertiesExt;
-                let retention = table.snapshot().map_err(delta)?.table_config().log_retention_duration();
+                // never younger than a writer may count on (a retention set below it is not
+                // honoured): a writer that read a commit this young finds the later ones by name
+                let retention = table
+                    .snapshot()
+                    .map_err(delta)?
+                    .table_config()
+                    .log_retention_duration()
+                    .max(marsad_tables::FRESH_COMMIT);
                 chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
             }
         };

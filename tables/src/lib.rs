@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod commits;
+mod latest_commit;
 mod local_log;
 pub mod rewrites;
 
@@ -18,6 +19,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_config::TablesLocation;
 
 pub use commits::{Commit, read_commit};
+pub use latest_commit::FRESH_COMMIT;
 pub use rewrites::{
     ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, Unreferenced, announce_erasure,
     announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
@@ -72,7 +74,7 @@ pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable>
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io { path: dir, source })?;
     }
-    builder(location, name).and_then(|b| b.build()).map_err(delta(name))
+    build(location, name).map_err(delta(name))
 }
 
 /// How every table at `location` is opened: on local disk through [`local_log::LocalTables`]
@@ -88,6 +90,19 @@ fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, D
     Ok(builder.with_storage_options(location.storage_options()))
 }
 
+/// A handle on table `name` at `location`, not loaded: on local disk its writers find the
+/// latest version by the names of the commits after the one they read
+/// ([`latest_commit::LatestByName`]), elsewhere as delta-rs does.
+fn build(location: &TablesLocation, name: &str) -> Result<DeltaTable, DeltaTableError> {
+    let builder = builder(location, name)?;
+    match location.local_dir() {
+        Some(_) => Ok(DeltaTable::new(std::sync::Arc::new(latest_commit::LatestByName::new(
+            builder.build_storage()?,
+        )))),
+        None => builder.build(),
+    }
+}
+
 /// Table `name` at `location` at its latest version, or `None` while it has no commit.
 pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<DeltaTable>> {
     // probe a local directory first: loading an empty location makes the kernel log an error
@@ -97,7 +112,7 @@ pub async fn open_table(location: &TablesLocation, name: &str) -> Result<Option<
     {
         return Ok(None);
     }
-    let mut table = builder(location, name).and_then(|b| b.build()).map_err(delta(name))?;
+    let mut table = build(location, name).map_err(delta(name))?;
     // (on object storage: one listing request. Locally that check lists and stats the log, a
     // cost that grows with the table's age: skipped when the first commit or a checkpoint's
     // hint shows a table; a log without either, cleaned up by another engine, is still checked)
