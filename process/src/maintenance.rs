@@ -200,7 +200,8 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 }
 
 /// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
-/// `delta.logRetentionDuration`, at least `marsad_tables::FRESH_COMMIT`) that a checkpoint makes unnecessary, but never an `events`
+/// `delta.logRetentionDuration`, at least `marsad_tables::CLEANUP_FLOOR`; `Some` is for tests
+/// and tools run while no writer is) that a checkpoint makes unnecessary, but never an `events`
 /// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
@@ -239,14 +240,14 @@ pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<ch
             Some(kept) => kept,
             None => {
                 use deltalake::table::config::TablePropertiesExt;
-                // never younger than a writer may count on (a retention set below it is not
-                // honoured): a writer that read a commit this young finds the later ones by name
+                // never younger than writers count on (a retention set below it is not honoured):
+                // a writer that read a commit under 10 s old finds the later ones by their names
                 let retention = table
                     .snapshot()
                     .map_err(delta)?
                     .table_config()
                     .log_retention_duration()
-                    .max(marsad_tables::FRESH_COMMIT);
+                    .max(marsad_tables::CLEANUP_FLOOR);
                 chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
             }
         };
@@ -702,6 +703,36 @@ mod tests {
         let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
         assert_eq!(removed, 0, "the log was cleaned under a running backfill");
         notice.withdraw().await;
+        let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
+        assert!(removed > 0);
+        Ok(())
+    }
+
+    /// A writer on local disk finds the commits after the one it read by their names while that
+    /// one is under 10 s old (`marsad_tables::FRESH_COMMIT`), which is sound only while no
+    /// cleanup removes such young entries: the maintenance keeps every entry at least
+    /// `marsad_tables::CLEANUP_FLOOR`, however short a table's retention is set.
+    #[tokio::test]
+    async fn the_log_cleanup_keeps_young_entries_whatever_the_retention()
+    -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        events_with_checkpoints(&tables, 12).await?;
+        let table = open_table(&tables, "events").await?.ok_or("events exists")?;
+        table
+            .set_tbl_properties()
+            .with_properties(std::collections::HashMap::from([(
+                "delta.logRetentionDuration".to_owned(),
+                "interval 1 second".to_owned(),
+            )]))
+            .await?;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let removed = remove_expired_log_entries(&tables, None).await?;
+        assert_eq!(
+            removed, 0,
+            "entries under the floor were removed by the table's retention"
+        );
+        // they were removable: asked to keep nothing, the cleanup removes them
         let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
         assert!(removed > 0);
         Ok(())

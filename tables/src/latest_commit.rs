@@ -1,5 +1,6 @@
-//! How a writer of a table on local disk learns the table's latest version before it commits:
-//! by asking for the commits after the version it read by their names, not by listing the log.
+//! How a writer of a table on a local file system learns the table's latest version before it
+//! commits: by asking for the commits after the version it read by their names, not by listing
+//! the log.
 //!
 //! delta-rs asks its log store for the latest version before every commit (its conflict check
 //! starts there). Its own answer lists `_delta_log` from the version read, and on local disk a
@@ -9,14 +10,21 @@
 //!
 //! A commit is created once and never overwritten (put-if-absent, one version after another),
 //! so the latest version is the last of `read + 1`, `read + 2`, … that exists. That is true
-//! only while none of them can be removed by the log cleanup, which removes what is older than
-//! the table's log retention (an hour on Marsad's tables, and never less than a minute by
-//! Marsad's own cleanup). So the names are asked only when the commit read was written less
-//! than [`FRESH_COMMIT`] ago: a writer that committed a moment ago, as the processor does
-//! every second. For an older read, after [`MAX_PROBES`] commits found, or on any answer but
-//! "there" and "not there", delta-rs's own listing answers. This crate must not use it for
-//! stores other than the local disk, where the clock that stamps a file is not this one's.
+//! only while none of them can be removed by a log cleanup, which removes what is older than
+//! the table's log retention. Marsad's own cleanup keeps every entry at least
+//! [`CLEANUP_FLOOR`] (twice [`FRESH_COMMIT`]), whatever the retention, and delta-rs's cleanup
+//! in every commit is off on Marsad's tables. So the names are asked only when the commit read
+//! was written less than [`FRESH_COMMIT`] ago, measured again after the last name was asked: a
+//! writer that committed a moment ago, as the processor does every second. For an older read,
+//! after [`MAX_PROBES`] commits found, on any answer but "there" and "not there", and on any
+//! file system not known to be local to this host, delta-rs's own listing answers.
+//!
+//! It must not be used where the clock that stamps a file is another host's or where a name
+//! not found may be a cached answer (NFS, EFS, SMB, FUSE): [`on_local_file_system`] decides.
+//! A table whose log another engine cleans with a retention under [`CLEANUP_FLOOR`], or with
+//! delta-rs's cleanup in every commit turned back on and such a retention, breaks the rule.
 
+use std::path::Path as FsPath;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,22 +36,66 @@ use deltalake::logstore::object_store::{Error as StoreError, ObjectStore, Object
 use deltalake::logstore::{CommitOrBytes, LogStore, LogStoreConfig, LogStoreRef, commit_uri_from_version};
 
 /// How recent the commit a writer read must be for the commits after it to be asked by name.
-/// The log cleanup never removes an entry this young (its retention must be longer).
 pub const FRESH_COMMIT: Duration = Duration::from_secs(10);
 
-/// How many commits after the one read are asked for by name before a listing answers.
-pub const MAX_PROBES: u64 = 64;
+/// The youngest log entry Marsad's cleanup removes, whatever a table's retention: twice
+/// [`FRESH_COMMIT`], so a writer slowed down between its names, or a clock stepped, stays clear.
+pub const CLEANUP_FLOOR: Duration = Duration::from_secs(20);
 
-/// A table's log store on local disk: delta-rs's own in everything but how the latest version
-/// is found (see the module's header). What the trait derives from the stores and the
-/// configuration (the kernel's engine, URLs) it derives from the same ones.
+/// How many commits after the one read are asked for by name before a listing answers.
+const MAX_PROBES: u64 = 64;
+
+/// File systems whose files are stamped by this host's clock and whose "not found" is never a
+/// cached answer from elsewhere.
+const LOCAL_FILE_SYSTEMS: &[&str] = &[
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "overlay",
+];
+
+/// Whether `dir` is on a file system of this host ([`LOCAL_FILE_SYSTEMS`]), by the mount that
+/// holds it in `/proc/self/mountinfo`; `false` when that cannot be told.
+pub(crate) fn on_local_file_system(dir: &FsPath) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    file_system_of(&mounts, &dir).is_some_and(|fs| LOCAL_FILE_SYSTEMS.contains(&fs))
+}
+
+/// The file system type of the mount in `mountinfo` that holds `path` (the longest mount point
+/// that is a prefix of it).
+fn file_system_of<'m>(mountinfo: &'m str, path: &FsPath) -> Option<&'m str> {
+    let mut best: Option<(usize, &str)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(mount_point), Some(separator)) = (fields.get(4), fields.iter().position(|f| *f == "-")) else {
+            continue;
+        };
+        let Some(fs) = fields.get(separator + 1) else { continue };
+        // mountinfo writes a space in a mount point as \040 (and tab, newline, backslash alike)
+        let mount_point = mount_point
+            .replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\");
+        let depth = FsPath::new(&mount_point).components().count();
+        if path.starts_with(&mount_point) && best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, fs));
+        }
+    }
+    best.map(|(_, fs)| fs)
+}
+
+/// A table's log store on a local file system: delta-rs's own in everything but how the latest
+/// version is found (see the module's header). What the trait derives from the stores and the
+/// configuration (the kernel's engine, URLs) it derives from the same ones; the name is the
+/// inner store's, which delta-rs reads to choose how a commit is written.
 #[derive(Debug)]
 pub(crate) struct LatestByName {
     inner: LogStoreRef,
 }
 
 impl LatestByName {
-    /// Wraps delta-rs's log store of a local table.
+    /// Wraps delta-rs's log store of a table on a local file system.
     pub(crate) fn new(inner: LogStoreRef) -> Self {
         Self { inner }
     }
@@ -53,19 +105,30 @@ impl LatestByName {
         let store = self.inner.object_store(None);
         let written = match store.head(&commit_uri_from_version(Some(read))).await {
             Ok(meta) => meta.last_modified,
-            Err(_) => return None,
+            Err(StoreError::NotFound { .. }) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, read, "the commit read could not be looked at; listing the log");
+                return None;
+            }
         };
-        let age = chrono::Utc::now().signed_duration_since(written);
-        // a stamp from the future (a clock set back) says nothing about what the cleanup sees
-        if age < chrono::TimeDelta::zero() || age.to_std().ok()? >= FRESH_COMMIT {
+        // a stamp from the future (a clock set back) says nothing about what a cleanup sees
+        let fresh = || {
+            let age = chrono::Utc::now().signed_duration_since(written);
+            age >= chrono::TimeDelta::zero() && age.to_std().is_ok_and(|age| age < FRESH_COMMIT)
+        };
+        if !fresh() {
             return None;
         }
         let mut latest = read;
         for _ in 0..MAX_PROBES {
             match store.head(&commit_uri_from_version(Some(latest + 1))).await {
                 Ok(_) => latest += 1,
-                Err(StoreError::NotFound { .. }) => return Some(latest),
-                Err(_) => return None,
+                // still fresh now that every name was asked: no cleanup could remove one meanwhile
+                Err(StoreError::NotFound { .. }) => return fresh().then_some(latest),
+                Err(e) => {
+                    tracing::debug!(error = %e, version = latest + 1, "a commit could not be looked at; listing the log");
+                    return None;
+                }
             }
         }
         None
@@ -204,6 +267,40 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn the_file_system_is_the_longest_mount_holding_the_directory() {
+        let mountinfo = "\
+22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+31 22 0:27 / /data rw,relatime shared:2 - nfs4 server:/export rw,vers=4.2
+32 31 0:28 / /data/scratch rw,relatime shared:3 - tmpfs tmpfs rw
+33 22 0:29 / /mnt/my\\040disk rw,relatime shared:4 - xfs /dev/vdb rw
+34 22 0:30 / /srv/fuse rw,relatime shared:5 - fuse.s3fs s3fs rw";
+        let of = |p: &str| file_system_of(mountinfo, FsPath::new(p));
+        assert_eq!(of("/home/marsad/tables"), Some("ext4"));
+        assert_eq!(of("/data/tables/events"), Some("nfs4"));
+        assert_eq!(of("/data/scratch/tables"), Some("tmpfs"));
+        assert_eq!(
+            of("/data-local/tables"),
+            Some("ext4"),
+            "a mount point is a whole path component"
+        );
+        assert_eq!(of("/mnt/my disk/tables"), Some("xfs"));
+        assert_eq!(of("/srv/fuse/tables"), Some("fuse.s3fs"));
+        for (dir, local) in [
+            ("/home/t", true),
+            ("/data/t", false),
+            ("/data/scratch/t", true),
+            ("/srv/fuse/t", false),
+        ] {
+            assert_eq!(
+                of(dir).is_some_and(|fs| LOCAL_FILE_SYSTEMS.contains(&fs)),
+                local,
+                "{dir}"
+            );
+        }
+        assert_eq!(file_system_of("", FsPath::new("/t")), None);
+    }
+
     /// The cleanup removes old entries in no particular order: a writer that read an old commit
     /// may find it there and the next one gone, with later ones still there. Asked by name, the
     /// latest would be the one read, and the writer would create that next version again.
@@ -211,18 +308,21 @@ mod tests {
     async fn a_read_commit_older_than_fresh_is_never_answered_by_name() -> TestResult {
         let dir = tempfile::tempdir()?;
         let log = commits(dir.path(), 0..10)?;
-        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-        for version in 0..10 {
-            std::fs::File::options()
-                .write(true)
-                .open(log.join(format!("{version:020}.json")))?
-                .set_modified(an_hour_ago)?;
-        }
         std::fs::remove_file(log.join(format!("{:020}.json", 3)))?;
         let (ours, listing) = stores(dir.path())?;
-        let (a, b) = both(&ours, &listing, 2).await;
-        assert_ne!(a, "Ok(2)", "asked by name over a removed commit");
-        assert_eq!(a, b);
+        // an hour old, and just past FRESH_COMMIT
+        for age in [3600, FRESH_COMMIT.as_secs() + 2] {
+            let written = std::time::SystemTime::now() - Duration::from_secs(age);
+            for version in (0..10).filter(|v| *v != 3) {
+                std::fs::File::options()
+                    .write(true)
+                    .open(log.join(format!("{version:020}.json")))?
+                    .set_modified(written)?;
+            }
+            let (a, b) = both(&ours, &listing, 2).await;
+            assert_ne!(a, "Ok(2)", "asked by name over a removed commit {age} s old");
+            assert_eq!(a, b);
+        }
         // the same log written a moment ago is asked by name (which is why the cleanup keeps
         // every entry younger than FRESH_COMMIT)
         let fresh = tempfile::tempdir()?;

@@ -19,7 +19,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_config::TablesLocation;
 
 pub use commits::{Commit, read_commit};
-pub use latest_commit::FRESH_COMMIT;
+pub use latest_commit::{CLEANUP_FLOOR, FRESH_COMMIT};
 pub use rewrites::{
     ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, Unreferenced, announce_erasure,
     announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
@@ -90,16 +90,16 @@ fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, D
     Ok(builder.with_storage_options(location.storage_options()))
 }
 
-/// A handle on table `name` at `location`, not loaded: on local disk its writers find the
-/// latest version by the names of the commits after the one they read
-/// ([`latest_commit::LatestByName`]), elsewhere as delta-rs does.
+/// A handle on table `name` at `location`, not loaded: on a file system of this host its
+/// writers find the latest version by the names of the commits after the one they read
+/// ([`latest_commit::LatestByName`]), elsewhere (object storage, NFS) as delta-rs does.
 fn build(location: &TablesLocation, name: &str) -> Result<DeltaTable, DeltaTableError> {
     let builder = builder(location, name)?;
     match location.local_dir() {
-        Some(_) => Ok(DeltaTable::new(std::sync::Arc::new(latest_commit::LatestByName::new(
-            builder.build_storage()?,
-        )))),
-        None => builder.build(),
+        Some(dir) if latest_commit::on_local_file_system(&dir) => Ok(DeltaTable::new(std::sync::Arc::new(
+            latest_commit::LatestByName::new(builder.build_storage()?),
+        ))),
+        _ => builder.build(),
     }
 }
 
