@@ -126,7 +126,8 @@ impl LatestByName {
                 // still fresh now that every name was asked: no cleanup could remove one meanwhile
                 Err(StoreError::NotFound { .. }) => return fresh().then_some(latest),
                 Err(e) => {
-                    tracing::debug!(error = %e, version = latest + 1, "a commit could not be looked at; listing the log");
+                    let version = latest + 1;
+                    tracing::debug!(error = %e, version, "a commit could not be looked at; listing the log");
                     return None;
                 }
             }
