@@ -42,6 +42,9 @@ pub const FRESH_COMMIT: Duration = Duration::from_secs(10);
 /// [`FRESH_COMMIT`], so a writer slowed down between its names, or a clock stepped, stays clear.
 pub const CLEANUP_FLOOR: Duration = Duration::from_secs(20);
 
+// a writer slowed down between its first and its last name keeps a margin as long as the rule
+const _: () = assert!(CLEANUP_FLOOR.as_secs() >= 2 * FRESH_COMMIT.as_secs());
+
 /// How many commits after the one read are asked for by name before a listing answers.
 const MAX_PROBES: u64 = 64;
 
@@ -54,10 +57,13 @@ const LOCAL_FILE_SYSTEMS: &[&str] = &[
 /// Whether `dir` is on a file system of this host ([`LOCAL_FILE_SYSTEMS`]), by the mount that
 /// holds it in `/proc/self/mountinfo`; `false` when that cannot be told.
 pub(crate) fn on_local_file_system(dir: &FsPath) -> bool {
+    // links and `..` resolved first: a mount point is compared with the real path
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return false;
+    };
     let Ok(mounts) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     file_system_of(&mounts, &dir).is_some_and(|fs| LOCAL_FILE_SYSTEMS.contains(&fs))
 }
 
@@ -270,12 +276,17 @@ mod tests {
 
     #[test]
     fn the_file_system_is_the_longest_mount_holding_the_directory() {
+        // optional fields before the lone `-`: none, one or two; `/srv/nfs` mounted twice
+        // (the later mount is the one seen)
         let mountinfo = "\
-22 1 252:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+22 1 252:0 / / rw,relatime - ext4 /dev/vda rw
 31 22 0:27 / /data rw,relatime shared:2 - nfs4 server:/export rw,vers=4.2
-32 31 0:28 / /data/scratch rw,relatime shared:3 - tmpfs tmpfs rw
+32 31 0:28 / /data/scratch rw,relatime shared:3 master:1 - tmpfs tmpfs rw
 33 22 0:29 / /mnt/my\\040disk rw,relatime shared:4 - xfs /dev/vdb rw
-34 22 0:30 / /srv/fuse rw,relatime shared:5 - fuse.s3fs s3fs rw";
+34 22 0:30 / /srv/fuse rw,relatime shared:5 - fuse.s3fs s3fs rw
+35 22 0:31 / /srv/nfs rw,relatime - ext4 /dev/vdc rw
+36 35 0:32 / /srv/nfs rw,relatime shared:6 - nfs server:/other rw
+37 22 0:33 / /mnt/back\\134040slash rw,relatime - btrfs /dev/vdd rw";
         let of = |p: &str| file_system_of(mountinfo, FsPath::new(p));
         assert_eq!(of("/home/marsad/tables"), Some("ext4"));
         assert_eq!(of("/data/tables/events"), Some("nfs4"));
@@ -287,6 +298,9 @@ mod tests {
         );
         assert_eq!(of("/mnt/my disk/tables"), Some("xfs"));
         assert_eq!(of("/srv/fuse/tables"), Some("fuse.s3fs"));
+        assert_eq!(of("/srv/nfs/tables"), Some("nfs"), "the mount on top is the one seen");
+        assert_eq!(of("/mnt/back\\040slash/tables"), Some("btrfs"));
+        assert_eq!(of("/mnt/back/tables"), Some("ext4"));
         for (dir, local) in [
             ("/home/t", true),
             ("/data/t", false),

@@ -96,7 +96,9 @@ fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, D
 fn build(location: &TablesLocation, name: &str) -> Result<DeltaTable, DeltaTableError> {
     let builder = builder(location, name)?;
     match location.local_dir() {
-        Some(dir) if latest_commit::on_local_file_system(&dir) => Ok(DeltaTable::new(std::sync::Arc::new(
+        // the table's own directory (it may be a link or a mount of its own); a table not
+        // created yet is opened as delta-rs does
+        Some(dir) if latest_commit::on_local_file_system(&dir.join(name)) => Ok(DeltaTable::new(std::sync::Arc::new(
             latest_commit::LatestByName::new(builder.build_storage()?),
         ))),
         _ => builder.build(),
