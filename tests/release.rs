@@ -102,6 +102,15 @@ fn released_numbers_are_consistent_and_advertisers_see_their_campaigns_only() ->
     let (status, geo) = get(&client, &m, ANALYST, "/v1/reports/geo")?;
     ensure!(status == 200, "{geo}");
     assert_eq!(get(&client, &m, ANALYST, "/v1/reports/geo")?.1, geo, "asked twice");
+    // the second answer was kept by the session; computed again from the tables, the same
+    let recomputed: Value = client
+        .get(format!("{}/v1/reports/geo", m.query))
+        .bearer_auth(ANALYST)
+        .header("Cache-Control", "no-cache")
+        .send()?
+        .error_for_status()?
+        .json()?;
+    assert_eq!(recomputed, geo, "computed again (Cache-Control: no-cache)");
     // nothing says whether a row was left out (Iraq's three visitors rarely pass the noisy threshold)
     assert!(
         geo.get("suppressed_cells").is_none() && geo.get("withheld_rows").is_none(),

@@ -31,6 +31,7 @@ use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
 
 use crate::active_files::ActiveFiles;
+use crate::answers::SessionAnswers;
 
 /// Why a table could not be made queryable.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +215,8 @@ impl TableCatalog {
         {
             return Ok(shared.ctx.clone());
         }
-        let ctx = self.empty_session()?;
+        // its answers go with it: a new version of any table is a new session, with none
+        let ctx = self.new_session(Some(Arc::default()))?;
         for (name, table) in &tables {
             ctx.register_table(*name, table.provider.clone())
                 .map_err(|e| CatalogError {
@@ -236,9 +238,17 @@ impl TableCatalog {
 
     /// A DataFusion session with Marsad's functions and the memory cap, and no table yet.
     pub fn empty_session(&self) -> Result<SessionContext, CatalogError> {
-        let config = SessionConfig::new()
+        // its caller may register other tables in it later: it keeps no answers
+        self.new_session(None)
+    }
+
+    fn new_session(&self, answers: Option<Arc<SessionAnswers>>) -> Result<SessionContext, CatalogError> {
+        let mut config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema("marsad", "public");
+        if let Some(answers) = answers {
+            config = config.with_extension(answers);
+        }
         let mut runtime = RuntimeEnvBuilder::new().with_object_store_registry(self.stores.clone());
         if let Some(pool) = &self.memory_pool {
             runtime = runtime
@@ -468,5 +478,92 @@ mod tests {
             (1, 1),
             "rollups counted events the session cannot see"
         );
+    }
+
+    /// Hides (or brings back) a table's data files without a commit: a query that reads them
+    /// fails while they are hidden, an answer kept from before does not.
+    fn hide_data_files(table_dir: &std::path::Path, hide: bool) {
+        let (from, to) = if hide {
+            ("parquet", "hidden")
+        } else {
+            ("hidden", "parquet")
+        };
+        for entry in std::fs::read_dir(table_dir).expect("the table dir") {
+            let path = entry.expect("an entry").path();
+            if path.extension().is_some_and(|e| e == from) {
+                std::fs::rename(&path, path.with_extension(to)).expect("renamed");
+            }
+        }
+    }
+
+    async fn answer(ctx: &SessionContext) -> Result<i64, crate::error::ApiError> {
+        let batches = crate::answers::collect(ctx, "SELECT sum(events) FROM traffic_hourly", true).await?;
+        let sum = batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .map(|a| a.value(0));
+        Ok(sum.expect("a sum"))
+    }
+
+    /// A report asked again of the same table versions is answered without reading a file,
+    /// and never across versions: not after a commit, not after an erasure's invalidation,
+    /// and never in a session its caller re-registers tables in (a Postgres connection).
+    #[tokio::test]
+    async fn a_kept_answer_never_outlives_the_versions_it_was_computed_from() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let table_dir = dir.path().join("traffic_hourly");
+        let traffic = create(dir.path(), "traffic_hourly").await;
+        let traffic = traffic
+            .write(vec![rows(5)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended");
+        let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");
+        let catalog = TableCatalog::new(location);
+        let shared = || async { catalog.session_with(TableScope::Rollups).await.expect("a session") };
+
+        assert_eq!(answer(&shared().await).await.expect("an answer"), 5);
+        hide_data_files(&table_dir, true);
+        assert_eq!(
+            answer(&shared().await).await.expect("the kept answer"),
+            5,
+            "asked again of the same version: no file read"
+        );
+        let recomputed =
+            crate::answers::collect(&shared().await, "SELECT sum(events) FROM traffic_hourly", false).await;
+        assert!(recomputed.is_err(), "asked to compute it again, it read the tables");
+        hide_data_files(&table_dir, false);
+
+        // a commit: the next question is computed over the new version
+        traffic
+            .write(vec![rows(2)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended");
+        assert_eq!(answer(&shared().await).await.expect("an answer"), 7);
+
+        // an erasure rewrote tables and invalidated the catalog: nothing kept is served
+        catalog.invalidate();
+        hide_data_files(&table_dir, true);
+        assert!(
+            answer(&shared().await).await.is_err(),
+            "after an invalidation the answer was not computed again"
+        );
+        hide_data_files(&table_dir, false);
+
+        // a session its caller refreshes in place keeps no answers
+        let connection = catalog.empty_session().expect("a session");
+        catalog
+            .refresh(&connection, TableScope::Rollups)
+            .await
+            .expect("refreshed");
+        assert_eq!(answer(&connection).await.expect("an answer"), 7);
+        hide_data_files(&table_dir, true);
+        assert!(
+            answer(&connection).await.is_err(),
+            "a refreshed session answered from memory"
+        );
+        hide_data_files(&table_dir, false);
     }
 }

@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 mod active_files;
+mod answers;
 pub mod audience;
 mod audience_routes;
 pub mod bounded_dialect;

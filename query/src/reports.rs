@@ -266,6 +266,9 @@ pub struct ReportRequest {
     limit: Option<usize>,
     /// An advertiser's campaigns: rows and total restricted to them.
     campaigns: Option<Vec<String>>,
+    /// Computed again from the tables even where the session kept the answer
+    /// (`Cache-Control: no-cache`); the released numbers are the same either way.
+    recompute: bool,
 }
 
 impl ReportRequest {
@@ -355,7 +358,14 @@ impl ReportRequest {
             order,
             limit,
             campaigns: None,
+            recompute: false,
         })
+    }
+
+    /// The same request, computed from the tables rather than from answers kept by the session.
+    pub fn recomputed(mut self) -> Self {
+        self.recompute = true;
+        self
     }
 
     /// The same question over the period it is compared with, if any.
@@ -914,19 +924,9 @@ async fn run_period(
             "no `{table}` yet: the processor writes it with the first events"
         )));
     }
-    let query = |sql: String| async move {
-        // read-only like every SQL path: the session is shared with other queries
-        let df = crate::sql::plan(ctx, &sql, crate::sql::read_only())
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, sql, "report query failed");
-                ApiError::Internal
-            })?;
-        df.collect().await.map_err(|e| {
-            tracing::error!(error = %e, "report query failed");
-            ApiError::Internal
-        })
-    };
+    // read-only like every SQL path; asked again of the same table versions, answered from
+    // what the session computed then
+    let query = |sql: String| async move { crate::answers::collect(ctx, &sql, !req.recompute).await };
     let schema = ctx
         .table(table)
         .await

@@ -127,6 +127,9 @@ pub async fn report(
     };
     let now = Utc::now();
     let mut req = crate::reports::ReportRequest::parse(kind, &params, now.date_naive())?;
+    if asks_no_cache(&headers) {
+        req = req.recomputed();
+    }
     let mechanism = match &reader {
         Reader::Analyst(_) => state.release.for_analysts(),
         Reader::Advertiser { campaigns, .. } => {
@@ -153,6 +156,17 @@ pub async fn report(
         Ok(r) => Ok(Json(r?).into_response()),
         Err(_) => Err(ApiError::Timeout(state.timeout.as_secs())),
     }
+}
+
+/// Whether the request says `Cache-Control: no-cache` (or `no-store`): its answer is computed
+/// from the tables, not from one the service kept.
+fn asks_no_cache(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(axum::http::header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "no-cache" | "no-store"))
 }
 
 /// Who reads a report: staff, or a third party limited to its campaigns.
@@ -425,4 +439,26 @@ fn strip_eof(mut text: String) -> String {
 /// Unknown routes.
 pub async fn not_found() -> ApiError {
     ApiError::NotFound
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_cache_is_read_among_the_cache_directives() {
+        let asks = |values: &[&str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::CACHE_CONTROL, v.parse().expect("a header value"));
+            }
+            asks_no_cache(&headers)
+        };
+        assert!(asks(&["no-cache"]));
+        assert!(asks(&["max-age=0, No-Cache"]));
+        assert!(asks(&["max-age=0", "no-store"]));
+        assert!(!asks(&[]));
+        assert!(!asks(&["max-age=60"]));
+        assert!(!asks(&["no-cache-please"]));
+    }
 }
