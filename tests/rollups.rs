@@ -267,7 +267,49 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
     )
     .await?;
     assert_eq!(rows, keys, "one row per key after compaction");
-    check_totals(&catalog, records.len() as i64).await
+    check_totals(&catalog, records.len() as i64).await?;
+    sketches_are_written_for_reports(&config.tables()?)
+}
+
+/// Every rollup file, appended or rewritten, holds its visitor sketches as the reports read
+/// them fastest: LZ4 (raw), no dictionary.
+fn sketches_are_written_for_reports(location: &marsad_config::TablesLocation) -> Result<()> {
+    use parquet::basic::{Compression, Encoding};
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let root = location.local_dir().context("a local location")?;
+    let mut pending = vec![root.to_path_buf()];
+    let mut checked = 0;
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() && !path.ends_with("events") {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
+                for group in reader.metadata().row_groups() {
+                    for column in group
+                        .columns()
+                        .iter()
+                        .filter(|c| c.column_path().string() == "visitors")
+                    {
+                        ensure!(
+                            column.compression() == Compression::LZ4_RAW,
+                            "{}: {:?}",
+                            path.display(),
+                            column.compression()
+                        );
+                        let dictionary = column
+                            .encodings()
+                            .any(|e| matches!(e, Encoding::RLE_DICTIONARY | Encoding::PLAIN_DICTIONARY));
+                        ensure!(!dictionary, "{}: a dictionary of sketches", path.display());
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    ensure!(checked > 10, "only {checked} sketch columns found");
+    Ok(())
 }
 
 /// The rollups commit less often than `events` (`process.rollup_commit_interval_ms`): a

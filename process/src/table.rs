@@ -373,6 +373,10 @@ impl DeltaSink {
             .with_save_mode(SaveMode::Overwrite)
             .with_replace_where(predicate)
             .with_partition_columns(partitions)
+            .with_writer_properties(append_writer_properties().map_err(|source| Error::Query {
+                table: self.name,
+                source,
+            })?)
             .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
             .await
             .map_err(|e| self.delta(e))?;
@@ -414,9 +418,11 @@ impl DeltaSink {
             })?;
         let partitions: Vec<String> = self.partition_columns();
         // row groups of 64k rows and files of 64 MiB: the writer's buffer stays a row group
-        let properties = deltalake::parquet::file::properties::WriterProperties::builder()
-            .set_max_row_group_row_count(Some(marsad_tables::REWRITE_ROW_GROUP_ROWS))
-            .build();
+        let properties = marsad_tables::sketch_column_settings(
+            deltalake::parquet::file::properties::WriterProperties::builder()
+                .set_max_row_group_row_count(Some(marsad_tables::REWRITE_ROW_GROUP_ROWS)),
+        )
+        .build();
         let table = self
             .table
             .clone()
@@ -805,5 +811,5 @@ fn append_writer_properties() -> datafusion::error::Result<deltalake::parquet::f
             .set_column_dictionary_enabled(ColumnPath::from(column), false)
             .set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::Chunk);
     }
-    Ok(builder.build())
+    Ok(marsad_tables::sketch_column_settings(builder).build())
 }

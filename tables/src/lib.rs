@@ -21,9 +21,9 @@ use marsad_config::TablesLocation;
 pub use commits::{Commit, read_commit};
 pub use latest_commit::{CLEANUP_FLOOR, FRESH_COMMIT};
 pub use rewrites::{
-    ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, Unreferenced, announce_erasure,
-    announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
-    remove_replaced_files, remove_unreferenced_rewrites,
+    ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, SKETCH_COLUMN, Unreferenced,
+    announce_erasure, announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
+    remove_replaced_files, remove_unreferenced_rewrites, sketch_column_settings,
 };
 
 /// Why a table could not be opened or read.

@@ -11,7 +11,8 @@ use std::collections::HashSet;
 
 use deltalake::parquet::basic::{Compression, ZstdLevel};
 use deltalake::parquet::file::metadata::{FooterTail, KeyValue, ParquetMetaDataReader};
-use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::parquet::file::properties::{EnabledStatistics, WriterProperties, WriterPropertiesBuilder};
+use deltalake::parquet::schema::types::ColumnPath;
 use deltalake::{DeltaTableError, ObjectStore, Path};
 use futures::TryStreamExt;
 use marsad_config::TablesLocation;
@@ -69,14 +70,31 @@ impl RewriteRun {
     }
 
     /// Parquet writer settings that mark the files with this run (zstd, as Delta optimize's
-    /// default), in row groups of [`REWRITE_ROW_GROUP_ROWS`].
+    /// default; the sketches as [`sketch_column_settings`] says), in row groups of
+    /// [`REWRITE_ROW_GROUP_ROWS`].
     pub fn writer_properties(&self) -> WriterProperties {
-        WriterProperties::builder()
+        let builder = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::try_new(4).unwrap_or_default()))
             .set_max_row_group_row_count(Some(REWRITE_ROW_GROUP_ROWS))
-            .set_key_value_metadata(Some(vec![KeyValue::new(REWRITE_RUN_KEY.to_owned(), self.id.clone())]))
-            .build()
+            .set_key_value_metadata(Some(vec![KeyValue::new(REWRITE_RUN_KEY.to_owned(), self.id.clone())]));
+        sketch_column_settings(builder).build()
     }
+}
+
+/// The rollups' column of visitor sketches.
+pub const SKETCH_COLUMN: &str = "visitors";
+
+/// How the rollups' visitor sketches are written: every report decompresses all of the ones it
+/// merges, so with LZ4 (raw), which decodes about three times faster than Snappy and zstd at
+/// a little less than half the size (BENCHMARKS.md, "Reports"); without a dictionary (every
+/// sketch differs) and with statistics of the column chunk only (a sketch's bytes prune
+/// nothing). Other tables have no such column, and the settings do nothing there.
+pub fn sketch_column_settings(builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
+    let column = ColumnPath::from(SKETCH_COLUMN);
+    builder
+        .set_column_compression(column.clone(), Compression::LZ4_RAW)
+        .set_column_dictionary_enabled(column.clone(), false)
+        .set_column_statistics_enabled(column, EnabledStatistics::Chunk)
 }
 
 /// Which unreferenced marked files [`remove_unreferenced_rewrites`] deletes.
