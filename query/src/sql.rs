@@ -260,7 +260,16 @@ pub async fn run_with_params(
     }
     // an engineer's query, or an analyst's question about the catalog
     let schema: SchemaRef = df.schema().inner().clone();
-    let df = df.limit(0, Some(max_rows + 1)).map_err(user_error)?;
+    // an EXPLAIN must stay the root of its plan (its few rows are cut below like any others)
+    let explains = matches!(
+        df.logical_plan(),
+        datafusion::logical_expr::LogicalPlan::Explain(_) | datafusion::logical_expr::LogicalPlan::Analyze(_)
+    );
+    let df = if explains {
+        df
+    } else {
+        df.limit(0, Some(max_rows + 1)).map_err(user_error)?
+    };
     let mut batches = df.collect().await.map_err(user_error)?;
     let fetched: usize = batches.iter().map(|b| b.num_rows()).sum();
     let truncated = fetched > max_rows;
