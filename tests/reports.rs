@@ -51,7 +51,10 @@ fn every_query_is_limited_in_time_memory_and_rows_with_a_clear_error() -> Result
     assert_eq!((status, body["rows"][0]["one"].as_i64()), (200, Some(1)));
 
     // an engineer reads a plan (it was a 500: the row limit wrapped the EXPLAIN)
-    for explain in ["EXPLAIN SELECT count(*) FROM generate_series(1, 10)", "EXPLAIN ANALYZE SELECT 1"] {
+    for explain in [
+        "EXPLAIN SELECT count(*) FROM generate_series(1, 10)",
+        "EXPLAIN ANALYZE SELECT 1",
+    ] {
         let (status, body) = sql(explain)?;
         assert_eq!(status, 200, "{explain}: {body}");
         assert!(body["rows"][0]["plan"].is_string(), "{explain}: {body}");

@@ -105,7 +105,7 @@ impl AggregateUDFImpl for HllAggregate {
     }
 
     fn accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
-        Ok(Box::new(HllAccumulator::new(self.of_values)?))
+        Ok(Box::new(HllAccumulator::new(self.of_values)))
     }
 
     fn groups_accumulator_supported(&self, _args: AccumulatorArgs) -> bool {
@@ -115,7 +115,7 @@ impl AggregateUDFImpl for HllAggregate {
     }
 
     fn create_groups_accumulator(&self, _args: AccumulatorArgs) -> Result<Box<dyn GroupsAccumulator>> {
-        Ok(Box::new(HllGroupsMerge::new()?))
+        Ok(Box::<HllGroupsMerge>::default())
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
@@ -127,26 +127,32 @@ impl AggregateUDFImpl for HllAggregate {
     }
 }
 
-#[derive(Debug)]
+/// One group's `hll_merge` or `hll_sketch` (no GROUP BY): the same merge as each group's.
 struct HllAccumulator {
-    union: HllUnion,
+    merge: GroupMerge,
     of_values: bool,
 }
 
+impl std::fmt::Debug for HllAccumulator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HllAccumulator")
+            .field("of_values", &self.of_values)
+            .finish()
+    }
+}
+
 impl HllAccumulator {
-    fn new(of_values: bool) -> Result<Self> {
-        match HllUnion::new(HLL_LG_K) {
-            Ok(union) => Ok(HllAccumulator { union, of_values }),
-            Err(e) => exec_err!("HLL union: {e}"),
+    fn new(of_values: bool) -> Self {
+        HllAccumulator {
+            merge: GroupMerge::default(),
+            of_values,
         }
     }
 
     fn merge_sketches(&mut self, array: &ArrayRef) -> Result<()> {
-        for_each_bytes(array, |_, bytes| {
-            if let Some(bytes) = bytes {
-                self.union.update(&read_sketch(bytes)?);
-            }
-            Ok(())
+        for_each_bytes(array, |_, bytes| match bytes {
+            Some(bytes) => self.merge.add(bytes),
+            None => Ok(()),
         })
     }
 }
@@ -163,20 +169,15 @@ impl Accumulator for HllAccumulator {
         let Some(text) = text.as_any().downcast_ref::<StringArray>() else {
             return exec_err!("hll_sketch expects text");
         };
-        for v in text.iter().flatten() {
-            self.union.update_value(v);
-        }
-        Ok(())
+        text.iter().flatten().try_for_each(|v| self.merge.add_value(v))
     }
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
-        Ok(ScalarValue::Binary(Some(
-            self.union.to_sketch(HllType::Hll8).serialize(),
-        )))
+        Ok(ScalarValue::Binary(Some(self.merge.sketch()?)))
     }
 
     fn size(&self) -> usize {
-        std::mem::size_of_val(self) + self.union.estimated_size()
+        std::mem::size_of_val(self) + self.merge.size()
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
@@ -191,25 +192,123 @@ impl Accumulator for HllAccumulator {
     }
 }
 
-/// `hll_merge` over groups: one union per group, made when the group's first row comes.
-struct HllGroupsMerge {
-    unions: Vec<Option<HllUnion>>,
-    /// The sketch of no visitor: what a group none of whose rows passed evaluates to (as the
-    /// one-group accumulator gives).
-    empty: Vec<u8>,
+/// Bytes before the registers of a serialized HLL sketch in HLL mode (DataSketches' format:
+/// preamble ints, serial version, family, lg_k, lg_arr, flags, cur_min, mode; the HIP
+/// accumulator, kxq0, kxq1; the registers at zero, the auxiliary count).
+const HLL_PREAMBLE: usize = 40;
+/// The mode byte of a dense sketch of one byte per register (HLL mode, HLL_8).
+const HLL8_DENSE_MODE: u8 = 2 | (2 << 2);
+/// The flag a sketch sets once its history is not one stream (a union): HIP is not used.
+const OUT_OF_ORDER: u8 = 16;
+const EMPTY: u8 = 4;
+/// DataSketches' family id of HLL.
+const HLL_FAMILY: u8 = 7;
+const REGISTERS: usize = 1 << HLL_LG_K;
+
+/// The registers of `bytes` if it is a dense HLL_8 sketch of Marsad's lg_k (one byte per
+/// register: their union is their maximum); `None` for any other sketch, which the
+/// library merges.
+fn dense_registers(bytes: &[u8]) -> Option<&[u8]> {
+    let dense = bytes.len() == HLL_PREAMBLE + REGISTERS
+        && bytes[..4] == [10, 1, HLL_FAMILY, HLL_LG_K]
+        && bytes[5] & EMPTY == 0
+        && bytes[6] == 0
+        && bytes[7] == HLL8_DENSE_MODE
+        && bytes[36..40] == [0; 4];
+    dense.then(|| &bytes[HLL_PREAMBLE..])
 }
 
-impl HllGroupsMerge {
-    fn new() -> Result<Self> {
-        match HllSketch::new(HLL_LG_K, HllType::Hll8) {
-            Ok(empty) => Ok(HllGroupsMerge {
-                unions: Vec::new(),
-                empty: empty.serialize(),
-            }),
-            Err(e) => exec_err!("HLL sketch: {e}"),
+/// A dense HLL_8 sketch of `registers` (out of order: its estimate is the composite one),
+/// with the register sums DataSketches keeps, as it computes them.
+fn dense_sketch(registers: &[u8]) -> Result<HllSketch> {
+    let (mut kxq0, mut kxq1, mut zeros) = (0.0_f64, 0.0_f64, 0_u32);
+    for &value in registers {
+        match value {
+            0 => {
+                kxq0 += 1.0;
+                zeros += 1;
+            }
+            1..32 => kxq0 += 1.0 / (1_u64 << value) as f64,
+            _ => kxq1 += 1.0 / (1_u64 << value.min(63)) as f64,
+        }
+    }
+    let mut bytes = Vec::with_capacity(HLL_PREAMBLE + registers.len());
+    bytes.extend_from_slice(&[10, 1, HLL_FAMILY, HLL_LG_K, 0, OUT_OF_ORDER, 0, HLL8_DENSE_MODE]);
+    bytes.extend_from_slice(&0.0_f64.to_le_bytes());
+    bytes.extend_from_slice(&kxq0.to_le_bytes());
+    bytes.extend_from_slice(&kxq1.to_le_bytes());
+    bytes.extend_from_slice(&zeros.to_le_bytes());
+    bytes.extend_from_slice(&0_u32.to_le_bytes());
+    bytes.extend_from_slice(registers);
+    read_sketch(&bytes)
+}
+
+/// One group's merge: the dense sketches' registers kept as their maximum (DataSketches
+/// recomputes its register sums after every merge, most of a report's time), the others
+/// merged by the library; the two meet once, when the group is evaluated.
+#[derive(Default)]
+struct GroupMerge {
+    registers: Option<Box<[u8]>>,
+    union: Option<HllUnion>,
+}
+
+impl GroupMerge {
+    fn add(&mut self, bytes: &[u8]) -> Result<()> {
+        if let Some(theirs) = dense_registers(bytes) {
+            let mine = self
+                .registers
+                .get_or_insert_with(|| vec![0; REGISTERS].into_boxed_slice());
+            for (m, t) in mine.iter_mut().zip(theirs) {
+                *m = (*m).max(*t);
+            }
+            return Ok(());
+        }
+        self.union()?.update(&read_sketch(bytes)?);
+        Ok(())
+    }
+
+    fn union(&mut self) -> Result<&mut HllUnion> {
+        if self.union.is_none() {
+            match HllUnion::new(HLL_LG_K) {
+                Ok(union) => self.union = Some(union),
+                Err(e) => return exec_err!("HLL union: {e}"),
+            }
+        }
+        match &mut self.union {
+            Some(union) => Ok(union),
+            None => exec_err!("HLL union"),
         }
     }
 
+    /// Values (not sketches) in: `hll_sketch`.
+    fn add_value(&mut self, value: &str) -> Result<()> {
+        self.union()?.update_value(value);
+        Ok(())
+    }
+
+    /// The sketch of everything added so far, serialized (of nothing: the empty sketch). More
+    /// may be added after.
+    fn sketch(&mut self) -> Result<Vec<u8>> {
+        if let Some(registers) = self.registers.take() {
+            let dense = dense_sketch(&registers)?;
+            self.union()?.update(&dense);
+        }
+        Ok(self.union()?.to_sketch(HllType::Hll8).serialize())
+    }
+
+    fn size(&self) -> usize {
+        self.registers.as_ref().map_or(0, |r| r.len()) + self.union.as_ref().map_or(0, HllUnion::estimated_size)
+    }
+}
+
+/// `hll_merge` over groups: one merge per group, made when the group's first row comes (a
+/// group none of whose rows passed a filter gives the empty sketch, as one group alone does).
+#[derive(Default)]
+struct HllGroupsMerge {
+    groups: Vec<GroupMerge>,
+}
+
+impl HllGroupsMerge {
     fn merge_rows(
         &mut self,
         sketches: &ArrayRef,
@@ -217,8 +316,8 @@ impl HllGroupsMerge {
         filter: Option<&BooleanArray>,
         total_num_groups: usize,
     ) -> Result<()> {
-        if self.unions.len() < total_num_groups {
-            self.unions.resize_with(total_num_groups, || None);
+        if self.groups.len() < total_num_groups {
+            self.groups.resize_with(total_num_groups, GroupMerge::default);
         }
         for_each_bytes(sketches, |row, bytes| {
             let (Some(bytes), Some(&group)) = (bytes, group_indices.get(row)) else {
@@ -227,18 +326,10 @@ impl HllGroupsMerge {
             if filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
                 return Ok(());
             }
-            let Some(slot) = self.unions.get_mut(group) else {
-                return exec_err!("hll_merge: group {group} of {total_num_groups}");
-            };
-            let union = match slot {
-                Some(union) => union,
-                None => match HllUnion::new(HLL_LG_K) {
-                    Ok(union) => slot.insert(union),
-                    Err(e) => return exec_err!("HLL union: {e}"),
-                },
-            };
-            union.update(&read_sketch(bytes)?);
-            Ok(())
+            match self.groups.get_mut(group) {
+                Some(merge) => merge.add(bytes),
+                None => exec_err!("hll_merge: group {group} of {total_num_groups}"),
+            }
         })
     }
 }
@@ -258,13 +349,10 @@ impl GroupsAccumulator for HllGroupsMerge {
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let unions = emit_to.take_needed(&mut self.unions);
-        let mut out = BinaryBuilder::with_capacity(unions.len(), unions.len() * self.empty.len());
-        for union in unions {
-            match union {
-                Some(union) => out.append_value(union.to_sketch(HllType::Hll8).serialize()),
-                None => out.append_value(&self.empty),
-            }
+        let groups = emit_to.take_needed(&mut self.groups);
+        let mut out = BinaryBuilder::with_capacity(groups.len(), 0);
+        for mut group in groups {
+            out.append_value(group.sketch()?);
         }
         Ok(Arc::new(out.finish()))
     }
@@ -295,8 +383,8 @@ impl GroupsAccumulator for HllGroupsMerge {
     }
 
     fn size(&self) -> usize {
-        let unions: usize = self.unions.iter().flatten().map(HllUnion::estimated_size).sum();
-        std::mem::size_of_val(self) + self.unions.capacity() * std::mem::size_of::<Option<HllUnion>>() + unions
+        let held: usize = self.groups.iter().map(GroupMerge::size).sum();
+        std::mem::size_of_val(self) + self.groups.capacity() * std::mem::size_of::<GroupMerge>() + held
     }
 }
 
@@ -403,8 +491,10 @@ mod tests {
                 groups.push(format!("g{}", row % 4));
                 // g3's rows are all filtered out below; every seventh row is null
                 kept.push(row % 4 != 3);
+                // sparse sketches (coupons), dense ones (a byte per register), and nulls
                 match row % 7 {
                     0 => sketches.append_null(),
+                    1 | 4 => sketches.append_value(sketch_of(row * 1000..row * 1000 + 5000)),
                     _ => sketches.append_value(sketch_of(row * 50..row * 50 + 200)),
                 }
             }
@@ -445,12 +535,77 @@ mod tests {
                     "SELECT '{g}', hll_estimate(hll_merge(visitors)) FROM r WHERE g = '{g}' AND kept"
                 ))
                 .await;
+                // a cell reached by two paths gives the same number
                 assert_eq!(alone, vec![(g.clone(), *n)], "skip partial: {skip_partial}");
             }
             let g3 = grouped.iter().find(|(g, _)| g == "g3").map(|(_, n)| *n);
             assert_eq!(g3, Some(0.0), "a group none of whose rows passed: the empty sketch");
             assert!(grouped.iter().all(|(g, n)| g == "g3" || *n > 1000.0), "{grouped:?}");
         }
+    }
+
+    fn union_of(sketches: &[Vec<u8>]) -> HllSketch {
+        let mut union = HllUnion::new(HLL_LG_K).expect("a union");
+        for s in sketches {
+            union.update(&HllSketch::deserialize(s).expect("a sketch"));
+        }
+        union.to_sketch(HllType::Hll8)
+    }
+
+    /// Dense sketches are merged as their registers' maximum: the estimate DataSketches gives
+    /// for their union; sparse, other-typed or malformed sketches are left to the library.
+    #[test]
+    fn dense_sketches_merge_as_the_library_merges_them() {
+        let dense = [sketch_of(0..6000), sketch_of(3000..20_000), sketch_of(50_000..58_000)];
+        for d in &dense {
+            assert!(dense_registers(d).is_some(), "{} bytes, mode {}", d.len(), d[7]);
+        }
+        let mut merge = GroupMerge::default();
+        for d in &dense {
+            merge.add(d).expect("added");
+        }
+        merge.add(&sketch_of(100_000..100_050)).expect("a sparse one too");
+        let ours = HllSketch::deserialize(&merge.sketch().expect("merged")).expect("a sketch");
+        let mut all = dense.to_vec();
+        all.push(sketch_of(100_000..100_050));
+        let theirs = union_of(&all);
+        assert!(
+            (ours.estimate() - theirs.estimate()).abs() <= 1e-9 * theirs.estimate(),
+            "{} against {}",
+            ours.estimate(),
+            theirs.estimate()
+        );
+        assert!(
+            (ours.estimate() - 28_050.0).abs() < 28_050.0 * 0.05,
+            "{}",
+            ours.estimate()
+        );
+
+        // the sketch made of one's registers, read alone, estimates as the library's union
+        // of it with itself (the same registers, out of order)
+        let alone = dense_sketch(dense_registers(&dense[1]).expect("dense")).expect("a sketch");
+        let library = union_of(&[dense[1].clone(), dense[1].clone()]);
+        assert!(
+            (alone.estimate() - library.estimate()).abs() <= 1e-9 * library.estimate(),
+            "{} against {}",
+            alone.estimate(),
+            library.estimate()
+        );
+
+        let sparse = sketch_of(0..100);
+        assert!(dense_registers(&sparse).is_none(), "coupons are not registers");
+        let mut hll4 = HllSketch::new(HLL_LG_K, HllType::Hll4).expect("a sketch");
+        (0..6000).for_each(|i| hll4.update(format!("visitor-{i}").as_str()));
+        assert!(dense_registers(&hll4.serialize()).is_none(), "four bits per register");
+        let mut cut = dense[0].clone();
+        cut.pop();
+        assert!(dense_registers(&cut).is_none(), "a register short");
+        let mut other_k = dense[0].clone();
+        other_k[3] = HLL_LG_K + 1;
+        assert!(dense_registers(&other_k).is_none(), "another lg_k");
+        // nothing merged: the empty sketch
+        let empty = HllSketch::deserialize(&GroupMerge::default().sketch().expect("nothing")).expect("a sketch");
+        assert_eq!(empty.estimate(), 0.0);
     }
 
     #[tokio::test]
