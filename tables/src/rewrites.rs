@@ -85,10 +85,11 @@ impl RewriteRun {
 pub const SKETCH_COLUMN: &str = "visitors";
 
 /// How the rollups' visitor sketches are written: every report decompresses all of the ones it
-/// merges, so with LZ4 (raw), which decodes about three times faster than Snappy and zstd at
-/// a little less than half the size (BENCHMARKS.md, "Reports"); without a dictionary (every
-/// sketch differs) and with statistics of the column chunk only (a sketch's bytes prune
-/// nothing). Other tables have no such column, and the settings do nothing there.
+/// merges, so with LZ4 (raw), which read 2-3 times faster than Snappy or zstd here, at a
+/// little over half the uncompressed size (BENCHMARKS.md, "Reports computed, and asked
+/// again"); without a dictionary (every sketch differs) and with statistics of the column
+/// chunk only (a sketch's bytes prune nothing). Other tables have no such column, and the
+/// settings do nothing there.
 pub fn sketch_column_settings(builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
     let column = ColumnPath::from(SKETCH_COLUMN);
     builder
