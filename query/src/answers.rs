@@ -3,13 +3,17 @@
 //!
 //! The answers belong to the session itself (a [`SessionConfig`] extension): the catalog
 //! builds a new session, with none, for every new version of any table it serves, and drops
-//! every session when it is invalidated (after an erasure). So an answer can never outlive
-//! the table versions it was computed from. What is kept is the truth before release: every
-//! report still releases it through [`crate::release`] and is charged to the budget as
-//! before, and its noise, keyed by the cell, is the same as when it was computed.
+//! every session when it is invalidated (after an erasure this process ran). So an answer is
+//! never served from another set of table versions than it was computed from. A commit by
+//! another process (an erasure run elsewhere) is seen at the table's next check, at most
+//! `query.table_refresh_ms` later, as by every query. What is kept is the truth before
+//! release: every report still releases it through [`crate::release`] and is charged to the
+//! budget as before, and its noise, keyed by the cell, is the same as when it was computed.
 //!
 //! Sessions a caller changes (a Postgres connection re-registers its tables) are built
-//! without answers, and [`collect`] then always runs the query.
+//! without answers, and [`collect`] then always runs the query. The answers are held outside
+//! DataFusion's memory pool, within [`MAX_BYTES`] per session (one shared session per scope
+//! at a time, and those queries still running hold).
 //!
 //! [`SessionConfig`]: datafusion::prelude::SessionConfig
 
@@ -21,9 +25,15 @@ use datafusion::prelude::SessionContext;
 
 use crate::error::ApiError;
 
-/// The most bytes of answers one session keeps: a dashboard's reports many times over
-/// (a report's answer is one row per shown key, a few KiB to a few hundred).
-const MAX_BYTES: usize = 32 << 20;
+/// The most bytes of answers one session keeps, their SQL counted. An answer holds every
+/// group of its report before the threshold and `limit`, each with its merged sketch (about
+/// 4 KiB): a geo or devices report is a few hundred KiB, and a report of more than about
+/// 8,000 groups is not kept.
+pub(crate) const MAX_BYTES: usize = 32 << 20;
+/// The most answers one session keeps, however small (an answer with no row is a few bytes).
+const MAX_ANSWERS: usize = 1024;
+/// What one kept answer costs beyond its batches and its SQL (twice: map and order).
+const ENTRY_OVERHEAD: usize = 256;
 
 /// Answers computed over one session's table versions, by the SQL that asked them.
 #[derive(Default)]
@@ -46,7 +56,8 @@ impl SessionAnswers {
     }
 
     fn keep(&self, sql: &str, batches: Arc<[RecordBatch]>) {
-        let size: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let rows: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let size = rows + 2 * sql.len() + ENTRY_OVERHEAD;
         if size > MAX_BYTES {
             return;
         }
@@ -58,7 +69,7 @@ impl SessionAnswers {
             kept.bytes -= replaced;
             kept.order.retain(|s| s != sql);
         }
-        while kept.bytes + size > MAX_BYTES {
+        while kept.bytes + size > MAX_BYTES || kept.by_sql.len() >= MAX_ANSWERS {
             let Some(oldest) = kept.order.pop_front() else {
                 break;
             };
@@ -126,6 +137,32 @@ mod tests {
         let kept = answers.kept.lock().expect("the lock");
         assert!(kept.bytes <= MAX_BYTES, "{} bytes kept", kept.bytes);
         assert_eq!(kept.order.len(), kept.by_sql.len());
+    }
+
+    /// Answers with no row still count: their SQL (which carries the request's filter values)
+    /// and their number.
+    #[test]
+    fn many_empty_answers_with_long_sql_stay_within_bounds() {
+        let short = SessionAnswers::default();
+        for i in 0..2 * MAX_ANSWERS {
+            short.keep(&i.to_string(), Vec::new().into());
+        }
+        assert_eq!(short.kept.lock().expect("the lock").by_sql.len(), MAX_ANSWERS);
+
+        let answers = SessionAnswers::default();
+        let long = "x".repeat(64 * 1024);
+        for i in 0..2 * MAX_ANSWERS {
+            answers.keep(&format!("{long}{i}"), Vec::new().into());
+        }
+        let kept = answers.kept.lock().expect("the lock");
+        assert!(kept.by_sql.len() <= MAX_ANSWERS, "{} answers", kept.by_sql.len());
+        assert!(kept.bytes <= MAX_BYTES, "{} bytes", kept.bytes);
+        let held: usize = kept.by_sql.keys().map(|k| 2 * k.len() + ENTRY_OVERHEAD).sum();
+        assert_eq!(kept.bytes, held, "every answer's SQL counted");
+        assert!(
+            kept.by_sql.contains_key(&format!("{long}{}", 2 * MAX_ANSWERS - 1)),
+            "the newest kept"
+        );
     }
 
     #[test]

@@ -337,6 +337,11 @@ impl ReportRequest {
                 continue;
             }
             match kind.filters().iter().find(|f| **f == key) {
+                Some(_) if value.len() > MAX_FILTER_VALUE => {
+                    return Err(ApiError::BadRequest(format!(
+                        "`{key}` is a value of at most {MAX_FILTER_VALUE} bytes"
+                    )));
+                }
                 Some(f) => filters.push((*f, value.clone())),
                 None => {
                     return Err(ApiError::BadRequest(format!(
@@ -533,6 +538,8 @@ impl ReportRequest {
 
 /// The most rows `limit` keeps.
 const MAX_LIMIT: usize = 1000;
+/// The longest value a filter takes (a page path, a campaign id): longer is no value there is.
+const MAX_FILTER_VALUE: usize = 512;
 
 /// The column of a row's merged visitor sketch (`visitors` is its estimate).
 const VISITORS_SKETCH: &str = "__visitors";

@@ -205,17 +205,29 @@ const EMPTY: u8 = 4;
 const HLL_FAMILY: u8 = 7;
 const REGISTERS: usize = 1 << HLL_LG_K;
 
+/// The largest value a register of a 64-bit hash can hold: the leading zeros of the bits
+/// left after the register's index, plus one.
+const MAX_REGISTER: u8 = 64 - HLL_LG_K + 1;
+
 /// The registers of `bytes` if it is a dense HLL_8 sketch of Marsad's lg_k (one byte per
 /// register: their union is their maximum); `None` for any other sketch, which the
-/// library merges.
-fn dense_registers(bytes: &[u8]) -> Option<&[u8]> {
+/// library merges (or refuses).
+fn dense_registers(bytes: &[u8]) -> Result<Option<&[u8]>> {
     let dense = bytes.len() == HLL_PREAMBLE + REGISTERS
         && bytes[..4] == [10, 1, HLL_FAMILY, HLL_LG_K]
         && bytes[5] & EMPTY == 0
         && bytes[6] == 0
         && bytes[7] == HLL8_DENSE_MODE
         && bytes[36..40] == [0; 4];
-    dense.then(|| &bytes[HLL_PREAMBLE..])
+    if !dense {
+        return Ok(None);
+    }
+    let registers = &bytes[HLL_PREAMBLE..];
+    // no hash gives more (crafted bytes could; the library would then overflow a shift)
+    if registers.iter().any(|&r| r > MAX_REGISTER) {
+        return exec_err!("not an HLL sketch: a register above {MAX_REGISTER}");
+    }
+    Ok(Some(registers))
 }
 
 /// A dense HLL_8 sketch of `registers` (out of order: its estimate is the composite one),
@@ -229,7 +241,7 @@ fn dense_sketch(registers: &[u8]) -> Result<HllSketch> {
                 zeros += 1;
             }
             1..32 => kxq0 += 1.0 / (1_u64 << value) as f64,
-            _ => kxq1 += 1.0 / (1_u64 << value.min(63)) as f64,
+            _ => kxq1 += 1.0 / (1_u64 << value.min(MAX_REGISTER)) as f64,
         }
     }
     let mut bytes = Vec::with_capacity(HLL_PREAMBLE + registers.len());
@@ -246,6 +258,10 @@ fn dense_sketch(registers: &[u8]) -> Result<HllSketch> {
 /// One group's merge: the dense sketches' registers kept as their maximum (DataSketches
 /// recomputes its register sums after every merge, most of a report's time), the others
 /// merged by the library; the two meet once, when the group is evaluated.
+///
+/// The result is marked out of order, as any union of two or more sketches is: its estimate is
+/// DataSketches' composite one. A group of one dense sketch written in order (once estimated by
+/// its HIP accumulator) is estimated so too; both are within the sketch's error.
 #[derive(Default)]
 struct GroupMerge {
     registers: Option<Box<[u8]>>,
@@ -254,7 +270,7 @@ struct GroupMerge {
 
 impl GroupMerge {
     fn add(&mut self, bytes: &[u8]) -> Result<()> {
-        if let Some(theirs) = dense_registers(bytes) {
+        if let Some(theirs) = dense_registers(bytes)? {
             let mine = self
                 .registers
                 .get_or_insert_with(|| vec![0; REGISTERS].into_boxed_slice());
@@ -306,6 +322,8 @@ impl GroupMerge {
 #[derive(Default)]
 struct HllGroupsMerge {
     groups: Vec<GroupMerge>,
+    /// What the groups hold, counted as they grow (DataFusion asks after every batch).
+    held: usize,
 }
 
 impl HllGroupsMerge {
@@ -326,10 +344,13 @@ impl HllGroupsMerge {
             if filter.is_some_and(|f| !f.is_valid(row) || !f.value(row)) {
                 return Ok(());
             }
-            match self.groups.get_mut(group) {
-                Some(merge) => merge.add(bytes),
-                None => exec_err!("hll_merge: group {group} of {total_num_groups}"),
-            }
+            let Some(merge) = self.groups.get_mut(group) else {
+                return exec_err!("hll_merge: group {group} of {total_num_groups}");
+            };
+            let before = merge.size();
+            merge.add(bytes)?;
+            self.held = (self.held + merge.size()).saturating_sub(before);
+            Ok(())
         })
     }
 }
@@ -350,6 +371,7 @@ impl GroupsAccumulator for HllGroupsMerge {
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
         let groups = emit_to.take_needed(&mut self.groups);
+        self.held = self.groups.iter().map(GroupMerge::size).sum();
         let mut out = BinaryBuilder::with_capacity(groups.len(), 0);
         for mut group in groups {
             out.append_value(group.sketch()?);
@@ -383,8 +405,7 @@ impl GroupsAccumulator for HllGroupsMerge {
     }
 
     fn size(&self) -> usize {
-        let held: usize = self.groups.iter().map(GroupMerge::size).sum();
-        std::mem::size_of_val(self) + self.groups.capacity() * std::mem::size_of::<GroupMerge>() + held
+        std::mem::size_of_val(self) + self.groups.capacity() * std::mem::size_of::<GroupMerge>() + self.held
     }
 }
 
@@ -558,7 +579,12 @@ mod tests {
     fn dense_sketches_merge_as_the_library_merges_them() {
         let dense = [sketch_of(0..6000), sketch_of(3000..20_000), sketch_of(50_000..58_000)];
         for d in &dense {
-            assert!(dense_registers(d).is_some(), "{} bytes, mode {}", d.len(), d[7]);
+            assert!(
+                matches!(dense_registers(d), Ok(Some(_))),
+                "{} bytes, mode {}",
+                d.len(),
+                d[7]
+            );
         }
         let mut merge = GroupMerge::default();
         for d in &dense {
@@ -583,7 +609,8 @@ mod tests {
 
         // the sketch made of one's registers, read alone, estimates as the library's union
         // of it with itself (the same registers, out of order)
-        let alone = dense_sketch(dense_registers(&dense[1]).expect("dense")).expect("a sketch");
+        let registers = dense_registers(&dense[1]).expect("valid").expect("dense");
+        let alone = dense_sketch(registers).expect("a sketch");
         let library = union_of(&[dense[1].clone(), dense[1].clone()]);
         assert!(
             (alone.estimate() - library.estimate()).abs() <= 1e-9 * library.estimate(),
@@ -593,16 +620,28 @@ mod tests {
         );
 
         let sparse = sketch_of(0..100);
-        assert!(dense_registers(&sparse).is_none(), "coupons are not registers");
+        assert!(
+            dense_registers(&sparse).expect("valid").is_none(),
+            "coupons are not registers"
+        );
         let mut hll4 = HllSketch::new(HLL_LG_K, HllType::Hll4).expect("a sketch");
         (0..6000).for_each(|i| hll4.update(format!("visitor-{i}").as_str()));
-        assert!(dense_registers(&hll4.serialize()).is_none(), "four bits per register");
+        assert!(
+            dense_registers(&hll4.serialize()).expect("valid").is_none(),
+            "four bits per register"
+        );
         let mut cut = dense[0].clone();
         cut.pop();
-        assert!(dense_registers(&cut).is_none(), "a register short");
+        assert!(dense_registers(&cut).expect("valid").is_none(), "a register short");
         let mut other_k = dense[0].clone();
         other_k[3] = HLL_LG_K + 1;
-        assert!(dense_registers(&other_k).is_none(), "another lg_k");
+        assert!(dense_registers(&other_k).expect("valid").is_none(), "another lg_k");
+        // a register no hash gives: refused, not merged (nor handed to the library's shifts)
+        let mut crafted = dense[0].clone();
+        crafted[HLL_PREAMBLE + 7] = MAX_REGISTER + 1;
+        assert!(dense_registers(&crafted).is_err());
+        assert!(GroupMerge::default().add(&crafted).is_err());
+
         // nothing merged: the empty sketch
         let empty = HllSketch::deserialize(&GroupMerge::default().sketch().expect("nothing")).expect("a sketch");
         assert_eq!(empty.estimate(), 0.0);
