@@ -13,10 +13,12 @@ times, and the median counts. Figures are ratios against DuckDB and DataFusion m
 the same run.
 """
 import argparse
+import atexit
 import http.client
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,6 +99,8 @@ def active_files(table):
 def link_files(files):
     """The active files as one flat directory of links (partition directories flattened)."""
     where = tempfile.mkdtemp(prefix="marsad-engines-")
+    # the links go when this run ends, however it ends
+    atexit.register(shutil.rmtree, where, True)
     for i, f in enumerate(files):
         os.symlink(f, os.path.join(where, f"part-{i:05}.parquet"))
     return where
