@@ -339,7 +339,8 @@ impl ReportRequest {
             match kind.filters().iter().find(|f| **f == key) {
                 Some(_) if value.len() > MAX_FILTER_VALUE => {
                     return Err(ApiError::BadRequest(format!(
-                        "`{key}` is a value of at most {MAX_FILTER_VALUE} bytes"
+                        "`{key}` is at most {MAX_FILTER_VALUE} bytes long, not {}",
+                        value.len()
                     )));
                 }
                 Some(f) => filters.push((*f, value.clone())),
@@ -538,8 +539,9 @@ impl ReportRequest {
 
 /// The most rows `limit` keeps.
 const MAX_LIMIT: usize = 1000;
-/// The longest value a filter takes (a page path, a campaign id): longer is no value there is.
-const MAX_FILTER_VALUE: usize = 512;
+/// The longest value a filter takes: a page path (with its kept parameters) is at most a URL's
+/// length; longer is no value a rollup holds.
+const MAX_FILTER_VALUE: usize = marsad_schemas::event::MAX_URL_LEN;
 
 /// The column of a row's merged visitor sketch (`visitors` is its estimate).
 const VISITORS_SKETCH: &str = "__visitors";

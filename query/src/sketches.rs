@@ -205,9 +205,10 @@ const EMPTY: u8 = 4;
 const HLL_FAMILY: u8 = 7;
 const REGISTERS: usize = 1 << HLL_LG_K;
 
-/// The largest value a register of a 64-bit hash can hold: the leading zeros of the bits
-/// left after the register's index, plus one.
-const MAX_REGISTER: u8 = 64 - HLL_LG_K + 1;
+/// The largest value a register holds: DataSketches takes the register's index from one half
+/// of the 128-bit hash and its value from the other, as its leading zeros capped at 62, plus
+/// one (`Coupon::from_value`).
+const MAX_REGISTER: u8 = 63;
 
 /// The registers of `bytes` if it is a dense HLL_8 sketch of Marsad's lg_k (one byte per
 /// register: their union is their maximum); `None` for any other sketch, which the
