@@ -301,13 +301,15 @@ impl DeltaSink {
         Ok(recorded)
     }
 
+    /// How this table's appends and merges are written ([`append_writer_properties`]).
+    fn append_properties(&self) -> Result<deltalake::parquet::file::properties::WriterProperties> {
+        append_writer_properties().map_err(|source| Error::Query {
+            table: self.name,
+            source,
+        })
+    }
+
     async fn append_once(&mut self, batch: RecordBatch, positions: &[(String, i64)]) -> Result<u64> {
-        let append_properties = || {
-            append_writer_properties().map_err(|source| Error::Query {
-                table: self.name,
-                source,
-            })
-        };
         let txns: Vec<Transaction> = positions.iter().map(|(app, p)| Transaction::new(app, *p)).collect();
         let partitions: Vec<String> = self.partition_columns();
         // marked a blind append (it reads nothing of the table): a concurrent erasure, backfill
@@ -320,7 +322,7 @@ impl DeltaSink {
             .clone()
             .write(vec![batch])
             .with_save_mode(SaveMode::Append)
-            .with_writer_properties(append_properties()?)
+            .with_writer_properties(self.append_properties()?)
             .with_partition_columns(partitions)
             .with_commit_properties(properties)
             .await
@@ -373,10 +375,7 @@ impl DeltaSink {
             .with_save_mode(SaveMode::Overwrite)
             .with_replace_where(predicate)
             .with_partition_columns(partitions)
-            .with_writer_properties(append_writer_properties().map_err(|source| Error::Query {
-                table: self.name,
-                source,
-            })?)
+            .with_writer_properties(self.append_properties()?)
             .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
             .await
             .map_err(|e| self.delta(e))?;
