@@ -4,18 +4,22 @@
 //! injected per batch, a file-id column, filters pushed into the Parquet decoder row by row),
 //! which costs 2-3x a plain Parquet scan on dashboard queries. Marsad's tables use nothing
 //! that needs it: no deletion vectors, no column mapping (reader version 1), partition
-//! values in the log. [`ActiveFiles`] takes the version's active files and partition values
-//! from the log once, and scans them with DataFusion's Parquet source: row groups pruned by
-//! their statistics, files by their partition values. A table that needs more of Delta
-//! (a reader version above 1) keeps delta-rs's provider.
+//! values in the log. [`ActiveFiles`] takes the version's active files, partition values and
+//! row counts from the log once, and scans them with DataFusion's Parquet source: files
+//! chosen by their partition values when the query is planned (a day's query of a table a
+//! year old opens that day's files, not the year's), row groups pruned by their statistics,
+//! and a count of the whole table answered from the log's row counts without opening a file.
+//! A table that needs more of Delta (a reader version above 1) keeps delta-rs's provider.
 
 use std::sync::Arc;
 
+use arrow::array::{Array, BooleanArray, RecordBatch};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
 use datafusion::catalog::TableProvider;
-use datafusion::common::{DFSchema, Result as DfResult, ScalarValue};
+use datafusion::common::stats::Precision;
+use datafusion::common::{DFSchema, DataFusionError, Result as DfResult, ScalarValue, Statistics};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
@@ -50,7 +54,15 @@ pub struct ActiveFiles {
     /// What the Parquet source reads: the files' columns and the partition columns.
     table_schema: TableSchema,
     store: ObjectStoreUrl,
-    files: Vec<PartitionedFile>,
+    files: Vec<ActiveFile>,
+}
+
+/// One data file of the version, with what the log says of it.
+#[derive(Debug, Clone)]
+struct ActiveFile {
+    scanned: PartitionedFile,
+    /// Its row count (`numRecords` of its statistics), when the log has it.
+    rows: Option<usize>,
 }
 
 /// Strings and binaries as views: what DataFusion reads Parquet as, and the faster to group by.
@@ -111,7 +123,10 @@ impl ActiveFiles {
                 PartitionedFile::new(file.path().into_owned(), size).with_partition_values(partition_values);
             // the path as the log stores it (percent-encoded parts stay encoded)
             scanned.object_meta.location = file.object_store_path();
-            files.push(scanned);
+            files.push(ActiveFile {
+                scanned,
+                rows: file.num_records(),
+            });
         }
         let store = ObjectStoreUrl::parse(format!("marsad-table://{name}")).map_err(|e| log(&e))?;
         let url = url::Url::parse(store.as_str()).map_err(|e| log(&e))?;
@@ -139,8 +154,16 @@ impl TableProvider for ActiveFiles {
     }
 
     fn supports_filters_pushdown(&self, filters: &[&Expr]) -> DfResult<Vec<TableProviderFilterPushDown>> {
-        // used to prune files and row groups; the plan still filters every row
-        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+        // a filter of partition values alone is decided per file when the query is planned
+        // (exactly: every row of a file has its partition values); the others prune files and
+        // row groups, and the plan still filters every row
+        Ok(filters
+            .iter()
+            .map(|f| match self.decided_per_file(f) {
+                true => TableProviderFilterPushDown::Exact,
+                false => TableProviderFilterPushDown::Inexact,
+            })
+            .collect())
     }
 
     async fn scan(
@@ -154,7 +177,9 @@ impl TableProvider for ActiveFiles {
             Some(p) => p.iter().map(|&i| self.scan_index[i]).collect(),
             None => self.scan_index.clone(),
         };
-        if self.files.is_empty() {
+        let (per_file, per_row): (Vec<&Expr>, Vec<&Expr>) = filters.iter().partition(|f| self.decided_per_file(f));
+        let files = self.files_passing(state, &per_file)?;
+        if files.is_empty() {
             let schema = match projection {
                 Some(p) => Arc::new(self.schema.project(p)?),
                 None => self.schema.clone(),
@@ -163,19 +188,76 @@ impl TableProvider for ActiveFiles {
         }
         let options = state.table_options().parquet.clone();
         let mut source = ParquetSource::new(self.table_schema.clone()).with_table_parquet_options(options);
-        if let Some(predicate) = conjunction(filters.iter().cloned().map(unnormalize_col)) {
+        if let Some(predicate) = conjunction(per_row.into_iter().cloned().map(unnormalize_col)) {
             // only for pruning: a predicate the Parquet source cannot take leaves the scan whole
             let scan_schema = DFSchema::try_from(self.table_schema.table_schema().as_ref().clone())?;
             if let Ok(physical) = state.create_physical_expr(predicate, &scan_schema) {
                 source = source.with_predicate(physical);
             }
         }
+        // the log's row counts: a count with no filter left to the rows is answered from them
+        let mut statistics = Statistics::new_unknown(self.table_schema.table_schema());
+        statistics.num_rows = files
+            .iter()
+            .map(|f| f.rows)
+            .sum::<Option<usize>>()
+            .map_or(Precision::Absent, Precision::Exact);
         let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
-            .with_file_group(FileGroup::new(self.files.clone()))
+            .with_file_group(FileGroup::new(files.into_iter().map(|f| f.scanned).collect()))
             .with_projection_indices(Some(indices))?
+            .with_statistics(statistics)
             .with_limit(limit)
             .build();
         Ok(DataSourceExec::from_data_source(config))
+    }
+}
+
+impl ActiveFiles {
+    /// Whether `filter` names partition columns only and answers the same every time: then a
+    /// file's partition values decide it for all of the file's rows.
+    fn decided_per_file(&self, filter: &Expr) -> bool {
+        let partitions = self.table_schema.table_partition_cols();
+        let columns = filter.column_refs();
+        !columns.is_empty()
+            && columns.iter().all(|c| partitions.iter().any(|p| p.name() == &c.name))
+            && !filter.is_volatile()
+    }
+
+    /// The files whose partition values pass every one of `filters` (each decided per file).
+    fn files_passing(&self, state: &dyn Session, filters: &[&Expr]) -> DfResult<Vec<ActiveFile>> {
+        let Some(predicate) = conjunction(filters.iter().map(|f| unnormalize_col((*f).clone()))) else {
+            return Ok(self.files.clone());
+        };
+        if self.files.is_empty() {
+            return Ok(Vec::new());
+        }
+        // one row per file, its partition values as columns
+        let partitions = self.table_schema.table_partition_cols();
+        let schema = Arc::new(Schema::new(partitions.clone()));
+        let columns = (0..partitions.len())
+            .map(|i| {
+                ScalarValue::iter_to_array(
+                    self.files
+                        .iter()
+                        .map(|f| f.scanned.partition_values.get(i).cloned().unwrap_or(ScalarValue::Null)),
+                )
+            })
+            .collect::<DfResult<Vec<_>>>()?;
+        let values = RecordBatch::try_new(schema.clone(), columns)?;
+        // an Exact filter must be applied: one that cannot be is an error, never a wider answer
+        let physical = state.create_physical_expr(predicate, &DFSchema::try_from(schema.as_ref().clone())?)?;
+        let passing = physical.evaluate(&values)?.into_array(values.num_rows())?;
+        let passing = passing
+            .as_any()
+            .downcast_ref::<BooleanArray>()
+            .ok_or_else(|| DataFusionError::Internal("a partition filter that is not a predicate".into()))?;
+        Ok(self
+            .files
+            .iter()
+            .zip(passing.iter())
+            .filter(|(_, pass)| *pass == Some(true))
+            .map(|(file, _)| file.clone())
+            .collect())
     }
 }
 
@@ -272,6 +354,13 @@ mod tests {
             "SELECT n FROM t WHERE country IS NULL",
             "SELECT count(*) FROM t WHERE date > DATE '2030-01-01'",
             "SELECT arrow_typeof(country), arrow_typeof(visitors), arrow_typeof(date) FROM t LIMIT 1",
+            // partition filters decided per file, alone, mixed with others, and in an OR
+            "SELECT n FROM t WHERE date IN (DATE '2024-10-03', DATE '2024-10-05') ORDER BY n",
+            "SELECT count(*) FROM t WHERE date >= DATE '2024-10-05'",
+            "SELECT n FROM t WHERE CAST(date AS VARCHAR) LIKE '2024-10-0%' AND n > 4 ORDER BY n",
+            "SELECT n FROM t WHERE date = DATE '2024-10-04' OR country = 'EG' ORDER BY n",
+            "SELECT n FROM t WHERE date = DATE '2024-10-05' LIMIT 1",
+            "SELECT count(*), count(country), min(date) FROM t",
         ] {
             let (ours, theirs) = (answer(&plain_ctx, sql).await, answer(&delta_ctx, sql).await);
             assert_eq!(ours, theirs, "{sql}");
@@ -288,5 +377,110 @@ mod tests {
             .map(|f| f.name().clone())
             .collect();
         assert_eq!(columns, ["country", "date", "n", "visitors"], "the table's own order");
+    }
+
+    /// Table `t` in a session that reads it as plain files.
+    fn plain_session(table: &DeltaTable) -> SessionContext {
+        let stores: Arc<dyn ObjectStoreRegistry> =
+            Arc::new(datafusion::execution::object_store::DefaultObjectStoreRegistry::new());
+        let plain = ActiveFiles::of(table, "t", stores.as_ref()).expect("plain files");
+        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+            .with_object_store_registry(stores)
+            .build_arc()
+            .expect("a runtime");
+        let ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
+        ctx.register_table("t", Arc::new(plain)).expect("registered");
+        ctx
+    }
+
+    /// A query of one date opens that date's files only, chosen when it is planned; a count
+    /// with no filter left to the rows is the log's, read without a data file.
+    #[tokio::test]
+    async fn a_dates_files_are_chosen_when_planned_and_a_count_is_the_logs() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("a url");
+        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
+        let mut table = DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .with_partition_columns(["date"])
+            .await
+            .expect("created");
+        for rows in [
+            batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2)]),
+            batch(20_001, &[(Some("EG"), 3)]),
+            batch(20_001, &[(None, 4), (Some("SA"), 5)]),
+            batch(20_002, &[(Some("JO"), 6)]),
+        ] {
+            table = table
+                .write(vec![rows])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(["date"])
+                .await
+                .expect("appended");
+        }
+        let ctx = plain_session(&table);
+        let plan = ctx
+            .sql("EXPLAIN SELECT n FROM t WHERE date = DATE '2024-10-05' AND n > 0")
+            .await
+            .expect("plans");
+        let plan = answer_of(plan).await;
+        assert!(plan.contains("date=2024-10-05"), "{plan}");
+        assert!(
+            !plan.contains("date=2024-10-04") && !plan.contains("date=2024-10-06"),
+            "other dates' files are not in the plan: {plan}"
+        );
+
+        // the data files gone: what the log answers still answers, what needs a file fails
+        let mut hidden = 0;
+        for day in ["2024-10-04", "2024-10-05", "2024-10-06"] {
+            for file in std::fs::read_dir(dir.path().join(format!("date={day}"))).expect("a date's directory") {
+                let path = file.expect("an entry").path();
+                std::fs::rename(&path, path.with_extension("hidden")).expect("hidden");
+                hidden += 1;
+            }
+        }
+        assert_eq!(hidden, 4);
+        assert_eq!(answer(&ctx, "SELECT count(*) AS n FROM t").await, answer_table("n", 6));
+        assert_eq!(
+            answer(&ctx, "SELECT count(*) AS n FROM t WHERE date = DATE '2024-10-05'").await,
+            answer_table("n", 3)
+        );
+        assert_eq!(
+            answer(&ctx, "SELECT count(*) AS n FROM t WHERE date > DATE '2030-01-01'").await,
+            answer_table("n", 0)
+        );
+        for needs_files in [
+            "SELECT sum(n) FROM t",
+            "SELECT count(*) FROM t WHERE n > 0",
+            "SELECT count(country) FROM t",
+        ] {
+            let failed = match ctx.sql(needs_files).await {
+                Ok(frame) => frame.collect().await.is_err(),
+                Err(_) => true,
+            };
+            assert!(failed, "{needs_files} reads the files");
+        }
+    }
+
+    async fn answer_of(frame: datafusion::dataframe::DataFrame) -> String {
+        let batches = frame.collect().await.expect("runs");
+        arrow::util::pretty::pretty_format_batches(&batches)
+            .expect("prints")
+            .to_string()
+    }
+
+    /// How [`answer`] prints one integer column `name` of one row `value`.
+    fn answer_table(name: &str, value: i64) -> String {
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new(name, DataType::Int64, false)])),
+            vec![Arc::new(Int64Array::from(vec![value]))],
+        )
+        .expect("a batch");
+        arrow::util::pretty::pretty_format_batches(&[batch])
+            .expect("prints")
+            .to_string()
     }
 }

@@ -142,6 +142,20 @@ impl LatestByName {
     }
 }
 
+/// Whether `table` still holds the latest version of its log, when that can be told without
+/// listing the log: the table is written through [`LatestByName`] on this host, the commit it
+/// holds is fresh, and no commit after it exists. `false` means only "a listing must tell".
+pub async fn holds_latest_version(table: &deltalake::DeltaTable) -> bool {
+    let Some(read) = table.version() else {
+        return false;
+    };
+    let log_store = table.log_store();
+    let Some(by_name) = log_store.any_ref().downcast_ref::<LatestByName>() else {
+        return false;
+    };
+    by_name.by_name(read).await == Some(read)
+}
+
 #[async_trait::async_trait]
 impl LogStore for LatestByName {
     fn name(&self) -> String {
@@ -271,6 +285,45 @@ mod tests {
         let (a, b) = both(&ours, &listing, 4).await;
         assert!(a.starts_with("Err"), "{a}");
         assert_eq!(a, b);
+        Ok(())
+    }
+
+    /// A reader's refresh skips the listing only while nothing was committed after what it holds
+    /// and what it holds is fresh; a handle through delta-rs's own log store always lists.
+    #[tokio::test]
+    async fn a_reader_holds_the_latest_version_only_while_nothing_came_after_it() -> TestResult {
+        use deltalake::kernel::{DataType, StructField};
+        let dir = tempfile::tempdir()?;
+        let location = TablesLocation::local(dir.path())?;
+        crate::build(&location, "t")?
+            .create()
+            .with_columns([StructField::new("n", DataType::LONG, true)])
+            .await?;
+        let reader = crate::open_table(&location, "t").await?.ok_or("t exists")?;
+        assert_eq!(reader.version(), Some(0));
+        assert!(holds_latest_version(&reader).await, "nothing committed after it");
+
+        // another writer's commit (its content is not read)
+        let log = dir.path().join("t").join("_delta_log");
+        let next = log.join(format!("{:020}.json", 1));
+        std::fs::write(&next, b"{}")?;
+        assert!(!holds_latest_version(&reader).await, "version 1 exists");
+        std::fs::remove_file(&next)?;
+        assert!(holds_latest_version(&reader).await);
+
+        // the commit held is older than the rule allows: a cleanup could have removed the next
+        let held = std::fs::File::options()
+            .write(true)
+            .open(log.join(format!("{:020}.json", 0)))?;
+        held.set_modified(std::time::SystemTime::now() - 2 * FRESH_COMMIT)?;
+        assert!(
+            !holds_latest_version(&reader).await,
+            "an old commit held is listed after"
+        );
+
+        let listed = crate::builder(&location, "t")?.load().await?;
+        assert_eq!(listed.version(), Some(0));
+        assert!(!holds_latest_version(&listed).await, "delta-rs's own log store lists");
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_config::TablesLocation;
 
 pub use commits::{Commit, read_commit};
-pub use latest_commit::{CLEANUP_FLOOR, FRESH_COMMIT};
+pub use latest_commit::{CLEANUP_FLOOR, FRESH_COMMIT, holds_latest_version};
 pub use rewrites::{
     ErasureNotice, LongTransactionNotice, REWRITE_ROW_GROUP_ROWS, RewriteRun, SKETCH_COLUMN, Unreferenced,
     announce_erasure, announce_long_transaction, erasure_in_progress, is_vanished_file, long_transaction_in_progress,
