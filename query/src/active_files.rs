@@ -22,9 +22,12 @@ use datafusion::common::stats::Precision;
 use datafusion::common::{DFSchema, DataFusionError, Result as DfResult, ScalarValue, Statistics};
 use datafusion::datasource::TableType;
 use datafusion::datasource::listing::PartitionedFile;
+use datafusion::datasource::physical_plan::parquet::CachedParquetFileReaderFactory;
 use datafusion::datasource::physical_plan::{FileGroup, FileScanConfigBuilder, ParquetSource};
 use datafusion::datasource::source::DataSourceExec;
 use datafusion::datasource::table_schema::TableSchema;
+use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use datafusion::execution::cache::default_cache::DefaultCache;
 use datafusion::execution::object_store::{ObjectStoreRegistry, ObjectStoreUrl};
 use datafusion::logical_expr::expr_rewriter::unnormalize_col;
 use datafusion::logical_expr::utils::conjunction;
@@ -55,6 +58,38 @@ pub struct ActiveFiles {
     table_schema: TableSchema,
     store: ObjectStoreUrl,
     files: Vec<ActiveFile>,
+    footers: FooterCache,
+}
+
+/// The parsed footers of a table's data files, kept across its versions: a query opens a file
+/// without reading and parsing its footer again. A data file is never changed in place (a
+/// new version writes new files), and an entry is used only for a file of the same path and
+/// size.
+#[derive(Clone)]
+pub struct FooterCache(Arc<FileMetadataCache>);
+
+impl FooterCache {
+    /// A cache holding at most `bytes` of footers (least recently used ones go first).
+    pub fn new(bytes: usize) -> Self {
+        FooterCache(Arc::new(DefaultCache::new(bytes)))
+    }
+
+    /// Forgets every footer (an erasure's rewritten files leave nothing of the old ones).
+    pub fn clear(&self) {
+        self.0.clear();
+    }
+
+    /// How many files' footers are kept.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl std::fmt::Debug for FooterCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FooterCache").field("files", &self.0.len()).finish()
+    }
 }
 
 /// One data file of the version, with what the log says of it.
@@ -76,8 +111,13 @@ fn as_views(field: &Field) -> Field {
 
 impl ActiveFiles {
     /// The version `table` is at, as plain files; its object store is registered in `stores`
-    /// under a name of the table's own (`name`).
-    pub fn of(table: &DeltaTable, name: &str, stores: &dyn ObjectStoreRegistry) -> Result<Self, NotPlain> {
+    /// under a name of the table's own (`name`); footers read are kept in `footers`.
+    pub fn of(
+        table: &DeltaTable,
+        name: &str,
+        stores: &dyn ObjectStoreRegistry,
+        footers: &FooterCache,
+    ) -> Result<Self, NotPlain> {
         let log = |e: &dyn std::fmt::Display| NotPlain::Log(e.to_string());
         let state = table.snapshot().map_err(|e| log(&e))?;
         let reader_version = state.protocol().min_reader_version();
@@ -139,6 +179,7 @@ impl ActiveFiles {
                 .build(),
             store,
             files,
+            footers: footers.clone(),
         })
     }
 }
@@ -187,7 +228,13 @@ impl TableProvider for ActiveFiles {
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
         let options = state.table_options().parquet.clone();
-        let mut source = ParquetSource::new(self.table_schema.clone()).with_table_parquet_options(options);
+        let store = state.runtime_env().object_store(&self.store)?;
+        let mut source = ParquetSource::new(self.table_schema.clone())
+            .with_table_parquet_options(options)
+            .with_parquet_file_reader_factory(Arc::new(CachedParquetFileReaderFactory::new(
+                store,
+                self.footers.0.clone(),
+            )));
         if let Some(predicate) = conjunction(per_row.into_iter().cloned().map(unnormalize_col)) {
             // only for pruning: a predicate the Parquet source cannot take leaves the scan whole
             let scan_schema = DFSchema::try_from(self.table_schema.table_schema().as_ref().clone())?;
@@ -334,7 +381,7 @@ mod tests {
 
         let stores: Arc<dyn ObjectStoreRegistry> =
             Arc::new(datafusion::execution::object_store::DefaultObjectStoreRegistry::new());
-        let plain = ActiveFiles::of(&table, "t", stores.as_ref()).expect("plain files");
+        let plain = ActiveFiles::of(&table, "t", stores.as_ref(), &FooterCache::new(1 << 20)).expect("plain files");
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_object_store_registry(stores)
             .build_arc()
@@ -380,10 +427,10 @@ mod tests {
     }
 
     /// Table `t` in a session that reads it as plain files.
-    fn plain_session(table: &DeltaTable) -> SessionContext {
+    fn plain_session(table: &DeltaTable, footers: &FooterCache) -> SessionContext {
         let stores: Arc<dyn ObjectStoreRegistry> =
             Arc::new(datafusion::execution::object_store::DefaultObjectStoreRegistry::new());
-        let plain = ActiveFiles::of(table, "t", stores.as_ref()).expect("plain files");
+        let plain = ActiveFiles::of(table, "t", stores.as_ref(), footers).expect("plain files");
         let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
             .with_object_store_registry(stores)
             .build_arc()
@@ -393,8 +440,9 @@ mod tests {
         ctx
     }
 
-    /// A query of one date opens that date's files only, chosen when it is planned; a count
-    /// with no filter left to the rows is the log's, read without a data file.
+    /// A query of one date opens that date's files only, chosen when it is planned, and their
+    /// footers are kept; a count with no filter left to the rows is the log's, read without a
+    /// data file.
     #[tokio::test]
     async fn a_dates_files_are_chosen_when_planned_and_a_count_is_the_logs() {
         let dir = tempfile::tempdir().expect("a temp dir");
@@ -421,7 +469,8 @@ mod tests {
                 .await
                 .expect("appended");
         }
-        let ctx = plain_session(&table);
+        let footers = FooterCache::new(1 << 20);
+        let ctx = plain_session(&table, &footers);
         let plan = ctx
             .sql("EXPLAIN SELECT n FROM t WHERE date = DATE '2024-10-05' AND n > 0")
             .await
@@ -432,6 +481,10 @@ mod tests {
             !plan.contains("date=2024-10-04") && !plan.contains("date=2024-10-06"),
             "other dates' files are not in the plan: {plan}"
         );
+
+        let day = "SELECT sum(n) AS n FROM t WHERE date = DATE '2024-10-05'";
+        assert_eq!(answer(&ctx, day).await, answer_table("n", 12));
+        assert_eq!(footers.len(), 2, "the footers of the date's two files are kept");
 
         // the data files gone: what the log answers still answers, what needs a file fails
         let mut hidden = 0;
@@ -453,6 +506,7 @@ mod tests {
             answer_table("n", 0)
         );
         for needs_files in [
+            day,
             "SELECT sum(n) FROM t",
             "SELECT count(*) FROM t WHERE n > 0",
             "SELECT count(country) FROM t",

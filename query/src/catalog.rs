@@ -30,7 +30,7 @@ use deltalake::DeltaTable;
 use marsad_config::TablesLocation;
 use marsad_schemas::TableName;
 
-use crate::active_files::ActiveFiles;
+use crate::active_files::{ActiveFiles, FooterCache};
 use crate::answers::SessionAnswers;
 
 /// Why a table could not be made queryable.
@@ -46,6 +46,10 @@ pub struct CatalogError {
 /// On object storage, how long a table found missing is taken as missing before it is
 /// looked for again (a listing per query and table would be paid by every query).
 const ABSENT_RECHECK: Duration = Duration::from_secs(5);
+
+/// The parsed footers kept per table: tens of KiB a file, so an `events` table of a few
+/// hundred files, and each rollup's, are read once.
+const FOOTERS_KEPT_BYTES: usize = 16 << 20;
 
 /// Which tables a session sees: analysts see only the rollups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,6 +93,8 @@ struct TableSlot {
     served: RwLock<Option<Arc<Served>>>,
     /// Held by the one query refreshing this table.
     refresher: tokio::sync::Mutex<Refresher>,
+    /// Its data files' footers, kept across its versions.
+    footers: FooterCache,
 }
 
 /// The Delta tables at a location, refreshed per table at most every `refresh` interval.
@@ -135,6 +141,7 @@ impl TableCatalog {
                         name: t.as_str(),
                         served: RwLock::new(None),
                         refresher: tokio::sync::Mutex::new(Refresher::default()),
+                        footers: FooterCache::new(FOOTERS_KEPT_BYTES),
                     },
                 )
             })
@@ -180,6 +187,8 @@ impl TableCatalog {
             if let Ok(mut served) = slot.served.write() {
                 *served = None;
             }
+            // nothing of a rewritten file's statistics stays behind
+            slot.footers.clear();
         }
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.clear();
@@ -369,7 +378,7 @@ impl TableCatalog {
         let previous = slot.served.read().ok().and_then(|s| s.clone());
         let provider = match previous {
             Some(p) if p.version == version => p.provider.clone(),
-            _ => match ActiveFiles::of(table, name, self.stores.as_ref()) {
+            _ => match ActiveFiles::of(table, name, self.stores.as_ref(), &slot.footers) {
                 Ok(plain) => Arc::new(plain) as Arc<dyn TableProvider>,
                 Err(why) => {
                     tracing::info!(table = name, reason = %why, "reading the table through delta-rs");
@@ -545,9 +554,12 @@ mod tests {
             .await
             .expect("rollup appended");
         assert_eq!(answer(&shared().await).await.expect("an answer"), 7);
+        let footers = |catalog: &TableCatalog| catalog.slots.get("traffic_hourly").map(|s| s.footers.len());
+        assert_eq!(footers(&catalog), Some(2), "both files' footers are kept");
 
         // an erasure rewrote tables and invalidated the catalog: nothing kept is served
         catalog.invalidate();
+        assert_eq!(footers(&catalog), Some(0), "nor any footer");
         hide_data_files(&table_dir, true);
         assert!(
             answer(&shared().await).await.is_err(),
