@@ -17,6 +17,7 @@
 //! that would change a session (DDL, `SET`, `PREPARE`), so sharing one changes no answer.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -77,6 +78,9 @@ struct Served {
     checked: Instant,
     /// When that check ended: it may hold commits made up to then.
     seen_until: Instant,
+    /// The catalog's count of invalidations when that check began: a check that began before
+    /// an invalidation is never served after it.
+    invalidations: u64,
 }
 
 /// What the refresher of a table keeps between refreshes.
@@ -108,6 +112,8 @@ pub struct TableCatalog {
     stores: Arc<dyn ObjectStoreRegistry>,
     /// The last session built for each scope, with what its tables were built from.
     sessions: Mutex<HashMap<TableScope, SharedSession>>,
+    /// How many times [`TableCatalog::invalidate`] was called.
+    invalidations: AtomicU64,
 }
 
 /// A session over the tables of a scope, reused while none of them changes.
@@ -154,6 +160,7 @@ impl TableCatalog {
             refresh: Duration::ZERO,
             stores: Arc::new(DefaultObjectStoreRegistry::new()),
             sessions: Mutex::new(HashMap::new()),
+            invalidations: AtomicU64::new(0),
         }
     }
 
@@ -183,6 +190,8 @@ impl TableCatalog {
     /// Forgets what every table was: the next query of each reads it from storage again
     /// (after this process rewrote tables, e.g. an erasure).
     pub fn invalidate(&self) {
+        // first: a refresh still running publishes what it found, but it is not served again
+        self.invalidations.fetch_add(1, Ordering::SeqCst);
         for slot in self.slots.values() {
             if let Ok(mut served) = slot.served.write() {
                 *served = None;
@@ -193,6 +202,10 @@ impl TableCatalog {
         if let Ok(mut sessions) = self.sessions.lock() {
             sessions.clear();
         }
+    }
+
+    fn invalidations(&self) -> u64 {
+        self.invalidations.load(Ordering::SeqCst)
     }
 
     /// The names of the tables that exist now.
@@ -319,12 +332,12 @@ impl TableCatalog {
         let Some(slot) = self.slots.get(name) else {
             return Ok(None);
         };
-        if let Some(served) = slot.fresh(self.refresh, since) {
+        if let Some(served) = slot.fresh(self.refresh, since, self.invalidations()) {
             return Ok(Some(served));
         }
         let mut refresher = slot.refresher.lock().await;
         // another query may have refreshed it while this one waited
-        if let Some(served) = slot.fresh(self.refresh, since) {
+        if let Some(served) = slot.fresh(self.refresh, since, self.invalidations()) {
             return Ok(Some(served));
         }
         self.reload(slot, &mut refresher, since).await
@@ -338,7 +351,9 @@ impl TableCatalog {
     ) -> Result<Option<Arc<Served>>, CatalogError> {
         let name = slot.name;
         let err = |reason: String| CatalogError { table: name, reason };
-        // what this check finds holds every commit made before it began
+        // what this check finds holds every commit made before it began (and an erasure's
+        // commit precedes its invalidation)
+        let invalidations = self.invalidations();
         let began = Instant::now();
         match refresher.table.as_mut() {
             // a local table whose last commit is fresh is asked for the next one by name: a
@@ -396,6 +411,7 @@ impl TableCatalog {
             provider,
             checked: began,
             seen_until: Instant::now(),
+            invalidations,
         });
         if let Ok(mut slot_served) = slot.served.write() {
             *slot_served = Some(served.clone());
@@ -405,10 +421,14 @@ impl TableCatalog {
 }
 
 impl TableSlot {
-    /// The served version, if it was checked within `refresh` and no earlier than `since`.
-    fn fresh(&self, refresh: Duration, since: Option<Instant>) -> Option<Arc<Served>> {
+    /// The served version, if it was checked within `refresh`, no earlier than `since`, and
+    /// after the catalog's last invalidation (`invalidations` of them so far).
+    fn fresh(&self, refresh: Duration, since: Option<Instant>, invalidations: u64) -> Option<Arc<Served>> {
         let served = self.served.read().ok()?.clone()?;
-        (served.checked.elapsed() < refresh && since.is_none_or(|t| served.checked >= t)).then_some(served)
+        (served.checked.elapsed() < refresh
+            && since.is_none_or(|t| served.checked >= t)
+            && served.invalidations == invalidations)
+            .then_some(served)
     }
 }
 
@@ -516,6 +536,42 @@ mod tests {
             .downcast_ref::<Int64Array>()
             .map(|a| a.value(0));
         Ok(sum.expect("a sum"))
+    }
+
+    /// An erasure's invalidation holds against a refresh that began before it and ends after
+    /// it: what that refresh found is never served again, however recent its check.
+    #[tokio::test]
+    async fn a_refresh_that_began_before_an_invalidation_is_not_served_after_it() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let traffic = create(dir.path(), "traffic_hourly").await;
+        let traffic = traffic
+            .write(vec![rows(5)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended");
+        let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");
+        let catalog = TableCatalog::new(location).with_refresh_interval(Duration::from_secs(600));
+        let sum = "SELECT sum(events) FROM traffic_hourly";
+        assert_eq!(total(&catalog.session().await.expect("a session"), sum).await, 5);
+        let slot = catalog.slots.get("traffic_hourly").expect("a slot");
+        let found_before = slot.served.read().expect("a lock").clone();
+        assert!(found_before.is_some());
+
+        // the erasure's rewrite commits, then invalidates; a refresh that had begun before the
+        // commit publishes what it found only now
+        traffic
+            .write(vec![rows(2)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended");
+        catalog.invalidate();
+        *slot.served.write().expect("a lock") = found_before;
+
+        assert_eq!(
+            total(&catalog.session().await.expect("a session"), sum).await,
+            7,
+            "the version found before the invalidation was served after it"
+        );
     }
 
     /// A report asked again of the same table versions is answered without reading a file,
