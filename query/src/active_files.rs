@@ -343,6 +343,29 @@ mod tests {
         .expect("a batch")
     }
 
+    /// A table at `dir` partitioned by date, with one append of each of `appends`.
+    async fn partitioned_table(dir: &std::path::Path, appends: impl IntoIterator<Item = RecordBatch>) -> DeltaTable {
+        let url = url::Url::from_directory_path(dir).expect("a url");
+        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
+        let mut table = DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .with_partition_columns(["date"])
+            .await
+            .expect("created");
+        for rows in appends {
+            table = table
+                .write(vec![rows])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(["date"])
+                .await
+                .expect("appended");
+        }
+        table
+    }
+
     async fn answer(ctx: &SessionContext, sql: &str) -> String {
         let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
         arrow::util::pretty::pretty_format_batches(&batches)
@@ -355,39 +378,18 @@ mod tests {
     #[tokio::test]
     async fn plain_files_answer_as_the_delta_provider() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("a url");
-        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
-        let mut table = DeltaTable::try_from_url(url)
-            .await
-            .expect("a handle")
-            .create()
-            .with_columns(kernel.fields().cloned())
-            .with_partition_columns(["date"])
-            .await
-            .expect("created");
-        for rows in [
-            batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2), (None, 3)]),
-            batch(20_001, &[(Some("JO"), 4), (Some("EG"), 5)]),
-            batch(20_001, &[(Some("SA"), 6)]),
-        ] {
-            table = table
-                .write(vec![rows])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(["date"])
-                .await
-                .expect("appended");
-        }
+        let table = partitioned_table(
+            dir.path(),
+            [
+                batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2), (None, 3)]),
+                batch(20_001, &[(Some("JO"), 4), (Some("EG"), 5)]),
+                batch(20_001, &[(Some("SA"), 6)]),
+            ],
+        )
+        .await;
         let (table, _) = table.delete().with_predicate("country = 'JO'").await.expect("deleted");
 
-        let stores: Arc<dyn ObjectStoreRegistry> =
-            Arc::new(datafusion::execution::object_store::DefaultObjectStoreRegistry::new());
-        let plain = ActiveFiles::of(&table, "t", stores.as_ref(), &FooterCache::new(1 << 20)).expect("plain files");
-        let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
-            .with_object_store_registry(stores)
-            .build_arc()
-            .expect("a runtime");
-        let plain_ctx = SessionContext::new_with_config_rt(Default::default(), runtime);
-        plain_ctx.register_table("t", Arc::new(plain)).expect("registered");
+        let plain_ctx = plain_session(&table, &FooterCache::new(1 << 20));
         let delta_ctx = SessionContext::new();
         table.update_datafusion_session(&delta_ctx.state()).expect("store");
         delta_ctx
@@ -446,29 +448,16 @@ mod tests {
     #[tokio::test]
     async fn a_dates_files_are_chosen_when_planned_and_a_count_is_the_logs() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("a url");
-        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
-        let mut table = DeltaTable::try_from_url(url)
-            .await
-            .expect("a handle")
-            .create()
-            .with_columns(kernel.fields().cloned())
-            .with_partition_columns(["date"])
-            .await
-            .expect("created");
-        for rows in [
-            batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2)]),
-            batch(20_001, &[(Some("EG"), 3)]),
-            batch(20_001, &[(None, 4), (Some("SA"), 5)]),
-            batch(20_002, &[(Some("JO"), 6)]),
-        ] {
-            table = table
-                .write(vec![rows])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(["date"])
-                .await
-                .expect("appended");
-        }
+        let table = partitioned_table(
+            dir.path(),
+            [
+                batch(20_000, &[(Some("JO"), 1), (Some("SA"), 2)]),
+                batch(20_001, &[(Some("EG"), 3)]),
+                batch(20_001, &[(None, 4), (Some("SA"), 5)]),
+                batch(20_002, &[(Some("JO"), 6)]),
+            ],
+        )
+        .await;
         let footers = FooterCache::new(1 << 20);
         let ctx = plain_session(&table, &footers);
         let plan = ctx

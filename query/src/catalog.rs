@@ -462,6 +462,16 @@ mod tests {
             .expect("created")
     }
 
+    /// A `traffic_hourly` at `dir` of one row counting `events`.
+    async fn traffic_of(dir: &std::path::Path, events: i64) -> DeltaTable {
+        create(dir, "traffic_hourly")
+            .await
+            .write(vec![rows(events)])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("rollup appended")
+    }
+
     async fn total(ctx: &SessionContext, sql: &str) -> i64 {
         let batches = ctx.sql(sql).await.expect("plans").collect().await.expect("runs");
         let column = batches[0]
@@ -543,12 +553,7 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_that_began_before_an_invalidation_is_not_served_after_it() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let traffic = create(dir.path(), "traffic_hourly").await;
-        let traffic = traffic
-            .write(vec![rows(5)])
-            .with_save_mode(SaveMode::Append)
-            .await
-            .expect("rollup appended");
+        let traffic = traffic_of(dir.path(), 5).await;
         let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");
         let catalog = TableCatalog::new(location).with_refresh_interval(Duration::from_secs(600));
         let sum = "SELECT sum(events) FROM traffic_hourly";
@@ -581,12 +586,7 @@ mod tests {
     async fn a_kept_answer_never_outlives_the_versions_it_was_computed_from() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let table_dir = dir.path().join("traffic_hourly");
-        let traffic = create(dir.path(), "traffic_hourly").await;
-        let traffic = traffic
-            .write(vec![rows(5)])
-            .with_save_mode(SaveMode::Append)
-            .await
-            .expect("rollup appended");
+        let traffic = traffic_of(dir.path(), 5).await;
         let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");
         let catalog = TableCatalog::new(location);
         let shared = || async { catalog.session_with(TableScope::Rollups).await.expect("a session") };
