@@ -79,6 +79,17 @@ impl FooterCache {
         self.0.clear();
     }
 
+    /// Forgets the footers of every file but `live` ones: what is kept is bounded by the files
+    /// a table holds, and nothing of a file a version removed stays once the next is read.
+    fn keep_only<'a>(&self, live: impl Iterator<Item = &'a datafusion::object_store::path::Path>) {
+        let live: std::collections::HashSet<&datafusion::object_store::path::Path> = live.collect();
+        for kept in self.0.list_entries().into_keys() {
+            if !live.contains(&kept) {
+                self.0.remove(&kept);
+            }
+        }
+    }
+
     /// How many files' footers are kept.
     #[cfg(test)]
     pub fn len(&self) -> usize {
@@ -161,13 +172,19 @@ impl ActiveFiles {
             let size = u64::try_from(file.size()).unwrap_or(0);
             let mut scanned =
                 PartitionedFile::new(file.path().into_owned(), size).with_partition_values(partition_values);
-            // the path as the log stores it (percent-encoded parts stay encoded)
+            // the path as the log stores it (percent-encoded parts stay encoded), and when it
+            // was written: with the size, what a kept footer is checked against
             scanned.object_meta.location = file.object_store_path();
+            if let Some(written) = chrono::DateTime::from_timestamp_millis(file.modification_time()) {
+                scanned.object_meta.last_modified = written;
+            }
             files.push(ActiveFile {
                 scanned,
                 rows: file.num_records(),
             });
         }
+        // the footers of files no longer in the table (compacted, erased) are not kept
+        footers.keep_only(files.iter().map(|f| &f.scanned.object_meta.location));
         let store = ObjectStoreUrl::parse(format!("marsad-table://{name}")).map_err(|e| log(&e))?;
         let url = url::Url::parse(store.as_str()).map_err(|e| log(&e))?;
         stores.register_store(&url, table.log_store().object_store(None));
@@ -218,7 +235,7 @@ impl TableProvider for ActiveFiles {
             Some(p) => p.iter().map(|&i| self.scan_index[i]).collect(),
             None => self.scan_index.clone(),
         };
-        let (per_file, per_row): (Vec<&Expr>, Vec<&Expr>) = filters.iter().partition(|f| self.decided_per_file(f));
+        let (per_file, per_row): (Vec<&Expr>, Vec<&Expr>) = filters.iter().partition(|f| self.evaluable_per_file(f));
         let files = self.files_passing(state, &per_file)?;
         if files.is_empty() {
             let schema = match projection {
@@ -244,11 +261,14 @@ impl TableProvider for ActiveFiles {
         }
         // the log's row counts: a count with no filter left to the rows is answered from them
         let mut statistics = Statistics::new_unknown(self.table_schema.table_schema());
-        statistics.num_rows = files
+        // (a sum that overflows is a log that lies: no count is taken from it)
+        let rows = files
             .iter()
-            .map(|f| f.rows)
-            .sum::<Option<usize>>()
-            .map_or(Precision::Absent, Precision::Exact);
+            .try_fold(0usize, |sum, f| f.rows.and_then(|rows| sum.checked_add(rows)));
+        statistics.num_rows = match rows {
+            Some(rows) => Precision::Exact(limit.map_or(rows, |limit| rows.min(limit))),
+            None => Precision::Absent,
+        };
         let config = FileScanConfigBuilder::new(self.store.clone(), Arc::new(source))
             .with_file_group(FileGroup::new(files.into_iter().map(|f| f.scanned).collect()))
             .with_projection_indices(Some(indices))?
@@ -261,12 +281,21 @@ impl TableProvider for ActiveFiles {
 
 impl ActiveFiles {
     /// Whether `filter` names partition columns only and answers the same every time: then a
-    /// file's partition values decide it for all of the file's rows.
+    /// file's partition values decide it for all of the file's rows. (It is then evaluated for
+    /// every file when the query is planned: a filter that fails on some file's values, such
+    /// as a failing cast, fails the query even where another condition would have spared it.)
     fn decided_per_file(&self, filter: &Expr) -> bool {
+        !filter.column_refs().is_empty() && self.evaluable_per_file(filter)
+    }
+
+    /// Whether `filter` can be evaluated on partition values alone: every filter pushed down as
+    /// exact is, even one an optimizer later reduced to a constant.
+    fn evaluable_per_file(&self, filter: &Expr) -> bool {
         let partitions = self.table_schema.table_partition_cols();
-        let columns = filter.column_refs();
-        !columns.is_empty()
-            && columns.iter().all(|c| partitions.iter().any(|p| p.name() == &c.name))
+        filter
+            .column_refs()
+            .iter()
+            .all(|c| partitions.iter().any(|p| p.name() == &c.name))
             && !filter.is_volatile()
     }
 
@@ -408,7 +437,9 @@ mod tests {
             "SELECT count(*) FROM t WHERE date >= DATE '2024-10-05'",
             "SELECT n FROM t WHERE CAST(date AS VARCHAR) LIKE '2024-10-0%' AND n > 4 ORDER BY n",
             "SELECT n FROM t WHERE date = DATE '2024-10-04' OR country = 'EG' ORDER BY n",
-            "SELECT n FROM t WHERE date = DATE '2024-10-05' LIMIT 1",
+            "SELECT n FROM t WHERE date = DATE '2024-10-05' ORDER BY n LIMIT 1",
+            "SELECT count(*) FROM (SELECT * FROM t LIMIT 1)",
+            "SELECT count(*) FROM (SELECT * FROM t WHERE date = DATE '2024-10-05' LIMIT 1)",
             "SELECT count(*), count(country), min(date) FROM t",
         ] {
             let (ours, theirs) = (answer(&plain_ctx, sql).await, answer(&delta_ctx, sql).await);
@@ -525,5 +556,82 @@ mod tests {
         arrow::util::pretty::pretty_format_batches(&[batch])
             .expect("prints")
             .to_string()
+    }
+
+    /// A partition column that holds NULLs: filters on it alone, decided per file (`IS NULL`,
+    /// `OR`, `NOT`, `IN`, a function of it), answer as delta-rs's provider answers.
+    #[tokio::test]
+    async fn filters_on_a_nullable_partition_answer_as_the_delta_provider() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("a url");
+        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
+        let mut table = DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .with_partition_columns(["country"])
+            .await
+            .expect("created");
+        for rows in [
+            batch(20_000, &[(Some("JO"), 1), (None, 2), (Some("SA"), 3)]),
+            batch(20_001, &[(None, 4), (Some("EG"), 5)]),
+        ] {
+            table = table
+                .write(vec![rows])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(["country"])
+                .await
+                .expect("appended");
+        }
+        let plain_ctx = plain_session(&table, &FooterCache::new(1 << 20));
+        let delta_ctx = SessionContext::new();
+        table.update_datafusion_session(&delta_ctx.state()).expect("store");
+        delta_ctx
+            .register_table("t", table.table_provider().await.expect("a provider"))
+            .expect("registered");
+        for sql in [
+            "SELECT n FROM t WHERE country IS NULL ORDER BY n",
+            "SELECT n FROM t WHERE country = 'JO' OR country IS NULL ORDER BY n",
+            "SELECT n FROM t WHERE NOT (country = 'SA') ORDER BY n",
+            "SELECT n FROM t WHERE country <> 'JO' ORDER BY n",
+            "SELECT n FROM t WHERE country IN ('JO', 'EG') ORDER BY n",
+            "SELECT n FROM t WHERE coalesce(country, '-') = '-' ORDER BY n",
+            "SELECT country, count(*) FROM t WHERE country IS NOT NULL GROUP BY country ORDER BY country",
+            "SELECT count(*) FROM t WHERE country IS NULL",
+            "SELECT count(*) FROM t WHERE country IS NULL AND n > 2",
+        ] {
+            let (ours, theirs) = (answer(&plain_ctx, sql).await, answer(&delta_ctx, sql).await);
+            assert_eq!(ours, theirs, "{sql}");
+        }
+        let nulls = answer(&plain_ctx, "SELECT n FROM t WHERE country IS NULL ORDER BY n").await;
+        assert!(
+            nulls.contains('2') && nulls.contains('4') && !nulls.contains('5'),
+            "{nulls}"
+        );
+    }
+
+    /// The footers kept are those of the files the table holds: a file a later version removed
+    /// is forgotten once that version is read.
+    #[tokio::test]
+    async fn only_the_footers_of_files_the_table_holds_are_kept() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let table = partitioned_table(
+            dir.path(),
+            [batch(20_000, &[(Some("JO"), 1)]), batch(20_001, &[(Some("SA"), 2)])],
+        )
+        .await;
+        let footers = FooterCache::new(1 << 20);
+        let ctx = plain_session(&table, &footers);
+        assert_eq!(answer(&ctx, "SELECT sum(n) AS n FROM t").await, answer_table("n", 3));
+        assert_eq!(footers.len(), 2);
+        let (table, _) = table
+            .delete()
+            .with_predicate("date = '2024-10-04'")
+            .await
+            .expect("deleted");
+        let ctx = plain_session(&table, &footers);
+        assert_eq!(footers.len(), 1, "the removed file's footer is forgotten");
+        assert_eq!(answer(&ctx, "SELECT sum(n) AS n FROM t").await, answer_table("n", 2));
     }
 }

@@ -48,8 +48,10 @@ pub struct CatalogError {
 /// looked for again (a listing per query and table would be paid by every query).
 const ABSENT_RECHECK: Duration = Duration::from_secs(5);
 
-/// The parsed footers kept per table: tens of KiB a file, so an `events` table of a few
-/// hundred files, and each rollup's, are read once.
+/// At most this much of parsed Parquet footers is kept per table (a footer is tens of KiB):
+/// enough for a few hundred files each. It is held outside the queries' memory pool
+/// (`query.memory_limit_mb`): nine tables, at most 144 MiB, in practice the footers of the files
+/// the tables hold.
 const FOOTERS_KEPT_BYTES: usize = 16 << 20;
 
 /// Which tables a session sees: analysts see only the rollups.
@@ -357,7 +359,8 @@ impl TableCatalog {
         let began = Instant::now();
         match refresher.table.as_mut() {
             // a local table whose last commit is fresh is asked for the next one by name: a
-            // query then pays a lookup, not a listing of the log's hour of entries
+            // query then pays a lookup, not a listing of the log's hour of entries (a table
+            // idle for longer pays the lookup of the commit it holds, then the listing)
             Some(table) if marsad_tables::holds_latest_version(table).await => {}
             Some(table) => table.update_incremental(None).await.map_err(|e| err(e.to_string()))?,
             None => {
@@ -549,9 +552,10 @@ mod tests {
     }
 
     /// An erasure's invalidation holds against a refresh that began before it and ends after
-    /// it: what that refresh found is never served again, however recent its check.
+    /// it: what that refresh found goes to the query that asked for it, and to no query that
+    /// asks after the invalidation, however recent its check.
     #[tokio::test]
-    async fn a_refresh_that_began_before_an_invalidation_is_not_served_after_it() {
+    async fn a_refresh_that_began_before_an_invalidation_is_not_served_to_a_later_query() {
         let dir = tempfile::tempdir().expect("a temp dir");
         let traffic = traffic_of(dir.path(), 5).await;
         let location = marsad_config::TablesLocation::local(dir.path()).expect("a location");

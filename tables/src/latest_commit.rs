@@ -145,6 +145,10 @@ impl LatestByName {
 /// Whether `table` still holds the latest version of its log, when that can be told without
 /// listing the log: the table is written through [`LatestByName`] on this host, the commit it
 /// holds is fresh, and no commit after it exists. `false` means only "a listing must tell".
+/// For a reader that skips its refresh on `true`, the rule's worst case (a clock stepped, a
+/// cleanup by another engine below [`CLEANUP_FLOOR`]) hides newer commits until the commit it
+/// holds is [`FRESH_COMMIT`] old, when a listing answers again; no conflict check corrects a
+/// reader, as one corrects a writer.
 pub async fn holds_latest_version(table: &deltalake::DeltaTable) -> bool {
     let Some(read) = table.version() else {
         return false;
@@ -301,10 +305,15 @@ mod tests {
             .await?;
         let reader = crate::open_table(&location, "t").await?.ok_or("t exists")?;
         assert_eq!(reader.version(), Some(0));
+        let log = dir.path().join("t").join("_delta_log");
+        let held = std::fs::File::options()
+            .write(true)
+            .open(log.join(format!("{:020}.json", 0)))?;
+        // written now, whatever the time the set-up took on a loaded machine
+        held.set_modified(std::time::SystemTime::now())?;
         assert!(holds_latest_version(&reader).await, "nothing committed after it");
 
         // another writer's commit (its content is not read)
-        let log = dir.path().join("t").join("_delta_log");
         let next = log.join(format!("{:020}.json", 1));
         std::fs::write(&next, b"{}")?;
         assert!(!holds_latest_version(&reader).await, "version 1 exists");
@@ -312,9 +321,6 @@ mod tests {
         assert!(holds_latest_version(&reader).await);
 
         // the commit held is older than the rule allows: a cleanup could have removed the next
-        let held = std::fs::File::options()
-            .write(true)
-            .open(log.join(format!("{:020}.json", 0)))?;
         held.set_modified(std::time::SystemTime::now() - 2 * FRESH_COMMIT)?;
         assert!(
             !holds_latest_version(&reader).await,
