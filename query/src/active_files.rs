@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use arrow::array::{Array, BooleanArray, RecordBatch};
+use arrow::array::{Array, BooleanArray, RecordBatch, RecordBatchOptions};
 use arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use async_trait::async_trait;
 use datafusion::catalog::Session;
@@ -63,8 +63,10 @@ pub struct ActiveFiles {
 
 /// The parsed footers of a table's data files, kept across its versions: a query opens a file
 /// without reading and parsing its footer again. A data file is never changed in place (a
-/// new version writes new files), and an entry is used only for a file of the same path and
-/// size.
+/// new version writes new files), and an entry is used only for a file of the same path, size
+/// and time written (from the log). Footers of files a version no longer holds are forgotten
+/// when the table is next looked up (a query still reading an older version may put one back
+/// until then).
 #[derive(Clone)]
 pub struct FooterCache(Arc<FileMetadataCache>);
 
@@ -79,8 +81,9 @@ impl FooterCache {
         self.0.clear();
     }
 
-    /// Forgets the footers of every file but `live` ones: what is kept is bounded by the files
-    /// a table holds, and nothing of a file a version removed stays once the next is read.
+    /// Forgets the footers of every file but `live` ones, so what is kept is bounded by the
+    /// files the table holds (a query still reading an older version may put one back, forgotten
+    /// at the next lookup).
     fn keep_only<'a>(&self, live: impl Iterator<Item = &'a datafusion::object_store::path::Path>) {
         let live: std::collections::HashSet<&datafusion::object_store::path::Path> = live.collect();
         for kept in self.0.list_entries().into_keys() {
@@ -281,9 +284,10 @@ impl TableProvider for ActiveFiles {
 
 impl ActiveFiles {
     /// Whether `filter` names partition columns only and answers the same every time: then a
-    /// file's partition values decide it for all of the file's rows. (It is then evaluated for
-    /// every file when the query is planned: a filter that fails on some file's values, such
-    /// as a failing cast, fails the query even where another condition would have spared it.)
+    /// file's partition values decide it for all of the file's rows. (It, and any filter of no
+    /// column, is then evaluated for every file when the query is planned: one that fails on
+    /// some file's values, such as a failing cast, fails the query even where another
+    /// condition would have spared it.)
     fn decided_per_file(&self, filter: &Expr) -> bool {
         !filter.column_refs().is_empty() && self.evaluable_per_file(filter)
     }
@@ -319,7 +323,12 @@ impl ActiveFiles {
                 )
             })
             .collect::<DfResult<Vec<_>>>()?;
-        let values = RecordBatch::try_new(schema.clone(), columns)?;
+        // (a filter of no column on a table of no partition column is one row per file too)
+        let values = RecordBatch::try_new_with_options(
+            schema.clone(),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(self.files.len())),
+        )?;
         // an Exact filter must be applied: one that cannot be is an error, never a wider answer
         let physical = state.create_physical_expr(predicate, &DFSchema::try_from(schema.as_ref().clone())?)?;
         let passing = physical.evaluate(&values)?.into_array(values.num_rows())?;
@@ -439,7 +448,6 @@ mod tests {
             "SELECT n FROM t WHERE date = DATE '2024-10-04' OR country = 'EG' ORDER BY n",
             "SELECT n FROM t WHERE date = DATE '2024-10-05' ORDER BY n LIMIT 1",
             "SELECT count(*) FROM (SELECT * FROM t LIMIT 1)",
-            "SELECT count(*) FROM (SELECT * FROM t WHERE date = DATE '2024-10-05' LIMIT 1)",
             "SELECT count(*), count(country), min(date) FROM t",
         ] {
             let (ours, theirs) = (answer(&plain_ctx, sql).await, answer(&delta_ctx, sql).await);
@@ -525,6 +533,19 @@ mod tests {
             answer(&ctx, "SELECT count(*) AS n FROM t WHERE date > DATE '2030-01-01'").await,
             answer_table("n", 0)
         );
+        // the scan's own row count: the log's, within a limit pushed into it
+        let provider = ctx.table_provider("t").await.expect("t");
+        let rows = |limit: Option<usize>| {
+            let (ctx, provider) = (&ctx, provider.clone());
+            async move {
+                let scan = provider.scan(&ctx.state(), None, &[], limit).await.expect("a scan");
+                rows_of(&scan)
+            }
+        };
+        assert_eq!(rows(None).await, Precision::Exact(6));
+        assert_eq!(rows(Some(2)).await, Precision::Exact(2), "a limit caps the count");
+        assert_eq!(rows(Some(60)).await, Precision::Exact(6));
+
         for needs_files in [
             day,
             "SELECT sum(n) FROM t",
@@ -633,5 +654,47 @@ mod tests {
         let ctx = plain_session(&table, &footers);
         assert_eq!(footers.len(), 1, "the removed file's footer is forgotten");
         assert_eq!(answer(&ctx, "SELECT sum(n) AS n FROM t").await, answer_table("n", 2));
+    }
+
+    /// The row count a plan's statistics give.
+    fn rows_of(plan: &Arc<dyn ExecutionPlan>) -> Precision<usize> {
+        use datafusion::physical_plan::statistics::{StatisticsArgs, StatisticsContext};
+        StatisticsContext::new()
+            .compute(plan.as_ref(), &StatisticsArgs::new())
+            .expect("statistics")
+            .num_rows
+    }
+
+    /// A filter of no column reaching the scan of a table of no partition column (an optimizer
+    /// may leave one) is decided per file too: false keeps no file, true every file.
+    #[tokio::test]
+    async fn a_constant_filter_on_an_unpartitioned_table_is_decided_per_file() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("a url");
+        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
+        let table = DeltaTable::try_from_url(url)
+            .await
+            .expect("a handle")
+            .create()
+            .with_columns(kernel.fields().cloned())
+            .await
+            .expect("created")
+            .write(vec![batch(20_000, &[(Some("JO"), 1)])])
+            .with_save_mode(SaveMode::Append)
+            .await
+            .expect("appended");
+        let ctx = plain_session(&table, &FooterCache::new(1 << 20));
+        let provider = ctx.table_provider("t").await.expect("t");
+        let state = ctx.state();
+        let none = provider
+            .scan(&state, None, &[datafusion::logical_expr::lit(false)], None)
+            .await
+            .expect("a scan");
+        assert_eq!(none.name(), "EmptyExec", "no file passes a false filter");
+        let all = provider
+            .scan(&state, None, &[datafusion::logical_expr::lit(true)], None)
+            .await
+            .expect("a scan");
+        assert_eq!(rows_of(&all), Precision::Exact(1));
     }
 }
