@@ -383,6 +383,15 @@ mod tests {
 
     /// A table at `dir` partitioned by date, with one append of each of `appends`.
     async fn partitioned_table(dir: &std::path::Path, appends: impl IntoIterator<Item = RecordBatch>) -> DeltaTable {
+        table_by(dir, &["date"], appends).await
+    }
+
+    /// A table at `dir` partitioned by `partitions`, with one append of each of `appends`.
+    async fn table_by(
+        dir: &std::path::Path,
+        partitions: &[&str],
+        appends: impl IntoIterator<Item = RecordBatch>,
+    ) -> DeltaTable {
         let url = url::Url::from_directory_path(dir).expect("a url");
         let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
         let mut table = DeltaTable::try_from_url(url)
@@ -390,18 +399,27 @@ mod tests {
             .expect("a handle")
             .create()
             .with_columns(kernel.fields().cloned())
-            .with_partition_columns(["date"])
+            .with_partition_columns(partitions.iter().copied())
             .await
             .expect("created");
         for rows in appends {
             table = table
                 .write(vec![rows])
                 .with_save_mode(SaveMode::Append)
-                .with_partition_columns(["date"])
+                .with_partition_columns(partitions.iter().copied())
                 .await
                 .expect("appended");
         }
         table
+    }
+
+    /// Table `t` in a session that reads it through delta-rs's own provider.
+    async fn delta_session(table: &DeltaTable) -> SessionContext {
+        let ctx = SessionContext::new();
+        table.update_datafusion_session(&ctx.state()).expect("store");
+        ctx.register_table("t", table.table_provider().await.expect("a provider"))
+            .expect("registered");
+        ctx
     }
 
     async fn answer(ctx: &SessionContext, sql: &str) -> String {
@@ -428,11 +446,7 @@ mod tests {
         let (table, _) = table.delete().with_predicate("country = 'JO'").await.expect("deleted");
 
         let plain_ctx = plain_session(&table, &FooterCache::new(1 << 20));
-        let delta_ctx = SessionContext::new();
-        table.update_datafusion_session(&delta_ctx.state()).expect("store");
-        delta_ctx
-            .register_table("t", table.table_provider().await.expect("a provider"))
-            .expect("registered");
+        let delta_ctx = delta_session(&table).await;
 
         for sql in [
             "SELECT * FROM t ORDER BY n",
@@ -584,33 +598,17 @@ mod tests {
     #[tokio::test]
     async fn filters_on_a_nullable_partition_answer_as_the_delta_provider() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("a url");
-        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
-        let mut table = DeltaTable::try_from_url(url)
-            .await
-            .expect("a handle")
-            .create()
-            .with_columns(kernel.fields().cloned())
-            .with_partition_columns(["country"])
-            .await
-            .expect("created");
-        for rows in [
-            batch(20_000, &[(Some("JO"), 1), (None, 2), (Some("SA"), 3)]),
-            batch(20_001, &[(None, 4), (Some("EG"), 5)]),
-        ] {
-            table = table
-                .write(vec![rows])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(["country"])
-                .await
-                .expect("appended");
-        }
+        let table = table_by(
+            dir.path(),
+            &["country"],
+            [
+                batch(20_000, &[(Some("JO"), 1), (None, 2), (Some("SA"), 3)]),
+                batch(20_001, &[(None, 4), (Some("EG"), 5)]),
+            ],
+        )
+        .await;
         let plain_ctx = plain_session(&table, &FooterCache::new(1 << 20));
-        let delta_ctx = SessionContext::new();
-        table.update_datafusion_session(&delta_ctx.state()).expect("store");
-        delta_ctx
-            .register_table("t", table.table_provider().await.expect("a provider"))
-            .expect("registered");
+        let delta_ctx = delta_session(&table).await;
         for sql in [
             "SELECT n FROM t WHERE country IS NULL ORDER BY n",
             "SELECT n FROM t WHERE country = 'JO' OR country IS NULL ORDER BY n",
@@ -670,19 +668,7 @@ mod tests {
     #[tokio::test]
     async fn a_constant_filter_on_an_unpartitioned_table_is_decided_per_file() {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("a url");
-        let kernel: StructType = schema().as_ref().try_into_kernel().expect("a kernel schema");
-        let table = DeltaTable::try_from_url(url)
-            .await
-            .expect("a handle")
-            .create()
-            .with_columns(kernel.fields().cloned())
-            .await
-            .expect("created")
-            .write(vec![batch(20_000, &[(Some("JO"), 1)])])
-            .with_save_mode(SaveMode::Append)
-            .await
-            .expect("appended");
+        let table = table_by(dir.path(), &[], [batch(20_000, &[(Some("JO"), 1)])]).await;
         let ctx = plain_session(&table, &FooterCache::new(1 << 20));
         let provider = ctx.table_provider("t").await.expect("t");
         let state = ctx.state();
