@@ -80,8 +80,8 @@ struct Served {
     checked: Instant,
     /// When that check ended: it may hold commits made up to then.
     seen_until: Instant,
-    /// The catalog's count of invalidations when that check began: a check that began before
-    /// an invalidation is never served after it.
+    /// The catalog's count of invalidations when that check began: what a check that began
+    /// before an invalidation found is served to no query that asks after it.
     invalidations: u64,
 }
 
@@ -192,7 +192,7 @@ impl TableCatalog {
     /// Forgets what every table was: the next query of each reads it from storage again
     /// (after this process rewrote tables, e.g. an erasure).
     pub fn invalidate(&self) {
-        // first: a refresh still running publishes what it found, but it is not served again
+        // first: a refresh still running publishes what it found, but no later query is served it
         self.invalidations.fetch_add(1, Ordering::SeqCst);
         for slot in self.slots.values() {
             if let Ok(mut served) = slot.served.write() {
