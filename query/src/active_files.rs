@@ -58,6 +58,8 @@ pub struct ActiveFiles {
     table_schema: TableSchema,
     store: ObjectStoreUrl,
     files: Vec<ActiveFile>,
+    /// The files' partition values, one row per file of `files`.
+    partition_values: RecordBatch,
     footers: FooterCache,
 }
 
@@ -188,6 +190,7 @@ impl ActiveFiles {
         }
         // the footers of files no longer in the table (compacted, erased) are not kept
         footers.keep_only(files.iter().map(|f| &f.scanned.object_meta.location));
+        let partition_values = partition_values_of(&files, &partition_fields).map_err(|e| log(&e))?;
         let store = ObjectStoreUrl::parse(format!("marsad-table://{name}")).map_err(|e| log(&e))?;
         let url = url::Url::parse(store.as_str()).map_err(|e| log(&e))?;
         stores.register_store(&url, table.log_store().object_store(None));
@@ -199,9 +202,30 @@ impl ActiveFiles {
                 .build(),
             store,
             files,
+            partition_values,
             footers: footers.clone(),
         })
     }
+}
+
+/// One row per file of `files`, its partition values (`partitions`) as columns: what a filter of
+/// partition values alone is evaluated on.
+fn partition_values_of(files: &[ActiveFile], partitions: &[FieldRef]) -> DfResult<RecordBatch> {
+    let columns = (0..partitions.len())
+        .map(|i| {
+            ScalarValue::iter_to_array(
+                files
+                    .iter()
+                    .map(|f| f.scanned.partition_values.get(i).cloned().unwrap_or(ScalarValue::Null)),
+            )
+        })
+        .collect::<DfResult<Vec<_>>>()?;
+    // (a table of no partition column is one row per file too, for a filter of no column)
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(partitions.to_vec())),
+        columns,
+        &RecordBatchOptions::new().with_row_count(Some(files.len())),
+    )?)
 }
 
 #[async_trait]
@@ -311,27 +335,10 @@ impl ActiveFiles {
         if self.files.is_empty() {
             return Ok(Vec::new());
         }
-        // one row per file, its partition values as columns
-        let partitions = self.table_schema.table_partition_cols();
-        let schema = Arc::new(Schema::new(partitions.clone()));
-        let columns = (0..partitions.len())
-            .map(|i| {
-                ScalarValue::iter_to_array(
-                    self.files
-                        .iter()
-                        .map(|f| f.scanned.partition_values.get(i).cloned().unwrap_or(ScalarValue::Null)),
-                )
-            })
-            .collect::<DfResult<Vec<_>>>()?;
-        // (a filter of no column on a table of no partition column is one row per file too)
-        let values = RecordBatch::try_new_with_options(
-            schema.clone(),
-            columns,
-            &RecordBatchOptions::new().with_row_count(Some(self.files.len())),
-        )?;
+        let values = &self.partition_values;
         // an Exact filter must be applied: one that cannot be is an error, never a wider answer
-        let physical = state.create_physical_expr(predicate, &DFSchema::try_from(schema.as_ref().clone())?)?;
-        let passing = physical.evaluate(&values)?.into_array(values.num_rows())?;
+        let physical = state.create_physical_expr(predicate, &DFSchema::try_from(values.schema().as_ref().clone())?)?;
+        let passing = physical.evaluate(values)?.into_array(values.num_rows())?;
         let passing = passing
             .as_any()
             .downcast_ref::<BooleanArray>()
