@@ -296,8 +296,7 @@ pub async fn audit(tables: &TablesLocation, known: HashSet<String>) -> Result<Au
         path: format!("{tables}{path}"),
         reason,
     };
-    let store =
-        deltalake::logstore::store_for(tables.url(), tables.storage_options()).map_err(|e| at("", e.to_string()))?;
+    let store = marsad_tables::location_store(tables).map_err(|e| at("", e.to_string()))?;
     let mut parquet_files: Vec<String> = store
         .list(None)
         .map_ok(|meta| meta.location.to_string())

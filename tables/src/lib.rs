@@ -14,6 +14,7 @@ pub mod commits;
 mod latest_commit;
 mod local_log;
 pub mod rewrites;
+mod s3;
 
 use deltalake::{DeltaTable, DeltaTableBuilder, DeltaTableError};
 use marsad_config::TablesLocation;
@@ -78,9 +79,12 @@ pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable>
 }
 
 /// How every table at `location` is opened: on local disk through [`local_log::LocalTables`]
-/// (the log's listing from an offset reads names, not every entry), elsewhere through the
-/// object store the URL names, with the location's settings.
+/// (the log's listing from an offset reads names, not every entry), in S3 through
+/// object_store's S3 client ([`s3`]), with the location's settings.
 fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, DeltaTableError> {
+    if location.local_dir().is_none() {
+        s3::register();
+    }
     let url = location.table_url(name);
     let builder = DeltaTableBuilder::from_url(url.clone())?;
     let builder = match location.local_dir() {
@@ -103,6 +107,16 @@ fn build(location: &TablesLocation, name: &str) -> Result<DeltaTable, DeltaTable
         ))),
         _ => builder.build(),
     }
+}
+
+/// The object store of the whole `location` (every table under it), for tools that read its
+/// files themselves (`marsad audit`).
+pub fn location_store(location: &TablesLocation) -> Result<deltalake::logstore::ObjectStoreRef> {
+    if location.local_dir().is_none() {
+        s3::register();
+    }
+    let name = location.to_string();
+    deltalake::logstore::store_for(location.url(), location.storage_options()).map_err(delta(&name))
 }
 
 /// Table `name` at `location` at its latest version, or `None` while it has no commit.
