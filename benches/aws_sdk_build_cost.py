@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """What the AWS SDK cost a build of Marsad, measured: a scratch crate depending on what
 delta-rs's S3 support (`deltalake-aws` 1.0, feature `rustls`) asked for is built cold in
-release with `--timings`, pinned to the workspace's Cargo.lock, and the units of every crate
-Marsad's own dependency tree no longer holds are printed with their build time and summed.
+release with `--timings`, pinned to the Cargo.lock of the last revision that built it
+(`618833bb`, or the revision given), and the units of every crate Marsad's own dependency
+tree (`cargo tree -e all`: any kind of dependency) no longer holds are printed with their
+build time and summed.
 
-    python3 benches/aws_sdk_build_cost.py
+    python3 benches/aws_sdk_build_cost.py [REVISION]
 
-Needs the crates in Cargo's cache (or the registry); takes about two minutes on 2 cores.
+Builds offline: the crates must be in Cargo's cache, as they are once that revision was
+built. Takes about two minutes on 2 cores.
 """
 
 import json
@@ -56,7 +59,11 @@ def main():
         (tmp / "src").mkdir()
         (tmp / "src" / "main.rs").write_text("fn main() {}\n")
         (tmp / "Cargo.toml").write_text(MANIFEST)
-        (tmp / "Cargo.lock").write_text((ROOT / "Cargo.lock").read_text())
+        revision = sys.argv[1] if len(sys.argv) > 1 else "618833bb"
+        lock = subprocess.run(
+            ["git", "show", f"{revision}:Cargo.lock"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+        (tmp / "Cargo.lock").write_text(lock)
         began = time.monotonic()
         build = subprocess.run(
             ["cargo", "build", "--release", "--timings", "--offline", "--jobs", "2"],
@@ -71,7 +78,8 @@ def main():
     gone = [u for u in units if (u["name"], u["version"]) not in held and u["name"] != "aws-sdk-build-cost"]
     gone.sort(key=lambda u: -u["duration"])
     total = sum(u["duration"] for u in units)
-    print(f"the AWS SDK as deltalake-aws 1.0 asked for it, built cold in release on 2 jobs: {wall:.0f} s wall, {len(units)} units, {total:.1f} s of unit time")
+    print(f"the AWS SDK as deltalake-aws 1.0 asked for it (Cargo.lock of {revision}), built cold in release on 2 jobs: "
+          f"{wall:.0f} s wall, {len(units)} units, {total:.1f} s of unit time")
     print(f"units of crates Marsad's tree no longer holds ({len({u['name'] + u['version'] for u in gone})} crates):")
     for u in gone:
         target = f" ({u['target'].strip()})" if u.get("target", "").strip() else ""

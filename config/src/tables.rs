@@ -75,6 +75,14 @@ impl TablesLocation {
                 .map_err(|_| bad(format!("`{location}`: not a local path")))?;
             return Self::local(&dir);
         }
+        // checked before any message quotes the location: it would quote the secret
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(format!(
+                "{}://…: credentials do not go in the URL; give them in the environment \
+                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use the machine's role",
+                url.scheme()
+            )));
+        }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(bad(format!("`{location}`: no bucket (expected s3://bucket/prefix)")));
         }
@@ -145,5 +153,29 @@ impl TablesConfig {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_the_url_are_refused_without_being_repeated() {
+        for location in [
+            "s3://AKIDEXAMPLE:s3cr3t-value@bucket/tables",
+            "s3://AKIDEXAMPLE@bucket/tables",
+        ] {
+            let Err(e) = TablesLocation::parse(location, &Default::default()) else {
+                panic!("{location} was taken");
+            };
+            let message = e.to_string();
+            assert!(message.contains("credentials"), "{message}");
+            assert!(
+                !message.contains("AKIDEXAMPLE") && !message.contains("s3cr3t"),
+                "{message}"
+            );
+        }
+        assert!(TablesLocation::parse("s3://bucket/tables", &Default::default()).is_ok());
     }
 }

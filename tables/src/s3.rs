@@ -1,7 +1,7 @@
 //! Tables in an S3 bucket (or a store that speaks S3) through object_store's own S3 client.
 //!
 //! delta-rs's S3 support (`deltalake-aws`) builds the same client, but resolves credentials
-//! through the AWS SDK: 40 more crates in every build of Marsad (BENCHMARKS.md, "Build"). Its
+//! through the AWS SDK: 34 more crates in every build of Marsad (BENCHMARKS.md, "Build"). Its
 //! log store is delta-rs's default one, as here: a commit is a conditional put
 //! (`If-None-Match: *`), so two writers never both commit one version.
 //!
@@ -10,9 +10,11 @@
 //! and `AWS_ROLE_ARN`, as on EKS), an EKS pod identity or ECS task role, then the instance's
 //! role. `~/.aws` profiles and SSO logins are not read: a server is given keys or a role.
 //! Settings are the location's `tables.storage` keys and the environment's `AWS_*`, the former
-//! winning; a key that is neither an S3 setting nor one of delta-rs's is refused, so a misspelt
-//! setting is an error, not a silently different store.
+//! winning; a key that is neither an S3 setting nor a retry setting is refused, and so is a key
+//! delta-rs parses but only its own S3 support applied (a certificate, an IO runtime, a
+//! concurrency limit), so a setting is either used or an error, never silently dropped.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Once};
 
@@ -61,16 +63,53 @@ impl ObjectStoreFactory for S3Stores {
 /// The client's settings for `url`: the environment's `AWS_*`, then the location's own
 /// settings, then the bucket of the URL; delta-rs's retry settings.
 fn s3_builder(url: &Url, config: &StorageConfig) -> deltalake::DeltaResult<AmazonS3Builder> {
-    let mut builder = AmazonS3Builder::from_env();
-    // the keys delta-rs did not take as its own (retries, limits, certificates)
+    // delta-rs takes these keys as its own, but only its S3 support applied them
+    let unsupported = [
+        (
+            config.certificate.is_some(),
+            "certificate_path (trust a private CA in the system's store)",
+        ),
+        (
+            config.runtime.is_some(),
+            "an IO runtime (multi_threaded, worker_threads, …)",
+        ),
+        (config.limit.is_some(), "a concurrency limit"),
+    ];
+    if let Some((_, what)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(DeltaTableError::Generic(format!(
+            "object storage setting not supported for tables in S3: {what}"
+        )));
+    }
+    if let Some(profile) = ["AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"]
+        .into_iter()
+        .find(|name| std::env::var_os(name).is_some())
+    {
+        tracing::warn!(
+            variable = profile,
+            "AWS profiles are not read: credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+             a web identity, or the machine's role"
+        );
+    }
+    // the keys delta-rs did not take as its own (retries, limits, certificates), each once:
+    // `AWS_REGION` and `aws_region` are one setting, and two values for it are refused
+    let mut settings: HashMap<AmazonS3ConfigKey, &String> = HashMap::new();
     for (key, value) in &config.unknown_properties {
         let Ok(s3_key) = AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()) else {
             return Err(DeltaTableError::Generic(format!(
-                "unknown object storage setting `{key}` for {url}: not an S3 setting \
-                 (object_store's AmazonS3ConfigKey, e.g. aws_endpoint, aws_region, aws_allow_http)"
+                "unknown object storage setting `{key}`: not an S3 setting of object_store \
+                 (aws_endpoint, aws_region, aws_allow_http, …) nor a retry setting (max_retries, \
+                 retry_timeout, backoff_config.*, lower case)"
             )));
         };
-        builder = builder.with_config(s3_key, value.clone());
+        if settings.insert(s3_key, value).is_some_and(|other| other != value) {
+            return Err(DeltaTableError::Generic(format!(
+                "object storage setting `{key}` is given twice with different values"
+            )));
+        }
+    }
+    let mut builder = AmazonS3Builder::from_env();
+    for (key, value) in settings {
+        builder = builder.with_config(key, value.clone());
     }
     Ok(builder.with_url(url.as_str()).with_retry(config.retry.clone()))
 }
@@ -92,8 +131,6 @@ impl LogStoreFactory for S3Logs {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -139,6 +176,44 @@ mod tests {
             panic!("a misspelt key was taken");
         };
         assert!(e.to_string().contains("aws_endpiont"), "{e}");
+    }
+
+    /// Keys delta-rs parses as its own but only its S3 support applied: refused, not dropped.
+    #[test]
+    fn a_setting_this_client_would_not_apply_is_refused() {
+        let url = Url::parse("s3://marsad-bucket/tables").expect("a url");
+        for (key, value) in [
+            ("certificate_path", "/etc/ssl/private-ca.pem"),
+            ("multi_threaded", "true"),
+            ("concurrency_limit", "4"),
+        ] {
+            let settings = config(&[(key, value)]);
+            let Err(e) = s3_builder(&url, &settings) else {
+                panic!("{key} was taken and would be ignored");
+            };
+            assert!(e.to_string().contains("not supported"), "{key}: {e}");
+        }
+    }
+
+    #[test]
+    fn one_setting_given_twice_must_agree() -> TestResult {
+        let url = Url::parse("s3://marsad-bucket/tables")?;
+        let Err(e) = s3_builder(
+            &url,
+            &config(&[("AWS_REGION", "eu-south-1"), ("aws_region", "us-east-1")]),
+        ) else {
+            panic!("two regions were taken");
+        };
+        assert!(e.to_string().contains("twice"), "{e}");
+        let builder = s3_builder(
+            &url,
+            &config(&[("AWS_REGION", "eu-south-1"), ("aws_region", "eu-south-1")]),
+        )?;
+        assert_eq!(
+            builder.get_config_value(&AmazonS3ConfigKey::Region).as_deref(),
+            Some("eu-south-1")
+        );
+        Ok(())
     }
 
     #[test]
