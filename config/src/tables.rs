@@ -56,8 +56,24 @@ impl TablesLocation {
         let url = match url::Url::parse(location) {
             // `C:\…` parses as a URL with scheme `c`; a one-letter scheme is a drive
             Ok(url) if url.scheme().len() > 1 => url,
+            // not a directory either (`s3://KEY:SE/CRET@bucket` fails to parse at the `/` in the
+            // secret): refused, the location not quoted, since it may hold a secret
+            Err(e) if location.contains("://") => {
+                return Err(bad(format!(
+                    "not a valid URL ({e}); credentials do not go in the URL, and a directory is \
+                     given as a path"
+                )));
+            }
             _ => return Self::local(Path::new(location)),
         };
+        // checked before any message quotes the location: it would quote the secret
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(format!(
+                "{}://…: credentials do not go in the URL; give them in the environment \
+                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use the machine's role",
+                url.scheme()
+            )));
+        }
         if !TABLE_SCHEMES.contains(&url.scheme()) {
             return Err(bad(format!(
                 "`{location}`: tables can live in a directory or on {} (this build has no `{}` support)",
@@ -74,14 +90,6 @@ impl TablesLocation {
                 .to_file_path()
                 .map_err(|_| bad(format!("`{location}`: not a local path")))?;
             return Self::local(&dir);
-        }
-        // checked before any message quotes the location: it would quote the secret
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(bad(format!(
-                "{}://…: credentials do not go in the URL; give them in the environment \
-                 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or use the machine's role",
-                url.scheme()
-            )));
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(bad(format!("`{location}`: no bucket (expected s3://bucket/prefix)")));
@@ -170,7 +178,7 @@ mod tests {
                 panic!("{location} was taken");
             };
             let message = e.to_string();
-            assert!(message.contains("credentials"), "{message}");
+            assert!(message.contains("credentials"), "{location}: {message}");
             assert!(
                 !message.contains("AKIDEXAMPLE") && !message.contains("s3cr3t"),
                 "{message}"

@@ -1,7 +1,7 @@
 //! Tables in an S3 bucket (or a store that speaks S3) through object_store's own S3 client.
 //!
 //! delta-rs's S3 support (`deltalake-aws`) builds the same client, but resolves credentials
-//! through the AWS SDK: 34 more crates in every build of Marsad (BENCHMARKS.md, "Build"). Its
+//! through the AWS SDK: 34 more packages in every build of Marsad (BENCHMARKS.md, "Build"). Its
 //! log store is delta-rs's default one, as here: a commit is a conditional put
 //! (`If-None-Match: *`), so two writers never both commit one version.
 //!
@@ -31,10 +31,21 @@ use url::Url;
 /// The URL schemes of tables in S3 (`s3a` as Spark and Hadoop write it).
 const SCHEMES: [&str; 2] = ["s3", "s3a"];
 
-/// Makes `s3://` and `s3a://` table locations known to delta-rs, once per process.
+/// Makes `s3://` and `s3a://` table locations known to delta-rs, once per process (and says
+/// once if the environment names an AWS profile, which is not read).
 pub(crate) fn register() {
     static REGISTERED: Once = Once::new();
     REGISTERED.call_once(|| {
+        if let Some(profile) = ["AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"]
+            .into_iter()
+            .find(|name| std::env::var_os(name).is_some())
+        {
+            tracing::warn!(
+                variable = profile,
+                "AWS profiles are not read: credentials come from AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY, a web identity, or the machine's role"
+            );
+        }
         let stores: Arc<dyn ObjectStoreFactory> = Arc::new(S3Stores);
         let logs: Arc<dyn LogStoreFactory> = Arc::new(S3Logs);
         for scheme in SCHEMES {
@@ -80,18 +91,8 @@ fn s3_builder(url: &Url, config: &StorageConfig) -> deltalake::DeltaResult<Amazo
             "object storage setting not supported for tables in S3: {what}"
         )));
     }
-    if let Some(profile) = ["AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"]
-        .into_iter()
-        .find(|name| std::env::var_os(name).is_some())
-    {
-        tracing::warn!(
-            variable = profile,
-            "AWS profiles are not read: credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
-             a web identity, or the machine's role"
-        );
-    }
-    // the keys delta-rs did not take as its own (retries, limits, certificates), each once:
-    // `AWS_REGION` and `aws_region` are one setting, and two values for it are refused
+    // the keys delta-rs left (S3 settings, or typos), each once: `AWS_REGION` and `aws_region`
+    // are one setting, and two values for it are refused
     let mut settings: HashMap<AmazonS3ConfigKey, &String> = HashMap::new();
     for (key, value) in &config.unknown_properties {
         let Ok(s3_key) = AmazonS3ConfigKey::from_str(&key.to_ascii_lowercase()) else {
@@ -103,7 +104,8 @@ fn s3_builder(url: &Url, config: &StorageConfig) -> deltalake::DeltaResult<Amazo
         };
         if settings.insert(s3_key, value).is_some_and(|other| other != value) {
             return Err(DeltaTableError::Generic(format!(
-                "object storage setting `{key}` is given twice with different values"
+                "object storage setting `{}` is given twice with different values",
+                s3_key.as_ref()
             )));
         }
     }
