@@ -173,6 +173,11 @@ mod tests {
         for location in [
             "s3://AKIDEXAMPLE:s3cr3t-value@bucket/tables",
             "s3://AKIDEXAMPLE@bucket/tables",
+            // a secret with a `/` (AWS secrets often hold one) makes the URL fail to parse
+            "s3://AKIDEXAMPLE:s3cr3t/value@bucket/tables",
+            // a scheme Marsad does not take, and a file URL, are refused before their checks
+            "gs://AKIDEXAMPLE:s3cr3t-value@bucket/tables",
+            "file://AKIDEXAMPLE:s3cr3t-value@host/tables",
         ] {
             let Err(e) = TablesLocation::parse(location, &Default::default()) else {
                 panic!("{location} was taken");
