@@ -201,6 +201,21 @@ const HLL8_DENSE_MODE: u8 = 2 | (2 << 2);
 /// The flag a sketch sets once its history is not one stream (a union): HIP is not used.
 const OUT_OF_ORDER: u8 = 16;
 const EMPTY: u8 = 4;
+/// The flag of a sketch serialized without its hash table's empty slots.
+const COMPACT: u8 = 8;
+/// The low bits of the mode byte: the sketch's current mode.
+const MODE_MASK: u8 = 3;
+const LIST_MODE: u8 = 0;
+const SET_MODE: u8 = 1;
+/// Preamble ints of a sparse sketch in LIST and in SET mode, and their bytes before the coupons
+/// (DataSketches' format: as a dense sketch's first eight bytes, the coupon count in the seventh
+/// for a list; after them, the count as four bytes for a set).
+const LIST_PREINTS: u8 = 2;
+const SET_PREINTS: u8 = 3;
+const LIST_PREAMBLE: usize = 8;
+const SET_PREAMBLE: usize = 12;
+/// A list's table size, as DataSketches writes and reads it (eight coupons at most).
+const LIST_LG_ARR: u8 = 3;
 /// DataSketches' family id of HLL.
 const HLL_FAMILY: u8 = 7;
 const REGISTERS: usize = 1 << HLL_LG_K;
@@ -256,9 +271,61 @@ fn dense_sketch(registers: &[u8]) -> Result<HllSketch> {
     read_sketch(&bytes)
 }
 
+/// The coupons of `bytes` (four bytes each, a register's index in the low 26 bits and its
+/// value in the high six) if it is a compact sparse sketch of Marsad's lg_k (LIST or SET mode,
+/// as DataSketches serializes one with few visitors); `None` for any other sketch, which the
+/// library merges (or refuses). Coupons only raise registers, so a sketch read twice, or one
+/// coupon given twice, changes nothing.
+fn sparse_coupons(bytes: &[u8]) -> Result<Option<&[u8]>> {
+    if bytes.len() < LIST_PREAMBLE
+        || bytes[1..4] != [1, HLL_FAMILY, HLL_LG_K]
+        || bytes[5] & COMPACT == 0
+        || bytes[5] & EMPTY != 0
+    {
+        return Ok(None);
+    }
+    let (count, coupons) = match (bytes[0], bytes[7] & MODE_MASK) {
+        (LIST_PREINTS, LIST_MODE) if bytes[4] == LIST_LG_ARR => (usize::from(bytes[6]), &bytes[LIST_PREAMBLE..]),
+        (SET_PREINTS, SET_MODE) if bytes.len() >= SET_PREAMBLE => {
+            let count = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+            (count as usize, &bytes[SET_PREAMBLE..])
+        }
+        _ => return Ok(None),
+    };
+    if coupons.len() != count.saturating_mul(4) {
+        return Ok(None);
+    }
+    // no hash gives a coupon of value 0 (the library's empty slot)
+    if coupons.chunks_exact(4).any(|c| c[3] >> 2 == 0) {
+        return exec_err!("not an HLL sketch: a coupon of no value");
+    }
+    Ok(Some(coupons))
+}
+
+/// Raises `registers` to the coupons' values, as DataSketches' HLL_8 array takes a coupon.
+fn raise_to_coupons(registers: &mut [u8], coupons: &[u8]) {
+    for c in coupons.chunks_exact(4) {
+        let coupon = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let slot = (coupon as usize) & (REGISTERS - 1);
+        // six bits: never above MAX_REGISTER
+        let value = (coupon >> 26) as u8;
+        if let Some(r) = registers.get_mut(slot) {
+            *r = (*r).max(value);
+        }
+    }
+}
+
+/// How many bytes of sparse sketches a group keeps, waiting for a dense one to raise, before
+/// they go to the library's union.
+const PENDING_LIMIT: usize = 16 * 1024;
+
 /// One group's merge: the dense sketches' registers kept as their maximum (DataSketches
-/// recomputes its register sums after every merge, most of a report's time), the others
-/// merged by the library; the two meet once, when the group is evaluated.
+/// recomputes its register sums after every merge, most of a report's time), the sparse ones
+/// raising those registers coupon by coupon once a dense one has come (until then they wait,
+/// up to [`PENDING_LIMIT`]), the others merged by the library; the three meet once, when the
+/// group is evaluated. A group of sparse sketches only is the library's union alone, as it
+/// stays sparse (exact at few visitors) there. In DataSketches, a union with a dense sketch in
+/// it is dense, and takes a coupon as the register's maximum: the same registers.
 ///
 /// The result is marked out of order, as any union of two or more sketches is: its estimate is
 /// DataSketches' composite one. A group of one dense sketch written in order (once estimated by
@@ -266,6 +333,9 @@ fn dense_sketch(registers: &[u8]) -> Result<HllSketch> {
 #[derive(Default)]
 struct GroupMerge {
     registers: Option<Box<[u8]>>,
+    /// Sparse sketches come before any dense one, as they were read.
+    pending: Vec<Vec<u8>>,
+    pending_bytes: usize,
     union: Option<HllUnion>,
 }
 
@@ -278,9 +348,38 @@ impl GroupMerge {
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m = (*m).max(*t);
             }
+            for waiting in self.pending.drain(..) {
+                if let Some(coupons) = sparse_coupons(&waiting)? {
+                    raise_to_coupons(mine, coupons);
+                }
+            }
+            self.pending_bytes = 0;
+            return Ok(());
+        }
+        if let Some(coupons) = sparse_coupons(bytes)? {
+            match &mut self.registers {
+                Some(mine) => raise_to_coupons(mine, coupons),
+                None => {
+                    self.pending.push(bytes.to_vec());
+                    self.pending_bytes += bytes.len();
+                    if self.pending_bytes > PENDING_LIMIT {
+                        self.unite_pending()?;
+                    }
+                }
+            }
             return Ok(());
         }
         self.union()?.update(&read_sketch(bytes)?);
+        Ok(())
+    }
+
+    /// The waiting sparse sketches given to the library's union.
+    fn unite_pending(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        for waiting in pending {
+            self.union()?.update(&read_sketch(&waiting)?);
+        }
         Ok(())
     }
 
@@ -306,6 +405,7 @@ impl GroupMerge {
     /// The sketch of everything added so far, serialized (of nothing: the empty sketch). More
     /// may be added after.
     fn sketch(&mut self) -> Result<Vec<u8>> {
+        self.unite_pending()?;
         if let Some(registers) = self.registers.take() {
             let dense = dense_sketch(&registers)?;
             self.union()?.update(&dense);
@@ -314,7 +414,10 @@ impl GroupMerge {
     }
 
     fn size(&self) -> usize {
-        self.registers.as_ref().map_or(0, |r| r.len()) + self.union.as_ref().map_or(0, HllUnion::estimated_size)
+        self.registers.as_ref().map_or(0, |r| r.len())
+            + self.pending_bytes
+            + self.pending.capacity() * std::mem::size_of::<Vec<u8>>()
+            + self.union.as_ref().map_or(0, HllUnion::estimated_size)
     }
 }
 
@@ -646,6 +749,89 @@ mod tests {
         // nothing merged: the empty sketch
         let empty = HllSketch::deserialize(&GroupMerge::default().sketch().expect("nothing")).expect("a sketch");
         assert_eq!(empty.estimate(), 0.0);
+    }
+
+    /// The sizes of sketch the rollups hold: a list (under eight visitors), sets, and dense.
+    const VISITORS: [u32; 6] = [1, 5, 40, 300, 2_000, 9_000];
+
+    proptest::proptest! {
+        /// Sparse sketches (lists and sets) and dense ones, in any order, merge to the registers
+        /// and the estimate of the library's union of them; a group of sparse ones only is the
+        /// library's union itself (it stays sparse there, exact at few visitors).
+        #[test]
+        fn any_mix_merges_as_the_library_merges_it(
+            picks in proptest::collection::vec((0..VISITORS.len(), 0_u32..1_000), 1..12),
+        ) {
+            let sketches: Vec<Vec<u8>> = picks
+                .iter()
+                .map(|&(size, start)| sketch_of(start * 97..start * 97 + VISITORS[size]))
+                .collect();
+            let mut merge = GroupMerge::default();
+            for s in &sketches {
+                merge.add(s).expect("added");
+            }
+            let ours = merge.sketch().expect("merged");
+            let theirs = union_of(&sketches).serialize();
+            let any_dense = sketches.iter().any(|s| matches!(dense_registers(s), Ok(Some(_))));
+            if !any_dense {
+                proptest::prop_assert_eq!(ours, theirs);
+                return Ok(());
+            }
+            proptest::prop_assert_eq!(dense_registers(&ours).expect("valid"), dense_registers(&theirs).expect("valid"));
+            let (a, b) = (HllSketch::deserialize(&ours).expect("a sketch"), HllSketch::deserialize(&theirs).expect("a sketch"));
+            // the library's union of sketches it reads as one stream keeps that stream's (HIP)
+            // estimate; ours is the composite one of the same registers, within the error
+            let tolerance = if theirs[5] & OUT_OF_ORDER != 0 { 1e-9 } else { 0.05 };
+            proptest::prop_assert!((a.estimate() - b.estimate()).abs() <= tolerance * b.estimate(), "{} against {}", a.estimate(), b.estimate());
+        }
+    }
+
+    /// What the sparse path reads: lists and sets of Marsad's lg_k, and nothing else.
+    #[test]
+    fn sparse_sketches_are_read_as_coupons() {
+        let list = sketch_of(0..5);
+        let set = sketch_of(0..300);
+        assert_eq!((list[7] & MODE_MASK, set[7] & MODE_MASK), (LIST_MODE, SET_MODE));
+        assert_eq!(sparse_coupons(&list).expect("valid").map(<[u8]>::len), Some(5 * 4));
+        assert_eq!(sparse_coupons(&set).expect("valid").map(<[u8]>::len), Some(300 * 4));
+        assert!(
+            sparse_coupons(&sketch_of(0..9_000)).expect("valid").is_none(),
+            "registers are not coupons"
+        );
+        let empty = HllSketch::new(HLL_LG_K, HllType::Hll8).expect("a sketch").serialize();
+        assert!(
+            sparse_coupons(&empty).expect("valid").is_none(),
+            "the empty sketch: the library's"
+        );
+        let mut other_k = set.clone();
+        other_k[3] = HLL_LG_K + 1;
+        assert!(sparse_coupons(&other_k).expect("valid").is_none(), "another lg_k");
+        let mut cut = set.clone();
+        cut.pop();
+        assert!(sparse_coupons(&cut).expect("valid").is_none(), "a coupon short");
+        let mut long = list.clone();
+        long.extend_from_slice(&[0, 0, 0, 4]);
+        assert!(
+            sparse_coupons(&long).expect("valid").is_none(),
+            "more coupons than counted"
+        );
+        // a coupon of value 0 no hash gives: refused, not merged
+        let mut crafted = set.clone();
+        crafted[SET_PREAMBLE + 3] = 0;
+        assert!(sparse_coupons(&crafted).is_err());
+        let mut merge = GroupMerge::default();
+        merge.add(&sketch_of(0..9_000)).expect("dense");
+        assert!(merge.add(&crafted).is_err());
+        // many sparse sketches and no dense one: they go to the library before they hold much
+        let mut merge = GroupMerge::default();
+        for i in 0..200 {
+            merge.add(&sketch_of(i * 1000..i * 1000 + 40)).expect("added");
+            assert!(
+                merge.pending_bytes <= PENDING_LIMIT,
+                "{} bytes wait",
+                merge.pending_bytes
+            );
+        }
     }
 
     #[tokio::test]
