@@ -272,7 +272,7 @@ async fn rollups_equal_events_across_crashes_between_commits() -> Result<()> {
 }
 
 /// Every rollup file, appended or rewritten, holds its visitor sketches as the reports read
-/// them fastest: LZ4 (raw), no dictionary.
+/// them fastest: uncompressed, no dictionary.
 fn sketches_are_written_for_reports(location: &marsad_config::TablesLocation) -> Result<()> {
     use parquet::basic::{Compression, Encoding};
     use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -293,7 +293,7 @@ fn sketches_are_written_for_reports(location: &marsad_config::TablesLocation) ->
                         .filter(|c| c.column_path().string() == "visitors")
                     {
                         ensure!(
-                            column.compression() == Compression::LZ4_RAW,
+                            column.compression() == Compression::UNCOMPRESSED,
                             "{}: {:?}",
                             path.display(),
                             column.compression()

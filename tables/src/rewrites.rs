@@ -84,17 +84,18 @@ impl RewriteRun {
 /// The rollups' column of visitor sketches.
 pub const SKETCH_COLUMN: &str = "visitors";
 
-/// How the rollups' visitor sketches are written: every report decompresses all of the ones it
-/// merges, so with LZ4 (raw), which read 2-3 times faster than Snappy or zstd here
-/// (BENCHMARKS.md, "Reports computed, and asked again"), at about two thirds of the
-/// uncompressed size (4.5 against 6.8 MB of `traffic_hourly`'s sketches after a million
-/// simulated events); without a dictionary (every sketch differs) and with statistics of the column
-/// chunk only (a sketch's bytes prune nothing). Other tables have no such column, and the
-/// settings do nothing there.
+/// How the rollups' visitor sketches are written: every report reads all of the ones it
+/// merges, so uncompressed (LZ4, the codec that read fastest, was still 12 % of a computed geo
+/// report's samples; without it the report took 9.3 ms against 10.3, BENCHMARKS.md, "Sparse
+/// sketches merged as coupons, sketches stored plain"), at about one and a half times LZ4's size
+/// (6.8 against 4.5 MB of `traffic_hourly`'s sketches after a million simulated events);
+/// without a dictionary (every sketch differs) and with statistics of the column chunk only (a
+/// sketch's bytes prune nothing). Other tables have no such column, and the settings do
+/// nothing there.
 pub fn sketch_column_settings(builder: WriterPropertiesBuilder) -> WriterPropertiesBuilder {
     let column = ColumnPath::from(SKETCH_COLUMN);
     builder
-        .set_column_compression(column.clone(), Compression::LZ4_RAW)
+        .set_column_compression(column.clone(), Compression::UNCOMPRESSED)
         .set_column_dictionary_enabled(column.clone(), false)
         .set_column_statistics_enabled(column, EnabledStatistics::Chunk)
 }
