@@ -216,6 +216,8 @@ const LIST_PREAMBLE: usize = 8;
 const SET_PREAMBLE: usize = 12;
 /// A list's table size, as DataSketches writes and reads it (eight coupons at most).
 const LIST_LG_ARR: u8 = 3;
+/// The smallest table of a set DataSketches reads (the largest is lg_k - 3: beyond, dense).
+const SET_LG_ARR_MIN: u8 = 5;
 /// DataSketches' family id of HLL.
 const HLL_FAMILY: u8 = 7;
 const REGISTERS: usize = 1 << HLL_LG_K;
@@ -284,15 +286,23 @@ fn sparse_coupons(bytes: &[u8]) -> Result<Option<&[u8]>> {
     {
         return Ok(None);
     }
-    let (count, coupons) = match (bytes[0], bytes[7] & MODE_MASK) {
-        (LIST_PREINTS, LIST_MODE) if bytes[4] == LIST_LG_ARR => (usize::from(bytes[6]), &bytes[LIST_PREAMBLE..]),
-        (SET_PREINTS, SET_MODE) if bytes.len() >= SET_PREAMBLE => {
+    // the target type: HLL_4, HLL_6 or HLL_8 (a coupon is the same for all three)
+    if (bytes[7] >> 2) & MODE_MASK > 2 {
+        return Ok(None);
+    }
+    let lg_arr = bytes[4];
+    let (count, capacity, coupons) = match (bytes[0], bytes[7] & MODE_MASK) {
+        (LIST_PREINTS, LIST_MODE) if lg_arr == LIST_LG_ARR => {
+            (usize::from(bytes[6]), 1 << LIST_LG_ARR, &bytes[LIST_PREAMBLE..])
+        }
+        (SET_PREINTS, SET_MODE) if bytes.len() >= SET_PREAMBLE && (SET_LG_ARR_MIN..=HLL_LG_K - 3).contains(&lg_arr) => {
             let count = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-            (count as usize, &bytes[SET_PREAMBLE..])
+            // a set's table always keeps an empty slot
+            (count as usize, (1 << lg_arr) - 1, &bytes[SET_PREAMBLE..])
         }
         _ => return Ok(None),
     };
-    if coupons.len() != count.saturating_mul(4) {
+    if count == 0 || count > capacity || coupons.len() != count * 4 {
         return Ok(None);
     }
     // no hash gives a coupon of value 0 (the library's empty slot)
@@ -316,13 +326,14 @@ fn raise_to_coupons(registers: &mut [u8], coupons: &[u8]) {
 }
 
 /// How many bytes of sparse sketches a group keeps, waiting for a dense one to raise, before
-/// they go to the library's union.
-const PENDING_LIMIT: usize = 16 * 1024;
+/// they go to the library's union: about what the union itself holds (a set's table, or a
+/// register a byte), so a grouping of many small groups needs no more memory than it did.
+const PENDING_LIMIT: usize = REGISTERS;
 
 /// One group's merge: the dense sketches' registers kept as their maximum (DataSketches
 /// recomputes its register sums after every merge, most of a report's time), the sparse ones
 /// raising those registers coupon by coupon once a dense one has come (until then they wait,
-/// up to [`PENDING_LIMIT`]), the others merged by the library; the three meet once, when the
+/// up to [`PENDING_LIMIT`] bytes), the others merged by the library; the three meet once, when the
 /// group is evaluated. A group of sparse sketches only is the library's union alone, as it
 /// stays sparse (exact at few visitors) there. In DataSketches, a union with a dense sketch in
 /// it is dense, and takes a coupon as the register's maximum: the same registers.
@@ -333,9 +344,11 @@ const PENDING_LIMIT: usize = 16 * 1024;
 #[derive(Default)]
 struct GroupMerge {
     registers: Option<Box<[u8]>>,
-    /// Sparse sketches come before any dense one, as they were read.
-    pending: Vec<Vec<u8>>,
-    pending_bytes: usize,
+    /// The sparse sketches that came before any dense one, as read, one after another: a dense
+    /// one may still come and take their coupons as registers, cheaper than the library's union.
+    pending: Vec<u8>,
+    /// Where each of them ends in `pending`.
+    pending_ends: Vec<u32>,
     union: Option<HllUnion>,
 }
 
@@ -348,23 +361,27 @@ impl GroupMerge {
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m = (*m).max(*t);
             }
-            for waiting in self.pending.drain(..) {
-                if let Some(coupons) = sparse_coupons(&waiting)? {
+            let mut start = 0;
+            for &end in &self.pending_ends {
+                if let Some(coupons) = sparse_coupons(&self.pending[start..end as usize])? {
                     raise_to_coupons(mine, coupons);
                 }
+                start = end as usize;
             }
-            self.pending_bytes = 0;
+            self.pending.clear();
+            self.pending_ends.clear();
             return Ok(());
         }
         if let Some(coupons) = sparse_coupons(bytes)? {
             match &mut self.registers {
                 Some(mine) => raise_to_coupons(mine, coupons),
+                None if self.pending.len() + bytes.len() > PENDING_LIMIT => {
+                    self.unite_pending()?;
+                    self.union()?.update(&read_sketch(bytes)?);
+                }
                 None => {
-                    self.pending.push(bytes.to_vec());
-                    self.pending_bytes += bytes.len();
-                    if self.pending_bytes > PENDING_LIMIT {
-                        self.unite_pending()?;
-                    }
+                    self.pending.extend_from_slice(bytes);
+                    self.pending_ends.push(self.pending.len() as u32);
                 }
             }
             return Ok(());
@@ -375,10 +392,14 @@ impl GroupMerge {
 
     /// The waiting sparse sketches given to the library's union.
     fn unite_pending(&mut self) -> Result<()> {
-        let pending = std::mem::take(&mut self.pending);
-        self.pending_bytes = 0;
-        for waiting in pending {
-            self.union()?.update(&read_sketch(&waiting)?);
+        let (pending, ends) = (
+            std::mem::take(&mut self.pending),
+            std::mem::take(&mut self.pending_ends),
+        );
+        let mut start = 0;
+        for end in ends {
+            self.union()?.update(&read_sketch(&pending[start..end as usize])?);
+            start = end as usize;
         }
         Ok(())
     }
@@ -415,8 +436,8 @@ impl GroupMerge {
 
     fn size(&self) -> usize {
         self.registers.as_ref().map_or(0, |r| r.len())
-            + self.pending_bytes
-            + self.pending.capacity() * std::mem::size_of::<Vec<u8>>()
+            + self.pending.capacity()
+            + self.pending_ends.capacity() * std::mem::size_of::<u32>()
             + self.union.as_ref().map_or(0, HllUnion::estimated_size)
     }
 }
@@ -760,7 +781,7 @@ mod tests {
         /// library's union itself (it stays sparse there, exact at few visitors).
         #[test]
         fn any_mix_merges_as_the_library_merges_it(
-            picks in proptest::collection::vec((0..VISITORS.len(), 0_u32..1_000), 1..12),
+            picks in proptest::collection::vec((0..VISITORS.len(), 0_u32..1_000), 1..24),
         ) {
             let sketches: Vec<Vec<u8>> = picks
                 .iter()
@@ -777,7 +798,9 @@ mod tests {
                 proptest::prop_assert_eq!(ours, theirs);
                 return Ok(());
             }
-            proptest::prop_assert_eq!(dense_registers(&ours).expect("valid"), dense_registers(&theirs).expect("valid"));
+            let registers = dense_registers(&ours).expect("valid");
+            proptest::prop_assert!(registers.is_some(), "a union with a dense sketch in it is dense");
+            proptest::prop_assert_eq!(registers, dense_registers(&theirs).expect("valid"));
             let (a, b) = (HllSketch::deserialize(&ours).expect("a sketch"), HllSketch::deserialize(&theirs).expect("a sketch"));
             // the library's union of sketches it reads as one stream keeps that stream's (HIP)
             // estimate; ours is the composite one of the same registers, within the error
@@ -822,16 +845,55 @@ mod tests {
         let mut merge = GroupMerge::default();
         merge.add(&sketch_of(0..9_000)).expect("dense");
         assert!(merge.add(&crafted).is_err());
-        // many sparse sketches and no dense one: they go to the library before they hold much
+        // shapes DataSketches does not write: left to the library (which refuses them)
+        let mut nine = list.clone();
+        nine[6] = 9;
+        nine.extend_from_slice(&list[LIST_PREAMBLE..LIST_PREAMBLE + 16]);
+        assert!(sparse_coupons(&nine).expect("valid").is_none(), "a list of nine");
+        let mut none = list.clone();
+        none[6] = 0;
+        none.truncate(LIST_PREAMBLE);
+        assert!(
+            sparse_coupons(&none).expect("valid").is_none(),
+            "no coupon, not marked empty"
+        );
+        let mut small_table = set.clone();
+        small_table[4] = SET_LG_ARR_MIN - 1;
+        assert!(
+            sparse_coupons(&small_table).expect("valid").is_none(),
+            "a set's table too small"
+        );
+        let mut four_bits = set.clone();
+        four_bits[7] |= 3 << 2;
+        assert!(
+            sparse_coupons(&four_bits).expect("valid").is_none(),
+            "no such target type"
+        );
+
+        // many sparse sketches and no dense one: they go to the library before they hold much,
+        // and a dense one after them still gives the library's union of all
         let mut merge = GroupMerge::default();
+        let mut all = Vec::new();
         for i in 0..200 {
-            merge.add(&sketch_of(i * 1000..i * 1000 + 40)).expect("added");
+            let sparse = sketch_of(i * 1000..i * 1000 + 40);
+            merge.add(&sparse).expect("added");
+            all.push(sparse);
             assert!(
-                merge.pending_bytes <= PENDING_LIMIT,
+                merge.pending.len() <= PENDING_LIMIT,
                 "{} bytes wait",
-                merge.pending_bytes
+                merge.pending.len()
             );
         }
+        let dense = sketch_of(0..9_000);
+        merge.add(&dense).expect("added");
+        all.push(dense);
+        let ours = merge.sketch().expect("merged");
+        let theirs = union_of(&all).serialize();
+        assert!(dense_registers(&theirs).expect("valid").is_some());
+        assert_eq!(
+            dense_registers(&ours).expect("valid"),
+            dense_registers(&theirs).expect("valid")
+        );
     }
 
     #[tokio::test]

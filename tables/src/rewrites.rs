@@ -85,7 +85,7 @@ impl RewriteRun {
 pub const SKETCH_COLUMN: &str = "visitors";
 
 /// How the rollups' visitor sketches are written: every report reads all of the ones it
-/// merges, so uncompressed (LZ4, the codec that read fastest, was still 12 % of a computed geo
+/// merges, so uncompressed (LZ4, the codec that read fastest, was still 12-15 % of a computed geo
 /// report's samples; without it the report took 9.3 ms against 10.3, BENCHMARKS.md, "Sparse
 /// sketches merged as coupons, sketches stored plain"), at about one and a half times LZ4's size
 /// (6.8 against 4.5 MB of `traffic_hourly`'s sketches after a million simulated events);
