@@ -325,6 +325,15 @@ fn raise_to_coupons(registers: &mut [u8], coupons: &[u8]) {
     }
 }
 
+/// The sketches laid one after another in `bytes`, each ending where `ends` says.
+fn one_by_one<'a>(bytes: &'a [u8], ends: &'a [u32]) -> impl Iterator<Item = &'a [u8]> {
+    ends.iter().scan(0, move |start, &end| {
+        let sketch = bytes.get(*start..end as usize);
+        *start = end as usize;
+        sketch
+    })
+}
+
 /// How many bytes of sparse sketches a group keeps, waiting for a dense one to raise, before
 /// they go to the library's union: about what the union itself holds (a set's table, or a
 /// register a byte), so a grouping of many small groups needs no more memory than it did.
@@ -361,12 +370,10 @@ impl GroupMerge {
             for (m, t) in mine.iter_mut().zip(theirs) {
                 *m = (*m).max(*t);
             }
-            let mut start = 0;
-            for &end in &self.pending_ends {
-                if let Some(coupons) = sparse_coupons(&self.pending[start..end as usize])? {
+            for waiting in one_by_one(&self.pending, &self.pending_ends) {
+                if let Some(coupons) = sparse_coupons(waiting)? {
                     raise_to_coupons(mine, coupons);
                 }
-                start = end as usize;
             }
             self.pending.clear();
             self.pending_ends.clear();
@@ -396,10 +403,8 @@ impl GroupMerge {
             std::mem::take(&mut self.pending),
             std::mem::take(&mut self.pending_ends),
         );
-        let mut start = 0;
-        for end in ends {
-            self.union()?.update(&read_sketch(&pending[start..end as usize])?);
-            start = end as usize;
+        for waiting in one_by_one(&pending, &ends) {
+            self.union()?.update(&read_sketch(waiting)?);
         }
         Ok(())
     }

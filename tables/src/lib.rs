@@ -82,9 +82,7 @@ pub fn table_handle(location: &TablesLocation, name: &str) -> Result<DeltaTable>
 /// (the log's listing from an offset reads names, not every entry), in S3 through
 /// object_store's S3 client ([`s3`]), with the location's settings.
 fn builder(location: &TablesLocation, name: &str) -> Result<DeltaTableBuilder, DeltaTableError> {
-    if location.local_dir().is_none() {
-        s3::register();
-    }
+    register_stores(location);
     let url = location.table_url(name);
     let builder = DeltaTableBuilder::from_url(url.clone())?;
     let builder = match location.local_dir() {
@@ -109,12 +107,18 @@ fn build(location: &TablesLocation, name: &str) -> Result<DeltaTable, DeltaTable
     }
 }
 
-/// The object store of the whole `location` (every table under it), for tools that read its
-/// files themselves (`marsad audit`).
-pub fn location_store(location: &TablesLocation) -> Result<deltalake::logstore::ObjectStoreRef> {
+/// Makes Marsad's S3 client the one delta-rs opens a bucket with, once, when `location` is
+/// not local (a local one never needs it, nor its warnings about the AWS environment).
+fn register_stores(location: &TablesLocation) {
     if location.local_dir().is_none() {
         s3::register();
     }
+}
+
+/// The object store of the whole `location` (every table under it), for tools that read its
+/// files themselves (`marsad audit`).
+pub fn location_store(location: &TablesLocation) -> Result<deltalake::logstore::ObjectStoreRef> {
+    register_stores(location);
     let name = location.to_string();
     deltalake::logstore::store_for(location.url(), location.storage_options()).map_err(delta(&name))
 }
