@@ -251,7 +251,12 @@ pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<ch
                 chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
             }
         };
-        let cutoff = (chrono::Utc::now() - kept).timestamp_millis();
+        // a retention longer than the calendar reaches (an operator's "interval 1000000 weeks")
+        // expires nothing, rather than overflowing
+        let Some(cutoff) = chrono::Utc::now().checked_sub_signed(kept) else {
+            continue;
+        };
+        let cutoff = cutoff.timestamp_millis();
         removed += deltalake::protocol::checkpoints::cleanup_expired_logs_for(
             keep_from,
             table.log_store().as_ref(),
@@ -735,6 +740,31 @@ mod tests {
         // they were removable: asked to keep nothing, the cleanup removes them
         let removed = remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await?;
         assert!(removed > 0);
+        Ok(())
+    }
+
+    /// An operator may keep the log for as long as they like: a retention past what the
+    /// calendar reaches expires nothing, and neither the cleanup nor `marsad up` panics on it.
+    #[tokio::test]
+    async fn a_retention_past_the_calendar_expires_nothing() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        events_with_checkpoints(&tables, 12).await?;
+        let table = open_table(&tables, "events").await?.ok_or("events exists")?;
+        table
+            .set_tbl_properties()
+            .with_properties(std::collections::HashMap::from([(
+                "delta.logRetentionDuration".to_owned(),
+                "interval 100000000 weeks".to_owned(),
+            )]))
+            .await?;
+        assert_eq!(remove_expired_log_entries(&tables, None).await?, 0);
+        assert_eq!(
+            remove_expired_log_entries(&tables, Some(chrono::Duration::MAX)).await?,
+            0
+        );
+        // the same log, asked to keep nothing, had entries to remove
+        assert!(remove_expired_log_entries(&tables, Some(chrono::Duration::zero())).await? > 0);
         Ok(())
     }
 
