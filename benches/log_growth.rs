@@ -24,11 +24,23 @@
 //! - the time to open the table cold (a service starting, an erasure's position check);
 //! - the size of the Delta log.
 //!
-//! Each figure is shown as a ratio of the end to the middle and to the start of the same
-//! run. Knobs: `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`, `LOG_CLEANUP_EVERY` (0:
-//! never), `LOG_HOUR_COMMITS`, and `LOG_PROPERTIES` (Delta table properties set at the
-//! 100th commit, `key=value;key=value`; `delta.enableExpiredLogCleanup=true` gives back
-//! delta-rs's cleanup on every commit).
+//! The machine is shared and its speed drifts over a run's minutes, so the start's figures are
+//! taken again beside the end's: over the aged table's last 300 commits a fresh table is
+//! driven the same way, a commit to it before each of the aged table's, and its versions
+//! 100–300 measured ("beside"; it is queried right after the aged one).
+//!
+//! Each figure is shown as a ratio of the end to the middle, to the start, and to the young
+//! table beside it. Knobs: `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`,
+//! `LOG_CLEANUP_EVERY` (0: never), `LOG_HOUR_COMMITS`, `LOG_KEPT_COMMITS` (the log's
+//! retention in commits, an hour's unless set), and `LOG_PROPERTIES` (Delta table properties
+//! set at the 100th commit, `key=value;key=value`; `delta.enableExpiredLogCleanup=true` gives
+//! back delta-rs's cleanup on every commit).
+//!
+//! It runs with the binary's allocator (jemalloc), as `marsad` does.
+
+/// The binary's allocator (`src/main.rs`): the commits run here as they do in `marsad`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -194,122 +206,234 @@ fn interval(seconds: f64) -> String {
     format!("interval {} seconds", seconds.ceil().max(1.0) as u64)
 }
 
+/// The run's settings (the knobs in the file's header).
+struct Knobs {
+    hour: u64,
+    batch: u64,
+    compact_every: u64,
+    cleanup_every: u64,
+    log_kept: u64,
+    properties: std::collections::HashMap<String, String>,
+}
+
+/// The retentions of an hour of commits, in wall time, as this run measured it.
+#[derive(Clone, Copy)]
+struct Retentions {
+    /// How long an hour of commits takes.
+    hour_seconds: f64,
+    /// How long `LOG_KEPT_COMMITS` commits take.
+    log_seconds: f64,
+}
+
+/// A table driven the way the processor and `marsad up`'s maintenance drive `events`.
+struct AgingTable {
+    dir: tempfile::TempDir,
+    tables: TablesLocation,
+    events: EventsTable,
+    app: String,
+    /// Commits so far.
+    n: u64,
+    started: Instant,
+    /// Set at the 100th commit (given, for a table driven beside another).
+    retentions: Option<Retentions>,
+    compactions: usize,
+    compacting: Duration,
+}
+
+impl AgingTable {
+    async fn create(retentions: Option<Retentions>) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let tables = TablesLocation::local(dir.path())?;
+        let events = EventsTable::open_or_create(&tables).await?;
+        Ok(Self {
+            dir,
+            tables,
+            events,
+            app: marsad_process::offsets::app_id(marsad_schemas::TOPIC_RAW, 0),
+            n: 0,
+            started: Instant::now(),
+            retentions,
+            compactions: 0,
+            compacting: Duration::ZERO,
+        })
+    }
+
+    /// One commit of a batch of events, and the maintenance due after it; the version
+    /// committed and how long the commit took.
+    async fn step(&mut self, knobs: &Knobs) -> Result<(u64, Duration)> {
+        self.n += 1;
+        let n = self.n;
+        let mut builder = EventsBatchBuilder::new();
+        for i in 0..knobs.batch {
+            builder.push(&event((n - 1) * knobs.batch + i, COMMITS_A_DAY * knobs.batch));
+        }
+        let rows = builder.finish()?;
+        let began = Instant::now();
+        let version = self
+            .events
+            .append(rows, &[(self.app.clone(), n * knobs.batch - 1)])
+            .await?;
+        let took = began.elapsed();
+        // Marsad keeps an hour of log and of replaced files' tombstones (by the clock): at a
+        // commit a second, `hour` commits. This run commits faster, so its hour is shorter:
+        // the wall time its first 100 commits took, scaled to `hour` of them.
+        if n == 100 {
+            let retentions = *self.retentions.get_or_insert_with(|| {
+                let a_commit = self.started.elapsed().as_secs_f64() / 100.0;
+                Retentions {
+                    hour_seconds: a_commit * knobs.hour as f64,
+                    log_seconds: (a_commit * knobs.log_kept as f64).ceil().max(1.0),
+                }
+            });
+            let mut set = std::collections::HashMap::from([
+                (
+                    "delta.logRetentionDuration".to_owned(),
+                    interval(retentions.log_seconds),
+                ),
+                (
+                    "delta.deletedFileRetentionDuration".to_owned(),
+                    interval(retentions.hour_seconds),
+                ),
+            ]);
+            set.extend(knobs.properties.clone());
+            println!(
+                "an hour of commits takes {:.0} s here: table properties {set:?}",
+                retentions.hour_seconds
+            );
+            let table = marsad_tables::open_table(&self.tables, "events")
+                .await?
+                .context("events exists")?;
+            table.set_tbl_properties().with_properties(set).await?;
+            self.events = EventsTable::open_or_create(&self.tables).await?;
+        }
+        if n % knobs.compact_every == 0 {
+            let began = Instant::now();
+            let done =
+                marsad_process::maintenance::compact_busy_dates(&self.tables, TableName::Events, 128 << 20, 10).await?;
+            self.compacting += began.elapsed();
+            self.compactions += done.len();
+        }
+        // the maintenance `marsad up` runs every ten minutes: the files compactions replaced
+        // removed from storage (there 30 minutes later; here at once, or a run of 20,000
+        // commits fills tens of GB), and the log entries past the table's retention
+        if knobs.cleanup_every > 0 && n % knobs.cleanup_every == 0 {
+            let table = marsad_tables::open_table(&self.tables, "events")
+                .await?
+                .context("events exists")?;
+            marsad_tables::remove_replaced_files(table, chrono::Duration::zero()).await?;
+            // the retention scaled as the hour is: the cleanup's floor (`CLEANUP_FLOOR`, 20 s of
+            // wall time) is for writers running beside it, and this run's only writer waits
+            let kept = self.retentions.map_or(chrono::Duration::MAX, |r| {
+                chrono::Duration::seconds(r.log_seconds as i64)
+            });
+            marsad_process::maintenance::remove_expired_log_entries(&self.tables, Some(kept)).await?;
+        }
+        Ok((version, took))
+    }
+
+    async fn measure(&self, commits: &mut [Duration], version: u64) -> Result<Point> {
+        measure(&self.tables, self.dir.path(), commits, version, day_done_at(self.n)).await
+    }
+}
+
+/// Commits of a young table driven beside the aged one at its end (its versions 100–300
+/// measured, as the start's are), so that both are measured under the machine's same load.
+const YOUNG_BESIDE: u64 = 300;
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let hour = env_or("LOG_HOUR_COMMITS", 3_600).max(60);
     let total = env_or("LOG_COMMITS", 20_000).max(600);
-    let batch = env_or("LOG_BATCH", 100);
-    let compact_every = env_or("LOG_COMPACT_EVERY", 20).max(1);
-    let cleanup_every = env_or("LOG_CLEANUP_EVERY", hour / 6);
-    let a_day = COMMITS_A_DAY * batch;
+    let knobs = Knobs {
+        hour,
+        batch: env_or("LOG_BATCH", 100),
+        compact_every: env_or("LOG_COMPACT_EVERY", 20).max(1),
+        cleanup_every: env_or("LOG_CLEANUP_EVERY", hour / 6),
+        // how many commits' worth of log entries Marsad keeps (`process::table::LOG_RETENTION`)
+        log_kept: env_or("LOG_KEPT_COMMITS", hour).max(1),
+        // Delta table properties to try, e.g. LOG_PROPERTIES="delta.deletedFileRetentionDuration=interval 1 minute"
+        properties: std::env::var("LOG_PROPERTIES")
+            .unwrap_or_default()
+            .split(';')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+            .collect(),
+    };
     // the middle point, once the table has an hour's commits behind it (when the run is long
     // enough for three points)
     let mid = (total >= 3 * hour).then_some(2 * hour);
-    let dir = tempfile::tempdir()?;
-    let tables = TablesLocation::local(dir.path())?;
-    let mut events = EventsTable::open_or_create(&tables).await?;
-    // Delta table properties to try, e.g. LOG_PROPERTIES="delta.deletedFileRetentionDuration=interval 1 minute"
-    let properties: std::collections::HashMap<String, String> = std::env::var("LOG_PROPERTIES")
-        .unwrap_or_default()
-        .split(';')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    let app = marsad_process::offsets::app_id(marsad_schemas::TOPIC_RAW, 0);
     println!(
-        "log growth: {total} commits of {batch} events to a fresh `events`, the events compaction every {compact_every} \
-         commits, the log and replaced-file maintenance every {cleanup_every}; an hour is {hour} commits"
+        "log growth: {total} commits of {} events to a fresh `events`, the events compaction every {} \
+         commits, the log and replaced-file maintenance every {}; an hour is {hour} commits",
+        knobs.batch, knobs.compact_every, knobs.cleanup_every
     );
-    let started = Instant::now();
-    let mut window = Vec::new();
+    let mut aged = AgingTable::create(None).await?;
+    let mut young: Option<AgingTable> = None;
+    let (mut window, mut young_window) = (Vec::new(), Vec::new());
     let mut points = Vec::new();
-    let mut compactions = 0;
-    let (mut recent, mut compacting) = (Vec::new(), Duration::ZERO);
+    let mut recent = Vec::new();
+    let mut version = 0;
     for n in 1..=total {
-        let mut builder = EventsBatchBuilder::new();
-        for i in 0..batch {
-            builder.push(&event((n - 1) * batch + i, a_day));
+        // the young table beside: a commit to it before each of the aged table's last 300
+        if n + YOUNG_BESIDE > total {
+            let beside = match young.as_mut() {
+                Some(young) => young,
+                None => young.insert(AgingTable::create(aged.retentions).await?),
+            };
+            let (_, took) = beside.step(&knobs).await?;
+            if beside.n > 100 {
+                young_window.push(took);
+            }
         }
-        let rows = builder.finish()?;
-        let began = Instant::now();
-        let version = events.append(rows, &[(app.clone(), n * batch - 1)]).await?;
-        let took = began.elapsed();
+        let took;
+        (version, took) = aged.step(&knobs).await?;
         recent.push(took);
         let in_mid = mid.is_some_and(|m| n > m - 200 && n <= m);
         if (100..300).contains(&n) || in_mid || n > total - 200 {
             window.push(took);
         }
-        // Marsad keeps an hour of log and of replaced files' tombstones (by the clock): at a
-        // commit a second, `hour` commits. This run commits faster, so its hour is shorter:
-        // the wall time its first 100 commits took, scaled to `hour` of them.
-        if n == 100 {
-            let seconds = started.elapsed().as_secs_f64() / 100.0 * hour as f64;
-            let mut set = std::collections::HashMap::from([
-                ("delta.logRetentionDuration".to_owned(), interval(seconds)),
-                ("delta.deletedFileRetentionDuration".to_owned(), interval(seconds)),
-            ]);
-            set.extend(properties.clone());
-            println!("an hour of commits takes {seconds:.0} s here: table properties {set:?}");
-            let table = marsad_tables::open_table(&tables, "events")
-                .await?
-                .context("events exists")?;
-            table.set_tbl_properties().with_properties(set).await?;
-            events = EventsTable::open_or_create(&tables).await?;
-        }
         if n == 300 || Some(n) == mid {
-            points.push(measure(&tables, dir.path(), &mut window, version, day_done_at(n)).await?);
+            points.push(aged.measure(&mut window, version).await?);
             window.clear();
-        }
-        if n % compact_every == 0 {
-            let began = Instant::now();
-            let done =
-                marsad_process::maintenance::compact_busy_dates(&tables, TableName::Events, 128 << 20, 10).await?;
-            compacting += began.elapsed();
-            compactions += done.len();
-        }
-        // the maintenance `marsad up` runs every ten minutes: the files compactions replaced
-        // removed from storage (there 30 minutes later; here at once, or a run of 20,000
-        // commits fills tens of GB), and the log entries past the table's retention
-        if cleanup_every > 0 && n % cleanup_every == 0 {
-            let table = marsad_tables::open_table(&tables, "events")
-                .await?
-                .context("events exists")?;
-            marsad_tables::remove_replaced_files(table, chrono::Duration::zero()).await?;
-            marsad_process::maintenance::remove_expired_log_entries(&tables, None).await?;
         }
         if n % 1_000 == 0 {
             let (p50, p95) = percentiles(&mut recent);
             recent.clear();
             eprintln!(
                 "  {n} commits (version {version}) in {:.0} s: the last 1000 commit p50 {p50:.1} ms p95 {p95:.1} ms; \
-                 {compactions} compactions took {:.0} s in all",
-                started.elapsed().as_secs_f64(),
-                compacting.as_secs_f64()
+                 {} compactions took {:.0} s in all",
+                aged.started.elapsed().as_secs_f64(),
+                aged.compactions,
+                aged.compacting.as_secs_f64()
             );
         }
     }
-    let version = events.sink().version().unwrap_or_default();
-    points.push(measure(&tables, dir.path(), &mut window, version, day_done_at(total)).await?);
+    points.push(aged.measure(&mut window, version).await?);
+    let young = young.context("a young table was driven beside")?;
+    let young_version = young.events.sink().version().unwrap_or_default();
+    let beside = young.measure(&mut young_window, young_version).await?;
     let first = &points[0];
     let last = &points[points.len() - 1];
     let mut header = format!("{:<34}", "");
     for p in &points {
         header.push_str(&format!(" {:>14}", format!("v{}", p.version)));
     }
+    header.push_str(&format!(" {:>14}", format!("beside v{}", beside.version)));
     if points.len() == 3 {
         header.push_str(&format!(" {:>9}", "last/mid"));
     }
-    header.push_str(&format!(" {:>9}", "last/1st"));
+    header.push_str(&format!(" {:>9} {:>11}", "last/1st", "last/beside"));
     println!("{header}");
     let row = |what: &str, value: &dyn Fn(&Point) -> f64| {
         let mut line = format!("{what:<34}");
-        for p in &points {
+        for p in points.iter().chain([&beside]) {
             line.push_str(&format!(" {:>11.2} ms", value(p)));
         }
         if points.len() == 3 {
             line.push_str(&format!(" {:>8.2}x", value(last) / value(&points[1]).max(1e-9)));
         }
         line.push_str(&format!(" {:>8.2}x", value(last) / value(first).max(1e-9)));
+        line.push_str(&format!(" {:>10.2}x", value(last) / value(&beside).max(1e-9)));
         println!("{line}");
     };
     row("commit p50", &|p| p.commit_p50);
@@ -320,7 +444,7 @@ async fn main() -> Result<()> {
     row("open the table cold", &|p| p.open_ms);
     let count = |what: &str, value: &dyn Fn(&Point) -> String| {
         let mut line = format!("{what:<34}");
-        for p in &points {
+        for p in points.iter().chain([&beside]) {
             line.push_str(&format!(" {:>14}", value(p)));
         }
         println!("{line}");
@@ -329,8 +453,9 @@ async fn main() -> Result<()> {
     count("files in _delta_log", &|p| p.log_files.to_string());
     count("active data files", &|p| p.active_files.to_string());
     println!(
-        "{total} commits in {:.0} s; {compactions} events compactions",
-        started.elapsed().as_secs_f64()
+        "{total} commits in {:.0} s; {} events compactions",
+        aged.started.elapsed().as_secs_f64(),
+        aged.compactions
     );
     Ok(())
 }
