@@ -306,7 +306,7 @@ impl AgingTable {
             table.set_tbl_properties().with_properties(set).await?;
             self.events = EventsTable::open_or_create(&self.tables).await?;
         }
-        if n % knobs.compact_every == 0 {
+        if n.is_multiple_of(knobs.compact_every) {
             let began = Instant::now();
             let done =
                 marsad_process::maintenance::compact_busy_dates(&self.tables, TableName::Events, 128 << 20, 10).await?;
@@ -316,7 +316,7 @@ impl AgingTable {
         // the maintenance `marsad up` runs every ten minutes: the files compactions replaced
         // removed from storage (there 30 minutes later; here at once, or a run of 20,000
         // commits fills tens of GB), and the log entries past the table's retention
-        if knobs.cleanup_every > 0 && n % knobs.cleanup_every == 0 {
+        if knobs.cleanup_every > 0 && n.is_multiple_of(knobs.cleanup_every) {
             let table = marsad_tables::open_table(&self.tables, "events")
                 .await?
                 .context("events exists")?;
