@@ -713,6 +713,23 @@ mod tests {
         Ok(())
     }
 
+    /// `events` with checkpoints, 12 commits, and its `delta.logRetentionDuration` set to `retention`.
+    async fn events_with_log_retention(
+        tables: &TablesLocation,
+        retention: &str,
+    ) -> std::result::Result<(), Box<dyn std::error::Error>> {
+        events_with_checkpoints(tables, 12).await?;
+        let table = open_table(tables, "events").await?.ok_or("events exists")?;
+        table
+            .set_tbl_properties()
+            .with_properties(std::collections::HashMap::from([(
+                "delta.logRetentionDuration".to_owned(),
+                retention.to_owned(),
+            )]))
+            .await?;
+        Ok(())
+    }
+
     /// A writer on local disk finds the commits after the one it read by their names while that
     /// one is under 10 s old (`marsad_tables::FRESH_COMMIT`), which is sound only while no
     /// cleanup removes such young entries: the maintenance keeps every entry at least
@@ -722,15 +739,7 @@ mod tests {
     -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let tables = TablesLocation::local(dir.path())?;
-        events_with_checkpoints(&tables, 12).await?;
-        let table = open_table(&tables, "events").await?.ok_or("events exists")?;
-        table
-            .set_tbl_properties()
-            .with_properties(std::collections::HashMap::from([(
-                "delta.logRetentionDuration".to_owned(),
-                "interval 1 second".to_owned(),
-            )]))
-            .await?;
+        events_with_log_retention(&tables, "interval 1 second").await?;
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;
         let removed = remove_expired_log_entries(&tables, None).await?;
         assert_eq!(
@@ -749,15 +758,7 @@ mod tests {
     async fn a_retention_past_the_calendar_expires_nothing() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let tables = TablesLocation::local(dir.path())?;
-        events_with_checkpoints(&tables, 12).await?;
-        let table = open_table(&tables, "events").await?.ok_or("events exists")?;
-        table
-            .set_tbl_properties()
-            .with_properties(std::collections::HashMap::from([(
-                "delta.logRetentionDuration".to_owned(),
-                "interval 100000000 weeks".to_owned(),
-            )]))
-            .await?;
+        events_with_log_retention(&tables, "interval 100000000 weeks").await?;
         assert_eq!(remove_expired_log_entries(&tables, None).await?, 0);
         assert_eq!(
             remove_expired_log_entries(&tables, Some(chrono::Duration::MAX)).await?,
