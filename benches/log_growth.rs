@@ -12,10 +12,12 @@
 //! Time: Marsad keeps an hour of log and of replaced-file tombstones. An hour is
 //! `LOG_HOUR_COMMITS` commits (3,600: a commit a second); this run commits faster than
 //! that, so after 100 commits it sets both retentions to the wall time `LOG_HOUR_COMMITS`
-//! of its commits take. Events are spread over dates, 300 commits a day, so a day's query
-//! reads as much at the end as at the start.
+//! of its commits take (the log's to that of `LOG_KEPT_COMMITS`, an hour's unless set), and
+//! its log cleanup keeps that wall time: the cleanup's own floor (`CLEANUP_FLOOR`, 20 s) is
+//! for writers running beside it, and this run's one writer waits for it. Events are spread
+//! over dates, 300 commits a day, so a day's query reads as much at the end as at the start.
 //!
-//! It measures at the start (versions 100–300), after two hours of commits (when the run
+//! It measures at the start (commits 101–300), after two hours of commits (when the run
 //! is at least three hours long) and at the end (each over the 200 commits before it):
 //! - the commit latency (p50, p95) of the appends;
 //! - the latency of queries through the query service's catalog, which checks the table for
@@ -26,8 +28,9 @@
 //!
 //! The machine is shared and its speed drifts over a run's minutes, so the start's figures are
 //! taken again beside the end's: over the aged table's last 300 commits a fresh table is
-//! driven the same way, a commit to it before each of the aged table's, and its versions
-//! 100–300 measured ("beside"; it is queried right after the aged one).
+//! driven the same way, a commit to it beside each of the aged table's (before it on even
+//! commits, after it on odd ones, so neither always follows the other's work), and its
+//! commits 101–300 measured ("beside"; it is queried right after the aged one).
 //!
 //! Each figure is shown as a ratio of the end to the middle, to the start, and to the young
 //! table beside it. Knobs: `LOG_COMMITS`, `LOG_BATCH`, `LOG_COMPACT_EVERY`,
@@ -216,7 +219,7 @@ struct Knobs {
     properties: std::collections::HashMap<String, String>,
 }
 
-/// The retentions of an hour of commits, in wall time, as this run measured it.
+/// The tables' retentions in wall time, as this run measured its commits' pace.
 #[derive(Clone, Copy)]
 struct Retentions {
     /// How long an hour of commits takes.
@@ -231,17 +234,21 @@ struct AgingTable {
     tables: TablesLocation,
     events: EventsTable,
     app: String,
+    /// What its progress lines start with.
+    name: &'static str,
     /// Commits so far.
     n: u64,
     started: Instant,
-    /// Set at the 100th commit (given, for a table driven beside another).
+    /// The retentions to set at the 100th commit, when another table's pace gives them.
+    given: Option<Retentions>,
+    /// Set at the 100th commit.
     retentions: Option<Retentions>,
     compactions: usize,
     compacting: Duration,
 }
 
 impl AgingTable {
-    async fn create(retentions: Option<Retentions>) -> Result<Self> {
+    async fn create(name: &'static str, given: Option<Retentions>) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let tables = TablesLocation::local(dir.path())?;
         let events = EventsTable::open_or_create(&tables).await?;
@@ -250,9 +257,11 @@ impl AgingTable {
             tables,
             events,
             app: marsad_process::offsets::app_id(marsad_schemas::TOPIC_RAW, 0),
+            name,
             n: 0,
             started: Instant::now(),
-            retentions,
+            given,
+            retentions: None,
             compactions: 0,
             compacting: Duration::ZERO,
         })
@@ -278,13 +287,11 @@ impl AgingTable {
         // commit a second, `hour` commits. This run commits faster, so its hour is shorter:
         // the wall time its first 100 commits took, scaled to `hour` of them.
         if n == 100 {
-            let retentions = *self.retentions.get_or_insert_with(|| {
-                let a_commit = self.started.elapsed().as_secs_f64() / 100.0;
-                Retentions {
-                    hour_seconds: a_commit * knobs.hour as f64,
-                    log_seconds: (a_commit * knobs.log_kept as f64).ceil().max(1.0),
-                }
-            });
+            let a_commit = self.started.elapsed().as_secs_f64() / 100.0;
+            let retentions = *self.retentions.insert(self.given.unwrap_or(Retentions {
+                hour_seconds: a_commit * knobs.hour as f64,
+                log_seconds: (a_commit * knobs.log_kept as f64).ceil().max(1.0),
+            }));
             let mut set = std::collections::HashMap::from([
                 (
                     "delta.logRetentionDuration".to_owned(),
@@ -297,8 +304,8 @@ impl AgingTable {
             ]);
             set.extend(knobs.properties.clone());
             println!(
-                "an hour of commits takes {:.0} s here: table properties {set:?}",
-                retentions.hour_seconds
+                "{}an hour of commits takes {:.0} s here: table properties {set:?}",
+                self.name, retentions.hour_seconds
             );
             let table = marsad_tables::open_table(&self.tables, "events")
                 .await?
@@ -336,9 +343,28 @@ impl AgingTable {
     }
 }
 
-/// Commits of a young table driven beside the aged one at its end (its versions 100–300
+/// Commits of a young table driven beside the aged one at its end (its commits 101–300
 /// measured, as the start's are), so that both are measured under the machine's same load.
 const YOUNG_BESIDE: u64 = 300;
+
+/// A commit to the young table beside the aged one (created at its first), its time kept
+/// once past its 100th; the version committed.
+async fn step_beside(
+    young: &mut Option<AgingTable>,
+    aged: &AgingTable,
+    knobs: &Knobs,
+    window: &mut Vec<Duration>,
+) -> Result<u64> {
+    let beside = match young.as_mut() {
+        Some(young) => young,
+        None => young.insert(AgingTable::create("the young table beside: ", aged.retentions).await?),
+    };
+    let (version, took) = beside.step(knobs).await?;
+    if beside.n > 100 {
+        window.push(took);
+    }
+    Ok(version)
+}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
@@ -367,29 +393,27 @@ async fn main() -> Result<()> {
          commits, the log and replaced-file maintenance every {}; an hour is {hour} commits",
         knobs.batch, knobs.compact_every, knobs.cleanup_every
     );
-    let mut aged = AgingTable::create(None).await?;
+    let mut aged = AgingTable::create("", None).await?;
     let mut young: Option<AgingTable> = None;
     let (mut window, mut young_window) = (Vec::new(), Vec::new());
     let mut points = Vec::new();
     let mut recent = Vec::new();
-    let mut version = 0;
+    let (mut version, mut young_version) = (0, 0);
     for n in 1..=total {
-        // the young table beside: a commit to it before each of the aged table's last 300
-        if n + YOUNG_BESIDE > total {
-            let beside = match young.as_mut() {
-                Some(young) => young,
-                None => young.insert(AgingTable::create(aged.retentions).await?),
-            };
-            let (_, took) = beside.step(&knobs).await?;
-            if beside.n > 100 {
-                young_window.push(took);
-            }
+        // the young table beside: a commit to it beside each of the aged table's last 300,
+        // before it and after it in turn
+        let beside = n + YOUNG_BESIDE > total;
+        if beside && n.is_multiple_of(2) {
+            young_version = step_beside(&mut young, &aged, &knobs, &mut young_window).await?;
         }
         let took;
         (version, took) = aged.step(&knobs).await?;
+        if beside && !n.is_multiple_of(2) {
+            young_version = step_beside(&mut young, &aged, &knobs, &mut young_window).await?;
+        }
         recent.push(took);
         let in_mid = mid.is_some_and(|m| n > m - 200 && n <= m);
-        if (100..300).contains(&n) || in_mid || n > total - 200 {
+        if (101..=300).contains(&n) || in_mid || n > total - 200 {
             window.push(took);
         }
         if n == 300 || Some(n) == mid {
@@ -410,7 +434,6 @@ async fn main() -> Result<()> {
     }
     points.push(aged.measure(&mut window, version).await?);
     let young = young.context("a young table was driven beside")?;
-    let young_version = young.events.sink().version().unwrap_or_default();
     let beside = young.measure(&mut young_window, young_version).await?;
     let first = &points[0];
     let last = &points[points.len() - 1];

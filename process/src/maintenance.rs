@@ -201,7 +201,7 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 
 /// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
 /// `delta.logRetentionDuration`, at least `marsad_tables::CLEANUP_FLOOR`; `Some` is for tests
-/// and tools run while no writer is) that a checkpoint makes unnecessary, but never an `events`
+/// and tools run while no writer is, or by a table's only writer while it waits) that a checkpoint makes unnecessary, but never an `events`
 /// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
@@ -251,7 +251,7 @@ pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<ch
                 chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX)
             }
         };
-        // a retention longer than the calendar reaches (an operator's "interval 1000000 weeks")
+        // a retention longer than the calendar reaches (an operator's "interval 100000000 weeks")
         // expires nothing, rather than overflowing
         let Some(cutoff) = chrono::Utc::now().checked_sub_signed(kept) else {
             continue;
@@ -753,7 +753,7 @@ mod tests {
     }
 
     /// An operator may keep the log for as long as they like: a retention past what the
-    /// calendar reaches expires nothing, and neither the cleanup nor `marsad up` panics on it.
+    /// calendar reaches expires nothing, and the cleanup `marsad up` runs does not panic on it.
     #[tokio::test]
     async fn a_retention_past_the_calendar_expires_nothing() -> std::result::Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
