@@ -78,6 +78,10 @@ impl Default for AudienceConfig {
     }
 }
 
+/// The longest window a segment looks back over: ten years, far past any retention of
+/// events; a longer one is a typo, and its start would fall off the calendar.
+pub const MAX_WINDOW_DAYS: u32 = 3_660;
+
 /// A segment: the visitors whose events in the last `window_days`, restricted to the listed
 /// places, devices and declared demographics (empty lists: any), meet every rule.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -164,8 +168,11 @@ impl AudienceConfig {
             if !ids.insert(seg.id.as_str()) {
                 return Err(bad(format!("segment id `{}` is defined twice", seg.id)));
             }
-            if seg.window_days == 0 {
-                return Err(bad(format!("segment `{}`: window_days must be at least 1", seg.id)));
+            if seg.window_days == 0 || seg.window_days > MAX_WINDOW_DAYS {
+                return Err(bad(format!(
+                    "segment `{}`: window_days must be from 1 to {MAX_WINDOW_DAYS}, not {}",
+                    seg.id, seg.window_days
+                )));
             }
             for rule in &seg.rules {
                 if rule.at_least == 0 {

@@ -372,6 +372,7 @@ mod tests {
         for (toml, complaint) in [
             ("id = \"Car Intenders\"\nwindow_days = 14", "a-z"),
             ("id = \"a\"\nwindow_days = 0", "window_days"),
+            ("id = \"a\"\nwindow_days = 4000000000", "from 1 to 3660"),
             (
                 "id = \"a\"\nwindow_days = 3\nrules = [{ event_type = \"view\", at_least = 1 }]",
                 "unknown event_type",

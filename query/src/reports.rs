@@ -83,7 +83,8 @@ impl Compare {
         match self {
             Compare::PreviousPeriod => {
                 let to_before = from.pred_opt().ok_or_else(out_of_range)?;
-                Ok((to_before - (to - from), to_before))
+                let from_before = to_before.checked_sub_signed(to - from).ok_or_else(out_of_range)?;
+                Ok((from_before, to_before))
             }
             Compare::PreviousYear => {
                 let year = chrono::Months::new(12);
@@ -283,7 +284,11 @@ impl ReportRequest {
             }
         };
         let to = date("to", today)?;
-        let from = date("from", to - chrono::Duration::days(29))?;
+        // (the calendar's first days have fewer than 30 before them)
+        let from = date(
+            "from",
+            to.checked_sub_days(chrono::Days::new(29)).unwrap_or(NaiveDate::MIN),
+        )?;
         if from > to {
             return Err(ApiError::BadRequest("`from` is after `to`".into()));
         }
@@ -844,8 +849,10 @@ fn period_index(start: &str, from: NaiveDate, unit: Granularity) -> Option<i64> 
         Granularity::Hour => (at - from_midnight).num_hours(),
         Granularity::Day => (at.date() - from).num_days(),
         Granularity::Week => {
-            let monday = |d: NaiveDate| d - chrono::Duration::days(i64::from(d.weekday().num_days_from_monday()));
-            (monday(at.date()) - monday(from)).num_days() / 7
+            // (the calendar's first days may have no Monday before them)
+            let monday =
+                |d: NaiveDate| d.checked_sub_days(chrono::Days::new(u64::from(d.weekday().num_days_from_monday())));
+            (monday(at.date())? - monday(from)?).num_days() / 7
         }
         Granularity::Month => {
             i64::from(at.year() * 12 + at.month() as i32) - i64::from(from.year() * 12 + from.month() as i32)
@@ -1039,6 +1046,52 @@ mod tests {
         let extent = Extent::of("traffic_hourly", &arrow::datatypes::Schema::empty());
         let sql = ok.map(|r| r.sql(true, &extent)).unwrap_or_default();
         assert!(sql.contains("country = 'JO''; DROP'"), "{sql}");
+    }
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    /// Dates at the ends of the calendar, alone, with a default beside them, or compared with
+    /// another period, are answered (a report or a 400), never a panic of the date arithmetic.
+    #[test]
+    fn dates_at_the_calendars_ends_are_answered() {
+        let today = NaiveDate::from_ymd_opt(2026, 11, 24).unwrap_or_default();
+        let ends = [
+            NaiveDate::MIN.to_string(),
+            NaiveDate::MAX.to_string(),
+            (NaiveDate::MIN + chrono::Days::new(3)).to_string(),
+            (NaiveDate::MAX - chrono::Days::new(3)).to_string(),
+            (NaiveDate::MIN + chrono::Days::new(20)).to_string(),
+        ];
+        for end in &ends {
+            for other in ends.iter().chain([&today.to_string()]) {
+                for compare in [None, Some("previous_period"), Some("previous_year")] {
+                    for kind in [ReportKind::Traffic, ReportKind::Campaigns] {
+                        let mut asked = vec![("to", end.as_str())];
+                        let _ = ReportRequest::parse(kind, &params(&asked), today);
+                        asked.push(("from", other.as_str()));
+                        asked.extend(compare.map(|c| ("compare", c)));
+                        if let Ok(req) = ReportRequest::parse(kind, &params(&asked), today) {
+                            let _ = req.identity(chrono::Utc::now());
+                            let _ = req.compared();
+                        }
+                        let _ = ReportRequest::parse(kind, &params(&[("from", end.as_str())]), today);
+                        for unit in [
+                            Granularity::Hour,
+                            Granularity::Day,
+                            Granularity::Week,
+                            Granularity::Month,
+                        ] {
+                            for from in (0..7).map(|d| NaiveDate::MIN + chrono::Days::new(d)) {
+                                let _ = period_index(&format!("{end}T00:00:00Z"), from, unit);
+                                let _ = period_index("2026-11-24T00:00:00Z", from, unit);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A rollup whose rows hold every sketch mode (a few visitors to thousands), hours over
