@@ -332,7 +332,10 @@ pub async fn retention(args: RetentionArgs) -> anyhow::Result<()> {
         bail!("--keep-days must be at least 1 (today)");
     }
     let config = args.stage.config()?;
-    let cutoff = chrono::Utc::now().date_naive() - chrono::Duration::days(i64::from(args.keep_days) - 1);
+    let cutoff = chrono::Utc::now()
+        .date_naive()
+        .checked_sub_days(chrono::Days::new(u64::from(args.keep_days) - 1))
+        .with_context(|| format!("--keep-days {} reaches before the calendar's first day", args.keep_days))?;
     let started = Instant::now();
     let bar = spinner("deleting old dates…");
     let done = marsad_process::maintenance::apply_retention(&config.tables()?, cutoff, |t| {

@@ -423,14 +423,16 @@ pub async fn create_topics(args: crate::cli::TopicsCreateArgs) -> anyhow::Result
     }
     let partitions = args.partitions.unwrap_or(config.eventlog.partitions);
     let replication = args.replication.unwrap_or(config.eventlog.replication_factor);
-    let raw_retention = args
-        .retention_hours
-        .map_or(config.eventlog.raw_retention(), |h| Duration::from_secs_f64(h * 3600.0));
-    let dead_retention = args
-        .retention_hours
-        .map_or(config.eventlog.dead_letter_retention(), |h| {
-            Duration::from_secs_f64(h * 3600.0)
-        });
+    let given = match args.retention_hours {
+        Some(h) if h.is_finite() && h > 0.0 => Some(
+            Duration::try_from_secs_f64(h * 3600.0)
+                .with_context(|| format!("--retention-hours {h} is longer than a topic can keep"))?,
+        ),
+        Some(h) => bail!("--retention-hours must be a number of hours greater than 0, not {h}"),
+        None => None,
+    };
+    let raw_retention = given.unwrap_or(config.eventlog.raw_retention());
+    let dead_retention = given.unwrap_or(config.eventlog.dead_letter_retention());
     // a record is deleted once its segment is closed and older than retention: closing
     // segments at a quarter of retention keeps every record at most 1.25 × retention
     let deleted_after = |retention: Duration| {

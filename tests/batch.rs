@@ -235,6 +235,12 @@ async fn sql_compact_and_retention_on_a_real_data_dir() -> Result<()> {
     );
     let (ok, _, err) = marsad(&["retention", "--keep-days", "0"], &data)?;
     assert!(!ok && err.contains("at least 1"), "{err}");
+    // a window reaching before the calendar's first day is an error, not a panic
+    let (ok, _, err) = marsad(&["retention", "--keep-days", "4000000000"], &data)?;
+    assert!(
+        !ok && err.contains("before the calendar's first day") && !err.contains("panicked"),
+        "{err}"
+    );
     Ok(())
 }
 

@@ -78,8 +78,8 @@ impl Default for AudienceConfig {
     }
 }
 
-/// The longest window a segment looks back over: ten years, far past any retention of
-/// events; a longer one is a typo, and its start would fall off the calendar.
+/// The longest window a segment looks back over: ten years; a longer one is a typo, and one
+/// of billions of days would start off the calendar.
 pub const MAX_WINDOW_DAYS: u32 = 3_660;
 
 /// A segment: the visitors whose events in the last `window_days`, restricted to the listed

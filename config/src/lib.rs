@@ -285,6 +285,21 @@ mod tests {
             assert!(err.contains("process.batch_max_events"), "{err}");
             Ok(())
         });
+        // a daily key kept past a year, or a typo of billions of hours whose destruction would
+        // fall off the calendar
+        for (grace, refused) in [("8784", false), ("8785", true), ("3000000000", true)] {
+            Jail::expect_with(|jail| {
+                jail.set_env("MARSAD_PRIVACY__DAILY_KEY_GRACE_HOURS", grace);
+                match Config::load(None) {
+                    Ok(c) => assert!(!refused && c.privacy.daily_key_grace_hours == 8784, "{grace} accepted"),
+                    Err(e) => assert!(
+                        refused && e.to_string().contains("privacy.daily_key_grace_hours"),
+                        "{grace}: {e}"
+                    ),
+                }
+                Ok(())
+            });
+        }
     }
 
     /// What an operator might leave open on a network, refused with the key that fixes it.
@@ -372,6 +387,7 @@ mod tests {
         for (toml, complaint) in [
             ("id = \"Car Intenders\"\nwindow_days = 14", "a-z"),
             ("id = \"a\"\nwindow_days = 0", "window_days"),
+            ("id = \"a\"\nwindow_days = 3661", "from 1 to 3660"),
             ("id = \"a\"\nwindow_days = 4000000000", "from 1 to 3660"),
             (
                 "id = \"a\"\nwindow_days = 3\nrules = [{ event_type = \"view\", at_least = 1 }]",

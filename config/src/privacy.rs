@@ -19,7 +19,8 @@ pub struct PrivacyConfig {
     /// A file holding the key the site's backend signs identity tokens with (hex, 32 bytes);
     /// else `MARSAD_SECRET_IDENTITY_KEY`. Without one, every `user_id` counts as anonymous.
     pub identity_key_file: Option<PathBuf>,
-    /// Hours after its day ends that a daily visitor key is kept, then destroyed.
+    /// Hours after its day ends that a daily visitor key is kept, then destroyed (at most
+    /// [`MAX_DAILY_KEY_GRACE_HOURS`]).
     pub daily_key_grace_hours: u64,
     /// How often every stage holding daily keys destroys the expired ones, traffic or not.
     pub key_destruction_interval_ms: u64,
@@ -54,9 +55,23 @@ pub struct GeoIpConfig {
     pub databases: Vec<PathBuf>,
 }
 
+/// The longest a daily visitor key outlives its day: a year, room for a backfill of old days
+/// (which needs their keys); a typo of billions of hours would put its destruction off the
+/// calendar.
+pub const MAX_DAILY_KEY_GRACE_HOURS: u64 = 24 * 366;
+
 impl PrivacyConfig {
     pub(crate) fn validate(&self) -> Result<()> {
         crate::positive("privacy.key_destruction_interval_ms", self.key_destruction_interval_ms)?;
+        if self.daily_key_grace_hours > MAX_DAILY_KEY_GRACE_HOURS {
+            return Err(ConfigError::Invalid {
+                key: "privacy.daily_key_grace_hours",
+                reason: format!(
+                    "at most {MAX_DAILY_KEY_GRACE_HOURS} (a year), not {}",
+                    self.daily_key_grace_hours
+                ),
+            });
+        }
         for p in &self.query_allowlist {
             if p.is_empty() || p[..p.len() - 1].contains('*') {
                 return Err(ConfigError::Invalid {
