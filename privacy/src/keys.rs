@@ -114,7 +114,8 @@ pub fn open_daily_key_store(config: &marsad_config::Config) -> Result<std::sync:
     })
 }
 
-/// The end of `day`'s grace period: after it, its key is gone.
+/// The end of `day`'s grace period: after it, its key is gone. (A day at the calendar's end,
+/// as a crafted key file or key record could name, ends with the calendar, not in a panic.)
 pub fn key_expiry(day: NaiveDate, grace: Duration) -> DateTime<Utc> {
     let next_midnight = day
         .succ_opt()
@@ -122,7 +123,9 @@ pub fn key_expiry(day: NaiveDate, grace: Duration) -> DateTime<Utc> {
         .and_hms_opt(0, 0, 0)
         .unwrap_or_default()
         .and_utc();
-    next_midnight + grace
+    next_midnight
+        .checked_add_signed(grace)
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// Daily keys as files in a directory (the embedded default), created atomically so
@@ -480,6 +483,35 @@ mod tests {
         assert_eq!(a.key_for(today)?, b.key_for(today)?);
         let yesterday = today.pred_opt().unwrap_or(today);
         assert_ne!(a.key_for(today)?, a.key_for(yesterday)?);
+        Ok(())
+    }
+
+    /// A key file named for the calendar's last day (planted in the keys directory, or a
+    /// record of the key topic) neither panics the destruction every stage runs nor expires
+    /// before its day.
+    #[test]
+    fn a_key_of_the_calendars_last_day_is_handled() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Io {
+            what: "tmp",
+            path: "tmp".into(),
+            source: e,
+        })?;
+        let store = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
+        assert_eq!(
+            key_expiry(NaiveDate::MAX, Duration::hours(48)),
+            DateTime::<Utc>::MAX_UTC
+        );
+        let last = store.key_for(NaiveDate::MAX)?;
+        assert_eq!(
+            store.destroy_expired(Utc::now(), Duration::hours(48))?,
+            Vec::<NaiveDate>::new()
+        );
+        assert!(
+            store
+                .existing()?
+                .iter()
+                .any(|(day, key)| *day == NaiveDate::MAX && **key == *last)
+        );
         Ok(())
     }
 
