@@ -470,13 +470,17 @@ mod tests {
     use super::*;
     use crate::pseudonym::visitor_key;
 
-    #[test]
-    fn one_key_per_day_shared_between_stores() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io {
+    fn temp_dir() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|e| Error::Io {
             what: "tmp",
             path: "tmp".into(),
             source: e,
-        })?;
+        })
+    }
+
+    #[test]
+    fn one_key_per_day_shared_between_stores() -> Result<()> {
+        let dir = temp_dir()?;
         let today = Utc::now().date_naive();
         let a = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
         let b = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
@@ -491,11 +495,7 @@ mod tests {
     /// before its day.
     #[test]
     fn a_key_of_the_calendars_last_day_is_handled() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io {
-            what: "tmp",
-            path: "tmp".into(),
-            source: e,
-        })?;
+        let dir = temp_dir()?;
         let store = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
         assert_eq!(
             key_expiry(NaiveDate::MAX, Duration::hours(48)),
@@ -517,11 +517,7 @@ mod tests {
 
     #[test]
     fn destroyed_keys_cannot_be_recreated() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io {
-            what: "tmp",
-            path: "tmp".into(),
-            source: e,
-        })?;
+        let dir = temp_dir()?;
         let store = LocalDailyKeyStore::open(dir.path(), Duration::hours(48))?;
         let today = Utc::now().date_naive();
         let key = store.key_for(today)?;
