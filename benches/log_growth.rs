@@ -343,9 +343,13 @@ impl AgingTable {
     }
 }
 
-/// Commits of a young table driven beside the aged one at its end (its commits 101–300
-/// measured, as the start's are), so that both are measured under the machine's same load.
-const YOUNG_BESIDE: u64 = 300;
+/// The commits of a young table that are measured: the aged table's at its start, and the
+/// young table's driven beside the aged one at its end.
+const YOUNG_WINDOW: std::ops::RangeInclusive<u64> = 101..=300;
+
+/// Commits of a young table driven beside the aged one at its end, so that both are measured
+/// under the machine's same load.
+const YOUNG_BESIDE: u64 = *YOUNG_WINDOW.end();
 
 /// A commit to the young table beside the aged one (created at its first), its time kept
 /// once past its 100th; the version committed.
@@ -360,7 +364,7 @@ async fn step_beside(
         None => young.insert(AgingTable::create("the young table beside: ", aged.retentions).await?),
     };
     let (version, took) = beside.step(knobs).await?;
-    if beside.n > 100 {
+    if YOUNG_WINDOW.contains(&beside.n) {
         window.push(took);
     }
     Ok(version)
@@ -413,10 +417,10 @@ async fn main() -> Result<()> {
         }
         recent.push(took);
         let in_mid = mid.is_some_and(|m| n > m - 200 && n <= m);
-        if (101..=300).contains(&n) || in_mid || n > total - 200 {
+        if YOUNG_WINDOW.contains(&n) || in_mid || n > total - 200 {
             window.push(took);
         }
-        if n == 300 || Some(n) == mid {
+        if n == *YOUNG_WINDOW.end() || Some(n) == mid {
             points.push(aged.measure(&mut window, version).await?);
             window.clear();
         }

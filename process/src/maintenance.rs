@@ -201,8 +201,8 @@ pub async fn remove_replaced_files(tables: &TablesLocation) -> Result<usize> {
 
 /// Removes from every table's `_delta_log` the entries older than `kept` (`None`: the table's
 /// `delta.logRetentionDuration`, at least `marsad_tables::CLEANUP_FLOOR`; `Some` is for tests
-/// and tools run while no writer is, or by a table's only writer while it waits) that a checkpoint makes unnecessary, but never an `events`
-/// commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
+/// and tools run while no writer is, or by a table's only writer while it waits) that a
+/// checkpoint makes unnecessary, but never an `events` commit a rollup has not counted yet. Marsad's tables leave this to the maintenance every ten minutes
 /// (`delta.enableExpiredLogCleanup = false`): done by every commit, it lists the whole log.
 pub async fn remove_expired_log_entries(tables: &TablesLocation, kept: Option<chrono::Duration>) -> Result<usize> {
     let mut removed = 0;
